@@ -1,0 +1,39 @@
+# specialkit — every target does its own set-up from nothing (creates .venv, installs the kit).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.specialkit-installed
+
+.PHONY: demo test test-fast lab bench clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## The main job on the built-in offline dataset: the whole pipeline and its HTML report.
+demo: $(STAMP)
+	$(VENV)/bin/specialkit run --config configs/demo.json
+
+## Every test, the notebooks (nbval) and the real-browser widget test included.
+test: $(STAMP)
+	$(PY) -m pytest
+
+## The same without the real-browser test (for a machine without Debian's chromium).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not browser"
+
+## JupyterLab on the notebooks.
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) bench/train_throughput.py
+	$(PY) bench/combine.py
+	$(PY) bench/inference_cost.py
+
+clean:
+	rm -rf runs/ .pytest_cache build *.egg-info

@@ -1,0 +1,8 @@
+"""Project-wide pytest set-up: quick mode for notebooks and a private data cache per test session."""
+import os
+import tempfile
+
+# Notebook kernels started by nbval inherit this environment: every size follows from this switch.
+os.environ.setdefault("SPECIALKIT_SMOKE", "1")
+os.environ.setdefault("SPECIALKIT_CACHE", os.path.join(tempfile.gettempdir(), "specialkit-test-cache"))
+os.environ.setdefault("MPLBACKEND", "Agg")

@@ -1,0 +1,28 @@
+"""specialkit: explore specialist ensembles (Hinton, Vinyals & Dean 2015, sections 5-6).
+
+Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline built-in dataset),
+``models``, ``training``, ``checkpoints``, ``runs``, ``confusion``, ``clusters``, ``specialists``,
+``ensemble``, ``evaluation``, ``plots``, ``widgets``, ``pipeline``, ``report``, ``cli``.
+Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
+    "specialists", "ensemble", "evaluation", "plots", "widgets", "pipeline", "report", "distill", "cli",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'specialkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES)

@@ -1,0 +1,34 @@
+"""The install files agree with each other, and the README shows the two set-up commands."""
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject_deps() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+
+
+def test_environment_yml_matches_pyproject():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert "python=3.11" in env["dependencies"]
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    pinned = {d for d in pip_section if not d.startswith("-e")}
+    assert pinned == _pyproject_deps()
+    assert "-e ." in pip_section
+
+
+def test_torch_pins():
+    deps = _pyproject_deps()
+    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = [l for l in (ROOT / ".ci/run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    readme = (ROOT / "README.md").read_text()
+    assert ci[-1].strip() == "make test"
+    assert re.search(r"^make test$", readme, re.M) and re.search(r"^make demo$", readme, re.M)
