@@ -1,0 +1,135 @@
+"""The ``specialkit`` command: the whole pipeline headless, or one stage at a time.
+
+    specialkit run --config configs/demo.json          # every stage, metrics.json and report.html
+    specialkit run --dataset cifar100 --root ~/data --k 10 --epochs 30 --device cuda --name c100
+    specialkit train-specialist --run runs/demo --index 3   # one specialist, e.g. from a scheduler
+    specialkit report --run runs/demo
+
+Every stage skips what is already on disk and valid, so an interrupted command resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, PipelineConfig
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+# flag -> (config key, type, help)
+_KNOBS: dict[str, tuple[type, str]] = {
+    "name": (str, "run name: the folder runs/<name>"),
+    "dataset": (str, "glyphs (built in) | cifar100 | cifar10 | mnist | fashion_mnist | tiny_imagenet | imagefolder"),
+    "root": (str, "folder with the dataset's files"),
+    "image_size": (int, "resize images to this side, e.g. 32"),
+    "per_class": (int, "training images per class (subset)"),
+    "model": (str, "generalist architecture: cnn | resnet18"),
+    "width": (int, "generalist width (cnn channels)"),
+    "depth": (int, "generalist depth (cnn stages)"),
+    "epochs": (int, "generalist epochs"),
+    "batch_size": (int, "batch size"),
+    "lr": (float, "generalist learning rate"),
+    "method": (str, "clustering: covariance_kmeans (paper) | spectral | agglomerative | balanced"),
+    "k": (int, "number of groups (= specialists)"),
+    "overlap": (str, "none | hdcnn | top_r"),
+    "clusters_file": (str, "use this cluster spec JSON instead of clustering"),
+    "specialist_model": (str, "specialist architecture (default: the generalist's, initialised from it)"),
+    "specialist_width": (int, "specialist width"),
+    "specialist_depth": (int, "specialist depth"),
+    "specialist_epochs": (int, "specialist epochs"),
+    "specialist_soft_weight": (float, "weight of the generalist's soft targets for specialists (paper §6)"),
+    "top_n": (int, "generalist top-n classes that switch specialists on (paper: 1)"),
+    "student_epochs": (int, "distilled student epochs"),
+    "device": (str, "auto | cpu | cuda"),
+    "seed": (int, "random seed"),
+}
+_STAGES = ("generalist", "clusters", "specialists", "compute-matched", "ensembles", "distill", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specialkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run every stage into runs/<name>/ and write report.html",
+                         description="Run data → generalist → clusters → specialists → ensembles → distillation → report.")
+    run.add_argument("--config", type=Path, help="JSON settings (a run's config.json reproduces it)")
+    run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default runs/)")
+    run.add_argument("--quick", action="store_true", help="the quick settings used by the tests (seconds)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--write-config", type=Path, metavar="PATH", help="only write the resulting settings to PATH and exit")
+    for flag, (typ, text) in _KNOBS.items():
+        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=text)
+    for stage in _STAGES:
+        s = sub.add_parser(stage, help=f"run the stages up to {stage} of an existing run")
+        s.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>)")
+    ts = sub.add_parser("train-specialist", help="train one specialist of a run (for parallel jobs)")
+    ts.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>)")
+    ts.add_argument("--index", type=int, required=True, help="which group (0-based, order of clusters.json)")
+    sub.add_parser("datasets", help="list the dataset names")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """Settings: the defaults (or quick ones), then ``--config``, then explicit flags."""
+    settings: dict[str, Any] = {}
+    if args.config is not None:
+        settings.update(PipelineConfig.load(args.config).to_dict())
+    settings.update({k: getattr(args, k) for k in _KNOBS if getattr(args, k) is not None})
+    if args.no_progress:
+        settings["progress"] = False
+    return PipelineConfig.quick(**settings) if args.quick else PipelineConfig.from_dict(settings, source=str(args.config or "flags"))
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    rows = metrics.get("comparison", [])
+    lines = ["", "test top-1 accuracy:"]
+    for r in rows:
+        rel = r.get("relative_change")
+        rel_s = "" if rel is None or r["name"] == "generalist" else f"  ({rel * 100:+.1f}% relative)"
+        lines.append(f"  {r['name']:<18} {r['top1'] * 100:6.2f}%{rel_s}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import data, pipeline
+
+    try:
+        if args.command == "datasets":
+            print("\n".join(data.available()))
+            return 0
+        if args.command == "run":
+            cfg = config_from_args(args)
+            if args.write_config:
+                cfg.save(args.write_config)
+                print(f"wrote {args.write_config}")
+                return 0
+            pipeline.check_before_training(cfg)
+            t0 = time.perf_counter()
+            run = pipeline.Run(args.out / cfg.name, cfg)
+            metrics = run.run_all()
+            print(_headline(metrics))
+            print(f"\nreport: {run.folder / 'report.html'}\nmetrics: {run.folder / 'metrics.json'}")
+            print(f"wall time: {time.perf_counter() - t0:.1f} s")
+            return 0
+        run = pipeline.Run.open(args.run)
+        if args.command == "train-specialist":
+            sp = run.train_specialist(args.index)
+            print(f"specialist {args.index}: {len(sp.classes)} classes, saved in {run.specialist_dir(args.index)}")
+        elif args.command == "report":
+            run.metrics()
+            from .report import write_report
+
+            print(f"report: {write_report(run)}")
+        else:
+            getattr(run, args.command.replace("-", "_"))()
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError, IndexError) as err:
+        print(f"specialkit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

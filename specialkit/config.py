@@ -1,0 +1,208 @@
+"""``PipelineConfig``: every knob of a run, in one frozen dataclass that a JSON file round-trips.
+
+A config written by one run (``runs/<name>/config.json``) reproduces it. Unknown keys and impossible
+values fail before any training with a message that names the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS"]
+
+SMOKE_ENV = "SPECIALKIT_SMOKE"
+RULES = ("generalist", "kl", "top_confident", "moe")
+METHODS = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
+OVERLAPS = ("none", "hdcnn", "top_r")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value impossible; the message names the key and the fix."""
+
+
+def smoke_mode() -> bool:
+    """True when ``SPECIALKIT_SMOKE`` is set to something other than ``0``/empty (quick settings)."""
+    return os.environ.get(SMOKE_ENV, "0").strip() not in ("", "0", "false", "no")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """All settings of one run. Defaults are the ``make demo`` settings (≤ 5 min on 2 CPU cores).
+
+    Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``.
+    Generalist: ``model`` (``cnn`` | ``resnet18``), ``width``, ``depth``, ``epochs``, ``batch_size``,
+    ``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ``label_smoothing``.
+    Clusters: ``method``, ``k``, ``overlap`` (``none`` | ``hdcnn`` | ``top_r``), ``gamma``, ``top_r``,
+    ``max_group_size``, ``clusters_file`` (a spec to use instead of clustering).
+    Specialists: ``specialist_model`` (None = the generalist's architecture, initialised from it),
+    ``specialist_width``, ``specialist_depth``, ``specialist_epochs``, ``specialist_lr``,
+    ``special_fraction``, ``specialist_soft_weight``, ``temperature``.
+    Ensemble: ``top_n`` (the paper's n), ``rules``, ``top_confident_n``, ``moe_threshold``.
+    Baselines and distillation: ``compute_matched``, ``student_width``, ``student_depth``,
+    ``student_epochs``, ``distill_temperature``, ``distill_soft_weight``.
+    Run: ``name``, ``device`` (``auto`` | ``cpu`` | ``cuda``), ``seed``, ``progress``.
+    """
+
+    name: str = "demo"
+    dataset: str = "glyphs"
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    per_class: int | None = 300
+    val_fraction: float = 0.15
+    model: str = "cnn"
+    width: int = 32
+    depth: int = 3
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    schedule: str = "onecycle"
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    method: str = "covariance_kmeans"
+    k: int = 8
+    overlap: str = "none"
+    gamma: float = 5.0
+    top_r: int = 1
+    max_group_size: int | None = None
+    clusters_file: str | None = None
+    specialist_model: str | None = None
+    specialist_width: int | None = None
+    specialist_depth: int | None = None
+    specialist_epochs: int = 3
+    specialist_lr: float = 0.02
+    special_fraction: float = 0.5
+    specialist_soft_weight: float = 0.0
+    temperature: float = 2.0
+    top_n: int = 1
+    rules: tuple[str, ...] = RULES
+    top_confident_n: int = 2
+    moe_threshold: float = 0.0
+    compute_matched: bool = True
+    student_width: int | None = None
+    student_depth: int | None = None
+    student_epochs: int = 4
+    distill_temperature: float = 4.0
+    distill_soft_weight: float = 0.7
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        self.validate()
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "PipelineConfig":
+        """Settings for tests and notebook smoke runs: seconds on 2 CPU cores, numbers still meaningful."""
+        base = dict(
+            name="quick", per_class=40, val_fraction=0.2, width=16, depth=2, epochs=3, k=6,
+            specialist_epochs=2, student_epochs=2, batch_size=64, progress=False,
+        )  # fmt: skip
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "PipelineConfig":
+        """``quick()`` when ``SPECIALKIT_SMOKE`` is set, the defaults otherwise; ``overrides`` win in both."""
+        return cls.quick(**overrides) if smoke_mode() else cls(**overrides)
+
+    def replace(self, **changes: Any) -> "PipelineConfig":
+        """A copy with ``changes`` applied (validated; unknown keys raise)."""
+        _check_keys(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rules"] = list(self.rules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "PipelineConfig":
+        """Build from a dict; unknown keys raise a ``ConfigError`` naming the key and close matches."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
+        _check_keys(d, source=source)
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from .runs import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PipelineConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; write one with `specialkit run --write-config {path}`")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON ({err}); fix the file or write a new one") from err
+        return cls.from_dict(d, source=str(path))
+
+    def validate(self, num_classes: int | None = None) -> None:
+        """Raise ``ConfigError`` for impossible values; with ``num_classes``, also for k/top_n too large."""
+        _positive(self, "epochs", "batch_size", "width", "depth", "k", "top_n", "top_r", "specialist_epochs",
+                  "student_epochs", "top_confident_n")  # fmt: skip
+        _choice(self, "method", METHODS)
+        _choice(self, "overlap", OVERLAPS)
+        _choice(self, "optimizer", ("sgd", "adamw"))
+        _choice(self, "schedule", ("onecycle", "cosine", "constant"))
+        _choice(self, "device", ("auto", "cpu", "cuda"))
+        for rule in self.rules:
+            if rule not in RULES:
+                raise ConfigError(f"rules: unknown rule {rule!r}; choose from {', '.join(RULES)}")
+        if "generalist" not in self.rules:
+            raise ConfigError("rules: must include 'generalist' (the baseline every rule is compared with)")
+        for key in ("val_fraction", "special_fraction"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"{key}={getattr(self, key)} is out of range; use a value strictly between 0 and 1")
+        for key in ("distill_soft_weight", "specialist_soft_weight"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key}={getattr(self, key)} is out of range; use a value in [0, 1]")
+        for key in ("lr", "specialist_lr", "temperature", "distill_temperature", "gamma"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be positive")
+        if self.per_class is not None and self.per_class < 2:
+            raise ConfigError(f"per_class={self.per_class}: need at least 2 images per class (or null for all)")
+        if self.max_group_size is not None and self.max_group_size < 2:
+            raise ConfigError(f"max_group_size={self.max_group_size}: a group needs room for 2 classes")
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+            raise ConfigError(f"name={self.name!r}: use a plain folder name such as 'demo'")
+        if num_classes is not None:
+            if self.k > num_classes // 2:
+                raise ConfigError(
+                    f"k={self.k} groups is too many for {num_classes} classes: each group needs at least 2 "
+                    f"classes, so use k <= {num_classes // 2}"
+                )
+            if self.top_n > num_classes:
+                raise ConfigError(f"top_n={self.top_n} exceeds the {num_classes} classes; use 1 (the paper's n) to a few")
+
+
+def _check_keys(d: dict[str, Any], *, source: str = "config") -> None:
+    known = {f.name for f in fields(PipelineConfig)}
+    for key in d:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def _positive(cfg: PipelineConfig, *keys: str) -> None:
+    for key in keys:
+        v = getattr(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key}={v!r} must be a whole number >= 1")
+
+
+def _choice(cfg: PipelineConfig, key: str, options: tuple[str, ...]) -> None:
+    if getattr(cfg, key) not in options:
+        raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(options)}")

@@ -1,0 +1,509 @@
+"""The whole pipeline over a run folder: every stage a method of :class:`Run`, cached on disk.
+
+``runs/<name>/`` holds ``config.json`` and one folder per stage. A stage is finished when its
+``done.json`` marker exists and records the same *key* — a hash of the settings the stage depends on
+and of the keys of the stages before it. Markers are written last and atomically, so a run killed at
+any point resumes where it stopped (a training stage resumes mid-way from its per-epoch state file)
+and changing, say, the cluster spec re-runs only what depends on it.
+
+>>> run = Run("runs/demo", PipelineConfig())
+>>> run.generalist().test_probs.shape        # trains, or loads what is on disk
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import checkpoints, clusters, confusion, data, ensemble, evaluation, models, runs, specialists, training
+from .config import ConfigError, PipelineConfig
+
+__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen"]
+
+STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
+_KEYS = {
+    "data": ("dataset", "root", "image_size", "per_class", "val_fraction", "seed"),
+    "generalist": ("model", "width", "depth", "epochs", "batch_size", "lr", "optimizer", "schedule",
+                   "weight_decay", "label_smoothing"),
+    "clusters": ("method", "k", "overlap", "gamma", "top_r", "max_group_size"),
+    "specialists": ("specialist_model", "specialist_width", "specialist_depth", "specialist_epochs",
+                    "specialist_lr", "special_fraction", "specialist_soft_weight", "temperature"),
+    "ensembles": ("top_n", "rules", "top_confident_n", "moe_threshold"),
+    "distill": ("student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
+}  # fmt: skip
+_SPLITS = ("train", "val", "test")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row softmax of (N, K) logits at ``temperature``, in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Soften/sharpen (N, K) probabilities as ``softmax(log p / T)`` (soft targets of a distribution)."""
+    return softmax(np.log(np.clip(probs, 1e-12, None)), temperature)
+
+
+@dataclass
+class ModelResult:
+    """A trained model of the run with its outputs.
+
+    Attributes:
+        name: ``generalist``, ``compute_matched`` or ``student``.
+        model: the network (eval mode, on the CPU).
+        history: per-epoch records of training.
+        logits: split -> (N, C) float32 logits on ``train``/``val``/``test``.
+        examples_seen: training example-passes spent on this model.
+    """
+
+    name: str
+    model: torch.nn.Module
+    history: list[dict[str, Any]]
+    logits: dict[str, np.ndarray]
+    examples_seen: int
+
+    def probs(self, split: str) -> np.ndarray:
+        return softmax(self.logits[split])
+
+    @property
+    def val_probs(self) -> np.ndarray:
+        return self.probs("val")
+
+    @property
+    def test_probs(self) -> np.ndarray:
+        return self.probs("test")
+
+
+class Run:
+    """A run folder and its stages. Each stage method trains or computes once, then loads from disk.
+
+    Args:
+        folder: the run folder (``runs/<name>``); created if missing.
+        config: the settings; ``None`` reads ``folder/config.json`` (an existing run).
+        log: where stage messages go (``print`` by default; pass ``lambda s: None`` to silence).
+    """
+
+    def __init__(self, folder: str | Path, config: PipelineConfig | None = None, *, log: Callable[[str], None] = print):
+        self.folder = Path(folder)
+        if config is None:
+            config = PipelineConfig.load(self.folder / "config.json")
+        self.config = config
+        self.log = log
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config.save(self.folder / "config.json")
+        self._memo: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def open(cls, folder: str | Path, **kw: Any) -> "Run":
+        """An existing run, with the settings it was started with."""
+        return cls(folder, None, **kw)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _settings(self, stage: str) -> dict[str, Any]:
+        cfg = self.config.to_dict()
+        return {k: cfg[k] for k in _KEYS[stage]}
+
+    def key(self, stage: str) -> str:
+        """The hash that a finished ``stage`` must record to count as up to date."""
+        parts: dict[str, Any] = {"stage": stage, "settings": self._settings("data")}
+        chain = {"generalist": ["generalist"], "clusters": ["generalist", "clusters"],
+                 "specialists": ["generalist", "clusters", "specialists"],
+                 "compute_matched": ["generalist", "clusters", "specialists"],
+                 "ensembles": ["generalist", "clusters", "specialists", "ensembles"],
+                 "distill": ["generalist", "clusters", "specialists", "ensembles", "distill"]}[stage]  # fmt: skip
+        for s in chain:
+            parts[s] = self._settings(s)
+        if stage != "generalist" and stage != "clusters":
+            parts["spec"] = self.clusters().to_json()
+        if stage == "clusters" and self.config.clusters_file:
+            parts["clusters_file"] = Path(self.config.clusters_file).read_text()
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.folder / stage
+
+    def is_done(self, stage: str, key: str | None = None, folder: Path | None = None) -> bool:
+        marker = (folder or self.stage_dir(stage)) / "done.json"
+        if not marker.is_file():
+            return False
+        try:
+            return runs.read_json(marker).get("key") == (key or self.key(stage))
+        except ValueError:
+            return False
+
+    def _begin(self, folder: Path, key: str) -> None:
+        """Clear a stage folder whose work was for other settings; keep it when resuming the same key."""
+        owner = folder / "key.txt"
+        if folder.exists() and (not owner.is_file() or owner.read_text().strip() != key):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        runs.atomic_write_text(owner, key)
+
+    def _finish(self, folder: Path, key: str, **info: Any) -> None:
+        runs.atomic_write_json(folder / "done.json", {"key": key, **info})
+
+    def _timed(self, stage: str, t0: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ data
+    def dataset(self) -> data.Dataset:
+        """The run's dataset (loaded once per ``Run`` object)."""
+        if "dataset" not in self._memo:
+            c = self.config
+            t0 = time.perf_counter()
+            ds = data.load(c.dataset, root=c.root, download=c.download, image_size=c.image_size,
+                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.seed)  # fmt: skip
+            c.validate(ds.num_classes)
+            self._memo["dataset"] = ds
+            self._timed("data", t0)
+            self.log(f"[data] {ds.summary()}")
+        return self._memo["dataset"]
+
+    def device(self) -> torch.device:
+        return training.resolve_device(self.config.device)
+
+    def train_config(self, *, epochs: int, lr: float, seed_offset: int, soft_weight: float = 0.0,
+                     temperature: float = 1.0, desc: str = "") -> training.TrainConfig:
+        c = self.config
+        return training.TrainConfig(
+            epochs=epochs, batch_size=c.batch_size, optimizer=c.optimizer, lr=lr, weight_decay=c.weight_decay,
+            schedule=c.schedule, label_smoothing=c.label_smoothing, soft_weight=soft_weight,
+            temperature=temperature, device=c.device, seed=c.seed + seed_offset, progress=c.progress,
+        )  # fmt: skip
+
+    def model_config(self, *, num_classes: int, width: int | None = None, depth: int | None = None,
+                     name: str | None = None) -> models.ModelConfig:
+        ds, c = self.dataset(), self.config
+        return models.ModelConfig(name=name or c.model, num_classes=num_classes, in_channels=ds.channels,
+                                  image_size=ds.image_size, width=width or c.width, depth=depth or c.depth)  # fmt: skip
+
+    # ------------------------------------------------------------------ models
+    def _train_model(self, stage: str, *, model: torch.nn.Module, model_config: models.ModelConfig,
+                     tc: training.TrainConfig, soft_targets: np.ndarray | None = None,
+                     sample_indices: Callable | None = None, examples_seen: int | None = None) -> ModelResult:
+        """Train (resumably) or load a whole-dataset model of the run; save checkpoint and logits."""
+        key, folder = self.key(stage), self.stage_dir(stage)
+        if not self.is_done(stage, key):
+            t0 = time.perf_counter()
+            self._begin(folder, key)
+            ds = self.dataset()
+            self.log(f"[{stage}] training {model_config.name} ({models.count_parameters(model):,} parameters) "
+                     f"for {tc.epochs} epochs on {self.device()}")  # fmt: skip
+            training.seed_everything(tc.seed)
+            history = training.fit(
+                model, ds.x_train, ds.y_train, config=tc, x_val=ds.x_val, y_val=ds.y_val, hflip=ds.hflip,
+                soft_targets=None if soft_targets is None else torch.as_tensor(soft_targets, dtype=torch.float32),
+                sample_indices=sample_indices, state_path=folder / "state.pt", desc=stage,
+            )  # fmt: skip
+            records = history.to_dict()["records"] if hasattr(history, "to_dict") else list(history)
+            seen = examples_seen if examples_seen is not None else int(sum(r.get("examples_seen", 0) for r in records[-1:]) or tc.epochs * len(ds.y_train))
+            checkpoints.save_checkpoint(folder / "model.pt", model, model_config=model_config,
+                                        class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
+                                        history=history.to_dict(), extra={"stage": stage, "examples_seen": seen})  # fmt: skip
+            for split in _SPLITS:
+                x, _ = ds.split(split)
+                logits = training.predict_logits(model, x, device=self.config.device).numpy()
+                runs.save_array(folder / f"logits_{split}.npy", logits)
+            (folder / "state.pt").unlink(missing_ok=True)
+            self._timed(stage, t0)
+            self._finish(folder, key, seconds=round(time.perf_counter() - t0, 2), examples_seen=seen)
+        return self._load_model_result(stage)
+
+    def _load_model_result(self, stage: str) -> ModelResult:
+        if stage not in self._memo:
+            folder, ds = self.stage_dir(stage), self.dataset()
+            model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names,
+                                                      dataset_fingerprint=ds.fingerprint)  # fmt: skip
+            logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in _SPLITS}
+            records = (info.history or {}).get("records", [])
+            self._memo[stage] = ModelResult(stage, model.eval(), records, logits, int(info.extra["examples_seen"]))
+        return self._memo[stage]
+
+    def generalist(self) -> ModelResult:
+        """Stage 1: the generalist over all classes (METHOD.md §1)."""
+        c = self.config
+        mc = self.model_config(num_classes=self.dataset().num_classes)
+        if not self.is_done("generalist"):
+            training.seed_everything(c.seed)
+            model = models.build_model(mc)
+            tc = self.train_config(epochs=c.epochs, lr=c.lr, seed_offset=0)
+            return self._train_model("generalist", model=model, model_config=mc, tc=tc)
+        return self._load_model_result("generalist")
+
+    # ------------------------------------------------------------------ confusion and clusters
+    def confusion(self) -> confusion.ConfusionSummary:
+        """Confusion, covariance and distances of the generalist on the validation split."""
+        if "confusion" not in self._memo:
+            ds = self.dataset()
+            self._memo["confusion"] = confusion.summarise(ds.y_val.numpy(), self.generalist().val_probs, ds.class_names)
+        return self._memo["confusion"]
+
+    def class_map(self, *, method: str = "umap") -> np.ndarray:
+        """(C, 2) map of the classes: UMAP of the covariance columns (saved as ``class_map.npy``)."""
+        path = self.stage_dir("clusters") / f"class_map_{method}.npy"
+        key = self.key("generalist")
+        marker = path.with_suffix(".key")
+        if path.is_file() and marker.is_file() and marker.read_text() == key:
+            return runs.load_array(path)
+        cs = self.confusion()
+        coords = confusion.class_map(cs.covariance, method=method, seed=self.config.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        runs.save_array(path, coords)
+        runs.atomic_write_text(marker, key)
+        return coords
+
+    def compute_clusters(self) -> clusters.ClusterSpec:
+        """The configured clustering of the generalist's confusions (not saved)."""
+        c, cs, ds = self.config, self.confusion(), self.dataset()
+        spec = clusters.cluster(c.method, cov=cs.covariance, distance=cs.distance, class_names=ds.class_names,
+                                k=c.k, seed=c.seed)  # fmt: skip
+        if c.overlap != "none":
+            spec = clusters.grow_overlap(spec, cs.F, rule=c.overlap, gamma=c.gamma, r=c.top_r,
+                                         max_size=c.max_group_size)  # fmt: skip
+        return spec
+
+    def clusters(self) -> clusters.ClusterSpec:
+        """Stage 2: the cluster spec — ``clusters.json`` when up to date, else computed and saved."""
+        if "clusters" in self._memo:
+            return self._memo["clusters"]
+        key, folder = self.key("clusters"), self.stage_dir("clusters")
+        path = self.folder / "clusters.json"
+        if not self.is_done("clusters", key) or not path.is_file():
+            ds = self.dataset()
+            if self.config.clusters_file:
+                spec = clusters.ClusterSpec.load(self.config.clusters_file).for_dataset(ds.class_names)
+                source = str(self.config.clusters_file)
+            else:
+                spec = self.compute_clusters()
+                source = self.config.method
+            self._write_clusters(spec, key, source)
+        spec = clusters.ClusterSpec.load(path).for_dataset(self.dataset().class_names)
+        self._memo["clusters"] = spec
+        return spec
+
+    def save_clusters(self, spec: clusters.ClusterSpec) -> None:
+        """Use ``spec`` (e.g. edited in the picker) from now on; the stages after it re-run."""
+        spec = spec.for_dataset(self.dataset().class_names)
+        self._write_clusters(spec, self.key("clusters"), "user")
+        self._memo = {k: v for k, v in self._memo.items() if k in ("dataset", "generalist", "confusion")}
+
+    def _write_clusters(self, spec: clusters.ClusterSpec, key: str, source: str) -> None:
+        folder = self.stage_dir("clusters")
+        folder.mkdir(parents=True, exist_ok=True)
+        spec.save(self.folder / "clusters.json")
+        self._finish(folder, key, source=source, groups=len(spec.groups))
+
+    # ------------------------------------------------------------------ specialists
+    def specialist_config(self) -> specialists.SpecialistConfig:
+        c = self.config
+        tc = self.train_config(epochs=c.specialist_epochs, lr=c.specialist_lr, seed_offset=1000,
+                               soft_weight=c.specialist_soft_weight, temperature=c.temperature)  # fmt: skip
+        return specialists.SpecialistConfig(model=c.specialist_model, width=c.specialist_width, depth=c.specialist_depth,
+                                            special_fraction=c.special_fraction, soft_weight=c.specialist_soft_weight,
+                                            temperature=c.temperature, train=tc)  # fmt: skip
+
+    def specialist_dir(self, index: int) -> Path:
+        name = list(self.clusters().groups)[index]
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+        return self.stage_dir("specialists") / f"{index:02d}-{safe}"
+
+    def train_specialist(self, index: int) -> specialists.TrainedSpecialist:
+        """Train (resumably) or load specialist ``index``; independent of the others, so jobs can fan out."""
+        spec, ds = self.clusters(), self.dataset()
+        if not 0 <= index < len(spec.groups):
+            raise IndexError(f"specialist index {index} out of range: this run has {len(spec.groups)} groups (0..{len(spec.groups) - 1})")
+        key, folder = self.key("specialists"), self.specialist_dir(index)
+        if not self.is_done("specialists", key, folder):
+            t0 = time.perf_counter()
+            self._begin(folder, key)
+            group, classes = list(spec.groups)[index], spec.indices()[index]
+            gen = self.generalist()
+            cfg = self.specialist_config()
+            teacher = softmax(gen.logits["train"], self.config.temperature) if self.config.specialist_soft_weight > 0 else None
+            training.seed_everything(cfg.train.seed + index)
+            trained = specialists.train_specialist(ds, classes, config=cfg, generalist=gen.model, teacher_probs_train=teacher,
+                                                   state_path=folder / "state.pt", desc=f"specialist {index} ({group})")  # fmt: skip
+            extra = {"group": group, "classes": [int(i) for i in classes], "class_names": [ds.class_names[i] for i in classes],
+                     "dustbin_correction": float(trained.dustbin_correction), "examples_seen": int(trained.examples_seen)}  # fmt: skip
+            checkpoints.save_checkpoint(folder / "model.pt", trained.model, model_config=trained.model_config,
+                                        class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
+                                        history=_history_dict(trained.history), extra=extra)  # fmt: skip
+            for split in ("val", "test"):
+                x, _ = ds.split(split)
+                p = specialists.predict_specialist(trained.model, x, correction=trained.dustbin_correction, device=self.config.device)
+                runs.save_array(folder / f"probs_{split}.npy", np.asarray(p, dtype=np.float64))
+            (folder / "state.pt").unlink(missing_ok=True)
+            self._timed("specialists", t0)
+            self._finish(folder, key, seconds=round(time.perf_counter() - t0, 2), group=group)
+        return self._load_specialist(index)
+
+    def _load_specialist(self, index: int) -> specialists.TrainedSpecialist:
+        memo = f"specialist-{index}"
+        if memo not in self._memo:
+            ds, folder = self.dataset(), self.specialist_dir(index)
+            model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names,
+                                                      dataset_fingerprint=ds.fingerprint)  # fmt: skip
+            e = info.extra
+            self._memo[memo] = specialists.TrainedSpecialist(
+                model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
+                dustbin_correction=float(e["dustbin_correction"]), history=(info.history or {}).get("records", []),
+                examples_seen=int(e["examples_seen"]), model_config=info.model_config,
+            )  # fmt: skip
+        return self._memo[memo]
+
+    def specialists(self) -> list[specialists.TrainedSpecialist]:
+        """Stage 3: every specialist (finished ones are loaded, not retrained)."""
+        n = len(self.clusters().groups)
+        out = [self.train_specialist(i) for i in range(n)]
+        folder = self.stage_dir("specialists")
+        if not self.is_done("specialists"):
+            self._finish(folder, self.key("specialists"), count=n)
+        return out
+
+    def specialist_probs(self, split: str) -> list[np.ndarray]:
+        """Per specialist, (N, |S_m| + 1) probabilities on ``split`` (val/test), dustbin last."""
+        self.specialists()
+        return [runs.load_array(self.specialist_dir(i) / f"probs_{split}.npy") for i in range(len(self.clusters().groups))]
+
+    # ------------------------------------------------------------------ baselines
+    def compute_matched(self) -> ModelResult:
+        """The generalist trained further for as many example-passes as all specialists used (METHOD.md §6)."""
+        extra = sum(s.examples_seen for s in self.specialists())
+        if not self.is_done("compute_matched"):
+            gen, ds, c = self.generalist(), self.dataset(), self.config
+            n = len(ds.y_train)
+            epochs = max(1, round(extra / n))
+            per_epoch = extra // epochs
+            model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]
+            tc = self.train_config(epochs=epochs, lr=c.lr * 0.3, seed_offset=2000)
+            sampler = _fixed_size_sampler(n, per_epoch)
+            return self._train_model("compute_matched", model=model, model_config=self.model_config(num_classes=ds.num_classes),
+                                     tc=tc, sample_indices=sampler, examples_seen=per_epoch * epochs)  # fmt: skip
+        return self._load_model_result("compute_matched")
+
+    # ------------------------------------------------------------------ ensembles
+    def groups(self) -> list[np.ndarray]:
+        return self.clusters().indices()
+
+    def activation(self, split: str) -> np.ndarray:
+        """(N, M) bool: which specialists the generalist's top-n classes switch on."""
+        return ensemble.activation(self.generalist().probs(split), self.groups(), top_n=self.config.top_n)
+
+    def combine(self, rule: str, split: str) -> np.ndarray:
+        """(N, C) combined distribution of ``rule`` on ``split`` (``val``/``test``)."""
+        c = self.config
+        p_gen = self.generalist().probs(split)
+        if rule == "generalist":
+            return p_gen
+        outs = [ensemble.SpecialistOutputs(classes=g, probs=p) for g, p in zip(self.groups(), self.specialist_probs(split))]
+        return ensemble.combine(rule, p_gen, outs, active=self.activation(split), top_n=c.top_confident_n,
+                                threshold=c.moe_threshold)  # fmt: skip
+
+    def ensembles(self) -> dict[str, np.ndarray]:
+        """Stage 4: every rule's (N, C) test distribution (saved as ``ensembles/q_test_<rule>.npy``)."""
+        key, folder = self.key("ensembles"), self.stage_dir("ensembles")
+        if not self.is_done("ensembles", key):
+            t0 = time.perf_counter()
+            self._begin(folder, key)
+            for rule in self.config.rules:
+                for split in ("val", "test"):
+                    runs.save_array(folder / f"q_{split}_{rule}.npy", self.combine(rule, split))
+            self._timed("ensembles", t0)
+            self._finish(folder, key, rules=list(self.config.rules))
+        return {rule: runs.load_array(folder / f"q_test_{rule}.npy") for rule in self.config.rules}
+
+    # ------------------------------------------------------------------ distillation
+    def ensemble_train_targets(self) -> np.ndarray:
+        """(N_train, C) the ``kl`` ensemble's q on the training images, running each specialist only where active."""
+        ds, gen = self.dataset(), self.generalist()
+        p_gen = gen.probs("train")
+        active = ensemble.activation(p_gen, self.groups(), top_n=self.config.top_n)
+        outs = []
+        for m, sp in enumerate(self.specialists()):
+            probs = np.zeros((len(p_gen), len(sp.classes) + 1))
+            idx = np.flatnonzero(active[:, m])
+            if len(idx):
+                probs[idx] = specialists.predict_specialist(sp.model, ds.x_train[torch.as_tensor(idx)],
+                                                            correction=sp.dustbin_correction, device=self.config.device)  # fmt: skip
+            probs[~active[:, m]] = 1.0 / probs.shape[1]
+            outs.append(ensemble.SpecialistOutputs(classes=sp.classes, probs=probs))
+        return ensemble.combine("kl", p_gen, outs, active=active)
+
+    def distill(self) -> ModelResult:
+        """Stage 5: one student trained on the ensemble's q at temperature T plus hard labels (T² scaled)."""
+        c = self.config
+        if not self.is_done("distill"):
+            ds = self.dataset()
+            targets = sharpen(self.ensemble_train_targets(), c.distill_temperature)
+            mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
+            training.seed_everything(c.seed + 3000)
+            model = models.build_model(mc)
+            tc = self.train_config(epochs=c.student_epochs, lr=c.lr, seed_offset=3000, soft_weight=c.distill_soft_weight,
+                                   temperature=c.distill_temperature)  # fmt: skip
+            return self._train_model("distill", model=model, model_config=mc, tc=tc, soft_targets=targets)
+        return self._load_model_result("distill")
+
+    # ------------------------------------------------------------------ everything
+    def run_all(self) -> dict[str, Any]:
+        """Every stage in order, then ``metrics.json`` and ``report.html``; returns the metrics."""
+        for stage in ("generalist", "clusters", "specialists"):
+            self._stage(stage)
+        if self.config.compute_matched:
+            self._stage("compute_matched")
+        self._stage("ensembles")
+        self._stage("distill")
+        from .report import write_report
+
+        metrics = self.metrics()
+        write_report(self)
+        return metrics
+
+    def _stage(self, stage: str) -> Any:
+        t0 = time.perf_counter()
+        out = getattr(self, stage)()
+        self.log(f"[{stage}] done in {time.perf_counter() - t0:.1f} s")
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        """Every number of the run (also written to ``metrics.json``)."""
+        from .report import compute_metrics
+
+        m = compute_metrics(self)
+        runs.atomic_write_json(self.folder / "metrics.json", m)
+        return m
+
+
+def _fixed_size_sampler(n: int, per_epoch: int) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """Epochs of exactly ``per_epoch`` examples: random permutations of ``n``, concatenated as needed."""
+
+    def sample(epoch: int, generator: torch.Generator) -> torch.Tensor:
+        reps = math.ceil(per_epoch / n)
+        return torch.cat([torch.randperm(n, generator=generator) for _ in range(reps)])[:per_epoch]
+
+    return sample
+
+
+def _history_dict(history: Any) -> dict[str, Any]:
+    if hasattr(history, "to_dict"):
+        return history.to_dict()
+    return {"records": list(history)}
+
+
+def check_before_training(config: PipelineConfig) -> None:
+    """Fail fast on settings that cannot work (unknown dataset, clusters file for other classes)."""
+    if config.dataset not in data.available():
+        raise ConfigError(f"dataset={config.dataset!r} is unknown; choose one of {', '.join(data.available())}")
+    if config.clusters_file and not Path(config.clusters_file).is_file():
+        raise ConfigError(f"clusters_file={config.clusters_file!r} not found; save one from notebook 03 or the picker")
