@@ -237,3 +237,10 @@ def _loader(name: str) -> Callable[[], Loader]:
 register("glyphs", _glyphs)
 for _name in ("cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imagenet", "imagefolder"):
     register(_name, _loader(_name))
+
+
+def examples_per_class(ds: Dataset, *, per_class: int = 1, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` images of every class of ``split``: (C·k, channels, H, W) uint8 and (C·k,) labels."""
+    x, y = ds.split(split)
+    idx = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(ds.num_classes)])
+    return x[idx], y[idx]

@@ -207,11 +207,10 @@ class Run:
                 soft_targets=None if soft_targets is None else torch.as_tensor(soft_targets, dtype=torch.float32),
                 sample_indices=sample_indices, state_path=folder / "state.pt", desc=stage,
             )  # fmt: skip
-            records = history.to_dict()["records"] if hasattr(history, "to_dict") else list(history)
-            seen = examples_seen if examples_seen is not None else int(sum(r.get("examples_seen", 0) for r in records[-1:]) or tc.epochs * len(ds.y_train))
+            seen = history.examples_seen if examples_seen is None else examples_seen
             checkpoints.save_checkpoint(folder / "model.pt", model, model_config=model_config,
                                         class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
-                                        history=history.to_dict(), extra={"stage": stage, "examples_seen": seen})  # fmt: skip
+                                        history=history, extra={"stage": stage, "examples_seen": seen})  # fmt: skip
             for split in _SPLITS:
                 x, _ = ds.split(split)
                 logits = training.predict_logits(model, x, device=self.config.device).numpy()
@@ -227,8 +226,7 @@ class Run:
             model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names,
                                                       dataset_fingerprint=ds.fingerprint)  # fmt: skip
             logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in _SPLITS}
-            records = (info.history or {}).get("records", [])
-            self._memo[stage] = ModelResult(stage, model.eval(), records, logits, int(info.extra["examples_seen"]))
+            self._memo[stage] = ModelResult(stage, model.eval(), _records(info.history), logits, int(info.extra["examples_seen"]))
         return self._memo[stage]
 
     def generalist(self) -> ModelResult:
@@ -339,7 +337,7 @@ class Run:
                      "dustbin_correction": float(trained.dustbin_correction), "examples_seen": int(trained.examples_seen)}  # fmt: skip
             checkpoints.save_checkpoint(folder / "model.pt", trained.model, model_config=trained.model_config,
                                         class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
-                                        history=_history_dict(trained.history), extra=extra)  # fmt: skip
+                                        history=trained.history, extra=extra)  # fmt: skip
             for split in ("val", "test"):
                 x, _ = ds.split(split)
                 p = specialists.predict_specialist(trained.model, x, correction=trained.dustbin_correction, device=self.config.device)
@@ -358,7 +356,7 @@ class Run:
             e = info.extra
             self._memo[memo] = specialists.TrainedSpecialist(
                 model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
-                dustbin_correction=float(e["dustbin_correction"]), history=(info.history or {}).get("records", []),
+                dustbin_correction=float(e["dustbin_correction"]), history=_records(info.history),
                 examples_seen=int(e["examples_seen"]), model_config=info.model_config,
             )  # fmt: skip
         return self._memo[memo]
@@ -408,8 +406,11 @@ class Run:
         if rule == "generalist":
             return p_gen
         outs = [ensemble.SpecialistOutputs(classes=g, probs=p) for g, p in zip(self.groups(), self.specialist_probs(split))]
-        return ensemble.combine(rule, p_gen, outs, active=self.activation(split), top_n=c.top_confident_n,
-                                threshold=c.moe_threshold)  # fmt: skip
+        if rule == "kl":
+            return ensemble.combine("kl", p_gen, outs, active=self.activation(split))
+        if rule == "top_confident":
+            return ensemble.combine("top_confident", p_gen, outs, n=c.top_confident_n)
+        return ensemble.combine(rule, p_gen, outs, threshold=c.moe_threshold)
 
     def ensembles(self) -> dict[str, np.ndarray]:
         """Stage 4: every rule's (N, C) test distribution (saved as ``ensembles/q_test_<rule>.npy``)."""
@@ -495,10 +496,9 @@ def _fixed_size_sampler(n: int, per_epoch: int) -> Callable[[int, torch.Generato
     return sample
 
 
-def _history_dict(history: Any) -> dict[str, Any]:
-    if hasattr(history, "to_dict"):
-        return history.to_dict()
-    return {"records": list(history)}
+def _records(history: training.History | None) -> list[dict[str, Any]]:
+    """Per-epoch records as plain dicts (what notebooks and plots take)."""
+    return [] if history is None else history.to_dict()["records"]
 
 
 def check_before_training(config: PipelineConfig) -> None:
@@ -507,3 +507,54 @@ def check_before_training(config: PipelineConfig) -> None:
         raise ConfigError(f"dataset={config.dataset!r} is unknown; choose one of {', '.join(data.available())}")
     if config.clusters_file and not Path(config.clusters_file).is_file():
         raise ConfigError(f"clusters_file={config.clusters_file!r} not found; save one from notebook 03 or the picker")
+
+
+# ---------------------------------------------------------------------- views used by notebooks and the report
+def method_specs(run: Run, *, methods: tuple[str, ...] | None = None) -> dict[str, clusters.ClusterSpec]:
+    """Each clustering method's spec for the run's k and seed, for a side-by-side comparison."""
+    from .config import METHODS
+
+    cs, ds, c = run.confusion(), run.dataset(), run.config
+    return {m: clusters.cluster(m, cov=cs.covariance, distance=cs.distance, class_names=ds.class_names, k=c.k, seed=c.seed)
+            for m in (methods or METHODS)}  # fmt: skip
+
+
+def confused_examples(run: Run, *, pairs: int = 6, per_pair: int = 4) -> np.ndarray:
+    """Indices into the validation split: up to ``per_pair`` misclassified images of each of the top ``pairs`` (true, predicted) pairs."""
+    ds, cs = run.dataset(), run.confusion()
+    y = ds.y_val.numpy()
+    pred = run.generalist().val_probs.argmax(axis=1)
+    names = {n: i for i, n in enumerate(ds.class_names)}
+    out: list[int] = []
+    for row in cs.top_pairs(pairs).itertuples():
+        t, p = names[row.true], names[row.predicted]
+        out += np.flatnonzero((y == t) & (pred == p))[:per_pair].tolist()
+    return np.asarray(out, dtype=np.int64)
+
+
+def specialist_summary(run: Run) -> "pd.DataFrame":
+    """One row per specialist: group, size, dustbin correction, example-passes and test accuracies."""
+    import pandas as pd
+
+    from .report import specialist_rows
+
+    return pd.DataFrame(specialist_rows(run)).set_index("group")
+
+
+def dustbin_effect(run: Run, *, split: str = "val") -> "pd.DataFrame":
+    """Per specialist: share of images sent to the dustbin without and with the correction, against the true share."""
+    import pandas as pd
+
+    y = run.dataset().split(split)[1].numpy()
+    rows = []
+    for sp, probs in zip(run.specialists(), run.specialist_probs(split)):
+        logp = np.log(np.clip(probs, 1e-12, None))
+        logp[:, -1] -= sp.dustbin_correction
+        dust = len(sp.classes)
+        rows.append({
+            "group": list(run.clusters().groups)[len(rows)], "correction": sp.dustbin_correction,
+            "true_dustbin_share": float((~np.isin(y, sp.classes)).mean()),
+            "dustbin_share_uncorrected": float((logp.argmax(1) == dust).mean()),
+            "dustbin_share_corrected": float((probs.argmax(1) == dust).mean()),
+        })  # fmt: skip
+    return pd.DataFrame(rows).set_index("group")
