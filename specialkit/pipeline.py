@@ -457,8 +457,19 @@ class Run:
         return self._load_model_result("distill")
 
     # ------------------------------------------------------------------ everything
+    def preflight(self) -> None:
+        """Check everything that can be checked before training: the dataset loads, ``k`` and
+        ``top_n`` fit its classes, and a given clusters file names only its classes."""
+        ds = self.dataset()
+        if self.config.clusters_file:
+            path = Path(self.config.clusters_file)
+            if not path.is_file():
+                raise ConfigError(f"clusters_file={str(path)!r} not found; save one from notebook 03 or with ClusterSpec.save")
+            clusters.ClusterSpec.load(path).for_dataset(ds.class_names)
+
     def run_all(self) -> dict[str, Any]:
         """Every stage in order, then ``metrics.json`` and ``report.html``; returns the metrics."""
+        self.preflight()
         for stage in ("generalist", "clusters", "specialists"):
             self._stage(stage)
         if self.config.compute_matched:
@@ -502,11 +513,9 @@ def _records(history: training.History | None) -> list[dict[str, Any]]:
 
 
 def check_before_training(config: PipelineConfig) -> None:
-    """Fail fast on settings that cannot work (unknown dataset, clusters file for other classes)."""
+    """Fail fast, before a run folder exists, on a dataset name the registry does not know."""
     if config.dataset not in data.available():
         raise ConfigError(f"dataset={config.dataset!r} is unknown; choose one of {', '.join(data.available())}")
-    if config.clusters_file and not Path(config.clusters_file).is_file():
-        raise ConfigError(f"clusters_file={config.clusters_file!r} not found; save one from notebook 03 or the picker")
 
 
 # ---------------------------------------------------------------------- views used by notebooks and the report

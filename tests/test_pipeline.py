@@ -1,0 +1,112 @@
+"""End to end: the whole pipeline in quick mode, killed in the specialist stage, resumed; the same numbers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from specialkit import cli, pipeline
+from specialkit.clusters import ClusterSpec
+from specialkit.config import ConfigError, PipelineConfig
+
+pytestmark = pytest.mark.slow
+SETTINGS = {"k": 4, "rules": ("generalist", "kl", "top_confident", "moe")}
+
+
+def _numbers(metrics: dict) -> dict:
+    """Every number that must not depend on an interruption (latency is a measurement, left out)."""
+    m = json.loads(json.dumps(metrics))
+    m["cost"].pop("latency", None)
+    m.pop("timings", None)
+    m.pop("config", None)
+    return m
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> pipeline.Run:
+    run = pipeline.Run(tmp_path_factory.mktemp("a") / "quick", PipelineConfig.quick(**SETTINGS), log=lambda s: None)
+    run.run_all()
+    return run
+
+
+def test_uninterrupted_run_writes_every_artifact(finished):
+    f = finished.folder
+    for rel in ("config.json", "clusters.json", "metrics.json", "report.html", "generalist/model.pt",
+                "generalist/logits_test.npy", "compute_matched/model.pt", "distill/model.pt"):  # fmt: skip
+        assert (f / rel).is_file(), rel
+    assert len(list((f / "specialists").glob("*/model.pt"))) == 4
+    assert not list(f.rglob("*.tmp")) and not list(f.rglob("state.pt"))
+    metrics = json.loads((f / "metrics.json").read_text())
+    names = [r["name"] for r in metrics["comparison"]]
+    assert names == ["generalist", "compute_matched", "kl", "top_confident", "moe", "student"]
+    assert all(0.0 <= r["top1"] <= 1.0 for r in metrics["comparison"])
+    t4 = [r for r in metrics["table4"]["kl"] if r["covered_by"] != "total"]
+    assert sum(r["n_examples"] for r in t4) == metrics["dataset"]["test"]
+    page = (f / "report.html").read_text()
+    for heading in ("The generalist", "The confusion structure", "The specialists", "Table 4", "Distilling"):
+        assert heading in page
+    assert page.count("Plotly.newPlot") >= 10 and "cdn.plot.ly" not in page
+
+
+def test_killed_in_specialist_stage_resumes_to_the_same_numbers(finished, tmp_path):
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "specialkit.cli", "run", "--quick", "--no-progress", "--out", str(out), "--k", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first = out / "quick" / "specialists"
+    deadline = time.monotonic() + 600
+    try:
+        while not list(first.glob("*/done.json")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the specialist stage never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = len(list(first.glob("*/done.json")))
+    assert done_before < 4, "killed too late: every specialist had finished"
+    assert not (out / "quick" / "metrics.json").exists()
+
+    resumed = pipeline.Run.open(out / "quick", log=lambda s: None)
+    resumed.run_all()
+    assert _numbers(json.loads((out / "quick" / "metrics.json").read_text())) == _numbers(
+        json.loads((finished.folder / "metrics.json").read_text())
+    )
+    assert (out / "quick" / "report.html").stat().st_size > 100_000
+
+
+def test_new_cluster_spec_invalidates_only_later_stages(finished, tmp_path):
+    run = pipeline.Run.open(finished.folder, log=lambda s: None)
+    assert all(run.is_done(s) for s in ("generalist", "clusters", "specialists", "ensembles", "distill"))
+    spec = run.clusters()
+    first, second = list(spec.groups)[:2]
+    moved = spec.with_class_moved(spec.groups[first][0], first, second)
+    run.save_clusters(moved)
+    assert run.is_done("generalist") and run.is_done("clusters")
+    assert not run.is_done("specialists") and not run.is_done("ensembles") and not run.is_done("distill")
+    assert ClusterSpec.load(run.folder / "clusters.json") == moved
+    run.save_clusters(spec)
+    assert run.is_done("specialists") and run.is_done("distill")
+
+
+def test_train_specialist_command_and_its_errors(finished, capsys):
+    assert cli.main(["train-specialist", "--run", str(finished.folder), "--index", "1"]) == 0
+    assert "specialist 1" in capsys.readouterr().out
+    assert cli.main(["train-specialist", "--run", str(finished.folder), "--index", "9"]) == 2
+    assert "out of range: this run has 4 groups" in capsys.readouterr().err
+
+
+def test_bad_settings_fail_before_any_training(tmp_path):
+    with pytest.raises(ConfigError, match="k=40 groups is too many for 62 classes"):
+        pipeline.Run(tmp_path / "k", PipelineConfig.quick(k=40), log=lambda s: None).run_all()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"classes": ["cat", "dog", "car"], "groups": {"pets": ["cat", "dog"]}}))
+    run = pipeline.Run(tmp_path / "spec", PipelineConfig.quick(clusters_file=str(other)), log=lambda s: None)
+    with pytest.raises(ValueError, match="cat"):
+        run.run_all()
+    assert not (tmp_path / "spec" / "generalist").exists()
