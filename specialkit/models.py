@@ -1,0 +1,329 @@
+"""Model registry: classifiers for small images that run on a CPU and scale on a GPU.
+
+Every model is a :class:`Classifier`: ``features(x) -> (N, D)`` then ``head: nn.Linear(D, K)``,
+so ``forward(x) == head(features(x))``. Inputs are float images in [0, 1] of shape
+``(N, C, H, W)``; each model normalises them itself with fixed mean/std buffers, so a saved
+state dict is self-contained.
+
+Registry names:
+
+* ``cnn`` -- a small CNN family: ``depth`` stages of ``blocks_per_stage`` conv3x3-BN-ReLU blocks,
+  ``width * 2**stage`` channels, 2x2 max-pool between stages, global average pool, linear head.
+  ``width=32, depth=3`` (the default) has ~0.29 M parameters; ``width=16`` or ``depth=2`` give a
+  smaller specialist.
+* ``resnet18`` -- torchvision's ResNet-18 adapted to 32 px: a 3x3 stride-1 stem, no max-pool, any
+  number of input channels (``width``/``depth``/``blocks_per_stage`` are not used).
+
+>>> from specialkit import models
+>>> m = models.build_model(models.ModelConfig(num_classes=62, in_channels=1))
+>>> m(torch.rand(2, 1, 32, 32)).shape
+torch.Size([2, 62])
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "ModelConfig",
+    "ModelError",
+    "Classifier",
+    "SmallCNN",
+    "ResNet18",
+    "build_model",
+    "build_model_by_name",
+    "available_models",
+    "register_model",
+    "count_parameters",
+    "count_flops",
+    "replace_head",
+]
+
+
+class ModelError(ValueError):
+    """A model could not be built or changed; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (saved inside every checkpoint).
+
+    Attributes:
+        name: registry name, one of :func:`available_models` (``"cnn"``, ``"resnet18"``).
+        num_classes: K, the number of outputs of the head.
+        in_channels: image channels C (1 for glyphs/MNIST, 3 for CIFAR).
+        image_size: image side in pixels (32 for the CPU settings).
+        width: ``cnn`` channels of the first stage (doubled at every later stage).
+        depth: ``cnn`` number of stages (a 2x2 max-pool between consecutive stages).
+        blocks_per_stage: ``cnn`` conv-BN-ReLU blocks in every stage.
+        dropout: dropout probability applied to the features before the head (0 = off).
+        mean: per-channel mean used to normalise [0, 1] input (length 1 or C); ``None`` = 0.5.
+        std: per-channel standard deviation (length 1 or C); ``None`` = 0.5.
+    """
+
+    name: str = "cnn"
+    num_classes: int
+    in_channels: int = 3
+    image_size: int = 32
+    width: int = 32
+    depth: int = 3
+    blocks_per_stage: int = 2
+    dropout: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None:
+                value = tuple(float(v) for v in np.atleast_1d(np.asarray(value, dtype=float)))
+                object.__setattr__(self, key, value)
+                if len(value) not in (1, self.in_channels):
+                    raise ModelError(
+                        f"ModelConfig.{key} has {len(value)} values but in_channels={self.in_channels}: "
+                        f"pass one value or one per channel"
+                    )
+        if self.std is not None and min(self.std) <= 0:
+            raise ModelError(f"ModelConfig.std must be positive, got {self.std}")
+        for key in ("num_classes", "in_channels", "image_size", "width", "depth", "blocks_per_stage"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ModelError(f"ModelConfig.{key} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def for_dataset(cls, dataset: Any, **kwargs: Any) -> ModelConfig:
+        """A config whose classes, channels and image size match ``dataset`` (a ``data.Dataset``)."""
+        return cls(
+            num_classes=dataset.num_classes,
+            in_channels=dataset.channels,
+            image_size=dataset.image_size,
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        out = asdict(self)
+        for key in ("mean", "std"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ModelError(
+                f"unknown ModelConfig keys {sorted(unknown)}: the config was written by a newer specialkit; "
+                f"upgrade specialkit or remove those keys"
+            )
+        kw = dict(d)
+        for key in ("mean", "std"):
+            if kw.get(key) is not None:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
+class Classifier(nn.Module):
+    """Base class: ``forward(x) = head(features(x))``; input float (N, C, H, W) in [0, 1].
+
+    Subclasses set ``self.body`` (mapping normalised images to (N, D) features) and ``self.head``.
+
+    Attributes:
+        config: the :class:`ModelConfig` the model was built from (updated by :func:`replace_head`).
+        head: ``nn.Linear(D, K)``.
+    """
+
+    head: nn.Linear
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        mean = torch.tensor(config.mean if config.mean is not None else (0.5,), dtype=torch.float32)
+        std = torch.tensor(config.std if config.std is not None else (0.5,), dtype=torch.float32)
+        mean = mean.expand(config.in_channels).reshape(1, -1, 1, 1).clone()
+        std = std.expand(config.in_channels).reshape(1, -1, 1, 1).clone()
+        self.register_buffer("input_scale", 1.0 / std)
+        self.register_buffer("input_shift", -mean / std)
+        self.body: nn.Module = nn.Identity()
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the length of a feature vector."""
+        return self.head.in_features
+
+    @property
+    def num_outputs(self) -> int:
+        """K, the number of logits."""
+        return self.head.out_features
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> (x - mean) / std."""
+        return torch.addcmul(self.input_shift.to(x.dtype), x, self.input_scale.to(x.dtype))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float in [0, 1] -> (N, D) features (dropout applied in training mode)."""
+        return self.dropout(self.body(self.normalize(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float in [0, 1] -> (N, K) logits."""
+        return self.head(self.features(x))
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(Classifier):
+    """``depth`` stages of ``blocks_per_stage`` conv3x3-BN-ReLU blocks; D = ``width * 2**(depth-1)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        if config.image_size < 2 ** (config.depth - 1):
+            raise ModelError(
+                f"cnn depth={config.depth} halves the image {config.depth - 1} times, too often for "
+                f"{config.image_size} px: use depth <= {int(np.log2(config.image_size)) + 1}"
+            )
+        layers: list[nn.Module] = []
+        c_in = config.in_channels
+        for stage in range(config.depth):
+            c_out = config.width * 2**stage
+            for _ in range(config.blocks_per_stage):
+                layers.append(_conv_bn_relu(c_in, c_out))
+                c_in = c_out
+            if stage < config.depth - 1:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, config.num_classes)
+
+
+class ResNet18(Classifier):
+    """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 32 px); D = 512."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None, num_classes=config.num_classes)
+        net.conv1 = nn.Conv2d(config.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu,
+            net.layer1, net.layer2, net.layer3, net.layer4,
+            net.avgpool, nn.Flatten(),
+        )  # fmt: skip
+        self.head = net.fc
+
+
+_REGISTRY: dict[str, Callable[[ModelConfig], Classifier]] = {"cnn": SmallCNN, "resnet18": ResNet18}
+
+
+def register_model(name: str, builder: Callable[[ModelConfig], Classifier]) -> None:
+    """Register ``builder(config) -> Classifier`` under ``name`` for :func:`build_model`."""
+    _REGISTRY[name] = builder
+
+
+def available_models() -> list[str]:
+    """Names :func:`build_model` accepts."""
+    return sorted(_REGISTRY)
+
+
+def build_model(config: ModelConfig | dict[str, Any]) -> Classifier:
+    """Build a freshly initialised model (uses the global torch RNG: call ``seed_everything`` first).
+
+    Args:
+        config: a :class:`ModelConfig` or its ``to_dict()``.
+    """
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    if config.name not in _REGISTRY:
+        raise ModelError(f"unknown model {config.name!r}; choose one of {', '.join(available_models())}")
+    model = _REGISTRY[config.name](config)
+    if not isinstance(model, Classifier):
+        raise ModelError(f"model builder {config.name!r} returned {type(model).__name__}, not a Classifier")
+    return model
+
+
+def build_model_by_name(name: str, num_classes: int, **kwargs: Any) -> Classifier:
+    """``build_model(ModelConfig(name=name, num_classes=num_classes, **kwargs))``."""
+    return build_model(ModelConfig(name=name, num_classes=num_classes, **kwargs))
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters (buffers such as BN running statistics are not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> int:
+    """Floating-point operations of one forward pass, per image (a multiply-add counts as 2).
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products;
+    normalisation, activations and pooling are not counted.
+
+    Args:
+        model: any module taking one (N, C, H, W) tensor.
+        input_shape: (N, C, H, W); default ``(1, in_channels, image_size, image_size)`` from
+            ``model.config``. The count is divided by N.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if input_shape is None:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise ModelError("count_flops needs input_shape=(1, C, H, W) for a model without a .config")
+        input_shape = (1, config.in_channels, config.image_size, config.image_size)
+    if len(input_shape) != 4:
+        raise ModelError(f"input_shape must be (N, C, H, W), got {tuple(input_shape)}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    x = torch.zeros(input_shape, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops()) // int(input_shape[0])
+
+
+def replace_head(model: Classifier, weight: torch.Tensor | np.ndarray, bias: torch.Tensor | np.ndarray) -> Classifier:
+    """Give ``model`` a new head (in place) and return it; ``model.config.num_classes`` follows.
+
+    Used for specialists: keep the generalist's features, cut the head down to the special classes
+    plus a dustbin (``specialists`` builds ``weight`` and ``bias``).
+
+    Args:
+        model: a :class:`Classifier` with feature size D.
+        weight: (K', D) new head weight.
+        bias: (K',) new head bias.
+    """
+    weight = torch.as_tensor(weight)
+    bias = torch.as_tensor(bias)
+    d = model.head.in_features
+    if weight.ndim != 2 or weight.shape[1] != d:
+        raise ModelError(f"head weight must have shape (K', {d}) for this model's {d} features, got {tuple(weight.shape)}")
+    if bias.shape != (weight.shape[0],):
+        raise ModelError(f"head bias must have shape ({weight.shape[0]},) to match the weight, got {tuple(bias.shape)}")
+    old = model.head.weight
+    head = nn.Linear(d, weight.shape[0], device=old.device, dtype=old.dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    model.head = head
+    model.config = replace(model.config, num_classes=int(weight.shape[0]))
+    return model
