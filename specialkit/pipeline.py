@@ -453,7 +453,8 @@ class Run:
             model = models.build_model(mc)
             tc = self.train_config(epochs=c.student_epochs, lr=c.lr, seed_offset=3000, soft_weight=c.distill_soft_weight,
                                    temperature=c.distill_temperature)  # fmt: skip
-            return self._train_model("distill", model=model, model_config=mc, tc=tc, soft_targets=targets)
+            return self._train_model("distill", model=model, model_config=mc, tc=tc,
+                                     soft_targets=targets if c.distill_soft_weight > 0 else None)
         return self._load_model_result("distill")
 
     # ------------------------------------------------------------------ everything
