@@ -6,3 +6,5 @@ import tempfile
 os.environ.setdefault("SPECIALKIT_SMOKE", "1")
 os.environ.setdefault("SPECIALKIT_CACHE", os.path.join(tempfile.gettempdir(), "specialkit-test-cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Notebooks (and the browser test's kernel) write their run folder here, fresh for each test session.
+os.environ.setdefault("SPECIALKIT_RUNS", tempfile.mkdtemp(prefix="specialkit-runs-"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from . import checkpoints, clusters, confusion, data, ensemble, evaluation, models, runs, specialists, training
 from .config import ConfigError, PipelineConfig
 
-__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen"]
+__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen", "runs_root"]
 
 STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
 _KEYS = {
@@ -40,6 +41,12 @@ _KEYS = {
     "distill": ("student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
 }  # fmt: skip
 _SPLITS = ("train", "val", "test")
+
+
+def runs_root(default: str | Path = "runs") -> Path:
+    """Parent folder of run folders: ``$SPECIALKIT_RUNS`` if set (the tests point it at a temporary
+    folder), else ``default`` (notebooks pass ``"../runs"``, the repository's ``runs/``)."""
+    return Path(os.environ.get("SPECIALKIT_RUNS") or default)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -117,7 +124,9 @@ class Run:
 
     def key(self, stage: str) -> str:
         """The hash that a finished ``stage`` must record to count as up to date."""
-        parts: dict[str, Any] = {"stage": stage, "settings": self._settings("data")}
+        from . import __version__
+
+        parts: dict[str, Any] = {"stage": stage, "version": __version__, "settings": self._settings("data")}
         chain = {"generalist": ["generalist"], "clusters": ["generalist", "clusters"],
                  "specialists": ["generalist", "clusters", "specialists"],
                  "compute_matched": ["generalist", "clusters", "specialists"],

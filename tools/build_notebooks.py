@@ -27,7 +27,7 @@ PARAMETERS = """\
 # Scale up here, e.g. dataset="cifar100", root="~/data", image_size=32, model="resnet18",
 # epochs=30, k=10, specialist_epochs=10, device="cuda".
 config = PipelineConfig.from_env(dataset="glyphs", model="cnn", device="auto", seed=0)
-run = pipeline.Run(f"../runs/{config.name}", config)
+run = pipeline.Run(pipeline.runs_root("../runs") / config.name, config)
 ds = run.dataset()"""
 
 
