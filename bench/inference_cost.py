@@ -1,0 +1,154 @@
+"""Inference cost of a specialist ensemble, as ratios to the generalist alone.
+
+Builds a generalist (``cnn`` on 1x32x32 images, 62 classes, as for ``glyphs``) and M specialists of
+about C/M classes each -- once with the generalist's architecture (initialised from it, as in the
+paper) and once smaller (``--small-width``/``--small-depth``) -- and reports per image:
+
+* FLOPs (counted) of the generalist, of the ensemble running every specialist, and of the ensemble
+  with conditional execution (only the specialists that the routing activates);
+* measured latency at batch 1 and batch 256 of the generalist alone and of each combination rule
+  (``kl`` = the paper's, ``top_confident`` = option (a), ``moe`` = option (b) with HD-CNN style
+  skipping), each run with all specialists ("all") and with conditional execution ("conditional").
+
+The networks are untrained, so the routing uses a random generalist-like distribution instead of
+the generalist's own output (``softmax(3 * randn)`` per image; top-1 activation for ``kl`` and
+``top_confident``, group mass >= ``--moe-threshold`` for ``moe``); the generalist still runs in every
+timed pass. With ``--data glyphs`` the images are real glyphs instead of random pixels.
+
+    .venv/bin/python bench/inference_cost.py            # < 1 minute on 2 CPU cores
+    .venv/bin/python bench/inference_cost.py --device cuda --images-large 2048
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specialkit import ensemble, evaluation, models, specialists  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--classes", type=int, default=62, help="C, classes of the generalist")
+    p.add_argument("--specialists", type=int, default=8, help="M, disjoint groups of about C/M classes")
+    p.add_argument("--width", type=int, default=16, help="cnn width of the generalist")
+    p.add_argument("--depth", type=int, default=3, help="cnn depth of the generalist")
+    p.add_argument("--small-width", type=int, default=8, help="cnn width of the small specialists")
+    p.add_argument("--small-depth", type=int, default=3, help="cnn depth of the small specialists")
+    p.add_argument("--images-small", type=int, default=32, help="images timed at batch 1")
+    p.add_argument("--images-large", type=int, default=256, help="images timed at the large batch size")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--repeats", type=int, default=2, help="timed passes (median)")
+    p.add_argument("--rules", nargs="+", default=["kl", "top_confident", "moe"], choices=["kl", "top_confident", "moe"])
+    p.add_argument("--moe-threshold", type=float, default=0.1, help="moe: skip a specialist whose group mass is lower")
+    p.add_argument("--top-confident-n", type=int, default=2)
+    p.add_argument("--data", choices=["random", "glyphs"], default="random")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared machine)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def images(args: argparse.Namespace, n: int) -> torch.Tensor:
+    if args.data == "glyphs":
+        from specialkit import data
+
+        ds = data.load("glyphs", per_class=max(2, -(-n // args.classes) + 1), seed=args.seed)
+        x = ds.x_train
+        return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[:n]]
+    return torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(args.seed))
+
+
+def rules(args: argparse.Namespace, groups: list[np.ndarray]) -> dict:
+    def outs(o: list[np.ndarray]) -> list[ensemble.SpecialistOutputs]:
+        return [ensemble.SpecialistOutputs(g, p) for g, p in zip(groups, o)]
+
+    def kl(p, o, act):
+        return ensemble.combine_kl(p, outs(o), act)
+
+    def top_confident(p, o, act):
+        return ensemble.combine_top_confident(p, outs(o), n=min(args.top_confident_n, len(groups)), active=act)
+
+    def moe(p, o, act):
+        return ensemble.combine_moe(p, outs(o), threshold=args.moe_threshold)
+
+    def moe_run(p):
+        return ensemble.moe_gates(p, groups, threshold=args.moe_threshold).run
+
+    table = {"kl": kl, "top_confident": top_confident, "moe": (moe, moe_run)}
+    return {name: table[name] for name in args.rules}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device(args.device)
+
+    gen_cfg = models.ModelConfig(name="cnn", num_classes=args.classes, in_channels=1, image_size=32,
+                                 width=args.width, depth=args.depth)  # fmt: skip
+    generalist = models.build_model(gen_cfg).eval().to(device)
+    groups = [np.sort(g) for g in np.array_split(rng.permutation(args.classes), args.specialists)]
+    same = [specialists.init_from_generalist(generalist, g).eval() for g in groups]
+    small = [
+        models.build_model(models.ModelConfig(name="cnn", num_classes=len(g) + 1, in_channels=1, image_size=32,
+                                              width=args.small_width, depth=args.small_depth)).eval().to(device)
+        for g in groups
+    ]  # fmt: skip
+
+    n = max(args.images_small, args.images_large)
+    x = images(args, n)
+    z = 3.0 * rng.standard_normal((n, args.classes))
+    p_route = np.exp(z - z.max(1, keepdims=True))
+    p_route /= p_route.sum(1, keepdims=True)
+    active = ensemble.activation(p_route, groups, top_n=1)
+    moe_active = ensemble.moe_gates(p_route, groups, threshold=args.moe_threshold).run
+
+    shape = (1, 1, 32, 32)
+    gen_cost = evaluation.model_cost(generalist, shape)
+    print(f"generalist: cnn width {args.width} depth {args.depth}, {args.classes} classes: "
+          f"{gen_cost['params']:,} params, {gen_cost['flops'] / 1e6:.2f} MFLOPs/image")  # fmt: skip
+    print(f"{args.specialists} specialists of {min(map(len, groups))}-{max(map(len, groups))} classes (+ dustbin); "
+          f"routing: random generalist distribution, top-1 activation ({active.sum(1).mean():.2f} specialists/image), "
+          f"moe threshold {args.moe_threshold} ({moe_active.sum(1).mean():.2f}/image); images: {args.data}; "
+          f"device {args.device}, {args.threads} thread(s)\n")  # fmt: skip
+
+    for label, specs in (("same size as the generalist (initialised from it)", same),
+                         (f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", small)):  # fmt: skip
+        costs = [evaluation.model_cost(s, shape) for s in specs]
+        ec = evaluation.ensemble_cost(gen_cost, costs, active)
+        ec_moe = evaluation.ensemble_cost(gen_cost, costs, moe_active)
+        print(f"== specialists {label}: {costs[0]['params']:,} params, {costs[0]['flops'] / 1e6:.2f} MFLOPs each")
+        print(f"FLOPs/image vs generalist: all {ec['all_ratio']:.2f}x | conditional top-1 {ec['conditional_ratio']:.2f}x"
+              f" | conditional moe {ec_moe['conditional_ratio']:.2f}x | parameters {ec['params_ratio']:.2f}x")  # fmt: skip
+        df = evaluation.latency_table(
+            generalist, specs, x.to(device), active, batch_sizes=args.batch_sizes, rules=rules(args, groups),
+            repeats=args.repeats, warmup=1, routing_probs=p_route,
+            max_images={bs: (args.images_small if bs == 1 else args.images_large) for bs in args.batch_sizes},
+        )  # fmt: skip
+        df["ms_per_image"] = df.pop("seconds_per_image") * 1e3
+        wide = df.pivot(index="model", columns="batch_size", values="ratio")
+        wide.columns = [f"ratio@{b}" for b in wide.columns]
+        ms = df.pivot(index="model", columns="batch_size", values="ms_per_image")
+        ms.columns = [f"ms/img@{b}" for b in ms.columns]
+        df["combine_ms"] = df.pop("combine_seconds_per_image") * 1e3
+        comb = df.pivot(index="model", columns="batch_size", values="combine_ms")
+        comb.columns = [f"rule ms/img@{b}" for b in comb.columns]
+        active_col = df.groupby("model")["mean_active"].last().rename("specialists/img")
+        out = wide.join(ms).join(comb).join(active_col)
+        order = ["generalist"] + [f"{r} {m}" for r in args.rules for m in ("all", "conditional")]
+        print(out.loc[order].to_string(float_format=lambda v: f"{v:.3f}"))
+        print()
+    print(f"total {time.perf_counter() - t_start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,737 @@
+"""Specialist models (Hinton, Vinyals & Dean 2015, §5.2 and §6; ``../shared/METHOD.md`` §3).
+
+A specialist m covers a subset S of the C classes. Its softmax has ``|S| + 1`` outputs: the special
+classes in the order of ``classes``, then **one dustbin** (last) standing for every other class.
+Each step of the paper is one function here:
+
+1. :func:`target_map` -- labels: a special class keeps its identity, every other class -> dustbin.
+2. :func:`init_from_generalist` -- copy the generalist's trunk; keep its head rows of S; add a
+   dustbin row whose logit is ``mean(other logits) + log(#others)`` (a lower bound on their
+   log-sum-exp, equal when they are equal).
+3. :func:`enriched_sampler` -- every epoch (and every batch) a share ``special_fraction`` (the
+   paper: half) of the examples comes from S, the rest from the other classes.
+4. :func:`dustbin_correction` -- the enriched sampling multiplied the odds special:rest by
+   ``r = [f/(1-f)] / [pi/(1-pi)]``; adding ``log r`` to the dustbin logit restores the natural prior.
+5. :func:`collapse_soft_targets` -- the generalist's soft targets at temperature T (paper §6)
+   collapsed onto the specialist's cells, for ``training.fit(..., soft_targets=...)``.
+6. :func:`train_specialist` / :func:`predict_specialist` -- the whole recipe, and inference with the
+   correction applied.
+
+>>> classes = np.array([3, 5])
+>>> target_map(classes, 6).tolist()          # class 3 -> 0, class 5 -> 1, others -> dustbin 2
+[2, 2, 2, 0, 2, 1]
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import models, training
+
+__all__ = [
+    "SpecialistError",
+    "SpecialistConfig",
+    "TrainedSpecialist",
+    "EnrichedSampler",
+    "target_map",
+    "init_from_generalist",
+    "dustbin_head",
+    "enriched_sampler",
+    "natural_special_share",
+    "oversampling_factor",
+    "dustbin_correction",
+    "apply_dustbin_correction",
+    "prior_matched_correction",
+    "collapse_probs",
+    "collapse_soft_targets",
+    "teacher_soft_targets",
+    "specialist_model_config",
+    "train_specialist",
+    "predict_specialist",
+    "specialist_examples_seen",
+]
+
+
+class SpecialistError(ValueError):
+    """Bad input to a specialist function; the message names the problem and the fix."""
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class SpecialistConfig:
+    """How to build and train one specialist.
+
+    Attributes:
+        model: ``None`` = the generalist's architecture; else a registry name of ``models``
+            (``"cnn"``, ``"resnet18"``) for a different (e.g. smaller) specialist.
+        width: ``cnn`` width of the specialist; ``None`` = the generalist's.
+        depth: ``cnn`` depth of the specialist; ``None`` = the generalist's.
+        init: ``"auto"`` -- initialise from the generalist (paper §5.2) when the specialist's
+            architecture (name, width, depth) equals the generalist's, else from scratch;
+            ``"generalist"`` -- always from the generalist (an error if the architectures differ);
+            ``"scratch"`` -- always a fresh random initialisation.
+        special_fraction: f, share of each epoch (and each batch) drawn from the special classes
+            (the paper: 0.5).
+        epoch_size: examples per epoch; ``None`` = 2 x the number of special training examples
+            (with f = 0.5: one pass over the special examples and as many from the rest).
+        soft_weight: weight w of the generalist's soft targets (paper §6); 0 = hard labels only.
+            Overrides ``train.soft_weight``.
+        temperature: T of the soft targets (the loop scales the soft term by T²). Overrides
+            ``train.temperature``.
+        soft_collapse: how the other classes' soft targets enter the dustbin: ``"logits"``
+            (collapse at T = 1, then soften; unbiased) or ``"probs"`` (sum the tempered
+            probabilities; inflates the dustbin for T > 1). See :func:`collapse_soft_targets`.
+        correction: the number added to the dustbin logit at inference: ``"paper"`` -- log r, the
+            log oversampling factor (paper §5.2, :func:`dustbin_correction`); ``"prior_match"`` --
+            the c that makes the mean corrected dustbin probability over the training images equal
+            the natural share of non-special examples (:func:`prior_matched_correction`; one extra
+            inference pass; useful with soft targets, which already carry the natural prior);
+            ``"none"`` -- 0 (ablation).
+        train: the :class:`training.TrainConfig` of the loop (epochs, lr, batch size, seed, ...).
+    """
+
+    model: str | None = None
+    width: int | None = None
+    depth: int | None = None
+    init: str = "auto"
+    special_fraction: float = 0.5
+    epoch_size: int | None = None
+    soft_weight: float = 0.0
+    temperature: float = 2.0
+    soft_collapse: str = "logits"
+    correction: str = "paper"
+    train: training.TrainConfig = field(default_factory=training.TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.correction not in ("paper", "prior_match", "none"):
+            raise SpecialistError(f"SpecialistConfig.correction={self.correction!r}; use 'paper', 'prior_match' or 'none'")
+        if self.soft_collapse not in ("logits", "probs"):
+            raise SpecialistError(f"SpecialistConfig.soft_collapse={self.soft_collapse!r}; use 'logits' or 'probs'")
+        if self.init not in ("auto", "generalist", "scratch"):
+            raise SpecialistError(f"SpecialistConfig.init={self.init!r}; use 'auto', 'generalist' or 'scratch'")
+        if not 0.0 < self.special_fraction < 1.0:
+            raise SpecialistError(
+                f"SpecialistConfig.special_fraction={self.special_fraction}: use a share strictly between 0 and 1 "
+                f"(the paper uses 0.5)"
+            )
+        if self.epoch_size is not None and self.epoch_size < 2:
+            raise SpecialistError(f"SpecialistConfig.epoch_size={self.epoch_size}: use at least 2 (or None for the default)")
+        if not 0.0 <= self.soft_weight <= 1.0:
+            raise SpecialistError(f"SpecialistConfig.soft_weight={self.soft_weight}: use a value in [0, 1]")
+        if self.temperature <= 0:
+            raise SpecialistError(f"SpecialistConfig.temperature={self.temperature}: use a positive value (e.g. 2)")
+        for key in ("width", "depth"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise SpecialistError(f"SpecialistConfig.{key}={v!r}: use a positive integer or None")
+
+    def train_config(self) -> training.TrainConfig:
+        """``train`` with this config's ``soft_weight`` and ``temperature``."""
+        return dataclasses.replace(self.train, soft_weight=self.soft_weight, temperature=self.temperature)
+
+
+@dataclass(eq=False)
+class TrainedSpecialist:
+    """A trained specialist and everything needed to use and save it.
+
+    Attributes:
+        model: the classifier, ``|S| + 1`` outputs, dustbin last (eval mode).
+        classes: (|S|,) int64 special class indices, in output order.
+        class_names: (|S|,) their names.
+        dustbin_correction: log r, added to the dustbin logit at inference (:func:`dustbin_correction`).
+        history: the :class:`training.History` of the loop (or its list of record dicts when loaded).
+        examples_seen: training example-passes used (for the compute-matched baseline).
+        model_config: the specialist's :class:`models.ModelConfig` (for its checkpoint).
+        special_fraction: the share f of special examples actually sampled.
+        initialised_from: ``"generalist"`` or ``"scratch"``.
+    """
+
+    model: torch.nn.Module
+    classes: np.ndarray
+    class_names: tuple[str, ...]
+    dustbin_correction: float
+    history: Any
+    examples_seen: int
+    model_config: models.ModelConfig | None = None
+    special_fraction: float | None = None
+    initialised_from: str | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        """|S| + 1."""
+        return len(self.classes) + 1
+
+    def extra(self) -> dict[str, Any]:
+        """JSON-able dict for ``checkpoints.save_checkpoint(..., extra=...)``."""
+        return {
+            "classes": [int(c) for c in self.classes],
+            "class_names": list(self.class_names),
+            "dustbin_correction": float(self.dustbin_correction),
+            "examples_seen": int(self.examples_seen),
+            "special_fraction": None if self.special_fraction is None else float(self.special_fraction),
+            "initialised_from": self.initialised_from,
+        }
+
+    def predict(self, x_uint8: torch.Tensor, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
+        """(N, |S| + 1) corrected probabilities (:func:`predict_specialist`)."""
+        return predict_specialist(self.model, x_uint8, correction=self.dustbin_correction, batch_size=batch_size, device=device)
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def _check_classes(classes: Any, num_classes: int, *, allow_all: bool = False) -> np.ndarray:
+    c = np.asarray(classes.cpu() if isinstance(classes, torch.Tensor) else classes)
+    if c.ndim != 1 or c.size == 0 or not np.issubdtype(c.dtype, np.integer):
+        raise SpecialistError(
+            f"classes must be a non-empty 1-D integer array of class indices, got {c.dtype} {c.shape}; "
+            f"pass ClusterSpec.indices()[m]"
+        )
+    if c.min() < 0 or c.max() >= num_classes or np.unique(c).size != c.size:
+        raise SpecialistError(f"classes must be distinct indices in [0, {num_classes}), got {c.tolist()}")
+    if c.size == num_classes and not allow_all:
+        raise SpecialistError(
+            "the group covers every class, so the dustbin would be empty and the specialist is just a "
+            "generalist: split the group or use the generalist"
+        )
+    return c.astype(np.int64)
+
+
+def target_map(classes: Any, num_classes: int) -> np.ndarray:
+    """Label map of a specialist: class ``classes[i]`` -> i, every other class -> the dustbin ``|S|``.
+
+    Args:
+        classes: (S,) distinct special class indices.
+        num_classes: C.
+
+    Returns:
+        (C,) int64; index it with generalist labels, e.g. ``target_map(cls, C)[y]``.
+    """
+    c = _check_classes(classes, num_classes, allow_all=True)
+    out = np.full(num_classes, c.size, dtype=np.int64)
+    out[c] = np.arange(c.size)
+    return out
+
+
+def collapse_probs(probs: Any, classes: Any) -> np.ndarray:
+    """Collapse distributions over C classes onto a specialist's cells.
+
+    Args:
+        probs: (N, C) probabilities (e.g. the generalist's at temperature T).
+        classes: (S,) special class indices.
+
+    Returns:
+        (N, S + 1): ``probs[:, classes]``, then the summed mass of every other class (the dustbin).
+        Rows still sum to 1; the dtype of ``probs`` is kept.
+    """
+    p = np.asarray(probs.cpu() if isinstance(probs, torch.Tensor) else probs)
+    if p.ndim != 2:
+        raise SpecialistError(f"probs must be (N, C), got shape {p.shape}")
+    c = _check_classes(classes, p.shape[1], allow_all=True)
+    others = np.ones(p.shape[1], dtype=bool)
+    others[c] = False
+    return np.concatenate([p[:, c], p[:, others].sum(axis=1, keepdims=True)], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ the head
+
+
+def dustbin_head(weight: torch.Tensor, bias: torch.Tensor, classes: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A specialist head cut from a generalist head.
+
+    Rows ``0..S-1`` are the generalist's rows of ``classes``; the dustbin row (last) is
+
+        w_d = mean_{j not in S} w_j,      b_d = mean_{j not in S} b_j + log K,    K = C - S,
+
+    so that, for any features h, the dustbin logit is ``z_d = mean_{j not in S} z_j + log K``. By
+    Jensen's inequality this is a lower bound on the log-sum-exp of the other logits -- the logit
+    the dustbin would need to carry exactly the generalist's mass on the other classes -- and it
+    is tight when those logits are equal:
+
+        LSE(z_others) - (max(z_others) - mean(z_others)) <= z_d <= LSE(z_others).
+
+    Args:
+        weight: (C, D) generalist head weight.
+        bias: (C,) generalist head bias.
+        classes: (S,) special class indices, S < C.
+
+    Returns:
+        ``(weight (S+1, D), bias (S+1,))``.
+    """
+    c = _check_classes(classes, weight.shape[0])
+    others = np.ones(weight.shape[0], dtype=bool)
+    others[c] = False
+    idx = torch.as_tensor(c, device=weight.device)
+    oth = torch.as_tensor(np.flatnonzero(others), device=weight.device)
+    with torch.no_grad():
+        w_d = weight.index_select(0, oth).mean(dim=0, keepdim=True)
+        b_d = bias.index_select(0, oth).mean().reshape(1) + math.log(len(oth))
+        return (
+            torch.cat([weight.index_select(0, idx), w_d]).clone(),
+            torch.cat([bias.index_select(0, idx), b_d]).clone(),
+        )
+
+
+def init_from_generalist(generalist: models.Classifier, classes: Any) -> models.Classifier:
+    """A specialist initialised from the generalist (paper §5.2).
+
+    The trunk (everything but the head) is a deep copy of the generalist's; the head keeps the
+    generalist's rows for ``classes`` (so the specialist's special logits equal the generalist's at
+    the start) and gets a dustbin row whose logit is ``mean(other logits) + log(#others)``, a lower
+    bound on the log-sum-exp of the other classes' logits (see :func:`dustbin_head` for the bound).
+
+    Args:
+        generalist: a :class:`models.Classifier` over all C classes (left unchanged).
+        classes: (S,) special class indices, S < C.
+
+    Returns:
+        A new classifier with S + 1 outputs (its ``config.num_classes`` is S + 1).
+    """
+    if not hasattr(generalist, "head") or not isinstance(generalist.head, torch.nn.Linear):
+        raise SpecialistError("the generalist must be a models.Classifier with a linear .head; build it with models.build_model")
+    weight, bias = dustbin_head(generalist.head.weight.detach(), generalist.head.bias.detach(), classes)
+    spec = copy.deepcopy(generalist)
+    return models.replace_head(spec, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def _labels(y: Any) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.ndim != 1 or y.dtype not in (torch.int64, torch.int32):
+        raise SpecialistError(f"y_train must be a (N,) integer array, got {y.dtype} {tuple(y.shape)}")
+    return y.long().cpu()
+
+
+def _draw(pool: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` items of ``pool``: whole shuffled passes, then a partial one (without replacement within a pass)."""
+    n = len(pool)
+    parts = [pool[torch.randperm(n, generator=generator)] for _ in range(k // n)]
+    parts.append(pool[torch.randperm(n, generator=generator)[: k - (k // n) * n]])
+    return torch.cat(parts)
+
+
+@dataclass(frozen=True, eq=False)
+class EnrichedSampler:
+    """``sample_indices(epoch, generator)`` for :func:`training.fit`: enriched epochs (paper §5.2).
+
+    Every epoch holds ``n_special`` examples of the special classes and ``n_rest`` of the other
+    classes. Each part is drawn in whole shuffled passes over its pool (no example repeats before
+    all of its pool has been used: sampling with replacement only where the pool is smaller than
+    needed). The two parts are then interleaved by stratified random positions, so every contiguous
+    stretch of the order -- hence every batch -- holds the share ``f`` up to about one example of each
+    part, not only the epoch as a whole.
+
+    All randomness comes from the ``generator`` that ``fit`` passes (so a resumed run repeats the
+    same order); called with ``generator=None`` it uses ``seed`` and ``epoch``.
+
+    Attributes:
+        special_idx: (n_S,) indices into ``x_train`` of the special examples.
+        rest_idx: (n_R,) indices of the other examples.
+        n_special: special examples per epoch.
+        n_rest: other examples per epoch.
+        seed: used only when called without a generator.
+    """
+
+    special_idx: torch.Tensor
+    rest_idx: torch.Tensor
+    n_special: int
+    n_rest: int
+    seed: int = 0
+
+    @property
+    def epoch_size(self) -> int:
+        return self.n_special + self.n_rest
+
+    @property
+    def special_fraction(self) -> float:
+        """The share f actually sampled (``n_special / epoch_size``; differs from the request by rounding only)."""
+        return self.n_special / self.epoch_size
+
+    def __call__(self, epoch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        s = _draw(self.special_idx, self.n_special, generator)
+        r = _draw(self.rest_idx, self.n_rest, generator)
+        pos_s = (torch.arange(self.n_special, dtype=torch.float64) + torch.rand(self.n_special, generator=generator, dtype=torch.float64)) / self.n_special
+        pos_r = (torch.arange(self.n_rest, dtype=torch.float64) + torch.rand(self.n_rest, generator=generator, dtype=torch.float64)) / self.n_rest
+        order = torch.argsort(torch.cat([pos_s, pos_r]), stable=True)
+        return torch.cat([s, r])[order]
+
+
+def enriched_sampler(
+    y_train: Any,
+    classes: Any,
+    *,
+    special_fraction: float = 0.5,
+    epoch_size: int | None = None,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> EnrichedSampler:
+    """The paper's enriched sampling: a share ``special_fraction`` of every epoch from the special classes.
+
+    Args:
+        y_train: (N,) generalist labels of the training set.
+        classes: (S,) special class indices.
+        special_fraction: f in (0, 1); the paper uses 0.5 (half special, half "sampled at random
+            from the rest").
+        epoch_size: examples per epoch; ``None`` = 2 x the number of special training examples.
+        seed: used only when the sampler is called without a generator.
+        num_classes: C (default ``max(y_train) + 1``).
+
+    Returns:
+        An :class:`EnrichedSampler`; pass it as ``fit(..., sample_indices=sampler)``.
+    """
+    if not 0.0 < special_fraction < 1.0:
+        raise SpecialistError(f"special_fraction={special_fraction}: use a share strictly between 0 and 1 (paper: 0.5)")
+    y = _labels(y_train)
+    c = _check_classes(classes, num_classes or int(y.max()) + 1)
+    is_special = torch.from_numpy(np.isin(y.numpy(), c))
+    special_idx, rest_idx = torch.nonzero(is_special).flatten(), torch.nonzero(~is_special).flatten()
+    if len(special_idx) == 0 or len(rest_idx) == 0:
+        which = "special classes" if len(special_idx) == 0 else "other classes"
+        raise SpecialistError(f"the training set has no example of the {which} {c.tolist()}: check the labels and the group")
+    size = 2 * len(special_idx) if epoch_size is None else int(epoch_size)
+    if size < 2:
+        raise SpecialistError(f"epoch_size={size}: use at least 2 so both parts are represented")
+    n_special = min(max(round(special_fraction * size), 1), size - 1)
+    return EnrichedSampler(special_idx, rest_idx, n_special, size - n_special, seed)
+
+
+# ------------------------------------------------------------------------------------------ correction
+
+
+def natural_special_share(y_train: Any, classes: Any) -> float:
+    """pi: share of the training examples whose class is special."""
+    y = _labels(y_train).numpy()
+    c = _check_classes(classes, max(int(y.max()) + 1, int(np.max(classes)) + 1))
+    return float(np.isin(y, c).mean())
+
+
+def oversampling_factor(natural_share: float, special_fraction: float) -> float:
+    """r = [f / (1 - f)] / [pi / (1 - pi)]: the factor by which the sampling multiplied the odds special:rest.
+
+    Args:
+        natural_share: pi, the share of special examples in the training set, in (0, 1).
+        special_fraction: f, their share in the enriched sampling, in (0, 1).
+    """
+    pi, f = float(natural_share), float(special_fraction)
+    if not 0.0 < pi < 1.0:
+        raise SpecialistError(
+            f"natural special share pi={pi}: the training set must hold examples of both the special and the "
+            f"other classes"
+        )
+    if not 0.0 < f < 1.0:
+        raise SpecialistError(f"special_fraction f={f}: use a share strictly between 0 and 1")
+    return (f / (1.0 - f)) / (pi / (1.0 - pi))
+
+
+def dustbin_correction(y_train: Any, classes: Any, *, special_fraction: float) -> float:
+    """log r, the number added to the dustbin logit after training (paper §5.2).
+
+    With natural share pi of special-class examples in the training set and share f in the enriched
+    sampling, training multiplied the odds special:rest by ``r = [f/(1-f)] / [pi/(1-pi)]``; a model
+    fitted to that sampling has special logits too high relative to the dustbin by ``log r``, so
+    ``z_dustbin += log r`` at inference restores the natural prior (Bayes' rule; exact for a model
+    that learnt the sampling distribution's posterior). Positive when the special classes were
+    oversampled (f > pi).
+
+    The generalist's soft targets (``soft_weight > 0``) carry the natural prior already, so with
+    them the hard-label part alone is biased and the full correction over-corrects somewhat; the
+    paper's rule is applied as is.
+
+    Args:
+        y_train: (N,) training labels (generalist classes).
+        classes: (S,) special class indices.
+        special_fraction: f, the share of special examples in the enriched sampling.
+    """
+    return float(math.log(oversampling_factor(natural_special_share(y_train, classes), special_fraction)))
+
+
+def apply_dustbin_correction(logits: Any, correction: float) -> np.ndarray:
+    """softmax of ``logits`` with ``correction`` added to the last (dustbin) column.
+
+    Args:
+        logits: (N, S + 1) specialist logits, dustbin last.
+        correction: log r (:func:`dustbin_correction`).
+
+    Returns:
+        (N, S + 1) float64 probabilities.
+    """
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().cpu().double().numpy()
+    z = np.array(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise SpecialistError(f"logits must be (N, S + 1) with the dustbin last, got shape {z.shape}")
+    z[:, -1] += float(correction)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def prior_matched_correction(logits: Any, dustbin_share: float, *, tol: float = 1e-9) -> float:
+    """The dustbin correction c whose corrected predictions match the natural dustbin prior on average.
+
+    Solves ``mean_i softmax(z_i + c e_dustbin)_dustbin = dustbin_share`` for c (the left side rises
+    monotonically with c; bisection). On images drawn with the natural class frequencies (the
+    training set) this is a data-driven alternative to log r that does not assume the model learnt
+    the enriched sampling's posterior -- e.g. with the generalist's soft targets, which carry the
+    natural prior already.
+
+    Args:
+        logits: (N, S + 1) specialist logits on images with natural class frequencies, dustbin last.
+        dustbin_share: 1 - pi, the natural share of examples outside the special classes, in (0, 1).
+        tol: bisection tolerance on c.
+    """
+    if not 0.0 < dustbin_share < 1.0:
+        raise SpecialistError(f"dustbin_share={dustbin_share}: use the share of non-special examples, strictly in (0, 1)")
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().cpu().double().numpy()
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2 or len(z) == 0:
+        raise SpecialistError(f"logits must be (N, S + 1) with N >= 1 and the dustbin last, got shape {z.shape}")
+    margin = z[:, -1] - np.logaddexp.reduce(z[:, :-1], axis=1)  # dustbin log-odds against the special cells
+
+    def share(c: float) -> float:
+        return float(np.mean(0.5 * (1.0 + np.tanh(0.5 * (margin + c)))))  # mean sigmoid, overflow-free
+
+    lo, hi = -60.0 - float(margin.max()), 60.0 - float(margin.min())
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if share(mid) < dustbin_share else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+# ------------------------------------------------------------------------------------------ soft targets
+
+
+def collapse_soft_targets(teacher_probs: Any, classes: Any, *, temperature: float, method: str = "logits") -> np.ndarray:
+    """Soft targets for a specialist from the generalist's probabilities at temperature T (paper §6).
+
+    Two ways to put the mass of the other classes into the dustbin:
+
+    * ``"probs"`` -- sum the tempered probabilities: ``collapse_probs(softmax(v / T))``. For T > 1 this
+      inflates the dustbin: its implied logit at T = 1 is ``T * LSE(v_others / T)``, up to
+      ``(T - 1) * log K`` above the generalist's own ``LSE(v_others)`` (K = number of other classes),
+      so the student learns to over-predict the dustbin.
+    * ``"logits"`` (default) -- collapse at T = 1, then soften: the cell logits are ``v_S`` and
+      ``LSE(v_others)`` (the dustbin carries exactly the generalist's mass on the other classes, as the
+      head initialisation aims for), and the targets are their softmax at T. At T = 1 both agree.
+
+    The generalist's logits are recovered from its tempered probabilities as ``v = T log p + const``.
+
+    Args:
+        teacher_probs: (N, C) the generalist's ``softmax(v / T)``.
+        classes: (S,) special class indices.
+        temperature: T at which ``teacher_probs`` were computed (and the targets are returned).
+        method: ``"logits"`` or ``"probs"``.
+
+    Returns:
+        (N, S + 1) float64 soft targets at temperature T, dustbin last.
+    """
+    if method not in ("logits", "probs"):
+        raise SpecialistError(f"soft-target collapse method {method!r}; use 'logits' or 'probs'")
+    if temperature <= 0:
+        raise SpecialistError(f"temperature={temperature}: use the positive T the teacher probabilities were made with")
+    p = np.asarray(teacher_probs.detach().cpu().numpy() if isinstance(teacher_probs, torch.Tensor) else teacher_probs,
+                   dtype=np.float64)  # fmt: skip
+    if method == "probs":
+        return collapse_probs(p, classes)
+    if p.ndim != 2:
+        raise SpecialistError(f"teacher_probs must be (N, C), got shape {p.shape}")
+    c = _check_classes(classes, p.shape[1], allow_all=True)
+    others = np.ones(p.shape[1], dtype=bool)
+    others[c] = False
+    with np.errstate(divide="ignore"):
+        v = temperature * np.log(p)
+    cells = np.concatenate([v[:, c], np.logaddexp.reduce(v[:, others], axis=1, keepdims=True)], axis=1) / temperature
+    cells -= cells.max(axis=1, keepdims=True)
+    e = np.exp(cells)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def teacher_soft_targets(
+    generalist: torch.nn.Module,
+    x_uint8: torch.Tensor,
+    classes: Any,
+    *,
+    temperature: float,
+    method: str = "logits",
+    batch_size: int = 512,
+    device: str = "auto",
+) -> np.ndarray:
+    """The generalist's soft targets at temperature T on ``x_uint8``, collapsed onto the specialist's cells.
+
+    Args:
+        generalist: the teacher over C classes.
+        x_uint8: (N, channels, H, W) training images.
+        classes: (S,) special class indices.
+        temperature: T.
+        method: see :func:`collapse_soft_targets`.
+
+    Returns:
+        (N, S + 1) float32 soft targets, dustbin last.
+    """
+    p = training.predict_probs(generalist, x_uint8, temperature=temperature, batch_size=batch_size, device=device)
+    return collapse_soft_targets(p, classes, temperature=temperature, method=method).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def specialist_model_config(
+    config: SpecialistConfig,
+    num_outputs: int,
+    *,
+    generalist: models.Classifier | None = None,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+) -> tuple[models.ModelConfig, bool]:
+    """The specialist's model config and whether it is initialised from the generalist.
+
+    Returns:
+        ``(ModelConfig with num_classes=num_outputs, from_generalist)``.
+    """
+    gen_cfg = getattr(generalist, "config", None) if generalist is not None else None
+    if gen_cfg is not None:
+        cfg = dataclasses.replace(
+            gen_cfg, name=config.model or gen_cfg.name, width=config.width or gen_cfg.width,
+            depth=config.depth or gen_cfg.depth, num_classes=num_outputs,
+        )  # fmt: skip
+        same = (cfg.name, cfg.width, cfg.depth) == (gen_cfg.name, gen_cfg.width, gen_cfg.depth)
+    else:
+        if in_channels is None or image_size is None:
+            raise SpecialistError("without a generalist, pass in_channels and image_size (or pass the generalist)")
+        kw = {k: v for k, v in (("width", config.width), ("depth", config.depth)) if v is not None}
+        cfg = models.ModelConfig(name=config.model or "cnn", num_classes=num_outputs, in_channels=in_channels,
+                                 image_size=image_size, **kw)  # fmt: skip
+        same = False
+    if config.init == "generalist" and not same:
+        raise SpecialistError(
+            "init='generalist' needs the generalist (pass generalist=) and the same architecture: leave "
+            "SpecialistConfig.model/width/depth as None, or use init='scratch'"
+        )
+    return cfg, (same and config.init != "scratch")
+
+
+def train_specialist(
+    ds: Any,
+    classes: Any,
+    *,
+    config: SpecialistConfig | None = None,
+    generalist: models.Classifier | None = None,
+    teacher_probs_train: Any | None = None,
+    state_path: str | Path | None = None,
+    desc: str = "specialist",
+) -> TrainedSpecialist:
+    """Train one specialist on ``ds`` for the special ``classes`` (the paper's recipe).
+
+    Steps: labels mapped by :func:`target_map`; model from :func:`init_from_generalist` (same
+    architecture) or built from scratch (``config.model``/``width``/``depth`` differ from the
+    generalist's, or ``init="scratch"``; uses the global torch RNG, so seed it first); epochs from
+    :func:`enriched_sampler` (deterministic from ``config.train.seed`` through ``fit``'s generator);
+    optional soft targets (:func:`collapse_soft_targets` of ``teacher_probs_train``); ``training.fit``;
+    then :func:`dustbin_correction` with the share actually sampled.
+
+    Args:
+        ds: a ``data.Dataset``; the validation split (labels mapped) is evaluated every epoch.
+        classes: (S,) special class indices, 0 < S < C.
+        config: a :class:`SpecialistConfig` (default ``SpecialistConfig()``).
+        generalist: the trained generalist (needed to initialise from it, and for soft targets when
+            ``teacher_probs_train`` is not given).
+        teacher_probs_train: (N_train, C) the generalist's probabilities on ``ds.x_train`` at
+            ``config.temperature``; used when ``config.soft_weight > 0`` (computed from
+            ``generalist`` when ``None``).
+        state_path: resumable training state (see ``training.fit``).
+        desc: progress-bar label.
+
+    Returns:
+        :class:`TrainedSpecialist` (``examples_seen`` = example-passes of all epochs run).
+    """
+    config = config or SpecialistConfig()
+    num_classes = ds.num_classes
+    c = _check_classes(classes, num_classes)
+    tmap = torch.from_numpy(target_map(c, num_classes))
+    y_train, y_val = tmap[ds.y_train], tmap[ds.y_val]
+    model_cfg, from_gen = specialist_model_config(
+        config, len(c) + 1, generalist=generalist, in_channels=ds.channels, image_size=ds.image_size
+    )
+    model = init_from_generalist(generalist, c) if from_gen else models.build_model(model_cfg)
+    if from_gen:
+        model_cfg = model.config
+    tc = config.train_config()
+    sampler = enriched_sampler(
+        ds.y_train, c, special_fraction=config.special_fraction, epoch_size=config.epoch_size, seed=tc.seed,
+        num_classes=num_classes,
+    )  # fmt: skip
+    soft = None
+    if config.soft_weight > 0:
+        if teacher_probs_train is None:
+            if generalist is None:
+                raise SpecialistError("soft_weight > 0 needs teacher_probs_train or the generalist to compute them")
+            soft = teacher_soft_targets(generalist, ds.x_train, c, temperature=config.temperature,
+                                        method=config.soft_collapse, device=tc.device)  # fmt: skip
+        else:
+            t = np.asarray(teacher_probs_train)
+            if t.shape != (len(ds.y_train), num_classes):
+                raise SpecialistError(
+                    f"teacher_probs_train must be (N_train, C) = {(len(ds.y_train), num_classes)} (the generalist's "
+                    f"softmax(z / T) on ds.x_train), got {t.shape}"
+                )
+            soft = collapse_soft_targets(t, c, temperature=config.temperature, method=config.soft_collapse)
+            soft = soft.astype(np.float32)
+        soft = torch.from_numpy(np.ascontiguousarray(soft))
+    history = training.fit(
+        model, ds.x_train, y_train, config=tc, x_val=ds.x_val, y_val=y_val, hflip=ds.hflip,
+        soft_targets=soft, sample_indices=sampler, state_path=state_path, desc=desc,
+    )  # fmt: skip
+    correction = 0.0
+    if config.correction == "paper":
+        correction = dustbin_correction(ds.y_train, c, special_fraction=sampler.special_fraction)
+    elif config.correction == "prior_match":
+        logits = training.predict_logits(model, ds.x_train, batch_size=tc.eval_batch_size, device=tc.device)
+        correction = prior_matched_correction(logits, 1.0 - natural_special_share(ds.y_train, c))
+    return TrainedSpecialist(
+        model=model.eval(), classes=c, class_names=tuple(ds.class_names[i] for i in c),
+        dustbin_correction=correction, history=history, examples_seen=int(history.examples_seen),
+        model_config=model_cfg, special_fraction=sampler.special_fraction,
+        initialised_from="generalist" if from_gen else "scratch",
+    )  # fmt: skip
+
+
+def predict_specialist(
+    model: torch.nn.Module,
+    x_uint8: torch.Tensor,
+    *,
+    correction: float,
+    batch_size: int = 512,
+    device: str = "auto",
+) -> np.ndarray:
+    """Specialist probabilities with the dustbin correction applied.
+
+    Args:
+        model: a specialist (|S| + 1 outputs, dustbin last).
+        x_uint8: (N, channels, H, W) ``uint8`` images.
+        correction: log r added to the dustbin logit (``TrainedSpecialist.dustbin_correction``).
+        batch_size, device: see ``training.predict_logits``.
+
+    Returns:
+        (N, |S| + 1) float64 probabilities ``softmax(z + correction * e_dustbin)``.
+    """
+    logits = training.predict_logits(model, x_uint8, batch_size=batch_size, device=device)
+    return apply_dustbin_correction(logits, correction)
+
+
+def specialist_examples_seen(specialists: Sequence[TrainedSpecialist]) -> int:
+    """Total training example-passes of all specialists (for ``evaluation.compute_matched_epochs``)."""
+    return int(sum(int(s.examples_seen) for s in specialists))
