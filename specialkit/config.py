@@ -41,7 +41,9 @@ class PipelineConfig:
     ``max_group_size``, ``clusters_file`` (a spec to use instead of clustering).
     Specialists: ``specialist_model`` (None = the generalist's architecture, initialised from it),
     ``specialist_width``, ``specialist_depth``, ``specialist_epochs``, ``specialist_lr``,
-    ``special_fraction``, ``specialist_soft_weight``, ``temperature``.
+    ``special_fraction``, ``specialist_soft_weight``, ``temperature``, ``dustbin_correction``
+    (``paper``: add log r to the dustbin logit; ``prior_match``: the shift that makes the mean
+    dustbin probability equal the natural share of other classes; ``none``).
     Ensemble: ``top_n`` (the paper's n), ``rules``, ``top_confident_n``, ``moe_threshold``.
     Baselines and distillation: ``compute_matched``, ``student_width``, ``student_depth``,
     ``student_epochs``, ``distill_temperature``, ``distill_soft_weight``.
@@ -56,7 +58,7 @@ class PipelineConfig:
     per_class: int | None = 300
     val_fraction: float = 0.15
     model: str = "cnn"
-    width: int = 32
+    width: int = 16
     depth: int = 3
     epochs: int = 6
     batch_size: int = 128
@@ -80,6 +82,7 @@ class PipelineConfig:
     special_fraction: float = 0.5
     specialist_soft_weight: float = 0.0
     temperature: float = 2.0
+    dustbin_correction: str = "paper"
     top_n: int = 1
     rules: tuple[str, ...] = RULES
     top_confident_n: int = 2
@@ -103,8 +106,8 @@ class PipelineConfig:
     def quick(cls, **overrides: Any) -> "PipelineConfig":
         """Settings for tests and notebook smoke runs: seconds on 2 CPU cores, numbers still meaningful."""
         base = dict(
-            name="quick", per_class=40, val_fraction=0.2, width=16, depth=2, epochs=3, k=6,
-            specialist_epochs=2, student_epochs=2, batch_size=64, progress=False,
+            name="quick", per_class=50, val_fraction=0.2, epochs=6, k=6,
+            specialist_epochs=2, student_epochs=3, batch_size=64, progress=False,
         )  # fmt: skip
         base.update(overrides)
         return cls(**base)
@@ -157,6 +160,7 @@ class PipelineConfig:
         _choice(self, "optimizer", ("sgd", "adamw"))
         _choice(self, "schedule", ("onecycle", "cosine", "constant"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "dustbin_correction", ("paper", "prior_match", "none"))
         for rule in self.rules:
             if rule not in RULES:
                 raise ConfigError(f"rules: unknown rule {rule!r}; choose from {', '.join(RULES)}")

@@ -36,7 +36,8 @@ _KEYS = {
                    "weight_decay", "label_smoothing"),
     "clusters": ("method", "k", "overlap", "gamma", "top_r", "max_group_size"),
     "specialists": ("specialist_model", "specialist_width", "specialist_depth", "specialist_epochs",
-                    "specialist_lr", "special_fraction", "specialist_soft_weight", "temperature"),
+                    "specialist_lr", "special_fraction", "specialist_soft_weight", "temperature",
+                    "dustbin_correction"),
     "ensembles": ("top_n", "rules", "top_confident_n", "moe_threshold"),
     "distill": ("student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
 }  # fmt: skip
@@ -319,7 +320,7 @@ class Run:
                                soft_weight=c.specialist_soft_weight, temperature=c.temperature)  # fmt: skip
         return specialists.SpecialistConfig(model=c.specialist_model, width=c.specialist_width, depth=c.specialist_depth,
                                             special_fraction=c.special_fraction, soft_weight=c.specialist_soft_weight,
-                                            temperature=c.temperature, train=tc)  # fmt: skip
+                                            temperature=c.temperature, correction=c.dustbin_correction, train=tc)  # fmt: skip
 
     def specialist_dir(self, index: int) -> Path:
         name = list(self.clusters().groups)[index]
