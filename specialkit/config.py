@@ -37,7 +37,9 @@ class PipelineConfig:
     Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``.
     Generalist: ``model`` (``cnn`` | ``resnet18``), ``width``, ``depth``, ``epochs``, ``batch_size``,
     ``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ``label_smoothing``.
-    Clusters: ``method``, ``k``, ``overlap`` (``none`` | ``hdcnn`` | ``top_r``), ``gamma``, ``top_r``,
+    Clusters: ``method`` (``balanced`` by default; ``covariance_kmeans`` is the paper's), ``distance``
+    (``soft``: HD-CNN's distance from the summed predicted probabilities per true class, stable when
+    the generalist makes few errors; ``hard``: from argmax confusions), ``k``, ``overlap`` (``none`` | ``hdcnn`` | ``top_r``), ``gamma``, ``top_r``,
     ``max_group_size``, ``clusters_file`` (a spec to use instead of clustering).
     Specialists: ``specialist_model`` (None = the generalist's architecture, initialised from it),
     ``specialist_width``, ``specialist_depth``, ``specialist_epochs``, ``specialist_lr``,
@@ -67,7 +69,8 @@ class PipelineConfig:
     schedule: str = "onecycle"
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    method: str = "covariance_kmeans"
+    method: str = "balanced"
+    distance: str = "soft"
     k: int = 8
     overlap: str = "none"
     gamma: float = 5.0
@@ -77,7 +80,7 @@ class PipelineConfig:
     specialist_model: str | None = None
     specialist_width: int | None = None
     specialist_depth: int | None = None
-    specialist_epochs: int = 3
+    specialist_epochs: int = 2
     specialist_lr: float = 0.02
     special_fraction: float = 0.5
     specialist_soft_weight: float = 0.0
@@ -90,9 +93,9 @@ class PipelineConfig:
     compute_matched: bool = True
     student_width: int | None = None
     student_depth: int | None = None
-    student_epochs: int = 4
+    student_epochs: int = 6
     distill_temperature: float = 4.0
-    distill_soft_weight: float = 0.7
+    distill_soft_weight: float = 0.5
     device: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -107,7 +110,7 @@ class PipelineConfig:
         """Settings for tests and notebook smoke runs: seconds on 2 CPU cores, numbers still meaningful."""
         base = dict(
             name="quick", per_class=50, val_fraction=0.2, epochs=6, k=6,
-            specialist_epochs=2, student_epochs=3, batch_size=64, progress=False,
+            specialist_epochs=2, student_epochs=6, batch_size=64, progress=False,
         )  # fmt: skip
         base.update(overrides)
         return cls(**base)
@@ -156,6 +159,7 @@ class PipelineConfig:
         _positive(self, "epochs", "batch_size", "width", "depth", "k", "top_n", "top_r", "specialist_epochs",
                   "student_epochs", "top_confident_n")  # fmt: skip
         _choice(self, "method", METHODS)
+        _choice(self, "distance", ("soft", "hard"))
         _choice(self, "overlap", OVERLAPS)
         _choice(self, "optimizer", ("sgd", "adamw"))
         _choice(self, "schedule", ("onecycle", "cosine", "constant"))

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,7 @@ _KEYS = {
     "data": ("dataset", "root", "image_size", "per_class", "val_fraction", "seed"),
     "generalist": ("model", "width", "depth", "epochs", "batch_size", "lr", "optimizer", "schedule",
                    "weight_decay", "label_smoothing"),
-    "clusters": ("method", "k", "overlap", "gamma", "top_r", "max_group_size"),
+    "clusters": ("method", "distance", "k", "overlap", "gamma", "top_r", "max_group_size"),
     "specialists": ("specialist_model", "specialist_width", "specialist_depth", "specialist_epochs",
                     "specialist_lr", "special_fraction", "specialist_soft_weight", "temperature",
                     "dustbin_correction"),
@@ -259,23 +260,32 @@ class Run:
         return self._memo["confusion"]
 
     def class_map(self, *, method: str = "umap") -> np.ndarray:
-        """(C, 2) map of the classes: UMAP of the covariance columns (saved as ``class_map.npy``)."""
+        """(C, 2) map of the classes: UMAP on the run's class distance (:meth:`distance`), so classes
+        the generalist confuses land close together (saved as ``clusters/class_map_<method>.npy``)."""
         path = self.stage_dir("clusters") / f"class_map_{method}.npy"
-        key = self.key("generalist")
+        key = self.key("generalist") + self.config.distance
         marker = path.with_suffix(".key")
         if path.is_file() and marker.is_file() and marker.read_text() == key:
             return runs.load_array(path)
-        cs = self.confusion()
-        coords = confusion.class_map(cs.covariance, method=method, seed=self.config.seed)
+        d = self.distance()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="using precomputed metric")
+            coords = (confusion.class_map(d, method="umap", metric="precomputed", seed=self.config.seed) if method == "umap"
+                      else confusion.class_map(1.0 - d, method=method, seed=self.config.seed))  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         runs.save_array(path, coords)
         runs.atomic_write_text(marker, key)
         return coords
 
+    def distance(self) -> np.ndarray:
+        """(C, C) class distance the distance-based methods use: HD-CNN's D from the soft or hard confusion."""
+        cs = self.confusion()
+        return confusion.confusion_distance(cs.F_soft) if self.config.distance == "soft" else cs.distance
+
     def compute_clusters(self) -> clusters.ClusterSpec:
         """The configured clustering of the generalist's confusions (not saved)."""
         c, cs, ds = self.config, self.confusion(), self.dataset()
-        spec = clusters.cluster(c.method, cov=cs.covariance, distance=cs.distance, class_names=ds.class_names,
+        spec = clusters.cluster(c.method, cov=cs.covariance, distance=self.distance(), class_names=ds.class_names,
                                 k=c.k, seed=c.seed)  # fmt: skip
         if c.overlap != "none":
             spec = clusters.grow_overlap(spec, cs.F, rule=c.overlap, gamma=c.gamma, r=c.top_r,
@@ -535,7 +545,7 @@ def method_specs(run: Run, *, methods: tuple[str, ...] | None = None) -> dict[st
     from .config import METHODS
 
     cs, ds, c = run.confusion(), run.dataset(), run.config
-    return {m: clusters.cluster(m, cov=cs.covariance, distance=cs.distance, class_names=ds.class_names, k=c.k, seed=c.seed)
+    return {m: clusters.cluster(m, cov=cs.covariance, distance=run.distance(), class_names=ds.class_names, k=c.k, seed=c.seed)
             for m in (methods or METHODS)}  # fmt: skip
 
 

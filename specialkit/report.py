@@ -16,6 +16,12 @@ from . import clusters, ensemble, evaluation, plots, runs
 if TYPE_CHECKING:
     from .pipeline import Run
 
+
+def method_specs(run: "Run") -> dict[str, Any]:
+    from .pipeline import method_specs as specs
+
+    return specs(run)
+
 __all__ = ["compute_metrics", "write_report", "render_report", "reading", "latency"]
 
 
@@ -78,7 +84,8 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
                        "examples_seen": gen.examples_seen},  # fmt: skip
         "top_confused_pairs": _records(cs.top_pairs(10)),
         "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
-                     "quality": clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class)},  # fmt: skip
+                     "quality": clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class),
+                     "methods": _records(clusters.quality_table(method_specs(run), cs.cm, coarse_of_class=ds.coarse_of_class))},  # fmt: skip
         "specialists": specialist_rows(run),
         "comparison": _records(table.rename_axis("name")),
         "table4": {rule: _records(evaluation.coverage_breakdown(gen.test_probs, results[rule], y, coverage, add_total=True))
@@ -273,7 +280,7 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
         _section("data", "1 · The data", _p(f"{ds['name']}: {ds['num_classes']} classes; train {ds['train']}, validation {ds['val']} (drives the clusters), test {ds['test']} (final numbers only)."), frags["samples"]),
         _section("generalist", "2 · The generalist", _p(f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs: validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags["generalist_curves"]),
         _section("confusion", "3 · The confusion structure", _p("Rows are true classes; classes are reordered so that each group's classes sit together. Confusions concentrate inside the outlined blocks."), frags["confusion"], frags["covariance"], frags["class_map"], "<h3>Most confused pairs (validation)</h3>", _table(pd.DataFrame(metrics["top_confused_pairs"]))),
-        _section("clusters", "4 · The groups", _p(f"Method {cfg.method}, k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality)),
+        _section("clusters", "4 · The groups", _p(f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality), "<h3>Every method at the same k</h3>", _p("One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."), _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec"))),
         _section("specialists", "5 · The specialists", _p("Each specialist: its classes plus a dustbin, initialised from the generalist, trained on half special / half other examples, dustbin logit corrected by log(oversampling factor)."), _table(specialist_summary(run), percent=("test_acc_own_classes", "test_acc_all")), frags["specialist_curves"], "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected"))),
         _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4, percent=("gen_acc", "ens_acc", "relative_gain")) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
         _section("cost", "7 · Cost", _table(flops), _table(latency_df) if len(latency_df) else "", frags["cost"]),

@@ -355,7 +355,7 @@ def demo_inputs(seed: int = 0, *, num_classes: int = 12, blocks: int = 3, per_cl
         angle = 2 * np.pi * np.arange(len(members)) / len(members)
         coords[members] += 0.08 * span * np.stack([np.cos(angle), np.sin(angle)], axis=1)
     return dict(
-        class_names=names, confusion=cs.cm, covariance=cs.covariance, distance=cs.distance, coords=coords,
+        class_names=names, confusion=cs.cm, covariance=cs.covariance, distance=run.distance(), coords=coords,
         coarse_of_class=block.astype(np.int64),
     )  # fmt: skip
 
@@ -572,7 +572,7 @@ class ClusterPicker:
         ``kwargs`` override any constructor argument.
         """
         ds, cs, cfg = run.dataset(), run.confusion(), run.config
-        args = dict(class_names=ds.class_names, confusion=cs.cm, covariance=cs.covariance, distance=cs.distance,
+        args = dict(class_names=ds.class_names, confusion=cs.cm, covariance=cs.covariance, distance=run.distance(),
                     coords=run.class_map(), initial=run.clusters(), coarse_of_class=getattr(ds, "coarse_of_class", None),
                     method=cfg.method, overlap=cfg.overlap, gamma=cfg.gamma, r=cfg.top_r,
                     max_group_size=cfg.max_group_size, seed=cfg.seed, on_save=run.save_clusters)  # fmt: skip

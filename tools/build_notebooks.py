@@ -100,14 +100,16 @@ Entry (i, j) is the covariance over validation images of p(i) and p(j). Positive
 entries mean the generalist hedges between i and j."""),
     code("""plots.covariance_heatmap(cs.covariance, cs.class_names)"""),
     md("""### The block view
-Cluster the classes (the paper's method, online k-means on covariance columns; notebook 03 compares
-methods) and reorder rows and columns by group: confusions concentrate inside the outlined blocks."""),
+Cluster the classes (the configured method: `balanced` groups of nearly equal size by default; the
+paper's online k-means on covariance columns is `method="covariance_kmeans"`; notebook 03 compares
+them) and reorder rows and columns by group: confusions concentrate inside the outlined blocks."""),
     code("""spec = run.compute_clusters()
 order = clusters.order_classes(spec)
 plots.confusion_heatmap(cs.F, cs.class_names, order=order, groups=spec.indices(), hide_diagonal=True,
                         title=f"confusion reordered into {len(spec.groups)} groups ({config.method})")"""),
     md("""### A map of the classes
-UMAP places each class (a column of the covariance matrix) in 2-D: look-alikes land close together.
+UMAP places each class in 2-D from HD-CNN's class distance (1 − how often two classes are mistaken
+for each other, from the predicted probabilities): look-alikes land close together.
 Hover a point for its class."""),
     code("""coords = run.class_map()
 plots.class_map(coords, cs.class_names, group_labels=clusters.group_labels(spec), group_names=list(spec.groups))"""),
@@ -143,7 +145,11 @@ rise together on the same images (covariance > 0), and its argmax flips between 
 The covariance needs no labels and uses the whole distribution, so it is less noisy with few images.
 
 *What overlap buys.* A class confused with two groups can belong to both (HD-CNN's rule); then two
-specialists vote on it — the paper's Table 4 found gains grow with the number of specialists covering a class.""",
+specialists vote on it — the paper's Table 4 found gains grow with the number of specialists covering a class.
+
+*Read the share with the sizes.* One giant group keeps most errors "inside a group" but leaves its
+specialist as hard a job as the generalist's. With an accurate generalist the paper's covariance
+k-means tends to do exactly that (compare `size_max`); `balanced` caps the sizes.""",
 ) + [
     code("""gen = run.generalist()
 cs = run.confusion()
