@@ -355,7 +355,7 @@ def demo_inputs(seed: int = 0, *, num_classes: int = 12, blocks: int = 3, per_cl
         angle = 2 * np.pi * np.arange(len(members)) / len(members)
         coords[members] += 0.08 * span * np.stack([np.cos(angle), np.sin(angle)], axis=1)
     return dict(
-        class_names=names, confusion=cs.cm, covariance=cs.covariance, distance=run.distance(), coords=coords,
+        class_names=names, confusion=cs.cm, covariance=cs.covariance, distance=cs.distance, coords=coords,
         coarse_of_class=block.astype(np.int64),
     )  # fmt: skip
 

@@ -314,7 +314,7 @@ def test_from_run_uses_the_run(inputs):
     cs = SimpleNamespace(cm=inputs["confusion"], covariance=inputs["covariance"], distance=inputs["distance"])
     ds = SimpleNamespace(class_names=inputs["class_names"], coarse_of_class=inputs["coarse_of_class"])
     config = SimpleNamespace(method="kmeans", k=5, overlap="none", gamma=5.0, top_r=1, max_group_size=None, seed=0)
-    run = SimpleNamespace(dataset=lambda: ds, confusion=lambda: cs, class_map=lambda: inputs["coords"],
+    run = SimpleNamespace(dataset=lambda: ds, confusion=lambda: cs, distance=lambda: inputs["distance"], class_map=lambda: inputs["coords"],
                           clusters=lambda: initial, save_clusters=saved.append, config=config)  # fmt: skip
     p = widgets.ClusterPicker.from_run(run)
     assert p.spec == initial and p.method_dropdown.value == "kmeans" and p.k_slider.value == initial.num_groups == 3
