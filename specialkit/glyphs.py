@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .data import Dataset, DatasetError
+from .runs import atomic_write_bytes
 
 __all__ = ["GlyphConfig", "CLASS_NAMES", "FONT_FILES", "font_paths", "render_split", "load_glyphs", "cache_dir"]
 
@@ -163,12 +164,9 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_glyphs(

@@ -34,7 +34,6 @@ import base64
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -1373,15 +1372,6 @@ def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
         raise PlotInputError(f"expected a plotly go.Figure, got {type(fig).__name__}")
     page = fig.to_html(full_html=True, include_plotlyjs=True, config=_HTML_CONFIG)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    from .runs import atomic_write_text
+
+    return atomic_write_text(target, page)
