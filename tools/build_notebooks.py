@@ -195,7 +195,7 @@ summary = pipeline.specialist_summary(run)
 summary"""),
     md("""### Training curves
 Validation accuracy here is on the specialist's own targets (its classes + dustbin)."""),
-    code("""plots.training_curves({row.group: sp.history for row, sp in zip(summary.itertuples(), sps)})"""),
+    code("""plots.training_curves({group: sp.history for group, sp in zip(summary.index, sps)})"""),
     md("""### What the dustbin correction does
 Trained on half special examples, a specialist over-predicts its own classes. The correction shifts
 the dustbin logit by log r; the share of validation images it sends to the dustbin moves toward the
