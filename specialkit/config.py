@@ -72,9 +72,9 @@ class PipelineConfig:
     method: str = "balanced"
     distance: str = "soft"
     k: int = 8
-    overlap: str = "none"
+    overlap: str = "top_r"
     gamma: float = 5.0
-    top_r: int = 1
+    top_r: int = 2
     max_group_size: int | None = None
     clusters_file: str | None = None
     specialist_model: str | None = None

@@ -36,7 +36,7 @@ def results_markdown(metrics: dict, run_dir: Path) -> str:
     lines = [
         f"From `{run_dir}/metrics.json` (dataset `{metrics['dataset']['name']}`, {metrics['dataset']['num_classes']} classes, "
         f"{metrics['dataset']['train']} training / {metrics['dataset']['test']} test images; generalist `{cfg['model']}` width {cfg['width']} depth {cfg['depth']}, "
-        f"{cfg['epochs']} epochs; k = {cfg['k']} groups by `{cfg['method']}`; specialists {cfg['specialist_epochs']} epochs).",
+        f"{cfg['epochs']} epochs; k = {cfg['k']} groups by `{cfg['method']}` with overlap `{cfg['overlap']}`; specialists {cfg['specialist_epochs']} epochs).",
         "", *rows, "", *t4, "",
         f"Cost per image: {f['conditional_ratio']:.2f}× the generalist's FLOPs with conditional execution "
         f"({f['mean_active']:.2f} specialists per image), {f['all_ratio']:.2f}× running all; {f['params_ratio']:.1f}× the parameters.",
@@ -77,7 +77,9 @@ def confusion_png(run_dir: Path, out: Path) -> None:
     F = cs.F[np.ix_(order, order)].copy()
     np.fill_diagonal(F, np.nan)
     fig, ax = plt.subplots(figsize=(8, 7.2), dpi=110)
-    im = ax.imshow(F, cmap="viridis", vmax=np.nanpercentile(F, 99.5))
+    from matplotlib.colors import PowerNorm
+
+    im = ax.imshow(F, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=float(np.nanmax(F))))
     names = [cs.class_names[i] for i in order]
     ax.set_xticks(range(len(names)), names, fontsize=6)
     ax.set_yticks(range(len(names)), names, fontsize=6)
@@ -90,7 +92,7 @@ def confusion_png(run_dir: Path, out: Path) -> None:
         start += n
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"validation confusion of the generalist, reordered into {len(spec.groups)} groups (diagonal hidden)", fontsize=9)
+    ax.set_title(f"validation confusion of the generalist, reordered into {len(spec.groups)} groups (diagonal hidden, square-root colour scale)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(out)
