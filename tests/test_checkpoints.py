@@ -13,13 +13,7 @@ from specialkit.models import ModelConfig, build_model, replace_head
 from specialkit.training import EpochRecord, History, predict_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NAMES = tuple("abcd")
