@@ -229,7 +229,6 @@ def _p(text: str) -> str:
 def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
     """Every figure of the report, by name (pure plots.* calls on the run's arrays)."""
     from . import data as data_mod
-    from .pipeline import specialist_summary  # noqa: F401  (keeps the import graph obvious)
 
     ds, cs, spec = run.dataset(), run.confusion(), run.clusters()
     gen, q = run.generalist(), run.ensembles()["kl"] if "kl" in run.config.rules else None
@@ -262,7 +261,7 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
 
 def render_report(run: "Run", metrics: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (plotly.js embedded once; works offline)."""
-    from .pipeline import dustbin_effect, specialist_summary
+    from .pipeline import dustbin_effect
 
     figs = _figures(run, metrics)
     names = list(figs)
@@ -281,7 +280,7 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
         _section("generalist", "2 · The generalist", _p(f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs: validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags["generalist_curves"]),
         _section("confusion", "3 · The confusion structure", _p("Rows are true classes; classes are reordered so that each group's classes sit together. Confusions concentrate inside the outlined blocks."), frags["confusion"], frags["covariance"], frags["class_map"], "<h3>Most confused pairs (validation)</h3>", _table(pd.DataFrame(metrics["top_confused_pairs"]))),
         _section("clusters", "4 · The groups", _p(f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality), "<h3>Every method at the same k</h3>", _p("One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."), _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec"))),
-        _section("specialists", "5 · The specialists", _p("Each specialist: its classes plus a dustbin, initialised from the generalist, trained on half special / half other examples, dustbin logit corrected by log(oversampling factor)."), _table(specialist_summary(run), percent=("test_acc_own_classes", "test_acc_all")), frags["specialist_curves"], "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected"))),
+        _section("specialists", "5 · The specialists", _p("Each specialist: its classes plus a dustbin, initialised from the generalist, trained on half special / half other examples, dustbin logit corrected by log(oversampling factor)."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all")), frags["specialist_curves"], "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected"))),
         _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4, percent=("gen_acc", "ens_acc", "relative_gain")) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
         _section("cost", "7 · Cost", _table(flops), _table(latency_df) if len(latency_df) else "", frags["cost"]),
         _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) plus hard labels: test top-1 {metrics['student']['test_top1']:.2%}, {metrics['student']['params']:,} parameters."), frags["student_curves"]),
