@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="the quick settings used by the tests (seconds)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--write-config", type=Path, metavar="PATH", help="only write the resulting settings to PATH and exit")
+    run.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                     help="several seeds: one run folder each under runs/<name>/, plus a between-seed table")
     for flag, (typ, text) in _KNOBS.items():
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=text)
     for stage in _STAGES:
@@ -77,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     if args.config is not None:
         settings.update(PipelineConfig.load(args.config).to_dict())
     settings.update({k: getattr(args, k) for k in _KNOBS if getattr(args, k) is not None})
+    if getattr(args, "seeds", None) is not None:
+        settings["seeds"] = list(args.seeds)
     if args.no_progress:
         settings["progress"] = False
     return PipelineConfig.quick(**settings) if args.quick else PipelineConfig.from_dict(settings, source=str(args.config or "flags"))
@@ -84,11 +88,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 def _headline(metrics: dict[str, Any]) -> str:
     rows = metrics.get("comparison", [])
-    lines = ["", "test top-1 accuracy:"]
+    lines = ["", "test top-1 accuracy [95% paired-bootstrap interval]; gain over the generalist (McNemar p):"]
     for r in rows:
-        rel = r.get("relative_change")
-        rel_s = "" if rel is None or r["name"] == "generalist" else f"  ({rel * 100:+.1f}% relative)"
-        lines.append(f"  {r['name']:<18} {r['top1'] * 100:6.2f}%{rel_s}")
+        lo, hi = r["top1_ci"]
+        gain = "" if r["name"] == "generalist" else (
+            f"  {r['delta_top1'] * 100:+.2f} points [{r['gain_vs_generalist_ci'][0] * 100:+.2f}, "
+            f"{r['gain_vs_generalist_ci'][1] * 100:+.2f}] (p={r['p_vs_generalist']:.2g}): {r.get('vs_generalist')}")  # fmt: skip
+        lines.append(f"  {r['name']:<18} {r['top1'] * 100:6.2f}% [{lo * 100:.2f}, {hi * 100:.2f}]{gain}")
     return "\n".join(lines)
 
 
@@ -108,6 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             pipeline.check_before_training(cfg)
             t0 = time.perf_counter()
+            if cfg.seeds:
+                summary = pipeline.run_seeds(args.out / cfg.name, cfg)
+                from .report import seeds_reading
+
+                print("\n" + seeds_reading(summary["seeds"]))
+                print(f"\nreport: {args.out / cfg.name / 'report.html'}\nwall time: {time.perf_counter() - t0:.1f} s")
+                return 0
             run = pipeline.Run(args.out / cfg.name, cfg)
             metrics = run.run_all()
             print(_headline(metrics))

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS"]
+__all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS"]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
 RULES = ("generalist", "kl", "top_confident", "moe")
 METHODS = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
 OVERLAPS = ("none", "hdcnn", "top_r")
+CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
 
 
 class ConfigError(ValueError):
@@ -44,12 +45,19 @@ class PipelineConfig:
     Specialists: ``specialist_model`` (None = the generalist's architecture, initialised from it),
     ``specialist_width``, ``specialist_depth``, ``specialist_epochs``, ``specialist_lr``,
     ``special_fraction``, ``specialist_soft_weight``, ``temperature``, ``dustbin_correction``
-    (``paper``: add log r to the dustbin logit; ``prior_match``: the shift that makes the mean
-    dustbin probability equal the natural share of other classes; ``none``).
-    Ensemble: ``top_n`` (the paper's n), ``rules``, ``top_confident_n``, ``moe_threshold``.
-    Baselines and distillation: ``compute_matched``, ``student_width``, ``student_depth``,
-    ``student_epochs``, ``distill_temperature``, ``distill_soft_weight``.
-    Run: ``name``, ``device`` (``auto`` | ``cpu`` | ``cuda``), ``seed``, ``progress``.
+    (``odds``: add log r, the Bayes odds correction, to the dustbin logit; ``paper_literal``: add
+    log(f/pi); ``prior_match``: the shift that makes the mean dustbin probability on the validation
+    images equal their share of other classes; ``none``).
+    Ensemble: ``top_n`` (the paper's n), ``rules``, ``top_confident_n``, ``top_confident_gated``
+    (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``.
+    Baselines and distillation: ``compute_matched``, ``compute_match`` (``flops``: the extra
+    generalist passes cost as many FLOPs as the specialists' training passes; ``passes``: as many
+    example-passes), ``student_width``, ``student_depth``, ``student_epochs``,
+    ``distill_temperature``, ``distill_soft_weight``.
+    Run: ``name``, ``device`` (``auto`` | ``cpu`` | ``cuda``), ``seed`` (training randomness),
+    ``data_seed`` (the data: rendering, subset and split; fixed across ``seeds`` so every seed is
+    scored on the same test images), ``seeds`` (several seeds: one run folder each, see
+    ``pipeline.run_seeds``), ``bootstrap_resamples``, ``progress``.
     """
 
     name: str = "demo"
@@ -85,12 +93,14 @@ class PipelineConfig:
     special_fraction: float = 0.5
     specialist_soft_weight: float = 0.0
     temperature: float = 2.0
-    dustbin_correction: str = "paper"
+    dustbin_correction: str = "odds"
     top_n: int = 1
     rules: tuple[str, ...] = RULES
     top_confident_n: int = 2
+    top_confident_gated: bool = True
     moe_threshold: float = 0.0
     compute_matched: bool = True
+    compute_match: str = "flops"
     student_width: int | None = None
     student_depth: int | None = None
     student_epochs: int = 6
@@ -98,11 +108,20 @@ class PipelineConfig:
     distill_soft_weight: float = 0.5
     device: str = "auto"
     seed: int = 0
+    data_seed: int = 0
+    seeds: tuple[int, ...] | None = None
+    bootstrap_resamples: int = 2000
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.rules, str):
+            raise ConfigError(f"rules={self.rules!r} is a string; give a list, e.g. [\"generalist\", \"kl\"]")
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.seeds is not None:
+            if isinstance(self.seeds, (str, int)):
+                raise ConfigError(f"seeds={self.seeds!r}: give a list of whole numbers, e.g. [0, 1, 2]")
+            object.__setattr__(self, "seeds", tuple(self.seeds))
         self.validate()
 
     @classmethod
@@ -128,6 +147,7 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rules"] = list(self.rules)
+        d["seeds"] = None if self.seeds is None else list(self.seeds)
         return d
 
     @classmethod
@@ -164,7 +184,28 @@ class PipelineConfig:
         _choice(self, "optimizer", ("sgd", "adamw"))
         _choice(self, "schedule", ("onecycle", "cosine", "constant"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
-        _choice(self, "dustbin_correction", ("paper", "prior_match", "none"))
+        if self.dustbin_correction == "paper":
+            raise ConfigError(
+                "dustbin_correction='paper' was renamed for what it is: use 'odds' (the Bayes odds correction log r, "
+                "what 'paper' computed) or 'paper_literal' (log(f/pi), the paper's words read literally)"
+            )
+        _choice(self, "dustbin_correction", CORRECTIONS)
+        _choice(self, "compute_match", ("flops", "passes"))
+        if self.seeds is not None:
+            if len(self.seeds) == 0:
+                raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2 (or leave seeds unset for one run)")
+            if len(set(self.seeds)) != len(self.seeds):
+                dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+                raise ConfigError(f"seeds lists {dup} more than once: each seed is one run, give distinct seeds")
+            for s in self.seeds:
+                if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**31:
+                    raise ConfigError(f"seeds: {s!r} is not a whole number in [0, 2**31)")
+        for key in ("seed", "data_seed"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**31:
+                raise ConfigError(f"{key}={v!r} must be a whole number in [0, 2**31)")
+        if not isinstance(self.bootstrap_resamples, int) or self.bootstrap_resamples < 1000:
+            raise ConfigError(f"bootstrap_resamples={self.bootstrap_resamples!r}: use a whole number >= 1000 (95% intervals need it)")
         for rule in self.rules:
             if rule not in RULES:
                 raise ConfigError(f"rules: unknown rule {rule!r}; choose from {', '.join(RULES)}")

@@ -1021,6 +1021,7 @@ def combine(
     *,
     active: np.ndarray | None = None,
     top_n: int = 1,
+    gated: bool = True,
     **options: object,
 ) -> np.ndarray:
     """Combine with a named rule.
@@ -1030,10 +1031,13 @@ def combine(
             (:func:`combine_top_confident`) or ``"moe"`` (:func:`combine_moe`).
         p_gen: (N, C) generalist probabilities.
         specialists: M specialists.
-        active: (N, M) bool; for ``"kl"`` defaults to ``activation(p_gen, groups, top_n=top_n)``;
-            for ``"top_confident"`` restricts the candidates (default: all); refused for ``"moe"``,
-            which gates itself (use ``threshold=``).
-        top_n: generalist classes looked at when ``"kl"`` computes ``active`` itself.
+        active: (N, M) bool; for ``"kl"`` and ``"top_confident"`` defaults to
+            ``activation(p_gen, groups, top_n=top_n)`` (for ``"top_confident"`` only while ``gated``);
+            refused for ``"moe"``, which gates itself (use ``threshold=``).
+        top_n: generalist classes looked at when ``active`` is computed here.
+        gated: ``"top_confident"`` only: restrict the candidates to the specialists the generalist's
+            top-n classes switch on (default). ``False`` lets every specialist compete, so a confident
+            specialist can overrule a generalist that is sure the image is none of its classes.
         **options: passed to the rule (``tol``, ``max_iter``, ``n``, ``confidence``, ``threshold``).
 
     Returns:
@@ -1052,6 +1056,8 @@ def combine(
             active = activation(pg, [s.classes for s in specs], top_n=top_n)
         return combine_kl(pg, specs, active, **options)  # type: ignore[arg-type]
     if rule == "top_confident":
+        if active is None and gated:
+            active = activation(pg, [s.classes for s in specs], top_n=top_n)
         return combine_top_confident(pg, specs, active=active, **options)  # type: ignore[arg-type]
     if active is not None:
         raise EnsembleError("rule 'moe' chooses its own specialists; drop active= and use threshold=")

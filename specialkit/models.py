@@ -22,7 +22,7 @@ torch.Size([2, 62])
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "count_parameters",
     "count_flops",
     "replace_head",
+    "DustbinHead",
 ]
 
 
@@ -63,6 +64,10 @@ class ModelConfig:
         dropout: dropout probability applied to the features before the head (0 = off).
         mean: per-channel mean used to normalise [0, 1] input (length 1 or C); ``None`` = 0.5.
         std: per-channel standard deviation (length 1 or C); ``None`` = 0.5.
+        dustbin_of: ``None`` for a plain linear head; for a specialist initialised from a generalist,
+            the number C of the generalist's classes: the head is then a :class:`DustbinHead` that keeps
+            all C rows and outputs the special logits plus the log-sum-exp of the others.
+        special_classes: with ``dustbin_of``, the (S,) special class indices (``num_classes`` = S + 1).
     """
 
     name: str = "cnn"
@@ -75,8 +80,20 @@ class ModelConfig:
     dropout: float = 0.0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    dustbin_of: int | None = None
+    special_classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.special_classes is not None:
+            object.__setattr__(self, "special_classes", tuple(int(c) for c in self.special_classes))
+        if (self.dustbin_of is None) != (self.special_classes is None):
+            raise ModelError("ModelConfig.dustbin_of and special_classes go together: set both (a specialist's head) or neither")
+        if self.dustbin_of is not None:
+            sc = self.special_classes
+            if len(set(sc)) != len(sc) or min(sc) < 0 or max(sc) >= self.dustbin_of or len(sc) >= self.dustbin_of:
+                raise ModelError(f"ModelConfig.special_classes={sc} must be distinct indices in [0, {self.dustbin_of}) leaving other classes")
+            if self.num_classes != len(sc) + 1:
+                raise ModelError(f"ModelConfig.num_classes={self.num_classes} must be len(special_classes) + 1 = {len(sc) + 1}")
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None:
@@ -109,7 +126,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
         out = asdict(self)
-        for key in ("mean", "std"):
+        for key in ("mean", "std", "special_classes"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
@@ -125,7 +142,7 @@ class ModelConfig:
                 f"upgrade specialkit or remove those keys"
             )
         kw = dict(d)
-        for key in ("mean", "std"):
+        for key in ("mean", "std", "special_classes"):
             if kw.get(key) is not None:
                 kw[key] = tuple(kw[key])
         return cls(**kw)
@@ -184,6 +201,33 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )
+
+
+class DustbinHead(nn.Module):
+    """A specialist head that keeps the generalist's full linear layer (C rows) and outputs S + 1 logits:
+    the special classes' logits, then the log-sum-exp of every other class's logit (the dustbin).
+
+    At initialisation (the generalist's weights) the specialist's softmax is exactly the generalist's
+    softmax collapsed onto its cells: special-class probabilities equal, dustbin probability equal to
+    the generalist's total mass outside the group. Training moves all C rows.
+
+    Attributes:
+        linear: ``nn.Linear(D, C)``.
+        in_features: D.  out_features: S + 1.
+    """
+
+    def __init__(self, in_features: int, num_full: int, special_classes: Sequence[int]) -> None:
+        super().__init__()
+        special = torch.as_tensor(list(special_classes), dtype=torch.long)
+        others = torch.as_tensor([c for c in range(num_full) if c not in set(special.tolist())], dtype=torch.long)
+        self.linear = nn.Linear(in_features, num_full)
+        self.register_buffer("special", special, persistent=False)
+        self.register_buffer("others", others, persistent=False)
+        self.in_features, self.out_features = in_features, len(special) + 1
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.linear(h)
+        return torch.cat([z.index_select(1, self.special), torch.logsumexp(z.index_select(1, self.others), 1, keepdim=True)], 1)
 
 
 class SmallCNN(Classifier):
@@ -254,6 +298,8 @@ def build_model(config: ModelConfig | dict[str, Any]) -> Classifier:
     model = _REGISTRY[config.name](config)
     if not isinstance(model, Classifier):
         raise ModelError(f"model builder {config.name!r} returned {type(model).__name__}, not a Classifier")
+    if config.dustbin_of is not None:
+        model.head = DustbinHead(model.head.in_features, config.dustbin_of, config.special_classes)
     return model
 
 

@@ -26,20 +26,22 @@ import numpy as np
 import torch
 
 from . import checkpoints, clusters, confusion, data, ensemble, evaluation, models, runs, specialists, training
+from . import distill as distillation
 from .config import ConfigError, PipelineConfig
 
-__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen", "runs_root"]
+__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen", "runs_root", "seed_runs", "run_seeds"]
 
 STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
 _KEYS = {
-    "data": ("dataset", "root", "image_size", "per_class", "val_fraction", "seed"),
-    "generalist": ("model", "width", "depth", "epochs", "batch_size", "lr", "optimizer", "schedule",
+    "data": ("dataset", "root", "image_size", "per_class", "val_fraction", "data_seed"),
+    "generalist": ("seed", "model", "width", "depth", "epochs", "batch_size", "lr", "optimizer", "schedule",
                    "weight_decay", "label_smoothing"),
     "clusters": ("method", "distance", "k", "overlap", "gamma", "top_r", "max_group_size"),
     "specialists": ("specialist_model", "specialist_width", "specialist_depth", "specialist_epochs",
                     "specialist_lr", "special_fraction", "specialist_soft_weight", "temperature",
                     "dustbin_correction"),
-    "ensembles": ("top_n", "rules", "top_confident_n", "moe_threshold"),
+    "compute_matched": ("compute_match",),
+    "ensembles": ("top_n", "rules", "top_confident_n", "top_confident_gated", "moe_threshold"),
     "distill": ("student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
 }  # fmt: skip
 _SPLITS = ("train", "val", "test")
@@ -131,7 +133,7 @@ class Run:
         parts: dict[str, Any] = {"stage": stage, "version": __version__, "settings": self._settings("data")}
         chain = {"generalist": ["generalist"], "clusters": ["generalist", "clusters"],
                  "specialists": ["generalist", "clusters", "specialists"],
-                 "compute_matched": ["generalist", "clusters", "specialists"],
+                 "compute_matched": ["generalist", "clusters", "specialists", "compute_matched"],
                  "ensembles": ["generalist", "clusters", "specialists", "ensembles"],
                  "distill": ["generalist", "clusters", "specialists", "ensembles", "distill"]}[stage]  # fmt: skip
         for s in chain:
@@ -175,12 +177,20 @@ class Run:
             c = self.config
             t0 = time.perf_counter()
             ds = data.load(c.dataset, root=c.root, download=c.download, image_size=c.image_size,
-                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.seed)  # fmt: skip
+                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.data_seed)  # fmt: skip
             c.validate(ds.num_classes)
             self._memo["dataset"] = ds
             self._timed("data", t0)
             self.log(f"[data] {ds.summary()}")
         return self._memo["dataset"]
+
+    def share_dataset(self, ds: data.Dataset) -> None:
+        """Use an already loaded ``ds`` (e.g. the same data for several seeds); it must be the data this
+        run's settings load (same name, classes and fingerprint seen by its checkpoints)."""
+        self.config.validate(ds.num_classes)
+        if ds.name != self.config.dataset:
+            raise ConfigError(f"dataset {ds.name!r} handed to a run of dataset={self.config.dataset!r}: pass the run's own data")
+        self._memo["dataset"] = ds
 
     def device(self) -> torch.device:
         return training.resolve_device(self.config.device)
@@ -202,7 +212,7 @@ class Run:
 
     # ------------------------------------------------------------------ models
     def _train_model(self, stage: str, *, model: torch.nn.Module, model_config: models.ModelConfig,
-                     tc: training.TrainConfig, soft_targets: np.ndarray | None = None,
+                     tc: training.TrainConfig, teacher: training.Teacher | None = None,
                      sample_indices: Callable | None = None, examples_seen: int | None = None) -> ModelResult:
         """Train (resumably) or load a whole-dataset model of the run; save checkpoint and logits."""
         key, folder = self.key(stage), self.stage_dir(stage)
@@ -215,8 +225,7 @@ class Run:
             training.seed_everything(tc.seed)
             history = training.fit(
                 model, ds.x_train, ds.y_train, config=tc, x_val=ds.x_val, y_val=ds.y_val, hflip=ds.hflip,
-                soft_targets=None if soft_targets is None else torch.as_tensor(soft_targets, dtype=torch.float32),
-                sample_indices=sample_indices, state_path=folder / "state.pt", desc=stage,
+                teacher=teacher, sample_indices=sample_indices, state_path=folder / "state.pt", desc=stage,
             )  # fmt: skip
             seen = history.examples_seen if examples_seen is None else examples_seen
             checkpoints.save_checkpoint(folder / "model.pt", model, model_config=model_config,
@@ -349,19 +358,15 @@ class Run:
             group, classes = list(spec.groups)[index], spec.indices()[index]
             gen = self.generalist()
             cfg = self.specialist_config()
-            teacher = softmax(gen.logits["train"], self.config.temperature) if self.config.specialist_soft_weight > 0 else None
             training.seed_everything(cfg.train.seed + index)
-            trained = specialists.train_specialist(ds, classes, config=cfg, generalist=gen.model, teacher_probs_train=teacher,
+            trained = specialists.train_specialist(ds, classes, config=cfg, generalist=gen.model,
                                                    state_path=folder / "state.pt", desc=f"specialist {index} ({group})")  # fmt: skip
-            extra = {"group": group, "classes": [int(i) for i in classes], "class_names": [ds.class_names[i] for i in classes],
-                     "dustbin_correction": float(trained.dustbin_correction), "examples_seen": int(trained.examples_seen)}  # fmt: skip
-            checkpoints.save_checkpoint(folder / "model.pt", trained.model, model_config=trained.model_config,
-                                        class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
-                                        history=trained.history, extra=extra)  # fmt: skip
+            specialists.save_specialist(folder / "model.pt", trained, ds=ds, group=group)
             for split in ("val", "test"):
                 x, _ = ds.split(split)
-                p = specialists.predict_specialist(trained.model, x, correction=trained.dustbin_correction, device=self.config.device)
-                runs.save_array(folder / f"probs_{split}.npy", np.asarray(p, dtype=np.float64))
+                logits = training.predict_logits(trained.model, x, device=self.config.device).numpy()
+                runs.save_array(folder / f"logits_{split}.npy", logits)
+                runs.save_array(folder / f"probs_{split}.npy", specialists.apply_dustbin_correction(logits, trained.dustbin_correction))
             (folder / "state.pt").unlink(missing_ok=True)
             self._timed("specialists", t0)
             self._finish(folder, key, seconds=round(time.perf_counter() - t0, 2), group=group)
@@ -370,15 +375,7 @@ class Run:
     def _load_specialist(self, index: int) -> specialists.TrainedSpecialist:
         memo = f"specialist-{index}"
         if memo not in self._memo:
-            ds, folder = self.dataset(), self.specialist_dir(index)
-            model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names,
-                                                      dataset_fingerprint=ds.fingerprint)  # fmt: skip
-            e = info.extra
-            self._memo[memo] = specialists.TrainedSpecialist(
-                model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
-                dustbin_correction=float(e["dustbin_correction"]), history=_records(info.history),
-                examples_seen=int(e["examples_seen"]), model_config=info.model_config,
-            )  # fmt: skip
+            self._memo[memo] = specialists.load_specialist(self.specialist_dir(index) / "model.pt", ds=self.dataset())
         return self._memo[memo]
 
     def specialists(self) -> list[specialists.TrainedSpecialist]:
@@ -396,14 +393,37 @@ class Run:
         return [runs.load_array(self.specialist_dir(i) / f"probs_{split}.npy") for i in range(len(self.clusters().groups))]
 
     # ------------------------------------------------------------------ baselines
+    def compute_budget(self) -> dict[str, Any]:
+        """The extra training compute the specialists used and what the compute-matched generalist gets.
+
+        Training FLOPs are counted as 3 x forward FLOPs per example-pass (forward + backward). With
+        ``compute_match="flops"`` the generalist gets as many extra passes as cost the same FLOPs
+        (``passes x specialist FLOPs / generalist FLOPs``, summed over specialists); with ``"passes"``
+        as many example-passes. Returns both sides in passes and FLOPs.
+        """
+        ds, gen = self.dataset(), self.generalist()
+        shape = (1, ds.channels, ds.image_size, ds.image_size)
+        gen_flops = models.count_flops(gen.model, shape)
+        sps = self.specialists()
+        spec_passes = int(sum(s.examples_seen for s in sps))
+        spec_train_flops = float(sum(3 * s.examples_seen * models.count_flops(s.model, shape) for s in sps))
+        if self.config.compute_match == "passes":
+            passes = spec_passes
+        else:
+            passes = int(round(spec_train_flops / (3 * gen_flops)))
+        return {"match": self.config.compute_match, "specialist_passes": spec_passes,
+                "specialist_train_flops": spec_train_flops, "generalist_forward_flops": int(gen_flops),
+                "compute_matched_passes": max(passes, 1), "compute_matched_train_flops": float(3 * gen_flops * max(passes, 1))}  # fmt: skip
+
     def compute_matched(self) -> ModelResult:
-        """The generalist trained further for as many example-passes as all specialists used (METHOD.md §6)."""
-        extra = sum(s.examples_seen for s in self.specialists())
+        """The generalist trained further for the training compute all specialists used (``compute_match``:
+        the same FLOPs, or the same example-passes; docs/METHOD.md §7)."""
+        extra = self.compute_budget()["compute_matched_passes"]
         if not self.is_done("compute_matched"):
             gen, ds, c = self.generalist(), self.dataset(), self.config
             n = len(ds.y_train)
             epochs = max(1, round(extra / n))
-            per_epoch = extra // epochs
+            per_epoch = max(1, extra // epochs)
             model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]
             tc = self.train_config(epochs=epochs, lr=c.lr * 0.3, seed_offset=2000)
             sampler = _fixed_size_sampler(n, per_epoch)
@@ -429,7 +449,8 @@ class Run:
         if rule == "kl":
             return ensemble.combine("kl", p_gen, outs, active=self.activation(split))
         if rule == "top_confident":
-            return ensemble.combine("top_confident", p_gen, outs, n=c.top_confident_n)
+            active = self.activation(split) if c.top_confident_gated else None
+            return ensemble.combine("top_confident", p_gen, outs, n=c.top_confident_n, active=active)
         return ensemble.combine(rule, p_gen, outs, threshold=c.moe_threshold)
 
     def ensembles(self) -> dict[str, np.ndarray]:
@@ -446,35 +467,26 @@ class Run:
         return {rule: runs.load_array(folder / f"q_test_{rule}.npy") for rule in self.config.rules}
 
     # ------------------------------------------------------------------ distillation
-    def ensemble_train_targets(self) -> np.ndarray:
-        """(N_train, C) the ``kl`` ensemble's q on the training images, running each specialist only where active."""
-        ds, gen = self.dataset(), self.generalist()
-        p_gen = gen.probs("train")
-        active = ensemble.activation(p_gen, self.groups(), top_n=self.config.top_n)
-        outs = []
-        for m, sp in enumerate(self.specialists()):
-            probs = np.zeros((len(p_gen), len(sp.classes) + 1))
-            idx = np.flatnonzero(active[:, m])
-            if len(idx):
-                probs[idx] = specialists.predict_specialist(sp.model, ds.x_train[torch.as_tensor(idx)],
-                                                            correction=sp.dustbin_correction, device=self.config.device)  # fmt: skip
-            probs[~active[:, m]] = 1.0 / probs.shape[1]
-            outs.append(ensemble.SpecialistOutputs(classes=sp.classes, probs=probs))
-        return ensemble.combine("kl", p_gen, outs, active=active)
+    def ensemble_teacher(self) -> training.Teacher:
+        """The ``kl`` ensemble as a per-batch teacher for the student: on each augmented training batch, the
+        generalist's top-n switch specialists on, only the active ones run, and their opinions are combined
+        (``ensemble.combine_kl``); the result is softened at ``distill_temperature``."""
+        return distillation.ensemble_teacher(self.generalist().model, self.specialists(), top_n=self.config.top_n,
+                                        temperature=self.config.distill_temperature)  # fmt: skip
 
     def distill(self) -> ModelResult:
-        """Stage 5: one student trained on the ensemble's q at temperature T plus hard labels (T² scaled)."""
+        """Stage 5: one student trained on the ensemble's q at temperature T (computed on the same augmented
+        batch the student sees) plus hard labels, the soft term scaled by T²."""
         c = self.config
         if not self.is_done("distill"):
             ds = self.dataset()
-            targets = sharpen(self.ensemble_train_targets(), c.distill_temperature)
             mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
             training.seed_everything(c.seed + 3000)
             model = models.build_model(mc)
             tc = self.train_config(epochs=c.student_epochs, lr=c.lr, seed_offset=3000, soft_weight=c.distill_soft_weight,
                                    temperature=c.distill_temperature)  # fmt: skip
             return self._train_model("distill", model=model, model_config=mc, tc=tc,
-                                     soft_targets=targets if c.distill_soft_weight > 0 else None)
+                                     teacher=self.ensemble_teacher() if c.distill_soft_weight > 0 else None)  # fmt: skip
         return self._load_model_result("distill")
 
     # ------------------------------------------------------------------ everything
@@ -511,11 +523,72 @@ class Run:
 
     def metrics(self) -> dict[str, Any]:
         """Every number of the run (also written to ``metrics.json``)."""
-        from .report import compute_metrics
+        from .metrics import compute_metrics
 
         m = compute_metrics(self)
         runs.atomic_write_json(self.folder / "metrics.json", m)
         return m
+
+
+SEEDS_FILE = "seeds.json"
+
+
+def _seed_settings(config: PipelineConfig) -> dict[str, Any]:
+    """The settings every seed of a multi-seed run shares (everything but ``seed``, ``seeds``, ``progress``)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("seed", "seeds", "progress", "name")}
+
+
+def seed_runs(parent: str | Path, config: PipelineConfig, *, log: Callable[[str], None] = print) -> dict[int, Run]:
+    """One run folder per seed of ``config.seeds`` under ``parent`` (``parent/seed-<s>/``), sharing one dataset.
+
+    ``parent/seeds.json`` records the shared settings; a parent that holds a single run (a
+    ``config.json``) or seeds of other settings is a ``ConfigError`` naming the differing keys.
+    """
+    if not config.seeds:
+        raise ConfigError("seeds is not set: pass --seeds 0 1 2 (or seeds=[...] in the config) for a multi-seed run")
+    parent = Path(parent)
+    if (parent / "config.json").is_file():
+        raise ConfigError(f"{parent} holds a single run (config.json): give the multi-seed run another name (--name)")
+    marker = parent / SEEDS_FILE
+    shared = _seed_settings(config)
+    if marker.is_file():
+        old = runs.read_json(marker).get("settings", {})
+        diff = sorted(k for k in set(old) | set(shared) if old.get(k) != shared.get(k))
+        if diff:
+            raise ConfigError(
+                f"{parent} holds seeds of other settings (differing: {', '.join(diff)}): use another --name, "
+                f"or move that folder away"
+            )
+    parent.mkdir(parents=True, exist_ok=True)
+    seeds = sorted(set(config.seeds) | set(runs.read_json(marker).get("seeds", []) if marker.is_file() else []))
+    runs.atomic_write_json(marker, {"settings": shared, "seeds": seeds})
+    out, ds = {}, None
+    for s in config.seeds:
+        cfg = config.replace(seed=s, seeds=None, name=f"{config.name}-seed{s}")
+        run = Run(parent / f"seed-{s}", cfg, log=log)
+        if ds is None:
+            ds = run.dataset()
+        else:
+            run.share_dataset(ds)
+        out[s] = run
+    return out
+
+
+def run_seeds(parent: str | Path, config: PipelineConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every stage of every seed (:func:`seed_runs`; finished stages are loaded), then the between-seed table:
+    ``parent/metrics.json`` (key ``seeds``) and ``parent/report.html``. Returns that metrics dict."""
+    from .metrics import aggregate_seeds
+    from .report import write_seeds_report
+
+    per_seed = {}
+    for s, run in seed_runs(parent, config, log=log).items():
+        log(f"[seeds] seed {s}: {run.folder}")
+        per_seed[s] = run.run_all()
+    summary = {"run": config.name, "seeds": aggregate_seeds(per_seed),
+               "runs": {str(s): str(Path(parent) / f"seed-{s}") for s in per_seed}}  # fmt: skip
+    runs.atomic_write_json(Path(parent) / "metrics.json", summary)
+    write_seeds_report(Path(parent), summary, per_seed)
+    return summary
 
 
 def _fixed_size_sampler(n: int, per_epoch: int) -> Callable[[int, torch.Generator], torch.Tensor]:
@@ -563,28 +636,16 @@ def confused_examples(run: Run, *, pairs: int = 6, per_pair: int = 4) -> np.ndar
 
 
 def specialist_summary(run: Run) -> "pd.DataFrame":
-    """One row per specialist: group, size, dustbin correction, example-passes and test accuracies."""
+    """One row per specialist: group, size, dustbin correction, example-passes and accuracies."""
     import pandas as pd
 
-    from .report import specialist_rows
+    from .metrics import specialist_rows
 
     return pd.DataFrame(specialist_rows(run)).set_index("group")
 
 
 def dustbin_effect(run: Run, *, split: str = "val") -> "pd.DataFrame":
     """Per specialist: share of images sent to the dustbin without and with the correction, against the true share."""
-    import pandas as pd
+    from .metrics import dustbin_effect as effect
 
-    y = run.dataset().split(split)[1].numpy()
-    rows = []
-    for sp, probs in zip(run.specialists(), run.specialist_probs(split)):
-        logp = np.log(np.clip(probs, 1e-12, None))
-        logp[:, -1] -= sp.dustbin_correction
-        dust = len(sp.classes)
-        rows.append({
-            "group": list(run.clusters().groups)[len(rows)], "correction": sp.dustbin_correction,
-            "true_dustbin_share": float((~np.isin(y, sp.classes)).mean()),
-            "dustbin_share_uncorrected": float((logp.argmax(1) == dust).mean()),
-            "dustbin_share_corrected": float((probs.argmax(1) == dust).mean()),
-        })  # fmt: skip
-    return pd.DataFrame(rows).set_index("group")
+    return effect(run, split=split)

@@ -1090,6 +1090,7 @@ def accuracy_bars(
     *,
     baseline: str | float | None = None,
     title: str | None = "Test top-1 accuracy",
+    intervals: Mapping[str, Sequence[float]] | None = None,
 ) -> go.Figure:
     """Accuracy per model or combination rule, with the change relative to a baseline.
 
@@ -1099,10 +1100,11 @@ def accuracy_bars(
             the relative change ``(acc - base) / base`` in their text and hover, and a dashed line
             marks the baseline.
         title: figure title.
+        intervals: optional name -> ``[lo, hi]`` 95% interval of each accuracy, drawn as error bars.
 
     Returns:
         Figure: trace 0 the bars (``x`` names, ``y`` accuracies, ``customdata`` rows
-        ``[absolute change, relative change]`` when a baseline is given).
+        ``[absolute change, relative change]`` when a baseline is given; ``error_y`` with ``intervals``).
     """
     if not isinstance(results, Mapping) or not results:
         raise PlotInputError("results must be a non-empty dict {name: accuracy}")
@@ -1135,6 +1137,10 @@ def accuracy_bars(
         )
     fig = go.Figure(bar)
     fig.update_traces(textposition="outside", cliponaxis=False, showlegend=False)
+    if intervals is not None:
+        lo = np.array([float(intervals[n][0]) if n in intervals else a for n, a in zip(names, acc)])
+        hi = np.array([float(intervals[n][1]) if n in intervals else a for n, a in zip(names, acc)])
+        fig.update_traces(error_y=dict(type="data", symmetric=False, array=hi - acc, arrayminus=acc - lo, color="#444"))
     if base is not None:
         fig.add_hline(y=base, line=dict(color=BASELINE_COLOR, dash="dash", width=1.5), name="baseline")
     top = float(max(acc.max(), base or 0.0))
@@ -1225,7 +1231,8 @@ def accuracy_vs_cost(
     """Scatter of accuracy against inference cost, one labelled point per model or ensemble.
 
     Args:
-        points: columns ``name``, ``accuracy`` (fraction) and ``cost`` (e.g. FLOPs or ms per image).
+        points: columns ``name``, ``accuracy`` (fraction) and ``cost`` (e.g. FLOPs or ms per image);
+            optional ``lo``/``hi`` (the accuracy's 95% interval) draw error bars.
         cost_label: x-axis title (say the unit).
         log_x: logarithmic cost axis.
         frontier: join the Pareto-optimal points (no other point is cheaper and more accurate).
@@ -1247,9 +1254,13 @@ def accuracy_vs_cost(
         raise PlotInputError("log_x needs positive costs; use log_x=False or drop zero-cost rows")
     names = [str(v) for v in points["name"].tolist()]
     pct = _percent_format(acc)
+    err = None
+    if {"lo", "hi"} <= set(points.columns):
+        err = dict(type="data", symmetric=False, array=points["hi"].to_numpy(float) - acc,
+                   arrayminus=acc - points["lo"].to_numpy(float), color="#888")  # fmt: skip
     fig = go.Figure(
         go.Scatter(
-            x=cost, y=acc, mode="markers+text", text=names, textposition="top center", name="models",
+            x=cost, y=acc, mode="markers+text", text=names, textposition="top center", name="models", error_y=err,
             marker=dict(size=11, color=[PALETTE[k % len(PALETTE)] for k in range(len(names))]),
             hovertemplate=f"%{{text}}<br>accuracy %{{y:{'.2%' if pct else '.4g'}}}<br>{cost_label} %{{x:.4g}}<extra></extra>",
             showlegend=False,

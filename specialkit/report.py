@@ -1,4 +1,8 @@
-"""Every number of a run (``metrics.json``) and the self-contained HTML report (``report.html``)."""
+"""The self-contained HTML report (``report.html``): renders ``metrics.json`` and the run's arrays.
+
+Nothing here computes a new number or trains a model (that is :mod:`specialkit.metrics`); a run
+whose stages are not finished is a ``metrics.MissingStageError`` naming the stage.
+"""
 from __future__ import annotations
 
 import html
@@ -11,191 +15,125 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import clusters, ensemble, evaluation, plots, runs
+from . import clusters, evaluation, plots, runs, stats
+from .metrics import cost_points, dustbin_effect, require
 
 if TYPE_CHECKING:
     from .pipeline import Run
 
 
-def method_specs(run: "Run") -> dict[str, Any]:
-    from .pipeline import method_specs as specs
-
-    return specs(run)
-
-__all__ = ["compute_metrics", "write_report", "render_report", "reading", "latency"]
-
-
-def _records(df: pd.DataFrame, index_name: str | None = None) -> list[dict[str, Any]]:
-    df = df.reset_index() if index_name or df.index.name else df
-    return json.loads(df.to_json(orient="records"))
-
-
-def results_on_test(run: "Run") -> dict[str, np.ndarray]:
-    """name -> (N_test, C) probabilities of every model and rule of the run that is on disk or asked for."""
-    out: dict[str, np.ndarray] = {"generalist": run.generalist().test_probs}
-    if run.config.compute_matched:
-        out["compute_matched"] = run.compute_matched().test_probs
-    for rule, q in run.ensembles().items():
-        if rule != "generalist":
-            out[rule] = q
-    out["student"] = run.distill().test_probs
-    return out
-
-
-def latency(run: "Run", *, max_images: int = 512, repeats: int = 3) -> pd.DataFrame:
-    """Measured seconds per image at batch 1 and 256: the generalist and the ``kl`` ensemble, all vs conditional."""
-    ds = run.dataset()
-    x = ds.x_test[:max_images]
-    active = run.activation("test")[:max_images]
-    sps = run.specialists()
-
-    def kl(p_gen: np.ndarray, probs: list[np.ndarray], act: np.ndarray) -> np.ndarray:
-        outs = [ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1])) for s, p in zip(sps, probs)]
-        return ensemble.combine_kl(p_gen, outs, act)
-
-    with torch.inference_mode():
-        return evaluation.latency_table(run.generalist().model, [s.model for s in sps], x, active,
-                                        rules={"kl": kl}, repeats=repeats, max_images={1: min(64, len(x)), 256: len(x)})  # fmt: skip
-
-
-def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, Any]:
-    """All numbers of a finished run as a JSON-able dict (the stages run first if needed)."""
-    ds, cfg = run.dataset(), run.config
-    y = ds.y_test.numpy()
-    spec = run.clusters()
-    coverage = spec.coverage()
-    results = results_on_test(run)
-    gen = run.generalist()
-    covered = np.flatnonzero(coverage > 0)
-    table = evaluation.comparison_table(results, y, baseline="generalist", covered_classes=covered)
-    cs = run.confusion()
-    shape = (ds.channels, ds.image_size, ds.image_size)
-    gen_cost = evaluation.model_cost(gen.model, shape)
-    sps = run.specialists()
-    spec_costs = [evaluation.model_cost(s.model, shape) for s in sps]
-    flops = evaluation.ensemble_cost(gen_cost, spec_costs, run.activation("test"))
-    student_cost = evaluation.model_cost(run.distill().model, shape)
-    m: dict[str, Any] = {
-        "run": cfg.name,
-        "config": cfg.to_dict(),
-        "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train": len(ds.y_train), "val": len(ds.y_val),
-                    "test": len(ds.y_test), "fingerprint": ds.fingerprint},  # fmt: skip
-        "generalist": {"val_top1": cs.accuracy, "test_top1": evaluation.top1(gen.test_probs, y), **gen_cost,
-                       "examples_seen": gen.examples_seen},  # fmt: skip
-        "top_confused_pairs": _records(cs.top_pairs(10)),
-        "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
-                     "quality": clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class),
-                     "methods": _records(clusters.quality_table(method_specs(run), cs.cm, coarse_of_class=ds.coarse_of_class))},  # fmt: skip
-        "specialists": specialist_rows(run),
-        "comparison": _records(table.rename_axis("name")),
-        "table4": {rule: _records(evaluation.coverage_breakdown(gen.test_probs, results[rule], y, coverage, add_total=True))
-                   for rule in results if rule not in ("generalist", "compute_matched", "student")},  # fmt: skip
-        "cost": {"flops": flops, "student": student_cost, "specialists_total_examples": int(sum(s.examples_seen for s in sps))},
-        "student": {"test_top1": evaluation.top1(results["student"], y), **student_cost},
-        "timings": stage_seconds(run),
-    }
-    if cfg.compute_matched:
-        m["compute_matched"] = {"test_top1": evaluation.top1(results["compute_matched"], y),
-                                "examples_seen": run.compute_matched().examples_seen}  # fmt: skip
-    if measure_latency:
-        m["cost"]["latency"] = _records(latency(run))
-    return _finite(m)
-
-
-def specialist_rows(run: "Run") -> list[dict[str, Any]]:
-    """Per specialist: group, classes, dustbin correction, example-passes, test accuracy on its own
-    targets (all test images, and those of its classes only), parameters and FLOPs."""
-    ds = run.dataset()
-    y = ds.y_test.numpy()
-    shape = (ds.channels, ds.image_size, ds.image_size)
-    rows = []
-    for group, sp, probs in zip(run.clusters().groups, run.specialists(), run.specialist_probs("test")):
-        target = np.full(ds.num_classes, len(sp.classes))
-        target[sp.classes] = np.arange(len(sp.classes))
-        own = np.isin(y, sp.classes)
-        pred = probs.argmax(1)
-        rows.append({
-            "group": group, "classes": " ".join(sp.class_names), "size": len(sp.classes),
-            "dustbin_correction": sp.dustbin_correction, "examples_seen": sp.examples_seen,
-            "test_acc_own_classes": float((pred[own] == target[y[own]]).mean()) if own.any() else float("nan"),
-            "test_acc_all": float((pred == target[y]).mean()), **evaluation.model_cost(sp.model, shape),
-        })  # fmt: skip
-    return rows
-
-
-def stage_seconds(run: "Run") -> dict[str, float]:
-    """Wall seconds each stage took when it was computed (from its ``done.json``)."""
-    out: dict[str, float] = {}
-    for stage in ("generalist", "compute_matched", "distill"):
-        marker = run.stage_dir(stage) / "done.json"
-        if marker.is_file():
-            out[stage] = float(runs.read_json(marker).get("seconds", 0.0))
-    folder = run.stage_dir("specialists")
-    if folder.is_dir():
-        out["specialists"] = round(sum(float(runs.read_json(p).get("seconds", 0.0)) for p in folder.glob("*/done.json")), 2)
-    return out
-
-
-def _finite(obj: Any) -> Any:
-    """Replace NaN/inf with None so ``metrics.json`` is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _finite(obj.item())
-    return obj
-
-
-def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Accuracy against MFLOPs per image for every model and rule (the ensemble rules run all specialists,
-    except ``kl``, shown with conditional execution too)."""
-    flops = metrics["cost"]["flops"]
-    acc = {r["name"]: r["top1"] for r in metrics["comparison"]}
-    cost = {"generalist": flops["generalist_flops"], "compute_matched": flops["generalist_flops"],
-            "student": metrics["cost"]["student"]["flops"], "top_confident": flops["all_flops"],
-            "moe": flops["all_flops"], "kl": flops["conditional_flops"]}  # fmt: skip
-    rows = [{"name": n if n != "kl" else "kl (conditional)", "accuracy": a, "cost": cost[n] / 1e6} for n, a in acc.items() if n in cost]
-    if "kl" in acc:
-        rows.append({"name": "kl (all specialists)", "accuracy": acc["kl"], "cost": flops["all_flops"] / 1e6})
-    return pd.DataFrame(rows)
+__all__ = ["write_report", "render_report", "reading", "seeds_reading", "render_seeds_report", "write_seeds_report",
+           "comparison_frame", "table4_frame"]
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.2f}%"
 
 
+def _ci(ci: list[float] | None, *, points: bool = False) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "[n/a]"
+    if points:
+        return f"[{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+    return f"[{ci[0] * 100:.2f}, {ci[1] * 100:.2f}]%"
+
+
+def _pval(p: float | None) -> str:
+    return "n/a" if p is None else (f"{p:.2g}" if p >= 1e-4 else "< 1e-4")
+
+
+_WORDS = {"better": "significantly better than", "worse": "significantly worse than", "indistinguishable": "indistinguishable from"}
+
+
+def _versus(row: dict[str, Any], baseline: str) -> str:
+    """'+0.21 points [−0.10, +0.52], McNemar p = 0.3 (7 fixed, 2 broken): indistinguishable from the generalist'."""
+    if baseline == "generalist":
+        gain, ci, p, word = row["delta_top1"], row["gain_vs_generalist_ci"], row["p_vs_generalist"], row.get("vs_generalist")
+        counts = f" ({row['fixed']} fixed, {row['broken']} broken)"
+        who = "the generalist"
+    else:
+        gain, ci, p, word = row["gain_vs_compute_matched"], row["gain_vs_compute_matched_ci"], row["p_vs_compute_matched"], row.get("vs_compute_matched")
+        counts, who = "", "the compute-matched generalist"
+    return f"{gain * 100:+.2f} points {_ci(ci, points=True)}, McNemar p = {_pval(p)}{counts}: {_WORDS.get(word or '', 'compared with')} {who}"
+
+
 def reading(metrics: dict[str, Any]) -> str:
-    """A short written reading of a run's numbers (markdown), generated from ``metrics`` — never typed by hand."""
+    """A written reading of a run's numbers (markdown), generated from ``metrics`` — never typed by hand.
+
+    Every accuracy comes with its 95% paired-bootstrap interval, every difference with its interval and
+    McNemar's exact p-value, and a difference whose interval holds 0 (or whose p >= 0.05) is called
+    indistinguishable, never a gain.
+    """
     rows = {r["name"]: r for r in metrics["comparison"]}
     gen = rows["generalist"]
-    lines = [f"On **{metrics['dataset']['name']}** ({metrics['dataset']['num_classes']} classes, "
-             f"{metrics['dataset']['test']} test images) the generalist reaches **{_pct(gen['top1'])}** test top-1."]  # fmt: skip
-    best = max((r for n, r in rows.items() if n not in ("generalist", "compute_matched", "student")), key=lambda r: r["top1"], default=None)
-    if best is not None:
-        rel = best.get("relative_change") or 0.0
-        verdict = "beats" if best["top1"] > gen["top1"] else ("ties" if best["top1"] == gen["top1"] else "does not beat")
-        lines.append(f"The best ensemble rule, `{best['name']}`, {verdict} it: **{_pct(best['top1'])}** "
-                     f"({rel * 100:+.1f}% relative; the paper reports +4.4% on JFT).")  # fmt: skip
+    ds = metrics["dataset"]
+    lines = [f"On **{ds['name']}** ({ds['num_classes']} classes, {ds['test']} test images) the generalist reaches "
+             f"**{_pct(gen['top1'])}** test top-1 {_ci(gen['top1_ci'])} (95% paired-bootstrap intervals throughout)."]  # fmt: skip
+    rules = [n for n in rows if n not in ("generalist", "compute_matched", "student")]
+    for name in rules:
+        r = rows[name]
+        line = f"`{name}`: **{_pct(r['top1'])}** {_ci(r['top1_ci'])}; {_versus(r, 'generalist')}"
+        if r.get("p_vs_compute_matched") is not None:
+            line += f"; {_versus(r, 'compute_matched')}"
+        lines.append(line + ".")
     if "compute_matched" in rows:
         cm = rows["compute_matched"]
-        lines.append(f"Given the same extra training compute, the generalist alone reaches {_pct(cm['top1'])}; "
-                     + ("the specialists still come out ahead." if best and best["top1"] > cm["top1"]
-                        else "so the specialists' gain is not more than extra training would give."))  # fmt: skip
-    t4 = [r for r in metrics["table4"].get("kl", []) if r["covered_by"] not in ("total",)]
+        budget = metrics.get("compute_matched", {}).get("budget", {})
+        how = (f" ({budget['compute_matched_passes']:,} extra example-passes, matched by {budget['match']})" if budget else "")
+        lines.append(f"Given the specialists' extra training compute{how}, the generalist alone reaches **{_pct(cm['top1'])}** "
+                     f"{_ci(cm['top1_ci'])}: {_versus(cm, 'generalist')}.")  # fmt: skip
+        better_cm = [n for n in rules if rows[n].get("vs_compute_matched") == "worse"]
+        beat_cm = [n for n in rules if rows[n].get("vs_compute_matched") == "better"]
+        if beat_cm:
+            lines.append(f"**Specialists pay off here:** {', '.join(f'`{n}`' for n in beat_cm)} beat the compute-matched generalist significantly.")
+        elif better_cm:
+            lines.append(f"**The compute-matched generalist is significantly better** than {', '.join(f'`{n}`' for n in better_cm)}: "
+                         f"here the extra compute is worth more as more generalist training than as specialists.")  # fmt: skip
+        else:
+            lines.append("**No rule is distinguishable from the compute-matched generalist:** on this run the specialists' gain, "
+                         "if any, is not more than the same extra training of the generalist gives.")  # fmt: skip
+    t4 = [r for r in metrics["table4"].get("kl", []) if r["covered_by"] != "total"]
     if t4:
-        parts = ", ".join(f"{r['covered_by']}: {r['delta_correct']:+d} of {r['n_examples']}" for r in t4)
-        lines.append(f"By the number of specialists covering the true class (change in correct answers): {parts}.")
+        parts = []
+        for r in t4:
+            rel = "n/a" if r["relative_gain"] is None else f"{r['relative_gain'] * 100:+.1f}%"
+            tail = " — too few to read" if r["too_small"] else ""
+            parts.append(f"{r['covered_by']}: {r['delta_correct']:+d} of {r['n_examples']} ({rel} relative {_ci(r['relative_gain_ci'])}{tail})")
+        lines.append("By the number of specialists covering the true class (`kl`, change in correct answers): " + "; ".join(parts) + ".")
+    if metrics["clusters"].get("all_covered"):
+        lines.append("Every class is covered by some specialist, so the paper's conditional accuracy (Table 3) equals top-1 here; "
+                     "the within-group accuracy in the table restricts each prediction to the groups covering the true class.")  # fmt: skip
     f = metrics["cost"]["flops"]
     lines.append(f"Cost: the ensemble needs {f['conditional_ratio']:.2f}× the generalist's FLOPs per image with conditional "
                  f"execution ({f['mean_active']:.2f} specialists per image) and {f['all_ratio']:.2f}× running every specialist; "
                  f"it holds {f['params_ratio']:.1f}× the parameters.")  # fmt: skip
     if "student" in rows:
-        lines.append(f"The distilled student, one model of {metrics['student']['params']:,} parameters, reaches "
-                     f"{_pct(rows['student']['top1'])}.")  # fmt: skip
+        st = metrics["student"]
+        line = (f"The distilled student, one model of {st['params']:,} parameters, reaches **{_pct(rows['student']['top1'])}** "
+                f"{_ci(rows['student']['top1_ci'])}; {_versus(rows['student'], 'generalist')}")  # fmt: skip
+        if st.get("kl_gain_significant") and st.get("share_of_kl_gain") is not None:
+            line += f"; it keeps {st['share_of_kl_gain'] * 100:.0f}% {_ci(st.get('share_of_kl_gain_ci'))} of `kl`'s gain"
+        elif "share_of_kl_gain_ci" in st:
+            line += "; `kl`'s own gain is not significant, so the share of it the student keeps is not read"
+        lines.append(line + ".")
     return "\n\n".join(lines)
+
+
+def seeds_reading(summary: dict[str, Any]) -> str:
+    """The between-seed reading (markdown) of :func:`metrics.aggregate_seeds`' table."""
+    seeds = summary["seeds"]
+    lines = [f"Across {len(seeds)} seeds ({', '.join(map(str, seeds))}; same data and test images, different training randomness):"]
+    for r in summary["rows"]:
+        if r["metric"] == "top1":
+            sd = "" if r["std"] is None else f" ± {r['std'] * 100:.2f}"
+            vals = ", ".join(f"{v * 100:.2f}" for v in r["values"].values())
+            lines.append(f"- `{r['name']}` top-1 {r['mean'] * 100:.2f}{sd}% (each seed: {vals})")
+    for r in summary["rows"]:
+        if r["metric"] in ("delta_top1", "gain_vs_compute_matched") and r["name"] not in ("generalist", "compute_matched"):
+            who = "the generalist" if r["metric"] == "delta_top1" else "the compute-matched generalist"
+            sd = "" if r["std"] is None else f" ± {r['std'] * 100:.2f}"
+            lines.append(f"- `{r['name']}` vs {who}: {r['mean'] * 100:+.2f}{sd} points")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- HTML
@@ -245,7 +183,9 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
         "class_map": plots.class_map(run.class_map(), cs.class_names, group_labels=clusters.group_labels(spec),
                                      group_names=list(spec.groups)),
         "specialist_curves": plots.specialist_curves({g: s.history for g, s in zip(spec.groups, run.specialists())}),
-        "accuracy": plots.accuracy_bars({r["name"]: r["top1"] for r in metrics["comparison"]}, baseline="generalist", title="test top-1"),
+        "accuracy": plots.accuracy_bars({r["name"]: r["top1"] for r in metrics["comparison"]}, baseline="generalist",
+                                        title="test top-1 with 95% paired-bootstrap intervals",
+                                        intervals={r["name"]: r["top1_ci"] for r in metrics["comparison"]}),
         "cost": plots.accuracy_vs_cost(cost_points(metrics), cost_label="MFLOPs per image"),
     }  # fmt: skip
     if q is not None:
@@ -259,31 +199,75 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
     return figs
 
 
-def render_report(run: "Run", metrics: dict[str, Any]) -> str:
-    """The report as one self-contained HTML page (plotly.js embedded once; works offline)."""
-    from .pipeline import dustbin_effect
+def comparison_frame(metrics: dict[str, Any]) -> pd.DataFrame:
+    """The comparison as a readable table: every accuracy with its interval, every difference with its
+    interval, McNemar's p and the verdict (strings, for display)."""
+    out = []
+    for r in metrics["comparison"]:
+        row = {"model / rule": r["name"], "top-1 [95% CI]": f"{_pct(r['top1'])} {_ci(r['top1_ci'])}"}
+        row["vs generalist, points [CI]"] = "" if r["name"] == "generalist" else f"{r['delta_top1'] * 100:+.2f} {_ci(r['gain_vs_generalist_ci'], points=True)}"
+        row["p (McNemar)"] = "" if r["p_vs_generalist"] is None else _pval(r["p_vs_generalist"])
+        row["fixed / broken"] = "" if r["name"] == "generalist" else f"{r['fixed']} / {r['broken']}"
+        row["reading"] = r.get("vs_generalist") or ""
+        row["vs compute-matched, points [CI]"] = ("" if r.get("gain_vs_compute_matched") is None
+                                                  else f"{r['gain_vs_compute_matched'] * 100:+.2f} {_ci(r['gain_vs_compute_matched_ci'], points=True)}")  # fmt: skip
+        row["p vs compute-matched"] = "" if r.get("p_vs_compute_matched") is None else _pval(r["p_vs_compute_matched"])
+        row["reading vs compute-matched"] = r.get("vs_compute_matched") or ""
+        row["conditional acc. (paper's Table 3)"] = _pct(r.get("conditional_acc"))
+        row["within-group acc."] = _pct(r.get("within_group_acc"))
+        out.append(row)
+    return pd.DataFrame(out).set_index("model / rule")
 
+
+def table4_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The paper's Table 4 for display: counts, change, relative gain with its interval, small rows marked."""
+    out = []
+    for r in rows:
+        rel = "n/a" if r["relative_gain"] is None else f"{r['relative_gain'] * 100:+.2f}%"
+        out.append({"specialists covering the true class": r["covered_by"], "test examples": r["n_examples"],
+                    "Δ correct": r["delta_correct"], "relative gain [95% CI]": f"{rel} {_ci(r['relative_gain_ci'])}",
+                    "note": "too few examples to read" if r["too_small"] else ""})  # fmt: skip
+    return pd.DataFrame(out).set_index("specialists covering the true class")
+
+
+def render_report(run: "Run", metrics: dict[str, Any]) -> str:
+    """The report as one self-contained HTML page (plotly.js embedded once; works offline).
+    Trains nothing: a stage that is not finished is a ``MissingStageError`` naming it."""
+    require(run, "generalist", "clusters", "specialists", "ensembles", "distill")
     figs = _figures(run, metrics)
     names = list(figs)
     frags = dict(zip(names, plots.figures_to_html_fragment([figs[n] for n in names], include_plotlyjs=True)))
     cfg, ds = run.config, metrics["dataset"]
-    comparison = pd.DataFrame(metrics["comparison"]).set_index("name")
-    t4 = pd.DataFrame(metrics["table4"].get("kl", [])).set_index("covered_by") if metrics["table4"].get("kl") else pd.DataFrame()
+    comparison = comparison_frame(metrics)
+    t4 = table4_frame(metrics["table4"]["kl"]) if metrics["table4"].get("kl") else pd.DataFrame()
+    corr = metrics.get("dustbin_corrections", {})
+    corr_table = pd.DataFrame(corr.get("per_specialist", []))
+    init = pd.DataFrame(metrics.get("init_check", []))
+    budget = metrics.get("compute_matched", {}).get("budget")
+    budget_text = (f"Specialists used {budget['specialist_passes']:,} example-passes ({budget['specialist_train_flops']:.3g} training FLOPs, "
+                   f"3 × forward FLOPs per pass); the compute-matched generalist was trained {budget['compute_matched_passes']:,} further "
+                   f"example-passes ({budget['compute_matched_train_flops']:.3g} FLOPs), matched by {budget['match']}.") if budget else ""  # fmt: skip
+    student = metrics["student"]
+    kept = ""
+    if student.get("share_of_kl_gain_ci") is not None:
+        kept = (f" It keeps {student['share_of_kl_gain'] * 100:.0f}% {_ci(student['share_of_kl_gain_ci'])} of kl's gain over the generalist."
+                if student.get("kl_gain_significant") and student.get("share_of_kl_gain") is not None
+                else " kl's own gain over the generalist is not significant, so the share the student keeps is not read.")  # fmt: skip
     quality = pd.DataFrame([metrics["clusters"]["quality"]])
     groups = pd.DataFrame([{"group": g, "classes": " ".join(c), "size": len(c)} for g, c in metrics["clusters"]["groups"].items()]).set_index("group")
     flops = pd.Series(metrics["cost"]["flops"]).to_frame("value")
     latency_df = pd.DataFrame(metrics["cost"].get("latency", []))
     timings = pd.Series(metrics["timings"]).to_frame("seconds")
     sections = [
-        _section("summary", "Summary", f'<div class="reading">{_markdown(reading(metrics))}</div>', _table(comparison, percent=("top1", "delta_top1", "relative_change", "conditional_acc", "conditional_rel_change"))),
+        _section("summary", "Summary", f'<div class="reading">{_markdown(reading(metrics))}</div>', _table(comparison), _p(budget_text)),
         _section("data", "1 · The data", _p(f"{ds['name']}: {ds['num_classes']} classes; train {ds['train']}, validation {ds['val']} (drives the clusters), test {ds['test']} (final numbers only)."), frags["samples"]),
         _section("generalist", "2 · The generalist", _p(f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs: validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags["generalist_curves"]),
         _section("confusion", "3 · The confusion structure", _p("Rows are true classes; classes are reordered so that each group's classes sit together. Confusions concentrate inside the outlined blocks."), frags["confusion"], frags["covariance"], frags["class_map"], "<h3>Most confused pairs (validation)</h3>", _table(pd.DataFrame(metrics["top_confused_pairs"]))),
         _section("clusters", "4 · The groups", _p(f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality), "<h3>Every method at the same k</h3>", _p("One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."), _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec"))),
-        _section("specialists", "5 · The specialists", _p("Each specialist: its classes plus a dustbin, initialised from the generalist, trained on half special / half other examples, dustbin logit corrected by log(oversampling factor)."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all")), frags["specialist_curves"], "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected"))),
-        _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4, percent=("gen_acc", "ens_acc", "relative_gain")) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
+        _section("specialists", "5 · The specialists", _p(f"Each specialist: its classes plus a dustbin, initialised from the generalist (its full head kept, the dustbin logit the log-sum-exp of the other classes' logits, so it starts as the generalist exactly), trained on {cfg.special_fraction:.0%} special / {1 - cfg.special_fraction:.0%} other examples, dustbin logit shifted by the '{cfg.dustbin_correction}' correction. train_acc/val_acc of the last epoch show overfitting."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all", "train_acc", "val_acc")), frags["specialist_curves"], "<h3>Initialisation check (validation)</h3>", _p("Mean |specialist dustbin probability − generalist mass outside the group| for a freshly initialised specialist: the kit's head against the one-row head (mean of the other rows) it replaced."), _table(init.set_index("group")) if len(init) else _p("specialists trained from scratch: no initialisation to check."), "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected")), "<h3>Every correction on validation images</h3>", _p("kl's validation top-1 with each correction applied to every specialist: " + ", ".join(f"{k} {v:.2%}" for k, v in corr.get("kl_top1", {}).items()) + f" (best: {corr.get('best')}; this run uses {corr.get('used')})."), _table(corr_table.set_index(["group", "correction"]), percent=("true_dustbin_share", "dustbin_share")) if len(corr_table) else ""),
+        _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
         _section("cost", "7 · Cost", _table(flops), _table(latency_df) if len(latency_df) else "", frags["cost"]),
-        _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) plus hard labels: test top-1 {metrics['student']['test_top1']:.2%}, {metrics['student']['params']:,} parameters."), frags["student_curves"]),
+        _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {metrics['student']['test_top1']:.2%}, {metrics['student']['params']:,} parameters.{kept}"), frags["student_curves"]),
         _section("timings", "9 · Wall time per stage", _table(timings), f'<p class="muted">settings: <code>{html.escape(json.dumps(cfg.to_dict()))}</code></p>'),
     ]  # fmt: skip
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [("summary", "Summary"), ("data", "Data"), ("generalist", "Generalist"), ("confusion", "Confusions"), ("clusters", "Groups"), ("specialists", "Specialists"), ("comparison", "Comparison"), ("cost", "Cost"), ("student", "Student")])
@@ -291,6 +275,30 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
             f"<style>{_CSS}</style></head><body><h1>specialkit report · {html.escape(cfg.name)}</h1>"
             f"<p class='muted'>Specialist ensembles after Hinton, Vinyals &amp; Dean (2015), §5–6. Every number on this page is computed by the kit from the run folder.</p>"
             f"<nav>{nav}</nav>{''.join(sections)}</body></html>")  # fmt: skip
+
+
+def render_seeds_report(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
+    """The multi-seed page: the between-seed table (mean, sd, every seed) and each seed's intervals."""
+    agg = summary["seeds"]
+    table = pd.DataFrame([{"model / rule": r["name"], "metric": r["metric"], "mean": f"{r['mean'] * 100:.2f}",
+                           "sd": "" if r["std"] is None else f"{r['std'] * 100:.2f}",
+                           **{f"seed {k}": f"{v * 100:.2f}" for k, v in r["values"].items()}} for r in agg["rows"]])  # fmt: skip
+    per = pd.concat({f"seed {s}": comparison_frame(m)[["top-1 [95% CI]", "vs generalist, points [CI]", "p (McNemar)",
+                                                      "vs compute-matched, points [CI]", "p vs compute-matched"]]
+                     for s, m in per_seed.items()})  # fmt: skip
+    links = "".join(f'<li><a href="seed-{s}/report.html">seed {s}</a></li>' for s in per_seed)
+    body = (_section("seeds", "Between seeds", _p("Values in percent (top-1) or percentage points (gains); sd is the sample standard deviation across seeds: the between-seed half of the uncertainty."),
+                     f'<div class="reading">{_markdown(seeds_reading(agg))}</div>', _table(table.set_index(["model / rule", "metric"])))
+            + _section("per-seed", "Each seed, with its paired intervals on the test images", _table(per), f"<ul>{links}</ul>"))  # fmt: skip
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · {html.escape(summary['run'])} · seeds</title>"
+            f"<style>{_CSS}</style></head><body><h1>specialkit · {html.escape(summary['run'])} · {len(per_seed)} seeds</h1>{body}</body></html>")
+
+
+def write_seeds_report(parent: Path, summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> Path:
+    """Write the multi-seed ``report.html`` into ``parent`` (atomically) and return its path."""
+    out = parent / "report.html"
+    runs.atomic_write_text(out, render_seeds_report(summary, per_seed))
+    return out
 
 
 def _markdown(text: str) -> str:

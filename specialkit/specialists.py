@@ -5,9 +5,8 @@ classes in the order of ``classes``, then **one dustbin** (last) standing for ev
 Each step of the paper is one function here:
 
 1. :func:`target_map` -- labels: a special class keeps its identity, every other class -> dustbin.
-2. :func:`init_from_generalist` -- copy the generalist's trunk; keep its head rows of S; add a
-   dustbin row whose logit is ``mean(other logits) + log(#others)`` (a lower bound on their
-   log-sum-exp, equal when they are equal).
+2. :func:`init_from_generalist` -- copy the generalist's trunk and its full head; the dustbin logit is
+   the log-sum-exp of the other classes' logits, so the specialist starts as the generalist exactly.
 3. :func:`enriched_sampler` -- every epoch (and every batch) a share ``special_fraction`` (the
    paper: half) of the examples comes from S, the rest from the other classes.
 4. :func:`dustbin_correction` -- the enriched sampling multiplied the odds special:rest by
@@ -47,6 +46,10 @@ __all__ = [
     "natural_special_share",
     "oversampling_factor",
     "dustbin_correction",
+    "literal_correction",
+    "correction_value",
+    "specialist_teacher",
+    "CORRECTIONS",
     "apply_dustbin_correction",
     "prior_matched_correction",
     "collapse_probs",
@@ -56,11 +59,18 @@ __all__ = [
     "train_specialist",
     "predict_specialist",
     "specialist_examples_seen",
+    "save_specialist",
+    "load_specialist",
 ]
 
 
 class SpecialistError(ValueError):
     """Bad input to a specialist function; the message names the problem and the fix."""
+
+
+CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
+"""Dustbin corrections, by what they are: the Bayes odds correction log r, the paper's literal log(f/pi),
+a shift fitted on validation images, and none."""
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -90,12 +100,14 @@ class SpecialistConfig:
         soft_collapse: how the other classes' soft targets enter the dustbin: ``"logits"``
             (collapse at T = 1, then soften; unbiased) or ``"probs"`` (sum the tempered
             probabilities; inflates the dustbin for T > 1). See :func:`collapse_soft_targets`.
-        correction: the number added to the dustbin logit at inference: ``"paper"`` -- log r, the
-            log oversampling factor (paper §5.2, :func:`dustbin_correction`); ``"prior_match"`` --
-            the c that makes the mean corrected dustbin probability over the training images equal
-            the natural share of non-special examples (:func:`prior_matched_correction`; one extra
-            inference pass; useful with soft targets, which already carry the natural prior);
-            ``"none"`` -- 0 (ablation).
+        correction: the number added to the dustbin logit at inference (see :data:`CORRECTIONS`):
+            ``"odds"`` -- log r, the Bayes correction of the odds special:rest that the enriched
+            sampling multiplied by r = [f/(1-f)]/[pi/(1-pi)] (exact for a calibrated model;
+            :func:`dustbin_correction`); ``"paper_literal"`` -- log(f/pi), the paper's words "the log of
+            the oversampling factor" read literally (:func:`literal_correction`); ``"prior_match"`` --
+            the c that makes the mean corrected dustbin probability over the *validation* images
+            equal their share of non-special examples (:func:`prior_matched_correction`; one extra
+            inference pass over the validation split); ``"none"`` -- 0 (ablation).
         train: the :class:`training.TrainConfig` of the loop (epochs, lr, batch size, seed, ...).
     """
 
@@ -108,12 +120,12 @@ class SpecialistConfig:
     soft_weight: float = 0.0
     temperature: float = 2.0
     soft_collapse: str = "logits"
-    correction: str = "paper"
+    correction: str = "odds"
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.correction not in ("paper", "prior_match", "none"):
-            raise SpecialistError(f"SpecialistConfig.correction={self.correction!r}; use 'paper', 'prior_match' or 'none'")
+        if self.correction not in CORRECTIONS:
+            raise SpecialistError(f"SpecialistConfig.correction={self.correction!r}; use one of {', '.join(CORRECTIONS)}")
         if self.soft_collapse not in ("logits", "probs"):
             raise SpecialistError(f"SpecialistConfig.soft_collapse={self.soft_collapse!r}; use 'logits' or 'probs'")
         if self.init not in ("auto", "generalist", "scratch"):
@@ -153,6 +165,7 @@ class TrainedSpecialist:
         model_config: the specialist's :class:`models.ModelConfig` (for its checkpoint).
         special_fraction: the share f of special examples actually sampled.
         initialised_from: ``"generalist"`` or ``"scratch"``.
+        correction: the name of the dustbin correction applied (one of :data:`CORRECTIONS`).
     """
 
     model: torch.nn.Module
@@ -164,6 +177,7 @@ class TrainedSpecialist:
     model_config: models.ModelConfig | None = None
     special_fraction: float | None = None
     initialised_from: str | None = None
+    correction: str | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -179,6 +193,7 @@ class TrainedSpecialist:
             "examples_seen": int(self.examples_seen),
             "special_fraction": None if self.special_fraction is None else float(self.special_fraction),
             "initialised_from": self.initialised_from,
+            "correction": self.correction,
         }
 
     def predict(self, x_uint8: torch.Tensor, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
@@ -282,25 +297,34 @@ def dustbin_head(weight: torch.Tensor, bias: torch.Tensor, classes: Any) -> tupl
 
 
 def init_from_generalist(generalist: models.Classifier, classes: Any) -> models.Classifier:
-    """A specialist initialised from the generalist (paper §5.2).
+    """A specialist initialised from the generalist (paper §5.2) that reproduces it exactly at the start.
 
-    The trunk (everything but the head) is a deep copy of the generalist's; the head keeps the
-    generalist's rows for ``classes`` (so the specialist's special logits equal the generalist's at
-    the start) and gets a dustbin row whose logit is ``mean(other logits) + log(#others)``, a lower
-    bound on the log-sum-exp of the other classes' logits (see :func:`dustbin_head` for the bound).
+    The trunk is a deep copy of the generalist's. The head is a :class:`models.DustbinHead` holding a
+    copy of the generalist's full linear layer: the special logits are the generalist's logits of
+    ``classes`` and the dustbin logit is the log-sum-exp of all the other classes' logits. So, before
+    any training, the specialist's probabilities are the generalist's collapsed onto its cells -- its
+    dustbin probability equals the generalist's total mass outside the group on every image. (A single
+    dustbin row cannot do that: see :func:`dustbin_head`, kept for the comparison.) The extra cost is
+    the C x D head instead of (S + 1) x D, negligible next to the trunk.
 
     Args:
         generalist: a :class:`models.Classifier` over all C classes (left unchanged).
         classes: (S,) special class indices, S < C.
 
     Returns:
-        A new classifier with S + 1 outputs (its ``config.num_classes`` is S + 1).
+        A new classifier with S + 1 outputs (``config.num_classes`` = S + 1, ``config.dustbin_of`` = C).
     """
     if not hasattr(generalist, "head") or not isinstance(generalist.head, torch.nn.Linear):
         raise SpecialistError("the generalist must be a models.Classifier with a linear .head; build it with models.build_model")
-    weight, bias = dustbin_head(generalist.head.weight.detach(), generalist.head.bias.detach(), classes)
+    c = _check_classes(classes, generalist.head.out_features)
     spec = copy.deepcopy(generalist)
-    return models.replace_head(spec, weight, bias)
+    full = spec.head
+    head = models.DustbinHead(full.in_features, full.out_features, c.tolist()).to(full.weight.device)
+    head.linear = full
+    spec.head = head
+    spec.config = dataclasses.replace(spec.config, num_classes=len(c) + 1, dustbin_of=full.out_features,
+                                      special_classes=tuple(int(i) for i in c))  # fmt: skip
+    return spec
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -446,9 +470,8 @@ def dustbin_correction(y_train: Any, classes: Any, *, special_fraction: float) -
     that learnt the sampling distribution's posterior). Positive when the special classes were
     oversampled (f > pi).
 
-    The generalist's soft targets (``soft_weight > 0``) carry the natural prior already, so with
-    them the hard-label part alone is biased and the full correction over-corrects somewhat; the
-    paper's rule is applied as is.
+    This is the Bayes reading of the paper's "log of the oversampling factor"; the literal reading,
+    log(f/pi), is :func:`literal_correction`.
 
     Args:
         y_train: (N,) training labels (generalist classes).
@@ -456,6 +479,40 @@ def dustbin_correction(y_train: Any, classes: Any, *, special_fraction: float) -
         special_fraction: f, the share of special examples in the enriched sampling.
     """
     return float(math.log(oversampling_factor(natural_special_share(y_train, classes), special_fraction)))
+
+
+def literal_correction(y_train: Any, classes: Any, *, special_fraction: float) -> float:
+    """log(f / pi): the paper's "log of the oversampling factor" read literally (f: special share in the
+    training batches, pi: natural share). Smaller than the Bayes odds correction :func:`dustbin_correction`
+    by log((1 - pi)/(1 - f)) -- about log 2 when pi is small and f = 1/2."""
+    pi = natural_special_share(y_train, classes)
+    if not 0.0 < special_fraction < 1.0:
+        raise SpecialistError(f"special_fraction f={special_fraction}: use a share strictly between 0 and 1")
+    return float(math.log(special_fraction / pi))
+
+
+def correction_value(method: str, *, y_train: Any, classes: Any, special_fraction: float,
+                     val_logits: Any | None = None, y_val: Any | None = None) -> float:
+    """The dustbin correction ``method`` (one of :data:`CORRECTIONS`) for one specialist.
+
+    Args:
+        method: ``odds`` | ``paper_literal`` | ``prior_match`` | ``none``.
+        y_train: (N,) training labels; classes: (S,) special classes; special_fraction: f sampled.
+        val_logits: (N_val, S + 1) the specialist's uncorrected logits on the validation images
+            (``prior_match`` only).
+        y_val: (N_val,) validation labels (``prior_match`` only).
+    """
+    if method == "odds":
+        return dustbin_correction(y_train, classes, special_fraction=special_fraction)
+    if method == "paper_literal":
+        return literal_correction(y_train, classes, special_fraction=special_fraction)
+    if method == "prior_match":
+        if val_logits is None or y_val is None:
+            raise SpecialistError("prior_match is fitted on validation images: pass val_logits and y_val")
+        return prior_matched_correction(val_logits, 1.0 - natural_special_share(y_val, classes))
+    if method == "none":
+        return 0.0
+    raise SpecialistError(f"unknown dustbin correction {method!r}; use one of {', '.join(CORRECTIONS)}")
 
 
 def apply_dustbin_correction(logits: Any, correction: float) -> np.ndarray:
@@ -586,6 +643,40 @@ def teacher_soft_targets(
     return collapse_soft_targets(p, classes, temperature=temperature, method=method).astype(np.float32)
 
 
+def specialist_teacher(generalist: torch.nn.Module, classes: Any, *, temperature: float, method: str = "logits") -> training.Teacher:
+    """The generalist as a per-batch teacher for :func:`training.fit` (``teacher=``): on the very augmented
+    batch the specialist trains on, the generalist's soft targets at temperature T collapsed onto the
+    specialist's cells (:func:`collapse_soft_targets`, done in torch).
+
+    Args:
+        generalist: the teacher over C classes (put in eval mode here).
+        classes: (S,) special class indices.
+        temperature: T.
+        method: ``"logits"`` (collapse at T = 1, then soften) or ``"probs"`` (sum tempered probabilities).
+    """
+    if method not in ("logits", "probs"):
+        raise SpecialistError(f"soft-target collapse method {method!r}; use 'logits' or 'probs'")
+    generalist.eval()
+    n = generalist.num_outputs if hasattr(generalist, "num_outputs") else None
+    c = _check_classes(classes, n or int(np.max(classes)) + 2, allow_all=False)
+    special = torch.as_tensor(c)
+    others = torch.as_tensor(np.setdiff1d(np.arange(n or int(np.max(classes)) + 2), c))
+
+    def teach(x: torch.Tensor) -> torch.Tensor:
+        dev = next(generalist.parameters()).device
+        if dev != x.device:
+            generalist.to(x.device)
+        v = generalist(x).float()
+        s, o = special.to(v.device), others.to(v.device)
+        if method == "probs":
+            p = torch.softmax(v / temperature, dim=1)
+            return torch.cat([p.index_select(1, s), p.index_select(1, o).sum(1, keepdim=True)], 1)
+        cells = torch.cat([v.index_select(1, s), torch.logsumexp(v.index_select(1, o), 1, keepdim=True)], 1)
+        return torch.softmax(cells / temperature, dim=1)
+
+    return teach
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -630,7 +721,6 @@ def train_specialist(
     *,
     config: SpecialistConfig | None = None,
     generalist: models.Classifier | None = None,
-    teacher_probs_train: Any | None = None,
     state_path: str | Path | None = None,
     desc: str = "specialist",
 ) -> TrainedSpecialist:
@@ -640,18 +730,14 @@ def train_specialist(
     architecture) or built from scratch (``config.model``/``width``/``depth`` differ from the
     generalist's, or ``init="scratch"``; uses the global torch RNG, so seed it first); epochs from
     :func:`enriched_sampler` (deterministic from ``config.train.seed`` through ``fit``'s generator);
-    optional soft targets (:func:`collapse_soft_targets` of ``teacher_probs_train``); ``training.fit``;
-    then :func:`dustbin_correction` with the share actually sampled.
+    optional soft targets from the generalist on every augmented batch (:func:`specialist_teacher`);
+    ``training.fit``; then the dustbin correction (:func:`correction_value`) with the share actually sampled.
 
     Args:
         ds: a ``data.Dataset``; the validation split (labels mapped) is evaluated every epoch.
         classes: (S,) special class indices, 0 < S < C.
         config: a :class:`SpecialistConfig` (default ``SpecialistConfig()``).
-        generalist: the trained generalist (needed to initialise from it, and for soft targets when
-            ``teacher_probs_train`` is not given).
-        teacher_probs_train: (N_train, C) the generalist's probabilities on ``ds.x_train`` at
-            ``config.temperature``; used when ``config.soft_weight > 0`` (computed from
-            ``generalist`` when ``None``).
+        generalist: the trained generalist (needed to initialise from it, and for soft targets).
         state_path: resumable training state (see ``training.fit``).
         desc: progress-bar label.
 
@@ -674,38 +760,25 @@ def train_specialist(
         ds.y_train, c, special_fraction=config.special_fraction, epoch_size=config.epoch_size, seed=tc.seed,
         num_classes=num_classes,
     )  # fmt: skip
-    soft = None
+    teacher = None
     if config.soft_weight > 0:
-        if teacher_probs_train is None:
-            if generalist is None:
-                raise SpecialistError("soft_weight > 0 needs teacher_probs_train or the generalist to compute them")
-            soft = teacher_soft_targets(generalist, ds.x_train, c, temperature=config.temperature,
-                                        method=config.soft_collapse, device=tc.device)  # fmt: skip
-        else:
-            t = np.asarray(teacher_probs_train)
-            if t.shape != (len(ds.y_train), num_classes):
-                raise SpecialistError(
-                    f"teacher_probs_train must be (N_train, C) = {(len(ds.y_train), num_classes)} (the generalist's "
-                    f"softmax(z / T) on ds.x_train), got {t.shape}"
-                )
-            soft = collapse_soft_targets(t, c, temperature=config.temperature, method=config.soft_collapse)
-            soft = soft.astype(np.float32)
-        soft = torch.from_numpy(np.ascontiguousarray(soft))
+        if generalist is None:
+            raise SpecialistError("soft_weight > 0 needs the generalist (its soft targets are the specialist's teacher)")
+        teacher = specialist_teacher(copy.deepcopy(generalist), c, temperature=config.temperature, method=config.soft_collapse)
     history = training.fit(
         model, ds.x_train, y_train, config=tc, x_val=ds.x_val, y_val=y_val, hflip=ds.hflip,
-        soft_targets=soft, sample_indices=sampler, state_path=state_path, desc=desc,
+        teacher=teacher, sample_indices=sampler, state_path=state_path, desc=desc,
     )  # fmt: skip
-    correction = 0.0
-    if config.correction == "paper":
-        correction = dustbin_correction(ds.y_train, c, special_fraction=sampler.special_fraction)
-    elif config.correction == "prior_match":
-        logits = training.predict_logits(model, ds.x_train, batch_size=tc.eval_batch_size, device=tc.device)
-        correction = prior_matched_correction(logits, 1.0 - natural_special_share(ds.y_train, c))
+    val_logits = None
+    if config.correction == "prior_match":
+        val_logits = training.predict_logits(model, ds.x_val, batch_size=tc.eval_batch_size, device=tc.device)
+    correction = correction_value(config.correction, y_train=ds.y_train, classes=c, special_fraction=sampler.special_fraction,
+                                  val_logits=val_logits, y_val=ds.y_val)  # fmt: skip
     return TrainedSpecialist(
         model=model.eval(), classes=c, class_names=tuple(ds.class_names[i] for i in c),
         dustbin_correction=correction, history=history, examples_seen=int(history.examples_seen),
         model_config=model_cfg, special_fraction=sampler.special_fraction,
-        initialised_from="generalist" if from_gen else "scratch",
+        initialised_from="generalist" if from_gen else "scratch", correction=config.correction,
     )  # fmt: skip
 
 
@@ -730,6 +803,37 @@ def predict_specialist(
     """
     logits = training.predict_logits(model, x_uint8, batch_size=batch_size, device=device)
     return apply_dustbin_correction(logits, correction)
+
+
+def save_specialist(path: str | Path, trained: TrainedSpecialist, *, ds: Any, group: str) -> Path:
+    """Write a specialist's self-describing checkpoint (weights, model config, its classes, the dustbin
+    correction with its name, the share f sampled, how it was initialised, its history); returns the path."""
+    from . import checkpoints
+
+    extra = {"stage": "specialist", "group": group, **trained.extra()}
+    return checkpoints.save_checkpoint(path, trained.model, model_config=trained.model_config or trained.model.config,
+                                       class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
+                                       history=trained.history, extra=extra)  # fmt: skip
+
+
+def load_specialist(path: str | Path, *, ds: Any) -> TrainedSpecialist:
+    """Load a checkpoint written by :func:`save_specialist` for the dataset ``ds`` (a clear
+    ``CheckpointError`` for another dataset, a non-specialist checkpoint or missing metadata)."""
+    from . import checkpoints
+
+    model, info = checkpoints.load_checkpoint(path, class_names=ds.class_names, dataset_fingerprint=ds.fingerprint)
+    e = info.extra
+    missing = [k for k in ("classes", "class_names", "dustbin_correction", "examples_seen") if k not in e]
+    if missing:
+        raise checkpoints.CheckpointError(
+            f"checkpoint {path} is not a specialist's (its metadata lacks {', '.join(missing)}): delete it and retrain the specialist"
+        )
+    return TrainedSpecialist(
+        model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
+        dustbin_correction=float(e["dustbin_correction"]), history=[] if info.history is None else info.history.to_dict()["records"],
+        examples_seen=int(e["examples_seen"]), model_config=info.model_config, special_fraction=e.get("special_fraction"),
+        initialised_from=e.get("initialised_from"), correction=e.get("correction"),
+    )  # fmt: skip
 
 
 def specialist_examples_seen(specialists: Sequence[TrainedSpecialist]) -> int:

@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 SampleIndices = Callable[[int, torch.Generator], torch.Tensor]
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+"""``teacher(x) -> (B, K)`` soft targets at the loop's temperature for a prepared (augmented) float batch."""
 _STATE_FORMAT = "specialkit.train_state"
 _STATE_VERSION = 1
 # Config fields that may differ between an interrupted run and its resumption.
@@ -623,7 +625,7 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, d
 
 
 def _signature(
-    config: TrainConfig, x: torch.Tensor, y: torch.Tensor, n_out: int | None, soft: bool, n_val: int, sampler: bool,
+    config: TrainConfig, x: torch.Tensor, y: torch.Tensor, n_out: int | None, soft: bool | str, n_val: int, sampler: bool,
     hflip: bool,
 ) -> dict[str, Any]:
     return {
@@ -693,6 +695,7 @@ def _validate_fit_inputs(
     x_val: torch.Tensor | None,
     y_val: torch.Tensor | None,
     soft_targets: torch.Tensor | None,
+    has_teacher: bool = False,
 ) -> int | None:
     if x_train.dtype != torch.uint8 or x_train.ndim != 4:
         raise TrainingError(
@@ -726,8 +729,11 @@ def _validate_fit_inputs(
         sums = soft_targets.double().sum(dim=1)
         if bool((soft_targets < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
             raise TrainingError("soft_targets rows must be probabilities (>= 0, summing to 1): pass softmax(z / T) of the teacher")
+    elif has_teacher:
+        if config.soft_weight == 0.0:
+            raise TrainingError("teacher given but config.soft_weight is 0: set soft_weight > 0 or drop teacher")
     elif config.soft_weight > 0.0:
-        raise TrainingError(f"config.soft_weight={config.soft_weight} but no soft_targets: pass soft_targets or set soft_weight=0")
+        raise TrainingError(f"config.soft_weight={config.soft_weight} but no soft_targets: pass soft_targets (or teacher) or set soft_weight=0")
     return n_out
 
 
@@ -754,6 +760,7 @@ def fit(
     y_val: torch.Tensor | np.ndarray | None = None,
     hflip: bool = False,
     soft_targets: torch.Tensor | np.ndarray | None = None,
+    teacher: Teacher | None = None,
     sample_indices: SampleIndices | None = None,
     state_path: str | Path | None = None,
     desc: str = "train",
@@ -770,7 +777,12 @@ def fit(
         hflip: whether a horizontal flip keeps the label (``Dataset.hflip``); used when
             ``config.augment``.
         soft_targets: (N, K) teacher probabilities at ``config.temperature``, aligned with
-            ``x_train``; needs ``config.soft_weight > 0``.
+            ``x_train`` (fixed per image, so they describe the un-augmented image); needs
+            ``config.soft_weight > 0``.
+        teacher: instead of ``soft_targets``, a function from the prepared training batch (the
+            *augmented* (B, C, H, W) floats the model sees) to (B, K) teacher probabilities at
+            ``config.temperature``, evaluated every step under ``torch.no_grad`` -- so the student
+            matches the teacher on the very view it trains on. Needs ``config.soft_weight > 0``.
         sample_indices: ``sample_indices(epoch, generator) -> LongTensor`` of indices into
             ``x_train``: the example order of one epoch (e.g. a specialist's enriched sampling);
             default a random permutation. Draw randomness only from ``generator``.
@@ -785,7 +797,9 @@ def fit(
     x_val = None if x_val is None else _as_tensor(x_val, "x_val")
     y_val = None if y_val is None else _as_tensor(y_val, "y_val")
     soft = None if soft_targets is None else _as_tensor(soft_targets, "soft_targets")
-    n_out = _validate_fit_inputs(model, x_train, y_train, config, x_val, y_val, soft)
+    if soft is not None and teacher is not None:
+        raise TrainingError("pass soft_targets (fixed per image) or teacher (per augmented batch), not both")
+    n_out = _validate_fit_inputs(model, x_train, y_train, config, x_val, y_val, soft, teacher is not None)
 
     device = resolve_device(config.device)
     channels_last = _use_channels_last(config.channels_last, device)
@@ -800,8 +814,8 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(config.seed)
     signature = _signature(
-        config, x_train, y_train, n_out, soft is not None, 0 if y_val is None else len(y_val),
-        sample_indices is not None, hflip,
+        config, x_train, y_train, n_out, "teacher" if teacher is not None else soft is not None,
+        0 if y_val is None else len(y_val), sample_indices is not None, hflip,
     )  # fmt: skip
     path = None if state_path is None else Path(state_path)
 
@@ -838,7 +852,7 @@ def fit(
                 epoch, started = len(history), time.perf_counter()
                 record = _train_epoch(
                     model, optimizer, scaler, config, generator, x_dev, y_dev, soft_dev, hflip, amp_dtype,
-                    channels_last, sample_indices, epoch, history.examples_seen, device, desc,
+                    channels_last, sample_indices, epoch, history.examples_seen, device, desc, teacher,
                 )  # fmt: skip
                 if x_val is not None:
                     ev = evaluate(
@@ -903,6 +917,7 @@ def _train_epoch(
     examples_before: int,
     device: torch.device,
     desc: str,
+    teacher: Teacher | None = None,
 ) -> EpochRecord:
     """One epoch of training steps; the caller adds validation results and the duration."""
     from tqdm.auto import tqdm
@@ -928,9 +943,14 @@ def _train_epoch(
                 )
             xb = _prepare_input(xb, device, channels_last)
             yb = y.index_select(0, idx)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft_b = teacher(xb).to(device, torch.float32)
+            else:
+                soft_b = None if soft is None else soft.index_select(0, idx)
             loss, logits = train_step(
                 model, optimizer, xb, yb,
-                soft_targets=None if soft is None else soft.index_select(0, idx),
+                soft_targets=soft_b,
                 temperature=config.temperature, soft_weight=config.soft_weight,
                 label_smoothing=config.label_smoothing, amp_dtype=amp_dtype, scaler=scaler,
                 max_grad_norm=config.max_grad_norm,

@@ -322,6 +322,19 @@ def _top_confident_case() -> tuple[np.ndarray, list[SpecialistOutputs]]:
     return p_gen, specs
 
 
+def test_top_confident_is_gated_by_the_generalist_by_default() -> None:
+    """Defect 4: ungated, one confident specialist over {0, 1} overrules a generalist 95% sure of class 5."""
+    p_gen = np.array([[0.01, 0.01, 0.01, 0.01, 0.01, 0.95]])
+    specs = [SpecialistOutputs(np.array([0, 1]), np.array([[0.97, 0.02, 0.01]])),
+             SpecialistOutputs(np.array([4, 5]), np.array([[0.30, 0.60, 0.10]]))]  # fmt: skip
+    ungated = E.combine("top_confident", p_gen, specs, n=1, gated=False)
+    assert ungated.argmax(1).tolist() == [0]
+    gated = E.combine("top_confident", p_gen, specs, n=1)
+    assert gated.argmax(1).tolist() == [5]
+    only_01 = specs[:1]  # no specialist switched on: the generalist's answer stands
+    assert E.combine("top_confident", p_gen, only_01, n=1).argmax(1).tolist() == [5]
+
+
 def test_top_confident_hand_cases() -> None:
     p_gen, specs = _top_confident_case()
     e0 = np.array([0.6, 0.2, 0.1, 0.1])  # dustbin 0.2 over classes 2, 3 (uniform p_gen)
@@ -401,8 +414,11 @@ def test_combine_dispatch(random_batch: dict) -> None:
     assert not np.allclose(top2, default)
     np.testing.assert_array_equal(E.combine("moe", b["p_gen"], b["specs"], threshold=0.2),
                                   E.combine_moe(b["p_gen"], b["specs"], threshold=0.2))  # fmt: skip
-    np.testing.assert_array_equal(E.combine("top_confident", b["p_gen"], b["specs"], n=3),
+    np.testing.assert_array_equal(E.combine("top_confident", b["p_gen"], b["specs"], n=3, gated=False),
                                   E.combine_top_confident(b["p_gen"], b["specs"], n=3))  # fmt: skip
+    np.testing.assert_array_equal(E.combine("top_confident", b["p_gen"], b["specs"], n=3),
+                                  E.combine_top_confident(b["p_gen"], b["specs"], n=3,
+                                                          active=E.activation(b["p_gen"], b["groups"], top_n=1)))  # fmt: skip
     with pytest.raises(EnsembleError, match="threshold"):
         E.combine("moe", b["p_gen"], b["specs"], active=b["active"])
     for rule in E.RULES:

@@ -206,6 +206,29 @@ def test_soft_targets_are_aligned_with_shuffled_examples(data):
         fit(model, x, y, config=config, soft_targets=soft[:, :3])
 
 
+def test_teacher_sees_the_augmented_batch_the_model_trains_on(data):
+    """The student's targets are computed on the very (cropped) view it trains on, not the clean image."""
+    x, y, _, _ = data
+    teacher_inputs, model_inputs = [], []
+    model = _model()
+    model.register_forward_pre_hook(lambda m, args: model_inputs.append(args[0].detach().clone()) if m.training else None)
+
+    def teacher(xb: torch.Tensor) -> torch.Tensor:
+        teacher_inputs.append(xb.detach().clone())
+        return torch.full((len(xb), 4), 0.25)
+
+    fit(model, x, y, config=_config(epochs=1, soft_weight=0.5, crop_padding=2), teacher=teacher)
+    assert len(teacher_inputs) == len(model_inputs) == math.ceil(len(y) / 32)
+    for a, b in zip(teacher_inputs, model_inputs):
+        torch.testing.assert_close(a, b)
+    clean = x[: len(teacher_inputs[0])].float() / 255
+    assert not any(torch.equal(t, clean) for t in teacher_inputs)  # augmented views, not the stored images
+    with pytest.raises(TrainingError, match="not both"):
+        fit(model, x, y, config=_config(soft_weight=0.5), teacher=teacher, soft_targets=torch.full((len(y), 4), 0.25))
+    with pytest.raises(TrainingError, match="teacher given"):
+        fit(model, x, y, config=_config(), teacher=teacher)
+
+
 def test_sample_indices_is_honoured(data):
     x, y, _, _ = data
     calls = []

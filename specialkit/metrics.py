@@ -1,0 +1,449 @@
+"""Every number of a run, computed from its artifacts (``metrics.json``); never trains a model.
+
+* :func:`comparison_rows` -- one row per model and rule: top-1 with its 95% paired-bootstrap interval,
+  the gain over the generalist and over the compute-matched generalist with intervals, McNemar's exact
+  p-values, fixed/broken counts, the paper's conditional accuracy (Table 3) and the within-group accuracy.
+* :func:`table4_rows` -- the paper's Table 4 (gain by the number of specialists covering the true class)
+  with the relative gain's interval and rows too small to read marked.
+* :func:`compute_metrics` -- all of it for a finished run, plus clusters, specialists (with the
+  initialisation check and the dustbin-correction comparison), cost and timings.
+* :func:`aggregate_seeds` -- mean, standard deviation and every seed's value across several runs.
+
+A stage that is not finished is a :class:`MissingStageError` naming the stage and the command that
+makes it; the report only renders what is computed here.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import clusters, ensemble, evaluation, models, runs, specialists, stats, training
+
+if TYPE_CHECKING:
+    from .pipeline import Run
+
+__all__ = [
+    "MissingStageError",
+    "comparison_rows",
+    "table4_rows",
+    "within_group_accuracy",
+    "compute_metrics",
+    "specialist_rows",
+    "init_check",
+    "correction_comparison",
+    "dustbin_effect",
+    "cost_points",
+    "latency",
+    "stage_seconds",
+    "aggregate_seeds",
+    "finite",
+]
+
+BASELINE, MATCHED = "generalist", "compute_matched"
+NOT_RULES = (BASELINE, MATCHED, "student")
+
+
+class MissingStageError(RuntimeError):
+    """A number was asked of a run whose stage is not finished; the message names the stage and the fix."""
+
+
+def require(run: "Run", *stages: str) -> None:
+    """Raise :class:`MissingStageError` unless every stage in ``stages`` is finished in ``run``."""
+    for stage in stages:
+        if not run.is_done(stage):
+            raise MissingStageError(
+                f"run {run.folder} has no finished '{stage}' stage: run `specialkit run --config {run.folder / 'config.json'}` "
+                f"(or `Run.open(...).{stage}()` in a notebook) first"
+            )
+
+
+# ----------------------------------------------------------------------------------------- accuracy
+
+
+def within_group_accuracy(probs: np.ndarray, y: np.ndarray, groups: Sequence[np.ndarray]) -> float:
+    """Accuracy on the images whose true class some specialist covers, the prediction restricted to the
+    classes of the specialists covering that true class (nan when no image is covered).
+
+    Args:
+        probs: (N, C) probabilities; y: (N,) labels; groups: M arrays of class indices.
+    """
+    c = probs.shape[1]
+    member = np.zeros((c, len(groups)), dtype=bool)
+    for m, g in enumerate(groups):
+        member[np.asarray(g), m] = True
+    allowed = (member.astype(np.int64) @ member.T.astype(np.int64)) > 0  # (C, C): classes sharing a group
+    keep = member[y].any(axis=1)
+    if not keep.any():
+        return float("nan")
+    masked = np.where(allowed[y[keep]], probs[keep], -np.inf)
+    return float((masked.argmax(axis=1) == y[keep]).mean())
+
+
+def comparison_rows(
+    results: Mapping[str, np.ndarray],
+    y: np.ndarray,
+    *,
+    groups: Sequence[np.ndarray],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], stats.Bootstrap]:
+    """One row per model/rule with its uncertainty (keys read by tools and tests).
+
+    Args:
+        results: name -> (N, C) test probabilities; must hold ``generalist`` (and may hold
+            ``compute_matched``).
+        y: (N,) test labels.
+        groups: the specialists' class groups (for conditional and within-group accuracy).
+        resamples, seed: of the paired bootstrap (shared by every row).
+
+    Returns:
+        ``(rows, bootstrap)``; each row has ``name``, ``top1``, ``top1_ci``, ``n_correct``,
+        ``delta_top1``, ``gain_vs_generalist_ci``, ``relative_change``, ``p_vs_generalist``, ``fixed``,
+        ``broken`` (vs the generalist), ``gain_vs_compute_matched``, ``gain_vs_compute_matched_ci``,
+        ``p_vs_compute_matched`` (None where it does not apply), the verdicts, ``conditional_acc``
+        (the paper's Table 3) and ``within_group_acc``.
+    """
+    if BASELINE not in results:
+        raise evaluation.EvaluationError(f"results must include {BASELINE!r}; got {list(results)}")
+    correct = {name: np.asarray(p).argmax(axis=1) == y for name, p in results.items()}
+    boot = stats.paired_bootstrap(correct, resamples=resamples, seed=seed)
+    covered = np.unique(np.concatenate([np.asarray(g) for g in groups])) if len(groups) else np.array([], dtype=np.int64)
+    base_top1 = float(correct[BASELINE].mean())
+    rows = []
+    for name, p in results.items():
+        ok = correct[name]
+        vs_gen = stats.mcnemar(correct[BASELINE], ok)
+        row: dict[str, Any] = {
+            "name": name, "top1": float(ok.mean()), "top1_ci": list(boot.top1_ci(name)), "n_correct": int(ok.sum()),
+            "delta_top1": float(ok.mean()) - base_top1, "gain_vs_generalist_ci": list(boot.gain_ci(name, BASELINE)),
+            "relative_change": (float(ok.mean()) - base_top1) / base_top1 if base_top1 > 0 else None,
+            "p_vs_generalist": None if name == BASELINE else vs_gen.p_value,
+            "fixed": vs_gen.fixed, "broken": vs_gen.broken,
+            "gain_vs_compute_matched": None, "gain_vs_compute_matched_ci": None, "p_vs_compute_matched": None,
+        }  # fmt: skip
+        row["vs_generalist"] = None if name == BASELINE else stats.verdict(row["gain_vs_generalist_ci"], row["p_vs_generalist"])
+        if MATCHED in results and name != MATCHED:
+            vs_cm = stats.mcnemar(correct[MATCHED], ok)
+            row["gain_vs_compute_matched"] = float(ok.mean() - correct[MATCHED].mean())
+            row["gain_vs_compute_matched_ci"] = list(boot.gain_ci(name, MATCHED))
+            row["p_vs_compute_matched"] = vs_cm.p_value
+            row["vs_compute_matched"] = stats.verdict(row["gain_vs_compute_matched_ci"], vs_cm.p_value)
+        row["conditional_acc"] = evaluation.conditional_accuracy(p, y, covered) if len(covered) else None
+        row["within_group_acc"] = within_group_accuracy(np.asarray(p), y, groups) if len(groups) else None
+        rows.append(row)
+    return rows, boot
+
+
+def table4_rows(p_gen: np.ndarray, q: np.ndarray, y: np.ndarray, coverage: np.ndarray, *, resamples: int = 2000,
+                seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+    """The paper's Table 4 for one rule, with the interval of each row's relative gain.
+
+    Each row: ``covered_by``, ``n_classes``, ``n_examples``, ``gen_correct``, ``ens_correct``,
+    ``delta_correct``, ``gen_acc``, ``ens_acc``, ``relative_gain`` (delta / generalist correct, the
+    paper's statistic), ``relative_gain_ci`` and ``too_small`` (fewer than ``stats.MIN_ROW`` test
+    examples: not to be read). The last row is the ``total``.
+    """
+    df = evaluation.coverage_breakdown(p_gen, q, y, coverage, add_total=True).reset_index()
+    bucket = np.asarray(coverage)[y]
+    gen_ok, ens_ok = p_gen.argmax(1) == y, q.argmax(1) == y
+    rows = json.loads(df.to_json(orient="records"))
+    for row in rows:
+        sel = np.ones(len(y), dtype=bool) if row["covered_by"] == "total" else bucket == int(row["covered_by"])
+        row["relative_gain_ci"] = list(stats.subset_relative_gain_ci(gen_ok[sel], ens_ok[sel], resamples=resamples, seed=seed))
+        row["too_small"] = bool(row["n_examples"] < stats.MIN_ROW)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- specialists
+
+
+def init_check(run: "Run", *, split: str = "val") -> list[dict[str, Any]]:
+    """Per specialist, how well a freshly initialised specialist reproduces the generalist on ``split``:
+    mean |dustbin probability - generalist mass outside the group| and the largest special-class gap,
+    for the kit's initialisation and for the one-row head it replaced (:func:`specialists.dustbin_head`)."""
+    ds, gen = run.dataset(), run.generalist()
+    x = ds.split(split)[0]
+    p_gen = gen.probs(split)
+    rows = []
+    for group, classes in zip(run.clusters().groups, run.groups()):
+        if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth:
+            break  # from-scratch specialists have no initialisation to check
+        target = specialists.collapse_probs(p_gen, classes)
+        fresh = specialists.init_from_generalist(gen.model, classes)
+        p_new = specialists.predict_specialist(fresh, x, correction=0.0, device=run.config.device)
+        w, b = specialists.dustbin_head(gen.model.head.weight.detach(), gen.model.head.bias.detach(), classes)
+        one_row = models.replace_head(models.build_model(gen.model.config), w, b)
+        one_row.load_state_dict({k: v for k, v in gen.model.state_dict().items() if not k.startswith("head.")}, strict=False)
+        p_old = specialists.predict_specialist(one_row, x, correction=0.0, device=run.config.device)
+        rows.append({
+            "group": group,
+            "dustbin_gap": float(np.abs(p_new[:, -1] - target[:, -1]).mean()),
+            "special_gap_max": float(np.abs(p_new[:, :-1] - target[:, :-1]).max()),
+            "dustbin_gap_one_row_head": float(np.abs(p_old[:, -1] - target[:, -1]).mean()),
+        })  # fmt: skip
+    return rows
+
+
+def _specialist_logits(run: "Run", index: int, split: str) -> np.ndarray:
+    folder = run.specialist_dir(index)
+    path = folder / f"logits_{split}.npy"
+    if path.is_file():
+        return runs.load_array(path)
+    sp = run.specialists()[index]
+    return training.predict_logits(sp.model, run.dataset().split(split)[0], device=run.config.device).numpy()
+
+
+def correction_comparison(run: "Run", *, split: str = "val") -> dict[str, Any]:
+    """Every dustbin correction measured on ``split`` (validation by default, never the test set):
+    per specialist the shift, the share sent to the dustbin against the true share, the log-loss on its
+    own targets; and the ``kl`` ensemble's top-1 with each correction applied to every specialist."""
+    ds = run.dataset()
+    y_train = ds.y_train
+    y = ds.split(split)[1].numpy()
+    sps = run.specialists()
+    p_gen = run.generalist().probs(split)
+    active = run.activation(split)
+    per_spec, ens = [], {}
+    shifted: dict[str, list[np.ndarray]] = {}
+    for i, (group, sp) in enumerate(zip(run.clusters().groups, sps)):
+        z = _specialist_logits(run, i, split)
+        target = specialists.target_map(sp.classes, ds.num_classes)[y]
+        f = sp.special_fraction if sp.special_fraction is not None else run.config.special_fraction
+        for method in specialists.CORRECTIONS:
+            shift = specialists.correction_value(method, y_train=y_train, classes=sp.classes, special_fraction=f,
+                                                 val_logits=z, y_val=y)  # fmt: skip
+            p = specialists.apply_dustbin_correction(z, shift)
+            shifted.setdefault(method, []).append(p)
+            per_spec.append({
+                "group": group, "correction": method, "shift": shift,
+                "true_dustbin_share": float((target == len(sp.classes)).mean()),
+                "dustbin_share": float((p.argmax(1) == len(sp.classes)).mean()),
+                "log_loss": float(-np.log(np.clip(p[np.arange(len(y)), target], 1e-12, None)).mean()),
+            })  # fmt: skip
+    for method, probs in shifted.items():
+        outs = [ensemble.SpecialistOutputs(classes=sp.classes, probs=p) for sp, p in zip(sps, probs)]
+        q = ensemble.combine_kl(p_gen, outs, active)
+        ens[method] = float((q.argmax(1) == y).mean())
+    best = max(ens, key=lambda k: ens[k])
+    return {"split": split, "per_specialist": per_spec, "kl_top1": ens, "best": best, "used": run.config.dustbin_correction}
+
+
+def dustbin_effect(run: "Run", *, split: str = "val") -> pd.DataFrame:
+    """Per specialist: share of images sent to the dustbin without and with the run's correction, against
+    the true share (``split``: validation by default)."""
+    y = run.dataset().split(split)[1].numpy()
+    rows = []
+    for i, (group, sp) in enumerate(zip(run.clusters().groups, run.specialists())):
+        z = _specialist_logits(run, i, split)
+        dust = len(sp.classes)
+        rows.append({
+            "group": group, "correction": sp.dustbin_correction,
+            "true_dustbin_share": float((~np.isin(y, sp.classes)).mean()),
+            "dustbin_share_uncorrected": float((z.argmax(1) == dust).mean()),
+            "dustbin_share_corrected": float((specialists.apply_dustbin_correction(z, sp.dustbin_correction).argmax(1) == dust).mean()),
+        })  # fmt: skip
+    return pd.DataFrame(rows).set_index("group")
+
+
+def specialist_rows(run: "Run") -> list[dict[str, Any]]:
+    """Per specialist: group, classes, correction, example-passes, train/validation accuracy of its last
+    epoch, test accuracy on its own targets (all test images, and those of its classes), parameters, FLOPs."""
+    ds = run.dataset()
+    y = ds.y_test.numpy()
+    shape = (ds.channels, ds.image_size, ds.image_size)
+    rows = []
+    for group, sp, probs in zip(run.clusters().groups, run.specialists(), run.specialist_probs("test")):
+        target = specialists.target_map(sp.classes, ds.num_classes)
+        own = np.isin(y, sp.classes)
+        pred = probs.argmax(1)
+        last = sp.history[-1] if sp.history else {}
+        rows.append({
+            "group": group, "classes": " ".join(sp.class_names), "size": len(sp.classes),
+            "initialised_from": sp.initialised_from, "correction": sp.correction, "dustbin_correction": sp.dustbin_correction,
+            "examples_seen": sp.examples_seen, "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"),
+            "test_acc_own_classes": float((pred[own] == target[y[own]]).mean()) if own.any() else None,
+            "test_acc_all": float((pred == target[y]).mean()), **evaluation.model_cost(sp.model, shape),
+        })  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- cost
+
+
+def latency(run: "Run", *, max_images: int = 512, repeats: int = 3) -> pd.DataFrame:
+    """Measured seconds per image at batch 1 and 256: the generalist and the ``kl`` ensemble, all vs conditional."""
+    ds = run.dataset()
+    x = ds.x_test[:max_images]
+    active = run.activation("test")[:max_images]
+    sps = run.specialists()
+
+    def kl(p_gen: np.ndarray, probs: list[np.ndarray], act: np.ndarray) -> np.ndarray:
+        outs = [ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1])) for s, p in zip(sps, probs)]
+        return ensemble.combine_kl(p_gen, outs, act)
+
+    with torch.inference_mode():
+        return evaluation.latency_table(run.generalist().model, [s.model for s in sps], x, active,
+                                        rules={"kl": kl}, repeats=repeats, max_images={1: min(64, len(x)), 256: len(x)})  # fmt: skip
+
+
+def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Accuracy (with its interval) against MFLOPs per image for every model and rule (the ensemble rules
+    run all specialists, except ``kl``, shown with conditional execution too)."""
+    flops = metrics["cost"]["flops"]
+    rows_by = {r["name"]: r for r in metrics["comparison"]}
+    cost = {"generalist": flops["generalist_flops"], "compute_matched": flops["generalist_flops"],
+            "student": metrics["cost"]["student"]["flops"], "top_confident": flops["conditional_flops"],
+            "moe": flops["all_flops"], "kl": flops["conditional_flops"]}  # fmt: skip
+    rows = []
+    for n, r in rows_by.items():
+        if n in cost:
+            lo, hi = r["top1_ci"]
+            rows.append({"name": n if n != "kl" else "kl (conditional)", "accuracy": r["top1"], "lo": lo, "hi": hi, "cost": cost[n] / 1e6})
+    if "kl" in rows_by:
+        lo, hi = rows_by["kl"]["top1_ci"]
+        rows.append({"name": "kl (all specialists)", "accuracy": rows_by["kl"]["top1"], "lo": lo, "hi": hi, "cost": flops["all_flops"] / 1e6})
+    return pd.DataFrame(rows)
+
+
+def stage_seconds(run: "Run") -> dict[str, float]:
+    """Wall seconds each stage took when it was computed (from its ``done.json``)."""
+    out: dict[str, float] = {}
+    for stage in ("generalist", "compute_matched", "distill"):
+        marker = run.stage_dir(stage) / "done.json"
+        if marker.is_file():
+            out[stage] = float(runs.read_json(marker).get("seconds", 0.0))
+    folder = run.stage_dir("specialists")
+    if folder.is_dir():
+        out["specialists"] = round(sum(float(runs.read_json(p).get("seconds", 0.0)) for p in folder.glob("*/done.json")), 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- everything
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    df = df.reset_index() if df.index.name else df
+    return json.loads(df.to_json(orient="records"))
+
+
+def results_on_test(run: "Run") -> dict[str, np.ndarray]:
+    """name -> (N_test, C) probabilities of every finished model and rule of the run (trains nothing)."""
+    require(run, "generalist", "clusters", "specialists", "ensembles")
+    out: dict[str, np.ndarray] = {BASELINE: run.generalist().test_probs}
+    if run.config.compute_matched:
+        require(run, MATCHED)
+        out[MATCHED] = run.compute_matched().test_probs
+    for rule, q in run.ensembles().items():
+        if rule != BASELINE:
+            out[rule] = q
+    require(run, "distill")
+    out["student"] = run.distill().test_probs
+    return out
+
+
+def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, Any]:
+    """All numbers of a finished run as a JSON-able dict; a :class:`MissingStageError` if a stage is missing."""
+    results = results_on_test(run)
+    ds, cfg = run.dataset(), run.config
+    y = ds.y_test.numpy()
+    spec = run.clusters()
+    groups = spec.indices()
+    coverage = spec.coverage()
+    gen = run.generalist()
+    cs = run.confusion()
+    comparison, boot = comparison_rows(results, y, groups=groups, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    shape = (ds.channels, ds.image_size, ds.image_size)
+    gen_cost = evaluation.model_cost(gen.model, shape)
+    sps = run.specialists()
+    flops = evaluation.ensemble_cost(gen_cost, [evaluation.model_cost(s.model, shape) for s in sps], run.activation("test"))
+    student_cost = evaluation.model_cost(run.distill().model, shape)
+    rows = {r["name"]: r for r in comparison}
+    student = {"test_top1": rows["student"]["top1"], **student_cost}
+    if "kl" in rows:
+        student["share_of_kl_gain"] = ((rows["student"]["top1"] - rows[BASELINE]["top1"]) / rows["kl"]["delta_top1"]
+                                       if rows["kl"]["delta_top1"] > 0 else None)  # fmt: skip
+        student["share_of_kl_gain_ci"] = list(boot.share_ci("student", BASELINE, "kl"))
+        student["kl_gain_significant"] = rows["kl"]["vs_generalist"] == "better"
+    from . import pipeline
+
+    quality = clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class)
+    m: dict[str, Any] = {
+        "run": cfg.name,
+        "config": cfg.to_dict(),
+        "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train": len(ds.y_train), "val": len(ds.y_val),
+                    "test": len(ds.y_test), "fingerprint": ds.fingerprint},  # fmt: skip
+        "generalist": {"val_top1": cs.accuracy, "test_top1": rows[BASELINE]["top1"], **gen_cost,
+                       "examples_seen": gen.examples_seen, "history": gen.history},  # fmt: skip
+        "top_confused_pairs": _records(cs.top_pairs(10)),
+        "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
+                     "quality": quality, "all_covered": bool((coverage > 0).all()),
+                     "methods": _records(clusters.quality_table(pipeline.method_specs(run), cs.cm, coarse_of_class=ds.coarse_of_class))},  # fmt: skip
+        "specialists": specialist_rows(run),
+        "init_check": init_check(run),
+        "dustbin_corrections": correction_comparison(run),
+        "comparison": comparison,
+        "table4": {rule: table4_rows(gen.test_probs, results[rule], y, coverage, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+                   for rule in results if rule not in NOT_RULES},  # fmt: skip
+        "cost": {"flops": flops, "student": student_cost, "specialists_total_examples": int(sum(s.examples_seen for s in sps))},
+        "student": student,
+        "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "level": 1 - stats.ALPHA},
+        "timings": stage_seconds(run),
+    }
+    if cfg.compute_matched:
+        m["compute_matched"] = {"test_top1": rows[MATCHED]["top1"], "examples_seen": run.compute_matched().examples_seen,
+                                "budget": run.compute_budget()}  # fmt: skip
+    if measure_latency:
+        m["cost"]["latency"] = _records(latency(run))
+    return finite(m)
+
+
+# ----------------------------------------------------------------------------------------- seeds
+
+
+def aggregate_seeds(per_seed: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
+    """Across runs that differ only in their seed: for each model/rule, the mean, sample standard deviation
+    and every seed's value of top-1 and of the gains over the generalist and the compute-matched generalist.
+
+    Args:
+        per_seed: seed -> that run's metrics (``compute_metrics``).
+
+    Returns:
+        ``{"seeds": [...], "rows": [{"name", "metric", "mean", "std", "values": {seed: v}}...]}``.
+    """
+    if not per_seed:
+        raise ValueError("no runs to aggregate: pass seed -> metrics of at least one run")
+    seeds = sorted(per_seed)
+    names = [r["name"] for r in per_seed[seeds[0]]["comparison"]]
+    rows = []
+    for name in names:
+        for metric in ("top1", "delta_top1", "gain_vs_compute_matched"):
+            values = {}
+            for s in seeds:
+                row = next((r for r in per_seed[s]["comparison"] if r["name"] == name), None)
+                if row is not None and row.get(metric) is not None:
+                    values[s] = float(row[metric])
+            if not values:
+                continue
+            v = np.array(list(values.values()))
+            rows.append({"name": name, "metric": metric, "mean": float(v.mean()),
+                         "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+                         "values": {str(k): x for k, x in values.items()}})  # fmt: skip
+    return {"seeds": seeds, "rows": rows}
+
+
+def finite(obj: Any) -> Any:
+    """Replace NaN/inf with None (recursively) so ``metrics.json`` is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return finite(obj.item())
+    return obj
