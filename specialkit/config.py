@@ -52,7 +52,9 @@ class PipelineConfig:
     (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``.
     Baselines and distillation: ``compute_matched``, ``compute_match`` (``flops``: the extra
     generalist passes cost as many FLOPs as the specialists' training passes; ``passes``: as many
-    example-passes), ``student_width``, ``student_depth``, ``student_epochs``,
+    example-passes), ``student_init`` (``generalist``: the student starts from the generalist's
+    weights when it has the generalist's architecture, and is fine-tuned on the ensemble's targets;
+    ``scratch``), ``student_width``, ``student_depth``, ``student_epochs``,
     ``distill_temperature``, ``distill_soft_weight``.
     Run: ``name``, ``device`` (``auto`` | ``cpu`` | ``cuda``), ``seed`` (training randomness),
     ``data_seed`` (the data: rendering, subset and split; fixed across ``seeds`` so every seed is
@@ -101,6 +103,7 @@ class PipelineConfig:
     moe_threshold: float = 0.0
     compute_matched: bool = True
     compute_match: str = "flops"
+    student_init: str = "generalist"
     student_width: int | None = None
     student_depth: int | None = None
     student_epochs: int = 6
@@ -191,6 +194,7 @@ class PipelineConfig:
             )
         _choice(self, "dustbin_correction", CORRECTIONS)
         _choice(self, "compute_match", ("flops", "passes"))
+        _choice(self, "student_init", ("generalist", "scratch"))
         if self.seeds is not None:
             if len(self.seeds) == 0:
                 raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2 (or leave seeds unset for one run)")

@@ -42,7 +42,7 @@ _KEYS = {
                     "dustbin_correction"),
     "compute_matched": ("compute_match",),
     "ensembles": ("top_n", "rules", "top_confident_n", "top_confident_gated", "moe_threshold"),
-    "distill": ("student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
+    "distill": ("student_init", "student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
 }  # fmt: skip
 _SPLITS = ("train", "val", "test")
 
@@ -481,10 +481,15 @@ class Run:
         if not self.is_done("distill"):
             ds = self.dataset()
             mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
+            from_gen = c.student_init == "generalist" and mc == self.model_config(num_classes=ds.num_classes)
             training.seed_everything(c.seed + 3000)
-            model = models.build_model(mc)
-            tc = self.train_config(epochs=c.student_epochs, lr=c.lr, seed_offset=3000, soft_weight=c.distill_soft_weight,
-                                   temperature=c.distill_temperature)  # fmt: skip
+            if from_gen:
+                model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]
+            else:
+                model = models.build_model(mc)
+            self.log(f"[distill] student initialised from {'the generalist' if from_gen else 'scratch'}")
+            tc = self.train_config(epochs=c.student_epochs, lr=c.lr * (0.3 if from_gen else 1.0), seed_offset=3000,
+                                   soft_weight=c.distill_soft_weight, temperature=c.distill_temperature)  # fmt: skip
             return self._train_model("distill", model=model, model_config=mc, tc=tc,
                                      teacher=self.ensemble_teacher() if c.distill_soft_weight > 0 else None)  # fmt: skip
         return self._load_model_result("distill")

@@ -46,10 +46,24 @@ def test_uninterrupted_run_writes_every_artifact(finished):
     names = [r["name"] for r in metrics["comparison"]]
     assert names == ["generalist", "compute_matched", "kl", "top_confident", "moe", "student"]
     assert all(0.0 <= r["top1"] <= 1.0 for r in metrics["comparison"])
+    rows = {r["name"]: r for r in metrics["comparison"]}
+    for r in rows.values():  # the keys tools read (trust issue): every row carries its uncertainty
+        assert r["top1_ci"][0] <= r["top1"] <= r["top1_ci"][1]
+        lo, hi = r["gain_vs_generalist_ci"]
+        assert lo <= r["delta_top1"] + 1e-12 and r["delta_top1"] <= hi + 1e-12
+        assert {"p_vs_generalist", "p_vs_compute_matched", "fixed", "broken"} <= set(r)
+    assert rows["generalist"]["p_vs_generalist"] is None and rows["compute_matched"]["p_vs_compute_matched"] is None
+    assert 0.0 < rows["kl"]["p_vs_generalist"] <= 1.0 and 0.0 < rows["kl"]["p_vs_compute_matched"] <= 1.0
+    assert rows["kl"]["n_correct"] - rows["generalist"]["n_correct"] == rows["kl"]["fixed"] - rows["kl"]["broken"]
+    assert all(r["too_small"] == (r["n_examples"] < 30) and len(r["relative_gain_ci"]) == 2 for r in metrics["table4"]["kl"])
+    assert max(c["dustbin_gap"] for c in metrics["init_check"]) < 1e-3  # specialists start as the generalist
+    assert set(metrics["dustbin_corrections"]["kl_top1"]) == {"odds", "paper_literal", "prior_match", "none"}
+    assert metrics["compute_matched"]["budget"]["match"] == "flops"
     t4 = [r for r in metrics["table4"]["kl"] if r["covered_by"] != "total"]
     assert sum(r["n_examples"] for r in t4) == metrics["dataset"]["test"]
     page = (f / "report.html").read_text()
-    for heading in ("The generalist", "The confusion structure", "The specialists", "Table 4", "Distilling"):
+    for heading in ("The generalist", "The confusion structure", "The specialists", "Table 4", "Distilling",
+                    "95% CI", "McNemar", "compute-matched generalist"):
         assert heading in page
     assert page.count("Plotly.newPlot") >= 10 and '<script src="http' not in page  # plotly.js embedded: works offline
 
@@ -99,6 +113,38 @@ def test_train_specialist_command_and_its_errors(finished, capsys):
     assert "specialist 1" in capsys.readouterr().out
     assert cli.main(["train-specialist", "--run", str(finished.folder), "--index", "9"]) == 2
     assert "out of range: this run has 4 groups" in capsys.readouterr().err
+
+
+def test_metrics_and_report_train_nothing_and_name_the_missing_stage(tmp_path):
+    from specialkit import metrics, report
+
+    run = pipeline.Run(tmp_path / "partial", PipelineConfig.quick(per_class=6, epochs=1, k=2, batch_size=64), log=lambda s: None)
+    run.generalist()
+    with pytest.raises(metrics.MissingStageError, match="'specialists' stage"):
+        metrics.compute_metrics(run)
+    with pytest.raises(metrics.MissingStageError, match="specialkit run"):
+        report.render_report(run, {})
+    assert not run.stage_dir("specialists").exists() and not run.stage_dir("distill").exists()
+
+
+def test_seeds_run_one_folder_each_and_aggregate(tmp_path, capsys):
+    tiny = ["--quick", "--no-progress", "--per-class", "8", "--epochs", "1", "--specialist-epochs", "1",
+            "--student-epochs", "1", "--k", "3", "--out", str(tmp_path), "--name", "s"]  # fmt: skip
+    assert cli.main(["run", *tiny, "--seeds", "0", "1"]) == 0
+    summary = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert summary["seeds"]["seeds"] == [0, 1]
+    kl = next(r for r in summary["seeds"]["rows"] if r["name"] == "kl" and r["metric"] == "top1")
+    per = [json.loads((tmp_path / "s" / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    vals = [next(r["top1"] for r in m["comparison"] if r["name"] == "kl") for m in per]
+    assert kl["values"] == {"0": vals[0], "1": vals[1]} and abs(kl["mean"] - sum(vals) / 2) < 1e-12
+    assert per[0]["dataset"]["fingerprint"] == per[1]["dataset"]["fingerprint"]  # same data, same test images
+    assert per[0]["config"]["seed"] == 0 and per[1]["config"]["seed"] == 1
+    assert "Between seeds" in (tmp_path / "s" / "report.html").read_text()
+    capsys.readouterr()
+    assert cli.main(["run", *tiny, "--seeds", "0", "0"]) == 2
+    assert "more than once" in capsys.readouterr().err
+    assert cli.main(["run", *tiny[:-2], "--name", "s", "--seeds", "0", "--k", "4"]) == 2
+    assert "other settings (differing: k)" in capsys.readouterr().err
 
 
 def test_bad_settings_fail_before_any_training(tmp_path):
