@@ -58,6 +58,7 @@ def ensemble_teacher(
         sp.model.eval()
     groups = [np.asarray(sp.classes) for sp in trained]
 
+    @torch.no_grad()
     def teach(x: torch.Tensor) -> torch.Tensor:
         for m in [generalist, *(sp.model for sp in trained)]:
             if next(m.parameters()).device != x.device:

@@ -662,6 +662,7 @@ def specialist_teacher(generalist: torch.nn.Module, classes: Any, *, temperature
     special = torch.as_tensor(c)
     others = torch.as_tensor(np.setdiff1d(np.arange(n or int(np.max(classes)) + 2), c))
 
+    @torch.no_grad()
     def teach(x: torch.Tensor) -> torch.Tensor:
         dev = next(generalist.parameters()).device
         if dev != x.device:
