@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default runs/)")
     run.add_argument("--quick", action="store_true", help="the quick settings used by the tests (seconds)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the settings of an existing run folder whose config.json differs (its stages that "
+                          "depend on the changed settings re-run); without it such a run is an error naming the keys")
     run.add_argument("--write-config", type=Path, metavar="PATH", help="only write the resulting settings to PATH and exit")
     for flag, (typ, text) in _KNOBS.items():
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=text)
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             pipeline.check_before_training(cfg)
             t0 = time.perf_counter()
-            run = pipeline.Run(args.out / cfg.name, cfg)
+            run = pipeline.Run(args.out / cfg.name, cfg, overwrite=args.overwrite)
             metrics = run.run_all()
             print(_headline(metrics))
             print(f"\nreport: {run.folder / 'report.html'}\nmetrics: {run.folder / 'metrics.json'}")
