@@ -1,8 +1,8 @@
 """The install files agree with each other, and the README shows the two set-up commands."""
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
