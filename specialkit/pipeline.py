@@ -330,7 +330,7 @@ class Run:
         return self._memo[stage]
 
     def generalist(self) -> ModelResult:
-        """Stage 1: the generalist over all classes (METHOD.md §1)."""
+        """Stage 1: the generalist over all classes (docs/METHOD.md section 1)."""
         c = self.config
         mc = self.model_config(num_classes=self.dataset().num_classes)
         if not self.is_done("generalist"):
@@ -486,7 +486,7 @@ class Run:
 
     # ------------------------------------------------------------------ baselines
     def compute_matched(self) -> ModelResult:
-        """The generalist trained further for as many example-passes as all specialists used (METHOD.md §6)."""
+        """The generalist trained further for as many example-passes as all specialists used (docs/METHOD.md section 7)."""
         extra = sum(s.examples_seen for s in self.specialists())
         if not self.is_done("compute_matched"):
             gen, ds, c = self.generalist(), self.dataset(), self.config

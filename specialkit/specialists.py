@@ -1,4 +1,4 @@
-"""Specialist models (Hinton, Vinyals & Dean 2015, §5.2 and §6; ``../shared/METHOD.md`` §3).
+"""Specialist models (Hinton, Vinyals & Dean 2015, §5.2 and §6; ``docs/METHOD.md`` section 3).
 
 A specialist m covers a subset S of the C classes. Its softmax has ``|S| + 1`` outputs: the special
 classes in the order of ``classes``, then **one dustbin** (last) standing for every other class.
