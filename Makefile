@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specialkit-installed
 
-.PHONY: demo test test-fast lab bench clean setup
+.PHONY: demo test test-fast lint scrub lab bench clean setup
 
 setup: $(STAMP)
 
@@ -18,13 +18,25 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/specialkit run --config configs/demo.json
 
-## Every test, the notebooks (nbval) and the real-browser widget test included.
+## Lint, then every test: the notebooks (nbval) and the real-browser widget test included. A Chromium
+## for that test comes from PATH, apt (as root) or Playwright; without one: one line saying what to install.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) tools/ensure_browser.py
 	$(PY) -m pytest
 
-## The same without the real-browser test (for a machine without Debian's chromium).
+## The same without the real-browser test (no browser needed).
 test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not browser"
+
+## ruff's checks (configured in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+## Strip outputs and execution counts from the notebooks before committing them.
+scrub: $(STAMP)
+	$(VENV)/bin/nbstripout notebooks/*.ipynb
 
 ## JupyterLab on the notebooks.
 lab: $(STAMP)

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-n", type=int, default=1, help="generalist classes that activate specialists")
     p.add_argument("--tol", type=float, default=1e-10, help="EM tolerance (change of q and gap bound)")
     p.add_argument("--newton-after", type=int, default=200, help="EM iterations before Newton steps (< 0: plain EM only)")
-    p.add_argument("--baseline-tol", type=float, default=1e-6, help="gradient tolerance of the per-image baselines (1e-6 is the loosest that reaches objective gaps <= 1e-6 here)")
+    p.add_argument("--baseline-tol", type=float, default=1e-6, help="gradient tolerance of the per-image baselines "
+                   "(1e-6 is the loosest that reaches objective gaps <= 1e-6 here)")
     p.add_argument("--noise", type=float, nargs=2, default=[2.0, 1.5], metavar=("GEN", "SPEC"),
                    help="logit noise of the generalist and of the specialists")  # fmt: skip
     p.add_argument("--scale", type=float, default=3.0, help="std of the hidden logits")
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{em_cpu_rate / cpu_rate:,.0f}x (CPU)")  # fmt: skip
         print(f"    objective gap baseline - EM: max {gap.max():.2e}, min {gap.min():.2e}, max |gap| {np.abs(gap).max():.2e}; "
               f"max |q_baseline - q_EM| {np.abs(q - sol.q[:n]).max():.1e}; "
-              f"target (>= 100x and max |gap| <= 1e-6): {'met' if em_rate / rate >= 100 and np.abs(gap).max() <= 1e-6 else 'NOT met'}")  # fmt: skip
+              "target (>= 100x and max |gap| <= 1e-6): "
+              f"{'met' if em_rate / rate >= 100 and np.abs(gap).max() <= 1e-6 else 'NOT met'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline built-in dataset),
 ``models``, ``training``, ``checkpoints``, ``runs``, ``confusion``, ``clusters``, ``specialists``,
-``ensemble``, ``evaluation``, ``plots``, ``widgets``, ``pipeline``, ``report``, ``cli``.
+``ensemble``, ``evaluation``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``.
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
-    "specialists", "ensemble", "evaluation", "plots", "widgets", "pipeline", "report", "distill", "cli",
+    "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
 }  # fmt: skip
 
 

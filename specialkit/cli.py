@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default runs/)")
     run.add_argument("--quick", action="store_true", help="the quick settings used by the tests (seconds)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the settings of an existing run folder whose config.json differs (its stages that "
+                          "depend on the changed settings re-run); without it such a run is an error naming the keys")
     run.add_argument("--write-config", type=Path, metavar="PATH", help="only write the resulting settings to PATH and exit")
     run.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                      help="several seeds: one run folder each under runs/<name>/, plus a between-seed table")
@@ -121,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\n" + seeds_reading(summary["seeds"]))
                 print(f"\nreport: {args.out / cfg.name / 'report.html'}\nwall time: {time.perf_counter() - t0:.1f} s")
                 return 0
-            run = pipeline.Run(args.out / cfg.name, cfg)
+            run = pipeline.Run(args.out / cfg.name, cfg, overwrite=args.overwrite)
             metrics = run.run_all()
             print(_headline(metrics))
             print(f"\nreport: {run.folder / 'report.html'}\nmetrics: {run.folder / 'metrics.json'}")

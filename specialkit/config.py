@@ -40,7 +40,8 @@ class PipelineConfig:
     ``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ``label_smoothing``.
     Clusters: ``method`` (``balanced`` by default; ``covariance_kmeans`` is the paper's), ``distance``
     (``soft``: HD-CNN's distance from the summed predicted probabilities per true class, stable when
-    the generalist makes few errors; ``hard``: from argmax confusions), ``k``, ``overlap`` (``none`` | ``hdcnn`` | ``top_r``), ``gamma``, ``top_r``,
+    the generalist makes few errors; ``hard``: from argmax confusions), ``k``, ``overlap``
+    (``none`` | ``hdcnn`` | ``top_r``), ``gamma``, ``top_r``,
     ``max_group_size``, ``clusters_file`` (a spec to use instead of clustering).
     Specialists: ``specialist_model`` (None = the generalist's architecture, initialised from it),
     ``specialist_width``, ``specialist_depth``, ``specialist_epochs``, ``specialist_lr``,

@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import ensemble, specialists as specialists_mod, training
+from . import ensemble, training
+from . import specialists as specialists_mod
 
 __all__ = ["ensemble_teacher", "soften"]
 

@@ -7,7 +7,7 @@ A specialist's *cells* are its ``|S_m|`` special classes and its dustbin; :func:
 full distribution onto them and :func:`expand_to_full` maps a specialist's output back to ``C``
 classes.
 
-Routing and combination (``../shared/METHOD.md`` section 4):
+Routing and combination (``docs/METHOD.md`` section 4):
 
 * :func:`activation` -- specialist ``m`` is active for image ``i`` when ``S_m`` meets the
   generalist's top-``n`` classes (the paper: ``n = 1``).
@@ -496,7 +496,7 @@ def solve_kl(
     """Minimise ``KL(p_gen || q) + sum_{m active} KL(p_m || collapse_m(q))`` for every image at once.
 
     The objective is convex in q (each term is ``-sum p log(linear function of q)``). The EM /
-    multiplicative update of METHOD.md section 4,
+    multiplicative update of docs/METHOD.md section 4,
 
         q_j <- (p_gen_j + sum_{m active} p_m[cell_m(j)] * q_j / Q_m[cell_m(j)]) / (1 + |A|),
 

@@ -9,7 +9,7 @@ Accuracy (Hinton, Vinyals & Dean 2015, §5.4 and Tables 3-4):
   how many specialists cover the true class; the rows add up to the totals.
 * :func:`per_class_change`, :func:`fixed_and_broken`, :func:`comparison_table`.
 
-Cost (the honest side of the comparison, METHOD.md §6):
+Cost (the honest side of the comparison, docs/METHOD.md section 7):
 
 * :func:`model_cost` -- parameters and FLOPs per image of one model.
 * :func:`ensemble_cost` -- FLOPs per image of the generalist alone, of the ensemble running every
@@ -603,7 +603,7 @@ class _Paired:
 
 
 def compute_matched_epochs(examples_seen_by_specialists: int | float | Sequence[int], n_train: int) -> float:
-    """Extra generalist epochs that use as many example-passes as all specialists together (METHOD.md §6).
+    """Extra generalist epochs that use as many example-passes as all specialists together (docs/METHOD.md section 7).
 
     Args:
         examples_seen_by_specialists: total training example-passes of all specialists (or a sequence

@@ -306,7 +306,8 @@ def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
             rows.append({"name": n if n != "kl" else "kl (conditional)", "accuracy": r["top1"], "lo": lo, "hi": hi, "cost": cost[n] / 1e6})
     if "kl" in rows_by:
         lo, hi = rows_by["kl"]["top1_ci"]
-        rows.append({"name": "kl (all specialists)", "accuracy": rows_by["kl"]["top1"], "lo": lo, "hi": hi, "cost": flops["all_flops"] / 1e6})
+        rows.append({"name": "kl (all specialists)", "accuracy": rows_by["kl"]["top1"], "lo": lo, "hi": hi,
+                     "cost": flops["all_flops"] / 1e6})
     return pd.DataFrame(rows)
 
 
@@ -382,7 +383,8 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
         "top_confused_pairs": _records(cs.top_pairs(10)),
         "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
                      "quality": quality, "all_covered": bool((coverage > 0).all()),
-                     "methods": _records(clusters.quality_table(pipeline.method_specs(run), cs.cm, coarse_of_class=ds.coarse_of_class))},  # fmt: skip
+                     "methods": _records(clusters.quality_table(pipeline.method_specs(run), cs.cm,
+                                                                coarse_of_class=ds.coarse_of_class))},  # fmt: skip
         "specialists": specialist_rows(run),
         "init_check": init_check(run),
         "dustbin_corrections": correction_comparison(run),

@@ -91,7 +91,9 @@ class ModelConfig:
         if self.dustbin_of is not None:
             sc = self.special_classes
             if len(set(sc)) != len(sc) or min(sc) < 0 or max(sc) >= self.dustbin_of or len(sc) >= self.dustbin_of:
-                raise ModelError(f"ModelConfig.special_classes={sc} must be distinct indices in [0, {self.dustbin_of}) leaving other classes")
+                raise ModelError(
+                    f"ModelConfig.special_classes={sc} must be distinct indices in [0, {self.dustbin_of}) leaving other classes"
+                )
             if self.num_classes != len(sc) + 1:
                 raise ModelError(f"ModelConfig.num_classes={self.num_classes} must be len(special_classes) + 1 = {len(sc) + 1}")
         for key in ("mean", "std"):

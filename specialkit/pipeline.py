@@ -20,16 +20,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from . import checkpoints, clusters, confusion, data, ensemble, evaluation, models, runs, specialists, training
+from . import checkpoints, clusters, confusion, data, ensemble, models, runs, specialists, training
 from . import distill as distillation
 from .config import ConfigError, PipelineConfig
 
-__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen", "runs_root", "seed_runs", "run_seeds"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen", "runs_root", "open_run", "settings_table", "seed_runs", "run_seeds"]
 
 STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
 _KEYS = {
@@ -51,6 +54,68 @@ def runs_root(default: str | Path = "runs") -> Path:
     """Parent folder of run folders: ``$SPECIALKIT_RUNS`` if set (the tests point it at a temporary
     folder), else ``default`` (notebooks pass ``"../runs"``, the repository's ``runs/``)."""
     return Path(os.environ.get("SPECIALKIT_RUNS") or default)
+
+
+_NO_RUN = ("{folder} is not a run yet (no config.json): run notebook 01 first, or "
+           "`specialkit run --config configs/demo.json` (`--name` for another run name)")
+
+
+def _config_diff(on_disk: dict[str, Any], config: PipelineConfig) -> list[str]:
+    """Keys whose values differ between a ``config.json`` (as read) and ``config`` (as JSON would store it)."""
+    mine = json.loads(json.dumps(config.to_dict()))
+    return sorted(k for k in set(on_disk) | set(mine) if on_disk.get(k, _MISSING) != mine.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def _record_config(path: Path, config: PipelineConfig, *, overwrite: bool) -> None:
+    """Write ``config`` to ``path`` when missing; the same settings: write nothing; others: raise unless ``overwrite``."""
+    if path.is_file():
+        try:
+            on_disk = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            if not overwrite:
+                raise ConfigError(f"{path} is not valid JSON ({err}); fix it, or pass overwrite=True "
+                                  "(`specialkit run --overwrite`) to replace it") from err  # fmt: skip
+            on_disk = {}
+        if not isinstance(on_disk, dict):
+            on_disk = {}
+        diff = _config_diff(on_disk, config)
+        if not diff:
+            return
+        if not overwrite:
+            shown = ", ".join(f"{k}: {on_disk.get(k, '(missing)')!r} there, {config.to_dict().get(k, '(missing)')!r} here"
+                              for k in diff[:6]) + (" ..." if len(diff) > 6 else "")  # fmt: skip
+            raise ConfigError(
+                f"{path} records other settings ({shown}); open the run as it is with Run.open({str(path.parent)!r}), "
+                "or pass overwrite=True (`specialkit run --overwrite`, `run.with_settings(...)`) to change them"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config.save(path)
+
+
+def open_run(folder: str | Path, *, log: Callable[[str], None] = print) -> "Run":
+    """The run notebooks 02-06 work on: :meth:`Run.open`. In quick mode only (``SPECIALKIT_SMOKE=1``,
+    what the tests set) a missing run is created with ``PipelineConfig.from_env()``, so each notebook
+    also runs on its own there; otherwise a missing run is a ``ConfigError`` saying to run notebook 01 first."""
+    from .config import smoke_mode
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and smoke_mode():
+        log(f"[run] {folder} did not exist: created it with the quick settings (SPECIALKIT_SMOKE=1)")
+        return Run(folder, PipelineConfig.from_env(name=folder.name), log=log)
+    return Run.open(folder, log=log)
+
+
+def settings_table(config: PipelineConfig) -> "pd.DataFrame":
+    """The settings that differ from the defaults (plus name and dataset): columns ``value`` and ``default``."""
+    import pandas as pd
+
+    mine, default = config.to_dict(), PipelineConfig().to_dict()
+    keys = [k for k in mine if k in ("name", "dataset") or mine[k] != default[k]]
+    return pd.DataFrame({"value": [mine[k] for k in keys], "default": [default[k] for k in keys]},
+                        index=pd.Index(keys, name="setting"), dtype=object)  # fmt: skip
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -99,27 +164,51 @@ class ModelResult:
 class Run:
     """A run folder and its stages. Each stage method trains or computes once, then loads from disk.
 
+    ``folder/config.json`` records the run's settings. It is written only when missing; a run whose
+    ``config.json`` holds other settings is not silently changed: that raises a ``ConfigError``
+    naming the differing keys unless ``overwrite=True`` (``specialkit run --overwrite``). Settings
+    that match exactly write nothing, so readers work on read-only storage.
+
     Args:
         folder: the run folder (``runs/<name>``); created if missing.
-        config: the settings; ``None`` reads ``folder/config.json`` (an existing run).
+        config: the settings; ``None`` reads ``folder/config.json`` (an existing run, see :meth:`open`).
+        overwrite: replace a ``config.json`` that records other settings (stages that depend on the
+            changed settings re-run; the others are kept).
         log: where stage messages go (``print`` by default; pass ``lambda s: None`` to silence).
     """
 
-    def __init__(self, folder: str | Path, config: PipelineConfig | None = None, *, log: Callable[[str], None] = print):
+    def __init__(self, folder: str | Path, config: PipelineConfig | None = None, *, overwrite: bool = False,
+                 log: Callable[[str], None] = print):  # fmt: skip
         self.folder = Path(folder)
+        path = self.folder / "config.json"
         if config is None:
-            config = PipelineConfig.load(self.folder / "config.json")
+            if not path.is_file():
+                raise ConfigError(_NO_RUN.format(folder=self.folder))
+            config = PipelineConfig.load(path)
+        else:
+            _record_config(path, config, overwrite=overwrite)
         self.config = config
         self.log = log
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config.save(self.folder / "config.json")
         self._memo: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
 
     @classmethod
-    def open(cls, folder: str | Path, **kw: Any) -> "Run":
-        """An existing run, with the settings it was started with."""
-        return cls(folder, None, **kw)
+    def open(cls, folder: str | Path, *, log: Callable[[str], None] = print) -> "Run":
+        """An existing run, with the settings its ``config.json`` records (nothing is written).
+
+        Raises:
+            ConfigError: ``folder`` holds no ``config.json`` (notebook 01 or ``specialkit run`` creates it).
+        """
+        return cls(folder, None, log=log)
+
+    def with_settings(self, **changes: Any) -> "Run":
+        """This run with ``changes`` applied and recorded in its ``config.json`` (e.g. ``k=6`` in
+        notebook 03, so the notebooks after it see the new k). Stages that depend on a changed setting
+        re-run; the others are kept. No change: the same run, nothing written."""
+        config = self.config.replace(**changes)
+        if config == self.config:
+            return self
+        return type(self)(self.folder, config, overwrite=True, log=self.log)
 
     # ------------------------------------------------------------------ bookkeeping
     def _settings(self, stage: str) -> dict[str, Any]:
@@ -250,7 +339,7 @@ class Run:
         return self._memo[stage]
 
     def generalist(self) -> ModelResult:
-        """Stage 1: the generalist over all classes (METHOD.md §1)."""
+        """Stage 1: the generalist over all classes (docs/METHOD.md section 1)."""
         c = self.config
         mc = self.model_config(num_classes=self.dataset().num_classes)
         if not self.is_done("generalist"):
@@ -305,7 +394,7 @@ class Run:
         """Stage 2: the cluster spec — ``clusters.json`` when up to date, else computed and saved."""
         if "clusters" in self._memo:
             return self._memo["clusters"]
-        key, folder = self.key("clusters"), self.stage_dir("clusters")
+        key = self.key("clusters")
         path = self.folder / "clusters.json"
         if not self.is_done("clusters", key) or not path.is_file():
             ds = self.dataset()
@@ -420,7 +509,7 @@ class Run:
         the same FLOPs, or the same example-passes; docs/METHOD.md §7)."""
         extra = self.compute_budget()["compute_matched_passes"]
         if not self.is_done("compute_matched"):
-            gen, ds, c = self.generalist(), self.dataset(), self.config
+            ds, c = self.dataset(), self.config
             n = len(ds.y_train)
             epochs = max(1, round(extra / n))
             per_epoch = max(1, extra // epochs)

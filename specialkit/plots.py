@@ -173,7 +173,8 @@ def _check_groups(groups: Sequence[Sequence[int]] | None, num_classes: int) -> l
     if groups is None:
         return []
     if isinstance(groups, Mapping):
-        raise PlotInputError("groups must be a list of lists of class indices, not a dict; pass list(spec.indices()) or list(groups.values()) as indices")
+        raise PlotInputError("groups must be a list of lists of class indices, not a dict; "
+                             "pass list(spec.indices()) or list(groups.values()) as indices")
     out = []
     for g, members in enumerate(groups):
         arr = _to_numpy(sorted(members) if isinstance(members, (set, frozenset)) else members)
@@ -1188,7 +1189,8 @@ def table4_chart(
         go.Bar(
             x=labels, y=gain, name="this kit", marker_color=NEUTRAL_COLOR, customdata=n,
             text=[f"{g:+.1%}" if np.isfinite(g) else "" for g in gain], textposition="outside", cliponaxis=False,
-            hovertemplate="covered by %{x} specialists<br>relative gain %{y:+.1%}<br>test examples %{customdata:,.0f}<extra>this kit</extra>",
+            hovertemplate=("covered by %{x} specialists<br>relative gain %{y:+.1%}<br>"
+                           "test examples %{customdata:,.0f}<extra>this kit</extra>"),
         )
     )
     categories = list(labels)

@@ -11,11 +11,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
-import torch
 
-from . import clusters, evaluation, plots, runs, stats
+from . import clusters, evaluation, plots, runs
 from .metrics import cost_points, dustbin_effect, require
 
 if TYPE_CHECKING:

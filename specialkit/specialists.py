@@ -1,4 +1,4 @@
-"""Specialist models (Hinton, Vinyals & Dean 2015, §5.2 and §6; ``../shared/METHOD.md`` §3).
+"""Specialist models (Hinton, Vinyals & Dean 2015, §5.2 and §6; ``docs/METHOD.md`` section 3).
 
 A specialist m covers a subset S of the C classes. Its softmax has ``|S| + 1`` outputs: the special
 classes in the order of ``classes``, then **one dustbin** (last) standing for every other class.
@@ -387,8 +387,9 @@ class EnrichedSampler:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         s = _draw(self.special_idx, self.n_special, generator)
         r = _draw(self.rest_idx, self.n_rest, generator)
-        pos_s = (torch.arange(self.n_special, dtype=torch.float64) + torch.rand(self.n_special, generator=generator, dtype=torch.float64)) / self.n_special
-        pos_r = (torch.arange(self.n_rest, dtype=torch.float64) + torch.rand(self.n_rest, generator=generator, dtype=torch.float64)) / self.n_rest
+        f64 = torch.float64
+        pos_s = (torch.arange(self.n_special, dtype=f64) + torch.rand(self.n_special, generator=generator, dtype=f64)) / self.n_special
+        pos_r = (torch.arange(self.n_rest, dtype=f64) + torch.rand(self.n_rest, generator=generator, dtype=f64)) / self.n_rest
         order = torch.argsort(torch.cat([pos_s, pos_r]), stable=True)
         return torch.cat([s, r])[order]
 

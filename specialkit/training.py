@@ -733,7 +733,9 @@ def _validate_fit_inputs(
         if config.soft_weight == 0.0:
             raise TrainingError("teacher given but config.soft_weight is 0: set soft_weight > 0 or drop teacher")
     elif config.soft_weight > 0.0:
-        raise TrainingError(f"config.soft_weight={config.soft_weight} but no soft_targets: pass soft_targets (or teacher) or set soft_weight=0")
+        raise TrainingError(
+            f"config.soft_weight={config.soft_weight} but no soft_targets: pass soft_targets (or teacher) or set soft_weight=0"
+        )
     return n_out
 
 

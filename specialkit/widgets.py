@@ -366,7 +366,8 @@ def demo_inputs(seed: int = 0, *, num_classes: int = 12, blocks: int = 3, per_cl
 def _matrix(x: Any, c: int, name: str) -> np.ndarray:
     m = np.asarray(x, dtype=np.float64)
     if m.shape != (c, c):
-        raise PickerError(f"{name} must be ({c}, {c}) for {c} class names, got shape {m.shape}; pass the matrices of confusion.summarise(...)")
+        raise PickerError(f"{name} must be ({c}, {c}) for {c} class names, got shape {m.shape}; "
+                          "pass the matrices of confusion.summarise(...)")
     return m
 
 

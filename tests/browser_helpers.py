@@ -1,7 +1,9 @@
 """Drive a real JupyterLab in headless Chromium (Debian's ``chromium`` + Python ``playwright``).
 
 Used by ``tests/test_browser.py``. Nothing here downloads a browser: Playwright is pointed at the
-system binary (``shutil.which("chromium")``; install it with ``apt-get install chromium``).
+system binary (``shutil.which("chromium")``, Debian's ``apt-get install chromium``) or, failing that,
+at Playwright's own Chromium when ``python -m playwright install chromium`` has fetched it
+(``make test`` provides one of the two: ``tools/ensure_browser.py``).
 
 * :func:`jupyter_lab` starts ``python -m jupyterlab`` on a free local port with a random token,
   quiet settings (no news, no update check, no notebook windowing) and private config/runtime dirs,
@@ -42,9 +44,8 @@ CHROMIUM_ARGS = [
 ]
 
 NO_CHROMIUM = (
-    "the real-browser test needs Debian's chromium at `chromium` on PATH: install it with "
-    "`apt-get update && apt-get install -y chromium`, or deselect this test with `-m \"not browser\"` "
-    "(Playwright's own browser download is not used)"
+    "no Chromium for the real-browser test: install Debian's chromium (`sudo apt-get install -y chromium`) "
+    "or Playwright's (`.venv/bin/python -m playwright install --with-deps chromium`), then run `make test` again"
 )
 
 _USER_SETTINGS = {
@@ -59,8 +60,18 @@ _USER_SETTINGS = {
 
 
 def chromium_executable() -> str | None:
-    """Path of the system Chromium, or None."""
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+    """Path of the system Chromium, else of Playwright's own Chromium when it is installed, else None."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    try:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            path = p.chromium.executable_path
+    except Exception:  # noqa: BLE001 -- playwright missing or its driver failing: no browser from it
+        return None
+    return path if path and os.path.isfile(path) else None
 
 
 def free_port() -> int:

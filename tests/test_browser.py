@@ -6,9 +6,9 @@ from the Run menu, reads the picker's quality numbers and heatmap from the page,
 with the keyboard, and checks that the heatmap and the quality numbers changed. Screenshots go to
 ``test-artifacts/browser/`` (``notebook03.png``, ``notebook03_before.png``, ``notebook03_after.png``).
 
-Needs Debian's ``chromium`` (``apt-get install chromium``); Playwright's browser download is not
-used. Deselect with ``-m "not browser"``. ``SPECIALKIT_BROWSER_TIMEOUT`` (seconds, default 600)
-bounds the notebook run.
+Needs a Chromium: Debian's ``chromium`` on PATH, or Playwright's own (``make test`` provides one through
+``tools/ensure_browser.py``); without one it fails with one line saying what to install.
+``SPECIALKIT_BROWSER_TIMEOUT`` (seconds, default 600) bounds the notebook run.
 """
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from specialkit.checkpoints import CheckpointError, load_checkpoint, read_info, 
 from specialkit.models import ModelConfig, build_model, replace_head
 from specialkit.training import EpochRecord, History, predict_logits
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -15,9 +14,11 @@ def _toy(name: str = "toy", n: int = 10) -> data.Dataset:
 def test_dataset_validates_dtypes_and_shapes():
     x = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
     with pytest.raises(DatasetError, match="x_train must be uint8"):
-        data.Dataset("t", ("a",), x.float(), torch.zeros(3, dtype=torch.int64), x, torch.zeros(3, dtype=torch.int64), x, torch.zeros(3, dtype=torch.int64))
+        y3 = torch.zeros(3, dtype=torch.int64)
+        data.Dataset("t", ("a",), x.float(), y3, x, y3, x, y3)
     with pytest.raises(DatasetError, match="y_val must be int64"):
-        data.Dataset("t", ("a",), x, torch.zeros(3, dtype=torch.int64), x, torch.zeros(2, dtype=torch.int64), x, torch.zeros(3, dtype=torch.int64))
+        y3, y2 = torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        data.Dataset("t", ("a",), x, y3, x, y2, x, y3)
 
 
 def test_properties_and_fingerprint_changes_with_content():

@@ -2,8 +2,6 @@
 two alternative routings, and conditional execution. Hand-made inputs with known answers."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch

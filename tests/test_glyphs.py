@@ -53,7 +53,10 @@ def test_look_alikes_are_closer_than_unrelated_glyphs():
     x, y = glyphs.render_split("val", 30, seed=0)
     means = x.reshape(62, 30, -1).astype(np.float64).mean(axis=1)
     idx = {c: i for i, c in enumerate(glyphs.CLASS_NAMES)}
-    dist = lambda a, b: np.linalg.norm(means[idx[a]] - means[idx[b]])
+
+    def dist(a: str, b: str) -> float:
+        return float(np.linalg.norm(means[idx[a]] - means[idx[b]]))
+
     assert dist("o", "0") < dist("o", "T")
     assert dist("l", "I") < dist("l", "W")
 

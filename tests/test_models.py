@@ -8,7 +8,6 @@ from torch import nn
 from specialkit import models
 from specialkit.models import ModelConfig, ModelError, build_model, count_flops, count_parameters, replace_head
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -1,8 +1,8 @@
 """The install files agree with each other, and the README shows the two set-up commands."""
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,24 @@ def test_torch_pins():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = [l for l in (ROOT / ".ci/run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     readme = (ROOT / "README.md").read_text()
     assert ci[-1].strip() == "make test"
     assert re.search(r"^make test$", readme, re.M) and re.search(r"^make demo$", readme, re.M)
+
+
+def test_every_submodule_is_reachable_as_an_attribute_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    modules = sorted(p.stem for p in (ROOT / "specialkit").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import specialkit\n"
+        f"for name in {modules!r}:\n"
+        "    assert getattr(specialkit, name).__name__ == 'specialkit.' + name, name\n"
+        "assert sorted(specialkit._SUBMODULES) == " + repr(modules) + ", sorted(specialkit._SUBMODULES)\n"
+        "print(specialkit.config.PipelineConfig.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "PipelineConfig"

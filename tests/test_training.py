@@ -23,7 +23,6 @@ from specialkit.training import (
     seed_everything,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

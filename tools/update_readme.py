@@ -23,7 +23,8 @@ def results_markdown(metrics: dict, run_dir: Path) -> str:
         rel = "—" if r["name"] == "generalist" else f"{r['relative_change'] * 100:+.1f}%"
         cond = "" if r.get("conditional_acc") is None else f"{r['conditional_acc'] * 100:.2f}%"
         rows.append(f"| {r['name']} | {r['top1'] * 100:.2f}% | {rel} | {cond} |")
-    t4 = ["| specialists covering the true class | test examples | Δ correct (kl) | relative gain | paper (JFT) |", "| ---: | ---: | ---: | ---: | ---: |"]
+    t4 = ["| specialists covering the true class | test examples | Δ correct (kl) | relative gain | paper (JFT) |",
+          "| ---: | ---: | ---: | ---: | ---: |"]
     paper = {"0": "0.0%", "1": "+3.4%", "2": "+7.4%", "3": "+8.8%", "4": "+10.5%"}
     for r in metrics["table4"].get("kl", []):
         if r["covered_by"] == "total":
@@ -35,8 +36,10 @@ def results_markdown(metrics: dict, run_dir: Path) -> str:
     cfg = metrics["config"]
     lines = [
         f"From `{run_dir}/metrics.json` (dataset `{metrics['dataset']['name']}`, {metrics['dataset']['num_classes']} classes, "
-        f"{metrics['dataset']['train']} training / {metrics['dataset']['test']} test images; generalist `{cfg['model']}` width {cfg['width']} depth {cfg['depth']}, "
-        f"{cfg['epochs']} epochs; k = {cfg['k']} groups by `{cfg['method']}` with overlap `{cfg['overlap']}`; specialists {cfg['specialist_epochs']} epochs).",
+        f"{metrics['dataset']['train']} training / {metrics['dataset']['test']} test images; "
+        f"generalist `{cfg['model']}` width {cfg['width']} depth {cfg['depth']}, "
+        f"{cfg['epochs']} epochs; k = {cfg['k']} groups by `{cfg['method']}` with overlap `{cfg['overlap']}`; "
+        f"specialists {cfg['specialist_epochs']} epochs).",
         "", *rows, "", *t4, "",
         f"Cost per image: {f['conditional_ratio']:.2f}× the generalist's FLOPs with conditional execution "
         f"({f['mean_active']:.2f} specialists per image), {f['all_ratio']:.2f}× running all; {f['params_ratio']:.1f}× the parameters.",
@@ -92,7 +95,8 @@ def confusion_png(run_dir: Path, out: Path) -> None:
         start += n
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"validation confusion of the generalist, reordered into {len(spec.groups)} groups (diagonal hidden, square-root colour scale)", fontsize=9)
+    ax.set_title(f"validation confusion of the generalist, reordered into {len(spec.groups)} groups "
+                 "(diagonal hidden, square-root colour scale)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(out)
