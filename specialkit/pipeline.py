@@ -609,6 +609,15 @@ class Run:
         write_report(self)
         return metrics
 
+    def ensure(self, *stages: str) -> "Run":
+        """Make sure each stage of ``stages`` is finished (train what is not on disk, load the rest); returns
+        the run, e.g. ``run.ensure("compute_matched", "ensembles", "distill").metrics()``."""
+        for stage in stages:
+            if stage not in STAGES:
+                raise ConfigError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+            getattr(self, stage)()
+        return self
+
     def _stage(self, stage: str) -> Any:
         t0 = time.perf_counter()
         out = getattr(self, stage)()
