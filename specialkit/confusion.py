@@ -379,17 +379,23 @@ def class_map(
     if method == "umap":
         if c < 4:
             raise ConfusionError(f"UMAP needs at least 4 classes, got {c}; use method='pca'")
-        import umap  # slow import (numba): only when asked for
+        import torch
 
-        reducer = umap.UMAP(
-            n_components=2,
-            n_neighbors=min(n_neighbors, c - 1),
-            n_epochs=n_epochs,
-            metric=metric,
-            random_state=seed,
-            n_jobs=1,
-        )
-        out = reducer.fit_transform(x)
+        threads = torch.get_num_threads()  # numba (under UMAP) resets the shared OpenMP thread count:
+        try:  # restore it, or later training in this process runs with other threads and other numbers
+            import umap  # slow import (numba): only when asked for
+
+            reducer = umap.UMAP(
+                n_components=2,
+                n_neighbors=min(n_neighbors, c - 1),
+                n_epochs=n_epochs,
+                metric=metric,
+                random_state=seed,
+                n_jobs=1,
+            )
+            out = reducer.fit_transform(x)
+        finally:
+            torch.set_num_threads(threads)
     elif method == "pca":
         if c < 2 or x.shape[1] < 2:
             raise ConfusionError(f"PCA to 2-D needs at least 2 classes and 2 feature dims, got {x.shape}")

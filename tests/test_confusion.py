@@ -161,3 +161,20 @@ def test_summarise_bundles_consistent_statistics() -> None:
     assert len(s.top_pairs(3)) <= 3
     with pytest.raises(cf.ConfusionError, match="class names"):
         cf.summarise(y, probs, ["w", "x"])
+
+
+def test_umap_leaves_torch_threads_as_they_were():
+    """numba under UMAP resets OpenMP's thread count; training after a class map must not change threads
+    (same seed, same numbers in one process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d = np.random.default_rng(0).random((12, 12))
+        d = (d + d.T) / 2
+        np.fill_diagonal(d, 0)
+        cf.class_map(d, method="umap", metric="precomputed", seed=0, n_epochs=10)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
