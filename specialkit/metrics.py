@@ -379,7 +379,8 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
         "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train": len(ds.y_train), "val": len(ds.y_val),
                     "test": len(ds.y_test), "fingerprint": ds.fingerprint},  # fmt: skip
         "generalist": {"val_top1": cs.accuracy, "test_top1": rows[BASELINE]["top1"], **gen_cost,
-                       "examples_seen": gen.examples_seen, "history": gen.history},  # fmt: skip
+                       "examples_seen": gen.examples_seen,
+                       "val_acc_by_epoch": [r.get("val_acc") for r in gen.history]},  # fmt: skip
         "top_confused_pairs": _records(cs.top_pairs(10)),
         "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
                      "quality": quality, "all_covered": bool((coverage > 0).all()),
