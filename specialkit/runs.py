@@ -56,11 +56,11 @@ _OS_FIXES = {
 
 
 def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
-    """One line for a failed file operation: the path, the reason and the fix."""
+    """One line for a failed file operation: ``"<path>: <reason> (<fix>)"``."""
     where = path if path is not None else (err.filename or "a file")
     reason = err.strerror or str(err)
     fix = _OS_FIXES.get(err.errno or -1, "check the path and rerun the same command")
-    return f"cannot write {where}: {reason} ({fix})"
+    return f"{where}: {reason} ({fix})"
 
 
 @contextlib.contextmanager
@@ -82,7 +82,7 @@ def atomic_open(path: str | Path, mode: str = "wb", *, encoding: str | None = No
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise RunFileError(describe_os_error(err, path)) from err
+        raise RunFileError("cannot write " + describe_os_error(err, path)) from err
     try:
         os.chmod(tmp, 0o644)
         with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
@@ -94,9 +94,9 @@ def atomic_open(path: str | Path, mode: str = "wb", *, encoding: str | None = No
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(err, OSError):
-            raise RunFileError(describe_os_error(err, path)) from err
+            raise RunFileError("cannot write " + describe_os_error(err, path)) from err
         if isinstance(err, RuntimeError) and _disk_error(path):  # torch.save wraps a failed write in RuntimeError
-            raise RunFileError(describe_os_error(_disk_error(path), path)) from err  # type: ignore[arg-type]
+            raise RunFileError("cannot write " + describe_os_error(_disk_error(path), path)) from err  # type: ignore[arg-type]
         raise
 
 
@@ -209,11 +209,13 @@ class RunLock:
         folder: the run folder (created if missing).
         shared: a shared lock (parallel ``train-specialist`` jobs) instead of an exclusive one.
         log: where the stale-lock message goes.
+        name: the lock file's name (one per specialist for parallel jobs).
     """
 
-    def __init__(self, folder: str | Path, *, shared: bool = False, log: Callable[[str], None] = print):
+    def __init__(self, folder: str | Path, *, shared: bool = False, log: Callable[[str], None] = print,
+                 name: str = LOCK_NAME):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.shared = shared
         self.log = log
         self.held = False
@@ -234,13 +236,13 @@ class RunLock:
         except OSError as err:
             if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and self.folder.is_dir():
                 return self  # read-only storage: nobody can write here, so there is nothing to guard
-            raise RunFileError(describe_os_error(err, self.path)) from err
+            raise RunFileError("cannot lock " + describe_os_error(err, self.path)) from err
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as err:
             os.close(fd)
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunFileError(describe_os_error(err, self.path)) from err
+                raise RunFileError("cannot lock " + describe_os_error(err, self.path)) from err
             who = self.holder() or "parallel train-specialist jobs"
             raise RunLockedError(
                 f"run folder {self.folder} is in use by {who}; wait for it to finish (or stop it), then rerun the same command"
