@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ConfigError, ValueError, IndexError) as err:
         print(f"specialkit: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err.__cause__, OSError) else 2  # 1: the file system refused; 2: bad input
     except OSError as err:  # file system: full, read-only, permission denied, name too long ...
         from .runs import describe_os_error
 
