@@ -13,6 +13,7 @@ subset and dustbin correction there), plus a format version. It is written atomi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,10 @@ def save_checkpoint(
     return path
 
 
+def _fix(path: Path) -> str:
+    return f"delete {path} and rerun the same command (the stage that wrote it retrains it)"
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0][:200] if lines else ""
@@ -130,12 +135,14 @@ def _first_line(err: BaseException) -> str:
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: train the model first (it writes this file) or check the path")
+        raise CheckpointError(
+            f"checkpoint {path} not found: run the stage that trains it (in a run folder, rerun the same command) or check the path"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {_first_line(err)}): delete it and retrain"
+            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {_first_line(err)}): {_fix(path)}"
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a specialkit checkpoint: pass a file written by save_checkpoint")
@@ -151,7 +158,7 @@ def _info(path: Path, payload: dict[str, Any]) -> CheckpointInfo:
     try:
         config = ModelConfig.from_dict(payload["model_config"])
         history_json = payload.get("history_json")
-        return CheckpointInfo(
+        info = CheckpointInfo(
             path=path,
             model_config=config,
             class_names=tuple(payload["class_names"]),
@@ -161,8 +168,11 @@ def _info(path: Path, payload: dict[str, Any]) -> CheckpointInfo:
             format_version=int(payload["format_version"]),
             torch_version=str(payload.get("torch_version", "")),
         )
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} has malformed metadata ({err}): delete it and retrain") from err
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path} has malformed metadata ({type(err).__name__}: {err}): {_fix(path)}") from err
+    if not isinstance(info.extra, dict):
+        raise CheckpointError(f"checkpoint {path} has malformed metadata (extra is not an object): {_fix(path)}")
+    return info
 
 
 def read_info(path: str | Path) -> CheckpointInfo:
@@ -191,6 +201,8 @@ def load_checkpoint(
     class_names: tuple[str, ...] | list[str] | None = None,
     dataset_fingerprint: str | None = None,
     device: str | torch.device = "cpu",
+    stage: str | None = None,
+    required_extra: Sequence[str] = (),
 ) -> tuple[Classifier, CheckpointInfo]:
     """Rebuild the model of a checkpoint and load its weights (``weights_only=True``).
 
@@ -199,16 +211,29 @@ def load_checkpoint(
         class_names: the dataset's class names; if given they must equal the checkpoint's.
         dataset_fingerprint: the dataset's fingerprint; if given it must equal the checkpoint's.
         device: where to put the model (``"cpu"``, ``"cuda"``, ``"auto"``).
+        stage: if given, the checkpoint's ``extra["stage"]`` must equal it (a student's checkpoint copied
+            over the generalist's is refused).
+        required_extra: keys ``extra`` must hold (e.g. a specialist's ``classes``).
 
     Returns:
         (model in eval mode, info).
 
     Raises:
-        CheckpointError: missing or corrupt file, or a different dataset.
+        CheckpointError: missing or corrupt file, another stage's checkpoint, incomplete metadata, or a
+            different dataset.
     """
     path = Path(path)
     payload = _read(path)
     info = _info(path, payload)
+    if stage is not None and info.extra.get("stage") != stage:
+        found = info.extra.get("stage") or ("a specialist" if "classes" in info.extra else "no stage")
+        raise CheckpointError(
+            f"checkpoint {path} was written by {found!s} (stage recorded in the file), not by the {stage} stage: "
+            f"it was copied or moved here; {_fix(path)}"
+        )
+    missing = [k for k in required_extra if k not in info.extra]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has incomplete metadata (no {', '.join(missing)}): {_fix(path)}")
     if class_names is not None:
         _check_classes(path, info.class_names, tuple(str(c) for c in class_names))
     if dataset_fingerprint is not None and dataset_fingerprint != info.dataset_fingerprint:

@@ -10,10 +10,11 @@ Every stage skips what is already on disk and valid, so an interrupted command r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .config import ConfigError, PipelineConfig
 
@@ -101,36 +102,79 @@ def _headline(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _open_run(folder: Path) -> Any:
+    from . import pipeline
+
+    if not folder.is_dir():
+        raise ConfigError(f"--run {folder}: no such run folder; start one with `specialkit run --name <name>`")
+    return pipeline.Run.open(folder)
+
+
+@contextlib.contextmanager
+def _run_lock(args: argparse.Namespace, run: Any) -> Iterator[None]:
+    """The locks a stage command holds: exclusive on the run folder, except ``train-specialist`` once the
+    generalist and clusters are done (shared on the run, exclusive on its own specialist), so parallel
+    jobs can train different specialists while any other writer is kept out."""
+    from . import runs
+
+    parallel = args.command == "train-specialist" and run.is_done("generalist") and run.is_done("clusters")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(runs.RunLock(run.folder, shared=parallel))
+        if parallel:
+            stack.enter_context(runs.RunLock(run.folder, name=f".lock-specialist-{args.index}"))
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import data, pipeline
-
     try:
-        if args.command == "datasets":
-            print("\n".join(data.available()))
-            return 0
-        if args.command == "run":
-            cfg = config_from_args(args)
-            if args.write_config:
-                cfg.save(args.write_config)
-                print(f"wrote {args.write_config}")
-                return 0
-            pipeline.check_before_training(cfg)
-            t0 = time.perf_counter()
-            if cfg.seeds:
-                summary = pipeline.run_seeds(args.out / cfg.name, cfg)
-                from .report import seeds_reading
+        return _main(args)
+    except KeyboardInterrupt:
+        print("\nspecialkit: interrupted — rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, IndexError) as err:
+        print(f"specialkit: error: {err}", file=sys.stderr)
+        return 1 if isinstance(err.__cause__, OSError) else 2  # 1: the file system refused; 2: bad input
+    except OSError as err:  # file system: full, read-only, permission denied, name too long ...
+        from .runs import describe_os_error
 
-                print("\n" + seeds_reading(summary["seeds"]))
-                print(f"\nreport: {args.out / cfg.name / 'report.html'}\nwall time: {time.perf_counter() - t0:.1f} s")
-                return 0
+        print(f"specialkit: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace) -> int:
+    from . import data, pipeline, runs
+
+    if args.command == "datasets":
+        print("\n".join(data.available()))
+        return 0
+    if args.command == "run":
+        cfg = config_from_args(args)
+        if args.write_config:
+            cfg.save(args.write_config)
+            print(f"wrote {args.write_config}")
+            return 0
+        pipeline.check_before_training(cfg)
+        if args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)")
+        t0 = time.perf_counter()
+        if cfg.seeds:
+            with runs.RunLock(args.out / cfg.name):
+                summary = pipeline.run_seeds(args.out / cfg.name, cfg)
+            from .report import seeds_reading
+
+            print("\n" + seeds_reading(summary["seeds"]))
+            print(f"\nreport: {args.out / cfg.name / 'report.html'}\nwall time: {time.perf_counter() - t0:.1f} s")
+            return 0
+        with runs.RunLock(args.out / cfg.name):
             run = pipeline.Run(args.out / cfg.name, cfg, overwrite=args.overwrite)
             metrics = run.run_all()
-            print(_headline(metrics))
-            print(f"\nreport: {run.folder / 'report.html'}\nmetrics: {run.folder / 'metrics.json'}")
-            print(f"wall time: {time.perf_counter() - t0:.1f} s")
-            return 0
-        run = pipeline.Run.open(args.run)
+        print(_headline(metrics))
+        print(f"\nreport: {run.folder / 'report.html'}\nmetrics: {run.folder / 'metrics.json'}")
+        print(f"wall time: {time.perf_counter() - t0:.1f} s")
+        return 0
+    run = _open_run(args.run)
+    with _run_lock(args, run):
         if args.command == "train-specialist":
             sp = run.train_specialist(args.index)
             print(f"specialist {args.index}: {len(sp.classes)} classes, saved in {run.specialist_dir(args.index)}")
@@ -141,10 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report: {write_report(run)}")
         else:
             getattr(run, args.command.replace("-", "_"))()
-        return 0
-    except (ConfigError, ValueError, FileNotFoundError, IndexError) as err:
-        print(f"specialkit: error: {err}", file=sys.stderr)
-        return 2
+    return 0
 
 
 if __name__ == "__main__":

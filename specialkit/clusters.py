@@ -61,6 +61,8 @@ __all__ = [
     "order_classes",
     "group_labels",
     "balanced_sizes",
+    "check_trainable",
+    "coverage_warning",
 ]
 
 
@@ -388,6 +390,35 @@ class ClusterSpec:
             used = [_group_name(v, values[-1] + 1) for v in values]
         groups = {n: tuple(class_names[i] for i in np.nonzero(lab == v)[0]) for n, v in zip(used, values, strict=True)}
         return cls(groups=groups, class_names=class_names)
+
+
+def check_trainable(spec: ClusterSpec, *, where: str = "the cluster spec") -> ClusterSpec:
+    """Raise unless every group has at least 2 classes: a one-class specialist only ever sees its class
+    against the dustbin, cannot tell it apart from anything, and drags the ``kl`` ensemble down.
+
+    Returns ``spec`` for chaining.
+    """
+    small = [g for g, m in spec.groups.items() if len(m) < 2]
+    if small:
+        shown = ", ".join(f"{g!r} ({list(spec.groups[g])})" for g in small[:5])
+        raise ClusterSpecError(
+            f"{where}: group(s) {shown}{' ...' if len(small) > 5 else ''} have fewer than 2 classes; a specialist "
+            f"needs at least 2 classes to learn anything — add a confusable class to each such group or remove it"
+        )
+    return spec
+
+
+def coverage_warning(spec: ClusterSpec) -> str | None:
+    """A warning when more than half the classes are in no group (those classes get no specialist, so
+    the ensemble can only match the generalist there), else ``None``."""
+    missing = spec.uncovered()
+    if 2 * len(missing) <= spec.num_classes:
+        return None
+    return (
+        f"{len(missing)} of {spec.num_classes} classes are in no group ({', '.join(missing[:8])}"
+        f"{', ...' if len(missing) > 8 else ''}): no specialist covers them, so the ensemble cannot beat the "
+        f"generalist there; add them to groups or use more groups"
+    )
 
 
 def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +122,7 @@ class PipelineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if isinstance(self.rules, str):
             raise ConfigError(f"rules={self.rules!r} is a string; give a list, e.g. [\"generalist\", \"kl\"]")
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -179,7 +183,19 @@ class PipelineConfig:
         return cls.from_dict(d, source=str(path))
 
     def validate(self, num_classes: int | None = None) -> None:
-        """Raise ``ConfigError`` for impossible values; with ``num_classes``, also for k/top_n too large."""
+        """Raise ``ConfigError`` for impossible values; with ``num_classes``, also for k/top_n too large.
+
+        Every field is checked against its annotation first (so fields added later are covered):
+        whole numbers must be whole, numbers finite, strings strings, lists lists.
+        """
+        _check_types(self)
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size={self.image_size} must be >= 1 (a side in pixels, e.g. 32), or null to keep the dataset's size")
+        for f in fields(self):
+            if "seed" in f.name:
+                for v in _ints_in(getattr(self, f.name)):
+                    if not 0 <= v <= SEED_MAX:
+                        raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: seeds must lie in 0..{SEED_MAX}")
         _positive(self, "epochs", "batch_size", "width", "depth", "k", "top_n", "top_r", "specialist_epochs",
                   "student_epochs", "top_confident_n")  # fmt: skip
         _choice(self, "method", METHODS)
@@ -232,6 +248,11 @@ class PipelineConfig:
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
             raise ConfigError(f"name={self.name!r}: use a plain folder name such as 'demo'")
         if num_classes is not None:
+            if num_classes < 2:
+                raise ConfigError(
+                    f"the dataset {self.dataset!r} has {num_classes} class; a run needs at least 2 classes "
+                    f"(specialists tell confusable classes apart): add class folders or choose another dataset"
+                )
             if self.k > num_classes // 2:
                 raise ConfigError(
                     f"k={self.k} groups is too many for {num_classes} classes: each group needs at least 2 "
@@ -239,6 +260,88 @@ class PipelineConfig:
                 )
             if self.top_n > num_classes:
                 raise ConfigError(f"top_n={self.top_n} exceeds the {num_classes} classes; use 1 (the paper's n) to a few")
+
+
+SEED_MAX = 2**31 - 1_000_000  # stages add offsets (up to ~10^5) to the seed; numpy takes < 2**32
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(PipelineConfig)
+
+
+def _ints_in(v: Any) -> list[int]:
+    if isinstance(v, bool):
+        return []
+    if isinstance(v, int):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [x for x in v if isinstance(x, int) and not isinstance(x, bool)]
+    return []
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0])}s" if args else "a list"
+    if origin is dict or tp is dict:
+        return "an object"
+    return {int: "whole number", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _type_problem(v: Any, tp: Any) -> str | None:
+    """Why ``v`` does not fit the annotation ``tp`` (``None`` when it does)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        problems = [_type_problem(v, a) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else next((p for p in problems if p), "wrong type")
+    if origin in (tuple, list):
+        if isinstance(v, str) or not isinstance(v, (tuple, list)):
+            example = json.dumps([v]) if isinstance(v, str) else "[...]"
+            return f"must be {_describe(tp)}, not {type(v).__name__}; write {example}"
+        inner = args[0] if args else Any
+        for x in v:
+            p = _type_problem(x, inner)
+            if p:
+                return f"element {x!r} {p}"
+        return None
+    if origin is dict or tp is dict:
+        return None if isinstance(v, dict) else f"must be an object (a dict), not {type(v).__name__}"
+    if tp is bool:
+        return None if isinstance(v, bool) else f"must be true or false, not {type(v).__name__} {v!r}"
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+            hint = f"; write {v!r} without quotes" if isinstance(v, str) else ""
+            return f"must be a whole number, not {type(v).__name__} {v!r}{hint}"
+        if isinstance(v, float):
+            return f"must be a whole number; write {int(v)} instead of {v!r}"
+        return None
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            hint = f"; write {v} without quotes" if isinstance(v, str) else ""
+            return f"must be a number, not {type(v).__name__} {v!r}{hint}"
+        if not math.isfinite(v):
+            return "must be a finite number (NaN and Infinity are not settings)"
+        return None
+    if tp is str:
+        return None if isinstance(v, str) else f"must be a string, not {type(v).__name__} {v!r}"
+    return None
+
+
+def _check_types(cfg: PipelineConfig) -> None:
+    """Check every field against its annotation (driven by the dataclass, so new fields are covered)."""
+    hints = _hints()
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        problem = _type_problem(v, hints.get(f.name, Any))
+        if problem:
+            raise ConfigError(f"{f.name}={v!r} {problem}")
 
 
 def _check_keys(d: dict[str, Any], *, source: str = "config") -> None:

@@ -97,8 +97,9 @@ class Dataset:
 
     def summary(self) -> str:
         """One line: name, classes, image shape and split sizes."""
+        h, w = int(self.x_train.shape[-2]), int(self.x_train.shape[-1])
         return (
-            f"{self.name}: {self.num_classes} classes, {self.channels}x{self.image_size}x{self.image_size} px, "
+            f"{self.name}: {self.num_classes} classes, {self.channels}x{h}x{w} px, "
             f"train {len(self.y_train)} / val {len(self.y_val)} / test {len(self.y_test)}"
         )
 
@@ -150,7 +151,7 @@ def load(
         raise DatasetError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     loader = _REGISTRY[name]()
     ds = loader(root=root, download=download, per_class=per_class, val_fraction=val_fraction, seed=seed, **options)
-    if image_size is not None and image_size != ds.image_size:
+    if image_size is not None and tuple(ds.x_train.shape[-2:]) != (image_size, image_size):
         ds = replace(
             ds,
             x_train=resize_images(ds.x_train, image_size),
@@ -170,6 +171,8 @@ def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize (N, C, H, W) ``uint8`` images to (N, C, size, size) with antialiased bilinear filtering."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
+    if size < 1:
+        raise DatasetError(f"image_size must be >= 1 (a side in pixels, e.g. 32), got {size}")
     out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
     for start in range(0, x.shape[0], 4096):
         chunk = x[start : start + 4096].float()

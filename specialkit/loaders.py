@@ -421,11 +421,30 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` as 8-bit ``mode`` ("L" or "RGB"), scaling 16/32-bit and float pixels to 0..255 (PIL's own
+    convert clips them, so a 16-bit PNG comes out white) and compositing transparency over white."""
+    if img.mode in _WIDE_MODES:
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 16-bit range 0..65535 -> 0..255
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0  # float images in [0, 1]
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert(mode)
+
+
 def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
     """One image file -> (H, W, C) ``uint8`` in PIL ``mode`` ("L" or "RGB"), resized to ``size`` (H, W)."""
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = _to_mode(img, mode)
             if img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
@@ -662,9 +681,11 @@ def _scan_image_folder(root: Path) -> tuple[tuple[str, ...], list[Path], torch.T
 
 
 def _image_folder_size(size: object, first: Path) -> tuple[int, int]:
-    """The common (H, W): ``size`` (int or (H, W)) or, when None, the size of the ``first`` image."""
+    """The common (H, W): ``size`` (int or (H, W)) or, when None, a square whose side is the longer side
+    of the ``first`` image (images of other sizes or aspect ratios are resized to it)."""
     if size is None:
-        return _image_size_of(first)
+        side = max(_image_size_of(first))
+        return side, side
     hw = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[arg-type]
     if len(hw) != 2 or not all(isinstance(v, int) and v > 0 for v in hw):
         raise DatasetError(f"imagefolder: size must be a positive int or (height, width), got {size!r}")
@@ -691,8 +712,10 @@ def load_imagefolder(
         root: the folder holding the class folders (required).
         download: ignored (nothing to download).
         per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
-        **options: ``channels`` (1 = grey or 3 = RGB, default 3); ``size`` (int or (H, W): every
-            image is resized to it, default the size of the first image); ``test_fraction``
+        **options: ``channels`` (1 = grey or 3 = RGB, default 3; any mode or bit depth is converted:
+            16-bit and float images are scaled to 8 bits, transparency is composited over white);
+            ``size`` (int or (H, W): every image is resized to it; default a square whose side is the
+            longer side of the first image, stated in ``Dataset.summary()``); ``test_fraction``
             (default 0.2); ``workers`` (decoding threads, default ``min(8, cpu_count)``).
     """
     del download

@@ -48,6 +48,8 @@ _KEYS = {
     "distill": ("student_init", "student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
 }  # fmt: skip
 _SPLITS = ("train", "val", "test")
+RESULTS_FORMAT = 1  # bump when a stage's saved results change meaning; stage keys include it, the package version not
+_NOT_RESULTS = ("done.json", "key.txt", "state.pt")
 
 
 def runs_root(default: str | Path = "runs") -> Path:
@@ -216,10 +218,10 @@ class Run:
         return {k: cfg[k] for k in _KEYS[stage]}
 
     def key(self, stage: str) -> str:
-        """The hash that a finished ``stage`` must record to count as up to date."""
-        from . import __version__
-
-        parts: dict[str, Any] = {"stage": stage, "version": __version__, "settings": self._settings("data")}
+        """The hash that a finished ``stage`` must record to count as up to date: its settings, those of
+        the stages before it (and the cluster spec after clustering) and :data:`RESULTS_FORMAT` — not the
+        package version, so upgrading specialkit keeps trained stages."""
+        parts: dict[str, Any] = {"stage": stage, "format": RESULTS_FORMAT, "settings": self._settings("data")}
         chain = {"generalist": ["generalist"], "clusters": ["generalist", "clusters"],
                  "specialists": ["generalist", "clusters", "specialists"],
                  "compute_matched": ["generalist", "clusters", "specialists", "compute_matched"],
@@ -236,25 +238,66 @@ class Run:
     def stage_dir(self, stage: str) -> Path:
         return self.folder / stage
 
+    def specialist_key(self, index: int) -> str:
+        """The key of specialist ``index`` alone: the specialist settings, the stages before it and its
+        own group (name, position, classes), so editing one group retrains only that specialist."""
+        spec = self.clusters()
+        name = list(spec.groups)[index]
+        parts = {"stage": "specialist", "format": RESULTS_FORMAT, "settings": self._settings("data"),
+                 "generalist": self._settings("generalist"), "specialists": self._settings("specialists"),
+                 "index": index, "group": name, "classes": list(spec.groups[name]), "class_names": list(spec.class_names)}  # fmt: skip
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def lock(self, *, shared: bool = False) -> runs.RunLock:
+        """The run folder's write lock: ``with run.lock(): ...`` (readers need none)."""
+        return runs.RunLock(self.folder, shared=shared, log=self.log)
+
     def is_done(self, stage: str, key: str | None = None, folder: Path | None = None) -> bool:
-        marker = (folder or self.stage_dir(stage)) / "done.json"
+        """Whether ``stage`` (or the specialist in ``folder``) finished with ``key``: its ``done.json``
+        records the key *and* every file it lists is still there with its size."""
+        folder = folder or self.stage_dir(stage)
+        marker = folder / "done.json"
         if not marker.is_file():
             return False
         try:
-            return runs.read_json(marker).get("key") == (key or self.key(stage))
-        except ValueError:
+            done = runs.read_json(marker)
+        except (ValueError, OSError):
             return False
+        if not isinstance(done, dict) or done.get("key") != (key or self.key(stage)):
+            return False
+        files = done.get("files", {})
+        if stage == "clusters":
+            files = {}
+            if not (self.folder / "clusters.json").is_file():
+                return False
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
     def _begin(self, folder: Path, key: str) -> None:
-        """Clear a stage folder whose work was for other settings; keep it when resuming the same key."""
+        """Start work on a stage folder. Resuming the same key keeps it; finished work for other
+        settings is moved aside to ``<folder>.old-<its key>`` (removed once the replacement is done),
+        unfinished work for other settings is cleared."""
         owner = folder / "key.txt"
         if folder.exists() and (not owner.is_file() or owner.read_text().strip() != key):
-            shutil.rmtree(folder)
+            if (folder / "done.json").is_file():
+                old = _read_key(folder)
+                aside = folder.with_name(f"{folder.name}.old-{old}")
+                if aside.exists():
+                    shutil.rmtree(aside)
+                folder.rename(aside)
+                self.log(f"[{folder.name}] settings changed: previous results kept in {aside} until the new ones are done")
+            else:
+                shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         runs.atomic_write_text(owner, key)
 
     def _finish(self, folder: Path, key: str, **info: Any) -> None:
-        runs.atomic_write_json(folder / "done.json", {"key": key, **info})
+        """Mark ``folder`` done with ``key`` (written last, atomically), listing its files and sizes so a
+        deleted or truncated file makes the stage count as not done; then drop superseded copies."""
+        files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                 if p.is_file() and p.name not in _NOT_RESULTS and not p.name.startswith(".")}  # fmt: skip
+        runs.atomic_write_json(folder / "done.json", {"key": key, **info, "files": files})
+        for aside in folder.parent.glob(f"{folder.name}.old-*"):
+            shutil.rmtree(aside, ignore_errors=True)
 
     def _timed(self, stage: str, t0: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
@@ -332,8 +375,8 @@ class Run:
     def _load_model_result(self, stage: str) -> ModelResult:
         if stage not in self._memo:
             folder, ds = self.stage_dir(stage), self.dataset()
-            model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names,
-                                                      dataset_fingerprint=ds.fingerprint)  # fmt: skip
+            model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
+                                                      stage=stage, required_extra=("examples_seen",))  # fmt: skip
             logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in _SPLITS}
             self._memo[stage] = ModelResult(stage, model.eval(), _records(info.history), logits, int(info.extra["examples_seen"]))
         return self._memo[stage]
@@ -406,20 +449,46 @@ class Run:
                 source = self.config.method
             self._write_clusters(spec, key, source)
         spec = clusters.ClusterSpec.load(path).for_dataset(self.dataset().class_names)
+        self._check_spec(spec, path)
         self._memo["clusters"] = spec
         return spec
+
+    def _check_spec(self, spec: clusters.ClusterSpec, where: Path | str) -> None:
+        """Reject groups a specialist cannot learn from; log when most classes are in no group."""
+        clusters.check_trainable(spec, where=str(where))
+        warning = clusters.coverage_warning(spec)
+        if warning:
+            self.log(f"[clusters] warning: {warning}")
 
     def save_clusters(self, spec: clusters.ClusterSpec) -> None:
         """Use ``spec`` (e.g. edited in the picker) from now on; the stages after it re-run."""
         spec = spec.for_dataset(self.dataset().class_names)
+        self._check_spec(spec, "the spec passed to save_clusters")
         self._write_clusters(spec, self.key("clusters"), "user")
         self._memo = {k: v for k, v in self._memo.items() if k in ("dataset", "generalist", "confusion")}
 
     def _write_clusters(self, spec: clusters.ClusterSpec, key: str, source: str) -> None:
-        folder = self.stage_dir("clusters")
+        """Save ``spec`` as ``clusters.json``. A clusters.json edited by hand (it differs from what the
+        last clustering wrote) is never overwritten silently: it is copied to
+        ``clusters.edited-<hash>.json`` first and the log says so (``source="user"`` replaces it knowingly)."""
+        folder, path = self.stage_dir("clusters"), self.folder / "clusters.json"
         folder.mkdir(parents=True, exist_ok=True)
-        spec.save(self.folder / "clusters.json")
-        self._finish(folder, key, source=source, groups=len(spec.groups))
+        if source != "user" and path.is_file():
+            text = path.read_text(errors="replace")
+            written = None
+            if (folder / "done.json").is_file():
+                try:
+                    written = runs.read_json(folder / "done.json").get("sha")
+                except (ValueError, AttributeError):
+                    written = None
+            sha = _sha(text)
+            if sha != written and text.strip() != spec.to_json().strip():
+                backup = self.folder / f"clusters.edited-{sha[:8]}.json"
+                runs.atomic_write_text(backup, text)
+                self.log(f"[clusters] {path} was edited by hand and the clustering settings changed: your version is "
+                         f"kept in {backup}; to train on it, pass clusters_file={str(backup)!r}")  # fmt: skip
+        spec.save(path)
+        self._finish(folder, key, source=source, groups=len(spec.groups), sha=_sha(path.read_text()))
 
     # ------------------------------------------------------------------ specialists
     def specialist_config(self) -> specialists.SpecialistConfig:
@@ -431,8 +500,11 @@ class Run:
                                             temperature=c.temperature, correction=c.dustbin_correction, train=tc)  # fmt: skip
 
     def specialist_dir(self, index: int) -> Path:
+        """``specialists/<index>-<group name>``; a long or odd group name is shortened to a safe file name."""
         name = list(self.clusters().groups)[index]
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+        safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_" for ch in name)
+        if len(safe) > 48 or safe != name:
+            safe = f"{safe[:40]}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
         return self.stage_dir("specialists") / f"{index:02d}-{safe}"
 
     def train_specialist(self, index: int) -> specialists.TrainedSpecialist:
@@ -440,7 +512,7 @@ class Run:
         spec, ds = self.clusters(), self.dataset()
         if not 0 <= index < len(spec.groups):
             raise IndexError(f"specialist index {index} out of range: this run has {len(spec.groups)} groups (0..{len(spec.groups) - 1})")
-        key, folder = self.key("specialists"), self.specialist_dir(index)
+        key, folder = self.specialist_key(index), self.specialist_dir(index)
         if not self.is_done("specialists", key, folder):
             t0 = time.perf_counter()
             self._begin(folder, key)
@@ -692,6 +764,23 @@ def run_seeds(parent: str | Path, config: PipelineConfig, *, log: Callable[[str]
     runs.atomic_write_json(Path(parent) / "metrics.json", summary)
     write_seeds_report(Path(parent), summary, per_seed)
     return summary
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_key(folder: Path) -> str:
+    """The key a stage folder was made for (``done.json``, else ``key.txt``), or ``unknown``."""
+    for name in ("done.json", "key.txt"):
+        try:
+            text = (folder / name).read_text().strip()
+            key = json.loads(text).get("key") if name == "done.json" else text
+            if key and all(ch.isalnum() for ch in key):
+                return str(key)[:32]
+        except (OSError, ValueError, AttributeError):
+            continue
+    return "unknown"
 
 
 def _fixed_size_sampler(n: int, per_epoch: int) -> Callable[[int, torch.Generator], torch.Tensor]:

@@ -69,6 +69,8 @@ class SpecialistError(ValueError):
 
 
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
+SPECIALIST_EXTRA = ("group", "classes", "class_names", "dustbin_correction", "examples_seen")
+"""Metadata every specialist checkpoint holds (:func:`save_specialist`); a file without it is refused."""
 """Dustbin corrections, by what they are: the Bayes odds correction log r, the paper's literal log(f/pi),
 a shift fitted on validation images, and none."""
 
@@ -823,13 +825,9 @@ def load_specialist(path: str | Path, *, ds: Any) -> TrainedSpecialist:
     ``CheckpointError`` for another dataset, a non-specialist checkpoint or missing metadata)."""
     from . import checkpoints
 
-    model, info = checkpoints.load_checkpoint(path, class_names=ds.class_names, dataset_fingerprint=ds.fingerprint)
+    model, info = checkpoints.load_checkpoint(path, class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
+                                              required_extra=SPECIALIST_EXTRA)  # fmt: skip
     e = info.extra
-    missing = [k for k in ("classes", "class_names", "dustbin_correction", "examples_seen") if k not in e]
-    if missing:
-        raise checkpoints.CheckpointError(
-            f"checkpoint {path} is not a specialist's (its metadata lacks {', '.join(missing)}): delete it and retrain the specialist"
-        )
     return TrainedSpecialist(
         model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
         dustbin_correction=float(e["dustbin_correction"]), history=[] if info.history is None else info.history.to_dict()["records"],

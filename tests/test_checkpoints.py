@@ -81,12 +81,12 @@ def test_wrong_classes_and_fingerprint_are_clear_errors(trained, tmp_path):
 
 def test_missing_corrupt_and_foreign_files(trained, tmp_path):
     model, _, _ = trained
-    with pytest.raises(CheckpointError, match=r"nope\.pt not found: train the model first"):
+    with pytest.raises(CheckpointError, match=r"nope\.pt not found: run the stage that trains it"):
         load_checkpoint(tmp_path / "nope.pt")
     path = save_checkpoint(tmp_path / "m.pt", model, class_names=NAMES, dataset_fingerprint=FP)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"m\.pt is corrupt or truncated.*delete it and retrain"):
+    with pytest.raises(CheckpointError, match=r"m\.pt is corrupt or truncated.*delete \S*m\.pt and rerun the same command"):
         load_checkpoint(path)
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -112,7 +112,7 @@ def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(runs.RunFileError, match=r"cannot write \S*m\.pt: disk full"):  # one line: path and reason
         save_checkpoint(path, model, class_names=NAMES, dataset_fingerprint="other")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
