@@ -2,7 +2,8 @@
 
 Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline built-in dataset),
 ``models``, ``training``, ``checkpoints``, ``runs``, ``confusion``, ``clusters``, ``specialists``,
-``ensemble``, ``evaluation``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``.
+``ensemble``, ``evaluation``, ``stats`` (intervals and tests), ``metrics`` (every number of a run),
+``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``.
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _SUBMODULES = {
     "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
     "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
+    "stats", "metrics", "distill",
 }  # fmt: skip
 
 
