@@ -384,6 +384,7 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
         "top_confused_pairs": _records(cs.top_pairs(10)),
         "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
                      "quality": quality, "all_covered": bool((coverage > 0).all()),
+                     "coverage_warning": clusters.coverage_warning(spec),
                      "methods": _records(clusters.quality_table(pipeline.method_specs(run), cs.cm,
                                                                 coarse_of_class=ds.coarse_of_class))},  # fmt: skip
         "specialists": specialist_rows(run),

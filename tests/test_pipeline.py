@@ -15,7 +15,10 @@ from specialkit.clusters import ClusterSpec
 from specialkit.config import ConfigError, PipelineConfig
 
 pytestmark = pytest.mark.slow
-SETTINGS = {"k": 4, "rules": ("generalist", "kl", "top_confident", "moe")}
+# Tiny settings (seconds, not minutes): what is tested is caching, resume and the artifacts, not accuracy.
+SETTINGS = {"k": 4, "per_class": 16, "epochs": 2, "specialist_epochs": 2, "student_epochs": 1,
+            "rules": ("generalist", "kl", "top_confident", "moe")}  # fmt: skip
+FLAGS = ["--k", "4", "--per-class", "16", "--epochs", "2", "--specialist-epochs", "2", "--student-epochs", "1"]
 
 
 def _numbers(metrics: dict) -> dict:
@@ -69,7 +72,7 @@ def test_uninterrupted_run_writes_every_artifact(finished):
 
 def test_killed_in_specialist_stage_resumes_to_the_same_numbers(finished, tmp_path):
     out = tmp_path / "b"
-    cmd = [sys.executable, "-m", "specialkit.cli", "run", "--quick", "--no-progress", "--out", str(out), "--k", "4"]
+    cmd = [sys.executable, "-m", "specialkit.cli", "run", "--quick", "--no-progress", "--out", str(out), *FLAGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     first = out / "quick" / "specialists"
     deadline = time.monotonic() + 600
