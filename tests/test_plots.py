@@ -489,7 +489,9 @@ def test_save_html_leaves_old_file_and_no_tmp_on_failure(all_figures: dict[str, 
         raise OSError("disk full")
 
     monkeypatch.setattr(plots.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    from specialkit.runs import RunFileError
+
+    with pytest.raises(RunFileError, match="disk full"):  # one line naming the file and the reason
         plots.save_html(all_figures["accuracy"], target)
     assert target.read_text(encoding="utf-8") == "old"
     assert os.listdir(tmp_path) == ["fig.html"]

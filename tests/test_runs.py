@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import specialkit
-from specialkit import checkpoints, cli, clusters, pipeline, runs, training
+from specialkit import checkpoints, cli, clusters, pipeline, runs, specialists, training
 from specialkit.config import PipelineConfig
 
 TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1,
@@ -157,7 +157,7 @@ def test_wrong_stage_checkpoint_is_refused(tiny, tmp_path):
     spec_model = run.specialist_dir(1) / "model.pt"
     shutil.copy(gen, spec_model)
     with pytest.raises(checkpoints.CheckpointError, match="incomplete metadata"):
-        checkpoints.load_checkpoint(spec_model, required_extra=pipeline._SPECIALIST_EXTRA)
+        checkpoints.load_checkpoint(spec_model, required_extra=specialists.SPECIALIST_EXTRA)
 
 
 def test_editing_one_group_retrains_only_that_specialist(tiny, tmp_path):
