@@ -104,8 +104,8 @@ def as_square(m: Matrix, n: int | None = None, *, name: str, error: type[Excepti
     """A finite (C, C) float64 matrix (``n`` = the C it must have, or ``None`` for any square)."""
     x = np.asarray(as_numpy(m), dtype=np.float64)
     if x.ndim != 2 or x.shape[0] != x.shape[1] or (n is not None and x.shape[0] != n):
-        want = "(C, C)" if n is None else f"({n}, {n}), one row and column per class,"
-        raise error(f"{name} must be a square {want} matrix, got shape {x.shape}")
+        want = "(C, C) matrix" if n is None else f"({n}, {n}) matrix, one row and column per class"
+        raise error(f"{name} must be a square {want}, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise error(f"{name} holds NaN or inf; compute it from finite predictions")
     return x
