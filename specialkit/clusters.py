@@ -43,7 +43,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import checks
 from .confusion import row_normalise
+from .typing import Labels, Matrix
 
 __all__ = [
     "ClusterError",
@@ -437,12 +439,8 @@ def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- method helpers
 
 
-def _matrix(m: np.ndarray, c: int, name: str, *, distance: bool = False) -> np.ndarray:
-    x = np.asarray(m, dtype=np.float64)
-    if x.shape != (c, c):
-        raise ClusterError(f"{name} must be ({c}, {c}) for {c} class names, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ClusterError(f"{name} holds NaN or inf; compute it from finite predictions")
+def _matrix(m: Matrix, c: int, name: str, *, distance: bool = False) -> np.ndarray:
+    x = checks.as_square(m, c, name=name, error=ClusterError)
     if not np.allclose(x, x.T, atol=1e-8, rtol=1e-6):
         raise ClusterError(f"{name} must be symmetric; symmetrise it with (m + m.T) / 2")
     x = (x + x.T) / 2
@@ -502,7 +500,7 @@ def balanced_sizes(num_classes: int, k: int) -> np.ndarray:
 
 
 def covariance_kmeans(
-    cov: np.ndarray,
+    cov: Matrix,
     class_names: Sequence[str],
     *,
     k: int,
@@ -575,7 +573,7 @@ def _affinity(d: np.ndarray, affinity: str, sigma: float | None, floor: float) -
 
 
 def spectral(
-    distance: np.ndarray,
+    distance: Matrix,
     class_names: Sequence[str],
     *,
     k: int,
@@ -621,7 +619,7 @@ def spectral(
 
 
 def agglomerative(
-    distance: np.ndarray,
+    distance: Matrix,
     class_names: Sequence[str],
     *,
     k: int | None = None,
@@ -703,7 +701,7 @@ def _balanced_once(d: np.ndarray, sizes: np.ndarray, rng: np.random.Generator, m
 
 
 def balanced(
-    matrix: np.ndarray,
+    matrix: Matrix,
     class_names: Sequence[str],
     *,
     k: int,
@@ -759,7 +757,7 @@ def balanced(
 
 def grow_overlap(
     spec: ClusterSpec,
-    F: np.ndarray,
+    F: Matrix,
     *,
     rule: str = "hdcnn",
     gamma: float = 5.0,
@@ -860,8 +858,8 @@ METHODS: Mapping[str, Callable[..., ClusterSpec]] = MappingProxyType(
 def cluster(
     method: str,
     *,
-    cov: np.ndarray | None = None,
-    distance: np.ndarray | None = None,
+    cov: Matrix | None = None,
+    distance: Matrix | None = None,
     class_names: Sequence[str],
     k: int | None = None,
     seed: int = 0,
@@ -913,7 +911,7 @@ def order_classes(spec: ClusterSpec) -> np.ndarray:
     return np.array(order, dtype=np.int64)
 
 
-def quality(spec: ClusterSpec, cm: np.ndarray, *, coarse_of_class: np.ndarray | None = None) -> dict[str, float]:
+def quality(spec: ClusterSpec, cm: Matrix, *, coarse_of_class: Labels | None = None) -> dict[str, float]:
     """How well a spec captures the generalist's confusions.
 
     Args:

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import checks
+from .typing import Labels, Matrix, Probs
+
 __all__ = [
     "ConfusionError",
     "ConfusionSummary",
@@ -51,43 +54,22 @@ class ConfusionError(ValueError):
 # --------------------------------------------------------------------------- validation helpers
 
 
-def _labels(y: np.ndarray, name: str) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise ConfusionError(f"{name} must be a 1-D array of class indices (N,), got shape {y.shape}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise ConfusionError(f"{name} must hold integer class indices, got dtype {y.dtype}; pass labels, not scores")
-    return y.astype(np.int64)
+def _labels(y: Labels, name: str) -> np.ndarray:
+    return checks.as_labels(y, name=name, error=ConfusionError, integral_floats=True)
 
 
-def _square(m: np.ndarray, name: str) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ConfusionError(f"{name} must be a square (C, C) matrix, got shape {m.shape}")
-    if not np.all(np.isfinite(m)):
-        raise ConfusionError(f"{name} holds NaN or inf; compute it from finite predictions")
-    return m
+def _square(m: Matrix, name: str) -> np.ndarray:
+    return checks.as_square(m, name=name, error=ConfusionError)
 
 
-def _probs(probs: np.ndarray, *, atol: float = 1e-3) -> np.ndarray:
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2:
-        raise ConfusionError(f"probs must be (N, C) probabilities, got shape {p.shape}")
-    if not np.all(np.isfinite(p)):
-        raise ConfusionError("probs holds NaN or inf; check the model's outputs")
-    if p.size and (p.min() < -atol or np.abs(p.sum(axis=1) - 1.0).max() > atol):
-        raise ConfusionError(
-            "probs rows must be probabilities (non-negative, summing to 1); these look like logits — "
-            "apply a softmax first, e.g. scipy.special.softmax(logits, axis=1)"
-        )
-    return p
+def _probs(probs: Probs) -> np.ndarray:
+    return checks.as_probs(probs, name="probs", error=ConfusionError)
 
 
 # --------------------------------------------------------------------------- confusion
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+def confusion_matrix(y_true: Labels, y_pred: Labels | Probs, num_classes: int | None = None) -> np.ndarray:
     """Count (true class, predicted class) pairs.
 
     Args:
@@ -114,12 +96,11 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | 
     if c < 1:
         raise ConfusionError(f"num_classes must be >= 1, got {num_classes}")
     for name, y in (("y_true", yt), ("y_pred", yp)):
-        if y.size and (y.min() < 0 or y.max() >= c):
-            raise ConfusionError(f"{name} has labels outside [0, {c}): min {y.min()}, max {y.max()}; check num_classes")
+        checks.check_label_range(y, c, name=name, error=ConfusionError)
     return np.bincount(yt * c + yp, minlength=c * c).reshape(c, c).astype(np.int64)
 
 
-def soft_confusion_matrix(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def soft_confusion_matrix(y_true: Labels, probs: Probs) -> np.ndarray:
     """Expected confusion counts: the predicted probabilities summed per true class.
 
     ``M[i, j] = Σ_{n: y_n = i} probs[n, j]``; row ``i`` sums to the number of examples of class
@@ -139,14 +120,13 @@ def soft_confusion_matrix(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     if yt.shape[0] != p.shape[0]:
         raise ConfusionError(f"y_true has {yt.shape[0]} labels but probs has {p.shape[0]} rows; pass predictions for the same examples")
     c = p.shape[1]
-    if yt.size and (yt.min() < 0 or yt.max() >= c):
-        raise ConfusionError(f"y_true has labels outside [0, {c}); check that probs has one column per class")
+    checks.check_label_range(yt, c, name="y_true", error=ConfusionError, fix="check that probs has one column per class")
     out = np.zeros((c, c))
     np.add.at(out, yt, p)
     return out
 
 
-def row_normalise(cm: np.ndarray) -> np.ndarray:
+def row_normalise(cm: Matrix) -> np.ndarray:
     """Turn counts into rates per true class.
 
     Args:
@@ -162,7 +142,7 @@ def row_normalise(cm: np.ndarray) -> np.ndarray:
     return np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
 
 
-def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
+def per_class_accuracy(cm: Matrix) -> np.ndarray:
     """Recall of every class.
 
     Args:
@@ -178,7 +158,7 @@ def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
     return out
 
 
-def prediction_covariance(probs: np.ndarray, *, ddof: int = 0) -> np.ndarray:
+def prediction_covariance(probs: Probs, *, ddof: int = 0) -> np.ndarray:
     """The paper's statistic: covariance of predicted probabilities across examples (no labels).
 
     ``cov[i, j] = mean_n (p_ni - mean_i)(p_nj - mean_j)`` — **population** covariance (``ddof=0``,
@@ -202,7 +182,7 @@ def prediction_covariance(probs: np.ndarray, *, ddof: int = 0) -> np.ndarray:
     return (cov + cov.T) / 2
 
 
-def confusion_distance(F: np.ndarray) -> np.ndarray:
+def confusion_distance(F: Matrix) -> np.ndarray:
     """HD-CNN's class distance from a confusion matrix.
 
     HD-CNN (Yan et al. 2015) writes ``D = ½[(I − F) + (I − F)ᵀ]`` with the diagonal set to 0.
@@ -226,7 +206,7 @@ def confusion_distance(F: np.ndarray) -> np.ndarray:
     return d
 
 
-def class_similarity(matrix: np.ndarray, kind: str = "covariance") -> np.ndarray:
+def class_similarity(matrix: Matrix, kind: str = "covariance") -> np.ndarray:
     """A symmetric class-by-class similarity.
 
     * ``kind="covariance"``: ``matrix`` is a prediction covariance; returns the correlation
@@ -317,7 +297,7 @@ def top_confused_pairs(
 # --------------------------------------------------------------------------- class features / map
 
 
-def class_mean_features(features: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+def class_mean_features(features: np.ndarray, y: Labels, num_classes: int) -> np.ndarray:
     """Average feature vector of every class.
 
     Args:
@@ -332,8 +312,7 @@ def class_mean_features(features: np.ndarray, y: np.ndarray, num_classes: int) -
     yy = _labels(y, "y")
     if x.ndim != 2 or x.shape[0] != yy.shape[0]:
         raise ConfusionError(f"features must be (N, D) with N = len(y) = {yy.shape[0]}, got shape {x.shape}")
-    if yy.size and (yy.min() < 0 or yy.max() >= num_classes):
-        raise ConfusionError(f"y has labels outside [0, {num_classes}); check num_classes")
+    checks.check_label_range(yy, num_classes, name="y", error=ConfusionError)
     sums = np.zeros((num_classes, x.shape[1]))
     np.add.at(sums, yy, x)
     counts = np.bincount(yy, minlength=num_classes)[:, None]
@@ -466,7 +445,7 @@ class ConfusionSummary:
         return top_confused_pairs(self.cm, self.class_names, k, symmetric=symmetric)
 
 
-def summarise(y_true: np.ndarray, probs: np.ndarray, class_names: tuple[str, ...] | list[str]) -> ConfusionSummary:
+def summarise(y_true: Labels, probs: Probs, class_names: tuple[str, ...] | list[str]) -> ConfusionSummary:
     """Confusion statistics of a generalist on held-out data.
 
     Args:

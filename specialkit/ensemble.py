@@ -40,6 +40,9 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
+from . import checks
+from .typing import Groups, Labels, Mask, Probs
+
 __all__ = [
     "RULES",
     "EnsembleError",
@@ -206,41 +209,20 @@ def _as_specialists(specialists: Sequence[SpecialistLike]) -> list[SpecialistOut
     return out
 
 
-def _check_p_gen(p_gen: np.ndarray) -> np.ndarray:
-    p = np.asarray(p_gen, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] < 1:
-        raise EnsembleError(f"p_gen must be (N, C) probabilities, got shape {p.shape}; pass one row per image")
-    if not np.isfinite(p).all() or (p < 0).any():
-        raise EnsembleError("p_gen has negative or non-finite entries; pass softmax probabilities")
-    bad = np.abs(p.sum(axis=1) - 1.0) > _SUM_TOL
-    if bad.any():
-        raise EnsembleError(
-            f"p_gen rows must sum to 1, row {int(np.flatnonzero(bad)[0])} sums to "
-            f"{p[bad][0].sum():.6g}; apply a softmax first"
-        )
-    return p
+def _check_p_gen(p_gen: Probs) -> np.ndarray:
+    return checks.as_probs(p_gen, name="p_gen", error=EnsembleError, atol=_SUM_TOL, neg_atol=0.0)
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _check_groups(groups: Sequence[np.ndarray], num_classes: int) -> list[np.ndarray]:
-    out = []
-    for m, g in enumerate(groups):
-        g = np.asarray(g.classes if isinstance(g, SpecialistOutputs) else g)
-        if g.ndim != 1 or g.size == 0 or not np.issubdtype(g.dtype, np.integer):
-            raise EnsembleError(f"group {m} must be a non-empty 1-D array of class indices, got {g!r}")
-        if (g < 0).any() or (g >= num_classes).any() or np.unique(g).size != g.size:
-            raise EnsembleError(
-                f"group {m} must hold distinct class indices in [0, {num_classes}), got {g.tolist()}; "
-                "check that the groups and p_gen use the same class order"
-            )
-        out.append(g.astype(np.int64, copy=False))
-    return out
+def _check_groups(groups: Sequence[Labels | SpecialistOutputs], num_classes: int) -> list[np.ndarray]:
+    classes = [g.classes if isinstance(g, SpecialistOutputs) else g for g in groups]
+    return checks.check_groups(classes, num_classes, error=EnsembleError)
 
 
-def _membership(groups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+def _membership(groups: Groups, num_classes: int) -> np.ndarray:
     """(C, M) bool: class j belongs to group m."""
     member = np.zeros((num_classes, len(groups)), dtype=bool)
     for m, g in enumerate(groups):
@@ -248,14 +230,8 @@ def _membership(groups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
     return member
 
 
-def _check_mask(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
-    a = np.asarray(mask)
-    if a.shape != shape or a.dtype != bool:
-        raise EnsembleError(
-            f"{name} must be a bool array of shape (N, M) = {shape}, got {a.dtype} {a.shape}; "
-            "use activation(p_gen, groups)"
-        )
-    return a
+def _check_mask(mask: Mask, shape: tuple[int, int], name: str) -> np.ndarray:
+    return checks.as_bools(mask, shape, name=name, error=EnsembleError, fix="use activation(p_gen, groups)")
 
 
 def _read_probs(
@@ -306,7 +282,7 @@ def _read_probs(
 # cells
 
 
-def cell_index(classes: np.ndarray, num_classes: int) -> np.ndarray:
+def cell_index(classes: Labels, num_classes: int) -> np.ndarray:
     """Cell of every class for one specialist.
 
     Args:
@@ -322,7 +298,7 @@ def cell_index(classes: np.ndarray, num_classes: int) -> np.ndarray:
     return cells
 
 
-def collapse(q: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def collapse(q: Probs, classes: Labels) -> np.ndarray:
     """Collapse full distributions onto a specialist's cells.
 
     Args:
@@ -339,7 +315,7 @@ def collapse(q: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return np.concatenate([q[:, classes], q[:, outside].sum(axis=1, keepdims=True)], axis=1)
 
 
-def expand_to_full(spec_probs: np.ndarray, classes: np.ndarray, p_gen: np.ndarray) -> np.ndarray:
+def expand_to_full(spec_probs: Probs, classes: Labels, p_gen: Probs) -> np.ndarray:
     """Turn a specialist's output into a distribution over all C classes.
 
     ``out[:, classes] = spec_probs[:, :-1]``; the dustbin mass ``spec_probs[:, -1]`` is spread over
@@ -386,7 +362,7 @@ def expand_to_full(spec_probs: np.ndarray, classes: np.ndarray, p_gen: np.ndarra
 # activation
 
 
-def activation(p_gen: np.ndarray, groups: Sequence[np.ndarray], *, top_n: int = 1) -> np.ndarray:
+def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1) -> np.ndarray:
     """Which specialists to run: those whose classes meet the generalist's top-n classes.
 
     Args:
@@ -411,7 +387,7 @@ def activation(p_gen: np.ndarray, groups: Sequence[np.ndarray], *, top_n: int = 
     return member[top].any(axis=1)
 
 
-def coverage_count(groups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+def coverage_count(groups: Groups, num_classes: int) -> np.ndarray:
     """(C,) int64: how many groups contain each class (paper Table 4 buckets)."""
     return _membership(_check_groups(groups, num_classes), num_classes).sum(axis=1).astype(np.int64)
 
@@ -449,7 +425,7 @@ def _kl_rows(p: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def _prepare_kl(
-    p_gen: np.ndarray, specialists: Sequence[SpecialistLike], active: np.ndarray
+    p_gen: Probs, specialists: Sequence[SpecialistLike], active: Mask
 ) -> tuple[np.ndarray, list[SpecialistOutputs], np.ndarray, list[np.ndarray]]:
     pg = _check_p_gen(p_gen)
     specs = _as_specialists(specialists)
@@ -459,7 +435,7 @@ def _prepare_kl(
 
 
 def kl_objective(
-    q: np.ndarray, p_gen: np.ndarray, specialists: Sequence[SpecialistLike], active: np.ndarray
+    q: np.ndarray, p_gen: Probs, specialists: Sequence[SpecialistLike], active: Mask
 ) -> np.ndarray:
     """The paper's objective per image: ``KL(p_gen || q) + sum_{m active} KL(p_m || collapse_m(q))``.
 
@@ -485,9 +461,9 @@ def kl_objective(
 
 
 def solve_kl(
-    p_gen: np.ndarray,
+    p_gen: Probs,
     specialists: Sequence[SpecialistLike],
-    active: np.ndarray,
+    active: Mask,
     *,
     tol: float = 1e-10,
     max_iter: int = 1_000,
@@ -689,9 +665,9 @@ def _solve_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def combine_kl(
-    p_gen: np.ndarray,
+    p_gen: Probs,
     specialists: Sequence[SpecialistLike],
-    active: np.ndarray,
+    active: Mask,
     *,
     tol: float = 1e-10,
     max_iter: int = 1_000,
@@ -774,9 +750,9 @@ def _torch_image_solve(
 
 
 def combine_kl_gradient(
-    p_gen: np.ndarray,
+    p_gen: Probs,
     specialists: Sequence[SpecialistLike],
-    active: np.ndarray,
+    active: Mask,
     *,
     method: str = "lbfgs",
     tol: float = 1e-8,
@@ -860,7 +836,7 @@ def _solve_image(
 # option (a): the most confident specialists
 
 
-def specialist_confidence(spec_probs: np.ndarray, *, confidence: str = "max") -> np.ndarray:
+def specialist_confidence(spec_probs: Probs, *, confidence: str = "max") -> np.ndarray:
     """(N,) confidence of one specialist.
 
     ``"max"``: its largest non-dustbin probability (how sure it is of one of its own classes);
@@ -873,12 +849,12 @@ def specialist_confidence(spec_probs: np.ndarray, *, confidence: str = "max") ->
 
 
 def combine_top_confident(
-    p_gen: np.ndarray,
+    p_gen: Probs,
     specialists: Sequence[SpecialistLike],
     *,
     n: int = 2,
     confidence: str = "max",
-    active: np.ndarray | None = None,
+    active: Mask | None = None,
 ) -> np.ndarray:
     """Option (a): run the specialists, keep the ``n`` most confident, average their outputs.
 
@@ -950,7 +926,7 @@ def _mixture(
 # option (b): mixture of experts gated by the generalist
 
 
-def moe_gates(p_gen: np.ndarray, groups: Sequence[np.ndarray], *, threshold: float = 0.0) -> MoEGates:
+def moe_gates(p_gen: Probs, groups: Groups, *, threshold: float = 0.0) -> MoEGates:
     """Gates of the generalist-weighted mixture of experts (see :func:`combine_moe`).
 
     Args:
@@ -975,7 +951,7 @@ def moe_gates(p_gen: np.ndarray, groups: Sequence[np.ndarray], *, threshold: flo
     return MoEGates(specialist=gates, generalist=generalist, run=run, group_mass=mass)
 
 
-def combine_moe(p_gen: np.ndarray, specialists: Sequence[SpecialistLike], *, threshold: float = 0.0) -> np.ndarray:
+def combine_moe(p_gen: Probs, specialists: Sequence[SpecialistLike], *, threshold: float = 0.0) -> np.ndarray:
     """Option (b): the generalist's probabilities weight the specialists (mixture of experts).
 
     With ``member[j, m] = (j in S_m)`` and ``cover_j = sum_m member[j, m]``:
@@ -1016,10 +992,10 @@ def combine_moe(p_gen: np.ndarray, specialists: Sequence[SpecialistLike], *, thr
 
 def combine(
     rule: str,
-    p_gen: np.ndarray,
+    p_gen: Probs,
     specialists: Sequence[SpecialistLike] = (),
     *,
-    active: np.ndarray | None = None,
+    active: Mask | None = None,
     top_n: int = 1,
     gated: bool = True,
     **options: object,
@@ -1065,8 +1041,8 @@ def combine(
 
 
 def run_conditionally(
-    active: np.ndarray,
-    groups: Sequence[np.ndarray],
+    active: Mask,
+    groups: Groups,
     predict_fns: Sequence[Callable[[np.ndarray], np.ndarray]],
     *,
     fill: float = np.nan,
@@ -1086,9 +1062,7 @@ def run_conditionally(
         :class:`ConditionalRun` with one :class:`SpecialistOutputs` per specialist and the number
         of evaluations (the cost).
     """
-    act = np.asarray(active)
-    if act.ndim != 2 or act.dtype != bool:
-        raise EnsembleError(f"active must be an (N, M) bool array, got {act.dtype} {act.shape}")
+    act = checks.as_bools(active, (-1, -1), name="active", error=EnsembleError)
     if not len(groups) == len(predict_fns) == act.shape[1]:
         raise EnsembleError(
             f"need one group and one predict function per column of active: got {len(groups)} groups, "

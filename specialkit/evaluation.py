@@ -32,6 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import checks
+from .typing import Labels, Mask, Scores
+
 __all__ = [
     "EvaluationError",
     "predictions",
@@ -56,27 +59,17 @@ class EvaluationError(ValueError):
 # --------------------------------------------------------------------------------------------- accuracy
 
 
-def _np(a: Any) -> np.ndarray:
-    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+def _labels(y: Labels) -> np.ndarray:
+    return checks.as_labels(y, error=EvaluationError, fix="pass ds.y_test")
 
 
-def _labels(y: Any) -> np.ndarray:
-    y = _np(y)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise EvaluationError(f"labels must be a (N,) integer array, got {y.dtype} {y.shape}; pass ds.y_test")
-    return y.astype(np.int64, copy=False)
+def _probs(p: Scores, n: int, *, name: str = "probs") -> np.ndarray:
+    return checks.as_probs(p, n, name=name, error=EvaluationError, check_values=False)
 
 
-def _probs(p: Any, n: int, *, name: str = "probs") -> np.ndarray:
-    p = _np(p)
-    if p.ndim != 2 or p.shape[0] != n:
-        raise EvaluationError(f"{name} must be (N, C) with N={n} rows (one per label), got shape {p.shape}")
-    return p
-
-
-def predictions(probs_or_preds: Any) -> np.ndarray:
+def predictions(probs_or_preds: Scores) -> np.ndarray:
     """(N, C) scores -> (N,) argmax; (N,) integer predictions are returned as they are."""
-    a = _np(probs_or_preds)
+    a = checks.as_numpy(probs_or_preds)
     if a.ndim == 2:
         return a.argmax(axis=1).astype(np.int64)
     if a.ndim == 1 and np.issubdtype(a.dtype, np.integer):
@@ -84,7 +77,7 @@ def predictions(probs_or_preds: Any) -> np.ndarray:
     raise EvaluationError(f"expected (N, C) probabilities or (N,) integer predictions, got {a.dtype} {a.shape}")
 
 
-def top1(probs_or_preds: Any, y: Any) -> float:
+def top1(probs_or_preds: Scores, y: Labels) -> float:
     """Top-1 accuracy.
 
     Args:
@@ -100,8 +93,8 @@ def top1(probs_or_preds: Any, y: Any) -> float:
     return float((pred == y).mean())
 
 
-def _covered(covered_classes: Any, num_classes: int) -> np.ndarray:
-    c = _np(covered_classes)
+def _covered(covered_classes: Labels | Mask, num_classes: int) -> np.ndarray:
+    c = checks.as_numpy(covered_classes)
     if c.dtype == bool:
         if c.shape != (num_classes,):
             raise EvaluationError(f"a boolean coverage mask must have shape ({num_classes},), got {c.shape}")
@@ -114,7 +107,7 @@ def _covered(covered_classes: Any, num_classes: int) -> np.ndarray:
     return c
 
 
-def conditional_accuracy(probs: Any, y: Any, covered_classes: Any) -> float:
+def conditional_accuracy(probs: Scores, y: Labels, covered_classes: Labels | Mask) -> float:
     """The paper's conditional test accuracy (Table 3).
 
     Only examples whose true class is covered by some specialist count, and the prediction is the
@@ -150,7 +143,7 @@ def _coverage_per_class(coverage: Any, num_classes: int) -> np.ndarray:
 
 
 def coverage_breakdown(
-    p_gen: Any, q_ens: Any, y: Any, coverage: Any, *, tail: int | None = None, add_total: bool = False
+    p_gen: Scores, q_ens: Scores, y: Labels, coverage: Labels, *, tail: int | None = None, add_total: bool = False
 ) -> pd.DataFrame:
     """The paper's Table 4: accuracy change grouped by how many specialists cover the true class.
 
@@ -215,7 +208,7 @@ def coverage_breakdown(
 
 
 def per_class_change(
-    p_gen: Any, q: Any, y: Any, num_classes: int | None = None, *, class_names: Sequence[str] | None = None
+    p_gen: Scores, q: Scores, y: Labels, num_classes: int | None = None, *, class_names: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """Per-class accuracy of the generalist and of another model (e.g. the ensemble), and the change.
 
@@ -257,7 +250,7 @@ def per_class_change(
     return df
 
 
-def fixed_and_broken(p_gen: Any, q: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+def fixed_and_broken(p_gen: Scores, q: Scores, y: Labels) -> tuple[np.ndarray, np.ndarray]:
     """Examples the other model fixed (generalist wrong, it right) and broke (generalist right, it wrong).
 
     Args:
@@ -277,10 +270,10 @@ def fixed_and_broken(p_gen: Any, q: Any, y: Any) -> tuple[np.ndarray, np.ndarray
 
 def comparison_table(
     results: Mapping[str, Any],
-    y: Any,
+    y: Labels,
     *,
     baseline: str = "generalist",
-    covered_classes: Any | None = None,
+    covered_classes: Labels | Mask | None = None,
 ) -> pd.DataFrame:
     """One row per model: top-1, change relative to the baseline, and (optionally) conditional accuracy.
 
@@ -340,7 +333,7 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
     return {"params": models.count_parameters(model), "flops": models.count_flops(model, shape)}
 
 
-def ensemble_cost(gen_cost: Mapping[str, int], spec_costs: Sequence[Mapping[str, int]], active: Any) -> dict[str, float]:
+def ensemble_cost(gen_cost: Mapping[str, int], spec_costs: Sequence[Mapping[str, int]], active: Mask) -> dict[str, float]:
     """FLOPs and parameters per image of the generalist and of the ensemble, with and without conditional execution.
 
     The ensemble always runs the generalist (its top-n choose the active specialists). "All" runs every

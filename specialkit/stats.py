@@ -19,10 +19,13 @@ Two models evaluated on the *same* test images are compared on the paired outcom
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 from scipy import stats as _st
+
+from . import checks
+from .typing import Mask
 
 __all__ = [
     "StatsError",
@@ -45,11 +48,8 @@ class StatsError(ValueError):
     """Inputs to a statistic do not fit together; the message names the problem and the fix."""
 
 
-def _correct(a: Any, name: str) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.ndim != 1 or arr.dtype != bool:
-        raise StatsError(f"{name} must be a (N,) boolean array of per-image correctness (pred == y), got {arr.dtype} {arr.shape}")
-    return arr
+def _correct(a: Mask, name: str) -> np.ndarray:
+    return checks.as_bools(a, (-1,), name=name, error=StatsError, fix="pass per-image correctness (pred == y)")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class McNemar:
     p_value: float
 
 
-def mcnemar(first_correct: Any, second_correct: Any) -> McNemar:
+def mcnemar(first_correct: Mask, second_correct: Mask) -> McNemar:
     """McNemar's exact test: is the second model's accuracy different from the first's?
 
     Args:
@@ -96,7 +96,7 @@ class Bootstrap:
     Each model's per-resample accuracy is kept, (B,), so differences and ratios are paired.
     """
 
-    def __init__(self, correct: Mapping[str, Any], *, resamples: int = 2000, seed: int = 0, chunk: int = 500):
+    def __init__(self, correct: Mapping[str, Mask], *, resamples: int = 2000, seed: int = 0, chunk: int = 500):
         if not correct:
             raise StatsError("no models to bootstrap: pass name -> (N,) correctness arrays")
         if resamples < 100:
@@ -155,12 +155,12 @@ class Bootstrap:
             return self.interval(np.where(den > 0, num / den, np.nan))
 
 
-def paired_bootstrap(correct: Mapping[str, Any], *, resamples: int = 2000, seed: int = 0) -> Bootstrap:
+def paired_bootstrap(correct: Mapping[str, Mask], *, resamples: int = 2000, seed: int = 0) -> Bootstrap:
     """A :class:`Bootstrap` over ``correct`` (name -> (N,) bool on the same images)."""
     return Bootstrap(correct, resamples=resamples, seed=seed)
 
 
-def subset_relative_gain_ci(gen_correct: Any, ens_correct: Any, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def subset_relative_gain_ci(gen_correct: Mask, ens_correct: Mask, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% paired-bootstrap interval of the relative gain ``(ens - gen) / gen`` (counts of correct images),
     the paper's Table 4 statistic, on one subset of test images."""
     g, e = _correct(gen_correct, "gen_correct"), _correct(ens_correct, "ens_correct")

@@ -12,6 +12,12 @@
 * the whole training state written atomically after every epoch to ``state_path``; an interrupted
   run resumes from it and ends with the same weights (bit-identical on CPU) as an uninterrupted one.
 
+The loop is built in steps, as skorch's is: :func:`fit` -> :func:`run_epoch` -> :func:`train_step`.
+A :class:`TrainState` holds what a run needs to go on (model, optimizer, scaler, generator, history,
+early-stopping bookkeeping) and saves/loads itself; :class:`Callback` hooks run after every epoch.
+Early stopping (:class:`EarlyStopping`) and the state file (:class:`StateCheckpoint`) are callbacks
+that :func:`fit` builds from its config and ``state_path``; pass more with ``fit(callbacks=...)``.
+
 All randomness of a run (example order, augmentation, dropout) comes from ``config.seed``: the
 example order and augmentation from a ``torch.Generator``, dropout from the global torch RNG forked
 for the duration of :func:`fit` (the caller's RNG state is left untouched).
@@ -29,7 +35,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +57,12 @@ __all__ = [
     "distillation_loss",
     "train_step",
     "evaluate",
+    "TrainData",
+    "TrainState",
+    "Callback",
+    "EarlyStopping",
+    "StateCheckpoint",
+    "run_epoch",
     "fit",
     "predict_logits",
     "predict_probs",
@@ -752,6 +764,181 @@ def _epoch_order(sample_indices: SampleIndices | None, epoch: int, generator: to
     return order.long().cpu()
 
 
+@dataclass(frozen=True)
+class TrainData:
+    """The tensors of one :func:`fit` call, already on the device, and how to draw from them.
+
+    Attributes:
+        x: (N, C, H, W) ``uint8`` training images.
+        y: (N,) int64 labels.
+        soft: (N, K) float32 soft targets aligned with ``x``, or ``None``.
+        teacher: per-batch soft targets (see :func:`fit`), or ``None``.
+        hflip: augmentation may flip images left-right.
+        sample_indices: the example order of an epoch (see :func:`fit`); ``None`` = a permutation.
+        x_val: (M, C, H, W) validation images, or ``None``.
+        y_val: (M,) validation labels, or ``None``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    soft: torch.Tensor | None = None
+    teacher: Teacher | None = None
+    hflip: bool = False
+    sample_indices: SampleIndices | None = None
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to go on: what :meth:`save` writes and :meth:`load` restores.
+
+    The model, optimizer, scaler and generator are updated in place by :func:`run_epoch`;
+    callbacks read ``history`` and set ``finished`` (with :meth:`stop`). ``best_acc``,
+    ``best_weights`` and ``bad_epochs`` belong to :class:`EarlyStopping` (kept here so that a
+    resumed run stops where an uninterrupted one would).
+
+    Attributes:
+        model: the classifier, on ``device``.
+        optimizer: its optimizer.
+        scaler: a ``GradScaler`` (float16 mixed precision) or ``None``.
+        generator: CPU generator of the example order and augmentation.
+        config: the run's :class:`TrainConfig`.
+        device: where the model and data live.
+        signature: what identifies the run (config, data); :meth:`load` refuses a file of another run.
+        history: the epochs so far.
+        best_acc: best validation accuracy so far (-1 before the first).
+        best_weights: the model's ``state_dict`` at ``best_acc``, or ``None``.
+        bad_epochs: epochs since ``best_acc`` improved.
+        finished: training is over (all epochs done or a callback stopped it).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    generator: torch.Generator
+    config: TrainConfig
+    device: torch.device
+    signature: dict[str, Any] | None = None
+    history: History = field(default_factory=History)
+    best_acc: float = -1.0
+    best_weights: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    finished: bool = False
+
+    @property
+    def epoch(self) -> int:
+        """Epochs done so far."""
+        return len(self.history)
+
+    def stop(self) -> None:
+        """End training after this epoch; the history records that it stopped early."""
+        self.finished = True
+        self.history.stopped_early = True
+
+    def save(self, path: str | Path) -> None:
+        """Write the state to ``path`` atomically (a crash leaves the previous file intact)."""
+        with runs.atomic_open(path, "wb") as f:
+            torch.save(
+                {
+                    "format": _STATE_FORMAT, "version": _STATE_VERSION, "signature": self.signature,
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "rng": _rng_state(self.generator, self.device), "history": self.history.to_dict(),
+                    "best_acc": self.best_acc, "bad_epochs": self.bad_epochs, "finished": self.finished,
+                    "best_model": self.best_weights,
+                },
+                f,
+            )  # fmt: skip
+
+    def load(self, path: str | Path) -> None:
+        """Restore the state saved at ``path`` into this one (model, optimizer, RNGs, history ...).
+
+        Also sets the global torch RNG (dropout) to its saved state. Raises :class:`TrainingError`
+        when the file is not a training state, is corrupt, or belongs to another run (another
+        signature); a finished run whose ``epochs`` grew (see :func:`fit`) is continued.
+        """
+        path = Path(path)
+        saved = _load_state(path)
+        extended = _check_resumable(path, saved["signature"], self.signature)
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as err:
+            raise TrainingError(
+                f"training state {path} holds weights of another model ({str(err).strip()[:300]}): pass the "
+                f"same model architecture, or delete the file to start over"
+            ) from err
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"], self.generator, self.device)
+        self.history = History.from_dict(saved["history"])
+        self.best_acc, self.bad_epochs = saved["best_acc"], saved["bad_epochs"]
+        self.finished = saved["finished"] and not extended
+        best = saved["best_model"]
+        self.best_weights = None if best is None else {k: v.to(self.device) for k, v in best.items()}
+
+
+class Callback:
+    """Hooks :func:`fit` calls; subclass and override the ones you need (all do nothing here).
+
+    A callback may stop training (``state.stop()``) or read and change the state; it must not draw
+    random numbers from ``state.generator`` or torch's global RNG, or a resumed run would differ.
+    """
+
+    def on_train_begin(self, state: TrainState) -> None:
+        """Before the first epoch (inside the run's RNG fork); resuming callbacks load here."""
+
+    def on_epoch_end(self, state: TrainState, record: EpochRecord) -> None:
+        """After each epoch; ``record`` is already the last entry of ``state.history``."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """After the last epoch (also when a finished state was loaded and no epoch ran)."""
+
+
+class EarlyStopping(Callback):
+    """Stop after ``patience`` epochs without a better validation accuracy; restore the best weights.
+
+    Needs validation data. The best accuracy, its weights and the count of bad epochs live in the
+    :class:`TrainState`, so they are saved and resumed with it.
+    """
+
+    def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise TrainingError(f"EarlyStopping: patience must be at least 1, got {patience}")
+        self.patience = patience
+
+    def on_epoch_end(self, state: TrainState, record: EpochRecord) -> None:
+        if record.val_acc is None:
+            raise TrainingError("early stopping needs validation data: pass x_val and y_val, or drop EarlyStopping")
+        if record.val_acc > state.best_acc:
+            state.best_acc, state.bad_epochs = record.val_acc, 0
+            state.best_weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        else:
+            state.bad_epochs += 1
+        if state.bad_epochs >= self.patience and not state.finished:
+            state.stop()
+        if state.finished and state.best_weights is not None:
+            state.model.load_state_dict(state.best_weights)
+
+
+class StateCheckpoint(Callback):
+    """Resume from ``path`` when it exists; write the state there after every epoch.
+
+    Put it last, so that the file holds what the other callbacks decided (a stop, restored weights).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, state: TrainState) -> None:
+        if self.path.exists():
+            state.load(self.path)
+
+    def on_epoch_end(self, state: TrainState, record: EpochRecord) -> None:
+        state.save(self.path)
+
+
 def fit(
     model: nn.Module,
     x_train: torch.Tensor | np.ndarray,
@@ -766,8 +953,14 @@ def fit(
     sample_indices: SampleIndices | None = None,
     state_path: str | Path | None = None,
     desc: str = "train",
+    callbacks: Sequence[Callback] = (),
 ) -> History:
     """Train ``model`` in place; returns its :class:`History`. The model ends in eval mode on the device.
+
+    The loop is ``fit`` -> :func:`run_epoch` -> :func:`train_step`, with :class:`Callback` hooks
+    after each epoch: ``callbacks`` first, then :class:`EarlyStopping` (when
+    ``config.early_stopping_patience`` is set), then :class:`StateCheckpoint` (when ``state_path``
+    is given).
 
     Args:
         model: a :class:`~specialkit.models.Classifier` (any module mapping (N, C, H, W) floats in
@@ -793,6 +986,8 @@ def fit(
             same weights as an uninterrupted run; a finished state returns at once. With
             ``schedule="constant"`` and no early stopping, a larger ``epochs`` extends the run.
         desc: label of the progress bar.
+        callbacks: extra :class:`Callback` objects (e.g. a new stopping rule), run in order
+            before the built-in ones.
     """
     config = config or TrainConfig()
     x_train, y_train = _as_tensor(x_train, "x_train"), _as_tensor(y_train, "y_train")
@@ -802,97 +997,74 @@ def fit(
     if soft is not None and teacher is not None:
         raise TrainingError("pass soft_targets (fixed per image) or teacher (per augmented batch), not both")
     n_out = _validate_fit_inputs(model, x_train, y_train, config, x_val, y_val, soft, teacher is not None)
+    hooks = _fit_callbacks(callbacks, config, state_path)
 
     device = resolve_device(config.device)
-    channels_last = _use_channels_last(config.channels_last, device)
-    amp_dtype = _amp_dtype(config.amp, device)
     model.to(device)
-    if channels_last:
+    if _use_channels_last(config.channels_last, device):
         model.to(memory_format=torch.channels_last)
-    x_dev, y_dev = x_train.to(device), y_train.to(device)
-    x_val_dev = None if x_val is None else x_val.to(device)
-    soft_dev = None if soft is None else soft.to(device, torch.float32)
-    optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    generator = torch.Generator().manual_seed(config.seed)
-    signature = _signature(
-        config, x_train, y_train, n_out, "teacher" if teacher is not None else soft is not None,
-        0 if y_val is None else len(y_val), sample_indices is not None, hflip,
+    data = TrainData(
+        x=x_train.to(device), y=y_train.to(device), soft=None if soft is None else soft.to(device, torch.float32),
+        teacher=teacher, hflip=hflip, sample_indices=sample_indices,
+        x_val=None if x_val is None else x_val.to(device), y_val=y_val,
     )  # fmt: skip
-    path = None if state_path is None else Path(state_path)
-
-    history = History()
-    best_acc, best_weights, bad_epochs, finished = -1.0, None, 0, False
+    amp_dtype = _amp_dtype(config.amp, device)
+    state = TrainState(
+        model=model, optimizer=make_optimizer(model, config),
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        generator=torch.Generator().manual_seed(config.seed), config=config, device=device,
+        signature=_signature(
+            config, x_train, y_train, n_out, "teacher" if teacher is not None else soft is not None,
+            0 if y_val is None else len(y_val), sample_indices is not None, hflip,
+        ),
+    )  # fmt: skip
     with _forked_rng(device, config.seed), _threads(config.num_threads):
-        if path is not None and path.exists():
-            state = _load_state(path)
-            extended = _check_resumable(path, state["signature"], signature)
-            try:
-                model.load_state_dict(state["model"])
-            except RuntimeError as err:
-                raise TrainingError(
-                    f"training state {path} holds weights of another model ({str(err).strip()[:300]}): pass the "
-                    f"same model architecture, or delete the file to start over"
-                ) from err
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"], generator, device)
-            history = History.from_dict(state["history"])
-            best_acc, bad_epochs, finished = state["best_acc"], state["bad_epochs"], state["finished"] and not extended
-            if state["best_model"] is not None:
-                best_weights = {k: v.to(device) for k, v in state["best_model"].items()}
-
-        from tqdm.auto import tqdm
-
-        epochs_bar = tqdm(
-            total=config.epochs, initial=len(history), desc=desc, unit="epoch",
-            disable=not config.progress or finished, dynamic_ncols=True,
-        )  # fmt: skip
-        try:
-            while not finished:
-                epoch, started = len(history), time.perf_counter()
-                record = _train_epoch(
-                    model, optimizer, scaler, config, generator, x_dev, y_dev, soft_dev, hflip, amp_dtype,
-                    channels_last, sample_indices, epoch, history.examples_seen, device, desc, teacher,
-                )  # fmt: skip
-                if x_val is not None:
-                    ev = evaluate(
-                        model, x_val_dev, y_val, batch_size=config.eval_batch_size, device=device,
-                        channels_last=channels_last, amp=amp_dtype is not None,
-                    )  # fmt: skip
-                    record = replace(record, val_loss=ev["loss"], val_acc=ev["acc"])
-                record = replace(record, seconds=time.perf_counter() - started)
-                history.records.append(record)
-                if config.early_stopping_patience is not None:
-                    if record.val_acc > best_acc:
-                        best_acc, bad_epochs = record.val_acc, 0
-                        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    else:
-                        bad_epochs += 1
-                    history.stopped_early = bad_epochs >= config.early_stopping_patience and epoch + 1 < config.epochs
-                finished = history.stopped_early or epoch + 1 >= config.epochs
-                if finished and best_weights is not None:
-                    model.load_state_dict(best_weights)
-                if path is not None:
-                    with runs.atomic_open(path, "wb") as f:
-                        torch.save(
-                            {
-                                "format": _STATE_FORMAT, "version": _STATE_VERSION, "signature": signature,
-                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict() if scaler is not None else None,
-                                "rng": _rng_state(generator, device), "history": history.to_dict(),
-                                "best_acc": best_acc, "bad_epochs": bad_epochs, "finished": finished,
-                                "best_model": best_weights,
-                            },
-                            f,
-                        )  # fmt: skip
-                epochs_bar.update(1)
-                epochs_bar.set_postfix(_postfix(record), refresh=False)
-        finally:
-            epochs_bar.close()
+        _fit_loop(state, data, hooks, desc)
     model.eval()
-    return history
+    return state.history
+
+
+def _fit_callbacks(callbacks: Sequence[Callback], config: TrainConfig, state_path: str | Path | None) -> list[Callback]:
+    hooks = ("on_train_begin", "on_epoch_end", "on_train_end")
+    for cb in callbacks:
+        if not any(callable(getattr(cb, h, None)) for h in hooks):
+            raise TrainingError(f"callback {cb!r} has none of {', '.join(hooks)}: subclass specialkit.training.Callback")
+    out = list(callbacks)
+    if config.early_stopping_patience is not None:
+        out.append(EarlyStopping(config.early_stopping_patience))
+    if state_path is not None:
+        out.append(StateCheckpoint(state_path))
+    return out
+
+
+def _notify(callbacks: Sequence[Callback], hook: str, *args: Any) -> None:
+    for cb in callbacks:
+        method = getattr(cb, hook, None)
+        if method is not None:
+            method(*args)
+
+
+def _fit_loop(state: TrainState, data: TrainData, callbacks: Sequence[Callback], desc: str) -> None:
+    """Epochs until ``state.finished``: :func:`run_epoch`, then every callback's ``on_epoch_end``."""
+    from tqdm.auto import tqdm
+
+    _notify(callbacks, "on_train_begin", state)
+    config = state.config
+    epochs_bar = tqdm(
+        total=config.epochs, initial=state.epoch, desc=desc, unit="epoch",
+        disable=not config.progress or state.finished, dynamic_ncols=True,
+    )  # fmt: skip
+    try:
+        while not state.finished:
+            record = run_epoch(state, data, desc=desc)
+            state.history.records.append(record)
+            state.finished = state.epoch >= config.epochs
+            _notify(callbacks, "on_epoch_end", state, record)
+            epochs_bar.update(1)
+            epochs_bar.set_postfix(_postfix(record), refresh=False)
+    finally:
+        epochs_bar.close()
+    _notify(callbacks, "on_train_end", state)
 
 
 def _postfix(record: EpochRecord) -> dict[str, str]:
@@ -902,59 +1074,51 @@ def _postfix(record: EpochRecord) -> dict[str, str]:
     return out
 
 
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    config: TrainConfig,
-    generator: torch.Generator,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    soft: torch.Tensor | None,
-    hflip: bool,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    sample_indices: SampleIndices | None,
-    epoch: int,
-    examples_before: int,
-    device: torch.device,
-    desc: str,
-    teacher: Teacher | None = None,
-) -> EpochRecord:
-    """One epoch of training steps; the caller adds validation results and the duration."""
+def run_epoch(state: TrainState, data: TrainData, *, desc: str = "train") -> EpochRecord:
+    """One epoch: a :func:`train_step` per batch of the epoch's example order, then validation.
+
+    Updates the model, optimizer and generator in ``state`` (not its history: the caller appends
+    the returned record).
+
+    Returns:
+        the epoch's :class:`EpochRecord` (numbered ``state.epoch + 1``).
+    """
+    started = time.perf_counter()
+    record = _train_batches(state, data, desc)
+    if data.x_val is not None:
+        config, device = state.config, state.device
+        ev = evaluate(
+            state.model, data.x_val, data.y_val, batch_size=config.eval_batch_size, device=device,
+            channels_last=_use_channels_last(config.channels_last, device), amp=_amp_dtype(config.amp, device) is not None,
+        )  # fmt: skip
+        record = replace(record, val_loss=ev["loss"], val_acc=ev["acc"])
+    return replace(record, seconds=time.perf_counter() - started)
+
+
+def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord:
     from tqdm.auto import tqdm
 
-    order = _epoch_order(sample_indices, epoch, generator, len(y)).to(device)
+    config, device, epoch = state.config, state.device, state.epoch
+    order = _epoch_order(data.sample_indices, epoch, state.generator, len(data.y)).to(device)
     bs = config.batch_size
     n_steps = math.ceil(len(order) / bs)
-    augment = config.augment and (config.crop_padding > 0 or hflip)
+    amp_dtype = _amp_dtype(config.amp, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    model.train()
+    state.model.train()
     lr = config.peak_lr
     with tqdm(total=n_steps, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=not config.progress, dynamic_ncols=True) as bar:
         for step in range(n_steps):
             lr = learning_rate_at(config, (epoch + step / n_steps) / config.epochs)
-            for group in optimizer.param_groups:
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
             idx = order[step * bs : (step + 1) * bs]
-            xb = x.index_select(0, idx)
-            if augment:
-                xb = augment_batch(
-                    xb, generator=generator, padding=config.crop_padding, hflip=hflip, pad_mode=config.pad_mode
-                )
-            xb = _prepare_input(xb, device, channels_last)
-            yb = y.index_select(0, idx)
-            if teacher is not None:
-                with torch.no_grad():
-                    soft_b = teacher(xb).to(device, torch.float32)
-            else:
-                soft_b = None if soft is None else soft.index_select(0, idx)
+            xb, yb, soft_b = _batch(state, data, idx)
             loss, logits = train_step(
-                model, optimizer, xb, yb,
+                state.model, state.optimizer, xb, yb,
                 soft_targets=soft_b,
                 temperature=config.temperature, soft_weight=config.soft_weight,
-                label_smoothing=config.label_smoothing, amp_dtype=amp_dtype, scaler=scaler,
+                label_smoothing=config.label_smoothing, amp_dtype=amp_dtype, scaler=state.scaler,
                 max_grad_norm=config.max_grad_norm,
             )  # fmt: skip
             loss_sum += loss.double() * len(idx)
@@ -966,5 +1130,19 @@ def _train_epoch(
     n = len(order)
     return EpochRecord(
         epoch=epoch + 1, train_loss=float(loss_sum) / n, train_acc=int(correct) / n, val_loss=None, val_acc=None,
-        lr=lr, seconds=0.0, examples_seen=examples_before + n,
+        lr=lr, seconds=0.0, examples_seen=state.history.examples_seen + n,
     )  # fmt: skip
+
+
+def _batch(state: TrainState, data: TrainData, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The prepared (augmented, float, channels-last) images, labels and soft targets of one step."""
+    config, device = state.config, state.device
+    xb = data.x.index_select(0, idx)
+    if config.augment and (config.crop_padding > 0 or data.hflip):
+        xb = augment_batch(xb, generator=state.generator, padding=config.crop_padding, hflip=data.hflip, pad_mode=config.pad_mode)
+    xb = _prepare_input(xb, device, _use_channels_last(config.channels_last, device))
+    yb = data.y.index_select(0, idx)
+    if data.teacher is not None:
+        with torch.no_grad():
+            return xb, yb, data.teacher(xb).to(device, torch.float32)
+    return xb, yb, None if data.soft is None else data.soft.index_select(0, idx)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,17 +10,23 @@ import torch
 
 from specialkit.models import ModelConfig, build_model
 from specialkit.training import (
+    Callback,
+    EarlyStopping,
     History,
     TrainConfig,
+    TrainData,
     TrainingError,
+    TrainState,
     augment_batch,
     distillation_loss,
     evaluate,
     fit,
     learning_rate_at,
+    make_optimizer,
     predict_logits,
     predict_probs,
     resolve_device,
+    run_epoch,
     seed_everything,
 )
 
@@ -342,3 +349,110 @@ def test_predict_restores_training_mode_and_batches(data):
     soft = predict_probs(model, x[:5], temperature=3.0, device="cpu")
     assert soft.dtype == np.float64 and np.allclose(soft.sum(1), 1.0)
     assert np.allclose(soft, torch.softmax(big[:5].double() / 3.0, dim=1).numpy(), atol=1e-6)
+
+
+STATE_KEYS = {
+    "format", "version", "signature", "model", "optimizer", "scaler", "rng", "history", "best_acc", "bad_epochs",
+    "finished", "best_model",
+}  # fmt: skip
+
+
+def test_state_file_written_before_the_callback_refactor_still_resumes(data, tmp_path):
+    """tests/fixtures/train_state_v1.pt: written by fit at commit 41d4ae0 (before TrainState and callbacks),
+    interrupted after epoch 2 of 3 (the run of ``test_resume_gives_bit_identical_weights`` without sample_indices
+    raising). Resuming it gives the weights of an uninterrupted run, and the file keeps its keys."""
+    x, y, xv, yv = data
+    config = _config(epochs=3, early_stopping_patience=5)
+
+    def order(epoch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(len(y), generator=generator)
+
+    state = tmp_path / "state.pt"
+    state.write_bytes((Path(__file__).parent / "fixtures" / "train_state_v1.pt").read_bytes())
+    old = torch.load(state, weights_only=True)
+    assert set(old) == STATE_KEYS and len(old["history"]["records"]) == 2 and not old["finished"]
+    resumed = _model(seed=99, dropout=0.2)
+    h_resumed = fit(resumed, x, y, x_val=xv, y_val=yv, config=config, hflip=True, sample_indices=order, state_path=state)
+    full = _model(dropout=0.2)
+    h_full = fit(full, x, y, x_val=xv, y_val=yv, config=config, hflip=True, sample_indices=order)
+    assert [r.train_loss for r in h_resumed] == [r.train_loss for r in h_full] and len(h_resumed) == 3
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
+    new = torch.load(state, weights_only=True)
+    assert set(new) == STATE_KEYS and new["finished"] and new["signature"] == old["signature"]
+
+
+class _StopAfter(Callback):
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, []
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.calls.append(("begin", state.epoch))
+
+    def on_epoch_end(self, state: TrainState, record) -> None:
+        self.calls.append(("epoch", record.epoch))
+        assert state.history[-1] is record
+        if state.epoch >= self.n:
+            state.stop()
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.calls.append(("end", state.epoch))
+
+
+def test_a_custom_callback_stops_training_and_the_stop_is_saved(data, tmp_path):
+    x, y, _, _ = data
+    stop = _StopAfter(2)
+    state = tmp_path / "state.pt"
+    model = _model()
+    history = fit(model, x, y, config=_config(epochs=6), callbacks=[stop], state_path=state)
+    assert len(history) == 2 and history.stopped_early
+    assert stop.calls == [("begin", 0), ("epoch", 1), ("epoch", 2), ("end", 2)]
+    saved = torch.load(state, weights_only=True)
+    assert saved["finished"] and len(saved["history"]["records"]) == 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved["model"].items())
+    # Resuming the finished state trains nothing more, even without the callback.
+    again = fit(_model(seed=3), x, y, config=_config(epochs=6), state_path=state)
+    assert len(again) == 2 and again.stopped_early
+    with pytest.raises(TrainingError, match="subclass specialkit.training.Callback"):
+        fit(_model(), x, y, config=_config(), callbacks=[object()])
+
+
+def test_early_stopping_callback_restores_the_best_epochs_weights(data):
+    x, y, xv, _ = data
+    noise_labels = torch.randint(0, 4, (len(xv),), generator=torch.Generator().manual_seed(3))
+    snapshots = []
+
+    class Snapshot(Callback):
+        def on_epoch_end(self, state: TrainState, record) -> None:
+            snapshots.append({k: v.clone() for k, v in state.model.state_dict().items()})
+
+    model = _model()
+    history = fit(model, x, y, x_val=xv, y_val=noise_labels, config=_config(epochs=40), callbacks=[Snapshot(), EarlyStopping(2)])
+    assert history.stopped_early and len(history) == history.best_epoch + 2 == len(snapshots)
+    best = snapshots[history.best_epoch - 1]
+    assert not all(torch.equal(v, snapshots[-1][k]) for k, v in best.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in best.items())
+    with pytest.raises(TrainingError, match="early stopping needs validation data"):
+        fit(_model(), x, y, config=_config(epochs=1), callbacks=[EarlyStopping(1)])
+    with pytest.raises(TrainingError, match="patience must be at least 1"):
+        EarlyStopping(0)
+
+
+def test_run_epoch_by_hand_matches_fit(data):
+    """The pieces compose: a hand-written loop over run_epoch trains exactly as fit does."""
+    x, y, xv, yv = data
+    config = _config(epochs=2)
+    by_fit = _model()
+    h_fit = fit(by_fit, x, y, x_val=xv, y_val=yv, config=config)
+    model = _model().to(memory_format=torch.channels_last)
+    state = TrainState(
+        model=model, optimizer=make_optimizer(model, config), scaler=None,
+        generator=torch.Generator().manual_seed(config.seed), config=config, device=torch.device("cpu"),
+    )  # fmt: skip
+    data_ = TrainData(x=x, y=y, x_val=xv, y_val=yv)
+    first = run_epoch(state, data_)
+    assert first.epoch == 1 and len(state.history) == 0  # the caller owns the history
+    state.history.records.append(first)
+    state.history.records.append(run_epoch(state, data_))
+    assert [r.train_loss for r in state.history] == [r.train_loss for r in h_fit]
+    assert [r.val_acc for r in state.history] == [r.val_acc for r in h_fit]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in by_fit.state_dict().items())
