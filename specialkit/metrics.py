@@ -320,7 +320,8 @@ def stage_seconds(run: "Run") -> dict[str, float]:
             out[stage] = float(runs.read_json(marker).get("seconds", 0.0))
     folder = run.stage_dir("specialists")
     if folder.is_dir():
-        out["specialists"] = round(sum(float(runs.read_json(p).get("seconds", 0.0)) for p in folder.glob("*/done.json")), 2)
+        markers = [p for p in folder.glob("*/done.json") if ".old-" not in p.parent.name]  # not moved-aside folders
+        out["specialists"] = round(sum(float(runs.read_json(p).get("seconds", 0.0)) for p in markers), 2)
     return out
 
 
