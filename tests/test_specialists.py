@@ -271,6 +271,29 @@ def test_specialist_checkpoint_round_trips_with_its_metadata(tmp_path, ds, gener
         torch.testing.assert_close(back.model(x), sp.model(x))
 
 
+def test_a_checkpoint_written_before_the_rename_still_loads_and_one_without_a_shift_is_refused(tmp_path, ds, generalist):
+    from specialkit import checkpoints
+
+    sp = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(train=_train_config(epochs=1)), generalist=generalist)
+    sp.dustbin_shift = 0.75  # a value no correction computes here, so reading the wrong key would show
+    old = {k: v for k, v in sp.extra().items() if k != "dustbin_shift"}
+
+    def write(path, extra):
+        checkpoints.save_checkpoint(path, sp.model, model_config=sp.model_config, class_names=ds.class_names,
+                                    dataset_fingerprint=ds.fingerprint, history=sp.history,
+                                    extra={"stage": "specialist", "group": "g", **extra})  # fmt: skip
+
+    write(tmp_path / "old.pt", {**old, "dustbin_correction": 0.75})
+    back = specialists.load_specialist(tmp_path / "old.pt", ds=ds)
+    assert back.dustbin_shift == 0.75 and back.correction == "odds"
+    specialists.save_specialist(tmp_path / "new.pt", sp, ds=ds, group="g")
+    assert checkpoints.load_checkpoint(tmp_path / "new.pt")[1].extra["dustbin_shift"] == 0.75
+    assert "dustbin_correction" not in checkpoints.load_checkpoint(tmp_path / "new.pt")[1].extra
+    write(tmp_path / "none.pt", old)
+    with pytest.raises(checkpoints.CheckpointError, match=r"none.pt has incomplete metadata \(no dustbin_shift\): delete"):
+        specialists.load_specialist(tmp_path / "none.pt", ds=ds)
+
+
 def test_dustbin_head_is_exact_when_the_other_logits_are_equal():
     w = torch.zeros(5, 3)
     b = torch.tensor([1.0, 0.5, 0.5, 2.0, 0.5])
