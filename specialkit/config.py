@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS",
            "SETTING_STAGES", "KEY_STAGES", "RENAMED", "stage_of", "stage_keys", "key_name", "cli_settings", "picker_settings",
-           "choices_of"]
+           "choices_of", "settings_markdown"]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
 RULES = ("generalist", "kl", "top_confident", "moe")
@@ -450,3 +450,29 @@ def choices_of(name: str) -> tuple[str, ...]:
             return tuple(f.metadata["choices"])
     raise ConfigError(f"{name!r} is not a setting with choices; those are: "
                       f"{', '.join(f.name for f in fields(PipelineConfig) if 'choices' in f.metadata)}")
+
+
+_STAGE_NOTES = {"data": "the dataset, its subset and split", "generalist": "the generalist's training (and every later stage's seed)",
+                "clusters": "the class groups", "specialists": "one specialist per group",
+                "compute_matched": "the compute-matched generalist", "ensembles": "activation and combination rules",
+                "distill": "the distilled student", "metrics": "the reported intervals only",
+                "run": "no number: name, device, progress, the list of seeds"}  # fmt: skip
+
+
+def settings_markdown() -> str:
+    """The README's table of settings by stage, from the field metadata (``tools/update_readme.py`` writes it).
+
+    A setting with a ``specialkit run`` flag is shown as ``--flag``; one kept out of its stage's cache key is
+    marked with ``*``."""
+    rows = ["| stage | changes | settings (`--flag`: also a `specialkit run` flag; `*`: not hashed as a value: "
+            "`clusters_file` by its content, the others not at all) |",
+            "| --- | --- | --- |"]
+    for stage in SETTING_STAGES:
+        names = []
+        for f in fields(PipelineConfig):
+            if f.metadata["stage"] != stage:
+                continue
+            shown = f"`{f.name}` (`--{f.name.replace('_', '-')}`)" if "cli" in f.metadata else f"`{f.name}`"
+            names.append(shown + ("*" if stage in KEY_STAGES and not f.metadata["in_key"] else ""))
+        rows.append(f"| {stage} | {_STAGE_NOTES[stage]} | {', '.join(names)} |")
+    return "\n".join(rows)
