@@ -57,6 +57,8 @@ def _setting(default: Any, stage: str, *, cli: str | None = None, in_key: bool =
         choices: the allowed values of a string option (checked by ``validate``).
         picker: the name of the ``widgets.ClusterPicker`` argument the setting starts.
     """
+    if stage not in SETTING_STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {', '.join(SETTING_STAGES)}: route the setting to one of them")
     meta: dict[str, Any] = {"stage": stage, "in_key": in_key and stage in KEY_STAGES}
     for k, v in (("cli", cli), ("key_name", key_name), ("choices", choices), ("picker", picker)):
         if v is not None:

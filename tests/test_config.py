@@ -107,6 +107,8 @@ def test_every_setting_has_a_stage_from_the_allowed_set():
     assert config_mod.stage_of("specialist_temperature") == "specialists"
     with pytest.raises(ConfigError, match="unknown setting 'temperature'"):
         config_mod.stage_of("temperature")
+    with pytest.raises(ValueError, match="stage 'specialist' is not one of data, generalist"):
+        config_mod._setting(1, "specialist")
 
 
 def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
