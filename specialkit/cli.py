@@ -16,37 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, PipelineConfig, cli_settings
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
-# flag -> (config key, type, help)
-_KNOBS: dict[str, tuple[type, str]] = {
-    "name": (str, "run name: the folder runs/<name>"),
-    "dataset": (str, "glyphs (built in) | cifar100 | cifar10 | mnist | fashion_mnist | tiny_imagenet | imagefolder"),
-    "root": (str, "folder with the dataset's files"),
-    "image_size": (int, "resize images to this side, e.g. 32"),
-    "per_class": (int, "training images per class (subset)"),
-    "model": (str, "generalist architecture: cnn | resnet18"),
-    "width": (int, "generalist width (cnn channels)"),
-    "depth": (int, "generalist depth (cnn stages)"),
-    "epochs": (int, "generalist epochs"),
-    "batch_size": (int, "batch size"),
-    "lr": (float, "generalist learning rate"),
-    "method": (str, "clustering: covariance_kmeans (paper) | spectral | agglomerative | balanced"),
-    "k": (int, "number of groups (= specialists)"),
-    "overlap": (str, "none | hdcnn | top_r"),
-    "clusters_file": (str, "use this cluster spec JSON instead of clustering"),
-    "specialist_model": (str, "specialist architecture (default: the generalist's, initialised from it)"),
-    "specialist_width": (int, "specialist width"),
-    "specialist_depth": (int, "specialist depth"),
-    "specialist_epochs": (int, "specialist epochs"),
-    "specialist_soft_weight": (float, "weight of the generalist's soft targets for specialists (paper §6)"),
-    "top_n": (int, "generalist top-n classes that switch specialists on (paper: 1)"),
-    "student_epochs": (int, "distilled student epochs"),
-    "device": (str, "auto | cpu | cuda"),
-    "seed": (int, "random seed"),
-}
+_KNOBS: dict[str, tuple[type, str]] = cli_settings()
+"""Setting -> (type, help) of its ``--flag``: every ``PipelineConfig`` field with a ``cli`` help in its metadata."""
 _STAGES = ("generalist", "clusters", "specialists", "compute-matched", "ensembles", "distill", "report")
 
 

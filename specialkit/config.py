@@ -16,13 +16,22 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS"]
+__all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS",
+           "SETTING_STAGES", "KEY_STAGES", "RENAMED", "stage_of", "stage_keys", "key_name", "cli_settings", "picker_settings",
+           "choices_of", "settings_markdown"]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
 RULES = ("generalist", "kl", "top_confident", "moe")
 METHODS = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
 OVERLAPS = ("none", "hdcnn", "top_r")
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
+KEY_STAGES = ("data", "generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
+"""The stages whose settings enter the cache keys (``pipeline.Run.key``), in pipeline order."""
+SETTING_STAGES = (*KEY_STAGES, "metrics", "run")
+"""Every field's ``stage``: a pipeline stage, ``metrics`` (changes the reported intervals only) or ``run``
+(changes no number: the run's name, the device, progress bars, the list of seeds, free notes)."""
+RENAMED = {"temperature": "specialist_temperature"}
+"""Old config keys -> their new names; an old key is refused with the new name (no silent fallback)."""
 
 
 class ConfigError(ValueError):
@@ -34,9 +43,36 @@ def smoke_mode() -> bool:
     return os.environ.get(SMOKE_ENV, "0").strip() not in ("", "0", "false", "no")
 
 
+def _setting(default: Any, stage: str, *, cli: str | None = None, in_key: bool = True, key_name: str | None = None,
+             choices: tuple[str, ...] | None = None, picker: str | None = None) -> Any:
+    """A ``PipelineConfig`` field routed by its metadata, the one place that says where a setting goes.
+
+    Args:
+        default: the default value.
+        stage: one of :data:`SETTING_STAGES`, the stage whose results the setting changes.
+        cli: the help text of its ``specialkit run --<flag>``; ``None`` = no flag (set it in a config file).
+        in_key: ``False`` for a setting of a key stage that stays out of the stage's cache key
+            (``download``, ``clusters_file`` (hashed by content in ``Run.key``), ``compute_matched``).
+        key_name: the name the setting has in the cache key when it was renamed (old runs stay valid).
+        choices: the allowed values of a string option (checked by ``validate``).
+        picker: the name of the ``widgets.ClusterPicker`` argument the setting starts.
+    """
+    if stage not in SETTING_STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {', '.join(SETTING_STAGES)}: route the setting to one of them")
+    meta: dict[str, Any] = {"stage": stage, "in_key": in_key and stage in KEY_STAGES}
+    for k, v in (("cli", cli), ("key_name", key_name), ("choices", choices), ("picker", picker)):
+        if v is not None:
+            meta[k] = v
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """All settings of one run. Defaults are the ``make demo`` settings (≤ 5 min on 2 CPU cores).
+
+    Each field's metadata routes it (:func:`_setting`): its ``stage``, whether it enters that stage's
+    cache key, its ``specialkit run`` flag and help, its choices and its ``ClusterPicker`` control;
+    :func:`stage_keys`, :func:`cli_settings` and :func:`picker_settings` read them.
 
     Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``.
     Generalist: ``model`` (``cnn`` | ``resnet18``), ``width``, ``depth``, ``epochs``, ``batch_size``,
@@ -48,7 +84,8 @@ class PipelineConfig:
     ``max_group_size``, ``clusters_file`` (a spec to use instead of clustering).
     Specialists: ``specialist_model`` (None = the generalist's architecture, initialised from it),
     ``specialist_width``, ``specialist_depth``, ``specialist_epochs``, ``specialist_lr``,
-    ``special_fraction``, ``specialist_soft_weight``, ``temperature``, ``dustbin_correction``
+    ``special_fraction``, ``specialist_soft_weight``, ``specialist_temperature`` (T of the
+    generalist's soft targets), ``dustbin_correction``
     (``odds``: add log r, the Bayes odds correction, to the dustbin logit; ``paper_literal``: add
     log(f/pi); ``prior_match``: the shift that makes the mean dustbin probability on the validation
     images equal their share of other classes; ``none``).
@@ -66,60 +103,65 @@ class PipelineConfig:
     ``pipeline.run_seeds``), ``bootstrap_resamples``, ``progress``.
     """
 
-    name: str = "demo"
-    dataset: str = "glyphs"
-    root: str | None = None
-    download: bool = False
-    image_size: int | None = None
-    per_class: int | None = 300
-    val_fraction: float = 0.15
-    model: str = "cnn"
-    width: int = 16
-    depth: int = 3
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    schedule: str = "onecycle"
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    method: str = "balanced"
-    distance: str = "soft"
-    k: int = 8
-    overlap: str = "top_r"
-    gamma: float = 5.0
-    top_r: int = 2
-    max_group_size: int | None = None
-    clusters_file: str | None = None
-    specialist_model: str | None = None
-    specialist_width: int | None = None
-    specialist_depth: int | None = None
-    specialist_epochs: int = 2
-    specialist_lr: float = 0.02
-    special_fraction: float = 0.5
-    specialist_soft_weight: float = 0.0
-    temperature: float = 2.0
-    dustbin_correction: str = "odds"
-    top_n: int = 1
-    rules: tuple[str, ...] = RULES
-    top_confident_n: int = 2
-    top_confident_gated: bool = True
-    moe_threshold: float = 0.0
-    compute_matched: bool = True
-    compute_match: str = "flops"
-    student_init: str = "generalist"
-    student_width: int | None = None
-    student_depth: int | None = None
-    student_epochs: int = 6
-    distill_temperature: float = 4.0
-    distill_soft_weight: float = 0.5
-    device: str = "auto"
-    seed: int = 0
-    data_seed: int = 0
-    seeds: tuple[int, ...] | None = None
-    bootstrap_resamples: int = 2000
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    name: str = _setting("demo", "run", cli="run name: the folder runs/<name>")
+    dataset: str = _setting("glyphs", "data",
+                            cli="glyphs (built in) | cifar100 | cifar10 | mnist | fashion_mnist | tiny_imagenet | imagefolder")
+    root: str | None = _setting(None, "data", cli="folder with the dataset's files")
+    download: bool = _setting(False, "data", in_key=False)
+    image_size: int | None = _setting(None, "data", cli="resize images to this side, e.g. 32")
+    per_class: int | None = _setting(300, "data", cli="training images per class (subset)")
+    val_fraction: float = _setting(0.15, "data")
+    model: str = _setting("cnn", "generalist", cli="generalist architecture: cnn | resnet18")
+    width: int = _setting(16, "generalist", cli="generalist width (cnn channels)")
+    depth: int = _setting(3, "generalist", cli="generalist depth (cnn stages)")
+    epochs: int = _setting(6, "generalist", cli="generalist epochs")
+    batch_size: int = _setting(128, "generalist", cli="batch size")
+    lr: float = _setting(0.05, "generalist", cli="generalist learning rate")
+    optimizer: str = _setting("sgd", "generalist", choices=("sgd", "adamw"))
+    schedule: str = _setting("onecycle", "generalist", choices=("onecycle", "cosine", "constant"))
+    weight_decay: float = _setting(5e-4, "generalist")
+    label_smoothing: float = _setting(0.0, "generalist")
+    method: str = _setting("balanced", "clusters", cli="clustering: covariance_kmeans (paper) | spectral | agglomerative | balanced",
+                           choices=METHODS, picker="method")  # fmt: skip
+    distance: str = _setting("soft", "clusters", choices=("soft", "hard"))
+    k: int = _setting(8, "clusters", cli="number of groups (= specialists)", picker="k")
+    overlap: str = _setting("top_r", "clusters", cli="none | hdcnn | top_r", choices=OVERLAPS, picker="overlap")
+    gamma: float = _setting(5.0, "clusters", picker="gamma")
+    top_r: int = _setting(2, "clusters", picker="r")
+    max_group_size: int | None = _setting(None, "clusters", picker="max_group_size")
+    clusters_file: str | None = _setting(None, "clusters", in_key=False, cli="use this cluster spec JSON instead of clustering")
+    specialist_model: str | None = _setting(None, "specialists",
+                                            cli="specialist architecture (default: the generalist's, initialised from it)")
+    specialist_width: int | None = _setting(None, "specialists", cli="specialist width")
+    specialist_depth: int | None = _setting(None, "specialists", cli="specialist depth")
+    specialist_epochs: int = _setting(2, "specialists", cli="specialist epochs")
+    specialist_lr: float = _setting(0.02, "specialists")
+    special_fraction: float = _setting(0.5, "specialists")
+    specialist_soft_weight: float = _setting(0.0, "specialists", cli="weight of the generalist's soft targets for specialists (paper §6)")
+    specialist_temperature: float = _setting(2.0, "specialists", key_name="temperature",
+                                             cli="temperature T of the generalist's soft targets for specialists "
+                                                 "(used when --specialist-soft-weight > 0)")  # fmt: skip
+    dustbin_correction: str = _setting("odds", "specialists", choices=CORRECTIONS)
+    top_n: int = _setting(1, "ensembles", cli="generalist top-n classes that switch specialists on (paper: 1)")
+    rules: tuple[str, ...] = _setting(RULES, "ensembles")
+    top_confident_n: int = _setting(2, "ensembles")
+    top_confident_gated: bool = _setting(True, "ensembles")
+    moe_threshold: float = _setting(0.0, "ensembles")
+    compute_matched: bool = _setting(True, "compute_matched", in_key=False)
+    compute_match: str = _setting("flops", "compute_matched", choices=("flops", "passes"))
+    student_init: str = _setting("generalist", "distill", choices=("generalist", "scratch"))
+    student_width: int | None = _setting(None, "distill")
+    student_depth: int | None = _setting(None, "distill")
+    student_epochs: int = _setting(6, "distill", cli="distilled student epochs")
+    distill_temperature: float = _setting(4.0, "distill")
+    distill_soft_weight: float = _setting(0.5, "distill")
+    device: str = _setting("auto", "run", cli="auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    seed: int = _setting(0, "generalist", cli="random seed")
+    data_seed: int = _setting(0, "data")
+    seeds: tuple[int, ...] | None = _setting(None, "run")
+    bootstrap_resamples: int = _setting(2000, "metrics")
+    progress: bool = _setting(True, "run")
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"stage": "run"})
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -198,20 +240,14 @@ class PipelineConfig:
                         raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: seeds must lie in 0..{SEED_MAX}")
         _positive(self, "epochs", "batch_size", "width", "depth", "k", "top_n", "top_r", "specialist_epochs",
                   "student_epochs", "top_confident_n")  # fmt: skip
-        _choice(self, "method", METHODS)
-        _choice(self, "distance", ("soft", "hard"))
-        _choice(self, "overlap", OVERLAPS)
-        _choice(self, "optimizer", ("sgd", "adamw"))
-        _choice(self, "schedule", ("onecycle", "cosine", "constant"))
-        _choice(self, "device", ("auto", "cpu", "cuda"))
         if self.dustbin_correction == "paper":
             raise ConfigError(
                 "dustbin_correction='paper' was renamed for what it is: use 'odds' (the Bayes odds correction log r, "
                 "what 'paper' computed) or 'paper_literal' (log(f/pi), the paper's words read literally)"
             )
-        _choice(self, "dustbin_correction", CORRECTIONS)
-        _choice(self, "compute_match", ("flops", "passes"))
-        _choice(self, "student_init", ("generalist", "scratch"))
+        for f in fields(self):
+            if "choices" in f.metadata:
+                _choice(self, f.name, f.metadata["choices"])
         if self.seeds is not None:
             if len(self.seeds) == 0:
                 raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2 (or leave seeds unset for one run)")
@@ -238,7 +274,7 @@ class PipelineConfig:
         for key in ("distill_soft_weight", "specialist_soft_weight"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key}={getattr(self, key)} is out of range; use a value in [0, 1]")
-        for key in ("lr", "specialist_lr", "temperature", "distill_temperature", "gamma"):
+        for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")
         if self.per_class is not None and self.per_class < 2:
@@ -347,6 +383,9 @@ def _check_types(cfg: PipelineConfig) -> None:
 def _check_keys(d: dict[str, Any], *, source: str = "config") -> None:
     known = {f.name for f in fields(PipelineConfig)}
     for key in d:
+        if key in RENAMED and key not in known:
+            raise ConfigError(f"{source}: key {key!r} was renamed to {RENAMED[key]!r}; write {RENAMED[key]!r} instead "
+                              "(in a run's config.json too: its trained stages stay valid)")
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
@@ -363,3 +402,79 @@ def _positive(cfg: PipelineConfig, *keys: str) -> None:
 def _choice(cfg: PipelineConfig, key: str, options: tuple[str, ...]) -> None:
     if getattr(cfg, key) not in options:
         raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(options)}")
+
+
+# ------------------------------------------------------------------------- routing by field metadata
+
+
+def stage_of(name: str) -> str:
+    """The stage of the setting ``name`` (one of :data:`SETTING_STAGES`)."""
+    for f in fields(PipelineConfig):
+        if f.name == name:
+            return f.metadata["stage"]
+    raise ConfigError(f"unknown setting {name!r}; known settings: {', '.join(f.name for f in fields(PipelineConfig))}")
+
+
+def stage_keys() -> dict[str, tuple[str, ...]]:
+    """Stage (:data:`KEY_STAGES`, in order) -> the settings in its cache key, in field order."""
+    return {s: tuple(f.name for f in fields(PipelineConfig) if f.metadata["stage"] == s and f.metadata["in_key"])
+            for s in KEY_STAGES}  # fmt: skip
+
+
+def key_name(name: str) -> str:
+    """The name the setting ``name`` has in a cache key (its name before a rename, so old runs stay valid)."""
+    return next((f.metadata.get("key_name", f.name) for f in fields(PipelineConfig) if f.name == name), name)
+
+
+def _flag_type(tp: Any, name: str) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    if len(args) != 1 or args[0] not in (int, float, str):
+        raise TypeError(f"PipelineConfig.{name} has a cli help but type {tp}: flags take one int, float or str; "
+                        "drop its cli help (set it in a config file) or give the flag a parser in cli.py")
+    return args[0]
+
+
+def cli_settings() -> dict[str, tuple[type, str]]:
+    """Setting -> (flag type, help) for every field with a ``cli`` help, in field order (``specialkit run --<flag>``)."""
+    hints = _hints()
+    return {f.name: (_flag_type(hints[f.name], f.name), f.metadata["cli"]) for f in fields(PipelineConfig) if "cli" in f.metadata}
+
+
+def picker_settings() -> dict[str, str]:
+    """Setting -> the ``widgets.ClusterPicker`` argument it starts (``top_r`` -> ``r``, ``method`` -> ``method``, ...)."""
+    return {f.name: f.metadata["picker"] for f in fields(PipelineConfig) if "picker" in f.metadata}
+
+
+def choices_of(name: str) -> tuple[str, ...]:
+    """The allowed values of the string option ``name`` (e.g. ``choices_of("overlap")``)."""
+    for f in fields(PipelineConfig):
+        if f.name == name and "choices" in f.metadata:
+            return tuple(f.metadata["choices"])
+    raise ConfigError(f"{name!r} is not a setting with choices; those are: "
+                      f"{', '.join(f.name for f in fields(PipelineConfig) if 'choices' in f.metadata)}")
+
+
+_STAGE_NOTES = {"data": "the dataset, its subset and split", "generalist": "the generalist's training (and every later stage's seed)",
+                "clusters": "the class groups", "specialists": "one specialist per group",
+                "compute_matched": "the compute-matched generalist", "ensembles": "activation and combination rules",
+                "distill": "the distilled student", "metrics": "the reported intervals only",
+                "run": "no number: name, device, progress, the list of seeds"}  # fmt: skip
+
+
+def settings_markdown() -> str:
+    """The README's table of settings by stage, from the field metadata (``tools/update_readme.py`` writes it).
+
+    A setting with a ``specialkit run`` flag is shown as ``--flag``; one kept out of its stage's cache key is
+    marked with ``*``."""
+    rows = ["| stage | changes | settings (`--flag`: also a `specialkit run` flag; `*`: not hashed as a value: "
+            "`clusters_file` by its content, the others not at all) |",
+            "| --- | --- | --- |"]
+    for stage in SETTING_STAGES:
+        names = []
+        for f in fields(PipelineConfig):
+            if f.metadata["stage"] != stage:
+                continue
+            shown = f"`{f.name}` (`--{f.name.replace('_', '-')}`)" if "cli" in f.metadata else f"`{f.name}`"
+            names.append(shown + ("*" if stage in KEY_STAGES and not f.metadata["in_key"] else ""))
+        rows.append(f"| {stage} | {_STAGE_NOTES[stage]} | {', '.join(names)} |")
+    return "\n".join(rows)

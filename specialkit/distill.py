@@ -72,7 +72,7 @@ def ensemble_teacher(
             rows = np.flatnonzero(active[:, m])
             if len(rows):
                 z = sp.model(x[torch.as_tensor(rows, device=x.device)]).double().cpu().numpy()
-                probs[rows] = specialists_mod.apply_dustbin_correction(z, sp.dustbin_correction)
+                probs[rows] = specialists_mod.apply_dustbin_shift(z, sp.dustbin_shift)
             outs.append(ensemble.SpecialistOutputs(classes=sp.classes, probs=probs))
         q = ensemble.combine_kl(p_gen, outs, active)
         return torch.from_numpy(soften(q, temperature)).to(x.device, torch.float32)

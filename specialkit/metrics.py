@@ -175,11 +175,11 @@ def init_check(run: "Run", *, split: str = "val") -> list[dict[str, Any]]:
             break  # from-scratch specialists have no initialisation to check
         target = specialists.collapse_probs(p_gen, classes)
         fresh = specialists.init_from_generalist(gen.model, classes)
-        p_new = specialists.predict_specialist(fresh, x, correction=0.0, device=run.config.device)
+        p_new = specialists.predict_specialist(fresh, x, shift=0.0, device=run.config.device)
         w, b = specialists.dustbin_head(gen.model.head.weight.detach(), gen.model.head.bias.detach(), classes)
         one_row = models.replace_head(models.build_model(gen.model.config), w, b)
         one_row.load_state_dict({k: v for k, v in gen.model.state_dict().items() if not k.startswith("head.")}, strict=False)
-        p_old = specialists.predict_specialist(one_row, x, correction=0.0, device=run.config.device)
+        p_old = specialists.predict_specialist(one_row, x, shift=0.0, device=run.config.device)
         rows.append({
             "group": group,
             "dustbin_gap": float(np.abs(p_new[:, -1] - target[:, -1]).mean()),
@@ -217,7 +217,7 @@ def correction_comparison(run: "Run", *, split: str = "val") -> dict[str, Any]:
         for method in specialists.CORRECTIONS:
             shift = specialists.correction_value(method, y_train=y_train, classes=sp.classes, special_fraction=f,
                                                  val_logits=z, y_val=y)  # fmt: skip
-            p = specialists.apply_dustbin_correction(z, shift)
+            p = specialists.apply_dustbin_shift(z, shift)
             shifted.setdefault(method, []).append(p)
             per_spec.append({
                 "group": group, "correction": method, "shift": shift,
@@ -242,10 +242,10 @@ def dustbin_effect(run: "Run", *, split: str = "val") -> pd.DataFrame:
         z = _specialist_logits(run, i, split)
         dust = len(sp.classes)
         rows.append({
-            "group": group, "correction": sp.dustbin_correction,
+            "group": group, "dustbin_shift": sp.dustbin_shift,
             "true_dustbin_share": float((~np.isin(y, sp.classes)).mean()),
             "dustbin_share_uncorrected": float((z.argmax(1) == dust).mean()),
-            "dustbin_share_corrected": float((specialists.apply_dustbin_correction(z, sp.dustbin_correction).argmax(1) == dust).mean()),
+            "dustbin_share_corrected": float((specialists.apply_dustbin_shift(z, sp.dustbin_shift).argmax(1) == dust).mean()),
         })  # fmt: skip
     return pd.DataFrame(rows).set_index("group")
 
@@ -264,7 +264,7 @@ def specialist_rows(run: "Run") -> list[dict[str, Any]]:
         last = sp.history[-1] if sp.history else {}
         rows.append({
             "group": group, "classes": " ".join(sp.class_names), "size": len(sp.classes),
-            "initialised_from": sp.initialised_from, "correction": sp.correction, "dustbin_correction": sp.dustbin_correction,
+            "initialised_from": sp.initialised_from, "correction": sp.correction, "dustbin_shift": sp.dustbin_shift,
             "examples_seen": sp.examples_seen, "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"),
             "test_acc_own_classes": float((pred[own] == target[y[own]]).mean()) if own.any() else None,
             "test_acc_all": float((pred == target[y]).mean()), **evaluation.model_cost(sp.model, shape),

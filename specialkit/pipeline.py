@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import checkpoints, clusters, confusion, data, ensemble, models, runs, specialists, training
+from . import config as config_mod
 from . import distill as distillation
 from .config import ConfigError, PipelineConfig
 
@@ -35,18 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen", "runs_root", "open_run", "settings_table", "seed_runs", "run_seeds"]
 
 STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
-_KEYS = {
-    "data": ("dataset", "root", "image_size", "per_class", "val_fraction", "data_seed"),
-    "generalist": ("seed", "model", "width", "depth", "epochs", "batch_size", "lr", "optimizer", "schedule",
-                   "weight_decay", "label_smoothing"),
-    "clusters": ("method", "distance", "k", "overlap", "gamma", "top_r", "max_group_size"),
-    "specialists": ("specialist_model", "specialist_width", "specialist_depth", "specialist_epochs",
-                    "specialist_lr", "special_fraction", "specialist_soft_weight", "temperature",
-                    "dustbin_correction"),
-    "compute_matched": ("compute_match",),
-    "ensembles": ("top_n", "rules", "top_confident_n", "top_confident_gated", "moe_threshold"),
-    "distill": ("student_init", "student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
-}  # fmt: skip
+_KEYS = config_mod.stage_keys()
+"""Stage -> the settings in its cache key, derived from the ``stage`` metadata of ``PipelineConfig``'s fields."""
 _SPLITS = ("train", "val", "test")
 RESULTS_FORMAT = 1  # bump when a stage's saved results change meaning; stage keys include it, the package version not
 _NOT_RESULTS = ("done.json", "key.txt", "state.pt")
@@ -215,7 +206,7 @@ class Run:
     # ------------------------------------------------------------------ bookkeeping
     def _settings(self, stage: str) -> dict[str, Any]:
         cfg = self.config.to_dict()
-        return {k: cfg[k] for k in _KEYS[stage]}
+        return {config_mod.key_name(k): cfg[k] for k in _KEYS[stage]}
 
     def key(self, stage: str) -> str:
         """The hash that a finished ``stage`` must record to count as up to date: its settings, those of
@@ -494,10 +485,10 @@ class Run:
     def specialist_config(self) -> specialists.SpecialistConfig:
         c = self.config
         tc = self.train_config(epochs=c.specialist_epochs, lr=c.specialist_lr, seed_offset=1000,
-                               soft_weight=c.specialist_soft_weight, temperature=c.temperature)  # fmt: skip
+                               soft_weight=c.specialist_soft_weight, temperature=c.specialist_temperature)  # fmt: skip
         return specialists.SpecialistConfig(model=c.specialist_model, width=c.specialist_width, depth=c.specialist_depth,
                                             special_fraction=c.special_fraction, soft_weight=c.specialist_soft_weight,
-                                            temperature=c.temperature, correction=c.dustbin_correction, train=tc)  # fmt: skip
+                                            temperature=c.specialist_temperature, correction=c.dustbin_correction, train=tc)  # fmt: skip
 
     def specialist_dir(self, index: int) -> Path:
         """``specialists/<index>-<group name>``; a long or odd group name is shortened to a safe file name."""
@@ -527,7 +518,7 @@ class Run:
                 x, _ = ds.split(split)
                 logits = training.predict_logits(trained.model, x, device=self.config.device).numpy()
                 runs.save_array(folder / f"logits_{split}.npy", logits)
-                runs.save_array(folder / f"probs_{split}.npy", specialists.apply_dustbin_correction(logits, trained.dustbin_correction))
+                runs.save_array(folder / f"probs_{split}.npy", specialists.apply_dustbin_shift(logits, trained.dustbin_shift))
             (folder / "state.pt").unlink(missing_ok=True)
             self._timed("specialists", t0)
             self._finish(folder, key, seconds=round(time.perf_counter() - t0, 2), group=group)

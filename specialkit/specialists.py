@@ -9,7 +9,7 @@ Each step of the paper is one function here:
    the log-sum-exp of the other classes' logits, so the specialist starts as the generalist exactly.
 3. :func:`enriched_sampler` -- every epoch (and every batch) a share ``special_fraction`` (the
    paper: half) of the examples comes from S, the rest from the other classes.
-4. :func:`dustbin_correction` -- the enriched sampling multiplied the odds special:rest by
+4. :func:`odds_correction` -- the enriched sampling multiplied the odds special:rest by
    ``r = [f/(1-f)] / [pi/(1-pi)]``; adding ``log r`` to the dustbin logit restores the natural prior.
 5. :func:`collapse_soft_targets` -- the generalist's soft targets at temperature T (paper §6)
    collapsed onto the specialist's cells, for ``training.fit(..., soft_targets=...)``.
@@ -45,12 +45,12 @@ __all__ = [
     "enriched_sampler",
     "natural_special_share",
     "oversampling_factor",
-    "dustbin_correction",
+    "odds_correction",
     "literal_correction",
     "correction_value",
     "specialist_teacher",
     "CORRECTIONS",
-    "apply_dustbin_correction",
+    "apply_dustbin_shift",
     "prior_matched_correction",
     "collapse_probs",
     "collapse_soft_targets",
@@ -69,10 +69,14 @@ class SpecialistError(ValueError):
 
 
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
-SPECIALIST_EXTRA = ("group", "classes", "class_names", "dustbin_correction", "examples_seen")
-"""Metadata every specialist checkpoint holds (:func:`save_specialist`); a file without it is refused."""
 """Dustbin corrections, by what they are: the Bayes odds correction log r, the paper's literal log(f/pi),
 a shift fitted on validation images, and none."""
+SPECIALIST_EXTRA = ("group", "classes", "class_names", "examples_seen")
+"""Metadata every specialist checkpoint holds (:func:`save_specialist`) besides its dustbin shift; a file
+without it is refused."""
+SHIFT_KEYS = ("dustbin_shift", "dustbin_correction")
+"""Checkpoint ``extra`` keys of the dustbin shift (a float): the current one, then the one checkpoints
+written before the rename use (where ``dustbin_correction`` now names only the option)."""
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -105,7 +109,7 @@ class SpecialistConfig:
         correction: the number added to the dustbin logit at inference (see :data:`CORRECTIONS`):
             ``"odds"`` -- log r, the Bayes correction of the odds special:rest that the enriched
             sampling multiplied by r = [f/(1-f)]/[pi/(1-pi)] (exact for a calibrated model;
-            :func:`dustbin_correction`); ``"paper_literal"`` -- log(f/pi), the paper's words "the log of
+            :func:`odds_correction`); ``"paper_literal"`` -- log(f/pi), the paper's words "the log of
             the oversampling factor" read literally (:func:`literal_correction`); ``"prior_match"`` --
             the c that makes the mean corrected dustbin probability over the *validation* images
             equal their share of non-special examples (:func:`prior_matched_correction`; one extra
@@ -161,7 +165,8 @@ class TrainedSpecialist:
         model: the classifier, ``|S| + 1`` outputs, dustbin last (eval mode).
         classes: (|S|,) int64 special class indices, in output order.
         class_names: (|S|,) their names.
-        dustbin_correction: log r, added to the dustbin logit at inference (:func:`dustbin_correction`).
+        dustbin_shift: the number added to the dustbin logit at inference (log r for the ``odds``
+            correction, :func:`correction_value`).
         history: the :class:`training.History` of the loop (or its list of record dicts when loaded).
         examples_seen: training example-passes used (for the compute-matched baseline).
         model_config: the specialist's :class:`models.ModelConfig` (for its checkpoint).
@@ -173,7 +178,7 @@ class TrainedSpecialist:
     model: torch.nn.Module
     classes: np.ndarray
     class_names: tuple[str, ...]
-    dustbin_correction: float
+    dustbin_shift: float
     history: Any
     examples_seen: int
     model_config: models.ModelConfig | None = None
@@ -191,7 +196,7 @@ class TrainedSpecialist:
         return {
             "classes": [int(c) for c in self.classes],
             "class_names": list(self.class_names),
-            "dustbin_correction": float(self.dustbin_correction),
+            "dustbin_shift": float(self.dustbin_shift),
             "examples_seen": int(self.examples_seen),
             "special_fraction": None if self.special_fraction is None else float(self.special_fraction),
             "initialised_from": self.initialised_from,
@@ -200,7 +205,7 @@ class TrainedSpecialist:
 
     def predict(self, x_uint8: torch.Tensor, *, batch_size: int = 512, device: str = "auto") -> np.ndarray:
         """(N, |S| + 1) corrected probabilities (:func:`predict_specialist`)."""
-        return predict_specialist(self.model, x_uint8, correction=self.dustbin_correction, batch_size=batch_size, device=device)
+        return predict_specialist(self.model, x_uint8, shift=self.dustbin_shift, batch_size=batch_size, device=device)
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -463,7 +468,7 @@ def oversampling_factor(natural_share: float, special_fraction: float) -> float:
     return (f / (1.0 - f)) / (pi / (1.0 - pi))
 
 
-def dustbin_correction(y_train: Any, classes: Any, *, special_fraction: float) -> float:
+def odds_correction(y_train: Any, classes: Any, *, special_fraction: float) -> float:
     """log r, the number added to the dustbin logit after training (paper §5.2).
 
     With natural share pi of special-class examples in the training set and share f in the enriched
@@ -486,7 +491,7 @@ def dustbin_correction(y_train: Any, classes: Any, *, special_fraction: float) -
 
 def literal_correction(y_train: Any, classes: Any, *, special_fraction: float) -> float:
     """log(f / pi): the paper's "log of the oversampling factor" read literally (f: special share in the
-    training batches, pi: natural share). Smaller than the Bayes odds correction :func:`dustbin_correction`
+    training batches, pi: natural share). Smaller than the Bayes odds correction :func:`odds_correction`
     by log((1 - pi)/(1 - f)) -- about log 2 when pi is small and f = 1/2."""
     pi = natural_special_share(y_train, classes)
     if not 0.0 < special_fraction < 1.0:
@@ -506,7 +511,7 @@ def correction_value(method: str, *, y_train: Any, classes: Any, special_fractio
         y_val: (N_val,) validation labels (``prior_match`` only).
     """
     if method == "odds":
-        return dustbin_correction(y_train, classes, special_fraction=special_fraction)
+        return odds_correction(y_train, classes, special_fraction=special_fraction)
     if method == "paper_literal":
         return literal_correction(y_train, classes, special_fraction=special_fraction)
     if method == "prior_match":
@@ -518,12 +523,12 @@ def correction_value(method: str, *, y_train: Any, classes: Any, special_fractio
     raise SpecialistError(f"unknown dustbin correction {method!r}; use one of {', '.join(CORRECTIONS)}")
 
 
-def apply_dustbin_correction(logits: Any, correction: float) -> np.ndarray:
-    """softmax of ``logits`` with ``correction`` added to the last (dustbin) column.
+def apply_dustbin_shift(logits: Any, shift: float) -> np.ndarray:
+    """softmax of ``logits`` with ``shift`` added to the last (dustbin) column.
 
     Args:
         logits: (N, S + 1) specialist logits, dustbin last.
-        correction: log r (:func:`dustbin_correction`).
+        shift: the dustbin shift, e.g. log r (:func:`correction_value`, ``TrainedSpecialist.dustbin_shift``).
 
     Returns:
         (N, S + 1) float64 probabilities.
@@ -533,7 +538,7 @@ def apply_dustbin_correction(logits: Any, correction: float) -> np.ndarray:
     z = np.array(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] < 2:
         raise SpecialistError(f"logits must be (N, S + 1) with the dustbin last, got shape {z.shape}")
-    z[:, -1] += float(correction)
+    z[:, -1] += float(shift)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -776,11 +781,11 @@ def train_specialist(
     val_logits = None
     if config.correction == "prior_match":
         val_logits = training.predict_logits(model, ds.x_val, batch_size=tc.eval_batch_size, device=tc.device)
-    correction = correction_value(config.correction, y_train=ds.y_train, classes=c, special_fraction=sampler.special_fraction,
+    shift = correction_value(config.correction, y_train=ds.y_train, classes=c, special_fraction=sampler.special_fraction,
                                   val_logits=val_logits, y_val=ds.y_val)  # fmt: skip
     return TrainedSpecialist(
         model=model.eval(), classes=c, class_names=tuple(ds.class_names[i] for i in c),
-        dustbin_correction=correction, history=history, examples_seen=int(history.examples_seen),
+        dustbin_shift=shift, history=history, examples_seen=int(history.examples_seen),
         model_config=model_cfg, special_fraction=sampler.special_fraction,
         initialised_from="generalist" if from_gen else "scratch", correction=config.correction,
     )  # fmt: skip
@@ -790,7 +795,7 @@ def predict_specialist(
     model: torch.nn.Module,
     x_uint8: torch.Tensor,
     *,
-    correction: float,
+    shift: float,
     batch_size: int = 512,
     device: str = "auto",
 ) -> np.ndarray:
@@ -799,14 +804,14 @@ def predict_specialist(
     Args:
         model: a specialist (|S| + 1 outputs, dustbin last).
         x_uint8: (N, channels, H, W) ``uint8`` images.
-        correction: log r added to the dustbin logit (``TrainedSpecialist.dustbin_correction``).
+        shift: the number added to the dustbin logit (``TrainedSpecialist.dustbin_shift``).
         batch_size, device: see ``training.predict_logits``.
 
     Returns:
-        (N, |S| + 1) float64 probabilities ``softmax(z + correction * e_dustbin)``.
+        (N, |S| + 1) float64 probabilities ``softmax(z + shift * e_dustbin)``.
     """
     logits = training.predict_logits(model, x_uint8, batch_size=batch_size, device=device)
-    return apply_dustbin_correction(logits, correction)
+    return apply_dustbin_shift(logits, shift)
 
 
 def save_specialist(path: str | Path, trained: TrainedSpecialist, *, ds: Any, group: str) -> Path:
@@ -820,6 +825,16 @@ def save_specialist(path: str | Path, trained: TrainedSpecialist, *, ds: Any, gr
                                        history=trained.history, extra=extra)  # fmt: skip
 
 
+def _shift_of(path: str | Path, extra: dict[str, Any]) -> float:
+    """The dustbin shift a specialist checkpoint records, under its current or its pre-rename key."""
+    from .checkpoints import CheckpointError, _fix
+
+    for key in SHIFT_KEYS:
+        if isinstance(extra.get(key), (int, float)) and not isinstance(extra.get(key), bool):
+            return float(extra[key])
+    raise CheckpointError(f"checkpoint {path} has incomplete metadata (no dustbin_shift): {_fix(Path(path))}")
+
+
 def load_specialist(path: str | Path, *, ds: Any) -> TrainedSpecialist:
     """Load a checkpoint written by :func:`save_specialist` for the dataset ``ds`` (a clear
     ``CheckpointError`` for another dataset, a non-specialist checkpoint or missing metadata)."""
@@ -830,7 +845,7 @@ def load_specialist(path: str | Path, *, ds: Any) -> TrainedSpecialist:
     e = info.extra
     return TrainedSpecialist(
         model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
-        dustbin_correction=float(e["dustbin_correction"]), history=[] if info.history is None else info.history.to_dict()["records"],
+        dustbin_shift=_shift_of(path, e), history=[] if info.history is None else info.history.to_dict()["records"],
         examples_seen=int(e["examples_seen"]), model_config=info.model_config, special_fraction=e.get("special_fraction"),
         initialised_from=e.get("initialised_from"), correction=e.get("correction"),
     )  # fmt: skip

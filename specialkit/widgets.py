@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import clusters, plots
+from .config import choices_of, picker_settings
 
 __all__ = [
     "ACTIONS",
@@ -53,8 +54,10 @@ __all__ = [
     "quality_html",
 ]
 
-DEFAULT_METHODS: tuple[str, ...] = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
-OVERLAP_RULES: tuple[str, ...] = ("none", "hdcnn", "top_r")
+DEFAULT_METHODS: tuple[str, ...] = choices_of("method")
+"""The methods the dropdown offers: the config's ``method`` choices."""
+OVERLAP_RULES: tuple[str, ...] = choices_of("overlap")
+"""The overlap rules the dropdown offers: the config's ``overlap`` choices."""
 ACTIONS: tuple[str, ...] = ("move", "add", "remove", "new_group")
 
 _QUALITY_LABELS: dict[str, str] = {
@@ -568,15 +571,16 @@ class ClusterPicker:
         """A picker on a :class:`specialkit.pipeline.Run`: its confusion, class map and clusters.
 
         The picker starts from ``run.clusters()`` (the saved spec, e.g. an earlier hand edit) with
-        the k slider at its number of groups, and the other controls from ``run.config`` (method,
-        overlap, gamma, top_r, max_group_size, seed); "Save" calls ``run.save_clusters``.
+        the k slider at its number of groups, and the other controls from the ``run.config`` settings
+        whose metadata names a picker control (:func:`specialkit.config.picker_settings`: method,
+        overlap, gamma, top_r, max_group_size) and its seed; "Save" calls ``run.save_clusters``.
         ``kwargs`` override any constructor argument.
         """
         ds, cs, cfg = run.dataset(), run.confusion(), run.config
         args = dict(class_names=ds.class_names, confusion=cs.cm, covariance=cs.covariance, distance=run.distance(),
                     coords=run.class_map(), initial=run.clusters(), coarse_of_class=getattr(ds, "coarse_of_class", None),
-                    method=cfg.method, overlap=cfg.overlap, gamma=cfg.gamma, r=cfg.top_r,
-                    max_group_size=cfg.max_group_size, seed=cfg.seed, on_save=run.save_clusters)  # fmt: skip
+                    seed=cfg.seed, on_save=run.save_clusters)  # fmt: skip
+        args.update({arg: getattr(cfg, name) for name, arg in picker_settings().items() if arg != "k"})  # k: the spec's groups
         return cls(**{**args, **kwargs})
 
     # -- state

@@ -69,7 +69,7 @@ def _one_line(text: str) -> str:
     [
         ({"lr": "0.1"}, "lr='0.1' must be a number, not str '0.1'; write 0.1 without quotes"),
         ({"lr": float("nan")}, "lr=nan must be a finite number"),
-        ({"temperature": float("inf")}, "temperature=inf must be a finite number"),
+        ({"specialist_temperature": float("inf")}, "specialist_temperature=inf must be a finite number"),
         ({"per_class": 2.5}, "per_class=2.5 must be a whole number"),
         ({"epochs": 3.0}, "epochs=3.0 must be a whole number; write 3 instead of 3.0"),
         ({"k": True}, "k=True must be a whole number"),

@@ -175,14 +175,14 @@ def test_enriched_sampler_rejects_impossible_groups():
 # ---------------------------------------------------------------------------------------- correction
 
 
-def test_dustbin_correction_value_on_a_hand_case():
+def test_odds_correction_value_on_a_hand_case():
     y = np.array([0] * 20 + [1] * 80)  # pi = 0.2
     # f = 0.5: odds 1:1 instead of 1:4 -> r = 4
-    assert specialists.dustbin_correction(y, [0], special_fraction=0.5) == pytest.approx(math.log(4.0))
+    assert specialists.odds_correction(y, [0], special_fraction=0.5) == pytest.approx(math.log(4.0))
     assert specialists.oversampling_factor(0.2, 0.5) == pytest.approx(4.0)
-    assert specialists.dustbin_correction(y, [0], special_fraction=0.2) == pytest.approx(0.0, abs=1e-12)
+    assert specialists.odds_correction(y, [0], special_fraction=0.2) == pytest.approx(0.0, abs=1e-12)
     # f = 0.1 undersamples: r = (1/9) / (1/4)
-    assert specialists.dustbin_correction(y, [0], special_fraction=0.1) == pytest.approx(math.log(4 / 9))
+    assert specialists.odds_correction(y, [0], special_fraction=0.1) == pytest.approx(math.log(4 / 9))
 
 
 def test_correction_turns_training_sampling_priors_into_natural_priors():
@@ -192,10 +192,10 @@ def test_correction_turns_training_sampling_priors_into_natural_priors():
     n_spec = natural[GROUP]  # natural priors of the special cells and the dustbin
     natural_cells = np.append(n_spec, 1 - n_spec.sum())
     train_cells = np.append(f * n_spec / n_spec.sum(), 1 - f)  # what the enriched sampling shows the model
-    corr = specialists.dustbin_correction(y, GROUP, special_fraction=f)
+    corr = specialists.odds_correction(y, GROUP, special_fraction=f)
     logits = np.log(train_cells)[None, :] + 3.0  # a model that learnt the sampling priors (any offset)
-    np.testing.assert_allclose(specialists.apply_dustbin_correction(logits, corr)[0], natural_cells, rtol=1e-10)
-    np.testing.assert_allclose(specialists.apply_dustbin_correction(logits, 0.0)[0], train_cells, rtol=1e-10)
+    np.testing.assert_allclose(specialists.apply_dustbin_shift(logits, corr)[0], natural_cells, rtol=1e-10)
+    np.testing.assert_allclose(specialists.apply_dustbin_shift(logits, 0.0)[0], train_cells, rtol=1e-10)
 
     # the same with the priors the sampler really produces (empirical, over many epochs)
     s = specialists.enriched_sampler(y, GROUP, special_fraction=f)
@@ -203,7 +203,7 @@ def test_correction_turns_training_sampling_priors_into_natural_priors():
     drawn = np.concatenate([y[s(e, g).numpy()] for e in range(200)])
     cells = specialists.target_map(GROUP, C)[drawn]
     empirical = np.bincount(cells, minlength=3) / len(cells)
-    corrected = specialists.apply_dustbin_correction(np.log(empirical)[None], corr)[0]
+    corrected = specialists.apply_dustbin_shift(np.log(empirical)[None], corr)[0]
     np.testing.assert_allclose(corrected, natural_cells, atol=2e-3)
 
 
@@ -215,10 +215,10 @@ def test_prior_matched_correction_matches_the_natural_share_and_equals_log_r_for
     train_cells = np.append(0.5 * n_spec / n_spec.sum(), 0.5)
     logits = np.tile(np.log(train_cells), (7, 1))  # the same prior-only prediction for every image
     c = specialists.prior_matched_correction(logits, 1 - pi)
-    assert c == pytest.approx(specialists.dustbin_correction(y, GROUP, special_fraction=0.5), abs=1e-6)
+    assert c == pytest.approx(specialists.odds_correction(y, GROUP, special_fraction=0.5), abs=1e-6)
     z = np.random.default_rng(0).normal(0, 3, (200, 3))
     c = specialists.prior_matched_correction(z, 0.8)
-    assert specialists.apply_dustbin_correction(z, c)[:, -1].mean() == pytest.approx(0.8, abs=1e-6)
+    assert specialists.apply_dustbin_shift(z, c)[:, -1].mean() == pytest.approx(0.8, abs=1e-6)
     with pytest.raises(SpecialistError, match="dustbin_share"):
         specialists.prior_matched_correction(z, 1.0)
 
@@ -265,10 +265,33 @@ def test_specialist_checkpoint_round_trips_with_its_metadata(tmp_path, ds, gener
     specialists.save_specialist(tmp_path / "s.pt", sp, ds=ds, group="g")
     back = specialists.load_specialist(tmp_path / "s.pt", ds=ds)
     assert back.special_fraction == sp.special_fraction and back.initialised_from == "generalist"
-    assert back.correction == "odds" and back.dustbin_correction == sp.dustbin_correction
+    assert back.correction == "odds" and back.dustbin_shift == sp.dustbin_shift
     x = data.to_float(ds.x_test[:8])
     with torch.no_grad():
         torch.testing.assert_close(back.model(x), sp.model(x))
+
+
+def test_a_checkpoint_written_before_the_rename_still_loads_and_one_without_a_shift_is_refused(tmp_path, ds, generalist):
+    from specialkit import checkpoints
+
+    sp = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(train=_train_config(epochs=1)), generalist=generalist)
+    sp.dustbin_shift = 0.75  # a value no correction computes here, so reading the wrong key would show
+    old = {k: v for k, v in sp.extra().items() if k != "dustbin_shift"}
+
+    def write(path, extra):
+        checkpoints.save_checkpoint(path, sp.model, model_config=sp.model_config, class_names=ds.class_names,
+                                    dataset_fingerprint=ds.fingerprint, history=sp.history,
+                                    extra={"stage": "specialist", "group": "g", **extra})  # fmt: skip
+
+    write(tmp_path / "old.pt", {**old, "dustbin_correction": 0.75})
+    back = specialists.load_specialist(tmp_path / "old.pt", ds=ds)
+    assert back.dustbin_shift == 0.75 and back.correction == "odds"
+    specialists.save_specialist(tmp_path / "new.pt", sp, ds=ds, group="g")
+    assert checkpoints.load_checkpoint(tmp_path / "new.pt")[1].extra["dustbin_shift"] == 0.75
+    assert "dustbin_correction" not in checkpoints.load_checkpoint(tmp_path / "new.pt")[1].extra
+    write(tmp_path / "none.pt", old)
+    with pytest.raises(checkpoints.CheckpointError, match=r"none.pt has incomplete metadata \(no dustbin_shift\): delete"):
+        specialists.load_specialist(tmp_path / "none.pt", ds=ds)
 
 
 def test_dustbin_head_is_exact_when_the_other_logits_are_equal():
@@ -293,7 +316,7 @@ def test_train_specialist_loss_falls_and_records_what_it_did(ds, generalist):
     assert sp.class_names == ("e", "b")
     n_special = int(np.isin(ds.y_train.numpy(), GROUP).sum())
     assert sp.examples_seen == 5 * 2 * n_special == sp.history.examples_seen
-    assert sp.dustbin_correction == pytest.approx(math.log((0.5 / 0.5) / ((2 / 6) / (4 / 6))))
+    assert sp.dustbin_shift == pytest.approx(math.log((0.5 / 0.5) / ((2 / 6) / (4 / 6))))
     assert sp.extra()["classes"] == [4, 1] and sp.model_config.num_classes == 3
     assert generalist.num_outputs == C
 
@@ -332,15 +355,15 @@ def test_prior_match_is_fitted_on_validation_images(ds, generalist):
     """Defect 2: prior_match was fitted on the specialist's own training images."""
     cfg = SpecialistConfig(correction="prior_match", train=_train_config(epochs=2))
     sp = specialists.train_specialist(ds, GROUP, config=cfg, generalist=generalist)
-    p = specialists.predict_specialist(sp.model, ds.x_val, correction=sp.dustbin_correction, device="cpu")
+    p = specialists.predict_specialist(sp.model, ds.x_val, shift=sp.dustbin_shift, device="cpu")
     val_share = float((~np.isin(ds.y_val.numpy(), GROUP)).mean())
     assert p[:, -1].mean() == pytest.approx(val_share, abs=1e-4)
     z_train = training.predict_logits(sp.model, ds.x_train, device="cpu")
     on_train = specialists.prior_matched_correction(z_train, 1 - specialists.natural_special_share(ds.y_train, GROUP))
-    assert abs(on_train - sp.dustbin_correction) > 1e-3  # fitted on other images than before
+    assert abs(on_train - sp.dustbin_shift) > 1e-3  # fitted on other images than before
     none = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(correction="none", train=_train_config(epochs=1)),
                                         generalist=generalist)  # fmt: skip
-    assert none.dustbin_correction == 0.0
+    assert none.dustbin_shift == 0.0
 
 
 def test_corrections_are_named_for_what_they_are(ds):
@@ -367,10 +390,10 @@ def test_predict_specialist_adds_the_correction_to_the_dustbin_logit(ds, general
         z = spec(data.to_float(x)).double()
     z[:, -1] += 1.3
     expected = torch.softmax(z, dim=1).numpy()
-    got = specialists.predict_specialist(spec, x, correction=1.3, device="cpu")
+    got = specialists.predict_specialist(spec, x, shift=1.3, device="cpu")
     assert got.shape == (10, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    uncorrected = specialists.predict_specialist(spec, x, correction=0.0, device="cpu")
+    uncorrected = specialists.predict_specialist(spec, x, shift=0.0, device="cpu")
     assert (got[:, -1] > uncorrected[:, -1]).all()
 
 

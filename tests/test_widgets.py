@@ -323,6 +323,32 @@ def test_from_run_uses_the_run(inputs):
     assert saved == [initial]
 
 
+def test_picker_controls_follow_the_config_metadata(inputs):
+    import inspect
+    from dataclasses import fields
+
+    from specialkit.config import PipelineConfig, picker_settings, stage_keys
+
+    routed = picker_settings()
+    # every clustering setting in the clusters key is a picker control, except the distance (the picker is given its matrix)
+    assert set(stage_keys()["clusters"]) - set(routed) == {"distance"}
+    assert all(f.metadata["stage"] == "clusters" for f in fields(PipelineConfig) if f.name in routed)
+    params = inspect.signature(widgets.ClusterPicker.__init__).parameters
+    assert set(routed.values()) <= set(params) and routed["top_r"] == "r"
+    assert widgets.DEFAULT_METHODS == PipelineConfig.__dataclass_fields__["method"].metadata["choices"]
+    assert widgets.OVERLAP_RULES == PipelineConfig.__dataclass_fields__["overlap"].metadata["choices"]
+    cfg = PipelineConfig(method="agglomerative", k=4, overlap="top_r", gamma=7.5, top_r=3, max_group_size=6, seed=2)
+    run = SimpleNamespace(dataset=lambda: SimpleNamespace(class_names=inputs["class_names"], coarse_of_class=inputs["coarse_of_class"]),
+                          confusion=lambda: SimpleNamespace(cm=inputs["confusion"], covariance=inputs["covariance"]),
+                          distance=lambda: inputs["distance"], class_map=lambda: inputs["coords"],
+                          clusters=lambda: ClusterSpec.from_labels(inputs["coarse_of_class"], inputs["class_names"]),
+                          save_clusters=lambda spec: None, config=cfg)  # fmt: skip
+    p = widgets.ClusterPicker.from_run(run)
+    got = (p.method_dropdown.value, p.overlap_dropdown.value, p.gamma_slider.value, p.r_slider.value, p.max_size.value)
+    assert got == ("agglomerative", "top_r", 7.5, 3, 6)
+    assert p.k_slider.value == 3 and p.controls.seed == 2  # k: the saved spec's groups, not cfg.k
+
+
 def test_bad_inputs_name_the_fix(inputs):
     with pytest.raises(widgets.PickerError, match=r"confusion must be \(12, 12\)"):
         widgets.ClusterPicker(**{**inputs, "confusion": np.zeros((3, 3))})

@@ -2,6 +2,7 @@
 and draw the README's pictures (docs/glyphs.png, docs/confusion_blocks.png) from the same run.
 
     python tools/update_readme.py [runs/demo]
+    python tools/update_readme.py --settings     # only the settings table (from PipelineConfig's metadata)
 
 The numbers are the kit's own output: nothing in the table is typed by hand.
 """
@@ -124,13 +125,27 @@ def confusion_png(run_dir: Path, out: Path) -> None:
     fig.savefig(out)
 
 
+def write_settings(text: str) -> str:
+    """``text`` (the README) with its settings table regenerated from ``PipelineConfig``'s field metadata."""
+    from specialkit.config import settings_markdown
+
+    block = f"<!-- settings:start -->\n{settings_markdown()}\n<!-- settings:end -->"
+    return re.sub(r"<!-- settings:start -->.*?<!-- settings:end -->", lambda _: block, text, flags=re.S)
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--settings"]:
+        readme = ROOT / "README.md"
+        readme.write_text(write_settings(readme.read_text()))
+        print("README.md settings table written")
+        return 0
     run_dir = Path(argv[0]) if argv else Path("runs/demo")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     readme = ROOT / "README.md"
     text = readme.read_text()
     block = f"<!-- results:start -->\n{results_markdown(metrics, run_dir)}\n<!-- results:end -->"
-    readme.write_text(re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _: block, text, flags=re.S))
+    text = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _: block, text, flags=re.S)
+    readme.write_text(write_settings(text))
     (ROOT / "docs").mkdir(exist_ok=True)
     glyph_grid(ROOT / "docs" / "glyphs.png")
     confusion_png(run_dir, ROOT / "docs" / "confusion_blocks.png")
