@@ -141,7 +141,7 @@ class PipelineConfig:
     specialist_temperature: float = _setting(2.0, "specialists", key_name="temperature",
                                              cli="temperature T of the generalist's soft targets for specialists "
                                                  "(used when --specialist-soft-weight > 0)")  # fmt: skip
-    dustbin_correction: str = _setting("odds", "specialists", choices=CORRECTIONS)
+    dustbin_correction: str = _setting("prior_match", "specialists", choices=CORRECTIONS)
     top_n: int = _setting(1, "ensembles", cli="generalist top-n classes that switch specialists on (paper: 1)")
     rules: tuple[str, ...] = _setting(RULES, "ensembles")
     top_confident_n: int = _setting(2, "ensembles")

@@ -126,7 +126,7 @@ class SpecialistConfig:
     soft_weight: float = 0.0
     temperature: float = 2.0
     soft_collapse: str = "logits"
-    correction: str = "odds"
+    correction: str = "prior_match"
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
 
     def __post_init__(self) -> None:

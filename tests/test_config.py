@@ -138,8 +138,9 @@ def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, 
 
     spec = ClusterSpec(groups={"g0": ("a", "b"), "g1": ("c", "d")}, class_names=("a", "b", "c", "d"))
     monkeypatch.setattr(pipeline.Run, "clusters", lambda self: spec)
-    configs = {"default": PipelineConfig(),
-               "quick": PipelineConfig.quick(specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0)}  # fmt: skip
+    odds = {"dustbin_correction": "odds"}  # the default when the keys were pinned (now prior_match)
+    configs = {"default": PipelineConfig(**odds),
+               "quick": PipelineConfig.quick(specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0, **odds)}  # fmt: skip
     for label, cfg in configs.items():
         run = pipeline.Run(tmp_path / label, cfg, log=lambda _: None)
         got = {s: run.key(s) for s in pipeline.STAGES} | {"specialist_1": run.specialist_key(1)}
@@ -148,7 +149,7 @@ def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, 
     monkeypatch.setattr(pipeline, "_KEYS", {s: tuple(reversed(v)) for s, v in pipeline._KEYS.items()})
     assert pipeline.Run(tmp_path / "default", configs["default"], log=lambda _: None).key("distill") == _PINNED_KEYS["default"]["distill"]
     # the specialists' temperature is hashed under its old name, and still changes the key
-    run = pipeline.Run(tmp_path / "t3", PipelineConfig(specialist_temperature=3.0), log=lambda _: None)
+    run = pipeline.Run(tmp_path / "t3", PipelineConfig(specialist_temperature=3.0, **odds), log=lambda _: None)
     assert run._settings("specialists")["temperature"] == 3.0 and run.key("specialists") != _PINNED_KEYS["default"]["specialists"]
 
 

@@ -260,7 +260,7 @@ def test_one_row_dustbin_head_is_only_a_lower_bound(generalist):
 
 
 def test_specialist_checkpoint_round_trips_with_its_metadata(tmp_path, ds, generalist):
-    cfg = SpecialistConfig(train=_train_config(epochs=1))
+    cfg = SpecialistConfig(correction="odds", train=_train_config(epochs=1))
     sp = specialists.train_specialist(ds, GROUP, config=cfg, generalist=generalist)
     specialists.save_specialist(tmp_path / "s.pt", sp, ds=ds, group="g")
     back = specialists.load_specialist(tmp_path / "s.pt", ds=ds)
@@ -274,7 +274,8 @@ def test_specialist_checkpoint_round_trips_with_its_metadata(tmp_path, ds, gener
 def test_a_checkpoint_written_before_the_rename_still_loads_and_one_without_a_shift_is_refused(tmp_path, ds, generalist):
     from specialkit import checkpoints
 
-    sp = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(train=_train_config(epochs=1)), generalist=generalist)
+    sp = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(correction="odds", train=_train_config(epochs=1)),
+                                      generalist=generalist)  # fmt: skip
     sp.dustbin_shift = 0.75  # a value no correction computes here, so reading the wrong key would show
     old = {k: v for k, v in sp.extra().items() if k != "dustbin_shift"}
 
@@ -308,7 +309,7 @@ def test_dustbin_head_is_exact_when_the_other_logits_are_equal():
 
 @pytest.mark.slow
 def test_train_specialist_loss_falls_and_records_what_it_did(ds, generalist):
-    cfg = SpecialistConfig(train=_train_config())
+    cfg = SpecialistConfig(correction="odds", train=_train_config())
     sp = specialists.train_specialist(ds, GROUP, config=cfg, generalist=generalist)
     loss = [r.train_loss for r in sp.history]
     assert loss[-1] < 0.7 * loss[0]
@@ -364,6 +365,12 @@ def test_prior_match_is_fitted_on_validation_images(ds, generalist):
     none = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(correction="none", train=_train_config(epochs=1)),
                                         generalist=generalist)  # fmt: skip
     assert none.dustbin_shift == 0.0
+
+
+def test_the_default_correction_is_prior_match_the_one_measured_best_on_validation():
+    from specialkit.config import PipelineConfig
+
+    assert SpecialistConfig().correction == PipelineConfig().dustbin_correction == "prior_match"
 
 
 def test_corrections_are_named_for_what_they_are(ds):
