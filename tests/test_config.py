@@ -140,7 +140,8 @@ def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, 
     monkeypatch.setattr(pipeline.Run, "clusters", lambda self: spec)
     odds = {"dustbin_correction": "odds"}  # the default when the keys were pinned (now prior_match)
     configs = {"default": PipelineConfig(**odds),
-               "quick": PipelineConfig.quick(specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0, **odds)}  # fmt: skip
+               "quick": PipelineConfig.quick(specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0,
+                                             **odds)}  # fmt: skip
     for label, cfg in configs.items():
         run = pipeline.Run(tmp_path / label, cfg, log=lambda _: None)
         got = {s: run.key(s) for s in pipeline.STAGES} | {"specialist_1": run.specialist_key(1)}
