@@ -74,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>)")
     ts.add_argument("--index", type=int, required=True, help="which group (0-based, order of clusters.json)")
     sub.add_parser("datasets", help="list the dataset names")
+    _add_parallel_arguments(sub)
     return p
+
+
+# ---------------------------------------------------------------------------------------------- parallel work
+def _add_parallel_arguments(sub: Any) -> None:
+    """``--threads`` on every command that trains or computes (see :mod:`specialkit.launch`)."""
+    for name, parser in sub.choices.items():
+        if name != "datasets":
+            parser.add_argument("--threads", type=int, default=None, metavar="N",
+                                help="torch threads of this process (default: the cores of its affinity / the "
+                                     "processes running at once, e.g. torchrun's LOCAL_WORLD_SIZE)")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -148,6 +159,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         print("\n".join(data.available()))
         return 0
+    from .launch import set_thread_budget
+
+    set_thread_budget(args.threads)
     if args.command == "run":
         cfg = config_from_args(args)
         if args.write_config:
