@@ -86,6 +86,32 @@ def _add_parallel_arguments(sub: Any) -> None:
             parser.add_argument("--threads", type=int, default=None, metavar="N",
                                 help="torch threads of this process (default: the cores of its affinity / the "
                                      "processes running at once, e.g. torchrun's LOCAL_WORLD_SIZE)")  # fmt: skip
+    sp = sub.choices["specialists"]
+    sp.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                    help="local: one specialist after another in this process; submitit: one job per unfinished "
+                         "specialist (Slurm where available, else submitit's local executor), logs in <run>/jobs/")
+    sp.add_argument("--submitit-cluster", dest="submitit_cluster", choices=("local", "slurm", "debug"), default=None,
+                    help="force submitit's executor (default: Slurm if srun exists, else local)")
+    sp.add_argument("--slurm-partition", default=None, metavar="P", help="Slurm partition of the jobs")
+    sp.add_argument("--gpus-per-job", type=int, default=None, metavar="G", help="GPUs per job (default 0)")
+    sp.add_argument("--cpus-per-job", type=int, default=None, metavar="C",
+                    help="cores (= torch threads) per job (default: this machine's cores // --jobs-at-once, at least 1)")
+    sp.add_argument("--timeout-min", type=int, default=None, metavar="T", help="minutes before a job is stopped (default 240)")
+    sp.add_argument("--jobs-at-once", type=int, default=None, metavar="J",
+                    help="jobs running side by side (default: all on Slurm, min(jobs, cores) locally)")
+
+
+_JOB_FLAGS = ("submitit_cluster", "slurm_partition", "gpus_per_job", "cpus_per_job", "timeout_min", "jobs_at_once")
+
+
+def _launch_specialists(args: argparse.Namespace, run: Any) -> int:
+    """``specialkit specialists --launcher submitit``: the unfinished specialists as submitit jobs."""
+    from .launch import JobSettings, launch_specialists
+
+    given = {k: getattr(args, k) for k in _JOB_FLAGS if getattr(args, k) is not None}
+    settings = JobSettings(**{("cluster" if k == "submitit_cluster" else k): v for k, v in given.items()})
+    launch_specialists(run, settings)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -188,6 +214,12 @@ def _main(args: argparse.Namespace) -> int:
         print(f"wall time: {time.perf_counter() - t0:.1f} s")
         return 0
     run = _open_run(args.run)
+    if args.command == "specialists":
+        given = [f"--{k.replace('_', '-')}" for k in _JOB_FLAGS if getattr(args, k) is not None]
+        if args.launcher == "submitit":
+            return _launch_specialists(args, run)
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to jobs: add --launcher submitit, or drop them")
     with _run_lock(args, run):
         if args.command == "train-specialist":
             sp = run.train_specialist(args.index)

@@ -12,13 +12,20 @@ machine): :func:`launch_specialists`, or ``specialkit specialists --run R --laun
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .config import ConfigError
 
-__all__ = ["affinity_cores", "jobs_at_once_here", "thread_budget", "set_thread_budget"]
+__all__ = ["affinity_cores", "jobs_at_once_here", "thread_budget", "set_thread_budget", "LaunchError", "JobSettings",
+           "missing_specialists", "train_specialist_job", "launch_specialists"]  # fmt: skip
+
+
+class LaunchError(ConfigError):
+    """Some jobs failed; the message names each one and its log file, and says to rerun."""
 
 
 def affinity_cores() -> int:
@@ -65,3 +72,127 @@ def set_thread_budget(threads: int | None = None, *, jobs: int | None = None, lo
     why = f"--threads {threads}; {cores} cores" if threads is not None else f"{cores} cores / {jobs} job{'s' if jobs != 1 else ''}"
     log(f"[threads] {got} torch thread{'s' if got != 1 else ''} ({why})")
     return got
+
+
+# ---------------------------------------------------------------------------------------------- submitit
+@dataclass(frozen=True)
+class JobSettings:
+    """What each submitit job asks for.
+
+    Attributes:
+        cluster: ``None`` lets ``submitit.AutoExecutor`` choose (Slurm where ``srun`` exists, else local);
+            ``"local"``, ``"slurm"`` or ``"debug"`` (in this process) force one.
+        jobs_at_once: jobs running side by side (``None``: as many as there are jobs on Slurm, and
+            ``min(jobs, cores)`` on this machine).
+        cpus_per_job: cores (= torch threads) of each job (``None``: this machine's cores // ``jobs_at_once``).
+        gpus_per_job: GPUs of each job.
+        timeout_min: a job still running after this many minutes is stopped (it resumes on the next launch).
+        slurm_partition: the Slurm partition (ignored by the local executor).
+    """
+
+    cluster: str | None = None
+    jobs_at_once: int | None = None
+    cpus_per_job: int | None = None
+    gpus_per_job: int = 0
+    timeout_min: int = 240
+    slurm_partition: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [(self.cluster in (None, "local", "slurm", "debug"), "--submitit-cluster must be local, slurm or debug"),
+                  (self.jobs_at_once is None or self.jobs_at_once >= 1, "--jobs-at-once must be at least 1"),
+                  (self.cpus_per_job is None or self.cpus_per_job >= 1, "--cpus-per-job must be at least 1"),
+                  (self.gpus_per_job >= 0, "--gpus-per-job must be 0 or more"),
+                  (self.timeout_min >= 1, "--timeout-min must be at least 1 (minutes)")]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message}; fix the flag and rerun")
+
+
+def missing_specialists(run: Any) -> list[int]:
+    """Indices of the run's specialists that are not finished with their current key (the ones to train)."""
+    n = len(run.clusters().groups)
+    return [i for i in range(n) if not run.is_done("specialists", run.specialist_key(i), run.specialist_dir(i))]
+
+
+def train_specialist_job(folder: str, index: int, threads: int) -> int:
+    """One submitit job: specialist ``index`` of the run in ``folder``, under its thread budget and the same
+    locks as ``specialkit train-specialist`` (shared on the run, exclusive on this specialist), so two
+    launchers never train the same specialist at once. Returns ``index``."""
+    from . import pipeline, runs
+
+    set_thread_budget(threads)
+    with runs.RunLock(folder, shared=True), runs.RunLock(folder, name=f".lock-specialist-{index}"):
+        run = pipeline.Run.open(folder)
+        sp = run.train_specialist(index)
+        print(f"specialist {index}: {len(sp.classes)} classes, saved in {run.specialist_dir(index)}")
+    return index
+
+
+def _executor(folder: Path, settings: JobSettings, *, jobs_at_once: int, cpus: int) -> Any:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=settings.cluster)
+    executor.update_parameters(name="specialkit-specialist", timeout_min=settings.timeout_min, cpus_per_task=cpus,
+                               gpus_per_node=settings.gpus_per_job, slurm_array_parallelism=jobs_at_once,
+                               slurm_partition=settings.slurm_partition)  # fmt: skip
+    return executor
+
+
+def launch_specialists(run: Any, settings: JobSettings = JobSettings(), *, log: Callable[[str], None] = print) -> list[int]:
+    """Train the run's unfinished specialists as submitit jobs (one per specialist) and wait for them.
+
+    The generalist and clusters are made first (under the run's exclusive lock). Finished specialists
+    are never resubmitted. Each job runs :func:`train_specialist_job` with ``cpus_per_job`` threads; job
+    files and logs go to ``<run>/jobs/``. On Slurm the jobs are one array with ``jobs_at_once`` running;
+    the local executor starts every job it is given at once, so here they are submitted ``jobs_at_once``
+    at a time. When every specialist is done, the specialists stage is marked done.
+
+    Returns:
+        the indices that were trained.
+
+    Raises:
+        LaunchError: some jobs failed; one line per job with its log path (rerun to resubmit only those).
+    """
+    with run.lock():
+        run.generalist()
+        run.clusters()
+        todo = missing_specialists(run)
+    if not todo:
+        log(f"[specialists] all {len(run.clusters().groups)} specialists are done; nothing to submit")
+    else:
+        _submit(run, todo, settings, log=log)
+    with run.lock():
+        run.specialists()
+    return todo
+
+
+def _submit(run: Any, todo: list[int], settings: JobSettings, *, log: Callable[[str], None]) -> None:
+    cores = affinity_cores()
+    local = settings.cluster in ("local", "debug") or (settings.cluster is None and _which() != "slurm")
+    at_once = settings.jobs_at_once or (min(len(todo), cores) if local else len(todo))
+    cpus = settings.cpus_per_job or max(1, cores // at_once)
+    executor = _executor(run.folder / "jobs", settings, jobs_at_once=at_once, cpus=cpus)
+    log(f"[specialists] submitting {len(todo)} job{'s' if len(todo) != 1 else ''} ({executor.cluster}): specialists "
+        f"{', '.join(map(str, todo))}; {at_once} at once, {cpus} thread{'s' if cpus != 1 else ''} each")  # fmt: skip
+    waves = [todo[i : i + at_once] for i in range(0, len(todo), at_once)] if local else [todo]
+    failed: list[str] = []
+    for wave in waves:
+        jobs = executor.map_array(train_specialist_job, [str(run.folder)] * len(wave), wave, [cpus] * len(wave))
+        log(f"[specialists] jobs {', '.join(j.job_id for j in jobs)} (logs in {run.folder / 'jobs'})")
+        for index, job in zip(wave, jobs):
+            err = job.exception()
+            if err is None:
+                log(f"[specialists] specialist {index}: job {job.job_id} finished")
+            else:
+                last = [line for line in str(err).splitlines() if line.strip() and not line.startswith("-")]
+                reason = next((line for line in reversed(last) if "Error" in line), last[-1] if last else type(err).__name__)
+                failed.append(f"specialist {index}: job {job.job_id} failed ({reason.strip()[:300]}); log: {job.paths.stderr}")
+    if failed:
+        raise LaunchError(f"{len(failed)} of {len(todo)} specialist jobs failed; rerun the same command to resubmit only "
+                          "those:\n  " + "\n  ".join(failed))  # fmt: skip
+
+
+def _which() -> str:
+    import submitit
+
+    return submitit.AutoExecutor.which()
