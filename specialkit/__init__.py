@@ -16,7 +16,7 @@ __version__ = "0.2.0"
 _SUBMODULES = {
     "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
     "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
-    "stats", "metrics", "distill", "checks", "typing", "launch",
+    "stats", "metrics", "distill", "checks", "typing", "launch", "distributed",
 }  # fmt: skip
 
 
