@@ -1,6 +1,6 @@
 """One model trained by several processes: ``torchrun`` + ``torch.distributed`` (gloo on CPU, NCCL on CUDA).
 
-    torchrun --nproc-per-node 2 -m specialkit generalist --run runs/X
+    torchrun --nproc-per-node 2 -m specialkit.cli generalist --run-folder runs/X
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` in each process;
 :func:`init_from_env` joins the process group with a timeout, so a rank that dies makes the others
