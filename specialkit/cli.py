@@ -44,12 +44,73 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=text)
     for stage in _STAGES:
         s = sub.add_parser(stage, help=f"run the stages up to {stage} of an existing run")
-        s.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>)")
+        s.add_argument("--run", "--run-folder", dest="run", type=Path, required=True,
+                       help="the run folder (runs/<name>); under torchrun write --run-folder (torchrun takes --run for its --run-path)")
     ts = sub.add_parser("train-specialist", help="train one specialist of a run (for parallel jobs)")
     ts.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>)")
     ts.add_argument("--index", type=int, required=True, help="which group (0-based, order of clusters.json)")
     sub.add_parser("datasets", help="list the dataset names")
+    _add_parallel_arguments(sub)
     return p
+
+
+# ---------------------------------------------------------------------------------------------- parallel work
+def _add_parallel_arguments(sub: Any) -> None:
+    """``--threads`` on every command that trains or computes (see :mod:`specialkit.launch`)."""
+    for name, parser in sub.choices.items():
+        if name != "datasets":
+            parser.add_argument("--threads", type=int, default=None, metavar="N",
+                                help="torch threads of this process (default: the cores of its affinity / the "
+                                     "processes running at once, e.g. torchrun's LOCAL_WORLD_SIZE)")  # fmt: skip
+    sp = sub.choices["specialists"]
+    sp.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                    help="local: one specialist after another in this process; submitit: one job per unfinished "
+                         "specialist (Slurm where available, else submitit's local executor), logs in <run>/jobs/")
+    sp.add_argument("--submitit-cluster", dest="submitit_cluster", choices=("local", "slurm", "debug"), default=None,
+                    help="force submitit's executor (default: Slurm if srun exists, else local)")
+    sp.add_argument("--slurm-partition", default=None, metavar="P", help="Slurm partition of the jobs")
+    sp.add_argument("--gpus-per-job", type=int, default=None, metavar="G", help="GPUs per job (default 0)")
+    sp.add_argument("--cpus-per-job", type=int, default=None, metavar="C",
+                    help="cores (= torch threads) per job (default: this machine's cores // --jobs-at-once, at least 1)")
+    sp.add_argument("--timeout-min", type=int, default=None, metavar="T", help="minutes before a job is stopped (default 240)")
+    sp.add_argument("--jobs-at-once", type=int, default=None, metavar="J",
+                    help="jobs running side by side (default: all on Slurm, min(jobs, cores) locally)")
+
+
+_TORCHRUN_STAGES = {"generalist": None, "compute-matched": "specialists", "distill": "specialists"}
+
+
+def _under_torchrun() -> bool:
+    from . import distributed
+
+    return distributed.requested()
+
+
+def _torchrun_check(args: argparse.Namespace) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): only the models trained as one job, with the stages before them done."""
+    if not _under_torchrun():
+        return False
+    if args.command not in _TORCHRUN_STAGES:
+        raise ConfigError(f"`{args.command}` does not run under torchrun; torchrun trains one model over several processes: "
+                          f"use it for {', '.join(_TORCHRUN_STAGES)} (specialists: --launcher submitit)")  # fmt: skip
+    before = _TORCHRUN_STAGES[args.command]
+    if before and not _open_run(args.run).is_done(before):
+        raise ConfigError(f"{args.run}: the {before} stage is not done; run `specialkit {before} --run {args.run}` first, "
+                          f"then torchrun {args.command}")  # fmt: skip
+    return True
+
+
+_JOB_FLAGS = ("submitit_cluster", "slurm_partition", "gpus_per_job", "cpus_per_job", "timeout_min", "jobs_at_once")
+
+
+def _launch_specialists(args: argparse.Namespace, run: Any) -> int:
+    """``specialkit specialists --launcher submitit``: the unfinished specialists as submitit jobs."""
+    from .launch import JobSettings, launch_specialists
+
+    given = {k: getattr(args, k) for k in _JOB_FLAGS if getattr(args, k) is not None}
+    settings = JobSettings(**{("cluster" if k == "submitit_cluster" else k): v for k, v in given.items()})
+    launch_specialists(run, settings)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -90,8 +151,11 @@ def _run_lock(args: argparse.Namespace, run: Any) -> Iterator[None]:
     """The locks a stage command holds: exclusive on the run folder, except ``train-specialist`` once the
     generalist and clusters are done (shared on the run, exclusive on its own specialist), so parallel
     jobs can train different specialists while any other writer is kept out."""
-    from . import runs
+    from . import distributed, runs
 
+    if not distributed.is_main():  # torchrun: rank 0 holds the run's lock and alone writes
+        yield
+        return
     parallel = args.command == "train-specialist" and run.is_done("generalist") and run.is_done("clusters")
     with contextlib.ExitStack() as stack:
         stack.enter_context(runs.RunLock(run.folder, shared=parallel))
@@ -110,6 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, IndexError) as err:
         print(f"specialkit: error: {err}", file=sys.stderr)
         return 1 if isinstance(err.__cause__, OSError) else 2  # 1: the file system refused; 2: bad input
+    except RuntimeError as err:
+        if not _under_torchrun():
+            raise
+        import os
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"specialkit: error: rank {os.environ.get('RANK', '?')}: another process of this torchrun job stopped or "
+              f"timed out ({first}); see the first error above, fix it and rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        return 1
     except OSError as err:  # file system: full, read-only, permission denied, name too long ...
         from .runs import describe_os_error
 
@@ -118,11 +191,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from . import data, pipeline, runs
+    from . import data
 
     if args.command == "datasets":
         print("\n".join(data.available()))
         return 0
+    from .launch import set_thread_budget
+
+    set_thread_budget(args.threads)
+    if _torchrun_check(args):
+        from . import distributed
+
+        distributed.init_from_env()
+        try:
+            return _main_stages(args)
+        finally:
+            distributed.close()
+    return _main_stages(args)
+
+
+def _main_stages(args: argparse.Namespace) -> int:
+    from . import pipeline, runs
     if args.command == "run":
         cfg = config_from_args(args)
         if args.write_config:
@@ -149,6 +238,12 @@ def _main(args: argparse.Namespace) -> int:
         print(f"wall time: {time.perf_counter() - t0:.1f} s")
         return 0
     run = _open_run(args.run)
+    if args.command == "specialists":
+        given = [f"--{k.replace('_', '-')}" for k in _JOB_FLAGS if getattr(args, k) is not None]
+        if args.launcher == "submitit":
+            return _launch_specialists(args, run)
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to jobs: add --launcher submitit, or drop them")
     with _run_lock(args, run):
         if args.command == "train-specialist":
             sp = run.train_specialist(args.index)

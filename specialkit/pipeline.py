@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from . import checkpoints, clusters, confusion, data, ensemble, models, runs, specialists, training
+from . import checkpoints, clusters, confusion, data, distributed, ensemble, models, runs, specialists, training
 from . import config as config_mod
 from . import distill as distillation
 from .config import ConfigError, PipelineConfig
@@ -337,11 +337,14 @@ class Run:
     def _train_model(self, stage: str, *, model: torch.nn.Module, model_config: models.ModelConfig,
                      tc: training.TrainConfig, teacher: training.Teacher | None = None,
                      sample_indices: Callable | None = None, examples_seen: int | None = None) -> ModelResult:
-        """Train (resumably) or load a whole-dataset model of the run; save checkpoint and logits."""
+        """Train (resumably) or load a whole-dataset model of the run; save checkpoint and logits. Under
+        torchrun every rank trains its shard and only rank 0 writes (:mod:`specialkit.distributed`)."""
         key, folder = self.key(stage), self.stage_dir(stage)
         if not self.is_done(stage, key):
             t0 = time.perf_counter()
-            self._begin(folder, key)
+            if distributed.is_main():
+                self._begin(folder, key)
+            distributed.barrier()
             ds = self.dataset()
             self.log(f"[{stage}] training {model_config.name} ({models.count_parameters(model):,} parameters) "
                      f"for {tc.epochs} epochs on {self.device()}")  # fmt: skip
@@ -351,6 +354,9 @@ class Run:
                 teacher=teacher, sample_indices=sample_indices, state_path=folder / "state.pt", desc=stage,
             )  # fmt: skip
             seen = history.examples_seen if examples_seen is None else examples_seen
+            if not distributed.is_main():
+                distributed.barrier()  # rank 0 writes the files below
+                return self._load_model_result(stage)
             checkpoints.save_checkpoint(folder / "model.pt", model, model_config=model_config,
                                         class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
                                         history=history, extra={"stage": stage, "examples_seen": seen})  # fmt: skip
@@ -361,6 +367,7 @@ class Run:
             (folder / "state.pt").unlink(missing_ok=True)
             self._timed(stage, t0)
             self._finish(folder, key, seconds=round(time.perf_counter() - t0, 2), examples_seen=seen)
+            distributed.barrier()
         return self._load_model_result(stage)
 
     def _load_model_result(self, stage: str) -> ModelResult:

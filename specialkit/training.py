@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runs
+from . import distributed, runs
 
 __all__ = [
     "TrainConfig",
@@ -825,6 +825,7 @@ class TrainState:
     best_weights: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     finished: bool = False
+    step_model: nn.Module | None = None
 
     @property
     def epoch(self) -> int:
@@ -936,7 +937,8 @@ class StateCheckpoint(Callback):
             state.load(self.path)
 
     def on_epoch_end(self, state: TrainState, record: EpochRecord) -> None:
-        state.save(self.path)
+        if distributed.is_main():
+            state.save(self.path)
 
 
 def fit(
@@ -1017,6 +1019,7 @@ def fit(
             config, x_train, y_train, n_out, "teacher" if teacher is not None else soft is not None,
             0 if y_val is None else len(y_val), sample_indices is not None, hflip,
         ),
+        step_model=distributed.wrap(model, device),
     )  # fmt: skip
     with _forked_rng(device, config.seed), _threads(config.num_threads):
         _fit_loop(state, data, hooks, desc)
@@ -1099,7 +1102,7 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
     from tqdm.auto import tqdm
 
     config, device, epoch = state.config, state.device, state.epoch
-    order = _epoch_order(data.sample_indices, epoch, state.generator, len(data.y)).to(device)
+    order = distributed.shard(_epoch_order(data.sample_indices, epoch, state.generator, len(data.y))).to(device)
     bs = config.batch_size
     n_steps = math.ceil(len(order) / bs)
     amp_dtype = _amp_dtype(config.amp, device)
@@ -1115,7 +1118,7 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
             idx = order[step * bs : (step + 1) * bs]
             xb, yb, soft_b = _batch(state, data, idx)
             loss, logits = train_step(
-                state.model, state.optimizer, xb, yb,
+                state.step_model or state.model, state.optimizer, xb, yb,
                 soft_targets=soft_b,
                 temperature=config.temperature, soft_weight=config.soft_weight,
                 label_smoothing=config.label_smoothing, amp_dtype=amp_dtype, scaler=state.scaler,
@@ -1127,7 +1130,8 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
             if config.progress and (step % 10 == 9 or step == n_steps - 1):
                 seen = min((step + 1) * bs, len(order))
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}", refresh=False)
-    n = len(order)
+    loss_sum, correct = distributed.all_reduce_sum(loss_sum), distributed.all_reduce_sum(correct)
+    n = len(order) * distributed.rank_and_world()[1]
     return EpochRecord(
         epoch=epoch + 1, train_loss=float(loss_sum) / n, train_acc=int(correct) / n, val_loss=None, val_acc=None,
         lr=lr, seconds=0.0, examples_seen=state.history.examples_seen + n,

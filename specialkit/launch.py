@@ -1,0 +1,198 @@
+"""Running the kit's work as several processes: one thread budget per process, and specialists as submitit jobs.
+
+Every process the kit starts (or that runs a stage) sets its torch intra-op threads to its share of
+the cores and logs it, because two PyTorch processes with the default threads on the same cores slow
+each other down many times over (docs in ``/work/shared/FACTS.md``):
+
+>>> set_thread_budget(None, jobs=2)        # logs "[threads] 1 torch thread (2 cores / 2 jobs)"
+
+Independent specialists go through ``submitit`` (Slurm on a cluster, its local executor on one
+machine): :func:`launch_specialists`, or ``specialkit specialists --run R --launcher submitit``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import ConfigError
+
+__all__ = ["affinity_cores", "jobs_at_once_here", "thread_budget", "set_thread_budget", "LaunchError", "JobSettings",
+           "missing_specialists", "train_specialist_job", "launch_specialists"]  # fmt: skip
+
+
+class LaunchError(ConfigError):
+    """Some jobs failed; the message names each one and its log file, and says to rerun."""
+
+
+def affinity_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. what Slurm or ``taskset`` granted)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def jobs_at_once_here() -> int:
+    """How many processes of this kind share the machine: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def thread_budget(threads: int | None = None, *, jobs: int | None = None, cores: int | None = None) -> int:
+    """Torch intra-op threads for one process: ``threads`` if given, else ``cores // jobs`` (at least 1).
+
+    Args:
+        threads: an explicit budget (``--threads``); must be at least 1.
+        jobs: processes running at once on these cores (default :func:`jobs_at_once_here`).
+        cores: cores to share (default :func:`affinity_cores`).
+    """
+    if threads is not None:
+        if int(threads) < 1:
+            raise ConfigError(f"--threads {threads}: a process needs at least 1 thread; pass --threads 1 or more")
+        return int(threads)
+    jobs = jobs_at_once_here() if jobs is None else jobs
+    if jobs < 1:
+        raise ConfigError(f"jobs at once must be at least 1, got {jobs}; pass --jobs-at-once 1 or more")
+    return max(1, (affinity_cores() if cores is None else cores) // jobs)
+
+
+def set_thread_budget(threads: int | None = None, *, jobs: int | None = None, log: Callable[[str], None] = print) -> int:
+    """Set ``torch.set_num_threads`` to :func:`thread_budget` and log one ``[threads]`` line; returns it."""
+    cores = affinity_cores()
+    jobs = jobs_at_once_here() if jobs is None else jobs
+    n = thread_budget(threads, jobs=jobs, cores=cores)
+    torch.set_num_threads(n)
+    got = torch.get_num_threads()
+    why = f"--threads {threads}; {cores} cores" if threads is not None else f"{cores} cores / {jobs} job{'s' if jobs != 1 else ''}"
+    log(f"[threads] {got} torch thread{'s' if got != 1 else ''} ({why})")
+    return got
+
+
+# ---------------------------------------------------------------------------------------------- submitit
+@dataclass(frozen=True)
+class JobSettings:
+    """What each submitit job asks for.
+
+    Attributes:
+        cluster: ``None`` lets ``submitit.AutoExecutor`` choose (Slurm where ``srun`` exists, else local);
+            ``"local"``, ``"slurm"`` or ``"debug"`` (in this process) force one.
+        jobs_at_once: jobs running side by side (``None``: as many as there are jobs on Slurm, and
+            ``min(jobs, cores)`` on this machine).
+        cpus_per_job: cores (= torch threads) of each job (``None``: this machine's cores // ``jobs_at_once``).
+        gpus_per_job: GPUs of each job.
+        timeout_min: a job still running after this many minutes is stopped (it resumes on the next launch).
+        slurm_partition: the Slurm partition (ignored by the local executor).
+    """
+
+    cluster: str | None = None
+    jobs_at_once: int | None = None
+    cpus_per_job: int | None = None
+    gpus_per_job: int = 0
+    timeout_min: int = 240
+    slurm_partition: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [(self.cluster in (None, "local", "slurm", "debug"), "--submitit-cluster must be local, slurm or debug"),
+                  (self.jobs_at_once is None or self.jobs_at_once >= 1, "--jobs-at-once must be at least 1"),
+                  (self.cpus_per_job is None or self.cpus_per_job >= 1, "--cpus-per-job must be at least 1"),
+                  (self.gpus_per_job >= 0, "--gpus-per-job must be 0 or more"),
+                  (self.timeout_min >= 1, "--timeout-min must be at least 1 (minutes)")]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message}; fix the flag and rerun")
+
+
+def missing_specialists(run: Any) -> list[int]:
+    """Indices of the run's specialists that are not finished with their current key (the ones to train)."""
+    n = len(run.clusters().groups)
+    return [i for i in range(n) if not run.is_done("specialists", run.specialist_key(i), run.specialist_dir(i))]
+
+
+def train_specialist_job(folder: str, index: int, threads: int) -> int:
+    """One submitit job: specialist ``index`` of the run in ``folder``, under its thread budget and the same
+    locks as ``specialkit train-specialist`` (shared on the run, exclusive on this specialist), so two
+    launchers never train the same specialist at once. Returns ``index``."""
+    from . import pipeline, runs
+
+    set_thread_budget(threads)
+    with runs.RunLock(folder, shared=True), runs.RunLock(folder, name=f".lock-specialist-{index}"):
+        run = pipeline.Run.open(folder)
+        sp = run.train_specialist(index)
+        print(f"specialist {index}: {len(sp.classes)} classes, saved in {run.specialist_dir(index)}")
+    return index
+
+
+def _executor(folder: Path, settings: JobSettings, *, jobs_at_once: int, cpus: int) -> Any:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=settings.cluster)
+    executor.update_parameters(name="specialkit-specialist", timeout_min=settings.timeout_min, cpus_per_task=cpus,
+                               gpus_per_node=settings.gpus_per_job, slurm_array_parallelism=jobs_at_once,
+                               slurm_partition=settings.slurm_partition)  # fmt: skip
+    return executor
+
+
+def launch_specialists(run: Any, settings: JobSettings = JobSettings(), *, log: Callable[[str], None] = print) -> list[int]:
+    """Train the run's unfinished specialists as submitit jobs (one per specialist) and wait for them.
+
+    The generalist and clusters are made first (under the run's exclusive lock). Finished specialists
+    are never resubmitted. Each job runs :func:`train_specialist_job` with ``cpus_per_job`` threads; job
+    files and logs go to ``<run>/jobs/``. On Slurm the jobs are one array with ``jobs_at_once`` running;
+    the local executor starts every job it is given at once, so here they are submitted ``jobs_at_once``
+    at a time. When every specialist is done, the specialists stage is marked done.
+
+    Returns:
+        the indices that were trained.
+
+    Raises:
+        LaunchError: some jobs failed; one line per job with its log path (rerun to resubmit only those).
+    """
+    with run.lock():
+        run.generalist()
+        run.clusters()
+        todo = missing_specialists(run)
+    if not todo:
+        log(f"[specialists] all {len(run.clusters().groups)} specialists are done; nothing to submit")
+    else:
+        _submit(run, todo, settings, log=log)
+    with run.lock():
+        run.specialists()
+    return todo
+
+
+def _submit(run: Any, todo: list[int], settings: JobSettings, *, log: Callable[[str], None]) -> None:
+    cores = affinity_cores()
+    local = settings.cluster in ("local", "debug") or (settings.cluster is None and _which() != "slurm")
+    at_once = settings.jobs_at_once or (min(len(todo), cores) if local else len(todo))
+    cpus = settings.cpus_per_job or max(1, cores // at_once)
+    executor = _executor(run.folder / "jobs", settings, jobs_at_once=at_once, cpus=cpus)
+    log(f"[specialists] submitting {len(todo)} job{'s' if len(todo) != 1 else ''} ({executor.cluster}): specialists "
+        f"{', '.join(map(str, todo))}; {at_once} at once, {cpus} thread{'s' if cpus != 1 else ''} each")  # fmt: skip
+    waves = [todo[i : i + at_once] for i in range(0, len(todo), at_once)] if local else [todo]
+    failed: list[str] = []
+    for wave in waves:
+        jobs = executor.map_array(train_specialist_job, [str(run.folder)] * len(wave), wave, [cpus] * len(wave))
+        log(f"[specialists] jobs {', '.join(j.job_id for j in jobs)} (logs in {run.folder / 'jobs'})")
+        for index, job in zip(wave, jobs):
+            err = job.exception()
+            if err is None:
+                log(f"[specialists] specialist {index}: job {job.job_id} finished")
+            else:
+                last = [line for line in str(err).splitlines() if line.strip() and not line.startswith("-")]
+                reason = next((line for line in reversed(last) if "Error" in line), last[-1] if last else type(err).__name__)
+                failed.append(f"specialist {index}: job {job.job_id} failed ({reason.strip()[:300]}); log: {job.paths.stderr}")
+    if failed:
+        raise LaunchError(f"{len(failed)} of {len(todo)} specialist jobs failed; rerun the same command to resubmit only "
+                          "those:\n  " + "\n  ".join(failed))  # fmt: skip
+
+
+def _which() -> str:
+    import submitit
+
+    return submitit.AutoExecutor.which()
