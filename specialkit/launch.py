@@ -62,14 +62,31 @@ def thread_budget(threads: int | None = None, *, jobs: int | None = None, cores:
     return max(1, (affinity_cores() if cores is None else cores) // jobs)
 
 
+def _omp_threads() -> int | None:
+    """A whole ``OMP_NUM_THREADS`` >= 1 set in the environment (the user's own budget), else None."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
 def set_thread_budget(threads: int | None = None, *, jobs: int | None = None, log: Callable[[str], None] = print) -> int:
-    """Set ``torch.set_num_threads`` to :func:`thread_budget` and log one ``[threads]`` line; returns it."""
+    """Set ``torch.set_num_threads`` and log one ``[threads]`` line; returns the count. The budget is
+    ``threads`` (``--threads``) if given; else, when ``jobs`` is not given, an ``OMP_NUM_THREADS`` the user
+    set (torchrun sets it too); else :func:`thread_budget` (the cores divided by the jobs at once)."""
     cores = affinity_cores()
+    omp = _omp_threads() if threads is None and jobs is None else None
     jobs = jobs_at_once_here() if jobs is None else jobs
-    n = thread_budget(threads, jobs=jobs, cores=cores)
+    n = omp or thread_budget(threads, jobs=jobs, cores=cores)
     torch.set_num_threads(n)
     got = torch.get_num_threads()
-    why = f"--threads {threads}; {cores} cores" if threads is not None else f"{cores} cores / {jobs} job{'s' if jobs != 1 else ''}"
+    if threads is not None:
+        why = f"--threads {threads}; {cores} cores"
+    elif omp:
+        why = f"OMP_NUM_THREADS={omp} in the environment; {cores} cores"
+    else:
+        why = f"{cores} cores / {jobs} job{'s' if jobs != 1 else ''}"
     log(f"[threads] {got} torch thread{'s' if got != 1 else ''} ({why})")
     return got
 

@@ -20,7 +20,7 @@ TINY = dict(per_class=6, epochs=1, specialist_epochs=1, k=2, width=4, depth=1, c
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
     env.pop("LOCAL_WORLD_SIZE", None)
-    return env
+    return {k: v for k, v in env.items() if v != ""}  # an empty value unsets the variable
 
 
 def _cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -61,9 +61,11 @@ def test_cli_threads_flag_in_a_real_process(clustered):
     out = _cli("clusters", "--run", str(clustered), "--threads", "1", OMP_NUM_THREADS="2")
     assert out.returncode == 0, out.stderr
     assert "[threads] 1 torch thread (--threads 1;" in out.stdout
-    default = _cli("clusters", "--run", str(clustered), LOCAL_WORLD_SIZE="1")
+    default = _cli("clusters", "--run", str(clustered), LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="")
     cores = launch.affinity_cores()
     assert f"[threads] {cores} torch thread{'s' if cores != 1 else ''} ({cores} cores / 1 job)" in default.stdout
+    user = _cli("clusters", "--run", str(clustered), OMP_NUM_THREADS="1")  # the user's own budget is kept
+    assert "[threads] 1 torch thread (OMP_NUM_THREADS=1 in the environment" in user.stdout
     bad = _cli("clusters", "--run", str(clustered), "--threads", "0")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--threads 1 or more" in bad.stderr
 
