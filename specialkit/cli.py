@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -170,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(args)
     except KeyboardInterrupt:
         print("\nspecialkit: interrupted — rerun the same command to resume", file=sys.stderr)
+        if argv is None:  # run as the command: every file and lock is already closed (the stack has unwound);
+            sys.stdout.flush()  # leave now, so an interrupt that lands in interpreter shutdown (import-lock
+            sys.stderr.flush()  # callbacks, thread joins) cannot turn exit 130 into a crash by SIGINT
+            os._exit(130)
         return 130
     except (ConfigError, ValueError, IndexError) as err:
         print(f"specialkit: error: {err}", file=sys.stderr)
@@ -177,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         if not _under_torchrun():
             raise
-        import os
-
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         print(f"specialkit: error: rank {os.environ.get('RANK', '?')}: another process of this torchrun job stopped or "
               f"timed out ({first}); see the first error above, fix it and rerun the same command to resume", file=sys.stderr)  # fmt: skip
