@@ -25,10 +25,9 @@ __all__ = ["ensemble_teacher", "soften"]
 
 def soften(probs: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log p / T)`` of (N, K) probabilities, in float64 (soft targets of a distribution)."""
-    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    from .pipeline import softmax
+
+    return softmax(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)), temperature)
 
 
 def ensemble_teacher(

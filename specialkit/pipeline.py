@@ -33,7 +33,7 @@ from .config import ConfigError, PipelineConfig
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Run", "ModelResult", "STAGES", "softmax", "sharpen", "runs_root", "open_run", "settings_table", "seed_runs", "run_seeds"]
+__all__ = ["Run", "ModelResult", "STAGES", "softmax", "runs_root", "open_run", "settings_table", "seed_runs", "run_seeds"]
 
 STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
 _KEYS = config_mod.stage_keys()
@@ -117,11 +117,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Soften/sharpen (N, K) probabilities as ``softmax(log p / T)`` (soft targets of a distribution)."""
-    return softmax(np.log(np.clip(probs, 1e-12, None)), temperature)
 
 
 @dataclass
