@@ -47,3 +47,32 @@ def test_torchrun_two_gloo_processes_train_a_generalist(tmp_path):
     acc_ddp, acc_ref = float(np.mean(got.logits["test"].argmax(1) == y)), float(np.mean(ref.logits["test"].argmax(1) == y))
     assert abs(acc_ddp - acc_ref) <= TOLERANCE, (acc_ddp, acc_ref)
     assert not np.allclose(got.logits["test"], ref.logits["test"])  # really trained apart, not copied
+
+
+def test_a_rank_that_dies_stops_the_job_and_the_rerun_resumes(tmp_path):
+    import signal
+    import time
+
+    cfg = PipelineConfig.quick(**{**SETTINGS, "epochs": 30})
+    run = pipeline.Run(tmp_path / "ddp", cfg, log=lambda s: None)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "specialkit.cli",
+           "generalist", "--run-folder", str(run.folder)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    state = run.stage_dir("generalist") / "state.pt"
+    deadline = time.monotonic() + 120
+    while not state.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "no epoch was saved"
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = next(int(p) for p in workers if b"RANK=1\x00" in Path(f"/proc/{p}/environ").read_bytes())
+    t0 = time.monotonic()
+    os.kill(rank1, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 90  # the other rank stopped: no hang
+    assert "Failures:" in err and "rank" in err, err[-1500:]  # torchrun names the failed rank
+    assert state.is_file() and not (run.stage_dir("generalist") / "done.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    got = pipeline.Run.open(run.folder, log=lambda s: None).generalist()
+    assert len(got.history) == 30 and got.examples_seen == 30 * 620

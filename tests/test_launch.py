@@ -107,3 +107,35 @@ def test_submitit_launcher_trains_missing_specialists_only(clustered, tmp_path):
 def test_job_flags_need_the_submitit_launcher(clustered):
     out = _cli("specialists", "--run", str(clustered), "--jobs-at-once", "2")
     assert out.returncode == 2 and "--jobs-at-once only apply to jobs: add --launcher submitit" in out.stderr
+
+
+def test_a_killed_job_is_reported_and_its_rerun_resumes_from_the_last_saved_epoch(clustered, tmp_path):
+    import json
+    import shutil
+    import signal
+    import time
+
+    folder = tmp_path / "run"
+    shutil.copytree(clustered, folder)
+    cfg = PipelineConfig.load(folder / "config.json").replace(specialist_epochs=40)
+    run = pipeline.Run(folder, cfg, overwrite=True, log=lambda s: None)  # long enough to be killed mid-way
+    state, lock = run.specialist_dir(0) / "state.pt", folder / ".lock-specialist-0"
+    flags = ("specialists", "--run", str(folder), "--launcher", "submitit", "--submitit-cluster", "local",
+             "--jobs-at-once", "1", "--cpus-per-job", "1", "--timeout-min", "5")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "specialkit.cli", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (state.is_file() and lock.is_file() and lock.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the job never saved an epoch"
+        time.sleep(0.1)
+    os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)  # the job's own process, mid-training
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "specialist 0: job" in err and "log: " in err, out + err
+    saved = torch.load(state, weights_only=True)["history"]["records"]
+    assert 1 <= len(saved) < 40
+    second = _cli(*flags)
+    assert second.returncode == 0, second.stderr
+    history = pipeline.Run.open(folder, log=lambda s: None).specialists()[0].history
+    assert len(history) == 40
+    # the first epochs are the saved ones (their wall times are the killed job's), not trained again
+    assert [r["seconds"] for r in history[: len(saved)]] == [r["seconds"] for r in saved]
