@@ -12,6 +12,7 @@ machine): :func:`launch_specialists`, or ``specialkit specialists --run R --laun
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,7 @@ import torch
 from .config import ConfigError
 
 __all__ = ["affinity_cores", "jobs_at_once_here", "thread_budget", "set_thread_budget", "LaunchError", "JobSettings",
-           "missing_specialists", "train_specialist_job", "launch_specialists"]  # fmt: skip
+           "missing_specialists", "train_specialists_job", "launch_specialists"]  # fmt: skip
 
 
 class LaunchError(ConfigError):
@@ -131,18 +132,29 @@ def missing_specialists(run: Any) -> list[int]:
     return [i for i in range(n) if not run.is_done("specialists", run.specialist_key(i), run.specialist_dir(i))]
 
 
-def train_specialist_job(folder: str, index: int, threads: int) -> int:
-    """One submitit job: specialist ``index`` of the run in ``folder``, under its thread budget and the same
-    locks as ``specialkit train-specialist`` (shared on the run, exclusive on this specialist), so two
-    launchers never train the same specialist at once. Returns ``index``."""
+def train_specialists_job(folder: str, indices: list[int], threads: int) -> list[int]:
+    """One submitit job: the specialists ``indices`` of the run in ``folder``, one after another, under one thread
+    budget (so the job pays Python's and torch's start-up once) and, for each, the same locks as
+    ``specialkit train-specialist`` (shared on the run, exclusive on that specialist), so two launchers never
+    train the same specialist at once. A specialist that fails does not stop the others; the job then fails
+    naming each one. Returns the indices trained."""
     from . import pipeline, runs
 
     set_thread_budget(threads)
-    with runs.RunLock(folder, shared=True), runs.RunLock(folder, name=f".lock-specialist-{index}"):
-        run = pipeline.Run.open(folder)
-        sp = run.train_specialist(index)
-        print(f"specialist {index}: {len(sp.classes)} classes, saved in {run.specialist_dir(index)}")
-    return index
+    done, errors = [], []
+    for index in indices:
+        try:
+            with runs.RunLock(folder, shared=True), runs.RunLock(folder, name=f".lock-specialist-{index}"):
+                run = pipeline.Run.open(folder)
+                sp = run.train_specialist(index)
+                print(f"specialist {index}: {len(sp.classes)} classes, saved in {run.specialist_dir(index)}", flush=True)
+            done.append(index)
+        except Exception as err:  # noqa: BLE001 - reported per specialist, the job's others still train
+            print(f"specialist {index} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            errors.append(f"specialist {index}: {type(err).__name__}: {err}")
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return done
 
 
 def _executor(folder: Path, settings: JobSettings, *, jobs_at_once: int, cpus: int) -> Any:
@@ -156,13 +168,14 @@ def _executor(folder: Path, settings: JobSettings, *, jobs_at_once: int, cpus: i
 
 
 def launch_specialists(run: Any, settings: JobSettings = JobSettings(), *, log: Callable[[str], None] = print) -> list[int]:
-    """Train the run's unfinished specialists as submitit jobs (one per specialist) and wait for them.
+    """Train the run's unfinished specialists as submitit jobs and wait for them.
 
     The generalist and clusters are made first (under the run's exclusive lock). Finished specialists
-    are never resubmitted. Each job runs :func:`train_specialist_job` with ``cpus_per_job`` threads; job
-    files and logs go to ``<run>/jobs/``. On Slurm the jobs are one array with ``jobs_at_once`` running;
-    the local executor starts every job it is given at once, so here they are submitted ``jobs_at_once``
-    at a time. When every specialist is done, the specialists stage is marked done.
+    are never resubmitted. Each job runs :func:`train_specialists_job` with ``cpus_per_job`` threads; job
+    files and logs go to ``<run>/jobs/``. On Slurm the jobs are one array, one task per specialist, with
+    ``jobs_at_once`` running; submitit's local executor starts every job it is given at once, so on this
+    machine ``jobs_at_once`` jobs each train their share of the specialists one after another (each job
+    pays Python's and torch's start-up once). When every specialist is done, the stage is marked done.
 
     Returns:
         the indices that were trained.
@@ -189,23 +202,28 @@ def _submit(run: Any, todo: list[int], settings: JobSettings, *, log: Callable[[
     at_once = settings.jobs_at_once or (min(len(todo), cores) if local else len(todo))
     cpus = settings.cpus_per_job or max(1, cores // at_once)
     executor = _executor(run.folder / "jobs", settings, jobs_at_once=at_once, cpus=cpus)
-    log(f"[specialists] submitting {len(todo)} job{'s' if len(todo) != 1 else ''} ({executor.cluster}): specialists "
+    # Slurm: one array task per specialist (it throttles the array itself). This machine: submitit's local
+    # executor starts every job at once, so `at_once` jobs each train their share one after another.
+    at_once = min(at_once, len(todo))
+    chunks = [todo[k::at_once] for k in range(at_once)] if local else [[i] for i in todo]
+    log(f"[specialists] submitting {len(chunks)} job{'s' if len(chunks) != 1 else ''} ({executor.cluster}): specialists "
         f"{', '.join(map(str, todo))}; {at_once} at once, {cpus} thread{'s' if cpus != 1 else ''} each")  # fmt: skip
-    waves = [todo[i : i + at_once] for i in range(0, len(todo), at_once)] if local else [todo]
+    jobs = executor.map_array(train_specialists_job, [str(run.folder)] * len(chunks), chunks, [cpus] * len(chunks))
+    log(f"[specialists] jobs {', '.join(j.job_id for j in jobs)} (logs in {run.folder / 'jobs'})")
     failed: list[str] = []
-    for wave in waves:
-        jobs = executor.map_array(train_specialist_job, [str(run.folder)] * len(wave), wave, [cpus] * len(wave))
-        log(f"[specialists] jobs {', '.join(j.job_id for j in jobs)} (logs in {run.folder / 'jobs'})")
-        for index, job in zip(wave, jobs):
-            err = job.exception()
-            if err is None:
-                log(f"[specialists] specialist {index}: job {job.job_id} finished")
-            else:
-                last = [line for line in str(err).splitlines() if line.strip() and not line.startswith("-")]
-                reason = next((line for line in reversed(last) if "Error" in line), last[-1] if last else type(err).__name__)
+    for chunk, job in zip(chunks, jobs):
+        err = job.exception()
+        if err is None:
+            log(f"[specialists] specialist{'s' if len(chunk) != 1 else ''} {', '.join(map(str, chunk))}: job {job.job_id} finished")
+            continue
+        last = [line for line in str(err).splitlines() if line.strip() and not line.startswith("-")]
+        reason = next((line for line in reversed(last) if "Error" in line), last[-1] if last else type(err).__name__)
+        missing = set(missing_specialists(run))
+        for index in chunk:
+            if index in missing:
                 failed.append(f"specialist {index}: job {job.job_id} failed ({reason.strip()[:300]}); log: {job.paths.stderr}")
     if failed:
-        raise LaunchError(f"{len(failed)} of {len(todo)} specialist jobs failed; rerun the same command to resubmit only "
+        raise LaunchError(f"{len(failed)} of {len(todo)} specialists failed; rerun the same command to resubmit only "
                           "those:\n  " + "\n  ".join(failed))  # fmt: skip
 
 

@@ -83,7 +83,7 @@ def test_submitit_launcher_trains_missing_specialists_only(clustered, tmp_path):
         first = _cli(*flags)
     assert first.returncode != 0, first.stdout
     assert "submitting 2 jobs (local): specialists 0, 1; 2 at once, 1 thread each" in first.stdout
-    assert "1 of 2 specialist jobs failed" in first.stderr and "specialist 1: job" in first.stderr and "is in use by" in first.stderr
+    assert "1 of 2 specialists failed" in first.stderr and "specialist 1: job" in first.stderr and "is in use by" in first.stderr
     log_path = Path(first.stderr.split("log: ")[1].split()[0])
     assert log_path.is_file() and "RunLockedError" in log_path.read_text()
     run = pipeline.Run.open(folder, log=lambda s: None)
