@@ -14,6 +14,7 @@ makes it; the report only renders what is computed here.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -169,16 +170,15 @@ def init_check(run: "Run", *, split: str = "val") -> list[dict[str, Any]]:
     ds, gen = run.dataset(), run.generalist()
     x = ds.split(split)[0]
     p_gen = gen.probs(split)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth:
+        return rows  # from-scratch specialists have no initialisation to check
     for group, classes in zip(run.clusters().groups, run.groups()):
-        if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth:
-            break  # from-scratch specialists have no initialisation to check
         target = specialists.collapse_probs(p_gen, classes)
         fresh = specialists.init_from_generalist(gen.model, classes)
         p_new = specialists.predict_specialist(fresh, x, shift=0.0, device=run.config.device)
         w, b = specialists.dustbin_head(gen.model.head.weight.detach(), gen.model.head.bias.detach(), classes)
-        one_row = models.replace_head(models.build_model(gen.model.config), w, b)
-        one_row.load_state_dict({k: v for k, v in gen.model.state_dict().items() if not k.startswith("head.")}, strict=False)
+        one_row = models.replace_head(copy.deepcopy(gen.model), w, b)  # no random numbers drawn
         p_old = specialists.predict_specialist(one_row, x, shift=0.0, device=run.config.device)
         rows.append({
             "group": group,
