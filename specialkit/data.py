@@ -238,6 +238,7 @@ def _loader(name: str) -> Callable[[], Loader]:
 
 
 register("glyphs", _glyphs)
+register("glyphs_hard", lambda: __import__("specialkit.glyphs", fromlist=["load_glyphs_hard"]).load_glyphs_hard)
 for _name in ("cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imagenet", "imagefolder"):
     register(_name, _loader(_name))
 
