@@ -104,8 +104,8 @@ class PipelineConfig:
     """
 
     name: str = _setting("demo", "run", cli="run name: the folder runs/<name>")
-    dataset: str = _setting("glyphs", "data",
-                            cli="glyphs | glyphs_hard (built in) | cifar100 | cifar10 | mnist | fashion_mnist | tiny_imagenet | imagefolder")
+    dataset: str = _setting("glyphs", "data", cli="glyphs | glyphs_hard (built in) | cifar100 | cifar10 | mnist | "
+                                                  "fashion_mnist | tiny_imagenet | imagefolder")
     root: str | None = _setting(None, "data", cli="folder with the dataset's files")
     download: bool = _setting(False, "data", in_key=False)
     image_size: int | None = _setting(None, "data", cli="resize images to this side, e.g. 32")
