@@ -132,7 +132,7 @@ def test_a_killed_job_is_reported_and_its_rerun_resumes_from_the_last_saved_epoc
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "specialist 0: job" in err and "log: " in err, out + err
     saved = torch.load(state, weights_only=True)["history"]["records"]
-    assert 1 <= len(saved) < 40
+    assert 0 < len(saved) < 40  # killed after at least one saved epoch, before the end
     second = _cli(*flags)
     assert second.returncode == 0, second.stderr
     history = pipeline.Run.open(folder, log=lambda s: None).specialists()[0].history
