@@ -818,19 +818,3 @@ def confused_examples(run: Run, *, pairs: int = 6, per_pair: int = 4) -> np.ndar
         t, p = names[row.true], names[row.predicted]
         out += np.flatnonzero((y == t) & (pred == p))[:per_pair].tolist()
     return np.asarray(out, dtype=np.int64)
-
-
-def specialist_summary(run: Run) -> "pd.DataFrame":
-    """One row per specialist: group, size, dustbin correction, example-passes and accuracies."""
-    import pandas as pd
-
-    from .metrics import specialist_rows
-
-    return pd.DataFrame(specialist_rows(run)).set_index("group")
-
-
-def dustbin_effect(run: Run, *, split: str = "val") -> "pd.DataFrame":
-    """Per specialist: share of images sent to the dustbin without and with the correction, against the true share."""
-    from .metrics import dustbin_effect as effect
-
-    return effect(run, split=split)

@@ -10,3 +10,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    """Generalist, clusters and both specialists of a tiny run (seconds), for the run-folder tests to copy."""
+    from specialkit import pipeline
+    from specialkit.config import PipelineConfig
+
+    cfg = PipelineConfig.quick(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1,
+                               compute_matched=False, rules=("generalist", "kl"), progress=False)  # fmt: skip
+    run = pipeline.Run(tmp_path_factory.mktemp("tiny") / "quick", cfg, log=lambda s: None)
+    run.specialists()
+    return run

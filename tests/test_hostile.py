@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from specialkit import cli, clusters, data, pipeline, runs, training
+from specialkit import cli, clusters, data, pipeline, runs
 from specialkit.config import ConfigError, PipelineConfig
 
 TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1,
@@ -125,14 +125,6 @@ def test_single_class_group_is_rejected_and_sparse_coverage_warned():
     tiny = clusters.ClusterSpec({"g0": ("a", "b")}, names)
     warning = clusters.coverage_warning(tiny)
     assert warning and "6 of 8 classes are in no group" in warning
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> pipeline.Run:
-    training.torch.set_num_threads(1)
-    run = pipeline.Run(tmp_path_factory.mktemp("tiny") / "quick", PipelineConfig.quick(**TINY), log=lambda s: None)
-    run.specialists()
-    return run
 
 
 def test_single_class_group_is_refused_by_a_run_and_a_sparse_spec_logged(tiny, tmp_path):

@@ -19,8 +19,6 @@ import specialkit
 from specialkit import checkpoints, cli, clusters, pipeline, runs, specialists, training
 from specialkit.config import PipelineConfig
 
-TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1,
-            compute_matched=False, rules=("generalist", "kl"), progress=False)  # fmt: skip
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 
 
@@ -75,15 +73,6 @@ def test_shared_locks_coexist_and_keep_an_exclusive_writer_out(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- stages
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> pipeline.Run:
-    """Generalist, clusters and both specialists of a tiny run (seconds)."""
-    training.torch.set_num_threads(1)
-    run = pipeline.Run(tmp_path_factory.mktemp("tiny") / "quick", PipelineConfig.quick(**TINY), log=lambda s: None)
-    run.specialists()
-    return run
-
-
 def _copy(run: pipeline.Run, dest: Path, *, log=None, config: PipelineConfig | None = None) -> pipeline.Run:
     """A copy of ``run``'s folder, opened (with other settings when ``config`` is given)."""
     shutil.copytree(run.folder, dest)
