@@ -18,13 +18,14 @@ from typing import Any
 
 __all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS",
            "SETTING_STAGES", "KEY_STAGES", "RENAMED", "stage_of", "stage_keys", "key_name", "cli_settings", "picker_settings",
-           "choices_of", "settings_markdown"]
+           "choices_of", "settings_markdown", "SPECIALIST_INITS", "hashed_now"]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
 RULES = ("generalist", "kl", "top_confident", "moe")
 METHODS = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
 OVERLAPS = ("none", "hdcnn", "top_r")
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
+SPECIALIST_INITS = ("auto", "generalist", "scratch", "distill")
 KEY_STAGES = ("data", "generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
 """The stages whose settings enter the cache keys (``pipeline.Run.key``), in pipeline order."""
 SETTING_STAGES = (*KEY_STAGES, "metrics", "run")
@@ -44,7 +45,7 @@ def smoke_mode() -> bool:
 
 
 def _setting(default: Any, stage: str, *, cli: str | None = None, in_key: bool = True, key_name: str | None = None,
-             choices: tuple[str, ...] | None = None, picker: str | None = None) -> Any:
+             choices: tuple[str, ...] | None = None, picker: str | None = None, key_if_set: bool = False) -> Any:
     """A ``PipelineConfig`` field routed by its metadata, the one place that says where a setting goes.
 
     Args:
@@ -56,10 +57,14 @@ def _setting(default: Any, stage: str, *, cli: str | None = None, in_key: bool =
         key_name: the name the setting has in the cache key when it was renamed (old runs stay valid).
         choices: the allowed values of a string option (checked by ``validate``).
         picker: the name of the ``widgets.ClusterPicker`` argument the setting starts.
+        key_if_set: a setting added after runs were trained: it enters the cache key only when it differs from
+            its default, so the stages those runs trained stay valid.
     """
     if stage not in SETTING_STAGES:
         raise ValueError(f"stage {stage!r} is not one of {', '.join(SETTING_STAGES)}: route the setting to one of them")
     meta: dict[str, Any] = {"stage": stage, "in_key": in_key and stage in KEY_STAGES}
+    if key_if_set:
+        meta["key_if_set"] = True
     for k, v in (("cli", cli), ("key_name", key_name), ("choices", choices), ("picker", picker)):
         if v is not None:
             meta[k] = v
@@ -142,6 +147,12 @@ class PipelineConfig:
                                              cli="temperature T of the generalist's soft targets for specialists "
                                                  "(used when --specialist-soft-weight > 0)")  # fmt: skip
     dustbin_correction: str = _setting("prior_match", "specialists", choices=CORRECTIONS)
+    specialist_shared_stages: int = _setting(0, "specialists", key_if_set=True,
+                                             cli="freeze and share the generalist's first N stages; specialists train and "
+                                                 "store only the rest (0 = whole specialists)")  # fmt: skip
+    specialist_init: str = _setting("auto", "specialists", key_if_set=True, choices=SPECIALIST_INITS,
+                                    cli="auto | generalist | scratch | distill: how a specialist starts (auto: from the "
+                                        "generalist when the architecture matches, else scratch)")  # fmt: skip
     top_n: int = _setting(1, "ensembles", cli="generalist top-n classes that switch specialists on (paper: 1)")
     rules: tuple[str, ...] = _setting(RULES, "ensembles")
     top_confident_n: int = _setting(2, "ensembles")
@@ -238,6 +249,14 @@ class PipelineConfig:
                 for v in _ints_in(getattr(self, f.name)):
                     if not 0 <= v <= SEED_MAX:
                         raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: seeds must lie in 0..{SEED_MAX}")
+        if self.specialist_shared_stages < 0:
+            raise ConfigError(f"specialist_shared_stages={self.specialist_shared_stages}: use 0 (whole specialists) or the number "
+                              "of the generalist's stages to share (1 .. its depth; resnet18: 1..4)")
+        if self.specialist_shared_stages and (self.specialist_init in ("scratch", "distill") or self.specialist_model
+                                              or self.specialist_width or self.specialist_depth):
+            raise ConfigError("specialist_shared_stages > 0 shares the generalist's own trunk, so specialists need its architecture "
+                              "and weights: leave specialist_model/width/depth unset and specialist_init auto or generalist, "
+                              "or set specialist_shared_stages=0")
         _positive(self, "epochs", "batch_size", "width", "depth", "k", "top_n", "top_r", "specialist_epochs",
                   "student_epochs", "top_confident_n")  # fmt: skip
         if self.dustbin_correction == "paper":
@@ -419,6 +438,15 @@ def stage_keys() -> dict[str, tuple[str, ...]]:
     """Stage (:data:`KEY_STAGES`, in order) -> the settings in its cache key, in field order."""
     return {s: tuple(f.name for f in fields(PipelineConfig) if f.metadata["stage"] == s and f.metadata["in_key"])
             for s in KEY_STAGES}  # fmt: skip
+
+
+def hashed_now(name: str, value: Any) -> bool:
+    """Whether the setting ``name`` with ``value`` enters its stage's cache key: always, except a ``key_if_set``
+    setting left at its default (so runs trained before it existed stay valid)."""
+    f = next((f for f in fields(PipelineConfig) if f.name == name), None)
+    if f is None:
+        raise ConfigError(f"unknown setting {name!r}")
+    return not (f.metadata.get("key_if_set") and value == f.default)
 
 
 def key_name(name: str) -> str:

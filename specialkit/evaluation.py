@@ -48,6 +48,8 @@ __all__ = [
     "ensemble_cost",
     "measure_latency",
     "latency_table",
+    "ensemble_forward",
+    "shared_trunk_of",
     "compute_matched_epochs",
 ]
 
@@ -321,7 +323,8 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
         input_shape: ``(C, H, W)`` or ``(1, C, H, W)``.
 
     Returns:
-        ``{"params": int, "flops": int}``.
+        ``{"params": int, "flops": int}``. For a shared-trunk specialist (``models.SharedTrunkClassifier``)
+        both are its own stages and head only: the trunk is stored and run once, with the generalist.
     """
     from . import models
 
@@ -330,7 +333,10 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
         shape = (1, *shape)
     if len(shape) != 4:
         raise EvaluationError(f"input_shape must be (C, H, W) or (1, C, H, W), got {shape}")
-    return {"params": models.count_parameters(model), "flops": models.count_flops(model, shape)}
+    flops = models.count_flops(model, shape)
+    if isinstance(model, models.SharedTrunkClassifier):
+        flops -= models.count_flops(model.shared_trunk, shape)
+    return {"params": models.count_parameters(model), "flops": flops}
 
 
 def ensemble_cost(gen_cost: Mapping[str, int], spec_costs: Sequence[Mapping[str, int]], active: Mask) -> dict[str, float]:
@@ -417,6 +423,74 @@ Combine = Callable[[np.ndarray, list[np.ndarray], np.ndarray], Any]
 _RowActivate = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+def shared_trunk_of(specialists: Sequence[torch.nn.Module]) -> Any:
+    """The one ``models.Trunk`` every specialist shares, or ``None`` when none shares a trunk (an error when
+    only some do, or they hold different trunk objects: attach one ``generalist.trunk(s)`` to all)."""
+    from . import models
+
+    shared = [s for s in specialists if isinstance(s, models.SharedTrunkClassifier)]
+    if not shared:
+        return None
+    trunks = {id(s.shared_trunk) for s in shared}
+    if len(shared) != len(specialists) or len(trunks) != 1:
+        raise EvaluationError("the specialists must all share one trunk object (or none): load them with the same "
+                              "trunk=generalist.trunk(s)")
+    return shared[0].shared_trunk
+
+
+def ensemble_forward(
+    generalist: torch.nn.Module,
+    specialists: Sequence[torch.nn.Module],
+    xb: torch.Tensor,
+    activate: Callable[[np.ndarray], np.ndarray] | None = None,
+    *,
+    routing_probs: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """One ensemble pass over a batch with conditional execution.
+
+    The generalist runs on every image; ``activate(p_gen)`` says which specialists each image switches on;
+    specialist m runs once, batched over the rows that activate it (its other rows are NaN). When the
+    specialists share a trunk (``models.SharedTrunkClassifier``) the trunk runs **once** on the batch,
+    the generalist's later stages and every active specialist's own stages run on its output.
+
+    Args:
+        generalist: the generalist (float images in [0, 1] -> (B, C) logits).
+        specialists: M classifiers, each (B, |S_m|+1) logits; all or none sharing one trunk.
+        xb: (B, channels, H, W) float images in [0, 1].
+        activate: ``p_gen (B, C) -> (B, M) bool``; ``None`` runs every specialist on every row.
+        routing_probs: (B, C) distributions the activation sees instead of the generalist's softmax.
+
+    Returns:
+        ``(p_gen (B, C), [probs (B, |S_m|+1) with NaN rows where inactive], active (B, M) bool)``.
+    """
+    trunk = shared_trunk_of(specialists)
+    if trunk is None:
+        h, logits = xb, generalist(xb)
+
+        def run(spec: Any, rows: torch.Tensor | None) -> torch.Tensor:
+            return spec(h if rows is None else h.index_select(0, rows))
+    else:
+        h = trunk(xb)
+        logits = generalist.forward_from(h, trunk.stages)
+
+        def run(spec: Any, rows: torch.Tensor | None) -> torch.Tensor:
+            return spec.forward_shared(h if rows is None else h.index_select(0, rows))
+    p_gen = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    p_route = p_gen if routing_probs is None else routing_probs
+    if activate is None:
+        act = np.ones((len(xb), len(specialists)), dtype=bool)
+        return p_gen, [torch.softmax(run(s, None).float(), dim=1).cpu().numpy() for s in specialists], act
+    act = np.asarray(activate(p_route), dtype=bool)
+    outs = []
+    for m, spec in enumerate(specialists):
+        out = np.full((len(xb), int(spec.head.out_features)), np.nan, dtype=np.float32)
+        rows = np.flatnonzero(act[:, m])
+        if len(rows):
+            out[rows] = torch.softmax(run(spec, torch.from_numpy(rows).to(xb.device)).float(), dim=1).cpu().numpy()
+        outs.append(out)
+    return p_gen, outs, act
+
+
 def _ensemble_forward(
     generalist: torch.nn.Module,
     specialists: Sequence[torch.nn.Module],
@@ -424,31 +498,17 @@ def _ensemble_forward(
     routing_probs: np.ndarray | None,
     captured: dict[int, tuple[np.ndarray, list[np.ndarray], np.ndarray]],
 ) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
-    """The models of one ensemble pass; ``activate=None`` runs every specialist on every row.
-
-    The last outputs of every batch are kept in ``captured`` (by first row) for timing the rules.
+    """The models of one ensemble pass (:func:`ensemble_forward`); ``activate=None`` runs every specialist on
+    every row. The last outputs of every batch are kept in ``captured`` (by first row) for timing the rules.
     """
-    widths = [int(s.head.out_features) for s in specialists]
 
     def run(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         xb, idx = batch
-        p_gen = torch.softmax(generalist(xb).float(), dim=1).cpu().numpy()
-        if routing_probs is not None:
-            p_gen = routing_probs[idx.numpy()]
-        if activate is None:
-            act = np.ones((len(xb), len(specialists)), dtype=bool)
-            outs = [torch.softmax(spec(xb).float(), dim=1).cpu().numpy() for spec in specialists]
-        else:
-            act = np.asarray(activate(p_gen, idx.numpy()), dtype=bool)
-            outs = []
-            for m, spec in enumerate(specialists):
-                out = np.full((len(xb), widths[m]), np.nan, dtype=np.float32)
-                rows = np.flatnonzero(act[:, m])
-                if len(rows):
-                    sub = xb.index_select(0, torch.from_numpy(rows).to(xb.device))
-                    out[rows] = torch.softmax(spec(sub).float(), dim=1).cpu().numpy()
-                outs.append(out)
-        captured[int(idx[0])] = (p_gen, outs, act)
+        rows = idx.numpy()
+        route = None if routing_probs is None else routing_probs[rows]
+        fn = None if activate is None else (lambda p: activate(p, rows))
+        p_gen, outs, act = ensemble_forward(generalist, specialists, xb, fn, routing_probs=route)
+        captured[int(idx[0])] = (route if route is not None else p_gen, outs, act)
 
     return run
 

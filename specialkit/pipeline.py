@@ -201,7 +201,7 @@ class Run:
     # ------------------------------------------------------------------ bookkeeping
     def _settings(self, stage: str) -> dict[str, Any]:
         cfg = self.config.to_dict()
-        return {config_mod.key_name(k): cfg[k] for k in _KEYS[stage]}
+        return {config_mod.key_name(k): cfg[k] for k in _KEYS[stage] if config_mod.hashed_now(k, cfg[k])}
 
     def key(self, stage: str) -> str:
         """The hash that a finished ``stage`` must record to count as up to date: its settings, those of
@@ -490,7 +490,8 @@ class Run:
                                soft_weight=c.specialist_soft_weight, temperature=c.specialist_temperature)  # fmt: skip
         return specialists.SpecialistConfig(model=c.specialist_model, width=c.specialist_width, depth=c.specialist_depth,
                                             special_fraction=c.special_fraction, soft_weight=c.specialist_soft_weight,
-                                            temperature=c.specialist_temperature, correction=c.dustbin_correction, train=tc)  # fmt: skip
+                                            temperature=c.specialist_temperature, correction=c.dustbin_correction, train=tc,
+                                            init=c.specialist_init, shared_stages=c.specialist_shared_stages)  # fmt: skip
 
     def specialist_dir(self, index: int) -> Path:
         """``specialists/<index>-<group name>``; a long or odd group name is shortened to a safe file name."""
@@ -529,8 +530,18 @@ class Run:
     def _load_specialist(self, index: int) -> specialists.TrainedSpecialist:
         memo = f"specialist-{index}"
         if memo not in self._memo:
-            self._memo[memo] = specialists.load_specialist(self.specialist_dir(index) / "model.pt", ds=self.dataset())
+            self._memo[memo] = specialists.load_specialist(self.specialist_dir(index) / "model.pt", ds=self.dataset(),
+                                                           trunk=self.shared_trunk())  # fmt: skip
         return self._memo[memo]
+
+    def shared_trunk(self) -> models.Trunk | None:
+        """The generalist's first ``specialist_shared_stages`` stages, one object every specialist runs on (None when 0)."""
+        s = self.config.specialist_shared_stages
+        if not s:
+            return None
+        if "trunk" not in self._memo:
+            self._memo["trunk"] = self.generalist().model.trunk(s)
+        return self._memo["trunk"]
 
     def specialists(self) -> list[specialists.TrainedSpecialist]:
         """Stage 3: every specialist (finished ones are loaded, not retrained)."""
@@ -560,7 +571,7 @@ class Run:
         gen_flops = models.count_flops(gen.model, shape)
         sps = self.specialists()
         spec_passes = int(sum(s.examples_seen for s in sps))
-        spec_train_flops = float(sum(3 * s.examples_seen * models.count_flops(s.model, shape) for s in sps))
+        spec_train_flops = float(sum(s.examples_seen * specialists.train_flops_per_example(s.model, shape) for s in sps))
         if self.config.compute_match == "passes":
             passes = spec_passes
         else:
