@@ -16,6 +16,8 @@ Cost (the honest side of the comparison, docs/METHOD.md section 7):
   specialist, and of the ensemble with conditional execution (only the active specialists run).
 * :func:`measure_latency`, :func:`latency_table` -- measured seconds per image, as ratios to the
   generalist.
+* :func:`weight_bytes`, :func:`peak_activation_bytes` -- memory of inference: the weights held (a
+  shared trunk once) and the peak of the tensors a forward pass keeps alive.
 * :func:`compute_matched_epochs` -- extra generalist epochs that match the specialists' training passes.
 
 >>> import numpy as np
@@ -51,6 +53,8 @@ __all__ = [
     "ensemble_forward",
     "shared_trunk_of",
     "compute_matched_epochs",
+    "weight_bytes",
+    "peak_activation_bytes",
 ]
 
 
@@ -653,6 +657,69 @@ class _Paired:
 
     def __getitem__(self, s: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[s], self.idx[s]
+
+
+def weight_bytes(modules: Sequence[torch.nn.Module]) -> int:
+    """Bytes of the parameters and buffers inference holds for ``modules``, each tensor once (a trunk shared
+    with the generalist is counted with it; a shared-trunk specialist adds only its own stages)."""
+    from . import models
+
+    seen: dict[int, int] = {}
+    for mod in modules:
+        tensors = list(mod.parameters()) + list(mod.buffers())
+        if isinstance(mod, models.SharedTrunkClassifier) and mod._trunk:
+            tensors += list(mod.shared_trunk.parameters()) + list(mod.shared_trunk.buffers())
+        for t in tensors:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return int(sum(seen.values()))
+
+
+def peak_activation_bytes(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> int:
+    """Peak bytes of the tensors alive at once while ``fn()`` runs (inputs and weights made before it excluded).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` over the call, less what was allocated before it. On the CPU,
+    where PyTorch keeps no such counter: every tensor an operator returns (views and in-place results excluded)
+    is added when made and subtracted when freed (a ``TorchDispatchMode``), and the running maximum is kept.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    tracker = _LiveBytes()
+    with torch.inference_mode(), tracker:
+        fn()
+    return int(tracker.peak)
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Running total and peak of the bytes of tensors made by operators and still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place result: no new memory
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
 
 
 def compute_matched_epochs(examples_seen_by_specialists: int | float | Sequence[int], n_train: int) -> float:

