@@ -390,9 +390,10 @@ def _sync(x: Any) -> None:
 
 
 def measure_latency(
-    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, batch_size: int, repeats: int = 5, warmup: int = 1
+    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, batch_size: int, repeats: int = 5, warmup: int = 1,
+    best: bool = False,
 ) -> float:
-    """Median seconds per image of ``fn`` applied to ``x`` in batches (``time.perf_counter``).
+    """Median (``best=True``: smallest) seconds per image of ``fn`` applied to ``x`` in batches (``time.perf_counter``).
 
     Each repeat runs ``fn`` over all of ``x`` in batches of ``batch_size`` (the last batch may be
     smaller) under ``torch.inference_mode``, synchronising CUDA before the clock stops; the time per
@@ -402,7 +403,7 @@ def measure_latency(
         fn: callable taking a batch ``x[i:i+batch_size]``.
         x: (N, ...) inputs (already on the device ``fn`` expects).
         batch_size: images per call.
-        repeats: timed passes; the median is returned.
+        repeats: timed passes; the median is returned (the smallest with ``best``, steadier on a shared machine).
         warmup: untimed passes before timing.
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
@@ -420,7 +421,7 @@ def measure_latency(
             _sync(x)
             if r >= warmup:
                 times.append((time.perf_counter() - t0) / n)
-    return float(statistics.median(times))
+    return float(min(times) if best else statistics.median(times))
 
 
 Combine = Callable[[np.ndarray, list[np.ndarray], np.ndarray], Any]
@@ -517,8 +518,8 @@ def _ensemble_forward(
     return run
 
 
-def _time_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, repeats: int, warmup: int) -> float:
-    """Median total seconds of ``fn(*args)`` over every ``args`` in ``calls``."""
+def _time_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, repeats: int, warmup: int, best: bool = False) -> float:
+    """Median (``best``: smallest) total seconds of ``fn(*args)`` over every ``args`` in ``calls``."""
     times = []
     for r in range(warmup + repeats):
         t0 = time.perf_counter()
@@ -526,7 +527,7 @@ def _time_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, rep
             fn(*args)
         if r >= warmup:
             times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
+    return float(min(times) if best else statistics.median(times))
 
 
 def _row_activate(active: Any, num_images: int, num_specialists: int) -> _RowActivate:
@@ -553,6 +554,7 @@ def latency_table(
     warmup: int = 1,
     max_images: Mapping[int, int] | None = None,
     routing_probs: Any | None = None,
+    best: bool = False,
 ) -> pd.DataFrame:
     """Measured seconds per image of the generalist and of the ensemble, all vs conditional execution.
 
@@ -584,6 +586,7 @@ def latency_table(
         repeats, warmup: see :func:`measure_latency`.
         max_images: batch size -> number of images timed (default all of ``x``): batch 1 over
             thousands of images is slow on a CPU.
+        best: report the smallest time of the repeats instead of the median.
         routing_probs: optional (N, C) distributions that the activation functions and rules see
             instead of the generalist's softmax (the generalist still runs, for its cost): lets a
             benchmark with an untrained generalist route images like a trained one would.
@@ -622,20 +625,20 @@ def latency_table(
     for bs in batch_sizes:
         n = min(len(xf), int((max_images or {}).get(bs, len(xf))))
         pairs = _Paired(xf[:n], torch.arange(n))
-        t_gen = measure_latency(lambda b: generalist(b[0]), pairs, batch_size=bs, repeats=repeats, warmup=warmup)
+        t_gen = measure_latency(lambda b: generalist(b[0]), pairs, batch_size=bs, repeats=repeats, warmup=warmup, best=best)
         rows.append({"batch_size": bs, "model": "generalist", "seconds_per_image": t_gen,
                      "combine_seconds_per_image": 0.0, "mean_active": 0.0})  # fmt: skip
         passes: dict[Any, tuple[float, list, float]] = {}
         for key, act_fn in [(None, None)] + [(id(a), a) for a in routings]:
             captured: dict[int, Any] = {}
             fn = _ensemble_forward(generalist, specialists, act_fn, routing, captured)
-            t = measure_latency(fn, pairs, batch_size=bs, repeats=repeats, warmup=warmup)
+            t = measure_latency(fn, pairs, batch_size=bs, repeats=repeats, warmup=warmup, best=best)
             mean_active = float(m) if act_fn is None else float(np.asarray(act_fn(p_all[:n], np.arange(n))).sum(1).mean())
             passes[key] = (t, [captured[k] for k in sorted(captured)], mean_active)
         for name, (combine, act_fn) in table.items():
             for mode, key in (("all", None), ("conditional", id(act_fn))):
                 t_models, calls, mean_active = passes[key]
-                t_comb = 0.0 if combine is None else _time_calls(combine, calls, repeats=repeats, warmup=warmup) / n
+                t_comb = 0.0 if combine is None else _time_calls(combine, calls, repeats=repeats, warmup=warmup, best=best) / n
                 rows.append({"batch_size": bs, "model": f"{name} {mode}", "seconds_per_image": t_models + t_comb,
                              "combine_seconds_per_image": t_comb, "mean_active": mean_active})  # fmt: skip
     df = pd.DataFrame(rows)
