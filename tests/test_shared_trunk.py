@@ -160,3 +160,28 @@ def test_a_run_with_shared_stages_trains_specialists_on_one_trunk_and_keeps_the_
     assert all(r["peak_activation_mb"] > 0 and r["weights_mb"] > 0 for r in rows)
     with pytest.raises(Exception, match="specialist_shared_stages > 0 shares the generalist's own trunk"):
         run.config.replace(specialist_width=2)
+
+
+def test_frontier_budget_arithmetic_table_and_figure(tmp_path):
+    from specialkit import frontier, plots, runs
+
+    assert frontier.matched_epochs(3.0 * 10 * 100 * 6, 10, 100) == 6 and frontier.matched_epochs(1.0, 10, 100) == 1
+    with pytest.raises(frontier.FrontierError, match="must be positive"):
+        frontier.matched_epochs(0.0, 10, 100)
+    summary = [{"model": m, "params_stored": p, "mflops_per_image": f, "ms_per_image_b1": None, "ms_per_image_b256": t}
+               for m, p, f, t in (("generalist", 10, 1.0, 0.1), ("ensemble, all specialists", 50, 3.0, 0.4),
+                                  ("ensemble, conditional", 50, 1.5, 0.2), ("student", 10, 1.0, 0.1))]  # fmt: skip
+    accuracies = (("generalist", 0.8), ("kl", 0.82), ("student", 0.81))
+    comparison = [{"name": n, "top1": a, "top1_ci": [a - 0.01, a + 0.01]} for n, a in accuracies]
+    metrics_ = {"cost": {"summary": summary}, "comparison": comparison}
+    table, source = frontier.points_of(tmp_path, metrics_)
+    assert "own models" in source and table["name"].tolist() == ["generalist", "kl (conditional)", "student"]
+    assert table.set_index("name").loc["kl (conditional)", ["mflops", "params_stored"]].tolist() == [1.5, 50]
+    records = metrics.finite(table.assign(ms_b1=None).to_dict("records"))
+    runs.atomic_write_json(tmp_path / frontier.FILE, {"points": records, "budget_flops": 1e9})
+    saved, source = frontier.points_of(tmp_path, metrics_)
+    assert "bench/frontier.py" in source and saved["ms_b1"].isna().all() and saved["accuracy"].tolist() == table["accuracy"].tolist()
+    fig = plots.frontier(saved)
+    panels = [t for t in fig.data if t.mode == "markers+text"]
+    assert {t.xaxis for t in panels} == {"x", "x2"} and sum(len(t.x) for t in panels) == 2 * len(saved)
+    assert any(t.name == "Pareto front" for t in fig.data)
