@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     runs.atomic_write_json(base.folder / frontier.FILE, finite(saved))
     plots.frontier(table).write_html(folder / "frontier.html", include_plotlyjs="cdn")
     shown = table.assign(accuracy=table["accuracy"] * 100, lo=table["lo"] * 100, hi=table["hi"] * 100,
+                         delta=table["delta"] * 100, delta_lo=table["delta_lo"] * 100, delta_hi=table["delta_hi"] * 100,
                          train_gflops=table["train_flops"] / 1e9).drop(columns="train_flops")  # fmt: skip
     print(f"\nbase: {cfg.dataset}, {cfg.model} width {w} depth {cfg.depth}, {cfg.epochs} epochs, k={cfg.k}, per_class={cfg.per_class}; "
           f"budget {frontier.budget_flops(base):.3g} training FLOPs; load average {os.getloadavg()[0]:.2f}")  # fmt: skip

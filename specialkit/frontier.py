@@ -30,12 +30,16 @@ if TYPE_CHECKING:
     from .pipeline import Run
 
 __all__ = ["FrontierError", "budget_flops", "matched_epochs", "width_run", "variant_run", "measure_points", "run_points",
-           "points_of", "COLUMNS", "FILE"]
+           "points_of", "COLUMNS", "PAIRED", "FILE"]
 
 FILE = "frontier.json"
 """Name of the file :func:`measure_points` results are saved under in the base run's folder (``bench/frontier.py``)."""
 COLUMNS = ("name", "kind", "accuracy", "lo", "hi", "params_stored", "mflops", "ms_b1", "ms_b256", "train_flops")
 """Columns of a frontier table; ``kind`` is generalist | ensemble | student."""
+PAIRED = ("reference", "delta", "delta_lo", "delta_hi", "p_value", "verdict")
+"""Extra columns of :func:`measure_points`: each point against its reference (the base generalist; a specialist
+variant against the whole specialists), the difference in accuracy with its 95% paired-bootstrap interval, McNemar's
+exact p and ``stats.verdict``."""
 
 
 class FrontierError(ValueError):
@@ -118,8 +122,9 @@ def _ensemble_latency(run: "Run", x_uint8: torch.Tensor, *, repeats: int) -> dic
 
 def measure_points(base: "Run", *, widths: Mapping[int, "Run"] | None = None, variants: Mapping[str, "Run"] | None = None,
                    rule: str = "kl", latency: bool = True, repeats: int = 5, latency_images: int = 512) -> pd.DataFrame:
-    """The frontier table (:data:`COLUMNS`, one row per point) of a base run, generalists of other widths and
-    specialist variants; accuracy intervals from one paired bootstrap over the shared test images.
+    """The frontier table (:data:`COLUMNS` and :data:`PAIRED`, one row per point) of a base run, generalists of other
+    widths and specialist variants; accuracy intervals and paired differences from one bootstrap over the shared test
+    images.
 
     Args:
         base: the finished base run (generalist, compute-matched generalist, specialists, student).
@@ -168,10 +173,19 @@ def measure_points(base: "Run", *, widths: Mapping[int, "Run"] | None = None, va
     st = base.distill()
     single("student", st, float("nan"))
     boot = stats.paired_bootstrap(correct, resamples=base.config.bootstrap_resamples, seed=base.config.seed)
+    gen_name, whole = rows[0]["name"], f"{rule}, whole specialists"
     for r in rows:
         r["accuracy"] = float(correct[r["name"]].mean())
         r["lo"], r["hi"] = boot.top1_ci(r["name"])
-    return pd.DataFrame(rows)[list(COLUMNS)]
+        ref = whole if r["kind"] == "ensemble" and r["name"] != whole else gen_name
+        if r["name"] == gen_name:
+            r.update(reference=None, delta=np.nan, delta_lo=np.nan, delta_hi=np.nan, p_value=np.nan, verdict=None)
+            continue
+        ci = boot.gain_ci(r["name"], ref)
+        p = stats.mcnemar(correct[ref], correct[r["name"]]).p_value
+        r.update(reference=ref, delta=r["accuracy"] - float(correct[ref].mean()), delta_lo=ci[0], delta_hi=ci[1], p_value=p,
+                 verdict=stats.verdict(ci, p))  # fmt: skip
+    return pd.DataFrame(rows)[list(COLUMNS + PAIRED)]
 
 
 def run_points(metrics: Mapping[str, Any]) -> pd.DataFrame:
@@ -203,9 +217,11 @@ def points_of(folder: str | Path, metrics: Mapping[str, Any]) -> tuple[pd.DataFr
         from .runs import read_json
 
         saved = read_json(path)
-        table = pd.DataFrame(saved["points"])[list(COLUMNS)]
-        for col in COLUMNS[2:]:
-            table[col] = pd.to_numeric(table[col], errors="coerce")
+        table = pd.DataFrame(saved["points"])
+        table = table[[c for c in COLUMNS + PAIRED if c in table.columns]]
+        for col in (*COLUMNS[2:], "delta", "delta_lo", "delta_hi", "p_value"):
+            if col in table.columns:
+                table[col] = pd.to_numeric(table[col], errors="coerce")
         return table, (f"measured by bench/frontier.py ({path.name}): generalists of other widths each trained for "
                        f"{saved['budget_flops']:.3g} FLOPs, the base run's generalist + specialists")
     return run_points(metrics), "this run's own models (bench/frontier.py adds generalists of other widths and cheaper specialists)"
