@@ -295,7 +295,7 @@ def latency(run: "Run", *, max_images: int = 512, repeats: int = 3) -> pd.DataFr
 def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None = None, *,
                  memory_batch: int = 256) -> list[dict[str, Any]]:
     """Cost of inference of every configuration of the run, one row each: the generalist, the ensemble running
-    all specialists, the ensemble with conditional execution, the student.
+    all specialists, the ensemble with conditional execution, the student (when trained; nothing is trained here).
 
     Columns: ``params_stored`` (a shared trunk once; a shared-trunk specialist only its own stages),
     ``mflops_per_image`` (counted; a shared trunk once), ``ms_per_image_b1`` / ``ms_per_image_b256`` (measured,
@@ -304,7 +304,8 @@ def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None
     """
     ds = run.dataset()
     shape = (ds.channels, ds.image_size, ds.image_size)
-    gen, sps, student = run.generalist().model, [s.model for s in run.specialists()], run.distill().model
+    gen, sps = run.generalist().model, [s.model for s in run.specialists()]
+    student = run.distill().model if run.is_done("distill") else None
     flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
                                      run.activation("test"))  # fmt: skip
     groups, top_n = run.groups(), run.config.top_n
@@ -312,7 +313,7 @@ def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None
     xb = data.to_float(ds.x_test[:memory_batch]).to(dev)
     lat = {(r["model"], int(r["batch_size"])): r["seconds_per_image"] * 1e3 for r in (latency_records or [])}
     st_lat = {}
-    if latency_records:
+    if latency_records and student is not None:
         xs = data.to_float(ds.x_test[:256]).to(dev)
         with torch.inference_mode():
             st_lat = {bs: evaluation.measure_latency(student.eval(), xs[: 64 if bs == 1 else 256], batch_size=bs) * 1e3 for bs in (1, 256)}
@@ -334,11 +335,12 @@ def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None
         {"model": "ensemble, conditional", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["conditional_flops"] / 1e6,
          "ms_per_image_b1": lat.get(("kl conditional", 1)), "ms_per_image_b256": lat.get(("kl conditional", 256)), "weights_mb": ens_mb,
          "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb, activate))},
-        {"model": "student", "params_stored": models.count_parameters(student),
-         "mflops_per_image": models.count_flops(student.eval(), (1, *shape)) / 1e6,
-         "ms_per_image_b1": st_lat.get(1), "ms_per_image_b256": st_lat.get(256), "weights_mb": evaluation.weight_bytes([student]) / 1e6,
-         "peak_activation_mb": mem(lambda: student(xb))},
     ]  # fmt: skip
+    if student is not None:
+        rows.append({"model": "student", "params_stored": models.count_parameters(student),
+                     "mflops_per_image": models.count_flops(student.eval(), (1, *shape)) / 1e6,
+                     "ms_per_image_b1": st_lat.get(1), "ms_per_image_b256": st_lat.get(256),
+                     "weights_mb": evaluation.weight_bytes([student]) / 1e6, "peak_activation_mb": mem(lambda: student(xb))})  # fmt: skip
     for r in rows:
         r["shared_stages"] = run.config.specialist_shared_stages if r["model"].startswith("ensemble") else 0
     return rows
