@@ -166,6 +166,8 @@ def load(
     elif in_memory is False:
         raise DatasetError(f"{name} is read into memory whole (in_memory=False streams only the image-folder datasets "
                            f"{', '.join(STREAMABLE)}); Fix: set in_memory to null (auto) or true for {name}")  # fmt: skip
+    if name == "imagenet" and image_size is not None:
+        options.setdefault("size", image_size)  # decoded and centre-cropped straight to it, not resized twice
     loader = _REGISTRY[name]()
     ds = loader(root=root, download=download, per_class=per_class, val_fraction=val_fraction, seed=seed, **options)
     if image_size is not None and tuple(ds.x_train.shape[-2:]) != (image_size, image_size):

@@ -915,8 +915,9 @@ def load_imagenet(
         root: the folder holding ``train/`` and ``val/`` (or Kaggle's, holding ``ILSVRC/Data/CLS-LOC/``).
         download: not supported (ImageNet needs a licence; download it yourself).
         per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
-        **options: ``size`` (side in pixels, default 64), ``workers`` (decoding threads of the in-memory
-            path), ``in_memory``, ``memory_budget_gb``, ``stream_workers`` (see :mod:`specialkit.streaming`).
+        **options: ``size`` (side in pixels, default 64; ``data.load(image_size=...)`` sets it), ``workers``
+            (decoding threads of the in-memory path), ``in_memory``, ``memory_budget_gb``, ``stream_workers``
+            (see :mod:`specialkit.streaming`).
     """
     del download
     _reject_options("imagenet", options, ("size", "workers", *STREAM_OPTIONS))

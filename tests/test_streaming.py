@@ -95,6 +95,7 @@ def test_val_folders_layout_and_budget_choice(tmp_path: Path) -> None:
     assert streaming.choose_in_memory(10**12, in_memory=True, memory_budget_gb=1.0) is True
 
 
+@pytest.mark.slow
 def test_fit_and_predictions_identical_on_both_paths(imagenet_root: Path, one_thread: None) -> None:
     """Augmentation (shift + flip) draws from the run's generator in the main process, so it matches exactly."""
     mem, disk = _load(imagenet_root, True), _load(imagenet_root, False, stream_workers=2)
@@ -202,3 +203,11 @@ def test_corrupt_file_met_while_streaming_names_it_in_one_line(tmp_path: Path) -
         training.fit(model, ds.x_train, ds.y_train, config=training.TrainConfig(epochs=1, batch_size=4, progress=False),
                      state_path=state)  # fmt: skip
     assert not state.exists()
+
+
+def test_imagefolder_streams_with_the_same_resize(imagenet_root: Path) -> None:
+    """``imagefolder`` (any ``root/<class>/``) streams too; ``image_size`` resizes batch by batch exactly as in memory."""
+    kw = dict(root=imagenet_root / "train", image_size=8, per_class=4, seed=1)
+    mem, disk = data.load("imagefolder", in_memory=True, **kw), data.load("imagefolder", in_memory=False, **kw)
+    assert isinstance(disk.x_test, streaming.ImageFiles) and disk.x_test.resize_to == 8
+    assert torch.equal(disk.x_test[:], mem.x_test) and mem.fingerprint == disk.fingerprint
