@@ -79,7 +79,11 @@ class PipelineConfig:
     cache key, its ``specialkit run`` flag and help, its choices and its ``ClusterPicker`` control;
     :func:`stage_keys`, :func:`cli_settings` and :func:`picker_settings` read them.
 
-    Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``.
+    Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``; how image
+    folders are read (out of every cache key: both ways give the same numbers): ``in_memory`` (``null`` =
+    decode into memory when the images fit ``memory_budget_gb``, else stream them from disk through a
+    ``DataLoader``; ``true``/``false`` forces either), ``memory_budget_gb`` (``null`` = a quarter of the RAM),
+    ``stream_workers`` (decoding worker processes of the streaming path).
     Generalist: ``model`` (``cnn`` | ``resnet18``), ``width``, ``depth``, ``epochs``, ``batch_size``,
     ``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ``label_smoothing``.
     Clusters: ``method`` (``balanced`` by default; ``covariance_kmeans`` is the paper's), ``distance``
@@ -110,12 +114,17 @@ class PipelineConfig:
 
     name: str = _setting("demo", "run", cli="run name: the folder runs/<name>")
     dataset: str = _setting("glyphs", "data", cli="glyphs | glyphs_hard (built in) | cifar100 | cifar10 | mnist | "
-                                                  "fashion_mnist | tiny_imagenet | imagefolder")
+                                                  "fashion_mnist | tiny_imagenet | imagefolder | imagenet")
     root: str | None = _setting(None, "data", cli="folder with the dataset's files")
     download: bool = _setting(False, "data", in_key=False)
     image_size: int | None = _setting(None, "data", cli="resize images to this side, e.g. 32")
     per_class: int | None = _setting(300, "data", cli="training images per class (subset)")
     val_fraction: float = _setting(0.15, "data")
+    in_memory: bool | None = _setting(None, "data", in_key=False)
+    memory_budget_gb: float | None = _setting(None, "data", in_key=False,
+                                              cli="decode image folders into memory up to this many GB, else stream them "
+                                                  "from disk (default a quarter of the RAM)")  # fmt: skip
+    stream_workers: int = _setting(2, "data", in_key=False, cli="worker processes decoding batches on the streaming path")
     model: str = _setting("cnn", "generalist", cli="generalist architecture: cnn | resnet18")
     width: int = _setting(16, "generalist", cli="generalist width (cnn channels)")
     depth: int = _setting(3, "generalist", cli="generalist depth (cnn stages)")
@@ -296,6 +305,10 @@ class PipelineConfig:
         for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError(f"memory_budget_gb={self.memory_budget_gb} must be positive (GB), or null for a quarter of the RAM")
+        if self.stream_workers < 0:
+            raise ConfigError(f"stream_workers={self.stream_workers} must be >= 0 (0 = decode in the main process)")
         if self.per_class is not None and self.per_class < 2:
             raise ConfigError(f"per_class={self.per_class}: need at least 2 images per class (or null for all)")
         if self.max_group_size is not None and self.max_group_size < 2:

@@ -295,7 +295,8 @@ class Run:
             c = self.config
             t0 = time.perf_counter()
             ds = data.load(c.dataset, root=c.root, download=c.download, image_size=c.image_size,
-                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.data_seed)  # fmt: skip
+                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.data_seed, in_memory=c.in_memory,
+                           memory_budget_gb=c.memory_budget_gb, stream_workers=c.stream_workers)  # fmt: skip
             c.validate(ds.num_classes)
             self._memo["dataset"] = ds
             self._timed("data", t0)
@@ -647,6 +648,7 @@ class Run:
             ds = self.dataset()
             mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
             from_gen = c.student_init == "generalist" and mc == self.model_config(num_classes=ds.num_classes)
+            self.generalist()  # on a fresh run, train it first (its checkpoint is read below)
             training.seed_everything(c.seed + 3000)
             if from_gen:
                 model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]
