@@ -171,7 +171,7 @@ def init_check(run: "Run", *, split: str = "val") -> list[dict[str, Any]]:
     x = ds.split(split)[0]
     p_gen = gen.probs(split)
     rows: list[dict[str, Any]] = []
-    if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth:
+    if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth or run.scratch_reason():
         return rows  # from-scratch specialists have no initialisation to check
     for group, classes in zip(run.clusters().groups, run.groups()):
         target = specialists.collapse_probs(p_gen, classes)
@@ -337,14 +337,15 @@ def results_on_test(run: "Run") -> dict[str, np.ndarray]:
     """name -> (N_test, C) probabilities of every finished model and rule of the run (trains nothing)."""
     require(run, "generalist", "clusters", "specialists", "ensembles")
     out: dict[str, np.ndarray] = {BASELINE: run.generalist().test_probs}
-    if run.config.compute_matched:
+    if run.config.compute_matched and not run.skip_reason(MATCHED):
         require(run, MATCHED)
         out[MATCHED] = run.compute_matched().test_probs
     for rule, q in run.ensembles().items():
         if rule != BASELINE:
             out[rule] = q
-    require(run, "distill")
-    out["student"] = run.distill().test_probs
+    if not run.skip_reason("distill"):
+        require(run, "distill")
+        out["student"] = run.distill().test_probs
     return out
 
 
@@ -360,13 +361,16 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
     cs = run.confusion()
     comparison, boot = comparison_rows(results, y, groups=groups, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
     shape = (ds.channels, ds.image_size, ds.image_size)
-    gen_cost = evaluation.model_cost(gen.model, shape)
     sps = run.specialists()
-    flops = evaluation.ensemble_cost(gen_cost, [evaluation.model_cost(s.model, shape) for s in sps], run.activation("test"))
-    student_cost = evaluation.model_cost(run.distill().model, shape)
     rows = {r["name"]: r for r in comparison}
-    student = {"test_top1": rows["student"]["top1"], **student_cost}
-    if "kl" in rows:
+    gen_cost: dict[str, Any] = {"params": None, "flops": None}  # a predictions-only generalist has no model to count
+    flops = None
+    if gen.model is not None:
+        gen_cost = evaluation.model_cost(gen.model, shape)
+        flops = evaluation.ensemble_cost(gen_cost, [evaluation.model_cost(s.model, shape) for s in sps], run.activation("test"))
+    student_cost = evaluation.model_cost(run.distill().model, shape) if "student" in rows else None
+    student = {"test_top1": rows["student"]["top1"], **student_cost} if student_cost else None
+    if student and "kl" in rows:
         student["share_of_kl_gain"] = ((rows["student"]["top1"] - rows[BASELINE]["top1"]) / rows["kl"]["delta_top1"]
                                        if rows["kl"]["delta_top1"] > 0 else None)  # fmt: skip
         student["share_of_kl_gain_ci"] = list(boot.share_ci("student", BASELINE, "kl"))
@@ -399,10 +403,13 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "level": 1 - stats.ALPHA},
         "timings": stage_seconds(run),
     }
-    if cfg.compute_matched:
+    skipped = {stage: run.skip_reason(stage) for stage in (MATCHED, "distill") if run.skip_reason(stage)}
+    if skipped:
+        m["skipped"] = skipped
+    if cfg.compute_matched and MATCHED not in skipped:
         m["compute_matched"] = {"test_top1": rows[MATCHED]["top1"], "examples_seen": run.compute_matched().examples_seen,
                                 "budget": run.compute_budget()}  # fmt: skip
-    if measure_latency:
+    if measure_latency and gen.model is not None:
         m["cost"]["latency"] = _records(latency(run))
     return finite(m)
 
