@@ -3,7 +3,8 @@
 Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline built-in dataset),
 ``models``, ``training``, ``checkpoints``, ``runs``, ``confusion``, ``clusters``, ``specialists``,
 ``ensemble``, ``evaluation``, ``stats`` (intervals and tests), ``metrics`` (every number of a run),
-``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``, ``launch`` (thread budgets, submitit jobs).
+``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``, ``launch`` (thread budgets, submitit jobs),
+``byog`` (a generalist brought from elsewhere), ``transfer`` (linear probes on frozen features).
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ __version__ = "0.2.0"
 _SUBMODULES = {
     "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
     "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
-    "stats", "metrics", "distill", "checks", "typing", "launch", "distributed",
+    "stats", "metrics", "distill", "checks", "typing", "launch", "distributed", "byog", "transfer",
 }  # fmt: skip
 
 
