@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from specialkit import data, models, pipeline, streaming, training
+from specialkit import data, models, pipeline, plots, streaming, training
 from specialkit.config import ConfigError, PipelineConfig
 from specialkit.data import DatasetError
+from specialkit.metrics import compute_metrics
 
 WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")
 
@@ -140,6 +141,22 @@ def test_every_stage_gives_the_same_numbers_on_both_paths(two_runs: list[pipelin
     no_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in s.history] for run in two_runs for s in run.specialists()]
     assert no_time[: len(no_time) // 2] == no_time[len(no_time) // 2 :] and len(no_time) == 4
     np.testing.assert_array_equal(mem.ensembles()["kl"], disk.ensembles()["kl"])
+    rows = [[(r["name"], r["top1"], r["top1_ci"]) for r in compute_metrics(run, measure_latency=False)["comparison"]]
+            for run in two_runs]  # fmt: skip
+    assert rows[0] == rows[1] and len(rows[0]) == 4  # generalist, compute_matched, kl, student
+
+
+def test_fixed_broken_grid_decodes_only_the_images_it_shows(imagenet_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mem, disk = _load(imagenet_root, True), _load(imagenet_root, False)
+    y = mem.y_test.numpy()
+    gen, ens = (y + 1) % 4, y.copy()
+    gen[1], ens[1] = y[1], (y[1] + 2) % 4  # one image broken, the other 7 fixed
+    decoded: list[int] = []
+    real = streaming.ImageFiles.decode
+    monkeypatch.setattr(streaming.ImageFiles, "decode", lambda self, idx: decoded.append(len(idx)) or real(self, idx))
+    figs = [plots.fixed_broken_grid(x, y, gen, ens, mem.class_names, max_images=2) for x in (mem.x_test, disk.x_test)]
+    assert figs[0].to_dict() == figs[1].to_dict() and figs[1].layout.meta == {"n_fixed": 7, "n_broken": 1}
+    assert sum(decoded) == 1 + 2 + 1  # a first image for the size, then the 2 fixed and the 1 broken shown
 
 
 # ------------------------------------------------------------------------------------------ bad input
