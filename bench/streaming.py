@@ -15,6 +15,7 @@ of the epoch's; the decoding workers are other processes and not counted), the i
 
     python bench/streaming.py                      # 50,000 images: a few minutes on 2 CPU cores
     python bench/streaming.py --images 5000        # a quick look
+    python bench/streaming.py --decode-only 10000  # the loader alone: images/s its workers decode
 """
 from __future__ import annotations
 
@@ -83,6 +84,22 @@ def one_epoch(root: Path, *, in_memory: bool, workers: int, width: int, batch_si
             "train_loss": history[0].train_loss, "images": len(ds.y_train)}  # fmt: skip
 
 
+def decode_only(root: Path, *, workers: int, batch_size: int, limit: int) -> float:
+    """Images/s the streaming loader alone delivers (``workers`` processes, no training): the ceiling of the
+    streaming path's speed, whatever the model."""
+    import torch
+
+    from specialkit import data, streaming
+
+    ds = data.load("imagenet", root=root, per_class=None, val_fraction=0.01, seed=0, size=64, in_memory=False,
+                   stream_workers=workers)  # fmt: skip
+    order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(0))[:limit]
+    chunks = list(order.split(batch_size))
+    t0 = time.perf_counter()
+    n = sum(len(xb) for xb in streaming.batches(ds.x_train, chunks))
+    return n / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=50_000, help="training JPEGs to generate (>= 50,000 for the target)")
@@ -93,9 +110,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                         help="torch threads of the training process (default OMP_NUM_THREADS, else 1)")  # fmt: skip
     parser.add_argument("--root", type=Path, default=None, help="where to cache the generated folder (default: the temp folder)")
+    parser.add_argument("--decode-only", type=int, default=0, metavar="N",
+                        help="only measure how many images/s the streaming loader decodes (N images, no training)")
     parser.add_argument("--child", choices=("streaming", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = args.root or Path(tempfile.gettempdir()) / f"specialkit-bench-streaming-{args.images}-{args.classes}"
+    if args.decode_only:
+        generate(root, images=args.images, classes=args.classes, size=64, val_per_class=2)
+        rate = decode_only(root, workers=args.workers, batch_size=args.batch_size, limit=args.decode_only)
+        print(f"decode_images_per_s={rate:.0f} ({args.workers} workers, {args.decode_only} images, no training)")
+        return {"decode_images_per_s": rate}
     if args.child:
         out = one_epoch(root, in_memory=args.child == "memory", workers=args.workers, width=args.width,
                         batch_size=args.batch_size, threads=args.threads)  # fmt: skip
