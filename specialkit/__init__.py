@@ -5,7 +5,7 @@ Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline bu
 ``ensemble``, ``evaluation``, ``stats`` (intervals and tests), ``metrics`` (every number of a run),
 ``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``, ``launch`` (thread budgets, submitit jobs),
 ``byog`` (a generalist brought from elsewhere), ``transfer`` (linear probes on frozen features),
-``streaming`` (image files read from disk batch by batch).
+``streaming`` (image files read from disk batch by batch), ``frontier`` (accuracy against inference cost).
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
 from __future__ import annotations
