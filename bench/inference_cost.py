@@ -1,21 +1,29 @@
 """Inference cost of a specialist ensemble, as ratios to the generalist alone.
 
 Builds a generalist (``cnn`` on 1x32x32 images, 62 classes, as for ``glyphs``) and M specialists of
-about C/M classes each -- once with the generalist's architecture (initialised from it, as in the
-paper) and once smaller (``--small-width``/``--small-depth``) -- and reports per image:
+about C/M classes each, three ways: with the generalist's architecture (initialised from it, as in the
+paper: "full"); sharing the generalist's first ``--shared-stages`` stages (the trunk runs once per
+image, each specialist only its own later stages: "shared"); and smaller (``--small-width``/``--small-depth``,
+from scratch). Per image it reports:
 
-* FLOPs (counted) of the generalist, of the ensemble running every specialist, and of the ensemble
-  with conditional execution (only the specialists that the routing activates);
-* measured latency at batch 1 and batch 256 of the generalist alone and of each combination rule
-  (``kl`` = the paper's, ``top_confident`` = option (a), ``moe`` = option (b) with HD-CNN style
-  skipping), each run with all specialists ("all") and with conditional execution ("conditional").
+* FLOPs (counted; a shared trunk once) and parameters stored, of the generalist, of the ensemble running
+  every specialist, and with conditional execution (only the specialists that the routing activates);
+* measured latency at batch 1 and batch 256 of the generalist alone and of the ensemble, all specialists
+  vs conditional execution, for the networks alone (``nets``: generalist, routing, the active
+  specialists) and with each combination rule (``kl`` = the paper's, ``top_confident`` = option (a),
+  ``moe`` = option (b) with HD-CNN style skipping).
+
+It ends with the ratio lines of issue 12, conditional execution over the generalist's latency, in the same
+process and threads, best of ``--repeats`` repeats: ``ratio_b1_shared``, ``ratio_b256_shared``,
+``ratio_b1_full``, ``ratio_b256_full`` (networks and routing; the ``_kl`` lines add the ``kl`` combination),
+and ``params_ratio_shared`` / ``params_ratio_full`` (stored parameters over the generalist's).
 
 The networks are untrained, so the routing uses a random generalist-like distribution instead of
 the generalist's own output (``softmax(3 * randn)`` per image; top-1 activation for ``kl`` and
 ``top_confident``, group mass >= ``--moe-threshold`` for ``moe``); the generalist still runs in every
 timed pass. With ``--data glyphs`` the images are real glyphs instead of random pixels.
 
-    .venv/bin/python bench/inference_cost.py            # < 1 minute on 2 CPU cores
+    .venv/bin/python bench/inference_cost.py            # about a minute on 2 CPU cores
     .venv/bin/python bench/inference_cost.py --device cuda --images-large 2048
 """
 from __future__ import annotations
@@ -44,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images-small", type=int, default=32, help="images timed at batch 1")
     p.add_argument("--images-large", type=int, default=256, help="images timed at the large batch size")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
-    p.add_argument("--repeats", type=int, default=2, help="timed passes (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes (the best is kept)")
+    p.add_argument("--shared-stages", type=int, default=None, help="stages the shared specialists share (default depth - 1)")
     p.add_argument("--rules", nargs="+", default=["kl", "top_confident", "moe"], choices=["kl", "top_confident", "moe"])
     p.add_argument("--moe-threshold", type=float, default=0.1, help="moe: skip a specialist whose group mass is lower")
     p.add_argument("--top-confident-n", type=int, default=2)
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     generalist = models.build_model(gen_cfg).eval().to(device)
     groups = [np.sort(g) for g in np.array_split(rng.permutation(args.classes), args.specialists)]
     same = [specialists.init_from_generalist(generalist, g).eval() for g in groups]
+    s_shared = args.depth - 1 if args.shared_stages is None else args.shared_stages
+    trunk = generalist.trunk(s_shared)
+    shared = [models.share_trunk(specialists.init_from_generalist(generalist, g), trunk).eval().to(device) for g in groups]
     small = [
         models.build_model(models.ModelConfig(name="cnn", num_classes=len(g) + 1, in_channels=1, image_size=32,
                                               width=args.small_width, depth=args.small_depth)).eval().to(device)
@@ -121,19 +133,28 @@ def main(argv: list[str] | None = None) -> None:
           f"moe threshold {args.moe_threshold} ({moe_active.sum(1).mean():.2f}/image); images: {args.data}; "
           f"device {args.device}, {args.threads} thread(s)\n")  # fmt: skip
 
-    for label, specs in (("same size as the generalist (initialised from it)", same),
-                         (f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", small)):  # fmt: skip
+    ratios: dict[str, float] = {}
+    sets = (("full", "same size as the generalist (initialised from it)", same),
+            ("shared", f"sharing the generalist's first {s_shared} of {args.depth} stages (initialised from it)", shared),
+            ("small", f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", small))  # fmt: skip
+    for key, label, specs in sets:
         costs = [evaluation.model_cost(s, shape) for s in specs]
         ec = evaluation.ensemble_cost(gen_cost, costs, active)
         ec_moe = evaluation.ensemble_cost(gen_cost, costs, moe_active)
+        ratios[f"params_ratio_{key}"] = ec["params_ratio"]
         print(f"== specialists {label}: {costs[0]['params']:,} params, {costs[0]['flops'] / 1e6:.2f} MFLOPs each")
         print(f"FLOPs/image vs generalist: all {ec['all_ratio']:.2f}x | conditional top-1 {ec['conditional_ratio']:.2f}x"
-              f" | conditional moe {ec_moe['conditional_ratio']:.2f}x | parameters {ec['params_ratio']:.2f}x")  # fmt: skip
+              f" | conditional moe {ec_moe['conditional_ratio']:.2f}x | parameters stored {ec['params_ratio']:.2f}x")  # fmt: skip
         df = evaluation.latency_table(
-            generalist, specs, x.to(device), active, batch_sizes=args.batch_sizes, rules=rules(args, groups),
-            repeats=args.repeats, warmup=1, routing_probs=p_route,
+            generalist, specs, x.to(device), active, batch_sizes=args.batch_sizes, rules={"nets": None, **rules(args, groups)},
+            repeats=args.repeats, warmup=1, routing_probs=p_route, best=True,
             max_images={bs: (args.images_small if bs == 1 else args.images_large) for bs in args.batch_sizes},
         )  # fmt: skip
+        for bs in args.batch_sizes:
+            for model, suffix in (("nets conditional", ""), ("kl conditional", "_kl")):
+                row = df[(df["model"] == model) & (df["batch_size"] == bs)]
+                if len(row):
+                    ratios[f"ratio_b{bs}_{key}{suffix}"] = float(row["ratio"].iloc[0])
         df["ms_per_image"] = df.pop("seconds_per_image") * 1e3
         wide = df.pivot(index="model", columns="batch_size", values="ratio")
         wide.columns = [f"ratio@{b}" for b in wide.columns]
@@ -144,9 +165,15 @@ def main(argv: list[str] | None = None) -> None:
         comb.columns = [f"rule ms/img@{b}" for b in comb.columns]
         active_col = df.groupby("model")["mean_active"].last().rename("specialists/img")
         out = wide.join(ms).join(comb).join(active_col)
-        order = ["generalist"] + [f"{r} {m}" for r in args.rules for m in ("all", "conditional")]
+        order = ["generalist"] + [f"{r} {m}" for r in ["nets", *args.rules] for m in ("all", "conditional")]
         print(out.loc[order].to_string(float_format=lambda v: f"{v:.3f}"))
         print()
+    print(f"k = {args.specialists} specialists; target (issue 12): shared <= 1.5x at batch 1, <= 1.3x at batch 256, "
+          f"parameters <= {1 + 0.3 * args.specialists:.1f}x")  # fmt: skip
+    for name in ("ratio_b1_shared", "ratio_b256_shared", "ratio_b1_full", "ratio_b256_full", "ratio_b1_shared_kl",
+                 "ratio_b256_shared_kl", "ratio_b1_full_kl", "ratio_b256_full_kl", "params_ratio_shared", "params_ratio_full"):  # fmt: skip
+        if name in ratios:
+            print(f"{name}={ratios[name]:.3f}")
     print(f"total {time.perf_counter() - t_start:.1f} s")
 
 

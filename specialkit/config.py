@@ -18,13 +18,14 @@ from typing import Any
 
 __all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS",
            "SETTING_STAGES", "KEY_STAGES", "RENAMED", "stage_of", "stage_keys", "key_name", "cli_settings", "picker_settings",
-           "choices_of", "settings_markdown"]
+           "choices_of", "settings_markdown", "SPECIALIST_INITS", "hashed_now"]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
 RULES = ("generalist", "kl", "top_confident", "moe")
 METHODS = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
 OVERLAPS = ("none", "hdcnn", "top_r")
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
+SPECIALIST_INITS = ("auto", "generalist", "scratch", "distill")
 KEY_STAGES = ("data", "generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
 """The stages whose settings enter the cache keys (``pipeline.Run.key``), in pipeline order."""
 SETTING_STAGES = (*KEY_STAGES, "metrics", "run")
@@ -44,7 +45,7 @@ def smoke_mode() -> bool:
 
 
 def _setting(default: Any, stage: str, *, cli: str | None = None, in_key: bool = True, key_name: str | None = None,
-             choices: tuple[str, ...] | None = None, picker: str | None = None) -> Any:
+             choices: tuple[str, ...] | None = None, picker: str | None = None, key_if_set: bool = False) -> Any:
     """A ``PipelineConfig`` field routed by its metadata, the one place that says where a setting goes.
 
     Args:
@@ -56,10 +57,14 @@ def _setting(default: Any, stage: str, *, cli: str | None = None, in_key: bool =
         key_name: the name the setting has in the cache key when it was renamed (old runs stay valid).
         choices: the allowed values of a string option (checked by ``validate``).
         picker: the name of the ``widgets.ClusterPicker`` argument the setting starts.
+        key_if_set: a setting added after runs were trained: it enters the cache key only when it differs from
+            its default, so the stages those runs trained stay valid.
     """
     if stage not in SETTING_STAGES:
         raise ValueError(f"stage {stage!r} is not one of {', '.join(SETTING_STAGES)}: route the setting to one of them")
     meta: dict[str, Any] = {"stage": stage, "in_key": in_key and stage in KEY_STAGES}
+    if key_if_set:
+        meta["key_if_set"] = True
     for k, v in (("cli", cli), ("key_name", key_name), ("choices", choices), ("picker", picker)):
         if v is not None:
             meta[k] = v
@@ -74,7 +79,11 @@ class PipelineConfig:
     cache key, its ``specialkit run`` flag and help, its choices and its ``ClusterPicker`` control;
     :func:`stage_keys`, :func:`cli_settings` and :func:`picker_settings` read them.
 
-    Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``.
+    Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``; how image
+    folders are read (out of every cache key: both ways give the same numbers): ``in_memory`` (``null`` =
+    decode into memory when the images fit ``memory_budget_gb``, else stream them from disk through a
+    ``DataLoader``; ``true``/``false`` forces either), ``memory_budget_gb`` (``null`` = a quarter of the RAM),
+    ``stream_workers`` (decoding worker processes of the streaming path).
     Generalist: ``model`` (``cnn`` | ``resnet18``), ``width``, ``depth``, ``epochs``, ``batch_size``,
     ``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ``label_smoothing``; or a generalist brought
     from elsewhere, not trained: ``generalist_from`` (``torchvision:<arch>:<weights>``, ``torchscript:<file>``,
@@ -109,12 +118,17 @@ class PipelineConfig:
 
     name: str = _setting("demo", "run", cli="run name: the folder runs/<name>")
     dataset: str = _setting("glyphs", "data", cli="glyphs | glyphs_hard (built in) | cifar100 | cifar10 | mnist | "
-                                                  "fashion_mnist | tiny_imagenet | imagefolder")
+                                                  "fashion_mnist | tiny_imagenet | imagefolder | imagenet")
     root: str | None = _setting(None, "data", cli="folder with the dataset's files")
     download: bool = _setting(False, "data", in_key=False)
     image_size: int | None = _setting(None, "data", cli="resize images to this side, e.g. 32")
     per_class: int | None = _setting(300, "data", cli="training images per class (subset)")
     val_fraction: float = _setting(0.15, "data")
+    in_memory: bool | None = _setting(None, "data", in_key=False)
+    memory_budget_gb: float | None = _setting(None, "data", in_key=False,
+                                              cli="decode image folders into memory up to this many GB, else stream them "
+                                                  "from disk (default a quarter of the RAM)")  # fmt: skip
+    stream_workers: int = _setting(2, "data", in_key=False, cli="worker processes decoding batches on the streaming path")
     model: str = _setting("cnn", "generalist", cli="generalist architecture: cnn | resnet18")
     width: int = _setting(16, "generalist", cli="generalist width (cnn channels)")
     depth: int = _setting(3, "generalist", cli="generalist depth (cnn stages)")
@@ -153,6 +167,12 @@ class PipelineConfig:
                                              cli="temperature T of the generalist's soft targets for specialists "
                                                  "(used when --specialist-soft-weight > 0)")  # fmt: skip
     dustbin_correction: str = _setting("prior_match", "specialists", choices=CORRECTIONS)
+    specialist_shared_stages: int = _setting(0, "specialists", key_if_set=True,
+                                             cli="freeze and share the generalist's first N stages; specialists train and "
+                                                 "store only the rest (0 = whole specialists)")  # fmt: skip
+    specialist_init: str = _setting("auto", "specialists", key_if_set=True, choices=SPECIALIST_INITS,
+                                    cli="auto | generalist | scratch | distill: how a specialist starts (auto: from the "
+                                        "generalist when the architecture matches, else scratch)")  # fmt: skip
     top_n: int = _setting(1, "ensembles", cli="generalist top-n classes that switch specialists on (paper: 1)")
     rules: tuple[str, ...] = _setting(RULES, "ensembles")
     top_confident_n: int = _setting(2, "ensembles")
@@ -249,6 +269,14 @@ class PipelineConfig:
                 for v in _ints_in(getattr(self, f.name)):
                     if not 0 <= v <= SEED_MAX:
                         raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: seeds must lie in 0..{SEED_MAX}")
+        if self.specialist_shared_stages < 0:
+            raise ConfigError(f"specialist_shared_stages={self.specialist_shared_stages}: use 0 (whole specialists) or the number "
+                              "of the generalist's stages to share (1 .. its depth; resnet18: 1..4)")
+        if self.specialist_shared_stages and (self.specialist_init in ("scratch", "distill") or self.specialist_model
+                                              or self.specialist_width or self.specialist_depth):
+            raise ConfigError("specialist_shared_stages > 0 shares the generalist's own trunk, so specialists need its architecture "
+                              "and weights: leave specialist_model/width/depth unset and specialist_init auto or generalist, "
+                              "or set specialist_shared_stages=0")
         _positive(self, "epochs", "batch_size", "width", "depth", "k", "top_n", "top_r", "specialist_epochs",
                   "student_epochs", "top_confident_n")  # fmt: skip
         if self.dustbin_correction == "paper":
@@ -288,6 +316,10 @@ class PipelineConfig:
         for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError(f"memory_budget_gb={self.memory_budget_gb} must be positive (GB), or null for a quarter of the RAM")
+        if self.stream_workers < 0:
+            raise ConfigError(f"stream_workers={self.stream_workers} must be >= 0 (0 = decode in the main process)")
         if self.per_class is not None and self.per_class < 2:
             raise ConfigError(f"per_class={self.per_class}: need at least 2 images per class (or null for all)")
         if self.generalist_from is not None:
@@ -436,6 +468,15 @@ def stage_keys() -> dict[str, tuple[str, ...]]:
     """Stage (:data:`KEY_STAGES`, in order) -> the settings in its cache key, in field order."""
     return {s: tuple(f.name for f in fields(PipelineConfig) if f.metadata["stage"] == s and f.metadata["in_key"])
             for s in KEY_STAGES}  # fmt: skip
+
+
+def hashed_now(name: str, value: Any) -> bool:
+    """Whether the setting ``name`` with ``value`` enters its stage's cache key: always, except a ``key_if_set``
+    setting left at its default (so runs trained before it existed stay valid)."""
+    f = next((f for f in fields(PipelineConfig) if f.name == name), None)
+    if f is None:
+        raise ConfigError(f"unknown setting {name!r}")
+    return not (f.metadata.get("key_if_set") and value == f.default)
 
 
 def key_name(name: str) -> str:

@@ -16,6 +16,8 @@ Cost (the honest side of the comparison, docs/METHOD.md section 7):
   specialist, and of the ensemble with conditional execution (only the active specialists run).
 * :func:`measure_latency`, :func:`latency_table` -- measured seconds per image, as ratios to the
   generalist.
+* :func:`weight_bytes`, :func:`peak_activation_bytes` -- memory of inference: the weights held (a
+  shared trunk once) and the peak of the tensors a forward pass keeps alive.
 * :func:`compute_matched_epochs` -- extra generalist epochs that match the specialists' training passes.
 
 >>> import numpy as np
@@ -48,7 +50,11 @@ __all__ = [
     "ensemble_cost",
     "measure_latency",
     "latency_table",
+    "ensemble_forward",
+    "shared_trunk_of",
     "compute_matched_epochs",
+    "weight_bytes",
+    "peak_activation_bytes",
 ]
 
 
@@ -321,7 +327,8 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
         input_shape: ``(C, H, W)`` or ``(1, C, H, W)``.
 
     Returns:
-        ``{"params": int, "flops": int}``.
+        ``{"params": int, "flops": int}``. For a shared-trunk specialist (``models.SharedTrunkClassifier``)
+        both are its own stages and head only: the trunk is stored and run once, with the generalist.
     """
     from . import models
 
@@ -330,7 +337,10 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
         shape = (1, *shape)
     if len(shape) != 4:
         raise EvaluationError(f"input_shape must be (C, H, W) or (1, C, H, W), got {shape}")
-    return {"params": models.count_parameters(model), "flops": models.count_flops(model, shape)}
+    flops = models.count_flops(model, shape)
+    if isinstance(model, models.SharedTrunkClassifier):
+        flops -= models.count_flops(model.shared_trunk, shape)
+    return {"params": models.count_parameters(model), "flops": flops}
 
 
 def ensemble_cost(gen_cost: Mapping[str, int], spec_costs: Sequence[Mapping[str, int]], active: Mask) -> dict[str, float]:
@@ -380,9 +390,10 @@ def _sync(x: Any) -> None:
 
 
 def measure_latency(
-    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, batch_size: int, repeats: int = 5, warmup: int = 1
+    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, batch_size: int, repeats: int = 5, warmup: int = 1,
+    best: bool = False,
 ) -> float:
-    """Median seconds per image of ``fn`` applied to ``x`` in batches (``time.perf_counter``).
+    """Median (``best=True``: smallest) seconds per image of ``fn`` applied to ``x`` in batches (``time.perf_counter``).
 
     Each repeat runs ``fn`` over all of ``x`` in batches of ``batch_size`` (the last batch may be
     smaller) under ``torch.inference_mode``, synchronising CUDA before the clock stops; the time per
@@ -392,7 +403,7 @@ def measure_latency(
         fn: callable taking a batch ``x[i:i+batch_size]``.
         x: (N, ...) inputs (already on the device ``fn`` expects).
         batch_size: images per call.
-        repeats: timed passes; the median is returned.
+        repeats: timed passes; the median is returned (the smallest with ``best``, steadier on a shared machine).
         warmup: untimed passes before timing.
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
@@ -410,11 +421,79 @@ def measure_latency(
             _sync(x)
             if r >= warmup:
                 times.append((time.perf_counter() - t0) / n)
-    return float(statistics.median(times))
+    return float(min(times) if best else statistics.median(times))
 
 
 Combine = Callable[[np.ndarray, list[np.ndarray], np.ndarray], Any]
 _RowActivate = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def shared_trunk_of(specialists: Sequence[torch.nn.Module]) -> Any:
+    """The one ``models.Trunk`` every specialist shares, or ``None`` when none shares a trunk (an error when
+    only some do, or they hold different trunk objects: attach one ``generalist.trunk(s)`` to all)."""
+    from . import models
+
+    shared = [s for s in specialists if isinstance(s, models.SharedTrunkClassifier)]
+    if not shared:
+        return None
+    trunks = {id(s.shared_trunk) for s in shared}
+    if len(shared) != len(specialists) or len(trunks) != 1:
+        raise EvaluationError("the specialists must all share one trunk object (or none): load them with the same "
+                              "trunk=generalist.trunk(s)")
+    return shared[0].shared_trunk
+
+
+def ensemble_forward(
+    generalist: torch.nn.Module,
+    specialists: Sequence[torch.nn.Module],
+    xb: torch.Tensor,
+    activate: Callable[[np.ndarray], np.ndarray] | None = None,
+    *,
+    routing_probs: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """One ensemble pass over a batch with conditional execution.
+
+    The generalist runs on every image; ``activate(p_gen)`` says which specialists each image switches on;
+    specialist m runs once, batched over the rows that activate it (its other rows are NaN). When the
+    specialists share a trunk (``models.SharedTrunkClassifier``) the trunk runs **once** on the batch,
+    the generalist's later stages and every active specialist's own stages run on its output.
+
+    Args:
+        generalist: the generalist (float images in [0, 1] -> (B, C) logits).
+        specialists: M classifiers, each (B, |S_m|+1) logits; all or none sharing one trunk.
+        xb: (B, channels, H, W) float images in [0, 1].
+        activate: ``p_gen (B, C) -> (B, M) bool``; ``None`` runs every specialist on every row.
+        routing_probs: (B, C) distributions the activation sees instead of the generalist's softmax.
+
+    Returns:
+        ``(p_gen (B, C), [probs (B, |S_m|+1) with NaN rows where inactive], active (B, M) bool)``.
+    """
+    trunk = shared_trunk_of(specialists)
+    if trunk is None:
+        h, logits = xb, generalist(xb)
+
+        def run(spec: Any, rows: torch.Tensor | None) -> torch.Tensor:
+            return spec(h if rows is None else h.index_select(0, rows))
+    else:
+        h = trunk(xb)
+        logits = generalist.forward_from(h, trunk.stages)
+
+        def run(spec: Any, rows: torch.Tensor | None) -> torch.Tensor:
+            return spec.forward_shared(h if rows is None else h.index_select(0, rows))
+    p_gen = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    p_route = p_gen if routing_probs is None else routing_probs
+    if activate is None:
+        act = np.ones((len(xb), len(specialists)), dtype=bool)
+        return p_gen, [torch.softmax(run(s, None).float(), dim=1).cpu().numpy() for s in specialists], act
+    act = np.asarray(activate(p_route), dtype=bool)
+    outs = []
+    for m, spec in enumerate(specialists):
+        out = np.full((len(xb), int(spec.head.out_features)), np.nan, dtype=np.float32)
+        rows = np.flatnonzero(act[:, m])
+        if len(rows):
+            out[rows] = torch.softmax(run(spec, torch.from_numpy(rows).to(xb.device)).float(), dim=1).cpu().numpy()
+        outs.append(out)
+    return p_gen, outs, act
 
 
 def _ensemble_forward(
@@ -424,37 +503,23 @@ def _ensemble_forward(
     routing_probs: np.ndarray | None,
     captured: dict[int, tuple[np.ndarray, list[np.ndarray], np.ndarray]],
 ) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
-    """The models of one ensemble pass; ``activate=None`` runs every specialist on every row.
-
-    The last outputs of every batch are kept in ``captured`` (by first row) for timing the rules.
+    """The models of one ensemble pass (:func:`ensemble_forward`); ``activate=None`` runs every specialist on
+    every row. The last outputs of every batch are kept in ``captured`` (by first row) for timing the rules.
     """
-    widths = [int(s.head.out_features) for s in specialists]
 
     def run(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         xb, idx = batch
-        p_gen = torch.softmax(generalist(xb).float(), dim=1).cpu().numpy()
-        if routing_probs is not None:
-            p_gen = routing_probs[idx.numpy()]
-        if activate is None:
-            act = np.ones((len(xb), len(specialists)), dtype=bool)
-            outs = [torch.softmax(spec(xb).float(), dim=1).cpu().numpy() for spec in specialists]
-        else:
-            act = np.asarray(activate(p_gen, idx.numpy()), dtype=bool)
-            outs = []
-            for m, spec in enumerate(specialists):
-                out = np.full((len(xb), widths[m]), np.nan, dtype=np.float32)
-                rows = np.flatnonzero(act[:, m])
-                if len(rows):
-                    sub = xb.index_select(0, torch.from_numpy(rows).to(xb.device))
-                    out[rows] = torch.softmax(spec(sub).float(), dim=1).cpu().numpy()
-                outs.append(out)
-        captured[int(idx[0])] = (p_gen, outs, act)
+        rows = idx.numpy()
+        route = None if routing_probs is None else routing_probs[rows]
+        fn = None if activate is None else (lambda p: activate(p, rows))
+        p_gen, outs, act = ensemble_forward(generalist, specialists, xb, fn, routing_probs=route)
+        captured[int(idx[0])] = (route if route is not None else p_gen, outs, act)
 
     return run
 
 
-def _time_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, repeats: int, warmup: int) -> float:
-    """Median total seconds of ``fn(*args)`` over every ``args`` in ``calls``."""
+def _time_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, repeats: int, warmup: int, best: bool = False) -> float:
+    """Median (``best``: smallest) total seconds of ``fn(*args)`` over every ``args`` in ``calls``."""
     times = []
     for r in range(warmup + repeats):
         t0 = time.perf_counter()
@@ -462,7 +527,7 @@ def _time_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, rep
             fn(*args)
         if r >= warmup:
             times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
+    return float(min(times) if best else statistics.median(times))
 
 
 def _row_activate(active: Any, num_images: int, num_specialists: int) -> _RowActivate:
@@ -489,6 +554,7 @@ def latency_table(
     warmup: int = 1,
     max_images: Mapping[int, int] | None = None,
     routing_probs: Any | None = None,
+    best: bool = False,
 ) -> pd.DataFrame:
     """Measured seconds per image of the generalist and of the ensemble, all vs conditional execution.
 
@@ -520,6 +586,7 @@ def latency_table(
         repeats, warmup: see :func:`measure_latency`.
         max_images: batch size -> number of images timed (default all of ``x``): batch 1 over
             thousands of images is slow on a CPU.
+        best: report the smallest time of the repeats instead of the median.
         routing_probs: optional (N, C) distributions that the activation functions and rules see
             instead of the generalist's softmax (the generalist still runs, for its cost): lets a
             benchmark with an untrained generalist route images like a trained one would.
@@ -558,20 +625,20 @@ def latency_table(
     for bs in batch_sizes:
         n = min(len(xf), int((max_images or {}).get(bs, len(xf))))
         pairs = _Paired(xf[:n], torch.arange(n))
-        t_gen = measure_latency(lambda b: generalist(b[0]), pairs, batch_size=bs, repeats=repeats, warmup=warmup)
+        t_gen = measure_latency(lambda b: generalist(b[0]), pairs, batch_size=bs, repeats=repeats, warmup=warmup, best=best)
         rows.append({"batch_size": bs, "model": "generalist", "seconds_per_image": t_gen,
                      "combine_seconds_per_image": 0.0, "mean_active": 0.0})  # fmt: skip
         passes: dict[Any, tuple[float, list, float]] = {}
         for key, act_fn in [(None, None)] + [(id(a), a) for a in routings]:
             captured: dict[int, Any] = {}
             fn = _ensemble_forward(generalist, specialists, act_fn, routing, captured)
-            t = measure_latency(fn, pairs, batch_size=bs, repeats=repeats, warmup=warmup)
+            t = measure_latency(fn, pairs, batch_size=bs, repeats=repeats, warmup=warmup, best=best)
             mean_active = float(m) if act_fn is None else float(np.asarray(act_fn(p_all[:n], np.arange(n))).sum(1).mean())
             passes[key] = (t, [captured[k] for k in sorted(captured)], mean_active)
         for name, (combine, act_fn) in table.items():
             for mode, key in (("all", None), ("conditional", id(act_fn))):
                 t_models, calls, mean_active = passes[key]
-                t_comb = 0.0 if combine is None else _time_calls(combine, calls, repeats=repeats, warmup=warmup) / n
+                t_comb = 0.0 if combine is None else _time_calls(combine, calls, repeats=repeats, warmup=warmup, best=best) / n
                 rows.append({"batch_size": bs, "model": f"{name} {mode}", "seconds_per_image": t_models + t_comb,
                              "combine_seconds_per_image": t_comb, "mean_active": mean_active})  # fmt: skip
     df = pd.DataFrame(rows)
@@ -593,6 +660,69 @@ class _Paired:
 
     def __getitem__(self, s: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[s], self.idx[s]
+
+
+def weight_bytes(modules: Sequence[torch.nn.Module]) -> int:
+    """Bytes of the parameters and buffers inference holds for ``modules``, each tensor once (a trunk shared
+    with the generalist is counted with it; a shared-trunk specialist adds only its own stages)."""
+    from . import models
+
+    seen: dict[int, int] = {}
+    for mod in modules:
+        tensors = list(mod.parameters()) + list(mod.buffers())
+        if isinstance(mod, models.SharedTrunkClassifier) and mod._trunk:
+            tensors += list(mod.shared_trunk.parameters()) + list(mod.shared_trunk.buffers())
+        for t in tensors:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return int(sum(seen.values()))
+
+
+def peak_activation_bytes(fn: Callable[[], Any], *, device: torch.device | str = "cpu") -> int:
+    """Peak bytes of the tensors alive at once while ``fn()`` runs (inputs and weights made before it excluded).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` over the call, less what was allocated before it. On the CPU,
+    where PyTorch keeps no such counter: every tensor an operator returns (views and in-place results excluded)
+    is added when made and subtracted when freed (a ``TorchDispatchMode``), and the running maximum is kept.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    tracker = _LiveBytes()
+    with torch.inference_mode(), tracker:
+        fn()
+    return int(tracker.peak)
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Running total and peak of the bytes of tensors made by operators and still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place result: no new memory
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
 
 
 def compute_matched_epochs(examples_seen_by_specialists: int | float | Sequence[int], n_train: int) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import clusters, ensemble, evaluation, models, runs, specialists, stats, training
+from . import clusters, data, ensemble, evaluation, models, runs, specialists, stats, training
 
 if TYPE_CHECKING:
     from .pipeline import Run
@@ -40,6 +40,7 @@ __all__ = [
     "dustbin_effect",
     "cost_points",
     "latency",
+    "cost_summary",
     "stage_seconds",
     "aggregate_seeds",
     "finite",
@@ -291,6 +292,60 @@ def latency(run: "Run", *, max_images: int = 512, repeats: int = 3) -> pd.DataFr
                                         rules={"kl": kl}, repeats=repeats, max_images={1: min(64, len(x)), 256: len(x)})  # fmt: skip
 
 
+def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None = None, *,
+                 memory_batch: int = 256) -> list[dict[str, Any]]:
+    """Cost of inference of every configuration of the run, one row each: the generalist, the ensemble running
+    all specialists, the ensemble with conditional execution, the student.
+
+    Columns: ``params_stored`` (a shared trunk once; a shared-trunk specialist only its own stages),
+    ``mflops_per_image`` (counted; a shared trunk once), ``ms_per_image_b1`` / ``ms_per_image_b256`` (measured,
+    from ``latency_records`` of :func:`latency`, rule ``kl``; ``None`` without them), ``weights_mb`` and
+    ``peak_activation_mb`` (one batch of ``memory_batch`` test images, :func:`evaluation.peak_activation_bytes`).
+    """
+    ds = run.dataset()
+    shape = (ds.channels, ds.image_size, ds.image_size)
+    gen, sps = run.generalist().model, [s.model for s in run.specialists()]
+    student = run.distill().model if run.skip_reason("distill") is None else None  # skipped: no student row
+    flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
+                                     run.activation("test"))  # fmt: skip
+    groups, top_n = run.groups(), run.config.top_n
+    dev = next(gen.parameters()).device
+    xb = data.to_float(ds.x_test[:memory_batch]).to(dev)
+    lat = {(r["model"], int(r["batch_size"])): r["seconds_per_image"] * 1e3 for r in (latency_records or [])}
+    st_lat = {}
+    if latency_records and student is not None:
+        xs = data.to_float(ds.x_test[:256]).to(dev)
+        with torch.inference_mode():
+            st_lat = {bs: evaluation.measure_latency(student.eval(), xs[: 64 if bs == 1 else 256], batch_size=bs) * 1e3 for bs in (1, 256)}
+
+    def mem(fn: Any) -> float:
+        return evaluation.peak_activation_bytes(fn, device=dev) / 1e6
+
+    def activate(p: np.ndarray) -> np.ndarray:
+        return ensemble.activation(p, groups, top_n=top_n)
+
+    ens_mb = evaluation.weight_bytes([gen, *sps]) / 1e6
+    rows = [
+        {"model": "generalist", "params_stored": flops["generalist_params"], "mflops_per_image": flops["generalist_flops"] / 1e6,
+         "ms_per_image_b1": lat.get(("generalist", 1)), "ms_per_image_b256": lat.get(("generalist", 256)),
+         "weights_mb": evaluation.weight_bytes([gen]) / 1e6, "peak_activation_mb": mem(lambda: gen.eval()(xb))},
+        {"model": "ensemble, all specialists", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["all_flops"] / 1e6,
+         "ms_per_image_b1": lat.get(("kl all", 1)), "ms_per_image_b256": lat.get(("kl all", 256)), "weights_mb": ens_mb,
+         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb))},
+        {"model": "ensemble, conditional", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["conditional_flops"] / 1e6,
+         "ms_per_image_b1": lat.get(("kl conditional", 1)), "ms_per_image_b256": lat.get(("kl conditional", 256)), "weights_mb": ens_mb,
+         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb, activate))},
+    ]  # fmt: skip
+    if student is not None:
+        rows.append({"model": "student", "params_stored": models.count_parameters(student),
+                     "mflops_per_image": models.count_flops(student.eval(), (1, *shape)) / 1e6,
+                     "ms_per_image_b1": st_lat.get(1), "ms_per_image_b256": st_lat.get(256),
+                     "weights_mb": evaluation.weight_bytes([student]) / 1e6, "peak_activation_mb": mem(lambda: student(xb))})  # fmt: skip
+    for r in rows:
+        r["shared_stages"] = run.config.specialist_shared_stages if r["model"].startswith("ensemble") else 0
+    return rows
+
+
 def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
     """Accuracy (with its interval) against MFLOPs per image for every model and rule (the ensemble rules
     run all specialists, except ``kl``, shown with conditional execution too)."""
@@ -409,8 +464,10 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
     if cfg.compute_matched and MATCHED not in skipped:
         m["compute_matched"] = {"test_top1": rows[MATCHED]["top1"], "examples_seen": run.compute_matched().examples_seen,
                                 "budget": run.compute_budget()}  # fmt: skip
-    if measure_latency and gen.model is not None:
-        m["cost"]["latency"] = _records(latency(run))
+    lat = _records(latency(run)) if measure_latency and gen.model is not None else None
+    if lat is not None:
+        m["cost"]["latency"] = lat
+    m["cost"]["summary"] = cost_summary(run, lat) if gen.model is not None else None
     return finite(m)
 
 

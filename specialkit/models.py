@@ -44,6 +44,10 @@ __all__ = [
     "count_flops",
     "replace_head",
     "DustbinHead",
+    "Trunk",
+    "SharedTrunkClassifier",
+    "share_trunk",
+    "fingerprint",
     "TorchvisionClassifier",
     "TORCHVISION_PREFIX",
 ]
@@ -74,6 +78,8 @@ class ModelConfig:
             the number C of the generalist's classes: the head is then a :class:`DustbinHead` that keeps
             all C rows and outputs the special logits plus the log-sum-exp of the others.
         special_classes: with ``dustbin_of``, the (S,) special class indices (``num_classes`` = S + 1).
+        shared_stages: 0 for a whole model; s > 0 for a specialist that runs the first s stages of its
+            generalist's body (the shared trunk, not part of this model: see :class:`SharedTrunkClassifier`).
         input_size: ``torchvision:<arch>`` models only: resize the (float) input to this side before the
             network (e.g. 224 for ImageNet-pretrained weights); ``None`` = keep the images' size.
     """
@@ -90,6 +96,7 @@ class ModelConfig:
     std: tuple[float, ...] | None = None
     dustbin_of: int | None = None
     special_classes: tuple[int, ...] | None = None
+    shared_stages: int = 0
     input_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +130,8 @@ class ModelConfig:
                 raise ModelError(f"ModelConfig.{key} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+        if not isinstance(self.shared_stages, (int, np.integer)) or isinstance(self.shared_stages, bool) or self.shared_stages < 0:
+            raise ModelError(f"ModelConfig.shared_stages must be a whole number >= 0, got {self.shared_stages!r}")
         if self.input_size is not None and (not isinstance(self.input_size, (int, np.integer)) or self.input_size < 1):
             raise ModelError(f"ModelConfig.input_size must be a positive integer or None, got {self.input_size!r}")
 
@@ -142,6 +151,8 @@ class ModelConfig:
         for key in ("mean", "std", "special_classes"):
             if out[key] is not None:
                 out[key] = list(out[key])
+        if not out["shared_stages"]:
+            del out["shared_stages"]  # whole models keep the config files they always had
         return out
 
     @classmethod
@@ -207,6 +218,141 @@ class Classifier(nn.Module):
         """(N, C, H, W) float in [0, 1] -> (N, K) logits."""
         return self.head(self.features(x))
 
+    def stage_ends(self) -> list[int]:
+        """Index into ``body`` just after each stage (one entry per stage), for :meth:`trunk`."""
+        raise ModelError(f"{type(self).__name__} does not define its stages: give it a stage_ends() method to share its trunk")
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages a trunk can share (``cnn``: depth; ``resnet18``: 4)."""
+        return len(self.stage_ends())
+
+    def _split(self, stages: int) -> int:
+        n = self.num_stages
+        if not isinstance(stages, int) or isinstance(stages, bool) or not 1 <= stages <= n:
+            raise ModelError(f"shared stages={stages!r}: this {self.config.name} has {n} stages, so share 1..{n} of them (0 = no sharing)")
+        return self.stage_ends()[stages - 1]
+
+    def trunk(self, stages: int) -> Trunk:
+        """The first ``stages`` stages as a :class:`Trunk` that shares this model's modules (no copy)."""
+        return Trunk(self, stages)
+
+    def forward_from(self, h: torch.Tensor, stages: int) -> torch.Tensor:
+        """Logits from the output ``h`` of ``self.trunk(stages)``: the later stages, then the head."""
+        return self.head(self.dropout(self.body[self._split(stages):](h)))
+
+
+class Trunk(nn.Module):
+    """The first ``stages`` stages of a classifier (input normalisation included), sharing its modules.
+
+    Always in eval mode and run without gradients: a shared trunk is frozen (BN uses its running statistics).
+
+    Attributes:
+        stages: s.  layers: ``body[:end]`` of the owner (the same module objects).
+        owner_fingerprint: :func:`fingerprint` of the owner when the trunk was cut.
+    """
+
+    def __init__(self, owner: Classifier, stages: int) -> None:
+        super().__init__()
+        end = owner._split(stages)
+        self.stages = stages
+        self.register_buffer("input_scale", owner.input_scale.detach().clone())
+        self.register_buffer("input_shift", owner.input_shift.detach().clone())
+        self.layers = nn.Sequential(*list(owner.body)[:end])
+        self.owner_fingerprint = fingerprint(owner)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Trunk:
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float in [0, 1] -> (N, D_s, H_s, W_s) shared features."""
+        if any(m.training for m in self.layers.modules()):
+            self.layers.eval()  # the owner was put back in training mode; the shared trunk stays frozen
+        with torch.no_grad():
+            return self.layers(torch.addcmul(self.input_shift.to(x.dtype), x, self.input_scale.to(x.dtype)))
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a model's state dict: names, shapes and values of every tensor."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class SharedTrunkClassifier(Classifier):
+    """A specialist that owns only the stages after a shared trunk, plus its head.
+
+    ``forward(x) = head(stages_after_s(trunk(x)))``, where the trunk (the generalist's first s stages,
+    :class:`Trunk`) is attached with :meth:`attach` and is **not** a submodule: it is not in
+    ``state_dict()``, ``parameters()`` (so training never moves it) or the parameter count.
+
+    Attributes:
+        shared_stages: s.  body: the owned stages (``generalist.body[end_s:]``, pooling included).
+        trunk_fingerprint: :func:`fingerprint` of the generalist whose trunk this specialist was trained on.
+    """
+
+    def __init__(self, config: ModelConfig, whole: Classifier | None = None) -> None:
+        super().__init__(config)
+        if whole is None:
+            whole = build_model(replace(config, shared_stages=0))
+        self.shared_stages = config.shared_stages
+        end = whole._split(config.shared_stages)
+        self.body = nn.Sequential(*list(whole.body)[end:])
+        self.head = whole.head
+        self.dropout = whole.dropout
+        self._trunk: list[Trunk] = []
+        self.trunk_fingerprint: str | None = None
+
+    @property
+    def shared_trunk(self) -> Trunk:
+        """The attached :class:`Trunk` (a clear error when none is attached)."""
+        if not self._trunk:
+            raise ModelError("this shared-trunk specialist has no trunk attached: load it with "
+                             "specialists.load_specialist(path, ds=..., generalist=<its generalist>)")
+        return self._trunk[0]
+
+    def attach(self, trunk: Trunk) -> SharedTrunkClassifier:
+        """Run on ``trunk`` (its fingerprint must match the one recorded at training, if any); returns self."""
+        if trunk.stages != self.shared_stages:
+            raise ModelError(f"the trunk has {trunk.stages} stages but this specialist shares {self.shared_stages}: "
+                             f"cut it with generalist.trunk({self.shared_stages})")
+        if self.trunk_fingerprint is not None and trunk.owner_fingerprint != self.trunk_fingerprint:
+            raise ModelError(f"this specialist was trained on the trunk of generalist {self.trunk_fingerprint}, not of "
+                             f"generalist {trunk.owner_fingerprint}: use the generalist it was trained with, or retrain it")
+        self._trunk[:] = [trunk]
+        self.trunk_fingerprint = trunk.owner_fingerprint
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.body(self.shared_trunk(x)))
+
+    def forward_shared(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, D_s, H_s, W_s) trunk output -> (N, K) logits: only this specialist's own stages and head."""
+        return self.head(self.dropout(self.body(h)))
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> SharedTrunkClassifier:
+        super()._apply(fn, *args, **kwargs)
+        if self._trunk:
+            self._trunk[0]._apply(fn, *args, **kwargs)  # moved with the specialist (it is shared with the generalist)
+        return self
+
+
+def share_trunk(model: Classifier, trunk: Trunk) -> SharedTrunkClassifier:
+    """``model`` (a whole classifier with the generalist's architecture, e.g. a specialist initialised from
+    it) cut after ``trunk.stages`` stages: a :class:`SharedTrunkClassifier` that reuses ``model``'s later
+    stages and head (no copy) and runs on ``trunk``."""
+    config = replace(model.config, shared_stages=trunk.stages)
+    out = SharedTrunkClassifier(config, whole=model)
+    out.input_scale.copy_(model.input_scale)
+    out.input_shift.copy_(model.input_shift)
+    return out.attach(trunk)
+
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
@@ -266,6 +412,11 @@ class SmallCNN(Classifier):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, config.num_classes)
 
+    def stage_ends(self) -> list[int]:
+        """Stage i ends after its blocks and the max-pool that follows it (none after the last)."""
+        d, b = self.config.depth, self.config.blocks_per_stage
+        return [(i + 1) * b + min(i + 1, d - 1) for i in range(d)]
+
 
 class ResNet18(Classifier):
     """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 32 px); D = 512."""
@@ -283,6 +434,10 @@ class ResNet18(Classifier):
             net.avgpool, nn.Flatten(),
         )  # fmt: skip
         self.head = net.fc
+
+    def stage_ends(self) -> list[int]:
+        """Stage 1 = stem + layer1, then layer2, layer3, layer4."""
+        return [4, 5, 6, 7]
 
 
 def _final_linear(net: nn.Module, arch: str) -> tuple[nn.Module, str, str]:
@@ -368,6 +523,8 @@ def build_model(config: ModelConfig | dict[str, Any]) -> Classifier:
     builder = TorchvisionClassifier if config.name.startswith(TORCHVISION_PREFIX) else _REGISTRY.get(config.name)
     if builder is None:
         raise ModelError(f"unknown model {config.name!r}; choose one of {', '.join(available_models())} or torchvision:<arch>")
+    if config.shared_stages:
+        return SharedTrunkClassifier(config)
     model = builder(config)
     if not isinstance(model, Classifier):
         raise ModelError(f"model builder {config.name!r} returned {type(model).__name__}, not a Classifier")

@@ -201,7 +201,7 @@ class Run:
     # ------------------------------------------------------------------ bookkeeping
     def _settings(self, stage: str) -> dict[str, Any]:
         cfg = self.config.to_dict()
-        out = {config_mod.key_name(k): cfg[k] for k in _KEYS[stage]}
+        out = {config_mod.key_name(k): cfg[k] for k in _KEYS[stage] if config_mod.hashed_now(k, cfg[k])}
         if stage == "generalist" and self.config.generalist_from:
             out.update({k: cfg[k] for k in ("generalist_from", "generalist_normalize", "generalist_input_size")},
                        generalist_from_sha256=self._source_sha())  # fmt: skip
@@ -317,7 +317,8 @@ class Run:
             c = self.config
             t0 = time.perf_counter()
             ds = data.load(c.dataset, root=c.root, download=c.download, image_size=c.image_size,
-                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.data_seed)  # fmt: skip
+                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.data_seed, in_memory=c.in_memory,
+                           memory_budget_gb=c.memory_budget_gb, stream_workers=c.stream_workers)  # fmt: skip
             c.validate(ds.num_classes)
             self._memo["dataset"] = ds
             self._timed("data", t0)
@@ -569,7 +570,8 @@ class Run:
             model, width, depth = model or c.model, width or c.width, depth or c.depth
         return specialists.SpecialistConfig(model=model, width=width, depth=depth,
                                             special_fraction=c.special_fraction, soft_weight=c.specialist_soft_weight,
-                                            temperature=c.specialist_temperature, correction=c.dustbin_correction, train=tc)  # fmt: skip
+                                            temperature=c.specialist_temperature, correction=c.dustbin_correction, train=tc,
+                                            init=c.specialist_init, shared_stages=c.specialist_shared_stages)  # fmt: skip
 
     def scratch_reason(self) -> str | None:
         """Why specialists train from scratch although no specialist architecture is set (a ``generalist_from``
@@ -615,8 +617,18 @@ class Run:
     def _load_specialist(self, index: int) -> specialists.TrainedSpecialist:
         memo = f"specialist-{index}"
         if memo not in self._memo:
-            self._memo[memo] = specialists.load_specialist(self.specialist_dir(index) / "model.pt", ds=self.dataset())
+            self._memo[memo] = specialists.load_specialist(self.specialist_dir(index) / "model.pt", ds=self.dataset(),
+                                                           trunk=self.shared_trunk())  # fmt: skip
         return self._memo[memo]
+
+    def shared_trunk(self) -> models.Trunk | None:
+        """The generalist's first ``specialist_shared_stages`` stages, one object every specialist runs on (None when 0)."""
+        s = self.config.specialist_shared_stages
+        if not s:
+            return None
+        if "trunk" not in self._memo:
+            self._memo["trunk"] = self.generalist().model.trunk(s)
+        return self._memo["trunk"]
 
     def specialists(self) -> list[specialists.TrainedSpecialist]:
         """Stage 3: every specialist (finished ones are loaded, not retrained)."""
@@ -646,7 +658,7 @@ class Run:
         gen_flops = models.count_flops(gen.model, shape)
         sps = self.specialists()
         spec_passes = int(sum(s.examples_seen for s in sps))
-        spec_train_flops = float(sum(3 * s.examples_seen * models.count_flops(s.model, shape) for s in sps))
+        spec_train_flops = float(sum(s.examples_seen * specialists.train_flops_per_example(s.model, shape) for s in sps))
         if self.config.compute_match == "passes":
             passes = spec_passes
         else:
@@ -730,6 +742,7 @@ class Run:
             mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
             from_gen = (c.student_init == "generalist" and mc == self.model_config(num_classes=ds.num_classes)
                         and self.scratch_reason() is None)  # fmt: skip
+            self.generalist()  # on a fresh run, train it first (its checkpoint is read below)
             training.seed_everything(c.seed + 3000)
             if from_gen:
                 model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]

@@ -51,6 +51,7 @@ __all__ = [
     "PlotInputError",
     "accuracy_bars",
     "accuracy_vs_cost",
+    "frontier",
     "class_map",
     "confused_examples_grid",
     "confusion_heatmap",
@@ -1277,6 +1278,55 @@ def accuracy_vs_cost(
     fig.update_xaxes(title_text=cost_label, type="log" if log_x else "linear")
     fig.update_yaxes(title_text="top-1 accuracy", tickformat=_percent_ticks(acc) if pct else None)
     _base_layout(fig, title=title, height=480)
+    return fig
+
+
+_KIND_SYMBOL = {"generalist": "circle", "ensemble": "diamond", "student": "square"}
+
+
+def frontier(points: pd.DataFrame, *, latency: str = "ms_b256", title: str | None = "Accuracy against inference cost") -> go.Figure:
+    """Two panels of the same points: accuracy against MFLOPs per image, and against measured latency.
+
+    Args:
+        points: a frontier table (``frontier.COLUMNS``): ``name``, ``kind`` (generalist | ensemble | student),
+            ``accuracy``, ``lo``/``hi`` (its 95% interval), ``mflops`` and the latency column.
+        latency: ``ms_b256`` or ``ms_b1`` (ms per image at that batch size); rows without it are left out of
+            the right panel.
+        title: figure title.
+
+    Returns:
+        Figure with one trace per point kind and panel (markers with interval bars, names as text) and the
+        Pareto front of each panel (no other point cheaper and more accurate) as a dashed line.
+    """
+    if not isinstance(points, pd.DataFrame) or points.empty:
+        raise PlotInputError("frontier needs a non-empty frontier table (name, kind, accuracy, lo, hi, mflops, ms_b256)")
+    missing = {"name", "kind", "accuracy", "lo", "hi", "mflops", latency} - set(points.columns)
+    if missing:
+        raise PlotInputError(f"frontier table lacks the columns {sorted(missing)}: make it with specialkit.frontier")
+    batch = latency.split("_b")[-1]
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=("FLOPs per image (counted)", f"latency per image, batch {batch} (measured)"))  # fmt: skip
+    for col, xcol, label in ((1, "mflops", "MFLOPs per image"), (2, latency, f"ms per image (batch {batch})")):
+        df = points[np.isfinite(points[xcol].astype(float))]
+        for kind, part in df.groupby("kind", sort=False):
+            acc = part["accuracy"].to_numpy(float)
+            fig.add_trace(go.Scatter(
+                x=part[xcol].to_numpy(float), y=acc, mode="markers+text", text=part["name"].tolist(), textposition="top center",
+                name=str(kind), legendgroup=str(kind), showlegend=col == 1,
+                marker=dict(size=11, symbol=_KIND_SYMBOL.get(str(kind), "circle")),
+                error_y=dict(type="data", symmetric=False, array=part["hi"].to_numpy(float) - acc,
+                             arrayminus=acc - part["lo"].to_numpy(float), color="#888"),
+                hovertemplate=f"%{{text}}<br>accuracy %{{y:.2%}}<br>{label} %{{x:.4g}}<extra></extra>",
+            ), row=1, col=col)  # fmt: skip
+        if len(df) >= 2:
+            x, y = df[xcol].to_numpy(float), df["accuracy"].to_numpy(float)
+            front = _pareto_front(x, y)
+            line = dict(color=BASELINE_COLOR, dash="dash", shape="hv")
+            fig.add_trace(go.Scatter(x=x[front], y=y[front], mode="lines", name="Pareto front", showlegend=col == 1, line=line,
+                                     hoverinfo="skip"), row=1, col=col)  # fmt: skip
+        fig.update_xaxes(title_text=label, type="log", row=1, col=col)
+    fig.update_yaxes(title_text="top-1 accuracy (95% interval)", tickformat=".1%", row=1, col=1)
+    _base_layout(fig, title=title, height=500)
     return fig
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from . import clusters, evaluation, plots, runs
+from . import clusters, evaluation, frontier, plots, runs
 from .metrics import cost_points, dustbin_effect, require
 
 if TYPE_CHECKING:
@@ -191,6 +191,9 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
         figs["generalist_curves"] = plots.training_curves({"generalist": gen.history})
     if metrics["cost"]["flops"] is not None:
         figs["cost"] = plots.accuracy_vs_cost(cost_points(metrics), cost_label="MFLOPs per image")
+    if metrics["cost"].get("summary"):
+        table, source = frontier.points_of(run.folder, metrics)
+        figs["frontier"] = plots.frontier(table, title=f"Accuracy against inference cost: {source}")
     if q is not None:
         t4 = pd.DataFrame(metrics["table4"]["kl"])
         figs["table4"] = plots.table4_chart(t4[t4["covered_by"] != "total"].rename(columns={"covered_by": "coverage"}))
@@ -234,6 +237,18 @@ def table4_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out).set_index("specialists covering the true class")
 
 
+def _cost_summary(metrics: dict[str, Any]) -> str:
+    """The cost of every configuration (``metrics["cost"]["summary"]``) with a one-line heading."""
+    rows = metrics["cost"].get("summary")
+    if not rows:
+        return ""
+    s = rows[1].get("shared_stages", 0)
+    how = (f"the specialists share the generalist's first {s} stage(s), run once per image and stored once" if s
+           else "every specialist is a whole network")  # fmt: skip
+    return (_p(f"Cost of inference per configuration ({how}); latency measured at batch 1 and 256, peak memory of the "
+               f"tensors alive at once over one batch of 256 test images.") + _table(pd.DataFrame(rows).set_index("model")))
+
+
 def render_report(run: "Run", metrics: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (plotly.js embedded once; works offline).
     Trains nothing: a stage that is not finished is a ``MissingStageError`` naming it."""
@@ -270,7 +285,7 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
         _section("clusters", "4 · The groups", _p("Warning: " + metrics["clusters"]["coverage_warning"]) if metrics["clusters"].get("coverage_warning") else "", _p(f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality), "<h3>Every method at the same k</h3>", _p("One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."), _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec"))),
         _section("specialists", "5 · The specialists", _p(f"Each specialist: its classes plus a dustbin, initialised from the generalist (its full head kept, the dustbin logit the log-sum-exp of the other classes' logits, so it starts as the generalist exactly), trained on {cfg.special_fraction:.0%} special / {1 - cfg.special_fraction:.0%} other examples, dustbin logit shifted by the '{cfg.dustbin_correction}' correction. train_acc/val_acc of the last epoch show overfitting."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all", "train_acc", "val_acc")), frags["specialist_curves"], "<h3>Initialisation check (validation)</h3>", _p("Mean |specialist dustbin probability − generalist mass outside the group| for a freshly initialised specialist: the kit's head against the one-row head (mean of the other rows) it replaced."), _table(init.set_index("group")) if len(init) else _p("specialists trained from scratch: no initialisation to check."), "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected")), "<h3>Every correction on validation images</h3>", _p("kl's validation top-1 with each correction applied to every specialist: " + ", ".join(f"{k} {v:.2%}" for k, v in corr.get("kl_top1", {}).items()) + f" (best: {corr.get('best')}; this run uses {corr.get('used')})."), _table(corr_table.set_index(["group", "correction"]), percent=("true_dustbin_share", "dustbin_share")) if len(corr_table) else ""),
         _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
-        _section("cost", "7 · Cost", _table(flops), _table(latency_df) if len(latency_df) else "", frags.get("cost", "")),
+        _section("cost", "7 · Cost", _cost_summary(metrics), frags.get("frontier", ""), _table(flops), _table(latency_df) if len(latency_df) else "", frags.get("cost", "")),
         _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {student['test_top1']:.2%}, {student['params']:,} parameters.{kept}" if student else f"No student: {metrics.get('skipped', {}).get('distill')}."), frags.get("student_curves", "")),
         _section("timings", "9 · Wall time per stage", _table(timings), f'<p class="muted">settings: <code>{html.escape(json.dumps(cfg.to_dict()))}</code></p>'),
     ]  # fmt: skip

@@ -61,6 +61,9 @@ __all__ = [
     "specialist_examples_seen",
     "save_specialist",
     "load_specialist",
+    "train_flops_per_example",
+    "distil_base",
+    "INITS",
 ]
 
 
@@ -71,6 +74,8 @@ class SpecialistError(ValueError):
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
 """Dustbin corrections, by what they are: the Bayes odds correction log r, the paper's literal log(f/pi),
 a shift fitted on validation images, and none."""
+INITS = ("auto", "generalist", "scratch", "distill")
+"""How a specialist starts (:class:`SpecialistConfig` ``init``)."""
 SPECIALIST_EXTRA = ("group", "classes", "class_names", "examples_seen")
 """Metadata every specialist checkpoint holds (:func:`save_specialist`) besides its dustbin shift; a file
 without it is refused."""
@@ -94,7 +99,13 @@ class SpecialistConfig:
         init: ``"auto"`` -- initialise from the generalist (paper §5.2) when the specialist's
             architecture (name, width, depth) equals the generalist's, else from scratch;
             ``"generalist"`` -- always from the generalist (an error if the architectures differ);
-            ``"scratch"`` -- always a fresh random initialisation.
+            ``"scratch"`` -- always a fresh random initialisation; ``"distill"`` -- a fresh network of the
+            specialist's architecture over all C classes is first distilled from the generalist on all the
+            training data (:func:`distil_base`, as many epochs as the specialist's), then specialised from it
+            like from a generalist.
+        shared_stages: s; 0 = a whole specialist. s > 0 freezes the generalist's first s stages and shares
+            them (``models.SharedTrunkClassifier``): the specialist trains and stores only the later stages
+            and its head. Needs the generalist's architecture and initialisation from it.
         special_fraction: f, share of each epoch (and each batch) drawn from the special classes
             (the paper: 0.5).
         epoch_size: examples per epoch; ``None`` = 2 x the number of special training examples
@@ -121,6 +132,7 @@ class SpecialistConfig:
     width: int | None = None
     depth: int | None = None
     init: str = "auto"
+    shared_stages: int = 0
     special_fraction: float = 0.5
     epoch_size: int | None = None
     soft_weight: float = 0.0
@@ -134,8 +146,8 @@ class SpecialistConfig:
             raise SpecialistError(f"SpecialistConfig.correction={self.correction!r}; use one of {', '.join(CORRECTIONS)}")
         if self.soft_collapse not in ("logits", "probs"):
             raise SpecialistError(f"SpecialistConfig.soft_collapse={self.soft_collapse!r}; use 'logits' or 'probs'")
-        if self.init not in ("auto", "generalist", "scratch"):
-            raise SpecialistError(f"SpecialistConfig.init={self.init!r}; use 'auto', 'generalist' or 'scratch'")
+        if self.init not in INITS:
+            raise SpecialistError(f"SpecialistConfig.init={self.init!r}; use one of {', '.join(INITS)}")
         if not 0.0 < self.special_fraction < 1.0:
             raise SpecialistError(
                 f"SpecialistConfig.special_fraction={self.special_fraction}: use a share strictly between 0 and 1 "
@@ -147,6 +159,11 @@ class SpecialistConfig:
             raise SpecialistError(f"SpecialistConfig.soft_weight={self.soft_weight}: use a value in [0, 1]")
         if self.temperature <= 0:
             raise SpecialistError(f"SpecialistConfig.temperature={self.temperature}: use a positive value (e.g. 2)")
+        if not isinstance(self.shared_stages, int) or isinstance(self.shared_stages, bool) or self.shared_stages < 0:
+            raise SpecialistError(f"SpecialistConfig.shared_stages={self.shared_stages!r}: use a whole number >= 0 (0 = no sharing)")
+        if self.shared_stages and self.init in ("scratch", "distill"):
+            raise SpecialistError("SpecialistConfig.shared_stages > 0 shares the generalist's trunk, so the specialist must start "
+                                  "from the generalist: use init='auto' or 'generalist', or shared_stages=0")
         for key in ("width", "depth"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -721,7 +738,7 @@ def specialist_model_config(
             "init='generalist' needs the generalist (pass generalist=) and the same architecture: leave "
             "SpecialistConfig.model/width/depth as None, or use init='scratch'"
         )
-    return cfg, (same and config.init != "scratch")
+    return cfg, (same and config.init not in ("scratch", "distill"))
 
 
 def train_specialist(
@@ -761,10 +778,27 @@ def train_specialist(
     model_cfg, from_gen = specialist_model_config(
         config, len(c) + 1, generalist=generalist, in_channels=ds.channels, image_size=ds.image_size
     )
-    model = init_from_generalist(generalist, c) if from_gen else models.build_model(model_cfg)
+    if config.shared_stages and not from_gen:
+        raise SpecialistError(
+            f"shared_stages={config.shared_stages} shares the generalist's first stages, so the specialist needs the "
+            f"generalist's architecture and initialisation: pass generalist=, leave model/width/depth as None, or set shared_stages=0"
+        )
+    tc = config.train_config()
+    distil_passes = 0
+    if config.init == "distill":
+        if generalist is None:
+            raise SpecialistError("init='distill' distils the generalist first: pass generalist=")
+        base_cfg = dataclasses.replace(model_cfg, num_classes=num_classes)
+        distil_state = None if state_path is None else Path(str(state_path) + ".distil")
+        base, distil_passes = distil_base(ds, generalist, base_cfg, config=config, state_path=distil_state, desc=desc)
+        model = init_from_generalist(base, c)
+        model_cfg = model.config
+    else:
+        model = init_from_generalist(generalist, c) if from_gen else models.build_model(model_cfg)
+    if config.shared_stages:
+        model = models.share_trunk(model, copy.deepcopy(generalist).trunk(config.shared_stages))
     if from_gen:
         model_cfg = model.config
-    tc = config.train_config()
     sampler = enriched_sampler(
         ds.y_train, c, special_fraction=config.special_fraction, epoch_size=config.epoch_size, seed=tc.seed,
         num_classes=num_classes,
@@ -778,6 +812,8 @@ def train_specialist(
         model, ds.x_train, y_train, config=tc, x_val=ds.x_val, y_val=y_val, hflip=ds.hflip,
         teacher=teacher, sample_indices=sampler, state_path=state_path, desc=desc,
     )  # fmt: skip
+    if distil_passes and state_path is not None:
+        Path(str(state_path) + ".distil").unlink(missing_ok=True)
     val_logits = None
     if config.correction == "prior_match":
         val_logits = training.predict_logits(model, ds.x_val, batch_size=tc.eval_batch_size, device=tc.device)
@@ -785,10 +821,39 @@ def train_specialist(
                                   val_logits=val_logits, y_val=ds.y_val)  # fmt: skip
     return TrainedSpecialist(
         model=model.eval(), classes=c, class_names=tuple(ds.class_names[i] for i in c),
-        dustbin_shift=shift, history=history, examples_seen=int(history.examples_seen),
+        dustbin_shift=shift, history=history, examples_seen=int(history.examples_seen) + distil_passes,
         model_config=model_cfg, special_fraction=sampler.special_fraction,
-        initialised_from="generalist" if from_gen else "scratch", correction=config.correction,
+        initialised_from="generalist" if from_gen else config.init if config.init == "distill" else "scratch",
+        correction=config.correction,
     )  # fmt: skip
+
+
+def distil_base(ds: Any, generalist: models.Classifier, model_config: models.ModelConfig, *, config: SpecialistConfig,
+                state_path: str | Path | None = None, desc: str = "specialist") -> tuple[models.Classifier, int]:
+    """A fresh network of ``model_config`` (all C classes) distilled from ``generalist`` on all training images.
+
+    Hard labels plus the generalist's soft targets at ``config.temperature`` on every augmented batch
+    (soft weight 0.5), for ``config.train.epochs`` epochs of the specialist's loop settings.
+
+    Returns:
+        ``(model, example-passes used)``.
+    """
+    if model_config.num_classes != ds.num_classes or model_config.dustbin_of is not None:
+        raise SpecialistError(f"the distilled base needs a plain head over the {ds.num_classes} classes; got {model_config}")
+    base = models.build_model(model_config)
+    teacher_model = copy.deepcopy(generalist).eval()
+    temperature = config.temperature
+
+    @torch.no_grad()
+    def teach(x: torch.Tensor) -> torch.Tensor:
+        if next(teacher_model.parameters()).device != x.device:
+            teacher_model.to(x.device)
+        return torch.softmax(teacher_model(x).float() / temperature, dim=1)
+
+    tc = dataclasses.replace(config.train, soft_weight=0.5, temperature=temperature)
+    history = training.fit(base, ds.x_train, ds.y_train, config=tc, x_val=ds.x_val, y_val=ds.y_val, hflip=ds.hflip,
+                           teacher=teach, state_path=state_path, desc=f"{desc}: distil the generalist")  # fmt: skip
+    return base.eval(), int(history.examples_seen)
 
 
 def predict_specialist(
@@ -820,6 +885,8 @@ def save_specialist(path: str | Path, trained: TrainedSpecialist, *, ds: Any, gr
     from . import checkpoints
 
     extra = {"stage": "specialist", "group": group, **trained.extra()}
+    if isinstance(trained.model, models.SharedTrunkClassifier):
+        extra["shared_trunk"] = {"stages": trained.model.shared_stages, "generalist_fingerprint": trained.model.trunk_fingerprint}
     return checkpoints.save_checkpoint(path, trained.model, model_config=trained.model_config or trained.model.config,
                                        class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
                                        history=trained.history, extra=extra)  # fmt: skip
@@ -835,20 +902,54 @@ def _shift_of(path: str | Path, extra: dict[str, Any]) -> float:
     raise CheckpointError(f"checkpoint {path} has incomplete metadata (no dustbin_shift): {_fix(Path(path))}")
 
 
-def load_specialist(path: str | Path, *, ds: Any) -> TrainedSpecialist:
+def load_specialist(path: str | Path, *, ds: Any, trunk: models.Trunk | None = None) -> TrainedSpecialist:
     """Load a checkpoint written by :func:`save_specialist` for the dataset ``ds`` (a clear
-    ``CheckpointError`` for another dataset, a non-specialist checkpoint or missing metadata)."""
+    ``CheckpointError`` for another dataset, a non-specialist checkpoint or missing metadata).
+
+    A shared-trunk specialist's checkpoint holds only its own stages and head plus the fingerprint of the
+    generalist it shares with: pass ``trunk=generalist.trunk(s)``; a trunk cut from another generalist
+    is refused."""
     from . import checkpoints
 
     model, info = checkpoints.load_checkpoint(path, class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
                                               required_extra=SPECIALIST_EXTRA)  # fmt: skip
     e = info.extra
+    if isinstance(model, models.SharedTrunkClassifier):
+        _attach_trunk(path, model, e.get("shared_trunk") or {}, trunk)
     return TrainedSpecialist(
         model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
         dustbin_shift=_shift_of(path, e), history=[] if info.history is None else info.history.to_dict()["records"],
         examples_seen=int(e["examples_seen"]), model_config=info.model_config, special_fraction=e.get("special_fraction"),
         initialised_from=e.get("initialised_from"), correction=e.get("correction"),
     )  # fmt: skip
+
+
+def _attach_trunk(path: str | Path, model: models.SharedTrunkClassifier, ref: dict[str, Any], trunk: models.Trunk | None) -> None:
+    """Attach ``trunk`` to a loaded shared-trunk specialist after checking it is cut from the generalist recorded in ``ref``."""
+    from .checkpoints import CheckpointError
+
+    s, fp = model.shared_stages, ref.get("generalist_fingerprint")
+    if not isinstance(fp, str):
+        raise CheckpointError(f"checkpoint {path} shares a trunk but records no generalist fingerprint: retrain the specialist")
+    if trunk is None:
+        raise CheckpointError(f"checkpoint {path} holds a specialist that shares the first {s} stages of generalist {fp}: "
+                              f"pass trunk=generalist.trunk({s}) of that generalist to load_specialist")
+    if trunk.owner_fingerprint != fp or trunk.stages != s:
+        raise CheckpointError(f"checkpoint {path} was trained on the first {s} stages of generalist {fp}, but the trunk given is "
+                              f"{trunk.stages} stages of generalist {trunk.owner_fingerprint}: load it with the generalist it was "
+                              f"trained with, or retrain the specialists")
+    model.trunk_fingerprint = fp
+    model.attach(trunk)
+
+
+def train_flops_per_example(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
+    """Training FLOPs of one example-pass: 3 x forward (forward + backward), except a shared trunk, which runs
+    forward only (frozen, no gradients)."""
+    total = models.count_flops(model, tuple(input_shape))
+    if isinstance(model, models.SharedTrunkClassifier):
+        trunk = models.count_flops(model.shared_trunk, tuple(input_shape))
+        return int(3 * (total - trunk) + trunk)
+    return int(3 * total)
 
 
 def specialist_examples_seen(specialists: Sequence[TrainedSpecialist]) -> int:

@@ -74,8 +74,8 @@ def test_cli_write_config_and_errors(tmp_path, capsys):
     assert json.loads(out.read_text())["k"] == 3
     assert cli.main(["run", "--k", "0", "--write-config", str(out)]) == 2
     assert "k=0 must be a whole number" in capsys.readouterr().err
-    assert cli.main(["run", "--dataset", "imagenet"]) == 2
-    assert "dataset='imagenet' is unknown" in capsys.readouterr().err
+    assert cli.main(["run", "--dataset", "imagenet21k"]) == 2
+    assert "dataset='imagenet21k' is unknown" in capsys.readouterr().err
 
 
 def test_demo_config_is_the_defaults():
@@ -92,7 +92,7 @@ _KEYS_BY_HAND = {
     "clusters": ("method", "distance", "k", "overlap", "gamma", "top_r", "max_group_size"),
     "specialists": ("specialist_model", "specialist_width", "specialist_depth", "specialist_epochs",
                     "specialist_lr", "special_fraction", "specialist_soft_weight", "specialist_temperature",
-                    "dustbin_correction"),
+                    "dustbin_correction", "specialist_shared_stages", "specialist_init"),
     "compute_matched": ("compute_match",),
     "ensembles": ("top_n", "rules", "top_confident_n", "top_confident_gated", "moe_threshold"),
     "distill": ("student_init", "student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
@@ -118,7 +118,8 @@ def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
     assert all(len(set(v)) == len(v) for v in derived.values())
     # settings of a key stage kept out of its key on purpose
     outside = {f.name for f in fields(PipelineConfig) if f.metadata["stage"] in config_mod.KEY_STAGES and not f.metadata["in_key"]}
-    assert outside == {"download", "clusters_file", "compute_matched", "generalist_from", "generalist_normalize", "generalist_input_size"}
+    assert outside == {"download", "clusters_file", "compute_matched", "in_memory", "memory_budget_gb", "stream_workers",
+                       "generalist_from", "generalist_normalize", "generalist_input_size"}
 
 
 # Run.key / Run.specialist_key values computed with the hand-written _KEYS (and the key `temperature`)
@@ -149,6 +150,10 @@ def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, 
     # the order of the settings within a stage does not enter the hash (json sort_keys)
     monkeypatch.setattr(pipeline, "_KEYS", {s: tuple(reversed(v)) for s, v in pipeline._KEYS.items()})
     assert pipeline.Run(tmp_path / "default", configs["default"], log=lambda _: None).key("distill") == _PINNED_KEYS["default"]["distill"]
+    # settings added later (key_if_set) enter the key only when set, and then change it
+    shared = pipeline.Run(tmp_path / "shared", PipelineConfig(specialist_shared_stages=2, **odds), log=lambda _: None)
+    assert shared._settings("specialists")["specialist_shared_stages"] == 2
+    assert shared.key("specialists") != _PINNED_KEYS["default"]["specialists"]
     # the specialists' temperature is hashed under its old name, and still changes the key
     run = pipeline.Run(tmp_path / "t3", PipelineConfig(specialist_temperature=3.0, **odds), log=lambda _: None)
     assert run._settings("specialists")["temperature"] == 3.0 and run.key("specialists") != _PINNED_KEYS["default"]["specialists"]
@@ -161,7 +166,9 @@ def test_cli_flags_are_the_settings_with_a_cli_help():
         "name", "dataset", "root", "image_size", "per_class", "model", "width", "depth", "epochs", "batch_size", "lr",
         "generalist_from", "generalist_normalize", "generalist_input_size",
         "method", "k", "overlap", "clusters_file", "specialist_model", "specialist_width", "specialist_depth",
-        "specialist_epochs", "specialist_soft_weight", "specialist_temperature", "top_n", "student_epochs", "device", "seed",
+        "specialist_epochs", "specialist_soft_weight", "specialist_temperature", "specialist_shared_stages", "specialist_init",
+        "top_n", "student_epochs", "device", "seed",
+        "memory_budget_gb", "stream_workers",
     }  # fmt: skip
     assert knobs["image_size"] == (int, "resize images to this side, e.g. 32")
     assert knobs["specialist_soft_weight"] == (float, "weight of the generalist's soft targets for specialists (paper §6)")
@@ -182,7 +189,8 @@ def test_a_cli_help_on_a_setting_a_flag_cannot_carry_is_refused():
 def test_choices_in_the_metadata_are_what_validate_checks():
     with_choices = {f.name: f.metadata["choices"] for f in fields(PipelineConfig) if "choices" in f.metadata}
     assert set(with_choices) == {"optimizer", "schedule", "method", "distance", "overlap", "dustbin_correction",
-                                 "compute_match", "student_init", "device", "generalist_normalize"}  # fmt: skip
+                                 "compute_match", "student_init", "device", "specialist_init",
+                                 "generalist_normalize"}  # fmt: skip
     for name, options in with_choices.items():
         assert getattr(PipelineConfig(), name) in options
         with pytest.raises(ConfigError, match=f"{name}='nope' is not one of {', '.join(options)}"):

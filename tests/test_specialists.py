@@ -407,7 +407,7 @@ def test_predict_specialist_adds_the_correction_to_the_dustbin_logit(ds, general
 def test_config_validation_names_the_fix():
     with pytest.raises(SpecialistError, match="strictly between 0 and 1"):
         SpecialistConfig(special_fraction=0.0)
-    with pytest.raises(SpecialistError, match="'auto', 'generalist' or 'scratch'"):
+    with pytest.raises(SpecialistError, match="use one of auto, generalist, scratch, distill"):
         SpecialistConfig(init="random")
     cfg = SpecialistConfig(soft_weight=0.3, temperature=3.0)
     assert (cfg.train_config().soft_weight, cfg.train_config().temperature) == (0.3, 3.0)
