@@ -72,11 +72,14 @@ def target_dataset(run: "Run", target: str, *, root: str | None = None, per_clas
         run: the run whose networks are probed.
         target: a dataset name (``specialkit datasets``); it must not be the run's own dataset.
         root: the target's files (as ``PipelineConfig.root``).
-        per_class: training images per target class (default: the run's ``per_class``).
+        per_class: training images per target class (default: the run's ``per_class``); the target is
+            decoded into memory (a streamed target is not supported: the probe holds all its features).
     """
     check_target(run, target)
     c = run.config
-    ds, own = data.load(target, root=root, per_class=per_class or c.per_class, val_fraction=c.val_fraction, seed=c.data_seed), run.dataset()
+    own = run.dataset()
+    ds = data.load(target, root=root, per_class=per_class or c.per_class, val_fraction=c.val_fraction, seed=c.data_seed,
+                   in_memory=True)  # the probes hold every feature anyway: choose a per_class that fits  # fmt: skip
     return dataclasses.replace(ds, fingerprint="", **{s: adapt_images(getattr(ds, s), channels=own.channels, image_size=own.image_size)
                                                       for s in ("x_train", "x_val", "x_test")})  # fmt: skip
 

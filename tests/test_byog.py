@@ -222,3 +222,13 @@ def test_torchvision_classifier_head_surgery_on_each_final_layer_kind(one_thread
             q = torch.softmax(spec.eval()(x), 1).numpy()
         np.testing.assert_allclose(q, specialists.collapse_probs(p, [1, 4]), atol=1e-5)
         assert training.predict_logits(m, x).shape == (2, 6)
+
+
+def test_a_scripted_model_over_another_class_count_names_the_file_and_both_counts(tmp_path, one_thread):
+    ten = models.build_model(models.ModelConfig(num_classes=10, in_channels=1, image_size=16, width=4, depth=1)).eval()
+    path = tmp_path / "ten.pt"
+    torch.jit.save(torch.jit.trace(ten, torch.rand(2, 1, 16, 16)), path)
+    run = pipeline.Run(tmp_path / "t", _cfg(f"torchscript:{path}", generalist_normalize="none"), log=lambda s: None)
+    with pytest.raises(byog.GeneralistSourceError, match=rf"{path} gives outputs of shape \(\d+, 10\) .* expected \(\d+, 62\)"):
+        run.generalist()
+    assert _no_generalist_written(run)
