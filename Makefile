@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/combine.py
 	$(PY) bench/inference_cost.py
+	$(PY) bench/streaming.py
 
 clean:
 	rm -rf runs/ .pytest_cache build *.egg-info

@@ -4,7 +4,8 @@ Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline bu
 ``models``, ``training``, ``checkpoints``, ``runs``, ``confusion``, ``clusters``, ``specialists``,
 ``ensemble``, ``evaluation``, ``stats`` (intervals and tests), ``metrics`` (every number of a run),
 ``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``, ``launch`` (thread budgets, submitit jobs),
-``frontier`` (accuracy against inference cost).
+``byog`` (a generalist brought from elsewhere), ``transfer`` (linear probes on frozen features),
+``streaming`` (image files read from disk batch by batch), ``frontier`` (accuracy against inference cost).
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ __version__ = "0.2.0"
 _SUBMODULES = {
     "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
     "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
-    "stats", "metrics", "distill", "checks", "typing", "launch", "distributed", "frontier",
+    "stats", "metrics", "distill", "checks", "typing", "launch", "distributed", "byog", "transfer", "streaming",
+    "frontier",
 }  # fmt: skip
 
 

@@ -4,6 +4,7 @@
     specialkit run --dataset cifar100 --root ~/data --k 10 --epochs 30 --device cuda --name c100
     specialkit train-specialist --run runs/demo --index 3   # one specialist, e.g. from a scheduler
     specialkit report --run runs/demo
+    specialkit transfer --run runs/demo --target glyphs_hard   # linear probes on frozen features
 
 Every stage skips what is already on disk and valid, so an interrupted command resumes.
 """
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     ts = sub.add_parser("train-specialist", help="train one specialist of a run (for parallel jobs)")
     ts.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>)")
     ts.add_argument("--index", type=int, required=True, help="which group (0-based, order of clusters.json)")
+    tr = sub.add_parser("transfer", help="linear probes on a run's frozen features, on another dataset (specialkit.transfer)")
+    tr.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>); its stages must be finished")
+    tr.add_argument("--target", required=True, help="the dataset to probe on (`specialkit datasets`), e.g. glyphs_hard")
+    tr.add_argument("--target-root", default=None, help="folder with the target dataset's files")
+    tr.add_argument("--per-class", type=int, default=None, help="training images per target class (default: the run's per_class)")
     sub.add_parser("datasets", help="list the dataset names")
     _add_parallel_arguments(sub)
     return p
@@ -247,6 +253,14 @@ def _main_stages(args: argparse.Namespace) -> int:
             return _launch_specialists(args, run)
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to jobs: add --launcher submitit, or drop them")
+    if args.command == "transfer":
+        from . import transfer
+
+        with runs.RunLock(run.folder):
+            result = transfer.transfer(run, args.target, root=args.target_root, per_class=args.per_class)
+        print(transfer.summary(result))
+        print(f"\nnumbers: {transfer.result_path(run, args.target)}")
+        return 0
     with _run_lock(args, run):
         if args.command == "train-specialist":
             sp = run.train_specialist(args.index)

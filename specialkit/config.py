@@ -79,9 +79,17 @@ class PipelineConfig:
     cache key, its ``specialkit run`` flag and help, its choices and its ``ClusterPicker`` control;
     :func:`stage_keys`, :func:`cli_settings` and :func:`picker_settings` read them.
 
-    Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``.
+    Data: ``dataset``, ``root``, ``download``, ``image_size``, ``per_class``, ``val_fraction``; how image
+    folders are read (out of every cache key: both ways give the same numbers): ``in_memory`` (``null`` =
+    decode into memory when the images fit ``memory_budget_gb``, else stream them from disk through a
+    ``DataLoader``; ``true``/``false`` forces either), ``memory_budget_gb`` (``null`` = a quarter of the RAM),
+    ``stream_workers`` (decoding worker processes of the streaming path).
     Generalist: ``model`` (``cnn`` | ``resnet18``), ``width``, ``depth``, ``epochs``, ``batch_size``,
-    ``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ``label_smoothing``.
+    ``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ``label_smoothing``; or a generalist brought
+    from elsewhere, not trained: ``generalist_from`` (``torchvision:<arch>:<weights>``, ``torchscript:<file>``,
+    ``export:<file.pt2>``, ``predictions:<file.npz>``; see :mod:`specialkit.byog`), with its input
+    ``generalist_normalize`` (``imagenet`` | ``none``) and ``generalist_input_size`` (these three enter the
+    generalist's key only when ``generalist_from`` is set, with the sha256 of the file).
     Clusters: ``method`` (``balanced`` by default; ``covariance_kmeans`` is the paper's), ``distance``
     (``soft``: HD-CNN's distance from the summed predicted probabilities per true class, stable when
     the generalist makes few errors; ``hard``: from argmax confusions), ``k``, ``overlap``
@@ -110,12 +118,17 @@ class PipelineConfig:
 
     name: str = _setting("demo", "run", cli="run name: the folder runs/<name>")
     dataset: str = _setting("glyphs", "data", cli="glyphs | glyphs_hard (built in) | cifar100 | cifar10 | mnist | "
-                                                  "fashion_mnist | tiny_imagenet | imagefolder")
+                                                  "fashion_mnist | tiny_imagenet | imagefolder | imagenet")
     root: str | None = _setting(None, "data", cli="folder with the dataset's files")
     download: bool = _setting(False, "data", in_key=False)
     image_size: int | None = _setting(None, "data", cli="resize images to this side, e.g. 32")
     per_class: int | None = _setting(300, "data", cli="training images per class (subset)")
     val_fraction: float = _setting(0.15, "data")
+    in_memory: bool | None = _setting(None, "data", in_key=False)
+    memory_budget_gb: float | None = _setting(None, "data", in_key=False,
+                                              cli="decode image folders into memory up to this many GB, else stream them "
+                                                  "from disk (default a quarter of the RAM)")  # fmt: skip
+    stream_workers: int = _setting(2, "data", in_key=False, cli="worker processes decoding batches on the streaming path")
     model: str = _setting("cnn", "generalist", cli="generalist architecture: cnn | resnet18")
     width: int = _setting(16, "generalist", cli="generalist width (cnn channels)")
     depth: int = _setting(3, "generalist", cli="generalist depth (cnn stages)")
@@ -126,6 +139,13 @@ class PipelineConfig:
     schedule: str = _setting("onecycle", "generalist", choices=("onecycle", "cosine", "constant"))
     weight_decay: float = _setting(5e-4, "generalist")
     label_smoothing: float = _setting(0.0, "generalist")
+    generalist_from: str | None = _setting(None, "generalist", in_key=False,
+                                           cli="bring your own generalist, no training: torchvision:<arch>:<weights.pth> | "
+                                               "torchscript:<model.pt> | export:<model.pt2> | predictions:<preds.npz>")  # fmt: skip
+    generalist_normalize: str = _setting("imagenet", "generalist", in_key=False, choices=("imagenet", "none"),
+                                         cli="input normalisation of a generalist_from model: imagenet | none")
+    generalist_input_size: int | None = _setting(None, "generalist", in_key=False,
+                                                 cli="resize images to this side for a generalist_from model (e.g. 224)")
     method: str = _setting("balanced", "clusters", cli="clustering: covariance_kmeans (paper) | spectral | agglomerative | balanced",
                            choices=METHODS, picker="method")  # fmt: skip
     distance: str = _setting("soft", "clusters", choices=("soft", "hard"))
@@ -296,8 +316,18 @@ class PipelineConfig:
         for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError(f"memory_budget_gb={self.memory_budget_gb} must be positive (GB), or null for a quarter of the RAM")
+        if self.stream_workers < 0:
+            raise ConfigError(f"stream_workers={self.stream_workers} must be >= 0 (0 = decode in the main process)")
         if self.per_class is not None and self.per_class < 2:
             raise ConfigError(f"per_class={self.per_class}: need at least 2 images per class (or null for all)")
+        if self.generalist_from is not None:
+            from .byog import parse_source
+
+            parse_source(self.generalist_from, must_exist=False)
+        if self.generalist_input_size is not None and self.generalist_input_size < 1:
+            raise ConfigError(f"generalist_input_size={self.generalist_input_size}: a side in pixels >= 1 (e.g. 224), or null")
         if self.max_group_size is not None and self.max_group_size < 2:
             raise ConfigError(f"max_group_size={self.max_group_size}: a group needs room for 2 classes")
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
@@ -495,7 +525,8 @@ def settings_markdown() -> str:
     A setting with a ``specialkit run`` flag is shown as ``--flag``; one kept out of its stage's cache key is
     marked with ``*``."""
     rows = ["| stage | changes | settings (`--flag`: also a `specialkit run` flag; `*`: not hashed as a value: "
-            "`clusters_file` by its content, the others not at all) |",
+            "`clusters_file` by its content, `generalist_*` with the file's sha256 only when `generalist_from` is set, "
+            "the others not at all) |",
             "| --- | --- | --- |"]
     for stage in SETTING_STAGES:
         names = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ __all__ = [
     "resize_images",
     "to_float",
     "fingerprint_of",
+    "is_streamed",
+    "STREAMABLE",
 ]
 
 
@@ -46,7 +48,8 @@ class Dataset:
     Attributes:
         name: registry name (``"glyphs"``, ``"cifar100"`` ...).
         class_names: (C,) readable class names, index = label.
-        x_train, x_val, x_test: (N, channels, H, W) ``uint8`` images.
+        x_train, x_val, x_test: (N, channels, H, W) ``uint8`` images: tensors, or
+            :class:`specialkit.streaming.ImageFiles` (same shape; indexing decodes) on the streaming path.
         y_train, y_val, y_test: (N,) ``int64`` labels in ``[0, C)``.
         coarse_names: names of the coarse groups, or ``None``.
         coarse_of_class: (C,) coarse group index of every class, or ``None``.
@@ -98,9 +101,10 @@ class Dataset:
     def summary(self) -> str:
         """One line: name, classes, image shape and split sizes."""
         h, w = int(self.x_train.shape[-2]), int(self.x_train.shape[-1])
+        where = f", streamed from disk ({self.x_train.workers} decoding workers)" if is_streamed(self.x_train) else ""
         return (
             f"{self.name}: {self.num_classes} classes, {self.channels}x{h}x{w} px, "
-            f"train {len(self.y_train)} / val {len(self.y_val)} / test {len(self.y_test)}"
+            f"train {len(self.y_train)} / val {len(self.y_val)} / test {len(self.y_test)}{where}"
         )
 
 
@@ -127,6 +131,9 @@ def load(
     per_class: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
+    in_memory: bool | None = None,
+    memory_budget_gb: float | None = None,
+    stream_workers: int = 2,
     **options: object,
 ) -> Dataset:
     """Load a dataset from the registry.
@@ -143,23 +150,49 @@ def load(
         val_fraction: share of the training images held out for validation (stratified) where the
             dataset has no validation split of its own.
         seed: makes the subset and split choice reproducible.
+        in_memory: ``None`` = decode into memory when the images fit ``memory_budget_gb``, else stream
+            them from disk (:mod:`specialkit.streaming`); ``True``/``False`` forces either. Only the
+            image-file datasets (:data:`STREAMABLE`) can stream; the others are always in memory.
+        memory_budget_gb: the budget for ``in_memory=None``; ``None`` = a quarter of the machine's RAM.
+        stream_workers: worker processes that decode batches on the streaming path.
         **options: loader-specific options (``glyphs``: ``train_per_class``, ``fonts`` ...).
     """
     if name not in _REGISTRY:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(available())}")
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    if name in STREAMABLE:
+        options = {**options, "in_memory": in_memory, "memory_budget_gb": memory_budget_gb, "stream_workers": stream_workers}
+    elif in_memory is False:
+        raise DatasetError(f"{name} is read into memory whole (in_memory=False streams only the image-folder datasets "
+                           f"{', '.join(STREAMABLE)}); Fix: set in_memory to null (auto) or true for {name}")  # fmt: skip
+    if name == "imagenet" and image_size is not None:
+        options.setdefault("size", image_size)  # decoded and centre-cropped straight to it, not resized twice
     loader = _REGISTRY[name]()
     ds = loader(root=root, download=download, per_class=per_class, val_fraction=val_fraction, seed=seed, **options)
     if image_size is not None and tuple(ds.x_train.shape[-2:]) != (image_size, image_size):
         ds = replace(
             ds,
-            x_train=resize_images(ds.x_train, image_size),
-            x_val=resize_images(ds.x_val, image_size),
-            x_test=resize_images(ds.x_test, image_size),
+            x_train=_resized(ds.x_train, image_size),
+            x_val=_resized(ds.x_val, image_size),
+            x_test=_resized(ds.x_test, image_size),
             fingerprint="",
         )
     return ds
+
+
+STREAMABLE = ("imagefolder", "imagenet", "tiny_imagenet")
+"""Datasets whose images are files that the streaming path can read batch by batch."""
+
+
+def _resized(x: Any, size: int) -> Any:
+    """:func:`resize_images` for a tensor; for streamed files the same resize, done per batch as they are read."""
+    return resize_images(x, size) if isinstance(x, torch.Tensor) else x.resized(size)
+
+
+def is_streamed(x: Any) -> bool:
+    """True when ``x`` is images on disk (:class:`specialkit.streaming.ImageFiles`), not an in-memory tensor."""
+    return not isinstance(x, torch.Tensor)
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +272,7 @@ def _loader(name: str) -> Callable[[], Loader]:
 
 register("glyphs", _glyphs)
 register("glyphs_hard", lambda: __import__("specialkit.glyphs", fromlist=["load_glyphs_hard"]).load_glyphs_hard)
-for _name in ("cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imagenet", "imagefolder"):
+for _name in ("cifar10", "cifar100", "mnist", "fashion_mnist", "tiny_imagenet", "imagefolder", "imagenet"):
     register(_name, _loader(_name))
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "load_fashion_mnist",
     "load_tiny_imagenet",
     "load_imagefolder",
+    "load_imagenet",
+    "STREAM_OPTIONS",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -440,11 +442,24 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """One image file -> (H, W, C) ``uint8`` in PIL ``mode`` ("L" or "RGB"), resized to ``size`` (H, W)."""
+def _center_crop_box(width: int, height: int, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """For a (width, height) image: the size to resize it to so it covers ``size`` (H, W) keeping its aspect
+    ratio, and the centred crop box (left, top, right, bottom) of ``size`` in the resized image."""
+    scale = max(size[0] / height, size[1] / width)
+    w, h = max(size[1], round(width * scale)), max(size[0], round(height * scale))
+    left, top = (w - size[1]) // 2, (h - size[0]) // 2
+    return (w, h), (left, top, left + size[1], top + size[0])
+
+
+def _read_image(path: Path, mode: str, size: tuple[int, int], crop: bool = False) -> np.ndarray:
+    """One image file -> (H, W, C) ``uint8`` in PIL ``mode`` ("L" or "RGB"), resized to ``size`` (H, W)
+    (``crop``: keeping the aspect ratio, the shorter side to fit and the centre cut out, as ImageNet models expect)."""
     try:
         with Image.open(path) as img:
             img = _to_mode(img, mode)
+            if crop and img.size != (size[1], size[0]):
+                resized, box = _center_crop_box(img.size[0], img.size[1], size)
+                img = img.resize(resized, Image.Resampling.BILINEAR).crop(box)
             if img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
@@ -469,13 +484,13 @@ def _image_size_of(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _read_images(paths: Sequence[Path], *, channels: int, size: tuple[int, int], workers: int) -> torch.Tensor:
+def _read_images(paths: Sequence[Path], *, channels: int, size: tuple[int, int], workers: int, crop: bool = False) -> torch.Tensor:
     """Decode ``paths`` (N,) in parallel threads into a (N, channels, H, W) ``uint8`` tensor."""
     out = np.empty((len(paths), size[0], size[1], channels), dtype=np.uint8)
     mode = "L" if channels == 1 else "RGB"
 
     def fill(i: int) -> None:
-        out[i] = _read_image(paths[i], mode, size)
+        out[i] = _read_image(paths[i], mode, size, crop)
 
     if len(paths):
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
@@ -497,13 +512,35 @@ def _files_dataset(
     size: tuple[int, int],
     workers: int,
     hflip: bool,
+    streaming: Mapping[str, object] | None = None,
+    crop: bool = False,
 ) -> Dataset:
-    """Decode the files of every split (``"train"/"val"/"test"`` -> (files (N,), labels (N,))) into a Dataset."""
-    arrays: dict[str, torch.Tensor] = {}
+    """The files of every split (``"train"/"val"/"test"`` -> (files (N,), labels (N,))) as a Dataset: decoded
+    into memory, or left on disk as :class:`~specialkit.streaming.ImageFiles` when ``streaming`` (the
+    :data:`STREAM_OPTIONS` given to the loader) says so or the decoded images would not fit the memory budget."""
+    from . import streaming as st
+
+    opts = dict(streaming or {})
+    n_images = sum(len(paths) for paths, _ in splits.values())
+    keep = st.choose_in_memory(st.decoded_bytes(n_images, channels, size), in_memory=opts.get("in_memory"),  # type: ignore[arg-type]
+                               memory_budget_gb=opts.get("memory_budget_gb"))  # type: ignore[arg-type]
+    arrays: dict[str, Any] = {}
     for split, (paths, labels) in splits.items():
-        arrays[f"x_{split}"] = _read_images(paths, channels=channels, size=size, workers=workers)
+        if keep:
+            arrays[f"x_{split}"] = _read_images(paths, channels=channels, size=size, workers=workers, crop=crop)
+        else:
+            arrays[f"x_{split}"] = st.ImageFiles(paths, channels=channels, size=size, crop=crop,
+                                                 workers=int(opts.get("stream_workers", 2)))  # type: ignore[call-overload]
         arrays[f"y_{split}"] = labels
     return Dataset(name=name, class_names=class_names, hflip=hflip, **arrays)
+
+
+STREAM_OPTIONS = ("in_memory", "memory_budget_gb", "stream_workers")
+"""Options of the loaders that can stream from disk (:func:`specialkit.data.load` passes them on)."""
+
+
+def _stream_options(options: Mapping[str, object]) -> dict[str, object]:
+    return {k: options[k] for k in STREAM_OPTIONS if k in options}
 
 
 # ---- Tiny-ImageNet --------------------------------------------------------------------------
@@ -631,7 +668,7 @@ def load_tiny_imagenet(
         per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
         **options: ``workers`` (decoding threads, default ``min(8, cpu_count)``).
     """
-    _reject_options("tiny_imagenet", options, ("workers",))
+    _reject_options("tiny_imagenet", options, ("workers", *STREAM_OPTIONS))
     _check_fraction("tiny_imagenet", "val_fraction", val_fraction)
     folder = _tiny_imagenet_folder(root)
     wnids = _tiny_imagenet_wnids(folder)
@@ -652,27 +689,29 @@ def load_tiny_imagenet(
         size=(TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE),
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
         hflip=True,
+        streaming=_stream_options(options),
     )
 
 
 # ---- imagefolder ------------------------------------------------------------------------------
 
 
-def _scan_image_folder(root: Path) -> tuple[tuple[str, ...], list[Path], torch.Tensor]:
+def _scan_image_folder(root: Path, *, name: str = "imagefolder") -> tuple[tuple[str, ...], list[Path], torch.Tensor]:
     """(class_names (C,) = sorted sub-folder names, files (N,), labels (N,) int64) of ``root/<class>/*``."""
     expected = f"expected {root}/<class>/*.png|jpg|jpeg|bmp (one sub-folder per class)"
+    loader = name
     if not root.is_dir():
-        raise DatasetError(f"imagefolder: {root} is not a folder; {expected}. Fix: pass root= such a folder")
+        raise DatasetError(f"{loader}: {root} is not a folder; {expected}. Fix: pass root= such a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DatasetError(f"imagefolder: {root} has no class sub-folders; {expected}. Fix: sort the images into them")
+        raise DatasetError(f"{loader}: {root} has no class sub-folders; {expected}. Fix: sort the images into them")
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
         files = _image_files(root / name)
         if not files:
             raise DatasetError(
-                f"imagefolder: class folder {root / name} holds no images; {expected}. "
+                f"{loader}: class folder {root / name} holds no images; {expected}. "
                 "Fix: add images to it or remove the folder"
             )
         paths += files
@@ -719,7 +758,7 @@ def load_imagefolder(
             (default 0.2); ``workers`` (decoding threads, default ``min(8, cpu_count)``).
     """
     del download
-    _reject_options("imagefolder", options, ("channels", "size", "test_fraction", "workers"))
+    _reject_options("imagefolder", options, ("channels", "size", "test_fraction", "workers", *STREAM_OPTIONS))
     if root is None:
         raise DatasetError("imagefolder: root is required; pass root= a folder holding <class>/*.png|jpg|jpeg|bmp")
     channels = options.get("channels", 3)
@@ -741,4 +780,160 @@ def load_imagefolder(
         size=_image_folder_size(options.get("size"), paths[0]),
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
         hflip=True,
+        streaming=_stream_options(options),
     )
+
+
+# ---- ImageNet (ILSVRC CLS-LOC layout) ---------------------------------------------------------
+
+IMAGENET_SIZE = 64
+_IMAGENET_LAYOUT = ("train/<wnid>/*.JPEG, and the validation images either in val/<wnid>/*.JPEG or in val/*.JPEG "
+                    "listed in LOC_val_solution.csv (ImageId,PredictionString)")
+
+
+def _imagenet_folder(root: str | Path | None) -> Path:
+    """The folder holding ``train/``: ``root`` itself or Kaggle's ``root/ILSVRC/Data/CLS-LOC``."""
+    if root is None:
+        raise DatasetError(f"imagenet: root is required; pass root= the folder holding {_IMAGENET_LAYOUT}")
+    base = Path(root).expanduser()
+    for folder in (base, base / "ILSVRC" / "Data" / "CLS-LOC", base / "Data" / "CLS-LOC"):
+        if (folder / "train").is_dir():
+            return folder
+    raise DatasetError(f"imagenet: no train/ folder in {base}; expected {_IMAGENET_LAYOUT}. Fix: pass root= the folder "
+                       "holding train/ (or Kaggle's folder holding ILSVRC/Data/CLS-LOC/train)")
+
+
+def _imagenet_file(folder: Path, root: Path, name: str) -> Path | None:
+    """``name`` in ``folder`` or one of its parents up to ``root`` (Kaggle keeps the CSVs at the top), or None."""
+    for parent in (folder, *folder.parents):
+        if (parent / name).is_file():
+            return parent / name
+        if parent == root:
+            break
+    return None
+
+
+def _imagenet_names(mapping: Path | None, wnids: Sequence[str]) -> tuple[str, ...]:
+    """Class names (C,): the first name ``LOC_synset_mapping.txt`` gives each wnid ("name (wnid)" where names
+    repeat); the wnids themselves without that file."""
+    if mapping is None:
+        return tuple(wnids)
+    words: dict[str, str] = {}
+    for line in _read_lines(mapping):
+        wnid, _, names = line.strip().partition(" ")
+        words[wnid] = names.split(",")[0].strip()
+    first = [words.get(w) or w for w in wnids]
+    counts = Counter(first)
+    return tuple(n if counts[n] == 1 else f"{n} ({w})" for n, w in zip(first, wnids))
+
+
+def _imagenet_val_folders(val: Path, index: Mapping[str, int]) -> tuple[list[Path], torch.Tensor]:
+    """Files ``val/<wnid>/*`` (N,) and labels (N,); every sub-folder must be a training class."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for sub in sorted(p for p in val.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name not in index:
+            raise DatasetError(f"imagenet: validation folder {sub} is not a class of train/ ({len(index)} classes); "
+                               f"Fix: remove it or add train/{sub.name}/ with its training images")  # fmt: skip
+        files = _image_files(sub)
+        paths += files
+        labels += [index[sub.name]] * len(files)
+    if not paths:
+        raise DatasetError(f"imagenet: {val}/<wnid>/ holds no images; expected {_IMAGENET_LAYOUT}. Fix: put the validation images there")
+    return paths, torch.tensor(labels, dtype=torch.int64)
+
+
+def _imagenet_val_csv(csv_path: Path, val: Path, index: Mapping[str, int]) -> tuple[list[Path], torch.Tensor]:
+    """Files ``val/<ImageId>.JPEG`` (N,) listed in ``LOC_val_solution.csv`` and their labels (N,): the first
+    token of each PredictionString is the image's wnid."""
+    import csv
+
+    fix = "Fix: use the official LOC_val_solution.csv (header ImageId,PredictionString; one image a row)"
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"imagenet: cannot read {csv_path} ({type(err).__name__}: {err}); {fix}") from err
+    if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
+        raise DatasetError(f"imagenet: {csv_path} does not start with the header ImageId,PredictionString; {fix}")
+    paths: list[Path] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    for n, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        image_id, wnid = (row[0].strip(), (row[1].split() or [""])[0]) if len(row) >= 2 else (row[0].strip(), "")
+        if not image_id or wnid not in index:
+            raise DatasetError(f"imagenet: {csv_path} line {n} is {','.join(row)[:80]!r}; expected "
+                               f"'ImageId,<wnid> x y x y ...' with a wnid of train/ ({len(index)} classes). {fix}")  # fmt: skip
+        if image_id in seen:
+            raise DatasetError(f"imagenet: {csv_path} line {n} lists {image_id} a second time; {fix}")
+        seen.add(image_id)
+        image = next((p for s in (".JPEG", ".jpeg", ".jpg", ".JPG", ".png") if (p := val / f"{image_id}{s}").is_file()), None)
+        if image is None:
+            raise DatasetError(f"imagenet: {csv_path} line {n} lists {image_id} but {val / (image_id + '.JPEG')} is missing; "
+                               "Fix: put the validation images in that folder, or remove the row")  # fmt: skip
+        paths.append(image)
+        labels.append(index[wnid])
+    if not paths:
+        raise DatasetError(f"imagenet: {csv_path} lists no images; {fix}")
+    return paths, torch.tensor(labels, dtype=torch.int64)
+
+
+def _imagenet_test(folder: Path, root: Path, index: Mapping[str, int]) -> tuple[list[Path], torch.Tensor]:
+    """The official validation images (the test split): ``val/<wnid>/`` when it has class folders, else the CSV."""
+    val = folder / "val"
+    if val.is_dir() and any(p.is_dir() for p in val.iterdir()):
+        return _imagenet_val_folders(val, index)
+    csv_path = _imagenet_file(folder, root, "LOC_val_solution.csv")
+    if csv_path is None or not val.is_dir():
+        raise DatasetError(f"imagenet: no validation images in {folder}; expected {_IMAGENET_LAYOUT}. Fix: put them there "
+                           "(Kaggle's LOC_val_solution.csv may sit in the folder above)")  # fmt: skip
+    return _imagenet_val_csv(csv_path, val, index)
+
+
+def load_imagenet(
+    *,
+    root: str | Path | None = None,
+    download: bool = False,
+    per_class: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    **options: object,
+) -> Dataset:
+    """ImageNet in its ILSVRC CLS-LOC layout: RGB images (N, 3, size, size), one class per ``train/<wnid>/``.
+
+    The training images are subset and split into train/val; the official validation images are the
+    test split, from ``val/<wnid>/*.JPEG`` or from ``val/*.JPEG`` labelled by ``LOC_val_solution.csv``
+    (``ImageId,PredictionString``; the first token of the prediction string is the wnid). Labels follow
+    the sorted wnids; class names come from ``LOC_synset_mapping.txt`` when present. Every image is
+    resized keeping its aspect ratio (shorter side to ``size``) and its centre cut out. Whether the
+    images are decoded into memory or streamed from disk follows ``in_memory`` / ``memory_budget_gb``
+    (:mod:`specialkit.streaming`); ImageNet itself at 224 px is far over any laptop's budget and streams.
+
+    Args:
+        root: the folder holding ``train/`` and ``val/`` (or Kaggle's, holding ``ILSVRC/Data/CLS-LOC/``).
+        download: not supported (ImageNet needs a licence; download it yourself).
+        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        **options: ``size`` (side in pixels, default 64; ``data.load(image_size=...)`` sets it), ``workers``
+            (decoding threads of the in-memory path), ``in_memory``, ``memory_budget_gb``, ``stream_workers``
+            (see :mod:`specialkit.streaming`).
+    """
+    del download
+    _reject_options("imagenet", options, ("size", "workers", *STREAM_OPTIONS))
+    _check_fraction("imagenet", "val_fraction", val_fraction)
+    size = options.get("size", IMAGENET_SIZE)
+    if not isinstance(size, int) or size < 1:
+        raise DatasetError(f"imagenet: size must be a positive int (side in pixels, e.g. 64 or 224), got {size!r}")
+    folder = _imagenet_folder(root)
+    wnids, train_paths, y_all = _scan_image_folder(folder / "train", name="imagenet")
+    index = {w: i for i, w in enumerate(wnids)}
+    test_paths, y_test = _imagenet_test(folder, Path(root).expanduser(), index)  # type: ignore[arg-type]
+    class_names = _imagenet_names(_imagenet_file(folder, Path(root).expanduser(), "LOC_synset_mapping.txt"), wnids)  # type: ignore[arg-type]
+    train, val = _train_val_indices(y_all, per_class=per_class, val_fraction=val_fraction, seed=seed)
+    splits = {"train": _pick(train_paths, y_all, train), "val": _pick(train_paths, y_all, val), "test": (test_paths, y_test)}
+    return _files_dataset(
+        "imagenet", class_names, splits, channels=3, size=(size, size), crop=True,
+        workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
+        hflip=True, streaming=_stream_options(options),
+    )  # fmt: skip

@@ -172,7 +172,7 @@ def init_check(run: "Run", *, split: str = "val") -> list[dict[str, Any]]:
     x = ds.split(split)[0]
     p_gen = gen.probs(split)
     rows: list[dict[str, Any]] = []
-    if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth:
+    if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth or run.scratch_reason():
         return rows  # from-scratch specialists have no initialisation to check
     for group, classes in zip(run.clusters().groups, run.groups()):
         target = specialists.collapse_probs(p_gen, classes)
@@ -305,7 +305,8 @@ def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None
     ds = run.dataset()
     shape = (ds.channels, ds.image_size, ds.image_size)
     gen, sps = run.generalist().model, [s.model for s in run.specialists()]
-    student = run.distill().model if run.is_done("distill") else None
+    trained = run.skip_reason("distill") is None and run.is_done("distill")
+    student = run.distill().model if trained else None  # skipped or not trained yet: no student row (nothing trains here)
     flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
                                      run.activation("test"))  # fmt: skip
     groups, top_n = run.groups(), run.config.top_n
@@ -392,14 +393,15 @@ def results_on_test(run: "Run") -> dict[str, np.ndarray]:
     """name -> (N_test, C) probabilities of every finished model and rule of the run (trains nothing)."""
     require(run, "generalist", "clusters", "specialists", "ensembles")
     out: dict[str, np.ndarray] = {BASELINE: run.generalist().test_probs}
-    if run.config.compute_matched:
+    if run.config.compute_matched and not run.skip_reason(MATCHED):
         require(run, MATCHED)
         out[MATCHED] = run.compute_matched().test_probs
     for rule, q in run.ensembles().items():
         if rule != BASELINE:
             out[rule] = q
-    require(run, "distill")
-    out["student"] = run.distill().test_probs
+    if not run.skip_reason("distill"):
+        require(run, "distill")
+        out["student"] = run.distill().test_probs
     return out
 
 
@@ -415,13 +417,16 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
     cs = run.confusion()
     comparison, boot = comparison_rows(results, y, groups=groups, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
     shape = (ds.channels, ds.image_size, ds.image_size)
-    gen_cost = evaluation.model_cost(gen.model, shape)
     sps = run.specialists()
-    flops = evaluation.ensemble_cost(gen_cost, [evaluation.model_cost(s.model, shape) for s in sps], run.activation("test"))
-    student_cost = evaluation.model_cost(run.distill().model, shape)
     rows = {r["name"]: r for r in comparison}
-    student = {"test_top1": rows["student"]["top1"], **student_cost}
-    if "kl" in rows:
+    gen_cost: dict[str, Any] = {"params": None, "flops": None}  # a predictions-only generalist has no model to count
+    flops = None
+    if gen.model is not None:
+        gen_cost = evaluation.model_cost(gen.model, shape)
+        flops = evaluation.ensemble_cost(gen_cost, [evaluation.model_cost(s.model, shape) for s in sps], run.activation("test"))
+    student_cost = evaluation.model_cost(run.distill().model, shape) if "student" in rows else None
+    student = {"test_top1": rows["student"]["top1"], **student_cost} if student_cost else None
+    if student and "kl" in rows:
         student["share_of_kl_gain"] = ((rows["student"]["top1"] - rows[BASELINE]["top1"]) / rows["kl"]["delta_top1"]
                                        if rows["kl"]["delta_top1"] > 0 else None)  # fmt: skip
         student["share_of_kl_gain_ci"] = list(boot.share_ci("student", BASELINE, "kl"))
@@ -454,13 +459,16 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "level": 1 - stats.ALPHA},
         "timings": stage_seconds(run),
     }
-    if cfg.compute_matched:
+    skipped = {stage: run.skip_reason(stage) for stage in (MATCHED, "distill") if run.skip_reason(stage)}
+    if skipped:
+        m["skipped"] = skipped
+    if cfg.compute_matched and MATCHED not in skipped:
         m["compute_matched"] = {"test_top1": rows[MATCHED]["top1"], "examples_seen": run.compute_matched().examples_seen,
                                 "budget": run.compute_budget()}  # fmt: skip
-    lat = _records(latency(run)) if measure_latency else None
+    lat = _records(latency(run)) if measure_latency and gen.model is not None else None
     if lat is not None:
         m["cost"]["latency"] = lat
-    m["cost"]["summary"] = cost_summary(run, lat)
+    m["cost"]["summary"] = cost_summary(run, lat) if gen.model is not None else None
     return finite(m)
 
 

@@ -13,6 +13,8 @@ Registry names:
   smaller specialist.
 * ``resnet18`` -- torchvision's ResNet-18 adapted to 32 px: a 3x3 stride-1 stem, no max-pool, any
   number of input channels (``width``/``depth``/``blocks_per_stage`` are not used).
+* ``torchvision:<arch>`` -- any torchvision classifier unchanged (``torchvision.models.get_model(arch,
+  weights=None)``), for a generalist brought from elsewhere (:class:`TorchvisionClassifier`).
 
 >>> from specialkit import models
 >>> m = models.build_model(models.ModelConfig(num_classes=62, in_channels=1))
@@ -46,7 +48,11 @@ __all__ = [
     "SharedTrunkClassifier",
     "share_trunk",
     "fingerprint",
+    "TorchvisionClassifier",
+    "TORCHVISION_PREFIX",
 ]
+
+TORCHVISION_PREFIX = "torchvision:"
 
 
 class ModelError(ValueError):
@@ -74,6 +80,8 @@ class ModelConfig:
         special_classes: with ``dustbin_of``, the (S,) special class indices (``num_classes`` = S + 1).
         shared_stages: 0 for a whole model; s > 0 for a specialist that runs the first s stages of its
             generalist's body (the shared trunk, not part of this model: see :class:`SharedTrunkClassifier`).
+        input_size: ``torchvision:<arch>`` models only: resize the (float) input to this side before the
+            network (e.g. 224 for ImageNet-pretrained weights); ``None`` = keep the images' size.
     """
 
     name: str = "cnn"
@@ -89,6 +97,7 @@ class ModelConfig:
     dustbin_of: int | None = None
     special_classes: tuple[int, ...] | None = None
     shared_stages: int = 0
+    input_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.special_classes is not None:
@@ -123,6 +132,8 @@ class ModelConfig:
             raise ModelError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
         if not isinstance(self.shared_stages, (int, np.integer)) or isinstance(self.shared_stages, bool) or self.shared_stages < 0:
             raise ModelError(f"ModelConfig.shared_stages must be a whole number >= 0, got {self.shared_stages!r}")
+        if self.input_size is not None and (not isinstance(self.input_size, (int, np.integer)) or self.input_size < 1):
+            raise ModelError(f"ModelConfig.input_size must be a positive integer or None, got {self.input_size!r}")
 
     @classmethod
     def for_dataset(cls, dataset: Any, **kwargs: Any) -> ModelConfig:
@@ -429,6 +440,65 @@ class ResNet18(Classifier):
         return [4, 5, 6, 7]
 
 
+def _final_linear(net: nn.Module, arch: str) -> tuple[nn.Module, str, str]:
+    """(parent module, attribute name, state-dict prefix) of a torchvision classifier's last linear layer."""
+    for path in ("fc", "classifier", "head", "heads.head"):
+        parent, attr = net, path
+        if "." in path:
+            first, attr = path.split(".")
+            parent = getattr(net, first, None)
+        layer = getattr(parent, attr, None) if parent is not None else None
+        if isinstance(layer, nn.Sequential) and len(layer) and isinstance(layer[-1], nn.Linear):
+            return layer, str(len(layer) - 1), f"{path}.{len(layer) - 1}."
+        if isinstance(layer, nn.Linear):
+            return parent, attr, f"{path}."
+    raise ModelError(f"torchvision model {arch!r} has no final linear layer at fc, classifier[-1], head or heads.head: "
+                     "bring it as TorchScript (generalist_from='torchscript:<file>') instead")
+
+
+class TorchvisionClassifier(Classifier):
+    """A torchvision classifier as it comes (``get_model(arch, weights=None, num_classes=K)``), split into
+    ``body`` (everything up to the last linear layer, which becomes the identity) and ``head`` (that layer:
+    ``fc``, ``classifier[-1]``, ``head`` or ``heads.head``), so specialists get the usual head surgery.
+
+    Input handling, in this order: images with one channel are repeated to the network's 3 (when
+    ``in_channels`` is 3); the images are resized to ``input_size`` (bilinear, antialiased) when set;
+    then ``(x - mean) / std`` with the config's ``mean``/``std`` (e.g. ImageNet's). A state dict of the
+    plain torchvision model loads with :meth:`load_torchvision_state`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        import torchvision
+
+        arch = config.name[len(TORCHVISION_PREFIX):]
+        try:
+            net = torchvision.models.get_model(arch, weights=None, num_classes=config.num_classes)
+        except ValueError as err:
+            raise ModelError(f"torchvision has no model {arch!r} ({err}); use a name from torchvision.models.list_models()") from err
+        parent, attr, self._head_prefix = _final_linear(net, arch)
+        head = getattr(parent, attr)
+        setattr(parent, attr, nn.Identity())
+        self.body, self.head = net, head
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.config.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        size = self.config.input_size
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return super().normalize(x)
+
+    def load_torchvision_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the state dict of the plain torchvision model (``torchvision.models.get_model(arch)``); strict:
+        a missing or unexpected key, or a tensor of another shape, raises ``RuntimeError`` naming it."""
+        p = self._head_prefix
+        head = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        body = {k: v for k, v in state.items() if not k.startswith(p)}
+        self.head.load_state_dict(head)
+        self.body.load_state_dict(body)
+
+
 _REGISTRY: dict[str, Callable[[ModelConfig], Classifier]] = {"cnn": SmallCNN, "resnet18": ResNet18}
 
 
@@ -450,11 +520,12 @@ def build_model(config: ModelConfig | dict[str, Any]) -> Classifier:
     """
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
-    if config.name not in _REGISTRY:
-        raise ModelError(f"unknown model {config.name!r}; choose one of {', '.join(available_models())}")
+    builder = TorchvisionClassifier if config.name.startswith(TORCHVISION_PREFIX) else _REGISTRY.get(config.name)
+    if builder is None:
+        raise ModelError(f"unknown model {config.name!r}; choose one of {', '.join(available_models())} or torchvision:<arch>")
     if config.shared_stages:
         return SharedTrunkClassifier(config)
-    model = _REGISTRY[config.name](config)
+    model = builder(config)
     if not isinstance(model, Classifier):
         raise ModelError(f"model builder {config.name!r} returned {type(model).__name__}, not a Classifier")
     if config.dustbin_of is not None:

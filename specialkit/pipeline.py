@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from . import checkpoints, clusters, confusion, data, distributed, ensemble, models, runs, specialists, training
+from . import byog, checkpoints, clusters, confusion, data, distributed, ensemble, models, runs, specialists, training
 from . import config as config_mod
 from . import distill as distillation
 from .config import ConfigError, PipelineConfig
@@ -201,7 +201,29 @@ class Run:
     # ------------------------------------------------------------------ bookkeeping
     def _settings(self, stage: str) -> dict[str, Any]:
         cfg = self.config.to_dict()
-        return {config_mod.key_name(k): cfg[k] for k in _KEYS[stage] if config_mod.hashed_now(k, cfg[k])}
+        out = {config_mod.key_name(k): cfg[k] for k in _KEYS[stage] if config_mod.hashed_now(k, cfg[k])}
+        if stage == "generalist" and self.config.generalist_from:
+            out.update({k: cfg[k] for k in ("generalist_from", "generalist_normalize", "generalist_input_size")},
+                       generalist_from_sha256=self._source_sha())  # fmt: skip
+        return out
+
+    def generalist_source(self) -> byog.Source | None:
+        """The parsed ``generalist_from`` (``None`` when the kit trains the generalist); its file must exist."""
+        return byog.parse_source(self.config.generalist_from) if self.config.generalist_from else None
+
+    def _source_sha(self) -> str:
+        """sha256 of the ``generalist_from`` file, remembered per (path, size, mtime) so keys stay cheap."""
+        path = self.generalist_source().path
+        st = path.stat()
+        memo = ("source_sha", str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if self._memo.get("source_sha", (None,))[:4] != memo:
+            self._memo["source_sha"] = (*memo, byog.file_sha256(path))
+        return self._memo["source_sha"][4]
+
+    def skip_reason(self, stage: str) -> str | None:
+        """Why ``stage`` is skipped in this run (a ``generalist_from`` that cannot be trained or has no model:
+        :func:`byog.skip_reason`), or ``None`` when it runs."""
+        return byog.skip_reason(self.generalist_source(), stage, value=self.config.generalist_from or "")
 
     def key(self, stage: str) -> str:
         """The hash that a finished ``stage`` must record to count as up to date: its settings, those of
@@ -295,7 +317,8 @@ class Run:
             c = self.config
             t0 = time.perf_counter()
             ds = data.load(c.dataset, root=c.root, download=c.download, image_size=c.image_size,
-                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.data_seed)  # fmt: skip
+                           per_class=c.per_class, val_fraction=c.val_fraction, seed=c.data_seed, in_memory=c.in_memory,
+                           memory_budget_gb=c.memory_budget_gb, stream_workers=c.stream_workers)  # fmt: skip
             c.validate(ds.num_classes)
             self._memo["dataset"] = ds
             self._timed("data", t0)
@@ -325,6 +348,10 @@ class Run:
     def model_config(self, *, num_classes: int, width: int | None = None, depth: int | None = None,
                      name: str | None = None) -> models.ModelConfig:
         ds, c = self.dataset(), self.config
+        source = self.generalist_source()
+        if source is not None and source.has_head and name is None and width is None and depth is None:
+            return byog.torchvision_config(source, num_classes=num_classes, in_channels=ds.channels, image_size=ds.image_size,
+                                           normalize=c.generalist_normalize, input_size=c.generalist_input_size)  # fmt: skip
         return models.ModelConfig(name=name or c.model, num_classes=num_classes, in_channels=ds.channels,
                                   image_size=ds.image_size, width=width or c.width, depth=depth or c.depth)  # fmt: skip
 
@@ -366,6 +393,9 @@ class Run:
         return self._load_model_result(stage)
 
     def _load_model_result(self, stage: str) -> ModelResult:
+        source = self.generalist_source() if stage == "generalist" else None
+        if source is not None and not source.has_head:
+            return self._load_given(source)
         if stage not in self._memo:
             folder, ds = self.stage_dir(stage), self.dataset()
             model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
@@ -378,12 +408,59 @@ class Run:
         """Stage 1: the generalist over all classes (docs/METHOD.md section 1)."""
         c = self.config
         mc = self.model_config(num_classes=self.dataset().num_classes)
+        if c.generalist_from:
+            return self._given_generalist(mc)
         if not self.is_done("generalist"):
             training.seed_everything(c.seed)
             model = models.build_model(mc)
             tc = self.train_config(epochs=c.epochs, lr=c.lr, seed_offset=0)
             return self._train_model("generalist", model=model, model_config=mc, tc=tc)
         return self._load_model_result("generalist")
+
+    def _given_generalist(self, mc: models.ModelConfig) -> ModelResult:
+        """The generalist of ``generalist_from`` (:mod:`specialkit.byog`): loaded and checked, then its logits on
+        every split it has are saved (nothing is written until the file passed every check). No training."""
+        source, key, folder = self.generalist_source(), self.key("generalist"), self.stage_dir("generalist")
+        if not self.is_done("generalist", key):
+            t0, ds, c = time.perf_counter(), self.dataset(), self.config
+            model: torch.nn.Module | None = None
+            if source.kind == "torchvision":
+                model = byog.load_torchvision(source, mc)
+            elif source.has_model:
+                model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size)
+            if model is None:
+                logits = byog.load_predictions(source.path, labels={s: ds.split(s)[1].numpy() for s in ("val", "test")},
+                                               class_names=ds.class_names)  # fmt: skip
+            else:
+                logits = {s: training.predict_logits(model, ds.split(s)[0], device=c.device).numpy() for s in _SPLITS}
+                for s, z in logits.items():
+                    byog.check_outputs(z, path=source.path, split=s, num_classes=ds.num_classes, rows=len(ds.split(s)[1]))
+            self.log(f"[generalist] {source.kind} generalist from {source.path}: not trained by the kit")
+            self._begin(folder, key)
+            if source.kind == "torchvision":
+                extra = {"stage": "generalist", "examples_seen": 0, "generalist_from": c.generalist_from}
+                checkpoints.save_checkpoint(folder / "model.pt", model, model_config=mc, class_names=ds.class_names,
+                                            dataset_fingerprint=ds.fingerprint, history=None, extra=extra)  # fmt: skip
+            elif model is not None:
+                with runs.atomic_open(folder / f"model.{source.kind}", "wb") as f, open(source.path, "rb") as src:
+                    shutil.copyfileobj(src, f)
+            for s, z in logits.items():
+                runs.save_array(folder / f"logits_{s}.npy", z)
+            self._timed("generalist", t0)
+            self._finish(folder, key, seconds=round(time.perf_counter() - t0, 2), examples_seen=0, generalist_from=c.generalist_from)
+        return self._load_model_result("generalist")
+
+    def _load_given(self, source: byog.Source) -> ModelResult:
+        """A scripted or predictions-only generalist from its stage folder (the run's copy of the file)."""
+        if "generalist" not in self._memo:
+            folder, c = self.stage_dir("generalist"), self.config
+            model = None
+            if source.has_model:
+                model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size,
+                                           path=folder / f"model.{source.kind}")  # fmt: skip
+            logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in _SPLITS if (folder / f"logits_{s}.npy").is_file()}
+            self._memo["generalist"] = ModelResult("generalist", model, [], logits, 0)
+        return self._memo["generalist"]
 
     # ------------------------------------------------------------------ confusion and clusters
     def confusion(self) -> confusion.ConfusionSummary:
@@ -488,10 +565,18 @@ class Run:
         c = self.config
         tc = self.train_config(epochs=c.specialist_epochs, lr=c.specialist_lr, seed_offset=1000,
                                soft_weight=c.specialist_soft_weight, temperature=c.specialist_temperature)  # fmt: skip
-        return specialists.SpecialistConfig(model=c.specialist_model, width=c.specialist_width, depth=c.specialist_depth,
+        model, width, depth = c.specialist_model, c.specialist_width, c.specialist_depth
+        if self.scratch_reason():
+            model, width, depth = model or c.model, width or c.width, depth or c.depth
+        return specialists.SpecialistConfig(model=model, width=width, depth=depth,
                                             special_fraction=c.special_fraction, soft_weight=c.specialist_soft_weight,
                                             temperature=c.specialist_temperature, correction=c.dustbin_correction, train=tc,
                                             init=c.specialist_init, shared_stages=c.specialist_shared_stages)  # fmt: skip
+
+    def scratch_reason(self) -> str | None:
+        """Why specialists train from scratch although no specialist architecture is set (a ``generalist_from``
+        without a head the kit can cut), or ``None``."""
+        return byog.scratch_reason(self.generalist_source(), value=self.config.generalist_from or "")
 
     def specialist_dir(self, index: int) -> Path:
         """``specialists/<index>-<group name>``; a long or odd group name is shortened to a safe file name."""
@@ -513,6 +598,8 @@ class Run:
             group, classes = list(spec.groups)[index], spec.indices()[index]
             gen = self.generalist()
             cfg = self.specialist_config()
+            if self.scratch_reason():
+                self.log(f"[specialists] {self.scratch_reason()} ({cfg.model}, width {cfg.width}, depth {cfg.depth})")
             training.seed_everything(cfg.train.seed + index)
             trained = specialists.train_specialist(ds, classes, config=cfg, generalist=gen.model,
                                                    state_path=folder / "state.pt", desc=f"specialist {index} ({group})")  # fmt: skip
@@ -582,7 +669,11 @@ class Run:
 
     def compute_matched(self) -> ModelResult:
         """The generalist trained further for the training compute all specialists used (``compute_match``:
-        the same FLOPs, or the same example-passes; docs/METHOD.md §7)."""
+        the same FLOPs, or the same example-passes; docs/METHOD.md §7). A ``generalist_from`` torchvision model is
+        fine-tuned for that budget; other kinds have none (:meth:`skip_reason`, a ``ConfigError`` here)."""
+        reason = self.skip_reason("compute_matched")
+        if reason:
+            raise ConfigError(f"{reason}; set compute_matched=false (or bring a torchvision:<arch>:<weights> generalist)")
         extra = self.compute_budget()["compute_matched_passes"]
         if not self.is_done("compute_matched"):
             ds, c = self.dataset(), self.config
@@ -643,10 +734,15 @@ class Run:
         """Stage 5: one student trained on the ensemble's q at temperature T (computed on the same augmented
         batch the student sees) plus hard labels, the soft term scaled by T²."""
         c = self.config
+        reason = self.skip_reason("distill")
+        if reason:
+            raise ConfigError(f"{reason}; bring the model itself (torchvision:, torchscript: or export:) to distil")
         if not self.is_done("distill"):
             ds = self.dataset()
             mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
-            from_gen = c.student_init == "generalist" and mc == self.model_config(num_classes=ds.num_classes)
+            from_gen = (c.student_init == "generalist" and mc == self.model_config(num_classes=ds.num_classes)
+                        and self.scratch_reason() is None)  # fmt: skip
+            self.generalist()  # on a fresh run, train it first (its checkpoint is read below)
             training.seed_everything(c.seed + 3000)
             if from_gen:
                 model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]
@@ -664,6 +760,10 @@ class Run:
         """Check everything that can be checked before training: the dataset loads, ``k`` and
         ``top_n`` fit its classes, and a given clusters file names only its classes."""
         ds = self.dataset()
+        source = self.generalist_source()
+        if source is not None and not source.has_model and self.config.specialist_soft_weight > 0:
+            raise ConfigError(f"specialist_soft_weight={self.config.specialist_soft_weight} needs the generalist's soft targets on "
+                              f"training batches; generalist_from={self.config.generalist_from!r} holds predictions only: set it to 0")
         if self.config.clusters_file:
             path = Path(self.config.clusters_file)
             if not path.is_file():
@@ -675,10 +775,12 @@ class Run:
         self.preflight()
         for stage in ("generalist", "clusters", "specialists"):
             self._stage(stage)
-        if self.config.compute_matched:
-            self._stage("compute_matched")
-        self._stage("ensembles")
-        self._stage("distill")
+        for stage in ("compute_matched", "ensembles", "distill"):
+            reason = self.skip_reason(stage)
+            if reason:
+                self.log(f"[{stage}] skipped: {reason}")
+            elif stage != "compute_matched" or self.config.compute_matched:
+                self._stage(stage)
         from .report import write_report
 
         metrics = self.metrics()

@@ -517,7 +517,7 @@ def fixed_broken_grid(
     counts.
 
     Args:
-        images: (N, channels, H, W) ``uint8`` images.
+        images: (N, channels, H, W) ``uint8`` images (files streamed from disk: only those shown are decoded).
         labels: (N,) int true class.
         gen_pred: (N,) int generalist prediction.
         ens_pred: (N,) int ensemble prediction.
@@ -532,8 +532,9 @@ def fixed_broken_grid(
         Figure with two stacked subplots (row 1 fixed, row 2 broken); each non-empty panel holds a
         ``go.Image`` and a hover heatmap; ``layout.meta`` has ``n_fixed`` and ``n_broken``.
     """
-    cells = _images_hwc(images)
-    n, h, w, _ = cells.shape
+    lazy = hasattr(images, "decode")  # files on disk (streaming.ImageFiles): decode only the images shown
+    cells = _images_hwc(images[:1] if lazy else images)
+    n, h, w = (len(images), *cells.shape[1:3]) if lazy else cells.shape[:3]
     c = len(class_names)
     y = _labels(labels, "labels", n=n, num_classes=c)
     g = _labels(gen_pred, "gen_pred", n=n, num_classes=c)
@@ -571,7 +572,8 @@ def fixed_broken_grid(
         ks = chosen.tolist()
         hover = [f"#{k}: true {names[y[k]]}<br>generalist: {names[g[k]]}<br>ensemble: {names[e[k]]}" for k in ks]
         caps = [f"{names[g[k]]} → {names[e[k]]}" for k in ks] if captions else None
-        _add_image_grid(fig, cells[chosen], hover, caps, ncols=ncols_eff, gap=gap, scale=scale, row=row, col=1)
+        shown = _images_hwc(images[chosen]) if lazy else cells[chosen]
+        _add_image_grid(fig, shown, hover, caps, ncols=ncols_eff, gap=gap, scale=scale, row=row, col=1)
     fig.layout.meta = {"n_fixed": int(len(fixed)), "n_broken": int(len(broken))}
     top = 110 if title else 60
     _base_layout(fig, title=title, width=max(720, int(width * scale) + 60), height=int(sum(panel_px) + spacing_px) + top + 20)

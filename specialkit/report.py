@@ -102,9 +102,12 @@ def reading(metrics: dict[str, Any]) -> str:
         lines.append("Every class is covered by some specialist, so the paper's conditional accuracy (Table 3) equals top-1 here; "
                      "the within-group accuracy in the table restricts each prediction to the groups covering the true class.")  # fmt: skip
     f = metrics["cost"]["flops"]
-    lines.append(f"Cost: the ensemble needs {f['conditional_ratio']:.2f}× the generalist's FLOPs per image with conditional "
+    if f is not None:
+        lines.append(f"Cost: the ensemble needs {f['conditional_ratio']:.2f}× the generalist's FLOPs per image with conditional "
                  f"execution ({f['mean_active']:.2f} specialists per image) and {f['all_ratio']:.2f}× running every specialist; "
-                 f"it holds {f['params_ratio']:.1f}× the parameters.")  # fmt: skip
+                     f"it holds {f['params_ratio']:.1f}× the parameters.")  # fmt: skip
+    for stage, why in metrics.get("skipped", {}).items():
+        lines.append(f"No {stage.replace('_', '-')} result: {why}.")
     if "student" in rows:
         st = metrics["student"]
         line = (f"The distilled student, one model of {st['params']:,} parameters, reaches **{_pct(rows['student']['top1'])}** "
@@ -173,7 +176,6 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
     x, lab = data_mod.examples_per_class(ds, per_class=1)
     figs: dict[str, Any] = {
         "samples": plots.sample_grid(x, lab.numpy(), ds.class_names, ncols=min(31, ds.num_classes), title="one training image per class"),
-        "generalist_curves": plots.training_curves({"generalist": gen.history}),
         "confusion": plots.confusion_heatmap(cs.F, cs.class_names, order=order, groups=spec.indices(),
                                              group_names=list(spec.groups), hide_diagonal=True,
                                              title="validation confusion, reordered by group (diagonal hidden)"),
@@ -184,8 +186,11 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
         "accuracy": plots.accuracy_bars({r["name"]: r["top1"] for r in metrics["comparison"]}, baseline="generalist",
                                         title="test top-1 with 95% paired-bootstrap intervals",
                                         intervals={r["name"]: r["top1_ci"] for r in metrics["comparison"]}),
-        "cost": plots.accuracy_vs_cost(cost_points(metrics), cost_label="MFLOPs per image"),
     }  # fmt: skip
+    if gen.history:  # a generalist brought with generalist_from was not trained here
+        figs["generalist_curves"] = plots.training_curves({"generalist": gen.history})
+    if metrics["cost"]["flops"] is not None:
+        figs["cost"] = plots.accuracy_vs_cost(cost_points(metrics), cost_label="MFLOPs per image")
     if metrics["cost"].get("summary"):
         table, source = frontier.points_of(run.folder, metrics)
         figs["frontier"] = plots.frontier(table, title=f"Accuracy against inference cost: {source}")
@@ -195,8 +200,9 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
         change = evaluation.per_class_change(gen.test_probs, q, y)
         figs["per_class"] = plots.per_class_change(change["delta"].to_numpy(), ds.class_names, order=order, coverage=spec.coverage())
         figs["fixed_broken"] = plots.fixed_broken_grid(ds.x_test, y, gen.test_probs.argmax(1), q.argmax(1), ds.class_names)
-    student = run.distill()
-    figs["student_curves"] = plots.training_curves({"generalist": gen.history, "student": student.history})
+    if metrics.get("student"):
+        figs["student_curves"] = plots.training_curves({**({"generalist": gen.history} if gen.history else {}),
+                                                        "student": run.distill().history})  # fmt: skip
     return figs
 
 
@@ -246,7 +252,7 @@ def _cost_summary(metrics: dict[str, Any]) -> str:
 def render_report(run: "Run", metrics: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (plotly.js embedded once; works offline).
     Trains nothing: a stage that is not finished is a ``MissingStageError`` naming it."""
-    require(run, "generalist", "clusters", "specialists", "ensembles", "distill")
+    require(run, "generalist", "clusters", "specialists", "ensembles", *(() if run.skip_reason("distill") else ("distill",)))
     figs = _figures(run, metrics)
     names = list(figs)
     frags = dict(zip(names, plots.figures_to_html_fragment([figs[n] for n in names], include_plotlyjs=True)))
@@ -260,7 +266,7 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
     budget_text = (f"Specialists used {budget['specialist_passes']:,} example-passes ({budget['specialist_train_flops']:.3g} training FLOPs, "
                    f"3 × forward FLOPs per pass); the compute-matched generalist was trained {budget['compute_matched_passes']:,} further "
                    f"example-passes ({budget['compute_matched_train_flops']:.3g} FLOPs), matched by {budget['match']}.") if budget else ""  # fmt: skip
-    student = metrics["student"]
+    student = metrics["student"] or {}
     kept = ""
     if student.get("share_of_kl_gain_ci") is not None:
         kept = (f" It keeps {student['share_of_kl_gain'] * 100:.0f}% {_ci(student['share_of_kl_gain_ci'])} of kl's gain over the generalist."
@@ -268,19 +274,19 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
                 else " kl's own gain over the generalist is not significant, so the share the student keeps is not read.")  # fmt: skip
     quality = pd.DataFrame([metrics["clusters"]["quality"]])
     groups = pd.DataFrame([{"group": g, "classes": " ".join(c), "size": len(c)} for g, c in metrics["clusters"]["groups"].items()]).set_index("group")
-    flops = pd.Series(metrics["cost"]["flops"]).to_frame("value")
+    flops = pd.Series(metrics["cost"]["flops"] or {"flops": "not counted: a predictions-only generalist has no model"}).to_frame("value")
     latency_df = pd.DataFrame(metrics["cost"].get("latency", []))
     timings = pd.Series(metrics["timings"]).to_frame("seconds")
     sections = [
         _section("summary", "Summary", f'<div class="reading">{_markdown(reading(metrics))}</div>', _table(comparison), _p(budget_text)),
         _section("data", "1 · The data", _p(f"{ds['name']}: {ds['num_classes']} classes; train {ds['train']}, validation {ds['val']} (drives the clusters), test {ds['test']} (final numbers only)."), frags["samples"]),
-        _section("generalist", "2 · The generalist", _p(f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs: validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags["generalist_curves"]),
+        _section("generalist", "2 · The generalist", _p((f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs" if not cfg.generalist_from else f"brought from {cfg.generalist_from} (generalist_from; not trained by the kit)") + f": validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags.get("generalist_curves", "")),
         _section("confusion", "3 · The confusion structure", _p("Rows are true classes; classes are reordered so that each group's classes sit together. Confusions concentrate inside the outlined blocks."), frags["confusion"], frags["covariance"], frags["class_map"], "<h3>Most confused pairs (validation)</h3>", _table(pd.DataFrame(metrics["top_confused_pairs"]))),
         _section("clusters", "4 · The groups", _p("Warning: " + metrics["clusters"]["coverage_warning"]) if metrics["clusters"].get("coverage_warning") else "", _p(f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality), "<h3>Every method at the same k</h3>", _p("One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."), _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec"))),
         _section("specialists", "5 · The specialists", _p(f"Each specialist: its classes plus a dustbin, initialised from the generalist (its full head kept, the dustbin logit the log-sum-exp of the other classes' logits, so it starts as the generalist exactly), trained on {cfg.special_fraction:.0%} special / {1 - cfg.special_fraction:.0%} other examples, dustbin logit shifted by the '{cfg.dustbin_correction}' correction. train_acc/val_acc of the last epoch show overfitting."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all", "train_acc", "val_acc")), frags["specialist_curves"], "<h3>Initialisation check (validation)</h3>", _p("Mean |specialist dustbin probability − generalist mass outside the group| for a freshly initialised specialist: the kit's head against the one-row head (mean of the other rows) it replaced."), _table(init.set_index("group")) if len(init) else _p("specialists trained from scratch: no initialisation to check."), "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected")), "<h3>Every correction on validation images</h3>", _p("kl's validation top-1 with each correction applied to every specialist: " + ", ".join(f"{k} {v:.2%}" for k, v in corr.get("kl_top1", {}).items()) + f" (best: {corr.get('best')}; this run uses {corr.get('used')})."), _table(corr_table.set_index(["group", "correction"]), percent=("true_dustbin_share", "dustbin_share")) if len(corr_table) else ""),
         _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
-        _section("cost", "7 · Cost", _cost_summary(metrics), frags.get("frontier", ""), _table(flops), _table(latency_df) if len(latency_df) else "", frags["cost"]),
-        _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {metrics['student']['test_top1']:.2%}, {metrics['student']['params']:,} parameters.{kept}"), frags["student_curves"]),
+        _section("cost", "7 · Cost", _cost_summary(metrics), frags.get("frontier", ""), _table(flops), _table(latency_df) if len(latency_df) else "", frags.get("cost", "")),
+        _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {student['test_top1']:.2%}, {student['params']:,} parameters.{kept}" if student else f"No student: {metrics.get('skipped', {}).get('distill')}."), frags.get("student_curves", "")),
         _section("timings", "9 · Wall time per stage", _table(timings), f'<p class="muted">settings: <code>{html.escape(json.dumps(cfg.to_dict()))}</code></p>'),
     ]  # fmt: skip
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [("summary", "Summary"), ("data", "Data"), ("generalist", "Generalist"), ("confusion", "Confusions"), ("clusters", "Groups"), ("specialists", "Specialists"), ("comparison", "Comparison"), ("cost", "Cost"), ("student", "Student")])

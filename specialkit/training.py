@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, runs
+from . import distributed, runs, streaming
 
 __all__ = [
     "TrainConfig",
@@ -443,6 +443,23 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
+def _as_images(x: Any, name: str) -> torch.Tensor | streaming.ImageFiles:
+    """Images as given: a tensor (numpy converted) or files on disk (:class:`~specialkit.streaming.ImageFiles`)."""
+    return x if isinstance(x, streaming.ImageFiles) else _as_tensor(x, name)
+
+
+def _image_batches(x: torch.Tensor | streaming.ImageFiles, chunks: Sequence[torch.Tensor], device: torch.device,
+                   *, seed: int = 0) -> Iterator[torch.Tensor]:  # fmt: skip
+    """The images of ``x`` at each of ``chunks`` ((B,) index tensors), on ``device``, in order: indexed in memory,
+    or decoded ahead by the streaming path's worker processes (:func:`specialkit.streaming.batches`)."""
+    if not isinstance(x, streaming.ImageFiles):
+        for idx in chunks:
+            yield x.index_select(0, idx.to(x.device))
+        return
+    for xb in streaming.batches(x, chunks, seed=seed, pin_memory=device.type == "cuda"):
+        yield xb.to(device, non_blocking=True)
+
+
 def _as_tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
@@ -469,15 +486,20 @@ def _amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
 
 def _batched_logits(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | streaming.ImageFiles,
     *,
     batch_size: int,
     device: torch.device,
     channels_last: bool,
     amp_dtype: torch.dtype | None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    for start in range(0, x.shape[0], batch_size):
-        xb = _prepare_input(x[start : start + batch_size], device, channels_last)
+    starts = range(0, x.shape[0], batch_size)
+    if isinstance(x, streaming.ImageFiles):
+        raw: Iterator[torch.Tensor] = _image_batches(x, [torch.arange(s, min(s + batch_size, len(x))) for s in starts], device)
+    else:
+        raw = (x[s : s + batch_size] for s in starts)
+    for start, xb in zip(starts, raw):
+        xb = _prepare_input(xb, device, channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(xb).float()
         yield start, logits
@@ -521,7 +543,7 @@ def evaluate(
     Returns:
         ``{"loss": float, "acc": float, "n": int}``.
     """
-    x, y = _as_tensor(x, "x"), _as_tensor(y, "y")
+    x, y = _as_images(x, "x"), _as_tensor(y, "y")
     if len(x) != len(y) or len(y) == 0:
         raise TrainingError(f"evaluate needs as many labels as images (and at least one), got {len(x)} images, {len(y)} labels")
     dev = resolve_device(device)
@@ -561,7 +583,7 @@ def predict_logits(
     Returns:
         (N, K) float32 CPU tensor.
     """
-    x = _as_tensor(x, "x")
+    x = _as_images(x, "x")
     if x.ndim != 4:
         raise TrainingError(f"predict_logits expects (N, C, H, W) images, got shape {tuple(x.shape)}")
     dev = resolve_device(device)
@@ -769,7 +791,7 @@ class TrainData:
     """The tensors of one :func:`fit` call, already on the device, and how to draw from them.
 
     Attributes:
-        x: (N, C, H, W) ``uint8`` training images.
+        x: (N, C, H, W) ``uint8`` training images, or files read batch by batch (:mod:`specialkit.streaming`).
         y: (N,) int64 labels.
         soft: (N, K) float32 soft targets aligned with ``x``, or ``None``.
         teacher: per-batch soft targets (see :func:`fit`), or ``None``.
@@ -779,13 +801,13 @@ class TrainData:
         y_val: (M,) validation labels, or ``None``.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor | streaming.ImageFiles
     y: torch.Tensor
     soft: torch.Tensor | None = None
     teacher: Teacher | None = None
     hflip: bool = False
     sample_indices: SampleIndices | None = None
-    x_val: torch.Tensor | None = None
+    x_val: torch.Tensor | streaming.ImageFiles | None = None
     y_val: torch.Tensor | None = None
 
 
@@ -967,7 +989,9 @@ def fit(
     Args:
         model: a :class:`~specialkit.models.Classifier` (any module mapping (N, C, H, W) floats in
             [0, 1] to (N, K) logits).
-        x_train: (N, C, H, W) ``uint8`` images, kept in memory (moved once to the device).
+        x_train: (N, C, H, W) ``uint8`` images, kept in memory (moved once to the device), or
+            :class:`~specialkit.streaming.ImageFiles` decoded batch by batch by worker processes (the
+            streaming path: the same batches, augmentation and numbers as the images in memory).
         y_train: (N,) int64 labels in [0, K).
         config: a :class:`TrainConfig` (default ``TrainConfig()``).
         x_val, y_val: validation images and labels, evaluated after every epoch.
@@ -992,8 +1016,8 @@ def fit(
             before the built-in ones.
     """
     config = config or TrainConfig()
-    x_train, y_train = _as_tensor(x_train, "x_train"), _as_tensor(y_train, "y_train")
-    x_val = None if x_val is None else _as_tensor(x_val, "x_val")
+    x_train, y_train = _as_images(x_train, "x_train"), _as_tensor(y_train, "y_train")
+    x_val = None if x_val is None else _as_images(x_val, "x_val")
     y_val = None if y_val is None else _as_tensor(y_val, "y_val")
     soft = None if soft_targets is None else _as_tensor(soft_targets, "soft_targets")
     if soft is not None and teacher is not None:
@@ -1006,9 +1030,9 @@ def fit(
     if _use_channels_last(config.channels_last, device):
         model.to(memory_format=torch.channels_last)
     data = TrainData(
-        x=x_train.to(device), y=y_train.to(device), soft=None if soft is None else soft.to(device, torch.float32),
+        x=_to_device(x_train, device), y=y_train.to(device), soft=None if soft is None else soft.to(device, torch.float32),
         teacher=teacher, hflip=hflip, sample_indices=sample_indices,
-        x_val=None if x_val is None else x_val.to(device), y_val=y_val,
+        x_val=None if x_val is None else _to_device(x_val, device), y_val=y_val,
     )  # fmt: skip
     amp_dtype = _amp_dtype(config.amp, device)
     state = TrainState(
@@ -1025,6 +1049,11 @@ def fit(
         _fit_loop(state, data, hooks, desc)
     model.eval()
     return state.history
+
+
+def _to_device(x: torch.Tensor | streaming.ImageFiles, device: torch.device) -> torch.Tensor | streaming.ImageFiles:
+    """In-memory images move to the device once; files stay on disk (batches move as they are decoded)."""
+    return x if isinstance(x, streaming.ImageFiles) else x.to(device)
 
 
 def _fit_callbacks(callbacks: Sequence[Callback], config: TrainConfig, state_path: str | Path | None) -> list[Callback]:
@@ -1105,18 +1134,18 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
     order = distributed.shard(_epoch_order(data.sample_indices, epoch, state.generator, len(data.y))).to(device)
     bs = config.batch_size
     n_steps = math.ceil(len(order) / bs)
+    chunks = [order[step * bs : (step + 1) * bs] for step in range(n_steps)]
     amp_dtype = _amp_dtype(config.amp, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     state.model.train()
     lr = config.peak_lr
     with tqdm(total=n_steps, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=not config.progress, dynamic_ncols=True) as bar:
-        for step in range(n_steps):
+        for step, (idx, x_raw) in enumerate(zip(chunks, _image_batches(data.x, chunks, device, seed=config.seed + epoch))):
             lr = learning_rate_at(config, (epoch + step / n_steps) / config.epochs)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
-            idx = order[step * bs : (step + 1) * bs]
-            xb, yb, soft_b = _batch(state, data, idx)
+            xb, yb, soft_b = _batch(state, data, idx, x_raw)
             loss, logits = train_step(
                 state.step_model or state.model, state.optimizer, xb, yb,
                 soft_targets=soft_b,
@@ -1138,10 +1167,12 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
     )  # fmt: skip
 
 
-def _batch(state: TrainState, data: TrainData, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The prepared (augmented, float, channels-last) images, labels and soft targets of one step."""
+def _batch(
+    state: TrainState, data: TrainData, idx: torch.Tensor, xb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The prepared (augmented, float, channels-last) images, labels and soft targets of one step: ``xb`` (B, C, H, W)
+    ``uint8`` are the images at ``idx`` (B,), from memory or from disk; augmentation draws from the run's generator."""
     config, device = state.config, state.device
-    xb = data.x.index_select(0, idx)
     if config.augment and (config.crop_padding > 0 or data.hflip):
         xb = augment_batch(xb, generator=state.generator, padding=config.crop_padding, hflip=data.hflip, pad_mode=config.pad_mode)
     xb = _prepare_input(xb, device, _use_channels_last(config.channels_last, device))

@@ -74,8 +74,8 @@ def test_cli_write_config_and_errors(tmp_path, capsys):
     assert json.loads(out.read_text())["k"] == 3
     assert cli.main(["run", "--k", "0", "--write-config", str(out)]) == 2
     assert "k=0 must be a whole number" in capsys.readouterr().err
-    assert cli.main(["run", "--dataset", "imagenet"]) == 2
-    assert "dataset='imagenet' is unknown" in capsys.readouterr().err
+    assert cli.main(["run", "--dataset", "imagenet21k"]) == 2
+    assert "dataset='imagenet21k' is unknown" in capsys.readouterr().err
 
 
 def test_demo_config_is_the_defaults():
@@ -118,7 +118,8 @@ def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
     assert all(len(set(v)) == len(v) for v in derived.values())
     # settings of a key stage kept out of its key on purpose
     outside = {f.name for f in fields(PipelineConfig) if f.metadata["stage"] in config_mod.KEY_STAGES and not f.metadata["in_key"]}
-    assert outside == {"download", "clusters_file", "compute_matched"}
+    assert outside == {"download", "clusters_file", "compute_matched", "in_memory", "memory_budget_gb", "stream_workers",
+                       "generalist_from", "generalist_normalize", "generalist_input_size"}
 
 
 # Run.key / Run.specialist_key values computed with the hand-written _KEYS (and the key `temperature`)
@@ -163,9 +164,11 @@ def test_cli_flags_are_the_settings_with_a_cli_help():
     assert list(knobs) == [f.name for f in fields(PipelineConfig) if "cli" in f.metadata]
     assert set(knobs) == {
         "name", "dataset", "root", "image_size", "per_class", "model", "width", "depth", "epochs", "batch_size", "lr",
+        "generalist_from", "generalist_normalize", "generalist_input_size",
         "method", "k", "overlap", "clusters_file", "specialist_model", "specialist_width", "specialist_depth",
         "specialist_epochs", "specialist_soft_weight", "specialist_temperature", "specialist_shared_stages", "specialist_init",
         "top_n", "student_epochs", "device", "seed",
+        "memory_budget_gb", "stream_workers",
     }  # fmt: skip
     assert knobs["image_size"] == (int, "resize images to this side, e.g. 32")
     assert knobs["specialist_soft_weight"] == (float, "weight of the generalist's soft targets for specialists (paper §6)")
@@ -186,7 +189,8 @@ def test_a_cli_help_on_a_setting_a_flag_cannot_carry_is_refused():
 def test_choices_in_the_metadata_are_what_validate_checks():
     with_choices = {f.name: f.metadata["choices"] for f in fields(PipelineConfig) if "choices" in f.metadata}
     assert set(with_choices) == {"optimizer", "schedule", "method", "distance", "overlap", "dustbin_correction",
-                                 "compute_match", "student_init", "device", "specialist_init"}  # fmt: skip
+                                 "compute_match", "student_init", "device", "specialist_init",
+                                 "generalist_normalize"}  # fmt: skip
     for name, options in with_choices.items():
         assert getattr(PipelineConfig(), name) in options
         with pytest.raises(ConfigError, match=f"{name}='nope' is not one of {', '.join(options)}"):

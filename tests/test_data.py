@@ -34,8 +34,8 @@ def test_properties_and_fingerprint_changes_with_content():
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(DatasetError, match="unknown dataset 'imagenet'.*glyphs"):
-        data.load("imagenet")
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenet21k'.*glyphs"):
+        data.load("imagenet21k")
 
 
 def test_take_per_class_and_stratified_split_are_deterministic():
