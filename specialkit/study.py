@@ -37,9 +37,11 @@ from . import runs
 from .config import ConfigError, PipelineConfig
 
 __all__ = ["StudySpec", "StudyError", "parse_grid", "load_study_file", "point_name", "Study", "run_study", "load_study",
-           "ADOPTED_FILE", "STUDY_FILE"]  # fmt: skip
+           "make_spec", "quick_spec", "open_study", "ADOPTED_FILE", "STUDY_FILE", "QUICK_STUDY"]  # fmt: skip
 
 STUDY_FILE = "study.json"
+QUICK_STUDY = "quick-study"
+"""The name of the tiny study :func:`open_study` makes in quick mode (``SPECIALKIT_SMOKE=1``)."""
 ADOPTED_FILE = "adopted.json"
 """In a run folder of a study: stage -> the run folder whose finished stage it hard-linked."""
 _NOT_SWEPT = ("name", "seed", "seeds", "progress", "extra")
@@ -199,7 +201,8 @@ def make_spec(*, name: str, base: dict[str, Any], grid: Any, seeds: Sequence[int
 
 def load_study_file(path: str | Path) -> dict[str, Any]:
     """A study file (JSON; YAML when PyYAML is installed and the name ends in .yaml/.yml) as a dict with
-    ``name``, ``base`` (a dict of settings or the path of a config JSON), ``grid``, ``seeds``, ``jobs``."""
+    ``name``, ``base`` (a dict of settings or the path of a config JSON, relative to the study file's folder),
+    ``set`` (settings that override the base), ``grid``, ``seeds``, ``jobs``; ``base`` comes back merged with ``set``."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file {path} not found; write one like {{\"name\": \"s\", \"base\": \"configs/demo.json\", "
@@ -220,14 +223,16 @@ def load_study_file(path: str | Path) -> dict[str, Any]:
         raise StudyError(f"{path} is not valid YAML ({err}); fix the file") from err
     if not isinstance(d, dict):
         raise StudyError(f"{path}: a study file is an object with name, base, grid, seeds")
-    unknown = sorted(set(d) - {"name", "base", "grid", "seeds", "jobs"})
+    unknown = sorted(set(d) - {"name", "base", "set", "grid", "seeds", "jobs"})
     if unknown:
-        raise StudyError(f"{path}: unknown study key(s) {', '.join(unknown)}; a study file has name, base, grid, seeds, jobs")
+        raise StudyError(f"{path}: unknown study key(s) {', '.join(unknown)}; a study file has name, base, set, grid, seeds, jobs")
     base = d.get("base") or {}
     if isinstance(base, str):
         base_path = Path(base) if Path(base).is_absolute() or Path(base).is_file() else path.parent / base
         base = PipelineConfig.load(base_path).to_dict()
-    d["base"] = base
+    if not isinstance(d.get("set", {}), dict):
+        raise StudyError(f"{path}: \"set\" holds settings that override the base, e.g. {{\"student_epochs\": 1}}")
+    d["base"] = {**base, **d.get("set", {})}
     return d
 
 
@@ -519,6 +524,29 @@ def load_study(folder: str | Path) -> dict[str, Any]:
     if "rows" not in manifest:
         raise StudyError(f"{path}: the study has not finished; rerun the same `specialkit study` command to resume it")
     return manifest
+
+
+def quick_spec(name: str = QUICK_STUDY) -> StudySpec:
+    """The tiny study of quick mode (tests, notebook 07 under ``SPECIALKIT_SMOKE=1``): k = 2, 3 x seeds 0, 1 on a
+    4-images-per-class glyphs run (seconds; its numbers only show the machinery works)."""
+    base = PipelineConfig.quick(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1, progress=False,
+                                bootstrap_resamples=1000, latency=False, html_report=False)  # fmt: skip
+    return make_spec(name=name, base=base.to_dict(), grid={"k": [2, 3]}, seeds=[0, 1], source="quick study")
+
+
+def open_study(folder: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The finished study in ``folder`` (:func:`load_study`). In quick mode only (``SPECIALKIT_SMOKE=1``) a missing
+    or unfinished study is run first with :func:`quick_spec`; otherwise that is a ``StudyError`` saying to run it."""
+    from .config import smoke_mode
+
+    folder = Path(folder)
+    path = folder / STUDY_FILE
+    if smoke_mode() and (not path.is_file() or "rows" not in runs.read_json(path)):
+        log(f"[study] {folder}: running the quick study (SPECIALKIT_SMOKE=1)")
+        return run_study(quick_spec(folder.name), out=folder.parent, log=log)
+    if not path.is_file():
+        raise StudyError(f"{folder} holds no study: run `make study` (or `specialkit study ... --name {folder.name}`) first")
+    return load_study(folder)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ import torch
 
 from specialkit import cli, metrics, study
 from specialkit.config import PipelineConfig
+from specialkit.pipeline import runs_root
 
 TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1, progress=False,
             bootstrap_resamples=1000, latency=False, html_report=False)  # fmt: skip
@@ -19,8 +20,9 @@ TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, w
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
+    """The base settings of :func:`study.quick_spec` (so notebook 07 can open the study made here)."""
     path = tmp_path_factory.mktemp("study-base") / "tiny.json"
-    PipelineConfig.quick(**TINY).save(path)
+    PipelineConfig.from_dict(study.quick_spec().base).save(path)
     return path
 
 
@@ -38,17 +40,20 @@ def _wait_for(pattern_root, pattern, proc, timeout=180.0):
 @pytest.fixture(scope="module")
 def finished(base, tmp_path_factory):
     """The study run as a real process, SIGKILLed once a specialist is done, then rerun to the end (in-process)."""
-    out = tmp_path_factory.mktemp("studies")
-    args = ["study", "--base", str(base), "--grid", "k=2,3", "--seeds", "0", "1", "--name", "tiny", "--out", str(out), "--threads", "1"]
+    out = runs_root()  # the tests' fresh runs folder: notebook 07 (quick mode) then opens this study instead of running it
+    if (out / study.QUICK_STUDY).exists():
+        out = tmp_path_factory.mktemp("studies")
+    args = ["study", "--base", str(base), "--grid", "k=2,3", "--seeds", "0", "1", "--name", study.QUICK_STUDY, "--out", str(out),
+            "--threads", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "specialkit.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)  # fmt: skip
     try:
-        reached = _wait_for(out / "tiny", "*/seed-*/specialists/*/done.json", proc)
+        reached = _wait_for(out / study.QUICK_STUDY, "*/seed-*/specialists/*/done.json", proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         stderr = proc.communicate()[1].decode()
     assert reached, f"the study ended or stalled before any specialist was done: {stderr[-2000:]}"
-    folder = out / "tiny"
+    folder = out / study.QUICK_STUDY
     assert not (folder / "study.csv").exists(), "killed too late: the study had already finished"
     before = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/generalist/done.json")}
     threads = torch.get_num_threads()
@@ -87,10 +92,10 @@ def test_study_rows_shared_generalist_and_resume(finished):
     assert "gain against k" in page and "Plotly" in page
 
 
-def test_rerun_of_a_finished_study_trains_nothing(finished, base):
+def test_rerun_of_a_finished_study_trains_nothing(finished):
     folder, _ = finished
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/*/done.json")}
-    spec = study.make_spec(name="tiny", base=PipelineConfig.load(base).to_dict(), grid={"k": [2, 3]}, seeds=[0, 1])
+    spec = study.quick_spec()
     threads = torch.get_num_threads()
     try:
         study.run_study(spec, out=folder.parent, log=lambda s: None)
