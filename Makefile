@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specialkit-installed
 
-.PHONY: demo test test-fast lint scrub lab bench clean setup
+.PHONY: demo study test test-fast lint scrub lab bench clean setup
 
 setup: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 ## The main job on the built-in offline dataset: the whole pipeline and its HTML report.
 demo: $(STAMP)
 	$(VENV)/bin/specialkit run --config configs/demo.json
+
+## When do specialists pay off? The demo's regime and the harder glyphs_hard, 2 seeds each, 2 runs at once
+## (configs/study.json): runs/regimes/study.csv, study.json and report.html (<= 20 min on 2 cores).
+study: $(STAMP)
+	$(VENV)/bin/specialkit study configs/study.json
 
 ## Lint, then every test: the notebooks (nbval) and the real-browser widget test included. A Chromium
 ## for that test comes from PATH, apt (as root) or Playwright; without one: one line saying what to install.

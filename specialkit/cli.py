@@ -5,6 +5,7 @@
     specialkit train-specialist --run runs/demo --index 3   # one specialist, e.g. from a scheduler
     specialkit report --run runs/demo
     specialkit transfer --run runs/demo --target glyphs_hard   # linear probes on frozen features
+    specialkit study --base configs/demo.json --grid width=8,16 k=4,8 --seeds 0 1 2 --name widths
 
 Every stage skips what is already on disk and valid, so an interrupted command resumes.
 """
@@ -57,8 +58,53 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--target-root", default=None, help="folder with the target dataset's files")
     tr.add_argument("--per-class", type=int, default=None, help="training images per target class (default: the run's per_class)")
     sub.add_parser("datasets", help="list the dataset names")
+    _add_study_parser(sub)
     _add_parallel_arguments(sub)
     return p
+
+
+def _add_study_parser(sub: Any) -> None:
+    st = sub.add_parser("study", help="a grid of runs over any settings, several seeds each: study.csv, study.json, report.html",
+                        description="Run every point of a grid (x seeds) as a run folder under runs/<name>/<point>/seed-<s>/; "
+                                    "points that share upstream settings share those stages; rerun to resume.")  # fmt: skip
+    st.add_argument("study_file", nargs="?", type=Path, help="a JSON (or YAML) study file: name, base, grid, seeds, jobs")
+    st.add_argument("--base", type=Path, help="base settings of every point (a config JSON); default the demo settings")
+    st.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2", help="a setting and its values, e.g. width=8,16 k=4,8")
+    st.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED", help="training seeds of every point (default 0)")
+    st.add_argument("--name", default=None, help="the study folder runs/<name> (default: the study file's name, else 'study')")
+    st.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the study folder (default runs/)")
+    st.add_argument("--jobs", type=int, default=None, metavar="J", help="runs at once, each a process with cores // J threads (default 1)")
+    st.add_argument("--quick", action="store_true", help="start from the quick settings used by the tests")
+
+
+def _study(args: argparse.Namespace) -> int:
+    """``specialkit study``: the definition from the study file, then the flags; checked before any training."""
+    from . import runs
+    from .study import StudyError, load_study_file, make_spec, parse_grid, run_study
+
+    d = load_study_file(args.study_file) if args.study_file else {}
+    base = dict(d.get("base") or {})
+    if args.base is not None:
+        base = PipelineConfig.load(args.base).to_dict()
+    if args.quick:
+        base = PipelineConfig.quick(**{k: v for k, v in base.items() if k != "name"}).to_dict()
+    grid = parse_grid(args.grid) if args.grid else d.get("grid")
+    if grid is None:
+        raise StudyError("no grid: give --grid key=v1,v2 (e.g. --grid width=8,16) or a study file with a \"grid\"")
+    name = args.name or d.get("name") or "study"
+    spec = make_spec(name=name, base=base, grid=grid, seeds=args.seeds or d.get("seeds"), jobs=args.jobs or d.get("jobs", 1),
+                     source=str(args.study_file or "--grid"))  # fmt: skip
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)")
+    t0 = time.perf_counter()
+    with runs.RunLock(args.out / name):
+        manifest = run_study(spec, out=args.out)
+    from .report import study_reading
+
+    print("\n" + study_reading(manifest))
+    folder = args.out / name
+    print(f"\ntable: {folder / 'study.csv'}\nreport: {folder / 'report.html'}\nwall time: {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- parallel work
@@ -221,6 +267,8 @@ def _main(args: argparse.Namespace) -> int:
 
 def _main_stages(args: argparse.Namespace) -> int:
     from . import pipeline, runs
+    if args.command == "study":
+        return _study(args)
     if args.command == "run":
         cfg = config_from_args(args)
         if args.write_config:

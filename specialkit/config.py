@@ -113,7 +113,9 @@ class PipelineConfig:
     Run: ``name``, ``device`` (``auto`` | ``cpu`` | ``cuda``), ``seed`` (training randomness),
     ``data_seed`` (the data: rendering, subset and split; fixed across ``seeds`` so every seed is
     scored on the same test images), ``seeds`` (several seeds: one run folder each, see
-    ``pipeline.run_seeds``), ``bootstrap_resamples``, ``progress``.
+    ``pipeline.run_seeds``), ``bootstrap_resamples``, ``latency`` (measure seconds per image in the
+    metrics; ``False`` skips it, e.g. in quick studies), ``html_report`` (``run_all`` writes
+    ``report.html``; ``False`` leaves it to ``specialkit report``), ``progress``.
     """
 
     name: str = _setting("demo", "run", cli="run name: the folder runs/<name>")
@@ -191,6 +193,8 @@ class PipelineConfig:
     data_seed: int = _setting(0, "data")
     seeds: tuple[int, ...] | None = _setting(None, "run")
     bootstrap_resamples: int = _setting(2000, "metrics")
+    latency: bool = _setting(True, "metrics")
+    html_report: bool = _setting(True, "run")
     progress: bool = _setting(True, "run")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"stage": "run"})
 

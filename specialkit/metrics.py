@@ -8,6 +8,12 @@
 * :func:`compute_metrics` -- all of it for a finished run, plus clusters, specialists (with the
   initialisation check and the dustbin-correction comparison), cost and timings.
 * :func:`aggregate_seeds` -- mean, standard deviation and every seed's value across several runs.
+* :func:`convergence` -- was the generalist still improving? (its last epochs' validation accuracy, and the
+  compute-matched generalist's gain against the ensemble's).
+* :func:`specialist_fit` -- overfitting: each specialist's accuracy on its own classes' training images
+  against their validation images.
+* :func:`study_row` / :func:`study_summary` -- one flat row per study point and seed, and the mean gain with
+  its interval across seeds per point (``specialkit study``).
 
 A stage that is not finished is a :class:`MissingStageError` naming the stage and the command that
 makes it; the report only renders what is computed here.
@@ -44,6 +50,11 @@ __all__ = [
     "stage_seconds",
     "aggregate_seeds",
     "finite",
+    "convergence",
+    "specialist_fit",
+    "study_row",
+    "study_summary",
+    "seed_interval",
 ]
 
 BASELINE, MATCHED = "generalist", "compute_matched"
@@ -462,6 +473,10 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
     skipped = {stage: run.skip_reason(stage) for stage in (MATCHED, "distill") if run.skip_reason(stage)}
     if skipped:
         m["skipped"] = skipped
+    m["convergence"] = convergence(gen.history, comparison, n_val=len(ds.y_val)) if gen.history else None
+    m["specialist_fit"] = specialist_fit(run)
+    if gen.logits.get("train") is not None:  # a predictions-only generalist has none
+        m["generalist"]["train_top1"] = float((gen.logits["train"].argmax(1) == ds.y_train.numpy()).mean())
     if cfg.compute_matched and MATCHED not in skipped:
         m["compute_matched"] = {"test_top1": rows[MATCHED]["top1"], "examples_seen": run.compute_matched().examples_seen,
                                 "budget": run.compute_budget()}  # fmt: skip
@@ -517,3 +532,173 @@ def finite(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return finite(obj.item())
     return obj
+
+
+# ----------------------------------------------------------------------------------------- convergence, overfitting
+
+CONVERGENCE_EPOCHS = 3
+"""How many of the generalist's last epochs the convergence check reads."""
+
+
+def convergence(history: Sequence[Mapping[str, Any]], comparison: Sequence[Mapping[str, Any]], *, n_val: int,
+                last: int = CONVERGENCE_EPOCHS) -> dict[str, Any]:  # fmt: skip
+    """Was the generalist still improving when the specialists were built on it?
+
+    Two readings: (1) its validation accuracy over the ``last`` epochs: ``val_rise`` (last minus first
+    of them) against ``val_noise``, the 95% half-width of a difference of two accuracies on ``n_val``
+    images (binomial, treated as independent, so conservative for the same images); (2) the
+    compute-matched generalist (the same network trained further with the specialists' compute): its
+    gain over the generalist with interval, McNemar p and verdict, next to the best rule's gain.
+    ``still_improving`` is True when the validation accuracy was still rising beyond the noise or the
+    extra training made the generalist significantly better; then a comparison with the generalist
+    measures an unfinished generalist.
+
+    Args:
+        history: the generalist's per-epoch records (``val_acc`` read).
+        comparison: :func:`comparison_rows` of the run.
+        n_val: validation images the accuracies were measured on.
+        last: epochs read.
+    """
+    val = [float(r["val_acc"]) for r in history if r.get("val_acc") is not None]
+    tail = val[-last:]
+    rise = tail[-1] - tail[0] if len(tail) >= 2 else None
+    noise = 1.96 * math.sqrt(2 * tail[-1] * (1 - tail[-1]) / n_val) if tail and n_val > 0 else None
+    rising = bool(rise is not None and noise is not None and rise > noise)
+    rows = {r["name"]: r for r in comparison}
+    cm = rows.get(MATCHED)
+    rules = [r for r in comparison if r["name"] not in NOT_RULES]
+    best = max(rules, key=lambda r: r["delta_top1"]) if rules else None
+    cm_better = cm is not None and cm.get("vs_generalist") == "better"
+    out: dict[str, Any] = {
+        "epochs": len(val), "last_epochs": list(range(len(val) - len(tail) + 1, len(val) + 1)), "val_acc": tail,
+        "val_rise": rise, "val_noise": noise, "val_still_rising": rising,
+        "compute_matched_gain": None if cm is None else cm["delta_top1"],
+        "compute_matched_gain_ci": None if cm is None else cm["gain_vs_generalist_ci"],
+        "compute_matched_p": None if cm is None else cm["p_vs_generalist"],
+        "compute_matched_verdict": None if cm is None else cm.get("vs_generalist"),
+        "best_rule": None if best is None else best["name"],
+        "best_rule_gain": None if best is None else best["delta_top1"],
+        "best_rule_gain_ci": None if best is None else best["gain_vs_generalist_ci"],
+        "best_rule_vs_compute_matched": None if best is None else best.get("vs_compute_matched"),
+        "still_improving": bool(rising or cm_better),
+    }  # fmt: skip
+    out["verdict"] = "unknown" if not val else ("still improving" if out["still_improving"] else "no sign of improvement")
+    return out
+
+
+def specialist_fit(run: "Run") -> list[dict[str, Any]]:
+    """Overfitting, per specialist: its accuracy on its own classes' training images (no augmentation)
+    against their validation images, on its own targets (its classes + dustbin, the run's dustbin shift
+    applied), with the soft-target weight it was trained with. ``gap`` = train - validation accuracy.
+    Predicts (on the training images of the group only); trains nothing."""
+    ds = run.dataset()
+    rows = []
+    for i, (group, sp) in enumerate(zip(run.clusters().groups, run.specialists())):
+        tmap = specialists.target_map(sp.classes, ds.num_classes)
+        row: dict[str, Any] = {"group": group, "soft_weight": run.config.specialist_soft_weight}
+        for split in ("train", "val"):
+            x, y = ds.split(split)
+            own = np.isin(y.numpy(), sp.classes)
+            if split == "val":
+                z = _specialist_logits(run, i, "val")[own]
+            else:
+                z = training.predict_logits(sp.model, x[torch.from_numpy(own)], device=run.config.device).numpy()
+            pred = specialists.apply_dustbin_shift(z, sp.dustbin_shift).argmax(1)
+            row[f"{split}_acc"] = float((pred == tmap[y.numpy()[own]]).mean()) if own.any() else None
+            row[f"{split}_images"] = int(own.sum())
+        row["gap"] = None if row["train_acc"] is None or row["val_acc"] is None else row["train_acc"] - row["val_acc"]
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- studies
+
+
+def study_row(metrics: Mapping[str, Any], *, settings: Mapping[str, Any], seed: int, run: str,
+              seconds: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """One flat row of ``study.csv`` from a run's ``metrics.json``: the swept ``settings``, the seed, every
+    model's and rule's top-1 with its interval, each rule's gain over the generalist and over the
+    compute-matched generalist with intervals, p-values and verdicts, FLOPs/parameter/latency ratios,
+    the convergence and overfitting summaries and the stage seconds."""
+    row: dict[str, Any] = {**settings, "seed": seed, "run": run}
+    for r in metrics["comparison"]:
+        n = r["name"]
+        row[f"{n}_top1"], (row[f"{n}_top1_lo"], row[f"{n}_top1_hi"]) = r["top1"], r["top1_ci"]
+        if n in NOT_RULES:
+            continue
+        for base, gain, ci, p, word in ((BASELINE, "delta_top1", "gain_vs_generalist_ci", "p_vs_generalist", "vs_generalist"),
+                                        (MATCHED, "gain_vs_compute_matched", "gain_vs_compute_matched_ci",
+                                         "p_vs_compute_matched", "vs_compute_matched")):  # fmt: skip
+            if r.get(gain) is None:
+                continue
+            row[f"{n}_gain_vs_{base}"] = r[gain]
+            row[f"{n}_gain_vs_{base}_lo"], row[f"{n}_gain_vs_{base}_hi"] = r[ci]
+            row[f"{n}_p_vs_{base}"] = r[p]
+            row[f"{n}_{word}"] = r.get(word)
+    flops = metrics.get("cost", {}).get("flops", {})
+    for key in ("conditional_ratio", "all_ratio", "params_ratio", "mean_active"):
+        if key in flops:
+            row[f"flops_{key}" if key != "params_ratio" else key] = flops[key]
+    for lat in metrics.get("cost", {}).get("latency", []):
+        if lat["model"] == "kl conditional":
+            row[f"latency_ratio_batch{lat['batch_size']}"] = lat["ratio"]
+    conv = metrics.get("convergence", {})
+    row["generalist_still_improving"] = conv.get("still_improving")
+    row["generalist_val_rise"] = conv.get("val_rise")
+    fit = [f for f in metrics.get("specialist_fit", []) if f.get("gap") is not None]
+    if fit:
+        for key in ("train_acc", "val_acc", "gap"):
+            row[f"specialist_{key}"] = float(np.mean([f[key] for f in fit]))
+    row["generalist_train_top1"] = metrics.get("generalist", {}).get("train_top1")
+    row["stage_seconds"] = float(sum(metrics.get("timings", {}).values()))
+    row["seconds"] = seconds
+    return row
+
+
+def seed_interval(values: Sequence[float], *, fallback: Sequence[float] | None = None) -> tuple[float, float]:
+    """95% interval of the mean of per-seed ``values``: Student's t (``scipy.stats.t``) with n - 1 degrees
+    of freedom; with one seed there is no between-seed spread, so ``fallback`` (that seed's paired-bootstrap
+    interval) is returned, else (nan, nan)."""
+    from scipy import stats as st
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return (float(fallback[0]), float(fallback[1])) if fallback is not None and len(v) == 1 else (math.nan, math.nan)
+    half = float(st.t.ppf(1 - stats.ALPHA / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return (float(v.mean()) - half, float(v.mean()) + half)
+
+
+def study_summary(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Per study point (the values of ``keys``), rule and baseline (``generalist`` | ``compute_matched``):
+    the mean gain across seeds with its 95% interval (:func:`seed_interval`), its verdict
+    (:func:`stats.verdict` of that interval), and in how many seeds the paired test on the test images
+    found the rule better / worse.
+
+    Returns:
+        rows with the ``keys``, ``rule``, ``baseline``, ``seeds``, ``mean``, ``lo``, ``hi``, ``verdict``,
+        ``seeds_better``, ``seeds_worse`` and the mean top-1 of the rule and of the baseline.
+    """
+    points: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        points.setdefault(tuple(json.dumps(r[k]) for k in keys), []).append(r)
+    out = []
+    for group in points.values():
+        first = group[0]
+        rules = [c[: -len("_gain_vs_generalist")] for c in first if c.endswith("_gain_vs_generalist")]
+        for rule in rules:
+            for base in (BASELINE, MATCHED):
+                col = f"{rule}_gain_vs_{base}"
+                have = [r for r in group if r.get(col) is not None]
+                if not have:
+                    continue
+                vals = [float(r[col]) for r in have]
+                fallback = (have[0][f"{col}_lo"], have[0][f"{col}_hi"])
+                lo, hi = seed_interval(vals, fallback=fallback)
+                word = "vs_generalist" if base == BASELINE else "vs_compute_matched"
+                out.append({**{k: first[k] for k in keys}, "rule": rule, "baseline": base, "seeds": len(vals),
+                            "mean": float(np.mean(vals)), "lo": lo, "hi": hi, "verdict": stats.verdict((lo, hi)),
+                            "seeds_better": sum(r.get(f"{rule}_{word}") == "better" for r in have),
+                            "seeds_worse": sum(r.get(f"{rule}_{word}") == "worse" for r in have),
+                            "rule_top1": float(np.mean([r[f"{rule}_top1"] for r in have])),
+                            "baseline_top1": float(np.mean([r[f"{base}_top1"] for r in have]))})  # fmt: skip
+    return out

@@ -771,7 +771,7 @@ class Run:
             clusters.ClusterSpec.load(path).for_dataset(ds.class_names)
 
     def run_all(self) -> dict[str, Any]:
-        """Every stage in order, then ``metrics.json`` and ``report.html``; returns the metrics."""
+        """Every stage in order, then ``metrics.json`` and (``html_report``) ``report.html``; returns the metrics."""
         self.preflight()
         for stage in ("generalist", "clusters", "specialists"):
             self._stage(stage)
@@ -784,7 +784,8 @@ class Run:
         from .report import write_report
 
         metrics = self.metrics()
-        write_report(self)
+        if self.config.html_report:
+            write_report(self)
         return metrics
 
     def ensure(self, *stages: str) -> "Run":
@@ -806,7 +807,7 @@ class Run:
         """Every number of the run (also written to ``metrics.json``)."""
         from .metrics import compute_metrics
 
-        m = compute_metrics(self)
+        m = compute_metrics(self, measure_latency=self.config.latency)
         runs.atomic_write_json(self.folder / "metrics.json", m)
         return m
 

@@ -50,6 +50,7 @@ __all__ = [
     "TEMPLATE",
     "PlotInputError",
     "accuracy_bars",
+    "study_gains",
     "accuracy_vs_cost",
     "frontier",
     "class_map",
@@ -1440,3 +1441,48 @@ def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
     from .runs import atomic_write_text
 
     return atomic_write_text(target, page)
+
+
+def study_gains(summary: pd.DataFrame | Sequence[Mapping[str, Any]], key: str, *, rules: Sequence[str] | None = None,
+                title: str | None = None) -> go.Figure:  # fmt: skip
+    """A study's gain against one swept ``key``: two panels (over the generalist, over the compute-matched
+    generalist), one line per rule (and per value of the other swept keys), the mean across seeds with
+    its 95% interval as error bars, a dashed zero line.
+
+    Args:
+        summary: rows of ``metrics.study_summary`` (columns ``key``, ``rule``, ``baseline``, ``mean``,
+            ``lo``, ``hi``, ``seeds`` and the other swept keys).
+        key: the swept setting on the x axis.
+        rules: the rules drawn (default every rule in ``summary``).
+    """
+    df = pd.DataFrame(list(summary) if not isinstance(summary, pd.DataFrame) else summary)
+    if df.empty or key not in df.columns:
+        raise PlotInputError(f"study summary has no column {key!r}; pass one of the swept keys")
+    others = [c for c in df.columns if c not in (key, "rule", "baseline", "seeds", "mean", "lo", "hi", "verdict", "seeds_better",
+                                                   "seeds_worse", "rule_top1", "baseline_top1")]  # fmt: skip
+    rules = list(rules) if rules is not None else list(dict.fromkeys(df["rule"]))
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
+                        subplot_titles=("gain over the generalist", "gain over the compute-matched generalist"))
+    palette = pcolors.qualitative.Plotly
+    x_text = df[key].map(lambda v: "none" if v is None else str(v))
+    order = list(dict.fromkeys(x_text))
+    for col, base in enumerate(("generalist", "compute_matched"), start=1):
+        sub = df[(df["baseline"] == base) & df["rule"].isin(rules)]
+        groups = sub.groupby(others + ["rule"], dropna=False, sort=False) if others else sub.groupby(["rule"], sort=False)
+        for k, (label, g) in enumerate(groups):
+            label = label if isinstance(label, tuple) else (label,)
+            name = ", ".join([f"{o}={v}" for o, v in zip(others, label)] + [str(label[-1])])
+            xs = x_text[g.index].tolist()
+            mean, lo, hi = g["mean"].to_numpy() * 100, g["lo"].to_numpy() * 100, g["hi"].to_numpy() * 100
+            fig.add_trace(go.Scatter(
+                x=xs, y=mean, mode="lines+markers", name=name, legendgroup=name, showlegend=col == 1,
+                line={"color": palette[k % len(palette)]},
+                error_y={"type": "data", "symmetric": False, "array": np.nan_to_num(hi - mean), "arrayminus": np.nan_to_num(mean - lo)},
+                customdata=np.stack([lo, hi, g["seeds"].to_numpy()], axis=1),
+                hovertemplate="%{x}: %{y:+.2f} points [%{customdata[0]:+.2f}, %{customdata[1]:+.2f}], %{customdata[2]} seeds<extra>"
+                              + name + "</extra>",
+            ), row=1, col=col)  # fmt: skip
+        fig.add_hline(y=0, line_dash="dash", line_color="#888", row=1, col=col)
+        fig.update_xaxes(title_text=key, type="category", categoryorder="array", categoryarray=order, row=1, col=col)
+    fig.update_yaxes(title_text="points (mean across seeds, 95% interval)", row=1, col=1)
+    return _base_layout(fig, title=title or f"gain against {key}", height=420)

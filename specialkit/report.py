@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 __all__ = ["write_report", "render_report", "reading", "seeds_reading", "render_seeds_report", "write_seeds_report",
-           "comparison_frame", "table4_frame"]
+           "comparison_frame", "table4_frame", "convergence_reading", "fit_reading", "study_reading", "study_table",
+           "render_study_report", "write_study_report"]
 
 
 def _pct(x: float | None) -> str:
@@ -117,7 +118,55 @@ def reading(metrics: dict[str, Any]) -> str:
         elif "share_of_kl_gain_ci" in st:
             line += "; `kl`'s own gain is not significant, so the share of it the student keeps is not read"
         lines.append(line + ".")
+    if metrics.get("convergence"):
+        lines.append(convergence_reading(metrics["convergence"]))
+    if metrics.get("specialist_fit"):
+        lines.append(fit_reading(metrics["specialist_fit"]))
     return "\n\n".join(lines)
+
+
+def convergence_reading(conv: dict[str, Any]) -> str:
+    """One paragraph: was the generalist still improving (``metrics.convergence``), and what the comparison then measures."""
+    if conv.get("verdict") == "unknown":
+        return "**Convergence:** the generalist's history holds no validation accuracy, so whether it had converged is not known."
+    accs = ", ".join(f"{a * 100:.2f}" for a in conv["val_acc"])
+    first, last = conv["last_epochs"][0], conv["last_epochs"][-1]
+    text = f"**Convergence:** validation top-1 over epochs {first}–{last}: {accs}%"
+    if conv.get("val_rise") is not None:
+        text += f" (change {conv['val_rise'] * 100:+.2f} points; noise ±{conv['val_noise'] * 100:.2f})"
+    if conv.get("compute_matched_gain") is not None:
+        text += (f"; the compute-matched generalist gained {conv['compute_matched_gain'] * 100:+.2f} points "
+                 f"{_ci(conv['compute_matched_gain_ci'], points=True)} (p = {_pval(conv['compute_matched_p'])}) from the extra training")  # fmt: skip
+        if conv.get("best_rule"):
+            text += (f", the best rule (`{conv['best_rule']}`) {conv['best_rule_gain'] * 100:+.2f} points "
+                     f"{_ci(conv['best_rule_gain_ci'], points=True)}")  # fmt: skip
+    text += ". "
+    if conv["still_improving"]:
+        why = []
+        if conv["val_still_rising"]:
+            why.append("its validation accuracy was still rising beyond the noise")
+        if conv.get("compute_matched_verdict") == "better":
+            why.append("more training alone made it significantly better")
+        text += ("**The generalist was still improving** (" + " and ".join(why) + "): a gain over the generalist here partly "
+                 "measures an unfinished generalist; read the comparison with the compute-matched generalist, or train it longer.")  # fmt: skip
+    else:
+        text += "No sign the generalist was still improving: its last epochs and the extra training changed it by no more than the noise."
+    return text
+
+
+def fit_reading(fit: list[dict[str, Any]]) -> str:
+    """One paragraph on overfitting (``metrics.specialist_fit``): the specialists' own-class accuracy, train against validation."""
+    rows = [r for r in fit if r.get("gap") is not None]
+    if not rows:
+        return ""
+    gaps = [r["gap"] for r in rows]
+    worst = max(rows, key=lambda r: r["gap"])
+    mean_train = sum(r["train_acc"] for r in rows) / len(rows)
+    mean_val = sum(r["val_acc"] for r in rows) / len(rows)
+    return (f"**Overfitting:** on their own classes' images the specialists reach {mean_train * 100:.1f}% on training images and "
+            f"{mean_val * 100:.1f}% on validation images (mean gap {sum(gaps) / len(gaps) * 100:+.1f} points; largest "
+            f"{worst['gap'] * 100:+.1f} for `{worst['group']}`), trained with soft-target weight {rows[0]['soft_weight']:g} "
+            "(a study over `specialist_soft_weight` compares with and without the generalist's soft targets).")  # fmt: skip
 
 
 def seeds_reading(summary: dict[str, Any]) -> str:
@@ -280,10 +329,10 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
     sections = [
         _section("summary", "Summary", f'<div class="reading">{_markdown(reading(metrics))}</div>', _table(comparison), _p(budget_text)),
         _section("data", "1 · The data", _p(f"{ds['name']}: {ds['num_classes']} classes; train {ds['train']}, validation {ds['val']} (drives the clusters), test {ds['test']} (final numbers only)."), frags["samples"]),
-        _section("generalist", "2 · The generalist", _p((f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs" if not cfg.generalist_from else f"brought from {cfg.generalist_from} (generalist_from; not trained by the kit)") + f": validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags.get("generalist_curves", "")),
+        _section("generalist", "2 · The generalist", _p((f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs" if not cfg.generalist_from else f"brought from {cfg.generalist_from} (generalist_from; not trained by the kit)") + f": validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags.get("generalist_curves", ""), _p(_strip_md(convergence_reading(metrics["convergence"]))) if metrics.get("convergence") else ""),
         _section("confusion", "3 · The confusion structure", _p("Rows are true classes; classes are reordered so that each group's classes sit together. Confusions concentrate inside the outlined blocks."), frags["confusion"], frags["covariance"], frags["class_map"], "<h3>Most confused pairs (validation)</h3>", _table(pd.DataFrame(metrics["top_confused_pairs"]))),
         _section("clusters", "4 · The groups", _p("Warning: " + metrics["clusters"]["coverage_warning"]) if metrics["clusters"].get("coverage_warning") else "", _p(f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality), "<h3>Every method at the same k</h3>", _p("One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."), _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec"))),
-        _section("specialists", "5 · The specialists", _p(f"Each specialist: its classes plus a dustbin, initialised from the generalist (its full head kept, the dustbin logit the log-sum-exp of the other classes' logits, so it starts as the generalist exactly), trained on {cfg.special_fraction:.0%} special / {1 - cfg.special_fraction:.0%} other examples, dustbin logit shifted by the '{cfg.dustbin_correction}' correction. train_acc/val_acc of the last epoch show overfitting."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all", "train_acc", "val_acc")), frags["specialist_curves"], "<h3>Initialisation check (validation)</h3>", _p("Mean |specialist dustbin probability − generalist mass outside the group| for a freshly initialised specialist: the kit's head against the one-row head (mean of the other rows) it replaced."), _table(init.set_index("group")) if len(init) else _p("specialists trained from scratch: no initialisation to check."), "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected")), "<h3>Every correction on validation images</h3>", _p("kl's validation top-1 with each correction applied to every specialist: " + ", ".join(f"{k} {v:.2%}" for k, v in corr.get("kl_top1", {}).items()) + f" (best: {corr.get('best')}; this run uses {corr.get('used')})."), _table(corr_table.set_index(["group", "correction"]), percent=("true_dustbin_share", "dustbin_share")) if len(corr_table) else ""),
+        _section("specialists", "5 · The specialists", _p(f"Each specialist: its classes plus a dustbin, initialised from the generalist (its full head kept, the dustbin logit the log-sum-exp of the other classes' logits, so it starts as the generalist exactly), trained on {cfg.special_fraction:.0%} special / {1 - cfg.special_fraction:.0%} other examples, dustbin logit shifted by the '{cfg.dustbin_correction}' correction. train_acc/val_acc of the last epoch show overfitting."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all", "train_acc", "val_acc")), "<h3>Overfitting: own classes, training against validation images</h3>", _p(fit_reading(metrics.get("specialist_fit", [])) or "not computed for this run (rerun `specialkit report`)"), _table(pd.DataFrame(metrics["specialist_fit"]).set_index("group"), percent=("train_acc", "val_acc", "gap")) if metrics.get("specialist_fit") else "", frags["specialist_curves"], "<h3>Initialisation check (validation)</h3>", _p("Mean |specialist dustbin probability − generalist mass outside the group| for a freshly initialised specialist: the kit's head against the one-row head (mean of the other rows) it replaced."), _table(init.set_index("group")) if len(init) else _p("specialists trained from scratch: no initialisation to check."), "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected")), "<h3>Every correction on validation images</h3>", _p("kl's validation top-1 with each correction applied to every specialist: " + ", ".join(f"{k} {v:.2%}" for k, v in corr.get("kl_top1", {}).items()) + f" (best: {corr.get('best')}; this run uses {corr.get('used')})."), _table(corr_table.set_index(["group", "correction"]), percent=("true_dustbin_share", "dustbin_share")) if len(corr_table) else ""),
         _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
         _section("cost", "7 · Cost", _cost_summary(metrics), frags.get("frontier", ""), _table(flops), _table(latency_df) if len(latency_df) else "", frags.get("cost", "")),
         _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {student['test_top1']:.2%}, {student['params']:,} parameters.{kept}" if student else f"No student: {metrics.get('skipped', {}).get('distill')}."), frags.get("student_curves", "")),
@@ -340,4 +389,89 @@ def write_report(run: "Run", metrics: dict[str, Any] | None = None) -> Path:
         metrics = runs.read_json(path) if path.is_file() else run.metrics()
     out = run.folder / "report.html"
     runs.atomic_write_text(out, render_report(run, metrics))
+    return out
+
+
+def _strip_md(text: str) -> str:
+    return text.replace("**", "").replace("`", "")
+
+
+# ---------------------------------------------------------------------- studies
+_RULE_WORDS = {"better": "significantly better than", "worse": "significantly worse than", "indistinguishable": "indistinguishable from"}
+
+
+def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "top_confident", "moe")) -> str:
+    """The study's reading (markdown), per swept key and point: for each rule, its mean gain over the generalist
+    and over the compute-matched generalist across seeds with the 95% interval, the verdict of that interval
+    and in how many seeds the paired test on the test images found it better or worse."""
+    summary = manifest["summary"]
+    keys = manifest["keys"]
+    seeds = manifest["definition"]["seeds"]
+    lines = [f"Study `{manifest.get('name', '')}`: {len(manifest['rows'])} runs ({len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
+             f"per point; swept: {', '.join(f'`{k}`' for k in keys)}). Each gain is the mean across seeds with its 95% interval "
+             "(Student's t across seeds; with one seed, that seed's paired-bootstrap interval); in brackets, the seeds in which "
+             "McNemar's paired test on the test images found the rule significantly better / worse."]  # fmt: skip
+    points: dict[str, list[dict[str, Any]]] = {}
+    for r in summary:
+        points.setdefault(", ".join(f"{k}={r[k]}" for k in keys), []).append(r)
+    any_better_cm = False
+    for label, group in points.items():
+        parts = []
+        for rule in rules:
+            for base, who in (("generalist", "the generalist"), ("compute_matched", "the compute-matched generalist")):
+                r = next((x for x in group if x["rule"] == rule and x["baseline"] == base), None)
+                if r is None:
+                    continue
+                any_better_cm |= base == "compute_matched" and r["verdict"] == "better"
+                parts.append(f"`{rule}` {_RULE_WORDS[r['verdict']]} {who} ({r['mean'] * 100:+.2f} points {_ci([r['lo'], r['hi']], points=True)}; "
+                             f"{r['seeds_better']}/{r['seeds']} better, {r['seeds_worse']}/{r['seeds']} worse)")  # fmt: skip
+        gen = next((x for x in group if x["baseline"] == "generalist"), None)
+        head = f"**{label}** (generalist {gen['baseline_top1'] * 100:.2f}%)" if gen else f"**{label}**"
+        lines.append(head + ": " + "; ".join(parts) + ".")
+    improving = [r for r in manifest["rows"] if r.get("generalist_still_improving")]
+    if improving:
+        lines.append(f"**Convergence:** in {len(improving)} of {len(manifest['rows'])} runs the generalist was still improving "
+                     "(see each run's report): there a gain over the generalist partly measures an unfinished generalist.")  # fmt: skip
+    lines.append("**Answer:** " + ("in at least one tested regime a rule beats the compute-matched generalist significantly across seeds."
+                                   if any_better_cm else
+                                   "in no tested regime does a rule beat the compute-matched generalist significantly across seeds."))  # fmt: skip
+    return "\n\n".join(lines)
+
+
+def study_table(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "moe", "top_confident")) -> pd.DataFrame:
+    """Every point x seed for display: generalist, compute-matched and each rule's top-1 with its interval."""
+    out = []
+    for r in manifest["rows"]:
+        row = {k: r[k] for k in manifest["keys"]}
+        row["seed"] = r["seed"]
+        for name in ("generalist", "compute_matched", *rules):
+            if f"{name}_top1" in r:
+                row[name] = f"{r[f'{name}_top1'] * 100:.2f}% {_ci([r[f'{name}_top1_lo'], r[f'{name}_top1_hi']])}"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def render_study_report(manifest: dict[str, Any]) -> str:
+    """The study's page: the reading, a figure per swept key, the summary and every run's row (trains nothing)."""
+    keys = manifest["keys"]
+    figs = [plots.study_gains(manifest["summary"], k, title=f"gain against {k} (mean across seeds, 95% interval)") for k in keys]
+    frags = plots.figures_to_html_fragment(figs, include_plotlyjs=True)
+    summary = pd.DataFrame(manifest["summary"])
+    for col in ("mean", "lo", "hi"):
+        summary[col] = summary[col].map(lambda v: "" if v is None else f"{v * 100:+.2f}")
+    links = "".join(f'<li><a href="{html.escape(r["run"])}/report.html">{html.escape(r["run"])}</a></li>' for r in manifest["rows"])
+    name = html.escape(str(manifest.get("name", "")))
+    body = (_section("reading", "Reading", f'<div class="reading">{_markdown(study_reading(manifest))}</div>', *frags)
+            + _section("table", "Every point and seed (test top-1, 95% paired-bootstrap interval)", _table(study_table(manifest)))
+            + _section("summary", "Gains across seeds (points)", _table(summary.drop(columns=["rule_top1", "baseline_top1"])))
+            + _section("runs", "Run reports", f"<ul>{links}</ul>",
+                       f'<p class="muted">definition: <code>{html.escape(json.dumps(manifest["definition"]))}</code></p>'))  # fmt: skip
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · study {name}</title>"
+            f"<style>{_CSS}</style></head><body><h1>specialkit · study {name}</h1>{body}</body></html>")
+
+
+def write_study_report(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write the study's ``report.html`` into ``folder`` (atomically) and return its path."""
+    out = Path(folder) / "report.html"
+    runs.atomic_write_text(out, render_study_report(manifest))
     return out

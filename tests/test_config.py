@@ -103,7 +103,7 @@ def test_every_setting_has_a_stage_from_the_allowed_set():
     stages = {f.name: f.metadata.get("stage") for f in fields(PipelineConfig)}
     assert not {n: s for n, s in stages.items() if s not in config_mod.SETTING_STAGES}
     assert stages["seed"] == "generalist" and stages["data_seed"] == "data" and stages["bootstrap_resamples"] == "metrics"
-    assert {n for n, s in stages.items() if s == "run"} == {"name", "device", "seeds", "progress", "extra"}
+    assert {n for n, s in stages.items() if s == "run"} == {"name", "device", "seeds", "progress", "extra", "html_report"}
     assert config_mod.stage_of("specialist_temperature") == "specialists"
     with pytest.raises(ConfigError, match="unknown setting 'temperature'"):
         config_mod.stage_of("temperature")

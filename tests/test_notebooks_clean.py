@@ -13,10 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = ["01_generalist", "02_confusion_structure", "03_choose_clusters", "04_train_specialists",
-            "05_compare_ensembles", "06_distill_ensemble"]  # fmt: skip
+            "05_compare_ensembles", "06_distill_ensemble", "07_when_do_specialists_pay_off"]  # fmt: skip
 
 
-def test_the_six_notebooks_are_there():
+def test_the_seven_notebooks_are_there():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 
@@ -34,6 +34,8 @@ def test_notebook_structure(path):
     params = code[1].source
     if path.stem.startswith("01"):
         assert "pipeline.Run(" in params, "notebook 01 creates the run"
+    elif path.stem.startswith("07"):
+        assert "study.open_study(" in params and "pipeline.Run(" not in params, "notebook 07 opens the study `make study` made"
     else:
         assert "pipeline.open_run(" in params and "pipeline.Run(" not in params, f"{path.name} opens the run notebook 01 made"
 

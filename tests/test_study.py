@@ -1,0 +1,153 @@
+"""``specialkit study``: a tiny grid (2 points x 2 seeds) killed with SIGKILL and resumed, shared stages, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from specialkit import cli, metrics, study
+from specialkit.config import PipelineConfig
+from specialkit.pipeline import runs_root
+
+TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1, progress=False,
+            bootstrap_resamples=1000, latency=False, html_report=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The base settings of :func:`study.quick_spec` (so notebook 07 can open the study made here)."""
+    path = tmp_path_factory.mktemp("study-base") / "tiny.json"
+    PipelineConfig.from_dict(study.quick_spec().base).save(path)
+    return path
+
+
+def _wait_for(pattern_root, pattern, proc, timeout=180.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if list(pattern_root.glob(pattern)):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def finished(base, tmp_path_factory):
+    """The study run as a real process, SIGKILLed once a specialist is done, then rerun to the end (in-process)."""
+    out = runs_root()  # the tests' fresh runs folder: notebook 07 (quick mode) then opens this study instead of running it
+    if (out / study.QUICK_STUDY).exists():
+        out = tmp_path_factory.mktemp("studies")
+    args = ["study", "--base", str(base), "--grid", "k=2,3", "--seeds", "0", "1", "--name", study.QUICK_STUDY, "--out", str(out),
+            "--threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "specialkit.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        reached = _wait_for(out / study.QUICK_STUDY, "*/seed-*/specialists/*/done.json", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stderr = proc.communicate()[1].decode()
+    assert reached, f"the study ended or stalled before any specialist was done: {stderr[-2000:]}"
+    folder = out / study.QUICK_STUDY
+    assert not (folder / "study.csv").exists(), "killed too late: the study had already finished"
+    before = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/generalist/done.json")}
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return folder, before
+
+
+def test_study_rows_shared_generalist_and_resume(finished):
+    folder, before = finished
+    rows = pd.read_csv(folder / "study.csv")
+    assert len(rows) == 4 and sorted(zip(rows["k"], rows["seed"])) == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    for col in ("generalist_top1", "compute_matched_top1", "kl_top1_lo", "kl_gain_vs_generalist_hi", "kl_p_vs_compute_matched",
+                "kl_gain_vs_compute_matched", "flops_conditional_ratio", "generalist_still_improving", "specialist_gap"):
+        assert col in rows.columns, col
+        assert rows[col].notna().all(), col
+    assert ((rows["kl_gain_vs_generalist_lo"] <= rows["kl_gain_vs_generalist"]) &
+            (rows["kl_gain_vs_generalist"] <= rows["kl_gain_vs_generalist_hi"])).all()  # fmt: skip
+    # one generalist per seed serves both k: the same file (hard link), trained once, kept across the kill
+    for seed in (0, 1):
+        models = list(folder.glob(f"k-*/seed-{seed}/generalist/model.pt"))
+        assert len(models) == 2 and len({p.stat().st_ino for p in models}) == 1
+        assert "generalist" in json.loads((folder / f"k-3/seed-{seed}/adopted.json").read_text())
+    assert len({p.stat().st_ino for p in folder.glob("*/seed-*/generalist/model.pt")}) == 2
+    assert before, "no generalist was finished before the kill"
+    for path, mtime in before.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was trained again after the kill"
+    manifest = study.load_study(folder)
+    assert manifest["definition"]["grid"] == {"k": [2, 3]} and len(manifest["rows"]) == 4
+    kinds = {(r["k"], r["rule"], r["baseline"]) for r in manifest["summary"]}
+    assert (2, "kl", "compute_matched") in kinds and (3, "moe", "generalist") in kinds
+    assert all(r["seeds"] == 2 and r["lo"] <= r["mean"] <= r["hi"] for r in manifest["summary"])
+    page = (folder / "report.html").read_text()
+    assert "gain against k" in page and "Plotly" in page
+
+
+def test_rerun_of_a_finished_study_trains_nothing(finished):
+    folder, _ = finished
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/*/done.json")}
+    spec = study.quick_spec()
+    threads = torch.get_num_threads()
+    try:
+        study.run_study(spec, out=folder.parent, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_seed_interval_is_students_t():
+    lo, hi = metrics.seed_interval([0.01, 0.03])
+    assert lo < 0.02 < hi and hi - lo == pytest.approx(2 * 12.7062 * 0.01, rel=1e-3)
+    assert metrics.seed_interval([0.02], fallback=(0.0, 0.05)) == (0.0, 0.05)
+
+
+@pytest.mark.parametrize("grid, words", [
+    (["widht=8,16"], ["widht", "width"]),
+    (["width=0,8"], ["width", "width=0"]),
+    (["width=8.5"], ["width", "whole number"]),
+    (["seed=1,2"], ["--seeds"]),
+    (["name=a,b"], ["name", "changes no number"]),
+    (["width="], ["width", "no values"]),
+    (["width"], ["key=value1,value2"]),
+])  # fmt: skip
+def test_bad_grid_is_one_clear_error_before_training(grid, words, tmp_path, capsys):
+    assert cli.main(["study", "--quick", "--grid", *grid, "--name", "bad", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specialkit: error:") and all(w in err for w in words), err
+    assert not any(tmp_path.glob("bad/*/seed-*")), "a run folder was made for a bad grid"
+
+
+def test_empty_grid_and_k_too_large_and_another_study(tmp_path, capsys):
+    with pytest.raises(study.StudyError, match="grid is empty"):
+        study.make_spec(name="s", base={}, grid={}, seeds=[0])
+    with pytest.raises(study.StudyError, match="more than once"):
+        study.make_spec(name="s", base={}, grid={"k": [2, 2]}, seeds=[0])
+    spec = study.make_spec(name="s", base=PipelineConfig.quick(**TINY).to_dict(), grid={"k": [2, 40]}, seeds=[0])
+    with pytest.raises(study.StudyError, match=r"k=40 .*k <= 31"):
+        study.run_study(spec, out=tmp_path, log=lambda s: None)
+    assert not list(tmp_path.glob("s/*/seed-*")) and not (tmp_path / "s" / study.STUDY_FILE).exists()
+    study.Study(tmp_path / "s", study.make_spec(name="s", base=PipelineConfig.quick(**TINY).to_dict(), grid={"k": [2]}, seeds=[0])).record()
+    other = study.make_spec(name="s", base=PipelineConfig.quick(**{**TINY, "width": 8}).to_dict(), grid={"k": [2, 3]}, seeds=[0])
+    with pytest.raises(study.StudyError, match=r"different study .*width: 4 there, 8 here.*another --name"):
+        study.run_study(other, out=tmp_path, log=lambda s: None)
+
+
+def test_study_file_json(tmp_path, base):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"name": "f", "base": str(base), "grid": {"specialist_soft_weight": [0.0, 0.5]}, "seeds": [3]}))
+    d = study.load_study_file(path)
+    spec = study.make_spec(name=d["name"], base=d["base"], grid=d["grid"], seeds=d["seeds"])
+    assert [p["specialist_soft_weight"] for p in spec.points()] == [0.0, 0.5] and spec.seeds == (3,)
+    assert spec.config(spec.points()[1], 3).specialist_soft_weight == 0.5
+    path.write_text(json.dumps({"name": "f", "grid": {"k": [2]}, "sedes": [1]}))
+    with pytest.raises(study.StudyError, match="sedes"):
+        study.load_study_file(path)
