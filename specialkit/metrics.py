@@ -544,9 +544,11 @@ def convergence(history: Sequence[Mapping[str, Any]], comparison: Sequence[Mappi
                 last: int = CONVERGENCE_EPOCHS) -> dict[str, Any]:  # fmt: skip
     """Was the generalist still improving when the specialists were built on it?
 
-    Two readings: (1) its validation accuracy over the ``last`` epochs: ``val_rise`` (last minus first
-    of them) against ``val_noise``, the 95% half-width of a difference of two accuracies on ``n_val``
-    images (binomial, treated as independent, so conservative for the same images); (2) the
+    Two readings: (1) its validation accuracy over the ``last`` epochs: ``val_rise``, the last epoch's
+    accuracy minus the best of the ``last - 1`` epochs before it (so the end of a one-cycle schedule's
+    warm-down is not read as progress), against ``val_noise``, the 95% half-width of a difference of two
+    accuracies on ``n_val`` images (binomial, treated as independent, so conservative for the same
+    images); (2) the
     compute-matched generalist (the same network trained further with the specialists' compute): its
     gain over the generalist with interval, McNemar p and verdict, next to the best rule's gain.
     ``still_improving`` is True when the validation accuracy was still rising beyond the noise or the
@@ -561,7 +563,7 @@ def convergence(history: Sequence[Mapping[str, Any]], comparison: Sequence[Mappi
     """
     val = [float(r["val_acc"]) for r in history if r.get("val_acc") is not None]
     tail = val[-last:]
-    rise = tail[-1] - tail[0] if len(tail) >= 2 else None
+    rise = tail[-1] - max(tail[:-1]) if len(tail) >= 2 else None
     noise = 1.96 * math.sqrt(2 * tail[-1] * (1 - tail[-1]) / n_val) if tail and n_val > 0 else None
     rising = bool(rise is not None and noise is not None and rise > noise)
     rows = {r["name"]: r for r in comparison}

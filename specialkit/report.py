@@ -133,7 +133,8 @@ def convergence_reading(conv: dict[str, Any]) -> str:
     first, last = conv["last_epochs"][0], conv["last_epochs"][-1]
     text = f"**Convergence:** validation top-1 over epochs {first}–{last}: {accs}%"
     if conv.get("val_rise") is not None:
-        text += f" (change {conv['val_rise'] * 100:+.2f} points; noise ±{conv['val_noise'] * 100:.2f})"
+        text += (f" (last epoch against the best before it: {conv['val_rise'] * 100:+.2f} points; "
+                 f"noise ±{conv['val_noise'] * 100:.2f})")  # fmt: skip
     if conv.get("compute_matched_gain") is not None:
         text += (f"; the compute-matched generalist gained {conv['compute_matched_gain'] * 100:+.2f} points "
                  f"{_ci(conv['compute_matched_gain_ci'], points=True)} (p = {_pval(conv['compute_matched_p'])}) from the extra training")  # fmt: skip
@@ -428,6 +429,12 @@ def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "
         gen = next((x for x in group if x["baseline"] == "generalist"), None)
         head = f"**{label}** (generalist {gen['baseline_top1'] * 100:.2f}%)" if gen else f"**{label}**"
         lines.append(head + ": " + "; ".join(parts) + ".")
+    weak = [r for r in summary if r["rule"] in rules and (r["verdict"] == "better" and r["seeds_better"] == 0
+                                                         or r["verdict"] == "worse" and r["seeds_worse"] == 0)]
+    if weak:
+        shown = "; ".join(f"`{r['rule']}` vs {r['baseline'].replace('_', '-')} at {', '.join(f'{k}={r[k]}' for k in keys)}" for r in weak)
+        lines.append(f"**Weak evidence:** {shown}: significant across seeds but in none of the seeds' own paired tests; "
+                     f"with {len(seeds)} seeds the spread is estimated from {len(seeds)} values, so more seeds should confirm it.")  # fmt: skip
     improving = [r for r in manifest["rows"] if r.get("generalist_still_improving")]
     if improving:
         lines.append(f"**Convergence:** in {len(improving)} of {len(manifest['rows'])} runs the generalist was still improving "

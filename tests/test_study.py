@@ -151,3 +151,21 @@ def test_study_file_json(tmp_path, base):
     path.write_text(json.dumps({"name": "f", "grid": {"k": [2]}, "sedes": [1]}))
     with pytest.raises(study.StudyError, match="sedes"):
         study.load_study_file(path)
+
+
+def test_convergence_reads_the_last_epoch_and_the_compute_matched_gain():
+    flat = [{"val_acc": v} for v in (0.90, 0.952, 0.978, 0.977)]  # a one-cycle warm-down, then flat
+    cm_same = [{"name": "compute_matched", "delta_top1": 0.001, "gain_vs_generalist_ci": [-0.002, 0.004], "p_vs_generalist": 0.7,
+                "vs_generalist": "indistinguishable"},
+               {"name": "kl", "delta_top1": 0.002, "gain_vs_generalist_ci": [-0.001, 0.005], "vs_compute_matched": "indistinguishable"}]
+    c = metrics.convergence(flat, cm_same, n_val=3000)
+    assert c["val_rise"] == pytest.approx(-0.001) and not c["still_improving"] and c["best_rule"] == "kl"
+    assert c["verdict"] == "no sign of improvement" and c["last_epochs"] == [2, 3, 4]
+    rising = [{"val_acc": v} for v in (0.60, 0.66, 0.70)]
+    assert metrics.convergence(rising, cm_same, n_val=3000)["still_improving"]
+    cm_better = [{**cm_same[0], "delta_top1": 0.02, "vs_generalist": "better"}]
+    c = metrics.convergence(flat, cm_better, n_val=3000)
+    assert c["still_improving"] and not c["val_still_rising"]
+    from specialkit.report import convergence_reading
+
+    assert "still improving" in convergence_reading(c) and "No sign" in convergence_reading(metrics.convergence(flat, cm_same, n_val=3000))
