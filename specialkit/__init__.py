@@ -5,7 +5,8 @@ Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline bu
 ``ensemble``, ``evaluation``, ``stats`` (intervals and tests), ``metrics`` (every number of a run),
 ``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``, ``launch`` (thread budgets, submitit jobs),
 ``byog`` (a generalist brought from elsewhere), ``transfer`` (linear probes on frozen features),
-``streaming`` (image files read from disk batch by batch), ``frontier`` (accuracy against inference cost).
+``streaming`` (image files read from disk batch by batch), ``frontier`` (accuracy against inference cost),
+``study`` (a grid of runs over settings and seeds).
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ _SUBMODULES = {
     "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
     "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
     "stats", "metrics", "distill", "checks", "typing", "launch", "distributed", "byog", "transfer", "streaming",
-    "frontier",
+    "frontier", "study",
 }  # fmt: skip
 
 
