@@ -250,6 +250,9 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
         change = evaluation.per_class_change(gen.test_probs, q, y)
         figs["per_class"] = plots.per_class_change(change["delta"].to_numpy(), ds.class_names, order=order, coverage=spec.coverage())
         figs["fixed_broken"] = plots.fixed_broken_grid(ds.x_test, y, gen.test_probs.argmax(1), q.argmax(1), ds.class_names)
+    manifest = study_of(run.folder)
+    for key in manifest["keys"] if manifest else ():
+        figs[f"study:{key}"] = plots.study_gains(manifest["summary"], key, title=f"study {manifest.get('name', '')}: gain against {key}")
     if metrics.get("student"):
         figs["student_curves"] = plots.training_curves({**({"generalist": gen.history} if gen.history else {}),
                                                         "student": run.distill().history})  # fmt: skip
@@ -299,6 +302,32 @@ def _cost_summary(metrics: dict[str, Any]) -> str:
                f"tensors alive at once over one batch of 256 test images.") + _table(pd.DataFrame(rows).set_index("model")))
 
 
+def study_of(folder: Path) -> dict[str, Any] | None:
+    """The manifest of the finished study that the run folder belongs to (``runs/<study>/<point>/seed-<s>/``),
+    or ``None`` (not part of a study, or the study has not finished: its summary is written last)."""
+    from . import study as study_mod
+
+    for parent in (Path(folder).parent, Path(folder).parent.parent):
+        if (parent / study_mod.STUDY_FILE).is_file():
+            try:
+                return study_mod.load_study(parent)
+            except study_mod.StudyError:
+                return None
+    return None
+
+
+def _study_section(run: "Run", frags: dict[str, str]) -> str:
+    """Section 10: the study this run is a point of, with its figure per swept key; empty when there is none."""
+    manifest = study_of(run.folder)
+    names = [n for n in frags if n.startswith("study:")]
+    if manifest is None or not names:
+        return ""
+    text = (f"This run is one point of the study `{manifest.get('name', '')}` (swept: {', '.join(manifest['keys'])}); "
+            "each figure shows the gain over the generalist and over the compute-matched generalist across the study's "
+            "points, mean across seeds with its 95% interval. The study's own page is report.html in its folder.")
+    return _section("study", "10 · The study this run belongs to", _p(text), *(frags[n] for n in names))
+
+
 def render_report(run: "Run", metrics: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (plotly.js embedded once; works offline).
     Trains nothing: a stage that is not finished is a ``MissingStageError`` naming it."""
@@ -338,6 +367,7 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
         _section("cost", "7 · Cost", _cost_summary(metrics), frags.get("frontier", ""), _table(flops), _table(latency_df) if len(latency_df) else "", frags.get("cost", "")),
         _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {student['test_top1']:.2%}, {student['params']:,} parameters.{kept}" if student else f"No student: {metrics.get('skipped', {}).get('distill')}."), frags.get("student_curves", "")),
         _section("timings", "9 · Wall time per stage", _table(timings), f'<p class="muted">settings: <code>{html.escape(json.dumps(cfg.to_dict()))}</code></p>'),
+        _study_section(run, frags),
     ]  # fmt: skip
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [("summary", "Summary"), ("data", "Data"), ("generalist", "Generalist"), ("confusion", "Confusions"), ("clusters", "Groups"), ("specialists", "Specialists"), ("comparison", "Comparison"), ("cost", "Cost"), ("student", "Student")])
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · {html.escape(cfg.name)}</title>"

@@ -92,6 +92,17 @@ def test_study_rows_shared_generalist_and_resume(finished):
     assert "gain against k" in page and "Plotly" in page
 
 
+def test_a_points_run_report_shows_its_study(finished, tmp_path):
+    from specialkit import pipeline, report
+
+    folder, _ = finished
+    point = folder / "k-2" / "seed-0"
+    run = pipeline.Run.open(point, log=lambda s: None)
+    page = report.render_report(run, json.loads((point / "metrics.json").read_text()))
+    assert "10 · The study this run belongs to" in page and f"study {study.QUICK_STUDY}: gain against k" in page
+    assert report.study_of(tmp_path / "alone" / "seed-0") is None
+
+
 def test_rerun_of_a_finished_study_trains_nothing(finished):
     folder, _ = finished
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/*/done.json")}
