@@ -304,7 +304,7 @@ def latency(run: "Run", *, max_images: int = 512, repeats: int = 3) -> pd.DataFr
 
 
 def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None = None, *,
-                 memory_batch: int = 256) -> list[dict[str, Any]]:
+                 memory_batch: int = 256, flops: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Cost of inference of every configuration of the run, one row each: the generalist, the ensemble running
     all specialists, the ensemble with conditional execution, the student (when trained; nothing is trained here).
 
@@ -312,14 +312,16 @@ def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None
     ``mflops_per_image`` (counted; a shared trunk once), ``ms_per_image_b1`` / ``ms_per_image_b256`` (measured,
     from ``latency_records`` of :func:`latency`, rule ``kl``; ``None`` without them), ``weights_mb`` and
     ``peak_activation_mb`` (one batch of ``memory_batch`` test images, :func:`evaluation.peak_activation_bytes`).
+    ``flops``: the run's :func:`evaluation.ensemble_cost`, when already counted.
     """
     ds = run.dataset()
     shape = (ds.channels, ds.image_size, ds.image_size)
     gen, sps = run.generalist().model, [s.model for s in run.specialists()]
     trained = run.skip_reason("distill") is None and run.is_done("distill")
     student = run.distill().model if trained else None  # skipped or not trained yet: no student row (nothing trains here)
-    flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
-                                     run.activation("test"))  # fmt: skip
+    if flops is None:  # compute_metrics passes the counts it already made
+        flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
+                                         run.activation("test"))  # fmt: skip
     groups, top_n = run.groups(), run.config.top_n
     dev = next(gen.parameters()).device
     xb = data.to_float(ds.x_test[:memory_batch]).to(dev)
@@ -473,7 +475,7 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
     skipped = {stage: run.skip_reason(stage) for stage in (MATCHED, "distill") if run.skip_reason(stage)}
     if skipped:
         m["skipped"] = skipped
-    m["convergence"] = convergence(gen.history, comparison, n_val=len(ds.y_val)) if gen.history else None
+    m["convergence"] = convergence(gen.history, comparison, n_val=len(ds.y_val))  # "unknown" without a history
     m["specialist_fit"] = specialist_fit(run)
     if gen.logits.get("train") is not None:  # a predictions-only generalist has none
         m["generalist"]["train_top1"] = float((gen.logits["train"].argmax(1) == ds.y_train.numpy()).mean())
@@ -483,7 +485,7 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
     lat = _records(latency(run)) if measure_latency and gen.model is not None else None
     if lat is not None:
         m["cost"]["latency"] = lat
-    m["cost"]["summary"] = cost_summary(run, lat) if gen.model is not None else None
+    m["cost"]["summary"] = cost_summary(run, lat, flops=flops) if gen.model is not None else None
     return finite(m)
 
 

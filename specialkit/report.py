@@ -215,7 +215,7 @@ def _p(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
 
 
-def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
+def _figures(run: "Run", metrics: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every figure of the report, by name (pure plots.* calls on the run's arrays)."""
     from . import data as data_mod
 
@@ -250,8 +250,7 @@ def _figures(run: "Run", metrics: dict[str, Any]) -> dict[str, Any]:
         change = evaluation.per_class_change(gen.test_probs, q, y)
         figs["per_class"] = plots.per_class_change(change["delta"].to_numpy(), ds.class_names, order=order, coverage=spec.coverage())
         figs["fixed_broken"] = plots.fixed_broken_grid(ds.x_test, y, gen.test_probs.argmax(1), q.argmax(1), ds.class_names)
-    manifest = study_of(run.folder)
-    for key in manifest["keys"] if manifest else ():
+    for key in manifest["keys"] if manifest else ():  # the study this run belongs to, if any
         figs[f"study:{key}"] = plots.study_gains(manifest["summary"], key, title=f"study {manifest.get('name', '')}: gain against {key}")
     if metrics.get("student"):
         figs["student_curves"] = plots.training_curves({**({"generalist": gen.history} if gen.history else {}),
@@ -316,9 +315,8 @@ def study_of(folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def _study_section(run: "Run", frags: dict[str, str]) -> str:
-    """Section 10: the study this run is a point of, with its figure per swept key; empty when there is none."""
-    manifest = study_of(run.folder)
+def _study_section(manifest: dict[str, Any] | None, frags: dict[str, str]) -> str:
+    """Section 10: the study this run is a point of (:func:`study_of`), with its figure per swept key; empty when there is none."""
     names = [n for n in frags if n.startswith("study:")]
     if manifest is None or not names:
         return ""
@@ -332,7 +330,8 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (plotly.js embedded once; works offline).
     Trains nothing: a stage that is not finished is a ``MissingStageError`` naming it."""
     require(run, "generalist", "clusters", "specialists", "ensembles", *(() if run.skip_reason("distill") else ("distill",)))
-    figs = _figures(run, metrics)
+    manifest = study_of(run.folder)
+    figs = _figures(run, metrics, manifest)
     names = list(figs)
     frags = dict(zip(names, plots.figures_to_html_fragment([figs[n] for n in names], include_plotlyjs=True)))
     cfg, ds = run.config, metrics["dataset"]
@@ -367,7 +366,7 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
         _section("cost", "7 · Cost", _cost_summary(metrics), frags.get("frontier", ""), _table(flops), _table(latency_df) if len(latency_df) else "", frags.get("cost", "")),
         _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {student['test_top1']:.2%}, {student['params']:,} parameters.{kept}" if student else f"No student: {metrics.get('skipped', {}).get('distill')}."), frags.get("student_curves", "")),
         _section("timings", "9 · Wall time per stage", _table(timings), f'<p class="muted">settings: <code>{html.escape(json.dumps(cfg.to_dict()))}</code></p>'),
-        _study_section(run, frags),
+        _study_section(manifest, frags),
     ]  # fmt: skip
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [("summary", "Summary"), ("data", "Data"), ("generalist", "Generalist"), ("confusion", "Confusions"), ("clusters", "Groups"), ("specialists", "Specialists"), ("comparison", "Comparison"), ("cost", "Cost"), ("student", "Student")])
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · {html.escape(cfg.name)}</title>"
