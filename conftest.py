@@ -6,5 +6,8 @@ import tempfile
 os.environ.setdefault("SPECIALKIT_SMOKE", "1")
 os.environ.setdefault("SPECIALKIT_CACHE", os.path.join(tempfile.gettempdir(), "specialkit-test-cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Before torch loads (here, in notebook kernels and in the CLI subprocesses that inherit this environment): OpenMP
+# threads wait passively, so the suite slows gracefully instead of collapsing when another process shares the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Notebooks (and the browser test's kernel) write their run folder here, fresh for each test session.
 os.environ.setdefault("SPECIALKIT_RUNS", tempfile.mkdtemp(prefix="specialkit-runs-"))

@@ -300,7 +300,10 @@ class Run:
 
     def _finish(self, folder: Path, key: str, **info: Any) -> None:
         """Mark ``folder`` done with ``key`` (written last, atomically), listing its files and sizes so a
-        deleted or truncated file makes the stage count as not done; then drop superseded copies."""
+        deleted or truncated file makes the stage count as not done; then drop superseded copies. It also records
+        ``torch_threads``, the intra-op thread count the stage ran with: the same seed gives other floats at
+        another thread count, so a study warns when its runs mix them."""
+        info.setdefault("torch_threads", torch.get_num_threads())
         files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
                  if p.is_file() and p.name not in _NOT_RESULTS and not p.name.startswith(".")}  # fmt: skip
         runs.atomic_write_json(folder / "done.json", {"key": key, **info, "files": files})

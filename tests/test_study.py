@@ -90,6 +90,23 @@ def test_study_rows_shared_generalist_and_resume(finished):
     assert all(r["seeds"] == 2 and r["lo"] <= r["mean"] <= r["hi"] for r in manifest["summary"])
     page = (folder / "report.html").read_text()
     assert "gain against k" in page and "Plotly" in page
+    # every stage records the thread count it ran with (--threads 1), and the rows carry it
+    markers = list(folder.glob("*/seed-*/**/done.json"))
+    assert markers and all(json.loads(m.read_text())["torch_threads"] == 1 for m in markers)
+    assert (rows["torch_threads"].astype(str) == "1").all() and manifest["warnings"] == []
+
+
+def test_a_study_that_mixes_thread_counts_says_so(tmp_path):
+    for run, threads in (("k-2/seed-0", (1, 1)), ("k-2/seed-1", (1, 2))):
+        for stage, n in zip(("generalist", "specialists/00-a"), threads):
+            (tmp_path / run / stage).mkdir(parents=True)
+            (tmp_path / run / stage / "done.json").write_text(json.dumps({"key": "x", "torch_threads": n}))
+    assert study.stage_thread_counts(tmp_path / "k-2/seed-0") == [1]
+    assert study.stage_thread_counts(tmp_path / "k-2/seed-1") == [1, 2]
+    rows = [{"run": r, "torch_threads": " ".join(map(str, study.stage_thread_counts(tmp_path / r)))} for r in ("k-2/seed-0", "k-2/seed-1")]
+    warning = study.mixed_threads_warning(rows)
+    assert warning and "1 thread(s): k-2/seed-0, k-2/seed-1" in warning and "2 thread(s): k-2/seed-1" in warning
+    assert study.mixed_threads_warning(rows[:1]) is None
 
 
 def test_a_points_run_report_shows_its_study(finished, tmp_path):
