@@ -278,7 +278,17 @@ class Study:
         from . import pipeline
 
         point = self.spec.points()[point_index]
-        return pipeline.Run(self.run_folder(point, seed), self.spec.config(point, seed), log=log)
+        folder, cfg = self.run_folder(point, seed), self.spec.config(point, seed)
+        recorded = folder / "config.json"
+        try:
+            on_disk = runs.read_json(recorded) if recorded.is_file() else None
+        except ValueError:
+            on_disk = {}
+        diff = pipeline._config_diff(on_disk, cfg) if isinstance(on_disk, dict) else ["config.json"]
+        if on_disk is not None and diff:
+            raise StudyError(f"{folder} holds a run with other settings ({', '.join(diff[:6])}) than this study gives it; a study "
+                             "never overwrites a run: give the study another --name, or move that folder away")  # fmt: skip
+        return pipeline.Run(folder, cfg, log=log)
 
     def donors(self) -> list[Path]:
         """Every run folder of the study (candidates to adopt finished stages from)."""
@@ -415,11 +425,22 @@ def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]
                 stages = [st for st in _PHASE_STAGES[phase] if st != "compute_matched" or run.config.compute_matched]
                 run.ensure(*stages)
             else:
-                if not (run.folder / "metrics.json").is_file() or not run.is_done("distill"):
+                if not point_is_done(run):
+                    resumed = (run.folder / "metrics.json").is_file()
                     run.run_all()
-                    runs.atomic_write_json(run.folder / "study_seconds.json", {"seconds": round(time.perf_counter() - t0, 2)})
+                    runs.atomic_write_json(run.folder / "study_seconds.json",
+                                           {"seconds": round(time.perf_counter() - t0, 2), "resumed": resumed})  # fmt: skip
         done.append(str(run.folder))
     return done
+
+
+def point_is_done(run: Any) -> bool:
+    """A study point is done only when everything it writes exists: its last stage, ``metrics.json``,
+    ``report.html`` (when the run writes one) and ``study_seconds.json``; a point killed between them is
+    finished on the next invocation (the finished stages are loaded, not trained again)."""
+    needed = ["metrics.json", "study_seconds.json"] + (["report.html"] if run.config.html_report else [])
+    last = bool(run.skip_reason("distill")) or run.is_done("distill")
+    return last and all((run.folder / name).is_file() for name in needed)
 
 
 def _log(text: str) -> None:

@@ -132,6 +132,26 @@ def test_rerun_of_a_finished_study_trains_nothing(finished):
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+def test_a_half_reported_point_is_finished_on_rerun(finished, base):
+    """A point killed after metrics.json but before report.html and study_seconds.json is not done: the rerun
+    writes what is missing and trains nothing."""
+    folder, _ = finished
+    point = folder / "k-2" / "seed-0"
+    html = json.loads((point / "config.json").read_text())["html_report"]
+    (point / "report.html").unlink(missing_ok=not html)
+    (point / "study_seconds.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/*/done.json")}
+    args = ["study", "--base", str(base), "--grid", "k=2,3", "--seeds", "0", "1", "--name", study.QUICK_STUDY,
+            "--out", str(folder.parent), "--threads", "1"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (point / "report.html").is_file() == html and json.loads((point / "study_seconds.json").read_text())["resumed"] is True
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
 def test_seed_interval_is_students_t():
     lo, hi = metrics.seed_interval([0.01, 0.03])
     assert lo < 0.02 < hi and hi - lo == pytest.approx(2 * 12.7062 * 0.01, rel=1e-3)
@@ -197,3 +217,20 @@ def test_convergence_reads_the_last_epoch_and_the_compute_matched_gain():
     from specialkit.report import convergence_reading
 
     assert "still improving" in convergence_reading(c) and "No sign" in convergence_reading(metrics.convergence(flat, cm_same, n_val=3000))
+
+
+def test_a_point_is_done_only_when_everything_it_writes_exists(tmp_path):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(folder=tmp_path, config=SimpleNamespace(html_report=True), skip_reason=lambda s: None,
+                          is_done=lambda s: s == "distill")  # fmt: skip
+    for name in ("metrics.json", "study_seconds.json"):
+        (tmp_path / name).write_text("{}")
+    assert not study.point_is_done(run)  # report.html missing
+    (tmp_path / "report.html").write_text("<html>")
+    assert study.point_is_done(run)
+    run.config.html_report = False
+    (tmp_path / "report.html").unlink()
+    assert study.point_is_done(run)
+    (tmp_path / "study_seconds.json").unlink()
+    assert not study.point_is_done(run)
