@@ -108,7 +108,11 @@ class PipelineConfig:
     log(f/pi); ``prior_match``: the shift that makes the mean dustbin probability on the validation
     images equal their share of other classes; ``none``).
     Ensemble: ``top_n`` (the paper's n), ``rules``, ``top_confident_n``, ``top_confident_gated``
-    (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``.
+    (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``,
+    ``calibrate_specialists`` (default true: ``top_confident`` and ``moe`` temper each specialist on the
+    validation images and read it as evidence against its mean output there, so a specialist that knows
+    nothing leaves the generalist's answer unchanged; false: the rules as first built, which a bad
+    specialist can break; ``kl``, the paper's rule, is the same either way).
     Baselines and distillation: ``compute_matched``, ``compute_match`` (``flops``: the extra
     generalist passes cost as many FLOPs as the specialists' training passes; ``passes``: as many
     example-passes), ``student_init`` (``generalist``: the student starts from the generalist's
@@ -187,6 +191,7 @@ class PipelineConfig:
     top_confident_n: int = _setting(2, "ensembles")
     top_confident_gated: bool = _setting(True, "ensembles")
     moe_threshold: float = _setting(0.0, "ensembles")
+    calibrate_specialists: bool = _setting(True, "ensembles", key_if_set=True)
     compute_matched: bool = _setting(True, "compute_matched", in_key=False)
     compute_match: str = _setting("flops", "compute_matched", choices=("flops", "passes"))
     student_init: str = _setting("generalist", "distill", choices=("generalist", "scratch"))

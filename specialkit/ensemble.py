@@ -54,6 +54,10 @@ __all__ = [
     "cell_index",
     "collapse",
     "expand_to_full",
+    "Calibration",
+    "calibrate",
+    "temper",
+    "evidence_update",
     "activation",
     "coverage_count",
     "kl_objective",
@@ -356,6 +360,93 @@ def expand_to_full(spec_probs: Probs, classes: Labels, p_gen: Probs) -> np.ndarr
     out[:, outside] = sp[:, -1:] * share
     out[:, classes] = sp[:, :-1]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# calibrated evidence: what a specialist adds to the generalist, judged on validation images
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How to read one specialist as evidence, fitted on validation images (never the test set).
+
+    Attributes:
+        temperature: T that minimises the specialist's validation NLL of its own targets (its classes and the
+            dustbin): ``p_T = softmax(log p / T)``. A specialist that outputs noise gets a large T (near-flat output).
+        mean: (|S| + 1,) the mean of ``p_T`` over the validation images: what the specialist says when it knows
+            nothing about the image. The evidence of an output is its ratio to this mean.
+    """
+
+    temperature: float
+    mean: np.ndarray
+
+
+TEMPERATURE_RANGE = (0.05, 1000.0)
+
+
+def temper(spec_probs: Probs, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row by row: (N, K) probabilities at temperature ``T`` (NaN rows stay NaN)."""
+    logp = np.log(np.clip(np.asarray(spec_probs, dtype=np.float64), _TINY, None)) / float(temperature)
+    logp -= np.max(logp, axis=1, keepdims=True)
+    e = np.exp(logp)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def calibrate(spec_probs: Probs, classes: Labels, y: Labels) -> Calibration:
+    """Fit a specialist's :class:`Calibration` on validation images.
+
+    Args:
+        spec_probs: (N, |S| + 1) its probabilities on the validation images, dustbin last.
+        classes: (|S|,) its special class indices.
+        y: (N,) the images' labels (over all C classes); a label outside ``classes`` is the dustbin cell.
+
+    Returns:
+        The temperature (bounded search over :data:`TEMPERATURE_RANGE` on log T) and the mean tempered output.
+    """
+    from scipy.optimize import minimize_scalar
+
+    sp = np.asarray(spec_probs, dtype=np.float64)
+    classes = np.asarray(classes, dtype=np.int64)
+    y = np.asarray(y, dtype=np.int64)
+    if sp.ndim != 2 or sp.shape != (y.size, classes.size + 1) or y.size == 0:
+        raise EnsembleError(f"calibration needs (N, |S|+1) = ({y.size}, {classes.size + 1}) probabilities for N >= 1 labelled "
+                            f"validation images, got {sp.shape}; pass the specialist's validation outputs and labels")  # fmt: skip
+    cell = np.full(y.size, classes.size)
+    lookup = {int(c): i for i, c in enumerate(classes)}
+    cell[:] = [lookup.get(int(label), classes.size) for label in y]
+
+    def nll(log_t: float) -> float:
+        return float(-np.log(np.clip(temper(sp, np.exp(log_t))[np.arange(y.size), cell], _TINY, None)).mean())
+
+    lo, hi = np.log(TEMPERATURE_RANGE)
+    t = float(np.exp(minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4}).x))
+    return Calibration(temperature=t, mean=temper(sp, t).mean(axis=0))
+
+
+def evidence_update(spec_probs: Probs, classes: Labels, p_gen: Probs, calibration: Calibration) -> np.ndarray:
+    """The generalist's distribution updated by one specialist's calibrated evidence.
+
+    ``q_j ∝ p_gen_j · r(cell(j))`` with ``r = temper(p_m, T) / mean``: the specialist's tempered output against
+    what it says on average. A specialist that knows nothing (its output is its mean, e.g. noise after
+    calibration) leaves ``q = p_gen``; one that is sure of a class moves mass to it, in proportion to the
+    generalist's own odds within each cell (the dustbin's mass stays where the generalist put it).
+
+    Args:
+        spec_probs: (N, |S| + 1) specialist probabilities, dustbin last.
+        classes: (|S|,) its special class indices.
+        p_gen: (N, C) generalist probabilities.
+        calibration: from :func:`calibrate` on validation images.
+
+    Returns:
+        (N, C) float64 rows summing to 1.
+    """
+    pg = np.asarray(p_gen, dtype=np.float64)
+    classes = _check_groups([classes], pg.shape[1])[0]
+    ratio = temper(spec_probs, calibration.temperature) / np.clip(calibration.mean, _TINY, None)
+    cells = cell_index(classes, pg.shape[1])
+    q = pg * ratio[:, cells]
+    total = q.sum(axis=1, keepdims=True)
+    return np.divide(q, total, out=pg.copy(), where=total > 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -855,8 +946,14 @@ def combine_top_confident(
     n: int = 2,
     confidence: str = "max",
     active: Mask | None = None,
+    calibration: Sequence[Calibration] | None = None,
 ) -> np.ndarray:
     """Option (a): run the specialists, keep the ``n`` most confident, average their outputs.
+
+    With ``calibration`` (one per specialist, fitted on validation images; what the pipeline passes), each
+    specialist is first tempered, its confidence read from the tempered output, and its "output" is the
+    generalist updated by its evidence (:func:`evidence_update`), so a specialist that knows nothing leaves
+    the generalist's answer as it was. Without it, the rule as first built (below).
 
     For image i, among the candidate specialists (all of them, or those with ``active[i, m]``),
     take the ``n`` with the highest :func:`specialist_confidence` (ties towards the lower index)
@@ -888,6 +985,8 @@ def combine_top_confident(
     shape = (pg.shape[0], m_count)
     cand = np.ones(shape, dtype=bool) if active is None else _check_mask(active, shape, "active")
     probs = _read_probs(specs, cand, pg.shape[1])
+    if calibration is not None:
+        probs = [temper(p, c.temperature) for p, c in zip(probs, _check_calibration(calibration, specs))]
     conf = np.full(shape, -np.inf)
     for m, p in enumerate(probs):
         conf[cand[:, m], m] = specialist_confidence(p[cand[:, m]], confidence=confidence)
@@ -895,7 +994,17 @@ def combine_top_confident(
     chosen = np.zeros(shape, dtype=bool)
     np.put_along_axis(chosen, order, True, axis=1)
     chosen &= cand
-    return _mixture(pg, specs, probs, chosen.astype(np.float64), np.zeros(pg.shape[0]), normalise=True)
+    if calibration is not None:  # probs are tempered already: read them as evidence at T = 1
+        calibration = [Calibration(1.0, c.mean) for c in calibration]
+    return _mixture(pg, specs, probs, chosen.astype(np.float64), np.zeros(pg.shape[0]), normalise=True, calibration=calibration)
+
+
+def _check_calibration(calibration: Sequence[Calibration], specs: Sequence[SpecialistOutputs]) -> list[Calibration]:
+    cal = list(calibration)
+    if len(cal) != len(specs) or any(np.asarray(c.mean).shape != (s.classes.size + 1,) for c, s in zip(cal, specs)):
+        raise EnsembleError(f"calibration must hold one Calibration per specialist ({len(specs)}) with a mean over its "
+                            "|S|+1 cells; fit them with ensemble.calibrate on validation outputs")  # fmt: skip
+    return cal
 
 
 def _mixture(
@@ -906,14 +1015,19 @@ def _mixture(
     gen_weight: np.ndarray,
     *,
     normalise: bool,
+    calibration: Sequence[Calibration] | None = None,
 ) -> np.ndarray:
-    """``q = gen_weight * p_gen + sum_m weights[:, m] * expand_m``, rows with zero weight -> p_gen."""
+    """``q = gen_weight * p_gen + sum_m weights[:, m] * expand_m``, rows with zero weight -> p_gen. ``expand_m`` is
+    :func:`evidence_update` with ``calibration``, else :func:`expand_to_full`."""
     g = _normalise(pg)
     q = gen_weight[:, None] * g
+    cal = None if calibration is None else _check_calibration(calibration, specs)
     for m, (s, p) in enumerate(zip(specs, probs)):
         rows = weights[:, m] > 0
         if rows.any():
-            q[rows] += weights[rows, m, None] * expand_to_full(p[rows], s.classes, g[rows])
+            full = (expand_to_full(p[rows], s.classes, g[rows]) if cal is None
+                    else evidence_update(p[rows], s.classes, g[rows], cal[m]))  # fmt: skip
+            q[rows] += weights[rows, m, None] * full
     total = gen_weight + weights.sum(axis=1)
     none = total <= 0
     q[none] = pg[none]
@@ -951,8 +1065,14 @@ def moe_gates(p_gen: Probs, groups: Groups, *, threshold: float = 0.0) -> MoEGat
     return MoEGates(specialist=gates, generalist=generalist, run=run, group_mass=mass)
 
 
-def combine_moe(p_gen: Probs, specialists: Sequence[SpecialistLike], *, threshold: float = 0.0) -> np.ndarray:
+def combine_moe(p_gen: Probs, specialists: Sequence[SpecialistLike], *, threshold: float = 0.0,
+                calibration: Sequence[Calibration] | None = None) -> np.ndarray:  # fmt: skip
     """Option (b): the generalist's probabilities weight the specialists (mixture of experts).
+
+    With ``calibration`` (one per specialist, fitted on validation images; what the pipeline passes) each
+    expert's opinion is the generalist updated by that specialist's calibrated evidence
+    (:func:`evidence_update`) instead of the specialist's own output with its dustbin spread, so an expert
+    that knows nothing leaves the generalist's answer unchanged. Without it, the rule as first built:
 
     With ``member[j, m] = (j in S_m)`` and ``cover_j = sum_m member[j, m]``:
 
@@ -983,7 +1103,7 @@ def combine_moe(p_gen: Probs, specialists: Sequence[SpecialistLike], *, threshol
     specs = _as_specialists(specialists)
     gates = moe_gates(pg, [s.classes for s in specs], threshold=threshold)
     probs = _read_probs(specs, gates.run, pg.shape[1])
-    return _mixture(pg, specs, probs, gates.specialist, gates.generalist, normalise=True)
+    return _mixture(pg, specs, probs, gates.specialist, gates.generalist, normalise=True, calibration=calibration)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1014,7 +1134,8 @@ def combine(
         gated: ``"top_confident"`` only: restrict the candidates to the specialists the generalist's
             top-n classes switch on (default). ``False`` lets every specialist compete, so a confident
             specialist can overrule a generalist that is sure the image is none of its classes.
-        **options: passed to the rule (``tol``, ``max_iter``, ``n``, ``confidence``, ``threshold``).
+        **options: passed to the rule (``tol``, ``max_iter``, ``n``, ``confidence``, ``threshold``, and
+            ``calibration`` for ``top_confident`` and ``moe``).
 
     Returns:
         q: (N, C) float64.

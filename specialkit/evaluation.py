@@ -42,6 +42,9 @@ __all__ = [
     "predictions",
     "top1",
     "conditional_accuracy",
+    "nll",
+    "ece",
+    "ECE_BINS",
     "coverage_breakdown",
     "per_class_change",
     "fixed_and_broken",
@@ -111,6 +114,47 @@ def _covered(covered_classes: Labels | Mask, num_classes: int) -> np.ndarray:
     if c.min() < 0 or c.max() >= num_classes:
         raise EvaluationError(f"covered_classes must lie in [0, {num_classes}); got {c.min()}..{c.max()}")
     return c
+
+
+ECE_BINS = 15
+"""Equal-width confidence bins of :func:`ece` (the usual choice since Guo et al. 2017)."""
+
+
+def nll(probs: Scores, y: Labels) -> float:
+    """Mean negative log-likelihood of the true class (nats; probabilities floored at 1e-12).
+
+    Args:
+        probs: (N, C) probabilities; y: (N,) labels.
+
+    Returns:
+        ``mean(-log probs[i, y_i])``; lower is better, 0 for a certain and right model.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if p.ndim != 2 or p.shape[0] != y.size:
+        raise EvaluationError(f"probs must be (N, C) with N = len(y) = {y.size}, got {p.shape}")
+    return float(-np.log(np.clip(p[np.arange(y.size), y], 1e-12, None)).mean())
+
+
+def ece(probs: Scores, y: Labels, *, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top-1 prediction: the images are put in ``bins`` equal-width bins of
+    their top probability; ECE = sum over bins of (share of images) x |accuracy - mean top probability|.
+
+    Args:
+        probs: (N, C) probabilities; y: (N,) labels; bins: how many bins over [0, 1].
+
+    Returns:
+        ECE in [0, 1] (0: the model's confidence is its accuracy).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if p.ndim != 2 or p.shape[0] != y.size or bins < 1:
+        raise EvaluationError(f"need (N, C) probs with N = len(y) = {y.size} and bins >= 1, got {p.shape}, bins={bins}")
+    conf, ok = p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, weights=ok, minlength=bins) - np.bincount(which, weights=conf, minlength=bins))
+    return float(gap.sum() / max(y.size, 1)) if count.sum() else 0.0
 
 
 def conditional_accuracy(probs: Scores, y: Labels, covered_classes: Labels | Mask) -> float:

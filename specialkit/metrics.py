@@ -116,7 +116,8 @@ def comparison_rows(
         ``delta_top1``, ``gain_vs_generalist_ci``, ``relative_change``, ``p_vs_generalist``, ``fixed``,
         ``broken`` (vs the generalist), ``gain_vs_compute_matched``, ``gain_vs_compute_matched_ci``,
         ``p_vs_compute_matched`` (None where it does not apply), the verdicts, ``conditional_acc``
-        (the paper's Table 3) and ``within_group_acc``.
+        (the paper's Table 3), ``within_group_acc``, and the calibration of the probabilities: ``nll`` (mean
+        negative log-likelihood, nats) and ``ece`` (expected calibration error, ``evaluation.ECE_BINS`` bins).
     """
     if BASELINE not in results:
         raise evaluation.EvaluationError(f"results must include {BASELINE!r}; got {list(results)}")
@@ -143,6 +144,7 @@ def comparison_rows(
             row["gain_vs_compute_matched_ci"] = list(boot.gain_ci(name, MATCHED))
             row["p_vs_compute_matched"] = vs_cm.p_value
             row["vs_compute_matched"] = stats.verdict(row["gain_vs_compute_matched_ci"], vs_cm.p_value)
+        row["nll"], row["ece"] = evaluation.nll(p, y), evaluation.ece(p, y)
         row["conditional_acc"] = evaluation.conditional_accuracy(p, y, covered) if len(covered) else None
         row["within_group_acc"] = within_group_accuracy(np.asarray(p), y, groups) if len(groups) else None
         rows.append(row)

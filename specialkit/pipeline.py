@@ -40,6 +40,7 @@ _KEYS = config_mod.stage_keys()
 """Stage -> the settings in its cache key, derived from the ``stage`` metadata of ``PipelineConfig``'s fields."""
 _SPLITS = ("train", "val", "test")
 RESULTS_FORMAT = 1  # bump when a stage's saved results change meaning; stage keys include it, the package version not
+ENSEMBLE_RULES = 2  # 2: top_confident and moe read calibrated specialists as evidence (issue 20); in the ensembles key
 _NOT_RESULTS = ("done.json", "key.txt", "state.pt")
 
 
@@ -239,6 +240,8 @@ class Run:
             parts[s] = self._settings(s)
         if stage != "generalist" and stage != "clusters":
             parts["spec"] = self.clusters().to_json()
+        if stage == "ensembles":
+            parts["rules_version"] = ENSEMBLE_RULES
         if stage == "clusters" and self.config.clusters_file:
             parts["clusters_file"] = Path(self.config.clusters_file).read_text()
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -712,10 +715,19 @@ class Run:
         outs = [ensemble.SpecialistOutputs(classes=g, probs=p) for g, p in zip(self.groups(), self.specialist_probs(split))]
         if rule == "kl":
             return ensemble.combine("kl", p_gen, outs, active=self.activation(split))
+        cal = self.calibrations() if c.calibrate_specialists else None
         if rule == "top_confident":
             active = self.activation(split) if c.top_confident_gated else None
-            return ensemble.combine("top_confident", p_gen, outs, n=c.top_confident_n, active=active)
-        return ensemble.combine(rule, p_gen, outs, threshold=c.moe_threshold)
+            return ensemble.combine("top_confident", p_gen, outs, n=c.top_confident_n, active=active, calibration=cal)
+        return ensemble.combine(rule, p_gen, outs, threshold=c.moe_threshold, calibration=cal)
+
+    def calibrations(self) -> list[ensemble.Calibration]:
+        """Per specialist, its temperature and mean output fitted on the validation images (never the test set):
+        how ``top_confident`` and ``moe`` read it as evidence (``calibrate_specialists``)."""
+        if "calibrations" not in self._memo:
+            y_val = self.dataset().split("val")[1].numpy()
+            self._memo["calibrations"] = [ensemble.calibrate(p, g, y_val) for g, p in zip(self.groups(), self.specialist_probs("val"))]
+        return self._memo["calibrations"]
 
     def ensembles(self) -> dict[str, np.ndarray]:
         """Stage 4: every rule's (N, C) test distribution (saved as ``ensembles/q_test_<rule>.npy``)."""

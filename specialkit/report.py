@@ -274,6 +274,8 @@ def comparison_frame(metrics: dict[str, Any]) -> pd.DataFrame:
         row["reading vs compute-matched"] = r.get("vs_compute_matched") or ""
         row["conditional acc. (paper's Table 3)"] = _pct(r.get("conditional_acc"))
         row["within-group acc."] = _pct(r.get("within_group_acc"))
+        row["NLL (nats)"] = "" if r.get("nll") is None else f"{r['nll']:.3f}"
+        row["ECE"] = "" if r.get("ece") is None else f"{r['ece'] * 100:.2f}%"
         out.append(row)
     return pd.DataFrame(out).set_index("model / rule")
 

@@ -8,6 +8,7 @@ import torch
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from specialkit import ensemble
 from specialkit import ensemble as E
 from specialkit.ensemble import EnsembleError, SpecialistOutputs
 
@@ -447,3 +448,83 @@ def test_run_conditionally_calls_only_active_images(random_batch: dict) -> None:
     )
     with pytest.raises(EnsembleError, match="predict_fns"):
         E.run_conditionally(active, b["groups"], [lambda idx: np.zeros((len(idx), 2))] * 4)
+
+
+# ------------------------------------------------------------------------------------------- calibrated evidence
+def _synthetic(seed: int, n: int = 3000, c: int = 20, boost: float = 2.2):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    z = rng.normal(0, 1, (n, c))
+    z[np.arange(n), y] += boost
+    p = np.exp(z)
+    return y, p / p.sum(axis=1, keepdims=True)
+
+
+def _noise_specialist(rng, n: int, size: int, scale: float = 3.0) -> np.ndarray:
+    p = np.exp(rng.normal(0, scale, (n, size + 1)))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _informed_specialist(rng, y: np.ndarray, classes: np.ndarray, sure: float = 0.9) -> np.ndarray:
+    cells = ensemble.cell_index(classes, 20)[y]
+    p = np.full((y.size, classes.size + 1), (1 - sure) / classes.size)
+    p[np.arange(y.size), cells] = sure
+    return p
+
+
+GROUPS = [np.arange(i, i + 4) for i in range(0, 20, 4)]
+
+
+@pytest.fixture(scope="module")
+def noise_case():
+    rng = np.random.default_rng(5)
+    (yv, _), (yt, pt) = _synthetic(1), _synthetic(2)
+    val = [_noise_specialist(rng, yv.size, g.size) for g in GROUPS]
+    test = [ensemble.SpecialistOutputs(g, _noise_specialist(rng, yt.size, g.size)) for g in GROUPS]
+    cal = [ensemble.calibrate(p, g, yv) for p, g in zip(val, GROUPS)]
+    return yt, pt, test, cal
+
+
+def _acc(q: np.ndarray, y: np.ndarray) -> float:
+    return float((q.argmax(axis=1) == y).mean())
+
+
+def test_specialists_that_output_noise_leave_the_calibrated_rules_at_the_generalist(noise_case):
+    """Issue 20: with noise specialists the rules as first built collapsed (dustbin mass handed to the
+    generalist's best class outside the group; the generalist replaced, not combined); read as calibrated
+    evidence, each stays within 1 point of the generalist."""
+    y, pg, specs, cal = noise_case
+    base, active = _acc(pg, y), ensemble.activation(pg, GROUPS)
+    assert all(c.temperature > 50 for c in cal)  # noise is tempered almost flat on the validation images
+    for rule, kw in (("top_confident", {"active": active, "n": 2}), ("moe", {}), ("top_confident", {"n": 2})):
+        raw = _acc(ensemble.combine(rule, pg, specs, **kw), y)
+        calibrated = _acc(ensemble.combine(rule, pg, specs, calibration=cal, **kw), y)
+        assert raw < base - 0.2, (rule, raw, base)  # what a bad specialist did to the first rules
+        assert abs(calibrated - base) <= 0.01, (rule, calibrated, base)
+
+
+def test_informed_specialists_still_help_when_read_as_evidence():
+    rng = np.random.default_rng(7)
+    (yv, _), (yt, pt) = _synthetic(3), _synthetic(4)
+    cal = [ensemble.calibrate(_informed_specialist(rng, yv, g), g, yv) for g in GROUPS]
+    specs = [ensemble.SpecialistOutputs(g, _informed_specialist(rng, yt, g)) for g in GROUPS]
+    base = _acc(pt, yt)
+    for rule, kw in (("top_confident", {"active": ensemble.activation(pt, GROUPS), "n": 1}), ("moe", {})):
+        assert _acc(ensemble.combine(rule, pt, specs, calibration=cal, **kw), yt) > base + 0.05, rule
+
+
+def test_calibration_recovers_a_temperature_and_an_uninformed_output_changes_nothing():
+    rng = np.random.default_rng(11)
+    g = GROUPS[1]
+    calibrated = rng.dirichlet(np.full(g.size + 1, 0.5), 6000)  # labels drawn from these beliefs: calibrated at T = 1
+    cells = (calibrated.cumsum(axis=1) > rng.random((6000, 1))).argmax(axis=1)
+    y = np.where(cells < g.size, g[np.minimum(cells, g.size - 1)], 0)
+    hot = ensemble.temper(calibrated, 1 / 3.0)  # the same beliefs, over-confident by a factor 3 in log space
+    cal = ensemble.calibrate(hot, g, y)
+    assert cal.temperature == pytest.approx(3.0, rel=0.05)
+    np.testing.assert_allclose(cal.mean.sum(), 1.0)
+    pg = _synthetic(8, n=50)[1]
+    flat = np.tile(cal.mean, (50, 1))
+    np.testing.assert_allclose(ensemble.evidence_update(ensemble.temper(flat, 1 / cal.temperature), g, pg, cal), pg, atol=1e-9)
+    with pytest.raises(ensemble.EnsembleError, match="one Calibration per specialist"):
+        ensemble.combine_moe(pg, [ensemble.SpecialistOutputs(g, flat)], calibration=[])

@@ -248,3 +248,21 @@ def test_compute_matched_epochs():
     assert evaluation.compute_matched_epochs(75, 150) == pytest.approx(0.5)
     with pytest.raises(EvaluationError, match="n_train"):
         evaluation.compute_matched_epochs(10, 0)
+
+
+def test_nll_and_ece_on_cases_worked_by_hand():
+    from specialkit import evaluation as ev
+
+    y = np.array([0, 1, 2, 0])
+    sure = np.eye(3)[y]
+    assert ev.nll(sure, y) == pytest.approx(0.0, abs=1e-9) and ev.ece(sure, y) == 0.0
+    flat = np.full((4, 3), 1 / 3)  # right 2 of 4 times (argmax 0), always 1/3 sure: |0.5 - 1/3|
+    assert ev.nll(flat, y) == pytest.approx(np.log(3)) and ev.ece(flat, y) == pytest.approx(0.5 - 1 / 3)
+    p = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.2, 0.2, 0.6], [0.95, 0.05, 0.0]])
+    # bins of width 1/15: 0.9 -> bin 13 (right), 0.95 -> 14 (right), 0.6 -> 9 twice (one right): per bin
+    # |correct - summed confidence|, over N
+    expected = (abs(1 - 0.9) + abs((0 + 1) - (0.6 + 0.6)) + abs(1 - 0.95)) / 4
+    assert ev.ece(p, y) == pytest.approx(expected)
+    assert ev.ece(p, y, bins=1) == pytest.approx(abs(3 / 4 - (0.9 + 0.6 + 0.6 + 0.95) / 4))
+    with pytest.raises(ev.EvaluationError, match="N = len"):
+        ev.nll(p[:2], y)

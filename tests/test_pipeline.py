@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -50,6 +51,7 @@ def test_uninterrupted_run_writes_every_artifact(finished):
     names = [r["name"] for r in metrics["comparison"]]
     assert names == ["generalist", "compute_matched", "kl", "top_confident", "moe", "student"]
     assert all(0.0 <= r["top1"] <= 1.0 for r in metrics["comparison"])
+    assert all(r["nll"] >= 0 and math.isfinite(r["nll"]) and 0.0 <= r["ece"] <= 1.0 for r in metrics["comparison"])
     rows = {r["name"]: r for r in metrics["comparison"]}
     for r in rows.values():  # the keys tools read (trust issue): every row carries its uncertainty
         assert r["top1_ci"][0] <= r["top1"] <= r["top1_ci"][1]
