@@ -75,6 +75,8 @@ def _add_study_parser(sub: Any) -> None:
     st.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the study folder (default runs/)")
     st.add_argument("--jobs", type=int, default=None, metavar="J", help="runs at once, each a process with cores // J threads (default 1)")
     st.add_argument("--quick", action="store_true", help="start from the quick settings used by the tests")
+    st.add_argument("--tie-margin", type=float, default=None, metavar="POINTS",
+                    help="an across-seed interval inside ±POINTS of top-1 reads 'equivalent' (default 0.5)")  # fmt: skip
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -92,8 +94,9 @@ def _study(args: argparse.Namespace) -> int:
     if grid is None:
         raise StudyError("no grid: give --grid key=v1,v2 (e.g. --grid width=8,16) or a study file with a \"grid\"")
     name = args.name or d.get("name") or "study"
+    margin = args.tie_margin if args.tie_margin is not None else d.get("tie_margin", 0.5)
     spec = make_spec(name=name, base=base, grid=grid, seeds=args.seeds or d.get("seeds"), jobs=args.jobs or d.get("jobs", 1),
-                     source=str(args.study_file or "--grid"))  # fmt: skip
+                     source=str(args.study_file or "--grid"), tie_margin_points=margin)  # fmt: skip
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)")
     t0 = time.perf_counter()

@@ -671,37 +671,76 @@ def seed_interval(values: Sequence[float], *, fallback: Sequence[float] | None =
     return (float(v.mean()) - half, float(v.mean()) + half)
 
 
-def study_summary(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+def _t_p_value(values: Sequence[float]) -> float:
+    """Two-sided one-sample t-test p of a zero mean (nan below 2 values or with no spread)."""
+    from scipy import stats as st
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2 or v.std() == 0:
+        return math.nan
+    return float(st.ttest_1samp(v, 0.0).pvalue)
+
+
+def study_summary(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *,
+                  correct: Sequence[Mapping[str, np.ndarray] | None] | None = None, tie_margin: float = stats.TIE_MARGIN,
+                  resamples: int = 2000) -> list[dict[str, Any]]:  # fmt: skip
     """Per study point (the values of ``keys``), rule and baseline (``generalist`` | ``compute_matched``):
-    the mean gain across seeds with its 95% interval (:func:`seed_interval`), its verdict
-    (:func:`stats.verdict` of that interval), and in how many seeds the paired test on the test images
-    found the rule better / worse.
+    the mean gain across seeds with its 95% interval, its verdict, and in how many seeds the paired test on
+    the test images found the rule better / worse.
+
+    The interval is the two-level bootstrap over seeds and test images (:func:`stats.two_level_bootstrap`)
+    when ``correct`` gives each run's per-image outcomes, else Student's t over the per-seed gains
+    (:func:`seed_interval`; it leaves out the test-set noise the seeds share, so it is marked). The verdict
+    (:func:`stats.across_seed_verdict`) needs :data:`stats.MIN_SEEDS` seeds and a p-value that survives Holm's
+    correction over every comparison of the study; an interval inside ±``tie_margin`` reads "equivalent".
+
+    Args:
+        rows: the study rows (:func:`study_row`), one per point and seed.
+        keys: the swept settings.
+        correct: aligned with ``rows``: name -> (N,) bool, each model's and rule's outcome per test image.
+        tie_margin: the equivalence margin (a proportion; 0.005 = 0.5 points).
+        resamples: of the two-level bootstrap.
 
     Returns:
-        rows with the ``keys``, ``rule``, ``baseline``, ``seeds``, ``mean``, ``lo``, ``hi``, ``verdict``,
+        rows with the ``keys``, ``rule``, ``baseline``, ``seeds``, ``mean``, ``lo``, ``hi``, ``interval``
+        (``two-level bootstrap`` or ``student t``), ``p_value``, ``p_holm``, ``verdict``, ``tie_margin``,
         ``seeds_better``, ``seeds_worse`` and the mean top-1 of the rule and of the baseline.
     """
-    points: dict[tuple, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        points.setdefault(tuple(json.dumps(r[k]) for k in keys), []).append(r)
+    points: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        points.setdefault(tuple(json.dumps(r[k]) for k in keys), []).append(i)
     out = []
-    for group in points.values():
+    for members in points.values():
+        group = [rows[i] for i in members]
         first = group[0]
         rules = [c[: -len("_gain_vs_generalist")] for c in first if c.endswith("_gain_vs_generalist")]
         for rule in rules:
             for base in (BASELINE, MATCHED):
                 col = f"{rule}_gain_vs_{base}"
-                have = [r for r in group if r.get(col) is not None]
+                have = [i for i in members if rows[i].get(col) is not None]
                 if not have:
                     continue
-                vals = [float(r[col]) for r in have]
-                fallback = (have[0][f"{col}_lo"], have[0][f"{col}_hi"])
-                lo, hi = seed_interval(vals, fallback=fallback)
+                vals = [float(rows[i][col]) for i in have]
+                outcomes = [correct[i] for i in have] if correct is not None else None
+                if outcomes is not None and all(o is not None and rule in o and base in o for o in outcomes):
+                    diffs = np.stack([o[rule].astype(np.float64) - o[base].astype(np.float64) for o in outcomes])
+                    two = stats.two_level_bootstrap(diffs, resamples=resamples, seed=0)
+                    lo, hi, p, kind = two.lo, two.hi, two.p_value, "two-level bootstrap"
+                else:
+                    lo, hi = seed_interval(vals, fallback=(rows[have[0]][f"{col}_lo"], rows[have[0]][f"{col}_hi"]))
+                    p, kind = _t_p_value(vals), "student t"
                 word = "vs_generalist" if base == BASELINE else "vs_compute_matched"
                 out.append({**{k: first[k] for k in keys}, "rule": rule, "baseline": base, "seeds": len(vals),
-                            "mean": float(np.mean(vals)), "lo": lo, "hi": hi, "verdict": stats.verdict((lo, hi)),
-                            "seeds_better": sum(r.get(f"{rule}_{word}") == "better" for r in have),
-                            "seeds_worse": sum(r.get(f"{rule}_{word}") == "worse" for r in have),
-                            "rule_top1": float(np.mean([r[f"{rule}_top1"] for r in have])),
-                            "baseline_top1": float(np.mean([r[f"{base}_top1"] for r in have]))})  # fmt: skip
+                            "mean": float(np.mean(vals)), "lo": lo, "hi": hi, "interval": kind, "p_value": p,
+                            "seeds_better": sum(rows[i].get(f"{rule}_{word}") == "better" for i in have),
+                            "seeds_worse": sum(rows[i].get(f"{rule}_{word}") == "worse" for i in have),
+                            "rule_top1": float(np.mean([rows[i][f"{rule}_top1"] for i in have])),
+                            "baseline_top1": float(np.mean([rows[i][f"{base}_top1"] for i in have]))})  # fmt: skip
+    adjusted = stats.holm([r["p_value"] for r in out]) if out else []
+    for r, p_holm in zip(out, adjusted):
+        r["p_holm"] = None if not np.isfinite(p_holm) else float(p_holm)
+        r["p_value"] = None if not np.isfinite(r["p_value"]) else r["p_value"]
+        r["tie_margin"] = tie_margin
+        r["verdict"] = stats.across_seed_verdict(r["lo"], r["hi"], p_holm if np.isfinite(p_holm) else math.nan, r["seeds"],
+                                                 margin=tie_margin)  # fmt: skip
     return out

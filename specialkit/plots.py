@@ -1459,7 +1459,8 @@ def study_gains(summary: pd.DataFrame | Sequence[Mapping[str, Any]], key: str, *
     if df.empty or key not in df.columns:
         raise PlotInputError(f"study summary has no column {key!r}; pass one of the swept keys")
     others = [c for c in df.columns if c not in (key, "rule", "baseline", "seeds", "mean", "lo", "hi", "verdict", "seeds_better",
-                                                   "seeds_worse", "rule_top1", "baseline_top1")]  # fmt: skip
+                                                   "seeds_worse", "rule_top1", "baseline_top1", "interval", "p_value", "p_holm",
+                                                   "tie_margin")]  # fmt: skip
     rules = list(rules) if rules is not None else list(dict.fromkeys(df["rule"]))
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
                         subplot_titles=("gain over the generalist", "gain over the compute-matched generalist"))

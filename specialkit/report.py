@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from . import clusters, evaluation, frontier, plots, runs
+from . import clusters, evaluation, frontier, plots, runs, stats
 from .metrics import cost_points, dustbin_effect, require
 
 if TYPE_CHECKING:
@@ -429,7 +429,8 @@ def _strip_md(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- studies
-_RULE_WORDS = {"better": "significantly better than", "worse": "significantly worse than", "indistinguishable": "indistinguishable from"}
+_RULE_WORDS = {"better": "significantly better than", "worse": "significantly worse than", "indistinguishable": "indistinguishable from",
+               "equivalent": "equivalent (within the tie margin) to", "too few seeds": "not judged (too few seeds) against"}
 
 
 def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "top_confident", "moe")) -> str:
@@ -439,10 +440,15 @@ def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "
     summary = manifest["summary"]
     keys = manifest["keys"]
     seeds = manifest["definition"]["seeds"]
+    kinds = sorted({r.get("interval", "student t") for r in summary}) or ["two-level bootstrap"]
+    margin = next((r.get("tie_margin") for r in summary if r.get("tie_margin") is not None), stats.TIE_MARGIN)
     lines = [f"Study `{manifest.get('name', '')}`: {len(manifest['rows'])} runs ({len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
              f"per point; swept: {', '.join(f'`{k}`' for k in keys)}). Each gain is the mean across seeds with its 95% interval "
-             "(Student's t across seeds; with one seed, that seed's paired-bootstrap interval); in brackets, the seeds in which "
-             "McNemar's paired test on the test images found the rule significantly better / worse."]  # fmt: skip
+             f"({' / '.join(kinds)}: the two-level bootstrap resamples seeds and test images together, so it holds the test-set "
+             f"noise every seed shares); a verdict needs at least {stats.MIN_SEEDS} seeds and a p-value that survives Holm's "
+             f"correction over the study's {len(summary)} comparisons; an interval inside ±{margin * 100:.2g} points reads "
+             "'equivalent'. In brackets, the seeds in which McNemar's paired test on the test images found the rule significantly "
+             "better / worse."]  # fmt: skip
     points: dict[str, list[dict[str, Any]]] = {}
     for r in summary:
         points.setdefault(", ".join(f"{k}={r[k]}" for k in keys), []).append(r)
@@ -470,6 +476,10 @@ def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "
     if improving:
         lines.append(f"**Convergence:** in {len(improving)} of {len(manifest['rows'])} runs the generalist was still improving "
                      "(see each run's report): there a gain over the generalist partly measures an unfinished generalist.")  # fmt: skip
+    if len(seeds) < stats.MIN_SEEDS:
+        lines.append(f"**Answer:** too few seeds ({len(seeds)} < {stats.MIN_SEEDS}) for an across-seed verdict; read each seed's own "
+                     "paired test above, and rerun the study with more seeds (`--seeds 0 1 2 3 4`) to judge across seeds.")  # fmt: skip
+        return "\n\n".join(lines)
     lines.append("**Answer:** " + ("in at least one tested regime a rule beats the compute-matched generalist significantly across seeds."
                                    if any_better_cm else
                                    "in no tested regime does a rule beat the compute-matched generalist significantly across seeds."))  # fmt: skip

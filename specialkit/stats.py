@@ -28,6 +28,12 @@ from . import checks
 from .typing import Mask
 
 __all__ = [
+    "MIN_SEEDS",
+    "TIE_MARGIN",
+    "TwoLevel",
+    "two_level_bootstrap",
+    "holm",
+    "across_seed_verdict",
     "StatsError",
     "McNemar",
     "mcnemar",
@@ -183,4 +189,99 @@ def verdict(ci: tuple[float, float] | list[float] | None, p_value: float | None 
         return "better"
     if hi < 0 and significant:
         return "worse"
+    return "indistinguishable"
+
+
+# ----------------------------------------------------------------------------------------- across seeds
+MIN_SEEDS = 5
+"""Fewer seeds than this get no across-seed verdict: the between-seed spread is too poorly known."""
+
+TIE_MARGIN = 0.005
+"""Default equivalence margin (a proportion: 0.5 points of top-1): an interval inside ±margin reads "equivalent"."""
+
+
+@dataclass(frozen=True)
+class TwoLevel:
+    """The mean gain across seeds with an interval that holds both sources of variation.
+
+    Attributes:
+        mean: mean over seeds of the per-seed gain (a proportion).
+        lo, hi: the 95% percentile interval of the two-level bootstrap.
+        p_value: two-sided bootstrap p-value of "no gain" (the share of resamples on the other side of 0, doubled).
+        seeds: how many seeds.
+    """
+
+    mean: float
+    lo: float
+    hi: float
+    p_value: float
+    seeds: int
+
+
+def two_level_bootstrap(diffs: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> TwoLevel:
+    """Bootstrap the mean gain over seeds and test images together.
+
+    Each resample draws the seeds with replacement (the training noise) and, once for all seeds, the test
+    images with replacement (the test-set noise every seed shares, which a t interval over the per-seed gains
+    leaves out); the statistic is the mean over the drawn seeds of each seed's gain on the drawn images.
+
+    Args:
+        diffs: (S, N) per seed and test image, rule correct minus baseline correct (-1, 0 or 1), the same N
+            test images in the same order for every seed.
+        resamples: bootstrap resamples.
+        seed: of the resampling.
+
+    Returns:
+        :class:`TwoLevel`.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 1:
+        raise ValueError(f"diffs must be (seeds, test images) with both >= 1, got shape {d.shape}")
+    s, n = d.shape
+    rng = np.random.default_rng(seed)
+    boot = np.empty(resamples)
+    for start in range(0, resamples, 250):  # blocks keep the (block, N) image counts small
+        b = min(250, resamples - start)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)  # (b, N), shared by the seeds
+        per_seed = counts @ d.T / n  # (b, S)
+        pick = rng.integers(0, s, size=(b, s))
+        boot[start:start + b] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+    lo, hi = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
+    p = min(1.0, 2 * min((np.sum(boot <= 0) + 1) / (resamples + 1), (np.sum(boot >= 0) + 1) / (resamples + 1)))
+    return TwoLevel(mean=float(d.mean()), lo=float(lo), hi=float(hi), p_value=float(p), seeds=s)
+
+
+def holm(p_values: np.ndarray | list[float]) -> np.ndarray:
+    """Holm's step-down adjustment of p-values for the many comparisons of one study (family-wise error).
+
+    Args:
+        p_values: (K,) raw p-values (NaN entries are left NaN and do not count).
+
+    Returns:
+        (K,) adjusted p-values: compare each with ALPHA.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def across_seed_verdict(lo: float, hi: float, p_adjusted: float, seeds: int, *, margin: float = TIE_MARGIN) -> str:
+    """The reading of an across-seed gain: ``"too few seeds"`` below :data:`MIN_SEEDS`; ``"better"`` /
+    ``"worse"`` when the interval excludes 0 and the Holm-adjusted p is below ALPHA; ``"equivalent"`` when the
+    interval lies inside ±``margin``; else ``"indistinguishable"``."""
+    if seeds < MIN_SEEDS:
+        return "too few seeds"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "indistinguishable"
+    if p_adjusted < ALPHA and (lo > 0 or hi < 0):
+        return "better" if lo > 0 else "worse"
+    if margin > 0 and -margin < lo and hi < margin:
+        return "equivalent"
     return "indistinguishable"

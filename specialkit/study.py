@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from . import config as config_mod
 from . import runs
 from .config import ConfigError, PipelineConfig
@@ -61,6 +63,8 @@ class StudySpec:
         base: the settings every point starts from (a ``PipelineConfig`` as a dict).
         grid: setting -> the list of its values; points are the grid's cartesian product, in key order.
         seeds: the training seeds of every point.
+        jobs: runs at once.
+        tie_margin: the equivalence margin of the across-seed readings (a proportion; 0.005 = 0.5 points).
     """
 
     name: str
@@ -68,6 +72,7 @@ class StudySpec:
     grid: dict[str, list[Any]]
     seeds: tuple[int, ...] = (0,)
     jobs: int = field(default=1, compare=False)
+    tie_margin: float = field(default=0.005, compare=False)
 
     def definition(self) -> dict[str, Any]:
         """What ``study.json`` records and compares (the base without name/seeds/progress)."""
@@ -171,7 +176,7 @@ def _checked_grid(grid: Any, *, source: str) -> dict[str, list[Any]]:
 
 
 def make_spec(*, name: str, base: dict[str, Any], grid: Any, seeds: Sequence[int] | None, jobs: int = 1,
-              source: str = "study") -> StudySpec:  # fmt: skip
+              source: str = "study", tie_margin_points: float = 0.5) -> StudySpec:  # fmt: skip
     """A checked :class:`StudySpec`: every grid key known and sweepable, every point's settings accepted by
     ``PipelineConfig`` and every dataset name known -- all before any training.
 
@@ -184,11 +189,13 @@ def make_spec(*, name: str, base: dict[str, Any], grid: Any, seeds: Sequence[int
         raise StudyError(f"{source}: seeds {list(seeds)} list a seed more than once; give distinct seeds")
     if jobs < 1:
         raise StudyError(f"{source}: jobs={jobs}; run at least 1 job at once (--jobs 1)")
+    if isinstance(tie_margin_points, bool) or not isinstance(tie_margin_points, (int, float)) or not 0 <= tie_margin_points < 100:
+        raise StudyError(f"{source}: tie margin {tie_margin_points!r} must be a number of points in [0, 100), e.g. --tie-margin 0.5")
     try:
         base_cfg = PipelineConfig.from_dict({**base, "name": name, "seeds": None}, source=f"{source} (base)")
     except ConfigError as err:
         raise StudyError(f"{err}; fix the base settings") from err
-    spec = StudySpec(name=name, base=base_cfg.to_dict(), grid=grid, seeds=seeds, jobs=jobs)
+    spec = StudySpec(name=name, base=base_cfg.to_dict(), grid=grid, seeds=seeds, jobs=jobs, tie_margin=float(tie_margin_points) / 100)
     from . import data
 
     for point in spec.points():
@@ -223,7 +230,7 @@ def load_study_file(path: str | Path) -> dict[str, Any]:
         raise StudyError(f"{path} is not valid YAML ({err}); fix the file") from err
     if not isinstance(d, dict):
         raise StudyError(f"{path}: a study file is an object with name, base, grid, seeds")
-    unknown = sorted(set(d) - {"name", "base", "set", "grid", "seeds", "jobs"})
+    unknown = sorted(set(d) - {"name", "base", "set", "grid", "seeds", "jobs", "tie_margin"})
     if unknown:
         raise StudyError(f"{path}: unknown study key(s) {', '.join(unknown)}; a study file has name, base, set, grid, seeds, jobs")
     base = d.get("base") or {}
@@ -503,8 +510,11 @@ def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str],
         row["shared_stages"] = " ".join(runs.read_json(adopted_path)) if adopted_path.is_file() else ""
         row["torch_threads"] = " ".join(str(n) for n in stage_thread_counts(folder))
         rows.append(row)
+    outcomes = [run_outcomes(study.folder / r["run"]) for r in rows]
+    summary = metrics_mod.study_summary(rows, list(spec.grid), correct=outcomes, tie_margin=spec.tie_margin)
+    _two_level_columns(rows, summary, list(spec.grid))
     manifest = runs.read_json(study.folder / STUDY_FILE)
-    manifest.update({"rows": rows, "summary": metrics_mod.study_summary(rows, list(spec.grid)), "keys": list(spec.grid),
+    manifest.update({"rows": rows, "summary": summary, "keys": list(spec.grid),
                      "wall_seconds_last_invocation": round(time.perf_counter() - t0, 1)})  # fmt: skip
     manifest["warnings"] = [w for w in [mixed_threads_warning(rows)] if w]
     for w in manifest["warnings"]:
@@ -514,6 +524,26 @@ def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str],
     _write_csv(study.folder / "study.csv", rows)
     write_study_report(study.folder, manifest)
     return manifest
+
+
+def run_outcomes(folder: str | Path) -> dict[str, Any]:
+    """Per model and rule of the finished run in ``folder``, its (N,) bool outcome on each test image (what the
+    two-level bootstrap of :func:`metrics.study_summary` resamples); read from the run's saved predictions."""
+    from . import metrics as metrics_mod
+    from . import pipeline
+
+    run = pipeline.Run.open(folder, log=lambda s: None)
+    y = run.dataset().y_test.numpy()
+    return {name: np.asarray(p).argmax(axis=1) == y for name, p in metrics_mod.results_on_test(run).items()}
+
+
+def _two_level_columns(rows: list[dict[str, Any]], summary: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    """Copy each point's across-seed interval, Holm p and verdict into the rows of that point (study.csv)."""
+    for r in rows:
+        for s in summary:
+            if all(s[k] == r[k] for k in keys):
+                col = f"{s['rule']}_gain_vs_{s['baseline']}_across_seeds"
+                r[f"{col}_lo"], r[f"{col}_hi"], r[f"{col}_p_holm"], r[f"{col}_verdict"] = s["lo"], s["hi"], s["p_holm"], s["verdict"]
 
 
 def stage_thread_counts(folder: str | Path) -> list[int]:

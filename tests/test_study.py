@@ -6,11 +6,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from specialkit import cli, metrics, study
+from specialkit import cli, metrics, report, study
 from specialkit.config import PipelineConfig
 from specialkit.pipeline import runs_root
 
@@ -88,6 +89,10 @@ def test_study_rows_shared_generalist_and_resume(finished):
     kinds = {(r["k"], r["rule"], r["baseline"]) for r in manifest["summary"]}
     assert (2, "kl", "compute_matched") in kinds and (3, "moe", "generalist") in kinds
     assert all(r["seeds"] == 2 and r["lo"] <= r["mean"] <= r["hi"] for r in manifest["summary"])
+    # two seeds: the interval holds the test-set noise (two-level bootstrap), and no across-seed verdict is given
+    assert all(r["interval"] == "two-level bootstrap" and r["verdict"] == "too few seeds" for r in manifest["summary"])
+    assert "too few seeds (2 < 5)" in report.study_reading(manifest)
+    assert {"kl_gain_vs_generalist_across_seeds_lo", "kl_gain_vs_compute_matched_across_seeds_verdict"} <= set(rows.columns)
     page = (folder / "report.html").read_text()
     assert "gain against k" in page and "Plotly" in page
     # every stage records the thread count it ran with (--threads 1), and the rows carry it
@@ -234,3 +239,38 @@ def test_a_point_is_done_only_when_everything_it_writes_exists(tmp_path):
     assert study.point_is_done(run)
     (tmp_path / "study_seconds.json").unlink()
     assert not study.point_is_done(run)
+
+
+def test_two_level_interval_keeps_its_level_where_a_t_interval_over_seeds_does_not():
+    """Simulated studies with no true gain: each test image has its own fixed tendency (fixed by the rule, broken,
+    or neither) that every seed shares, and each seed flips a few images at random. The t-test over the 5 per-seed
+    gains ignores the shared test-set noise and calls a difference in about half the studies; the two-level
+    bootstrap in about 5%."""
+    from scipy import stats as st
+
+    from specialkit import stats
+
+    rng = np.random.default_rng(0)
+    calls_two, calls_t, studies = 0, 0, 200
+    for k in range(studies):
+        kind = rng.choice([-1.0, 0.0, 1.0], size=400, p=[0.1, 0.8, 0.1])
+        d = np.tile(kind, (5, 1))
+        flip = rng.random(d.shape) < 0.05
+        d[flip] = rng.choice([-1.0, 0.0, 1.0], size=int(flip.sum()))
+        two = stats.two_level_bootstrap(d, resamples=400, seed=k)
+        calls_two += two.lo > 0 or two.hi < 0
+        calls_t += st.ttest_1samp(d.mean(axis=1), 0.0).pvalue < 0.05
+    assert calls_two / studies <= 0.10 and calls_t / studies >= 0.3, (calls_two, calls_t)
+
+
+def test_holm_and_the_across_seed_verdict():
+    from specialkit import stats
+
+    adjusted = stats.holm([0.01, 0.04, 0.03, float("nan")])
+    np.testing.assert_allclose(adjusted[:3], [0.03, 0.06, 0.06])
+    assert np.isnan(adjusted[3])
+    assert stats.across_seed_verdict(0.01, 0.03, 0.001, 4) == "too few seeds"
+    assert stats.across_seed_verdict(0.01, 0.03, 0.001, 5) == "better"
+    assert stats.across_seed_verdict(0.01, 0.03, 0.2, 5) == "indistinguishable"  # Holm took the significance away
+    assert stats.across_seed_verdict(-0.002, 0.003, 0.5, 6, margin=0.005) == "equivalent"
+    assert stats.across_seed_verdict(-0.002, 0.008, 0.5, 6, margin=0.005) == "indistinguishable"
