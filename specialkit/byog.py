@@ -370,7 +370,7 @@ def skip_reason(source: Source | None, stage: str, *, value: str = "") -> str | 
     what = "file of predictions" if source.kind == "predictions" else "model"
     if stage == "compute_matched" and not source.has_head:
         return _NOT_TRAINABLE.format(value=value, kind=source.kind, what=what) + ", so there is no compute-matched generalist"
-    if stage == "distill" and not source.has_model:
+    if stage in ("distill", "hard_label_student") and not source.has_model:
         return (f"generalist_from={value!r} holds predictions only: the student's teacher needs the generalist on every "
                 "augmented training batch, so there is no distilled student")
     return None

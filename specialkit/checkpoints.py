@@ -124,7 +124,8 @@ def save_checkpoint(
     return path
 
 
-_STAGE_COMMANDS = {"generalist": "generalist", "compute_matched": "compute-matched", "distill": "distill", "specialists": "specialists"}
+_STAGE_COMMANDS = {"generalist": "generalist", "compute_matched": "compute-matched", "distill": "distill", "specialists": "specialists",
+                   "hard_label_student": "hard-label-student"}
 
 
 def _fix(path: Path) -> str:

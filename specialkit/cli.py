@@ -25,7 +25,7 @@ __all__ = ["main", "build_parser", "config_from_args"]
 
 _KNOBS: dict[str, tuple[type, str]] = cli_settings()
 """Setting -> (type, help) of its ``--flag``: every ``PipelineConfig`` field with a ``cli`` help in its metadata."""
-_STAGES = ("generalist", "clusters", "specialists", "compute-matched", "ensembles", "distill", "report")
+_STAGES = ("generalist", "clusters", "specialists", "compute-matched", "ensembles", "distill", "hard-label-student", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,7 +118,9 @@ class PipelineConfig:
     example-passes), ``student_init`` (``generalist``: the student starts from the generalist's
     weights when it has the generalist's architecture, and is fine-tuned on the ensemble's targets;
     ``scratch``), ``student_width``, ``student_depth``, ``student_epochs``,
-    ``distill_temperature``, ``distill_soft_weight``.
+    ``distill_temperature``, ``distill_soft_weight``, ``hard_label_control`` (default true: the stage
+    ``hard_label_student`` trains the student's control: the same start, epochs and learning rate on the hard
+    labels alone, so the report can tell distillation from extra training).
     Run: ``name``, ``device`` (``auto`` | ``cpu`` | ``cuda``), ``seed`` (training randomness),
     ``data_seed`` (the data: rendering, subset and split; fixed across ``seeds`` so every seed is
     scored on the same test images), ``seeds`` (several seeds: one run folder each, see
@@ -200,6 +202,7 @@ class PipelineConfig:
     student_epochs: int = _setting(6, "distill", cli="distilled student epochs")
     distill_temperature: float = _setting(4.0, "distill")
     distill_soft_weight: float = _setting(0.5, "distill")
+    hard_label_control: bool = _setting(True, "distill", in_key=False)
     device: str = _setting("auto", "run", cli="auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     seed: int = _setting(0, "generalist", cli="random seed")
     data_seed: int = _setting(0, "data")

@@ -59,7 +59,8 @@ __all__ = [
 ]
 
 BASELINE, MATCHED = "generalist", "compute_matched"
-NOT_RULES = (BASELINE, MATCHED, "student")
+CONTROL = "hard_label_student"
+NOT_RULES = (BASELINE, MATCHED, "student", CONTROL)
 
 
 def require(run: "Run", *stages: str) -> None:
@@ -401,6 +402,20 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(df.to_json(orient="records"))
 
 
+def correct_of(results: Mapping[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+    """name -> (N,) bool: each model's or rule's top-1 outcome on each test image."""
+    return {name: np.asarray(p).argmax(axis=1) == y for name, p in results.items()}
+
+
+def _paired(boot: stats.Bootstrap, correct: Mapping[str, np.ndarray], name: str, reference: str) -> dict[str, Any]:
+    """``name`` against ``reference`` on the same test images: the gain with its paired-bootstrap interval,
+    McNemar's p, the fixed/broken counts and the verdict."""
+    test = stats.mcnemar(correct[reference], correct[name])
+    ci = list(boot.gain_ci(name, reference))
+    return {"gain": float(correct[name].mean() - correct[reference].mean()), "ci": ci, "p": test.p_value,
+            "fixed": test.fixed, "broken": test.broken, "verdict": stats.verdict(ci, test.p_value)}  # fmt: skip
+
+
 def results_on_test(run: "Run") -> dict[str, np.ndarray]:
     """name -> (N_test, C) probabilities of every finished model and rule of the run (trains nothing)."""
     require(run, "generalist", "clusters", "specialists", "ensembles")
@@ -414,6 +429,9 @@ def results_on_test(run: "Run") -> dict[str, np.ndarray]:
     if not run.skip_reason("distill"):
         require(run, "distill")
         out["student"] = run.distill().test_probs
+    if not run.skip_reason(CONTROL):
+        require(run, CONTROL)
+        out[CONTROL] = run.hard_label_student().test_probs
     return out
 
 
@@ -443,6 +461,9 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
                                        if rows["kl"]["delta_top1"] > 0 else None)  # fmt: skip
         student["share_of_kl_gain_ci"] = list(boot.share_ci("student", BASELINE, "kl"))
         student["kl_gain_significant"] = rows["kl"]["vs_generalist"] == "better"
+    if student and CONTROL in rows:
+        student["vs_hard_label"] = _paired(boot, correct_of(results, y), "student", CONTROL)
+        student["hard_label_vs_generalist"] = _paired(boot, correct_of(results, y), CONTROL, BASELINE)
     from . import pipeline
 
     quality = clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class)

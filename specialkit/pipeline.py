@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Run", "ModelResult", "STAGES", "softmax", "runs_root", "open_run", "settings_table", "seed_runs", "run_seeds"]
 
-STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
+STAGES = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill", "hard_label_student")
 _KEYS = config_mod.stage_keys()
 """Stage -> the settings in its cache key, derived from the ``stage`` metadata of ``PipelineConfig``'s fields."""
 _SPLITS = ("train", "val", "test")
@@ -224,6 +224,8 @@ class Run:
     def skip_reason(self, stage: str) -> str | None:
         """Why ``stage`` is skipped in this run (a ``generalist_from`` that cannot be trained or has no model:
         :func:`byog.skip_reason`), or ``None`` when it runs."""
+        if stage == "hard_label_student" and not self.config.hard_label_control:
+            return "hard_label_control=false"
         return byog.skip_reason(self.generalist_source(), stage, value=self.config.generalist_from or "")
 
     def key(self, stage: str) -> str:
@@ -235,10 +237,11 @@ class Run:
                  "specialists": ["generalist", "clusters", "specialists"],
                  "compute_matched": ["generalist", "clusters", "specialists", "compute_matched"],
                  "ensembles": ["generalist", "clusters", "specialists", "ensembles"],
-                 "distill": ["generalist", "clusters", "specialists", "ensembles", "distill"]}[stage]  # fmt: skip
+                 "distill": ["generalist", "clusters", "specialists", "ensembles", "distill"],
+                 "hard_label_student": ["generalist", "distill"]}[stage]  # fmt: skip
         for s in chain:
             parts[s] = self._settings(s)
-        if stage != "generalist" and stage != "clusters":
+        if stage not in ("generalist", "clusters", "hard_label_student"):  # the control never sees the groups
             parts["spec"] = self.clusters().to_json()
         if stage == "ensembles":
             parts["rules_version"] = ENSEMBLE_RULES
@@ -758,22 +761,40 @@ class Run:
         if reason:
             raise ConfigError(f"{reason}; bring the model itself (torchvision:, torchscript: or export:) to distil")
         if not self.is_done("distill"):
-            ds = self.dataset()
-            mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
-            from_gen = (c.student_init == "generalist" and mc == self.model_config(num_classes=ds.num_classes)
-                        and self.scratch_reason() is None)  # fmt: skip
-            self.generalist()  # on a fresh run, train it first (its checkpoint is read below)
-            training.seed_everything(c.seed + 3000)
-            if from_gen:
-                model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]
-            else:
-                model = models.build_model(mc)
-            self.log(f"[distill] student initialised from {'the generalist' if from_gen else 'scratch'}")
-            tc = self.train_config(epochs=c.student_epochs, lr=c.lr * (0.3 if from_gen else 1.0), seed_offset=3000,
-                                   soft_weight=c.distill_soft_weight, temperature=c.distill_temperature)  # fmt: skip
-            return self._train_model("distill", model=model, model_config=mc, tc=tc,
-                                     teacher=self.ensemble_teacher() if c.distill_soft_weight > 0 else None)  # fmt: skip
+            return self._train_student("distill", teacher=self.ensemble_teacher() if c.distill_soft_weight > 0 else None)
         return self._load_model_result("distill")
+
+    def hard_label_student(self) -> ModelResult:
+        """Stage 6, the student's control: the student's start, epochs, learning rate and seed, trained on the hard
+        labels alone (no teacher). The student's gain over it is what distillation adds; its gain over the
+        generalist is what the extra training alone gives."""
+        reason = self.skip_reason("hard_label_student")
+        if reason:
+            raise ConfigError(f"{reason}: there is no hard-label control; set hard_label_control=true (and bring a model) to train it")
+        if not self.is_done("hard_label_student"):
+            return self._train_student("hard_label_student", teacher=None)
+        return self._load_model_result("hard_label_student")
+
+    def _train_student(self, stage: str, *, teacher: training.Teacher | None) -> ModelResult:
+        """A student of ``stage``: the generalist's weights (``student_init``) or scratch, ``student_epochs`` at the
+        generalist's lr (x 0.3 from the generalist), the soft term only with a ``teacher``."""
+        c = self.config
+        ds = self.dataset()
+        mc = self.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
+        from_gen = (c.student_init == "generalist" and mc == self.model_config(num_classes=ds.num_classes)
+                    and self.scratch_reason() is None)  # fmt: skip
+        self.generalist()  # on a fresh run, train it first (its checkpoint is read below)
+        training.seed_everything(c.seed + 3000)
+        if from_gen:
+            model = checkpoints.load_checkpoint(self.stage_dir("generalist") / "model.pt")[0]
+        else:
+            model = models.build_model(mc)
+        self.log(f"[{stage}] student initialised from {'the generalist' if from_gen else 'scratch'}"
+                 + ("" if teacher is not None else ", hard labels only"))  # fmt: skip
+        soft = c.distill_soft_weight if teacher is not None else 0.0
+        tc = self.train_config(epochs=c.student_epochs, lr=c.lr * (0.3 if from_gen else 1.0), seed_offset=3000,
+                               soft_weight=soft, temperature=c.distill_temperature)  # fmt: skip
+        return self._train_model(stage, model=model, model_config=mc, tc=tc, teacher=teacher)
 
     # ------------------------------------------------------------------ everything
     def preflight(self) -> None:

@@ -68,7 +68,7 @@ def reading(metrics: dict[str, Any]) -> str:
     ds = metrics["dataset"]
     lines = [f"On **{ds['name']}** ({ds['num_classes']} classes, {ds['test']} test images) the generalist reaches "
              f"**{_pct(gen['top1'])}** test top-1 {_ci(gen['top1_ci'])} (95% paired-bootstrap intervals throughout)."]  # fmt: skip
-    rules = [n for n in rows if n not in ("generalist", "compute_matched", "student")]
+    rules = [n for n in rows if n not in ("generalist", "compute_matched", "student", "hard_label_student")]
     for name in rules:
         r = rows[name]
         line = f"`{name}`: **{_pct(r['top1'])}** {_ci(r['top1_ci'])}; {_versus(r, 'generalist')}"
@@ -118,6 +118,8 @@ def reading(metrics: dict[str, Any]) -> str:
         elif "share_of_kl_gain_ci" in st:
             line += "; `kl`'s own gain is not significant, so the share of it the student keeps is not read"
         lines.append(line + ".")
+        if st.get("vs_hard_label"):
+            lines.append(control_reading(st))
     if metrics.get("convergence"):
         lines.append(convergence_reading(metrics["convergence"]))
     if metrics.get("specialist_fit"):
@@ -258,6 +260,24 @@ def _figures(run: "Run", metrics: dict[str, Any], manifest: dict[str, Any] | Non
     return figs
 
 
+def control_reading(student: dict[str, Any]) -> str:
+    """Which effect carries the student's gain: the hard-label control (same start, epochs and learning rate, no
+    teacher) against the generalist measures the extra training; the student against the control, distillation."""
+    vs, ctl = student["vs_hard_label"], student["hard_label_vs_generalist"]
+
+    def gap(d: dict[str, Any]) -> str:
+        return f"{d['gain'] * 100:+.2f} points {_ci(d['ci'], points=True)}, McNemar p = {_pval(d['p'])} ({d['fixed']} fixed, {d['broken']} broken)"
+
+    words = {"better": "better than", "worse": "worse than", "indistinguishable": "indistinguishable from"}
+    text = (f"**The student against its hard-label control** (the same start, epochs and learning rate on the hard labels "
+            f"alone): the control is {words[ctl['verdict']]} the generalist ({gap(ctl)}): that is what the extra training "
+            f"alone gives; the student is {words[vs['verdict']]} the control ({gap(vs)}): that is what distillation adds.")
+    if vs["verdict"] != "better":
+        text += (" So the ensemble's soft targets add nothing detectable here: any gain of the student over the generalist "
+                 "is the extra training's, not distillation's.")
+    return text
+
+
 def comparison_frame(metrics: dict[str, Any]) -> pd.DataFrame:
     """The comparison as a readable table: every accuracy with its interval, every difference with its
     interval, McNemar's p and the verdict (strings, for display)."""
@@ -352,6 +372,8 @@ def render_report(run: "Run", metrics: dict[str, Any]) -> str:
         kept = (f" It keeps {student['share_of_kl_gain'] * 100:.0f}% {_ci(student['share_of_kl_gain_ci'])} of kl's gain over the generalist."
                 if student.get("kl_gain_significant") and student.get("share_of_kl_gain") is not None
                 else " kl's own gain over the generalist is not significant, so the share the student keeps is not read.")  # fmt: skip
+    if student.get("vs_hard_label"):
+        kept += " " + control_reading(student).replace("**", "")
     quality = pd.DataFrame([metrics["clusters"]["quality"]])
     groups = pd.DataFrame([{"group": g, "classes": " ".join(c), "size": len(c)} for g, c in metrics["clusters"]["groups"].items()]).set_index("group")
     flops = pd.Series(metrics["cost"]["flops"] or {"flops": "not counted: a predictions-only generalist has no model"}).to_frame("value")

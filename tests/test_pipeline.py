@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from specialkit import cli, pipeline
@@ -49,7 +50,7 @@ def test_uninterrupted_run_writes_every_artifact(finished):
     assert not list(f.rglob("*.tmp")) and not list(f.rglob("state.pt"))
     metrics = json.loads((f / "metrics.json").read_text())
     names = [r["name"] for r in metrics["comparison"]]
-    assert names == ["generalist", "compute_matched", "kl", "top_confident", "moe", "student"]
+    assert names == ["generalist", "compute_matched", "kl", "top_confident", "moe", "student", "hard_label_student"]
     assert all(0.0 <= r["top1"] <= 1.0 for r in metrics["comparison"])
     assert all(r["nll"] >= 0 and math.isfinite(r["nll"]) and 0.0 <= r["ece"] <= 1.0 for r in metrics["comparison"])
     rows = {r["name"]: r for r in metrics["comparison"]}
@@ -72,6 +73,33 @@ def test_uninterrupted_run_writes_every_artifact(finished):
                     "95% CI", "McNemar", "compute-matched generalist"):
         assert heading in page
     assert page.count("Plotly.newPlot") >= 10 and '<script src="http' not in page  # plotly.js embedded: works offline
+
+
+def test_the_student_is_read_against_its_hard_label_control(finished):
+    """Issue 20: the student's gain is split into what the extra training gives (the hard-label control, same start,
+    epochs and lr, no teacher, against the generalist) and what distillation adds (the student against the control)."""
+    from specialkit import metrics, report
+
+    run = finished
+    control, student = run.hard_label_student(), run.distill()
+    assert control.examples_seen == student.examples_seen and len(control.history) == len(student.history)
+    assert not np.array_equal(control.logits["test"], student.logits["test"])  # the teacher changed the student
+    m = json.loads((run.folder / "metrics.json").read_text())
+    vs, ctl = m["student"]["vs_hard_label"], m["student"]["hard_label_vs_generalist"]
+    rows = {r["name"]: r for r in m["comparison"]}
+    assert vs["gain"] == pytest.approx(rows["student"]["top1"] - rows["hard_label_student"]["top1"])
+    assert ctl["gain"] == pytest.approx(rows["hard_label_student"]["delta_top1"])
+    assert vs["ci"][0] <= vs["gain"] <= vs["ci"][1] and vs["verdict"] in ("better", "worse", "indistinguishable")
+    assert "hard-label control" in report.reading(m) and "hard-label control" in (run.folder / "report.html").read_text()
+    # cached like every stage, and it depends on neither the groups nor the specialists
+    stamp = (run.stage_dir("hard_label_student") / "done.json").stat().st_mtime_ns
+    run.ensure("hard_label_student")
+    assert (run.stage_dir("hard_label_student") / "done.json").stat().st_mtime_ns == stamp
+    other_k = pipeline.Run(run.folder.parent / "other-k", run.config.replace(k=3), log=lambda s: None)
+    assert other_k.key("hard_label_student") == run.key("hard_label_student") != run.key("distill")
+    assert "hard_label_student" in metrics.NOT_RULES  # a control, never read as a combination rule in studies
+    off = pipeline.Run(run.folder.parent / "off", run.config.replace(hard_label_control=False), log=lambda s: None)
+    assert off.skip_reason("hard_label_student") == "hard_label_control=false"
 
 
 def test_killed_in_specialist_stage_resumes_to_the_same_numbers(finished, tmp_path):
