@@ -117,7 +117,7 @@ def test_corrupt_checkpoint_advice_followed_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["generalist", "--run", str(run.folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "corrupt" in err
-    target = Path(re.search(r"delete (\S+) and rerun the same command", err).group(1))
+    target = Path(re.search(r"delete (\S+) and run `specialkit generalist --run ", err).group(1))
     assert target == model
     target.unlink()  # follow the advice
     assert cli.main(["generalist", "--run", str(run.folder)]) == 0
