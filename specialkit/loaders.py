@@ -760,6 +760,11 @@ def _image_folder_size(size: object, first: Path) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
+def _has_train_test(folder: Path) -> bool:
+    """Whether ``folder`` holds ``train/`` and ``test/`` folders of class folders (e.g. CIFAR-10 as JPEGs)."""
+    return all((folder / split).is_dir() and any(p.is_dir() for p in (folder / split).iterdir()) for split in ("train", "test"))
+
+
 def load_imagefolder(
     *,
     root: str | Path | None = None,
@@ -774,7 +779,9 @@ def load_imagefolder(
     Class names are the sorted folder names (hidden folders are skipped). A stratified share
     ``test_fraction`` of every class becomes the test split (drawn with a seed of its own, so it
     does not depend on ``per_class`` or ``val_fraction``); the rest is subset and split into
-    train/val. Only the images a split uses are decoded.
+    train/val. When ``root`` holds ``train/<class>/`` and ``test/<class>/`` instead (CIFAR-10 as JPEG
+    files, say), ``test/`` is the test split as given and train/val come from ``train/``. Only the
+    images a split uses are decoded.
 
     Args:
         root: the folder holding the class folders (required).
@@ -784,7 +791,7 @@ def load_imagefolder(
             16-bit and float images are scaled to 8 bits, transparency is composited over white);
             ``size`` (int or (H, W): every image is resized to it; default a square whose side is the
             longer side of the first image, stated in ``Dataset.summary()``); ``test_fraction``
-            (default 0.2); ``workers`` (decoding threads, default ``min(8, cpu_count)``).
+            (default 0.2; not with train/ and test/ folders); ``workers`` (decoding threads, default ``min(8, cpu_count)``).
     """
     del download
     _reject_options("imagefolder", options, ("channels", "size", "test_fraction", "workers", *STREAM_OPTIONS))
@@ -796,12 +803,25 @@ def load_imagefolder(
     test_fraction = float(options.get("test_fraction", 0.2))  # type: ignore[arg-type]
     _check_fraction("imagefolder", "test_fraction", test_fraction)
     _check_fraction("imagefolder", "val_fraction", val_fraction)
-    class_names, paths, labels = _scan_image_folder(Path(root).expanduser())
-    check_inside_root("imagefolder", Path(root), {"all": (paths, labels)})
-    rest, test = split_train_val(labels, test_fraction, seed=seed + _TEST_SEED_OFFSET)
-    train, val = _train_val_indices(labels[rest], per_class=per_class, val_fraction=val_fraction, seed=seed)
-    parts = {"train": rest[train], "val": rest[val], "test": test}
-    splits = {split: _pick(paths, labels, idx) for split, idx in parts.items()}
+    folder = Path(root).expanduser()
+    if _has_train_test(folder):  # root/train/<class>/*, root/test/<class>/*: the test split is the given one
+        if "test_fraction" in options:
+            raise DatasetError(f"imagefolder: {folder} has train/ and test/ folders, so its test split is given; drop test_fraction")
+        class_names, paths, labels = _scan_image_folder(folder / "train")
+        test_names, test_paths, y_test = _scan_image_folder(folder / "test")
+        if test_names != class_names:
+            raise DatasetError(f"imagefolder: {folder / 'test'} has the classes {list(test_names)[:5]}..., {folder / 'train'} "
+                               f"{list(class_names)[:5]}...; give both the same class folders")  # fmt: skip
+        check_inside_root("imagefolder", folder, {"train": (paths, labels), "test": (test_paths, y_test)})
+        train, val = _train_val_indices(labels, per_class=per_class, val_fraction=val_fraction, seed=seed)
+        splits = {"train": _pick(paths, labels, train), "val": _pick(paths, labels, val), "test": (test_paths, y_test)}
+    else:
+        class_names, paths, labels = _scan_image_folder(folder)
+        check_inside_root("imagefolder", folder, {"all": (paths, labels)})
+        rest, test = split_train_val(labels, test_fraction, seed=seed + _TEST_SEED_OFFSET)
+        train, val = _train_val_indices(labels[rest], per_class=per_class, val_fraction=val_fraction, seed=seed)
+        parts = {"train": rest[train], "val": rest[val], "test": test}
+        splits = {split: _pick(paths, labels, idx) for split, idx in parts.items()}
     return _files_dataset(
         "imagefolder",
         class_names,

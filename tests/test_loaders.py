@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -447,3 +448,19 @@ def test_tiny_imagenet_bad_annotation_and_missing_class(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="holds no images") as err:
         data.load("tiny_imagenet", root=tmp_path)
     assert "n01000001" in str(err.value)
+
+
+def test_imagefolder_with_train_and_test_folders_keeps_the_given_test_split(tmp_path: Path) -> None:
+    """CIFAR-10 as JPEG files: root/train/<class>/ and root/test/<class>/; test/ is held out as given."""
+    root = tmp_path / "cifar"
+    write_imagefolder(root / "train", per_class=10)
+    write_imagefolder(root / "test", per_class=4)
+    ds = data.load("imagefolder", root=root, per_class=6, val_fraction=0.5, seed=0)
+    n_classes = len(IMAGEFOLDER_CLASSES)
+    assert ds.num_classes == n_classes and len(ds.y_test) == 4 * n_classes + 1  # write_imagefolder adds one odd image
+    assert len(ds.y_train) + len(ds.y_val) == 6 * n_classes
+    with pytest.raises(DatasetError, match="drop test_fraction"):
+        data.load("imagefolder", root=root, test_fraction=0.3)
+    shutil.rmtree(root / "test" / IMAGEFOLDER_CLASSES[0])
+    with pytest.raises(DatasetError, match="give both the same class folders"):
+        data.load("imagefolder", root=root)
