@@ -429,8 +429,7 @@ def results_on_test(run: "Run") -> dict[str, np.ndarray]:
     if not run.skip_reason("distill"):
         require(run, "distill")
         out["student"] = run.distill().test_probs
-    if not run.skip_reason(CONTROL):
-        require(run, CONTROL)
+    if not run.skip_reason(CONTROL) and run.is_done(CONTROL):  # the control joins when trained (run_all trains it)
         out[CONTROL] = run.hard_label_student().test_probs
     return out
 
