@@ -396,7 +396,8 @@ class ClusterSpec:
 
 def check_trainable(spec: ClusterSpec, *, where: str = "the cluster spec") -> ClusterSpec:
     """Raise unless every group has at least 2 classes: a one-class specialist only ever sees its class
-    against the dustbin, cannot tell it apart from anything, and drags the ``kl`` ensemble down.
+    against the dustbin, cannot tell it apart from anything, and drags the ``kl`` ensemble down. A group
+    of every class is refused too (its dustbin is empty), naming the settings that fix it (``k``, ``overlap``).
 
     Returns ``spec`` for chaining.
     """
@@ -406,6 +407,14 @@ def check_trainable(spec: ClusterSpec, *, where: str = "the cluster spec") -> Cl
         raise ClusterSpecError(
             f"{where}: group(s) {shown}{' ...' if len(small) > 5 else ''} have fewer than 2 classes; a specialist "
             f"needs at least 2 classes to learn anything — add a confusable class to each such group or remove it"
+        )
+    full = [g for g, m in spec.groups.items() if len(m) >= spec.num_classes]
+    if full:
+        raise ClusterSpecError(
+            f"{where}: group(s) {', '.join(repr(g) for g in full[:5])} hold all {spec.num_classes} classes, so a specialist's "
+            f"dustbin is empty and it is only a generalist — with computed clusters raise k or set overlap to 'none' "
+            f"(or lower top_r / max_group_size), e.g. --k {max(2, spec.num_classes // 2)} --overlap none; in a spec "
+            f"file split the group"
         )
     return spec
 

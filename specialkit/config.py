@@ -143,7 +143,9 @@ class PipelineConfig:
     label_smoothing: float = _setting(0.0, "generalist")
     generalist_from: str | None = _setting(None, "generalist", in_key=False,
                                            cli="bring your own generalist, no training: torchvision:<arch>:<weights.pth> | "
-                                               "torchscript:<model.pt> | export:<model.pt2> | predictions:<preds.npz>")  # fmt: skip
+                                               "torchscript:<model.pt> | export:<model.pt2> | predictions:<preds.npz> "
+                                               "(a torchscript/export file runs its own code: bring only files you trust; "
+                                               "prefer torchvision: weights)")  # fmt: skip
     generalist_normalize: str = _setting("imagenet", "generalist", in_key=False, choices=("imagenet", "none"),
                                          cli="input normalisation of a generalist_from model: imagenet | none")
     generalist_input_size: int | None = _setting(None, "generalist", in_key=False,

@@ -427,6 +427,7 @@ class Run:
             if source.kind == "torchvision":
                 model = byog.load_torchvision(source, mc)
             elif source.has_model:
+                self.log(f"[generalist] {byog.code_warning(source)}")
                 model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size)
             if model is None:
                 logits = byog.load_predictions(source.path, labels={s: ds.split(s)[1].numpy() for s in ("val", "test")},
@@ -456,6 +457,7 @@ class Run:
             folder, c = self.stage_dir("generalist"), self.config
             model = None
             if source.has_model:
+                self.log(f"[generalist] {byog.code_warning(source)}")
                 model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size,
                                            path=folder / f"model.{source.kind}")  # fmt: skip
             logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in _SPLITS if (folder / f"logits_{s}.npy").is_file()}

@@ -278,7 +278,15 @@ class Study:
         from . import pipeline
 
         point = self.spec.points()[point_index]
-        return pipeline.Run(self.run_folder(point, seed), self.spec.config(point, seed), log=log)
+        folder = self.run_folder(point, seed)
+        try:
+            return pipeline.Run(folder, self.spec.config(point, seed), log=log)
+        except ConfigError as err:  # its advice (`specialkit run --overwrite`) is not a study's: a study never overwrites
+            if "overwrite" not in str(err):
+                raise
+            what = str(err).split("; open the run")[0].split("; fix it, or pass")[0]
+            raise StudyError(f"{what}; a study does not overwrite its points: move {folder} away to retrain that point, "
+                             "or use another --name") from err
 
     def donors(self) -> list[Path]:
         """Every run folder of the study (candidates to adopt finished stages from)."""
@@ -415,11 +423,39 @@ def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]
                 stages = [st for st in _PHASE_STAGES[phase] if st != "compute_matched" or run.config.compute_matched]
                 run.ensure(*stages)
             else:
-                if not (run.folder / "metrics.json").is_file() or not run.is_done("distill"):
+                missing = point_missing(run)
+                if missing:
+                    trained = "metrics.json" in missing or "distill" in missing
                     run.run_all()
-                    runs.atomic_write_json(run.folder / "study_seconds.json", {"seconds": round(time.perf_counter() - t0, 2)})
+                    if trained or "study_seconds.json" in missing:
+                        runs.atomic_write_json(run.folder / "study_seconds.json", _seconds_record(t0, trained=trained))
         done.append(str(run.folder))
     return done
+
+
+def point_missing(run: Any) -> list[str]:
+    """What a study point still lacks: its finished ``distill`` stage, ``metrics.json``, ``report.html`` (when the
+    run writes one) and ``study_seconds.json``. A point is done only when this is empty (a study killed between
+    ``metrics.json`` and the report is completed on rerun, not skipped).
+
+    Args:
+        run: the point's :class:`pipeline.Run`.
+
+    Returns:
+        The missing pieces, in the order they are written; empty when the point is done.
+    """
+    missing = [] if run.is_done("distill") else ["distill"]
+    files = ["metrics.json", "report.html", "study_seconds.json"]
+    missing += [f for f in files if not (run.folder / f).is_file() and (f != "report.html" or run.config.html_report)]
+    return missing
+
+
+def _seconds_record(t0: float, *, trained: bool) -> dict[str, Any]:
+    """``study_seconds.json``: the point's time when this invocation trained it; else no time (it finished in an
+    earlier, killed invocation whose time was never recorded), said so rather than a small wrong number."""
+    if trained:
+        return {"seconds": round(time.perf_counter() - t0, 2)}
+    return {"seconds": None, "note": "finished by an earlier invocation that was stopped before recording its time"}
 
 
 def _log(text: str) -> None:
