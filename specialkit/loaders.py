@@ -503,6 +503,40 @@ def _pick(paths: Sequence[Path], labels: torch.Tensor, idx: torch.Tensor) -> tup
     return [paths[i] for i in idx.tolist()], labels[idx].clone()
 
 
+def _escaping_link(path: Path, root: Path, real_root: Path) -> Path:
+    """The symlink on the way from ``root`` to ``path`` (or ``path`` itself) whose target leaves ``real_root``."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return path
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink() and not current.resolve().is_relative_to(real_root):
+            return current
+    return path
+
+
+def _check_inside_root(name: str, root: Path, paths: Sequence[Path]) -> None:
+    """Refuse image files that resolve outside the data root (a symlink leaving it), naming link and target.
+
+    Both the in-memory and the streaming paths read exactly these files, so one check covers both. Each folder is
+    resolved once. Decided: refuse rather than warn, since a dataset folder could otherwise make the kit read any
+    file the user can read; a root that is itself a symlink is fine (it is resolved first).
+    """
+    real_root = root.resolve()
+    folders: dict[Path, Path] = {}
+    for path in paths:
+        parent = folders.get(path.parent)
+        if parent is None:
+            parent = folders[path.parent] = path.parent.resolve()
+        real = path.resolve() if path.is_symlink() else parent / path.name
+        if not real.is_relative_to(real_root):
+            link = _escaping_link(path, root, real_root)
+            raise DatasetError(f"{name}: {link} is a symlink to {link.resolve()}, outside the data root {real_root}; the kit "
+                               "reads only files inside the root: copy the files in, or pass the folder that holds them as root")
+
+
 def _files_dataset(
     name: str,
     class_names: tuple[str, ...],
@@ -514,12 +548,15 @@ def _files_dataset(
     hflip: bool,
     streaming: Mapping[str, object] | None = None,
     crop: bool = False,
+    root: Path | None = None,
 ) -> Dataset:
     """The files of every split (``"train"/"val"/"test"`` -> (files (N,), labels (N,))) as a Dataset: decoded
     into memory, or left on disk as :class:`~specialkit.streaming.ImageFiles` when ``streaming`` (the
     :data:`STREAM_OPTIONS` given to the loader) says so or the decoded images would not fit the memory budget."""
     from . import streaming as st
 
+    if root is not None:
+        _check_inside_root(name, root, [p for paths, _ in splits.values() for p in paths])
     opts = dict(streaming or {})
     n_images = sum(len(paths) for paths, _ in splits.values())
     keep = st.choose_in_memory(st.decoded_bytes(n_images, channels, size), in_memory=opts.get("in_memory"),  # type: ignore[arg-type]
@@ -690,6 +727,7 @@ def load_tiny_imagenet(
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
         hflip=True,
         streaming=_stream_options(options),
+        root=folder,
     )
 
 
@@ -781,6 +819,7 @@ def load_imagefolder(
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
         hflip=True,
         streaming=_stream_options(options),
+        root=Path(root).expanduser(),
     )
 
 
@@ -877,7 +916,21 @@ def _imagenet_val_csv(csv_path: Path, val: Path, index: Mapping[str, int]) -> tu
         labels.append(index[wnid])
     if not paths:
         raise DatasetError(f"imagenet: {csv_path} lists no images; {fix}")
+    _check_all_listed(csv_path, val, set(paths))
     return paths, torch.tensor(labels, dtype=torch.int64)
+
+
+def _check_all_listed(csv_path: Path, val: Path, listed: set[Path]) -> None:
+    """Refuse a ``val/`` holding images the CSV does not label: the test split would shrink without a word.
+
+    Decided: refuse rather than warn: every test number would be computed on a subset the user did not choose.
+    """
+    unlisted = [p for p in _image_files(val) if p not in listed]
+    if unlisted:
+        total = len(listed) + len(unlisted)
+        raise DatasetError(f"imagenet: {csv_path} labels {len(listed)} of the {total} images in {val} ({len(unlisted)} unlisted, "
+                           f"e.g. {unlisted[0].name}), so the test split would shrink to {len(listed)}: use the full "
+                           "LOC_val_solution.csv, or move the unlisted images out of val/ to test on a subset")
 
 
 def _imagenet_test(folder: Path, root: Path, index: Mapping[str, int]) -> tuple[list[Path], torch.Tensor]:
@@ -935,5 +988,5 @@ def load_imagenet(
     return _files_dataset(
         "imagenet", class_names, splits, channels=3, size=(size, size), crop=True,
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
-        hflip=True, streaming=_stream_options(options),
+        hflip=True, streaming=_stream_options(options), root=Path(root).expanduser(),  # type: ignore[arg-type]
     )  # fmt: skip
