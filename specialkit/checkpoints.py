@@ -124,7 +124,18 @@ def save_checkpoint(
     return path
 
 
+_STAGE_FOLDERS = ("generalist", "specialists", "compute_matched", "distill")
+
+
 def _fix(path: Path) -> str:
+    """The advice for an unusable checkpoint: delete it and run the stage command that retrains it (named when
+    ``path`` lies in a run folder's stage folder; "the same command" may be one that only reads the stage)."""
+    path = Path(path)
+    for folder in path.parents:
+        if folder.name in _STAGE_FOLDERS and (folder.parent / "config.json").is_file():
+            return (f"delete {path} and rerun the same command when it is `specialkit {folder.name.replace('_', '-')}` or "
+                    f"`run` (they retrain that stage); after any other command run `specialkit "
+                    f"{folder.name.replace('_', '-')} --run {folder.parent}` first")
     return f"delete {path} and rerun the same command (the stage that wrote it retrains it)"
 
 

@@ -232,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"specialkit: error: {err}", file=sys.stderr)
         return 1 if isinstance(err.__cause__, OSError) else 2  # 1: the file system refused; 2: bad input
     except RuntimeError as err:
+        from .metrics import MissingStageError
+
+        if isinstance(err, MissingStageError):  # a stage to run first, not a crash: one line naming it and its command
+            print(f"specialkit: error: {err}", file=sys.stderr)
+            return 2
         if not _under_torchrun():
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]

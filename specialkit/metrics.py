@@ -70,8 +70,9 @@ def require(run: "Run", *stages: str) -> None:
     for stage in stages:
         if not run.is_done(stage):
             raise MissingStageError(
-                f"run {run.folder} has no finished '{stage}' stage: run `specialkit run --config {run.folder / 'config.json'}` "
-                f"(or `Run.open(...).{stage}()` in a notebook) first"
+                f"run {run.folder} has no finished '{stage}' stage (never run, or a file it lists is missing or changed): "
+                f"run `specialkit {stage.replace('_', '-')} --run {run.folder}` to train it (`specialkit run` with the run's "
+                f"settings trains every stage; `Run.open(...).{stage}()` in a notebook), then this command again"
             )
 
 
