@@ -413,8 +413,7 @@ def check_trainable(spec: ClusterSpec, *, where: str = "the cluster spec") -> Cl
         raise ClusterSpecError(
             f"{where}: group(s) {', '.join(repr(g) for g in full[:5])} hold all {spec.num_classes} classes, so a specialist's "
             f"dustbin is empty and it is only a generalist — with computed clusters raise k or set overlap to 'none' "
-            f"(or lower top_r / max_group_size), e.g. --k {max(2, spec.num_classes // 2)} --overlap none; in a spec "
-            f"file split the group"
+            f"(or lower top_r / max_group_size), e.g. --overlap none; in a spec file split the group"
         )
     return spec
 
