@@ -9,13 +9,12 @@ The setting ``generalist_from`` names the source, as ``<kind>:<...>``:
   initialised from it (head surgery on ``fc``/``classifier[-1]``/``head``), the compute-matched
   generalist and the student fine-tune it.
 * ``torchscript:<file>`` -- ``torch.jit.load``; ``export:<file.pt2>`` -- ``torch.export.load(...).module()``.
+  **Such a file is a program, not weights**: loading and running it runs whatever code it holds, with your
+  permissions (as ``torch.load`` without ``weights_only`` would); the kit says so in the log each time it
+  loads one. Bring only files you trust; prefer ``torchvision:`` (weights only, ``weights_only=True``).
   The kit runs it for its predictions; it cannot cut its head, so specialists train from scratch
   (the run's ``model``/``width``/``depth``, or ``specialist_*``) and there is no compute-matched
   generalist (the reason is logged and recorded in ``metrics.json``, key ``skipped``).
-  **A TorchScript or export file is a program, not data**: loading and running it executes the code its
-  author put in it (it can read and write files with your permissions), as the torch docs warn for
-  ``torch.load``. Bring only files you trust as you would trust a script; prefer ``torchvision:`` weights,
-  which load with ``weights_only=True`` and run only the kit's code. The log says so when such a model loads.
 * ``predictions:<file.npz>`` -- predictions only (:func:`load_predictions`: ``val_probs`` or
   ``val_logits``, ``test_probs`` or ``test_logits``, ``val_labels``, ``test_labels``, optionally
   ``class_names``). Enough for the confusion, clusters, specialists (from scratch), Table 3/4 and the
@@ -31,8 +30,10 @@ Input of a model (kinds ``torchvision``, ``torchscript``, ``export``): the datas
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from .config import ConfigError
 
 __all__ = ["KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "GeneralistSourceError", "Source", "parse_source", "file_sha256",
            "normalisation", "torchvision_config", "load_torchvision", "ScriptedGeneralist", "load_scripted",
-           "load_predictions", "save_predictions", "code_warning", "check_outputs", "skip_reason", "scratch_reason"]
+           "load_predictions", "save_predictions", "skip_reason", "scratch_reason"]
 
 KINDS = ("torchvision", "torchscript", "export", "predictions")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -195,27 +196,30 @@ class ScriptedGeneralist(nn.Module):
         return self
 
 
-def code_warning(source: Source) -> str | None:
-    """The warning logged when ``source`` is a model that runs its own code (``torchscript``/``export``), else ``None``.
+SCRIPTED_WARNING = ("warning: {path} is a {kind} program: loading and running it runs the code it holds with your "
+                    "permissions; bring only files you trust (torchvision:<arch>:<weights> loads weights only)")
+
+
+def load_scripted(source: Source, *, normalize: str, input_size: int | None, path: Path | None = None,
+                  log: Callable[[str], None] | None = None) -> ScriptedGeneralist:  # fmt: skip
+    """Load a ``torchscript`` or ``export`` source (from ``path`` when given, e.g. the run's copy).
 
     Args:
         source: the parsed ``generalist_from``.
+        normalize: ``imagenet`` or ``none`` (see the module docstring).
+        input_size: resize images to this side first, or ``None``.
+        path: the file to load instead of ``source.path``.
+        log: where the warning that the file runs its own code goes (``None``: :func:`warnings.warn`).
 
     Returns:
-        One line naming the file and what trusting it means, or ``None`` for ``torchvision``/``predictions``.
-    """
-    if source.kind not in ("torchscript", "export"):
-        return None
-    return (f"warning: {source.kind} model {source.path} runs its own code when loaded and run (it can read and write "
-            "files with your permissions): bring only files you trust; torchvision:<arch>:<weights> loads weights only")
-
-
-def load_scripted(source: Source, *, normalize: str, input_size: int | None, path: Path | None = None) -> ScriptedGeneralist:
-    """Load a ``torchscript`` or ``export`` source (from ``path`` when given, e.g. the run's copy).
-
-    The file is a program: it runs its own code (see :func:`code_warning`); load only files you trust.
+        The model behind the kit's input convention, in eval mode.
     """
     path = path or source.path
+    message = "[generalist] " + SCRIPTED_WARNING.format(path=path, kind=source.kind)
+    if log is None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    else:
+        log(message)
     try:
         if source.kind == "torchscript":
             net = torch.jit.load(str(path), map_location="cpu")
@@ -235,36 +239,11 @@ def check_outputs(logits: np.ndarray, *, path: Path, split: str, num_classes: in
     if logits.ndim != 2 or logits.shape[1] != num_classes or logits.shape[0] != rows:
         raise GeneralistSourceError(f"{path} gives outputs of shape {tuple(logits.shape)} on the {split} split, expected ({rows}, "
                                     f"{num_classes}) for the dataset's {num_classes} classes: bring a model over the dataset's classes")
-    bad = int((~np.isfinite(logits)).any(axis=1).sum())
-    if bad:
-        raise GeneralistSourceError(f"{path} gives NaN or infinite outputs for {bad} of {rows} images of the {split} split; "
-                                    "nothing was saved: bring a model whose outputs are finite on the dataset's images")
-
-
-def _npz_array(z: "np.lib.npyio.NpzFile", key: str, path: Path) -> np.ndarray:
-    """``z[key]`` without pickles; an object array (which would need them) is one clear error naming file and key."""
-    try:
-        return z[key]
-    except ValueError as err:
-        if "allow_pickle" not in str(err):
-            raise
-        raise GeneralistSourceError(f"predictions file {path}: {key} is an object array (it would need pickle, which the kit "
-                                    "never loads); save plain numeric arrays, e.g. np.asarray(x, dtype=np.float32)") from err
-
-
-def _integer_labels(theirs: np.ndarray, *, key: str, path: Path) -> np.ndarray:
-    """Labels as int64; refuse non-numeric ones and non-whole values (3.4 is not class 3)."""
-    if theirs.dtype.kind in "iu":
-        return theirs.astype(np.int64)
-    if theirs.dtype.kind not in "fb" or theirs.ndim != 1:
-        raise GeneralistSourceError(f"predictions file {path}: {key} has dtype {theirs.dtype}; save whole class indices "
-                                    "(np.int64), one per image")
-    whole = np.isfinite(theirs) & (theirs == np.round(theirs))
-    if not whole.all():
-        i = int(np.flatnonzero(~whole)[0])
-        raise GeneralistSourceError(f"predictions file {path}: {key} holds non-whole labels (row {i}: {theirs[i]!r}); "
-                                    "save whole class indices (np.int64), one per image")
-    return theirs.astype(np.int64)
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise GeneralistSourceError(f"{path} gives NaN or infinite outputs for {int(bad.sum())} of {rows} images of the {split} split "
+                                    f"(first: row {int(np.flatnonzero(bad)[0])}): nothing was saved; check the model and its input "
+                                    "settings (generalist_normalize, generalist_input_size)")
 
 
 def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -292,7 +271,7 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
     c = len(class_names)
     with z:
         if "class_names" in z.files:
-            theirs = tuple(str(s) for s in _npz_array(z, "class_names", path))
+            theirs = tuple(str(s) for s in z["class_names"])
             if theirs != tuple(class_names):
                 raise GeneralistSourceError(f"predictions file {path}: its class_names ({len(theirs)} classes, {list(theirs[:5])}...) "
                                             f"differ from the dataset's ({c} classes, {list(class_names[:5])}...): write the columns "
@@ -303,19 +282,14 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
             if key is None or f"{split}_labels" not in z.files:
                 raise GeneralistSourceError(f"predictions file {path} lacks {split}_probs (or {split}_logits) and {split}_labels "
                                             f"(it holds {', '.join(z.files) or 'nothing'}): save both for the val and test splits")
-            p, theirs = _npz_array(z, key, path), np.asarray(_npz_array(z, f"{split}_labels", path))
-            if p.dtype.kind not in "iufb":
-                raise GeneralistSourceError(f"predictions file {path}: {key} has dtype {p.dtype}; save numbers "
-                                            "(np.float32 probabilities or logits)")
-            p = np.asarray(p, dtype=np.float64)
+            p, theirs = _number_array(z, key, path).astype(np.float64), _labels(_number_array(z, f"{split}_labels", path), path, split)
             if p.ndim != 2 or p.shape[1] != c:
                 raise GeneralistSourceError(f"predictions file {path}: {key} has shape {p.shape}, i.e. {p.shape[-1]} classes, the "
                                             f"dataset has {c} classes: give one column per class, in the dataset's class order")
             if len(p) != len(theirs) or len(theirs) != len(y):
                 raise GeneralistSourceError(f"predictions file {path}: {key} has {len(p)} rows, {split}_labels {len(theirs)}, the "
                                             f"dataset's {split} split {len(y)} images: predict every image of the split, in its order")
-            theirs = _integer_labels(theirs, key=f"{split}_labels", path=path)
-            if not np.array_equal(theirs, np.asarray(y, dtype=np.int64)):
+            if not np.array_equal(np.asarray(theirs, dtype=np.int64), np.asarray(y, dtype=np.int64)):
                 i = int(np.flatnonzero(np.asarray(theirs) != np.asarray(y))[0])
                 raise GeneralistSourceError(f"predictions file {path}: {split}_labels differ from the dataset's {split} labels (row {i}: "
                                             f"{theirs[i]} there, {int(y[i])} in the dataset): the rows must follow the dataset's "
@@ -329,6 +303,31 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
                 p = np.log(np.clip(p, 1e-12, None))
             out[split] = p.astype(np.float32)
     return out
+
+
+def _number_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """``z[key]`` as a plain numeric array; object arrays (pickles) and strings are refused naming the key."""
+    try:
+        a = z[key]
+    except ValueError as err:  # numpy refuses object arrays when allow_pickle=False
+        raise GeneralistSourceError(f"predictions file {path}: {key} holds Python objects (an object array), which the kit never "
+                                    f"unpickles: save plain numbers, e.g. numpy.savez(path, {key}=numpy.asarray(x, dtype=float))") from err
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise GeneralistSourceError(f"predictions file {path}: {key} holds {a.dtype} values, not numbers: save numbers")
+    return a
+
+
+def _labels(a: np.ndarray, path: Path, split: str) -> np.ndarray:
+    """(N,) class indices: whole numbers only (3.0 is 3; 3.4, NaN and infinities are refused, never truncated
+    or cast to a meaningless integer)."""
+    if not np.issubdtype(a.dtype, np.integer):
+        frac = np.flatnonzero(~np.isfinite(a) | (a != np.round(a))) if a.size else np.array([], dtype=int)
+        if len(frac):
+            i = int(frac[0])
+            raise GeneralistSourceError(f"predictions file {path}: {split}_labels holds values that are not whole numbers "
+                                        f"({len(frac)} of them; row {i}: {a.flat[i]!r}): labels are class indices 0..C-1, "
+                                        "save them as integers")
+    return a.astype(np.int64)
 
 
 def save_predictions(path: str | Path, *, probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],

@@ -124,19 +124,17 @@ def save_checkpoint(
     return path
 
 
-_STAGE_FOLDERS = ("generalist", "specialists", "compute_matched", "distill")
+_STAGE_COMMANDS = {"generalist": "generalist", "compute_matched": "compute-matched", "distill": "distill", "specialists": "specialists"}
 
 
 def _fix(path: Path) -> str:
-    """The advice for an unusable checkpoint: delete it and run the stage command that retrains it (named when
-    ``path`` lies in a run folder's stage folder; "the same command" may be one that only reads the stage)."""
+    """The fix for a broken checkpoint: delete it and run the stage command that retrains it."""
     path = Path(path)
-    for folder in path.parents:
-        if folder.name in _STAGE_FOLDERS and (folder.parent / "config.json").is_file():
-            return (f"delete {path} and rerun the same command when it is `specialkit {folder.name.replace('_', '-')}` or "
-                    f"`run` (they retrain that stage); after any other command run `specialkit "
-                    f"{folder.name.replace('_', '-')} --run {folder.parent}` first")
-    return f"delete {path} and rerun the same command (the stage that wrote it retrains it)"
+    for folder in (path.parent, path.parent.parent):
+        if folder.name in _STAGE_COMMANDS:
+            return (f"delete {path} and run `specialkit {_STAGE_COMMANDS[folder.name]} --run {folder.parent}`, "
+                    "which trains it again")  # fmt: skip
+    return f"delete {path} and rerun the command that wrote it, which trains it again"
 
 
 def _first_line(err: BaseException) -> str:

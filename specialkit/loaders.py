@@ -498,43 +498,37 @@ def _read_images(paths: Sequence[Path], *, channels: int, size: tuple[int, int],
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+def check_inside_root(name: str, root: Path, splits: Mapping[str, tuple[Sequence[Path], torch.Tensor]]) -> None:
+    """Refuse files that lie outside the data root through a symbolic link (a linked file or class folder):
+    a dataset is what its folder holds, and a link out of it can read anything the user can. Both the
+    in-memory and the streaming paths read these files, so both are covered.
+
+    Args:
+        name: the loader, for the message.
+        root: the data root the user named.
+        splits: split -> (files (N,), labels (N,)), as the loader found them.
+
+    Raises:
+        DatasetError: naming the first such link, its target and the fix.
+    """
+    top = root.expanduser().resolve()
+    parents: dict[Path, Path] = {}
+    for paths, _ in splits.values():
+        for path in paths:
+            parent = parents.get(path.parent)
+            if parent is None:
+                parent = parents[path.parent] = path.parent.resolve()
+            target = path.resolve() if path.is_symlink() else parent / path.name
+            if not target.is_relative_to(top):
+                link = next((q for q in (path, *path.parents) if q.is_symlink()), path)
+                raise DatasetError(f"{name}: {link} is a symbolic link to {link.resolve()}, outside the data root {top}; the kit "
+                                   "reads only files under the root. Fix: copy the files into the root, or pass the folder that "
+                                   "holds them as the root")  # fmt: skip
+
+
 def _pick(paths: Sequence[Path], labels: torch.Tensor, idx: torch.Tensor) -> tuple[list[Path], torch.Tensor]:
     """The files and labels (len(idx),) at indices ``idx`` (sorted, from the split helpers)."""
     return [paths[i] for i in idx.tolist()], labels[idx].clone()
-
-
-def _escaping_link(path: Path, root: Path, real_root: Path) -> Path:
-    """The symlink on the way from ``root`` to ``path`` (or ``path`` itself) whose target leaves ``real_root``."""
-    try:
-        parts = path.relative_to(root).parts
-    except ValueError:
-        return path
-    current = root
-    for part in parts:
-        current = current / part
-        if current.is_symlink() and not current.resolve().is_relative_to(real_root):
-            return current
-    return path
-
-
-def _check_inside_root(name: str, root: Path, paths: Sequence[Path]) -> None:
-    """Refuse image files that resolve outside the data root (a symlink leaving it), naming link and target.
-
-    Both the in-memory and the streaming paths read exactly these files, so one check covers both. Each folder is
-    resolved once. Decided: refuse rather than warn, since a dataset folder could otherwise make the kit read any
-    file the user can read; a root that is itself a symlink is fine (it is resolved first).
-    """
-    real_root = root.resolve()
-    folders: dict[Path, Path] = {}
-    for path in paths:
-        parent = folders.get(path.parent)
-        if parent is None:
-            parent = folders[path.parent] = path.parent.resolve()
-        real = path.resolve() if path.is_symlink() else parent / path.name
-        if not real.is_relative_to(real_root):
-            link = _escaping_link(path, root, real_root)
-            raise DatasetError(f"{name}: {link} is a symlink to {link.resolve()}, outside the data root {real_root}; the kit "
-                               "reads only files inside the root: copy the files in, or pass the folder that holds them as root")
 
 
 def _files_dataset(
@@ -548,15 +542,12 @@ def _files_dataset(
     hflip: bool,
     streaming: Mapping[str, object] | None = None,
     crop: bool = False,
-    root: Path | None = None,
 ) -> Dataset:
     """The files of every split (``"train"/"val"/"test"`` -> (files (N,), labels (N,))) as a Dataset: decoded
     into memory, or left on disk as :class:`~specialkit.streaming.ImageFiles` when ``streaming`` (the
     :data:`STREAM_OPTIONS` given to the loader) says so or the decoded images would not fit the memory budget."""
     from . import streaming as st
 
-    if root is not None:
-        _check_inside_root(name, root, [p for paths, _ in splits.values() for p in paths])
     opts = dict(streaming or {})
     n_images = sum(len(paths) for paths, _ in splits.values())
     keep = st.choose_in_memory(st.decoded_bytes(n_images, channels, size), in_memory=opts.get("in_memory"),  # type: ignore[arg-type]
@@ -712,6 +703,7 @@ def load_tiny_imagenet(
     class_names = _tiny_imagenet_names(folder, wnids)
     train_paths, y_all = _tiny_imagenet_train(folder, wnids)
     test_paths, y_test = _tiny_imagenet_val(folder, wnids)
+    check_inside_root("tiny_imagenet", folder, {"train": (train_paths, y_all), "test": (test_paths, y_test)})
     train, val = _train_val_indices(y_all, per_class=per_class, val_fraction=val_fraction, seed=seed)
     splits = {
         "train": _pick(train_paths, y_all, train),
@@ -727,7 +719,6 @@ def load_tiny_imagenet(
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
         hflip=True,
         streaming=_stream_options(options),
-        root=folder,
     )
 
 
@@ -806,6 +797,7 @@ def load_imagefolder(
     _check_fraction("imagefolder", "test_fraction", test_fraction)
     _check_fraction("imagefolder", "val_fraction", val_fraction)
     class_names, paths, labels = _scan_image_folder(Path(root).expanduser())
+    check_inside_root("imagefolder", Path(root), {"all": (paths, labels)})
     rest, test = split_train_val(labels, test_fraction, seed=seed + _TEST_SEED_OFFSET)
     train, val = _train_val_indices(labels[rest], per_class=per_class, val_fraction=val_fraction, seed=seed)
     parts = {"train": rest[train], "val": rest[val], "test": test}
@@ -819,7 +811,6 @@ def load_imagefolder(
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
         hflip=True,
         streaming=_stream_options(options),
-        root=Path(root).expanduser(),
     )
 
 
@@ -916,21 +907,11 @@ def _imagenet_val_csv(csv_path: Path, val: Path, index: Mapping[str, int]) -> tu
         labels.append(index[wnid])
     if not paths:
         raise DatasetError(f"imagenet: {csv_path} lists no images; {fix}")
-    _check_all_listed(csv_path, val, set(paths))
+    unlisted = len(_image_files(val)) - len(paths)
+    if unlisted > 0:
+        raise DatasetError(f"imagenet: {val} holds {len(paths) + unlisted} images but {csv_path} lists only {len(paths)} of them, "
+                           f"so the test split would silently lose {unlisted}; {fix}, or move the unlisted images out of val/")  # fmt: skip
     return paths, torch.tensor(labels, dtype=torch.int64)
-
-
-def _check_all_listed(csv_path: Path, val: Path, listed: set[Path]) -> None:
-    """Refuse a ``val/`` holding images the CSV does not label: the test split would shrink without a word.
-
-    Decided: refuse rather than warn: every test number would be computed on a subset the user did not choose.
-    """
-    unlisted = [p for p in _image_files(val) if p not in listed]
-    if unlisted:
-        total = len(listed) + len(unlisted)
-        raise DatasetError(f"imagenet: {csv_path} labels {len(listed)} of the {total} images in {val} ({len(unlisted)} unlisted, "
-                           f"e.g. {unlisted[0].name}), so the test split would shrink to {len(listed)}: use the full "
-                           "LOC_val_solution.csv, or move the unlisted images out of val/ to test on a subset")
 
 
 def _imagenet_test(folder: Path, root: Path, index: Mapping[str, int]) -> tuple[list[Path], torch.Tensor]:
@@ -982,11 +963,12 @@ def load_imagenet(
     wnids, train_paths, y_all = _scan_image_folder(folder / "train", name="imagenet")
     index = {w: i for i, w in enumerate(wnids)}
     test_paths, y_test = _imagenet_test(folder, Path(root).expanduser(), index)  # type: ignore[arg-type]
+    check_inside_root("imagenet", folder, {"train": (train_paths, y_all), "test": (test_paths, y_test)})
     class_names = _imagenet_names(_imagenet_file(folder, Path(root).expanduser(), "LOC_synset_mapping.txt"), wnids)  # type: ignore[arg-type]
     train, val = _train_val_indices(y_all, per_class=per_class, val_fraction=val_fraction, seed=seed)
     splits = {"train": _pick(train_paths, y_all, train), "val": _pick(train_paths, y_all, val), "test": (test_paths, y_test)}
     return _files_dataset(
         "imagenet", class_names, splits, channels=3, size=(size, size), crop=True,
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
-        hflip=True, streaming=_stream_options(options), root=Path(root).expanduser(),  # type: ignore[arg-type]
+        hflip=True, streaming=_stream_options(options),
     )  # fmt: skip
