@@ -271,7 +271,7 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
     c = len(class_names)
     with z:
         if "class_names" in z.files:
-            theirs = tuple(str(s) for s in z["class_names"])
+            theirs = tuple(str(s) for s in _plain_array(z, "class_names", path, dtype="str"))
             if theirs != tuple(class_names):
                 raise GeneralistSourceError(f"predictions file {path}: its class_names ({len(theirs)} classes, {list(theirs[:5])}...) "
                                             f"differ from the dataset's ({c} classes, {list(class_names[:5])}...): write the columns "
@@ -305,22 +305,29 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
     return out
 
 
-def _number_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
-    """``z[key]`` as a plain numeric array; object arrays (pickles) and strings are refused naming the key."""
+def _plain_array(z: np.lib.npyio.NpzFile, key: str, path: Path, *, dtype: str = "float") -> np.ndarray:
+    """``z[key]`` without unpickling; an object array (which would need pickle) is refused naming the key and
+    the ``dtype`` to save it as."""
     try:
-        a = z[key]
+        return z[key]
     except ValueError as err:  # numpy refuses object arrays when allow_pickle=False
         raise GeneralistSourceError(f"predictions file {path}: {key} holds Python objects (an object array), which the kit never "
-                                    f"unpickles: save plain numbers, e.g. numpy.savez(path, {key}=numpy.asarray(x, dtype=float))") from err
+                                    f"unpickles: save plain values, e.g. numpy.savez(path, {key}=numpy.asarray(x, dtype={dtype}))") from err
+
+
+def _number_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """``z[key]`` as a plain numeric array; object arrays (pickles) and strings are refused naming the key."""
+    a = _plain_array(z, key, path)
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise GeneralistSourceError(f"predictions file {path}: {key} holds {a.dtype} values, not numbers: save numbers")
     return a
 
 
 def _labels(a: np.ndarray, path: Path, split: str) -> np.ndarray:
-    """(N,) class indices: whole numbers only (3.0 is 3; 3.4 is refused, never truncated)."""
+    """(N,) class indices: whole numbers only (3.0 is 3; 3.4, NaN and infinities are refused, never truncated
+    or cast to a meaningless integer)."""
     if not np.issubdtype(a.dtype, np.integer):
-        frac = np.flatnonzero(a != np.round(a)) if a.size else np.array([], dtype=int)
+        frac = np.flatnonzero(~np.isfinite(a) | (a != np.round(a))) if a.size else np.array([], dtype=int)
         if len(frac):
             i = int(frac[0])
             raise GeneralistSourceError(f"predictions file {path}: {split}_labels holds values that are not whole numbers "

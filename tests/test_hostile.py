@@ -284,3 +284,35 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
     with runs.RunLock(out / "quick") as lock:  # the lock went with the process
         assert lock.held
     assert not (out / "quick" / "generalist" / "done.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- predictions labels
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.array([0.0, np.inf]), r"val_labels holds values that are not whole numbers \(1 of them; row 1: [^)]*inf"),
+        (np.array([np.nan, 1.0]), r"val_labels holds values that are not whole numbers \(1 of them; row 0: [^)]*nan"),
+        (np.array(["0", "1"]), r"val_labels holds <U1 values, not numbers"),
+    ],
+)
+def test_predictions_labels_that_are_not_class_indices_are_refused(tmp_path, labels, message):
+    """Infinite, NaN and text labels are refused naming key and row (an infinity once became int64's minimum)."""
+    from specialkit import byog
+
+    probs = np.full((2, 2), 0.5)
+    path = tmp_path / "p.npz"
+    np.savez(path, val_probs=probs, val_labels=labels, test_probs=probs, test_labels=np.array([0, 1]))
+    with pytest.raises(byog.GeneralistSourceError, match=message):
+        byog.load_predictions(path, labels={"val": np.array([0, 1]), "test": np.array([0, 1])}, class_names=("a", "b"))
+
+
+def test_class_names_saved_as_an_object_array_are_refused_without_unpickling(tmp_path, capsys):
+    """class_names built from Python objects (e.g. a pandas column) would need pickle: one line naming the key."""
+    probs, y = np.full((2, 2), 0.5), np.array([0, 1])
+    path = tmp_path / "p.npz"
+    np.savez(path, val_probs=probs, val_labels=y, test_probs=probs, test_labels=y, class_names=np.array(["a", None], dtype=object))
+    assert cli.main(["run", "--quick", "--no-progress", "--per-class", "4", "--out", str(tmp_path / "runs"),
+                     "--generalist-from", f"predictions:{path}"]) == 2  # fmt: skip
+    line = _one_line(capsys.readouterr().err)
+    assert "class_names holds Python objects (an object array), which the kit never unpickles" in line and "dtype=str" in line
+    assert "allow_pickle" not in line and not (tmp_path / "runs" / "quick" / "generalist" / "done.json").exists()
