@@ -731,6 +731,27 @@ def _image_folder_size(size: object, first: Path) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
+def _has_split_folders(folder: Path) -> bool:
+    """True when ``folder``'s only (visible) sub-folders are ``train`` and ``test`` (the split layout)."""
+    if not folder.is_dir():
+        return False
+    subs = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return subs == {"train", "test"}
+
+
+def _split_folder_splits(folder: Path, *, per_class: int | None, val_fraction: float, seed: int) -> dict[str, Any]:
+    """train/val/test of the split layout ``folder/{train,test}/<class>/*``: ``test/`` is the test split as it
+    is; train and val are drawn from ``train/`` (stratified); both must name the same classes."""
+    class_names, paths, labels = _scan_image_folder(folder / "train")
+    test_names, test_paths, test_labels = _scan_image_folder(folder / "test")
+    if test_names != class_names:
+        raise DatasetError(f"imagefolder: {folder}/train and {folder}/test name different class folders "
+                           f"({len(class_names)} vs {len(test_names)}); give both the same class folders")
+    train, val = _train_val_indices(labels, per_class=per_class, val_fraction=val_fraction, seed=seed)
+    return {"train": _pick(paths, labels, train), "val": _pick(paths, labels, val),
+            "test": (list(test_paths), test_labels), "class_names": class_names}
+
+
 def load_imagefolder(
     *,
     root: str | Path | None = None,
@@ -741,6 +762,9 @@ def load_imagefolder(
     **options: object,
 ) -> Dataset:
     """Images sorted into class folders, ``root/<class>/*.png|jpg|jpeg|bmp``: (N, channels, H, W).
+
+    Split layout: when ``root``'s only folders are ``train`` and ``test`` (``root/{train,test}/<class>/*``,
+    e.g. CIFAR-10 as JPEGs), ``test/`` is the test split as it is and train/val come from ``train/``.
 
     Class names are the sorted folder names (hidden folders are skipped). A stratified share
     ``test_fraction`` of every class becomes the test split (drawn with a seed of its own, so it
@@ -755,7 +779,7 @@ def load_imagefolder(
             16-bit and float images are scaled to 8 bits, transparency is composited over white);
             ``size`` (int or (H, W): every image is resized to it; default a square whose side is the
             longer side of the first image, stated in ``Dataset.summary()``); ``test_fraction``
-            (default 0.2); ``workers`` (decoding threads, default ``min(8, cpu_count)``).
+            (default 0.2; not allowed in the split layout below); ``workers`` (decoding threads, default ``min(8, cpu_count)``).
     """
     del download
     _reject_options("imagefolder", options, ("channels", "size", "test_fraction", "workers", *STREAM_OPTIONS))
@@ -767,11 +791,20 @@ def load_imagefolder(
     test_fraction = float(options.get("test_fraction", 0.2))  # type: ignore[arg-type]
     _check_fraction("imagefolder", "test_fraction", test_fraction)
     _check_fraction("imagefolder", "val_fraction", val_fraction)
-    class_names, paths, labels = _scan_image_folder(Path(root).expanduser())
-    rest, test = split_train_val(labels, test_fraction, seed=seed + _TEST_SEED_OFFSET)
-    train, val = _train_val_indices(labels[rest], per_class=per_class, val_fraction=val_fraction, seed=seed)
-    parts = {"train": rest[train], "val": rest[val], "test": test}
-    splits = {split: _pick(paths, labels, idx) for split, idx in parts.items()}
+    folder = Path(root).expanduser()
+    if _has_split_folders(folder):
+        if "test_fraction" in options:
+            raise DatasetError(f"imagefolder: {folder} holds train/ and test/, so test/ is the test split; drop test_fraction")
+        splits = _split_folder_splits(folder, per_class=per_class, val_fraction=val_fraction, seed=seed)
+        paths = splits["train"][0]
+    else:
+        class_names, paths, labels = _scan_image_folder(folder)
+        rest, test = split_train_val(labels, test_fraction, seed=seed + _TEST_SEED_OFFSET)
+        train, val = _train_val_indices(labels[rest], per_class=per_class, val_fraction=val_fraction, seed=seed)
+        parts = {"train": rest[train], "val": rest[val], "test": test}
+        splits = {split: _pick(paths, labels, idx) for split, idx in parts.items()}
+        splits["class_names"] = class_names  # type: ignore[assignment]
+    class_names = splits.pop("class_names")  # type: ignore[assignment]
     return _files_dataset(
         "imagefolder",
         class_names,
