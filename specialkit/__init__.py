@@ -12,7 +12,13 @@ Submodules are imported on first use: ``import specialkit; specialkit.data.load(
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# OpenMP threads that spin while they wait for work collapse a process 16-24x as soon as another busy process
+# shares the cores. Passive waiting costs a quiet machine little and keeps a busy one usable. It takes effect only
+# if torch (its OpenMP runtime) is not loaded yet, which is why it sits here; set OMP_WAIT_POLICY=ACTIVE to opt out.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.2.0"
 

@@ -14,6 +14,9 @@ The setting ``generalist_from`` names the source, as ``<kind>:<...>``:
   layer ``linear``, tensors saved on ``cuda:0``); loaded the same safe way, on the CPU. Those models
   expect ``generalist_normalize="imagenet"`` on 32 px images.
 * ``torchscript:<file>`` -- ``torch.jit.load``; ``export:<file.pt2>`` -- ``torch.export.load(...).module()``.
+  **Such a file is a program, not weights**: loading and running it runs whatever code it holds, with your
+  permissions (as ``torch.load`` without ``weights_only`` would); the kit says so in the log each time it
+  loads one. Bring only files you trust; prefer ``torchvision:`` (weights only, ``weights_only=True``).
   The kit runs it for its predictions; it cannot cut its head, so specialists train from scratch
   (the run's ``model``/``width``/``depth``, or ``specialist_*``) and there is no compute-matched
   generalist (the reason is logged and recorded in ``metrics.json``, key ``skipped``).
@@ -32,8 +35,10 @@ Input of a model (kinds ``torchvision``, ``torchscript``, ``export``): the datas
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -198,9 +203,30 @@ class ScriptedGeneralist(nn.Module):
         return self
 
 
-def load_scripted(source: Source, *, normalize: str, input_size: int | None, path: Path | None = None) -> ScriptedGeneralist:
-    """Load a ``torchscript`` or ``export`` source (from ``path`` when given, e.g. the run's copy)."""
+SCRIPTED_WARNING = ("warning: {path} is a {kind} program: loading and running it runs the code it holds with your "
+                    "permissions; bring only files you trust (torchvision:<arch>:<weights> loads weights only)")
+
+
+def load_scripted(source: Source, *, normalize: str, input_size: int | None, path: Path | None = None,
+                  log: Callable[[str], None] | None = None) -> ScriptedGeneralist:  # fmt: skip
+    """Load a ``torchscript`` or ``export`` source (from ``path`` when given, e.g. the run's copy).
+
+    Args:
+        source: the parsed ``generalist_from``.
+        normalize: ``imagenet`` or ``none`` (see the module docstring).
+        input_size: resize images to this side first, or ``None``.
+        path: the file to load instead of ``source.path``.
+        log: where the warning that the file runs its own code goes (``None``: :func:`warnings.warn`).
+
+    Returns:
+        The model behind the kit's input convention, in eval mode.
+    """
     path = path or source.path
+    message = "[generalist] " + SCRIPTED_WARNING.format(path=path, kind=source.kind)
+    if log is None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    else:
+        log(message)
     try:
         if source.kind == "torchscript":
             net = torch.jit.load(str(path), map_location="cpu")
@@ -220,6 +246,11 @@ def check_outputs(logits: np.ndarray, *, path: Path, split: str, num_classes: in
     if logits.ndim != 2 or logits.shape[1] != num_classes or logits.shape[0] != rows:
         raise GeneralistSourceError(f"{path} gives outputs of shape {tuple(logits.shape)} on the {split} split, expected ({rows}, "
                                     f"{num_classes}) for the dataset's {num_classes} classes: bring a model over the dataset's classes")
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        raise GeneralistSourceError(f"{path} gives NaN or infinite outputs for {int(bad.sum())} of {rows} images of the {split} split "
+                                    f"(first: row {int(np.flatnonzero(bad)[0])}): nothing was saved; check the model and its input "
+                                    "settings (generalist_normalize, generalist_input_size)")
 
 
 def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -258,7 +289,7 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
             if key is None or f"{split}_labels" not in z.files:
                 raise GeneralistSourceError(f"predictions file {path} lacks {split}_probs (or {split}_logits) and {split}_labels "
                                             f"(it holds {', '.join(z.files) or 'nothing'}): save both for the val and test splits")
-            p, theirs = np.asarray(z[key], dtype=np.float64), np.asarray(z[f"{split}_labels"])
+            p, theirs = _number_array(z, key, path).astype(np.float64), _labels(_number_array(z, f"{split}_labels", path), path, split)
             if p.ndim != 2 or p.shape[1] != c:
                 raise GeneralistSourceError(f"predictions file {path}: {key} has shape {p.shape}, i.e. {p.shape[-1]} classes, the "
                                             f"dataset has {c} classes: give one column per class, in the dataset's class order")
@@ -279,6 +310,30 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
                 p = np.log(np.clip(p, 1e-12, None))
             out[split] = p.astype(np.float32)
     return out
+
+
+def _number_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """``z[key]`` as a plain numeric array; object arrays (pickles) and strings are refused naming the key."""
+    try:
+        a = z[key]
+    except ValueError as err:  # numpy refuses object arrays when allow_pickle=False
+        raise GeneralistSourceError(f"predictions file {path}: {key} holds Python objects (an object array), which the kit never "
+                                    f"unpickles: save plain numbers, e.g. numpy.savez(path, {key}=numpy.asarray(x, dtype=float))") from err
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise GeneralistSourceError(f"predictions file {path}: {key} holds {a.dtype} values, not numbers: save numbers")
+    return a
+
+
+def _labels(a: np.ndarray, path: Path, split: str) -> np.ndarray:
+    """(N,) class indices: whole numbers only (3.0 is 3; 3.4 is refused, never truncated)."""
+    if not np.issubdtype(a.dtype, np.integer):
+        frac = np.flatnonzero(a != np.round(a)) if a.size else np.array([], dtype=int)
+        if len(frac):
+            i = int(frac[0])
+            raise GeneralistSourceError(f"predictions file {path}: {split}_labels holds values that are not whole numbers "
+                                        f"({len(frac)} of them; row {i}: {a.flat[i]!r}): labels are class indices 0..C-1, "
+                                        "save them as integers")
+    return a.astype(np.int64)
 
 
 def save_predictions(path: str | Path, *, probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],

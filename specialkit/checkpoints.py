@@ -124,8 +124,17 @@ def save_checkpoint(
     return path
 
 
+_STAGE_COMMANDS = {"generalist": "generalist", "compute_matched": "compute-matched", "distill": "distill", "specialists": "specialists"}
+
+
 def _fix(path: Path) -> str:
-    return f"delete {path} and rerun the same command (the stage that wrote it retrains it)"
+    """The fix for a broken checkpoint: delete it and run the stage command that retrains it."""
+    path = Path(path)
+    for folder in (path.parent, path.parent.parent):
+        if folder.name in _STAGE_COMMANDS:
+            return (f"delete {path} and run `specialkit {_STAGE_COMMANDS[folder.name]} --run {folder.parent}`, "
+                    "which trains it again")  # fmt: skip
+    return f"delete {path} and rerun the command that wrote it, which trains it again"
 
 
 def _first_line(err: BaseException) -> str:

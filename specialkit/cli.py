@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .config import ConfigError, PipelineConfig, cli_settings
+from .config import ConfigError, MissingStageError, PipelineConfig, cli_settings
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -231,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, IndexError) as err:
         print(f"specialkit: error: {err}", file=sys.stderr)
         return 1 if isinstance(err.__cause__, OSError) else 2  # 1: the file system refused; 2: bad input
+    except MissingStageError as err:
+        print(f"specialkit: error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         if not _under_torchrun():
             raise
@@ -314,12 +317,12 @@ def _main_stages(args: argparse.Namespace) -> int:
             sp = run.train_specialist(args.index)
             print(f"specialist {args.index}: {len(sp.classes)} classes, saved in {run.specialist_dir(args.index)}")
         elif args.command == "report":
-            run.metrics()
+            run.metrics()  # trains nothing: an unfinished stage is one line naming it and the command that makes it
             from .report import write_report
 
             print(f"report: {write_report(run)}")
-        else:
-            getattr(run, args.command.replace("-", "_"))()
+        else:  # the stages up to this one: a missing or deleted result of an earlier stage is made again
+            run.ensure_through(args.command.replace("-", "_"))
     return 0
 
 

@@ -394,12 +394,25 @@ class ClusterSpec:
         return cls(groups=groups, class_names=class_names)
 
 
-def check_trainable(spec: ClusterSpec, *, where: str = "the cluster spec") -> ClusterSpec:
-    """Raise unless every group has at least 2 classes: a one-class specialist only ever sees its class
-    against the dustbin, cannot tell it apart from anything, and drags the ``kl`` ensemble down.
+def check_trainable(spec: ClusterSpec, *, where: str = "the cluster spec", fix: str | None = None) -> ClusterSpec:
+    """Raise unless every group has at least 2 classes and leaves at least one class out: a one-class specialist
+    only ever sees its class against the dustbin, cannot tell it apart from anything, and drags the ``kl``
+    ensemble down; a group of every class has an empty dustbin, so its specialist is just another generalist.
 
-    Returns ``spec`` for chaining.
+    Args:
+        spec: the groups.
+        where: what the spec is, for the message (a file, "the clusters computed from the settings").
+        fix: the fix for a group of every class (default: split it); the pipeline names the settings that made it.
+
+    Returns:
+        ``spec``, for chaining.
     """
+    whole = [g for g, m in spec.groups.items() if len(m) >= spec.num_classes]
+    if whole:
+        raise ClusterSpecError(
+            f"{where}: group(s) {', '.join(map(repr, whole[:5]))} hold all {spec.num_classes} classes, so the specialist's "
+            f"dustbin would be empty and it would be just another generalist: {fix or 'split such a group or remove it'}"
+        )
     small = [g for g, m in spec.groups.items() if len(m) < 2]
     if small:
         shown = ", ".join(f"{g!r} ({list(spec.groups[g])})" for g in small[:5])

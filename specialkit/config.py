@@ -39,6 +39,11 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value impossible; the message names the key and the fix."""
 
 
+class MissingStageError(RuntimeError):
+    """A number was asked of a run whose stage is not finished; the message names the stage and the command that
+    makes it (the CLI prints it as one line, exit code 2)."""
+
+
 def smoke_mode() -> bool:
     """True when ``SPECIALKIT_SMOKE`` is set to something other than ``0``/empty (quick settings)."""
     return os.environ.get(SMOKE_ENV, "0").strip() not in ("", "0", "false", "no")
@@ -143,7 +148,9 @@ class PipelineConfig:
     label_smoothing: float = _setting(0.0, "generalist")
     generalist_from: str | None = _setting(None, "generalist", in_key=False,
                                            cli="bring your own generalist, no training: torchvision:<arch>:<weights.pth> | "
-                                               "torchscript:<model.pt> | export:<model.pt2> | predictions:<preds.npz>")  # fmt: skip
+                                               "torchscript:<model.pt> | export:<model.pt2> | predictions:<preds.npz> (torchscript and "
+                                               "export files are programs that run their own code: bring only files you trust; "
+                                               "torchvision: loads weights only)")  # fmt: skip
     generalist_normalize: str = _setting("imagenet", "generalist", in_key=False, choices=("imagenet", "none"),
                                          cli="input normalisation of a generalist_from model: imagenet | none")
     generalist_input_size: int | None = _setting(None, "generalist", in_key=False,

@@ -498,6 +498,34 @@ def _read_images(paths: Sequence[Path], *, channels: int, size: tuple[int, int],
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+def check_inside_root(name: str, root: Path, splits: Mapping[str, tuple[Sequence[Path], torch.Tensor]]) -> None:
+    """Refuse files that lie outside the data root through a symbolic link (a linked file or class folder):
+    a dataset is what its folder holds, and a link out of it can read anything the user can. Both the
+    in-memory and the streaming paths read these files, so both are covered.
+
+    Args:
+        name: the loader, for the message.
+        root: the data root the user named.
+        splits: split -> (files (N,), labels (N,)), as the loader found them.
+
+    Raises:
+        DatasetError: naming the first such link, its target and the fix.
+    """
+    top = root.expanduser().resolve()
+    parents: dict[Path, Path] = {}
+    for paths, _ in splits.values():
+        for path in paths:
+            parent = parents.get(path.parent)
+            if parent is None:
+                parent = parents[path.parent] = path.parent.resolve()
+            target = path.resolve() if path.is_symlink() else parent / path.name
+            if not target.is_relative_to(top):
+                link = next((q for q in (path, *path.parents) if q.is_symlink()), path)
+                raise DatasetError(f"{name}: {link} is a symbolic link to {link.resolve()}, outside the data root {top}; the kit "
+                                   "reads only files under the root. Fix: copy the files into the root, or pass the folder that "
+                                   "holds them as the root")  # fmt: skip
+
+
 def _pick(paths: Sequence[Path], labels: torch.Tensor, idx: torch.Tensor) -> tuple[list[Path], torch.Tensor]:
     """The files and labels (len(idx),) at indices ``idx`` (sorted, from the split helpers)."""
     return [paths[i] for i in idx.tolist()], labels[idx].clone()
@@ -675,6 +703,7 @@ def load_tiny_imagenet(
     class_names = _tiny_imagenet_names(folder, wnids)
     train_paths, y_all = _tiny_imagenet_train(folder, wnids)
     test_paths, y_test = _tiny_imagenet_val(folder, wnids)
+    check_inside_root("tiny_imagenet", folder, {"train": (train_paths, y_all), "test": (test_paths, y_test)})
     train, val = _train_val_indices(y_all, per_class=per_class, val_fraction=val_fraction, seed=seed)
     splits = {
         "train": _pick(train_paths, y_all, train),
@@ -796,9 +825,11 @@ def load_imagefolder(
         if "test_fraction" in options:
             raise DatasetError(f"imagefolder: {folder} holds train/ and test/, so test/ is the test split; drop test_fraction")
         splits = _split_folder_splits(folder, per_class=per_class, val_fraction=val_fraction, seed=seed)
+        check_inside_root("imagefolder", Path(root), {s: splits[s] for s in ("train", "val", "test")})
         paths = splits["train"][0]
     else:
         class_names, paths, labels = _scan_image_folder(folder)
+        check_inside_root("imagefolder", Path(root), {"all": (paths, labels)})
         rest, test = split_train_val(labels, test_fraction, seed=seed + _TEST_SEED_OFFSET)
         train, val = _train_val_indices(labels[rest], per_class=per_class, val_fraction=val_fraction, seed=seed)
         parts = {"train": rest[train], "val": rest[val], "test": test}
@@ -910,6 +941,10 @@ def _imagenet_val_csv(csv_path: Path, val: Path, index: Mapping[str, int]) -> tu
         labels.append(index[wnid])
     if not paths:
         raise DatasetError(f"imagenet: {csv_path} lists no images; {fix}")
+    unlisted = len(_image_files(val)) - len(paths)
+    if unlisted > 0:
+        raise DatasetError(f"imagenet: {val} holds {len(paths) + unlisted} images but {csv_path} lists only {len(paths)} of them, "
+                           f"so the test split would silently lose {unlisted}; {fix}, or move the unlisted images out of val/")  # fmt: skip
     return paths, torch.tensor(labels, dtype=torch.int64)
 
 
@@ -962,6 +997,7 @@ def load_imagenet(
     wnids, train_paths, y_all = _scan_image_folder(folder / "train", name="imagenet")
     index = {w: i for i, w in enumerate(wnids)}
     test_paths, y_test = _imagenet_test(folder, Path(root).expanduser(), index)  # type: ignore[arg-type]
+    check_inside_root("imagenet", folder, {"train": (train_paths, y_all), "test": (test_paths, y_test)})
     class_names = _imagenet_names(_imagenet_file(folder, Path(root).expanduser(), "LOC_synset_mapping.txt"), wnids)  # type: ignore[arg-type]
     train, val = _train_val_indices(y_all, per_class=per_class, val_fraction=val_fraction, seed=seed)
     splits = {"train": _pick(train_paths, y_all, train), "val": _pick(train_paths, y_all, val), "test": (test_paths, y_test)}

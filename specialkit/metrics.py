@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from . import clusters, data, ensemble, evaluation, models, runs, specialists, stats, training
+from .config import MissingStageError
 
 if TYPE_CHECKING:
     from .pipeline import Run
@@ -61,17 +62,13 @@ BASELINE, MATCHED = "generalist", "compute_matched"
 NOT_RULES = (BASELINE, MATCHED, "student")
 
 
-class MissingStageError(RuntimeError):
-    """A number was asked of a run whose stage is not finished; the message names the stage and the fix."""
-
-
 def require(run: "Run", *stages: str) -> None:
     """Raise :class:`MissingStageError` unless every stage in ``stages`` is finished in ``run``."""
     for stage in stages:
         if not run.is_done(stage):
             raise MissingStageError(
-                f"run {run.folder} has no finished '{stage}' stage: run `specialkit run --config {run.folder / 'config.json'}` "
-                f"(or `Run.open(...).{stage}()` in a notebook) first"
+                f"run {run.folder} has no finished '{stage}' stage (never run, stopped, or a file of it deleted): run "
+                f"`specialkit {stage.replace('_', '-')} --run {run.folder}` (or `Run.open(...).{stage}()` in a notebook) first"
             )
 
 

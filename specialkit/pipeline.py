@@ -300,7 +300,10 @@ class Run:
 
     def _finish(self, folder: Path, key: str, **info: Any) -> None:
         """Mark ``folder`` done with ``key`` (written last, atomically), listing its files and sizes so a
-        deleted or truncated file makes the stage count as not done; then drop superseded copies."""
+        deleted or truncated file makes the stage count as not done; then drop superseded copies. It also records
+        ``torch_threads``, the intra-op thread count the stage ran with: the same seed gives other floats at
+        another thread count, so a study warns when its runs mix them."""
+        info.setdefault("torch_threads", torch.get_num_threads())
         files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
                  if p.is_file() and p.name not in _NOT_RESULTS and not p.name.startswith(".")}  # fmt: skip
         runs.atomic_write_json(folder / "done.json", {"key": key, **info, "files": files})
@@ -427,7 +430,7 @@ class Run:
             if source.kind == "torchvision":
                 model = byog.load_torchvision(source, mc)
             elif source.has_model:
-                model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size)
+                model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size, log=self.log)
             if model is None:
                 logits = byog.load_predictions(source.path, labels={s: ds.split(s)[1].numpy() for s in ("val", "test")},
                                                class_names=ds.class_names)  # fmt: skip
@@ -457,7 +460,7 @@ class Run:
             model = None
             if source.has_model:
                 model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size,
-                                           path=folder / f"model.{source.kind}")  # fmt: skip
+                                           path=folder / f"model.{source.kind}", log=self.log)  # fmt: skip
             logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in _SPLITS if (folder / f"logits_{s}.npy").is_file()}
             self._memo["generalist"] = ModelResult("generalist", model, [], logits, 0)
         return self._memo["generalist"]
@@ -517,15 +520,20 @@ class Run:
             else:
                 spec = self.compute_clusters()
                 source = self.config.method
+                c = self.config
+                self._check_spec(spec, f"the {c.k} groups computed for {ds.num_classes} classes", fix=(
+                    f"with so few classes use overlap=none (now {c.overlap}; --overlap none), which keeps each class in one group"
+                    + (f", or a larger k (now {c.k}; --k)" if c.k < ds.num_classes // 2 else "") + ", or a clusters_file of your own"))
             self._write_clusters(spec, key, source)
         spec = clusters.ClusterSpec.load(path).for_dataset(self.dataset().class_names)
         self._check_spec(spec, path)
         self._memo["clusters"] = spec
         return spec
 
-    def _check_spec(self, spec: clusters.ClusterSpec, where: Path | str) -> None:
-        """Reject groups a specialist cannot learn from; log when most classes are in no group."""
-        clusters.check_trainable(spec, where=str(where))
+    def _check_spec(self, spec: clusters.ClusterSpec, where: Path | str, *, fix: str | None = None) -> None:
+        """Reject groups a specialist cannot learn from (``fix``: what to change, for a group of every class);
+        log when most classes are in no group."""
+        clusters.check_trainable(spec, where=str(where), fix=fix)
         warning = clusters.coverage_warning(spec)
         if warning:
             self.log(f"[clusters] warning: {warning}")
@@ -773,20 +781,27 @@ class Run:
     def run_all(self) -> dict[str, Any]:
         """Every stage in order, then ``metrics.json`` and (``html_report``) ``report.html``; returns the metrics."""
         self.preflight()
-        for stage in ("generalist", "clusters", "specialists"):
-            self._stage(stage)
-        for stage in ("compute_matched", "ensembles", "distill"):
-            reason = self.skip_reason(stage)
-            if reason:
-                self.log(f"[{stage}] skipped: {reason}")
-            elif stage != "compute_matched" or self.config.compute_matched:
-                self._stage(stage)
+        self.ensure_through(STAGES[-1])
         from .report import write_report
 
         metrics = self.metrics()
         if self.config.html_report:
             write_report(self)
         return metrics
+
+    def ensure_through(self, last: str) -> "Run":
+        """Every stage up to and including ``last``, in order, as :meth:`run_all` runs them: what is on disk and
+        valid is loaded, what is missing (a deleted ``model.pt``, say) is trained again; a stage this run skips
+        (its reason logged) or turns off (``compute_matched=false``) is passed over. Returns the run."""
+        if last not in STAGES:
+            raise ConfigError(f"unknown stage {last!r}; choose from {', '.join(STAGES)}")
+        for stage in STAGES[: STAGES.index(last) + 1]:
+            reason = self.skip_reason(stage)
+            if reason:
+                self.log(f"[{stage}] skipped: {reason}")
+            elif stage != "compute_matched" or self.config.compute_matched:
+                self._stage(stage)
+        return self
 
     def ensure(self, *stages: str) -> "Run":
         """Make sure each stage of ``stages`` is finished (train what is not on disk, load the rest); returns

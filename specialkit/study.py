@@ -30,7 +30,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from . import config as config_mod
 from . import runs
@@ -278,7 +278,17 @@ class Study:
         from . import pipeline
 
         point = self.spec.points()[point_index]
-        return pipeline.Run(self.run_folder(point, seed), self.spec.config(point, seed), log=log)
+        folder, cfg = self.run_folder(point, seed), self.spec.config(point, seed)
+        recorded = folder / "config.json"
+        try:
+            on_disk = runs.read_json(recorded) if recorded.is_file() else None
+        except ValueError:
+            on_disk = {}
+        diff = pipeline._config_diff(on_disk, cfg) if isinstance(on_disk, dict) else ["config.json"]
+        if on_disk is not None and diff:
+            raise StudyError(f"{folder} holds a run with other settings ({', '.join(diff[:6])}) than this study gives it; a study "
+                             "never overwrites a run: give the study another --name, or move that folder away")  # fmt: skip
+        return pipeline.Run(folder, cfg, log=log)
 
     def donors(self) -> list[Path]:
         """Every run folder of the study (candidates to adopt finished stages from)."""
@@ -415,11 +425,22 @@ def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]
                 stages = [st for st in _PHASE_STAGES[phase] if st != "compute_matched" or run.config.compute_matched]
                 run.ensure(*stages)
             else:
-                if not (run.folder / "metrics.json").is_file() or not run.is_done("distill"):
+                if not point_is_done(run):
+                    resumed = (run.folder / "metrics.json").is_file()
                     run.run_all()
-                    runs.atomic_write_json(run.folder / "study_seconds.json", {"seconds": round(time.perf_counter() - t0, 2)})
+                    runs.atomic_write_json(run.folder / "study_seconds.json",
+                                           {"seconds": round(time.perf_counter() - t0, 2), "resumed": resumed})  # fmt: skip
         done.append(str(run.folder))
     return done
+
+
+def point_is_done(run: Any) -> bool:
+    """A study point is done only when everything it writes exists: its last stage, ``metrics.json``,
+    ``report.html`` (when the run writes one) and ``study_seconds.json``; a point killed between them is
+    finished on the next invocation (the finished stages are loaded, not trained again)."""
+    needed = ["metrics.json", "study_seconds.json"] + (["report.html"] if run.config.html_report else [])
+    last = bool(run.skip_reason("distill")) or run.is_done("distill")
+    return last and all((run.folder / name).is_file() for name in needed)
 
 
 def _log(text: str) -> None:
@@ -480,15 +501,53 @@ def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str],
         row = metrics_mod.study_row(m, settings=points[i], seed=s, run=str(folder.relative_to(study.folder)), seconds=seconds)
         adopted_path = folder / ADOPTED_FILE
         row["shared_stages"] = " ".join(runs.read_json(adopted_path)) if adopted_path.is_file() else ""
+        row["torch_threads"] = " ".join(str(n) for n in stage_thread_counts(folder))
         rows.append(row)
     manifest = runs.read_json(study.folder / STUDY_FILE)
     manifest.update({"rows": rows, "summary": metrics_mod.study_summary(rows, list(spec.grid)), "keys": list(spec.grid),
                      "wall_seconds_last_invocation": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    manifest["warnings"] = [w for w in [mixed_threads_warning(rows)] if w]
+    for w in manifest["warnings"]:
+        log(f"[study] warning: {w}")
     manifest = metrics_mod.finite(manifest)
     runs.atomic_write_json(study.folder / STUDY_FILE, manifest)
     _write_csv(study.folder / "study.csv", rows)
     write_study_report(study.folder, manifest)
     return manifest
+
+
+def stage_thread_counts(folder: str | Path) -> list[int]:
+    """The torch intra-op thread counts recorded in the ``done.json`` of every stage of the run in ``folder``
+    (specialists included), sorted and without repeats; stages finished before the count was recorded add none."""
+    counts = set()
+    for marker in Path(folder).rglob("done.json"):
+        try:
+            n = runs.read_json(marker).get("torch_threads")
+        except (ValueError, OSError, AttributeError):
+            continue
+        if isinstance(n, int):
+            counts.add(n)
+    return sorted(counts)
+
+
+def mixed_threads_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """A warning when the study's runs were computed at more than one torch thread count, else ``None``.
+
+    Args:
+        rows: study rows with a ``torch_threads`` entry (space-separated counts, as :func:`run_study` writes).
+
+    Returns:
+        One sentence naming the counts and which runs used them, or ``None`` when they agree.
+    """
+    by_count: dict[str, list[str]] = {}
+    for row in rows:
+        for n in str(row.get("torch_threads") or "").split():
+            by_count.setdefault(n, []).append(str(row.get("run")))
+    if len(by_count) < 2:
+        return None
+    where = "; ".join(f"{n} thread(s): {', '.join(sorted(set(r)))}" for n, r in sorted(by_count.items(), key=lambda kv: int(kv[0])))
+    return (f"the study mixes torch thread counts ({where}); the same seed gives slightly different numbers at another "
+            "thread count, so rerun the odd ones with the same --threads (or OMP_NUM_THREADS) to compare like with like")  # fmt: skip
 
 
 def _preflight(study: Study) -> None:

@@ -86,7 +86,7 @@ def test_missing_corrupt_and_foreign_files(trained, tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model, class_names=NAMES, dataset_fingerprint=FP)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"m\.pt is corrupt or truncated.*delete \S*m\.pt and rerun the same command"):
+    with pytest.raises(CheckpointError, match=r"m\.pt is corrupt or truncated.*delete \S*m\.pt and rerun the command that wrote it"):
         load_checkpoint(path)
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):

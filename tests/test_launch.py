@@ -139,3 +139,15 @@ def test_a_killed_job_is_reported_and_its_rerun_resumes_from_the_last_saved_epoc
     assert len(history) == 40
     # the first epochs are the saved ones (their wall times are the killed job's), not trained again
     assert [r["seconds"] for r in history[: len(saved)]] == [r["seconds"] for r in saved]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_the_kit_makes_openmp_wait_passively_unless_told_otherwise(given, expected):
+    """``import specialkit`` (so the CLI, notebook kernels and job workers) sets OMP_WAIT_POLICY before torch
+    loads its OpenMP runtime; a policy the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import sys, os, specialkit; assert 'torch' not in sys.modules; import torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected

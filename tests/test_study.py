@@ -90,6 +90,23 @@ def test_study_rows_shared_generalist_and_resume(finished):
     assert all(r["seeds"] == 2 and r["lo"] <= r["mean"] <= r["hi"] for r in manifest["summary"])
     page = (folder / "report.html").read_text()
     assert "gain against k" in page and "Plotly" in page
+    # every stage records the thread count it ran with (--threads 1), and the rows carry it
+    markers = list(folder.glob("*/seed-*/**/done.json"))
+    assert markers and all(json.loads(m.read_text())["torch_threads"] == 1 for m in markers)
+    assert (rows["torch_threads"].astype(str) == "1").all() and manifest["warnings"] == []
+
+
+def test_a_study_that_mixes_thread_counts_says_so(tmp_path):
+    for run, threads in (("k-2/seed-0", (1, 1)), ("k-2/seed-1", (1, 2))):
+        for stage, n in zip(("generalist", "specialists/00-a"), threads):
+            (tmp_path / run / stage).mkdir(parents=True)
+            (tmp_path / run / stage / "done.json").write_text(json.dumps({"key": "x", "torch_threads": n}))
+    assert study.stage_thread_counts(tmp_path / "k-2/seed-0") == [1]
+    assert study.stage_thread_counts(tmp_path / "k-2/seed-1") == [1, 2]
+    rows = [{"run": r, "torch_threads": " ".join(map(str, study.stage_thread_counts(tmp_path / r)))} for r in ("k-2/seed-0", "k-2/seed-1")]
+    warning = study.mixed_threads_warning(rows)
+    assert warning and "1 thread(s): k-2/seed-0, k-2/seed-1" in warning and "2 thread(s): k-2/seed-1" in warning
+    assert study.mixed_threads_warning(rows[:1]) is None
 
 
 def test_a_points_run_report_shows_its_study(finished, tmp_path):
@@ -113,6 +130,26 @@ def test_rerun_of_a_finished_study_trains_nothing(finished):
     finally:
         torch.set_num_threads(threads)
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_a_half_reported_point_is_finished_on_rerun(finished, base):
+    """A point killed after metrics.json but before report.html and study_seconds.json is not done: the rerun
+    writes what is missing and trains nothing."""
+    folder, _ = finished
+    point = folder / "k-2" / "seed-0"
+    html = json.loads((point / "config.json").read_text())["html_report"]
+    (point / "report.html").unlink(missing_ok=not html)
+    (point / "study_seconds.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/*/done.json")}
+    args = ["study", "--base", str(base), "--grid", "k=2,3", "--seeds", "0", "1", "--name", study.QUICK_STUDY,
+            "--out", str(folder.parent), "--threads", "1"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (point / "report.html").is_file() == html and json.loads((point / "study_seconds.json").read_text())["resumed"] is True
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
 def test_seed_interval_is_students_t():
@@ -180,3 +217,20 @@ def test_convergence_reads_the_last_epoch_and_the_compute_matched_gain():
     from specialkit.report import convergence_reading
 
     assert "still improving" in convergence_reading(c) and "No sign" in convergence_reading(metrics.convergence(flat, cm_same, n_val=3000))
+
+
+def test_a_point_is_done_only_when_everything_it_writes_exists(tmp_path):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(folder=tmp_path, config=SimpleNamespace(html_report=True), skip_reason=lambda s: None,
+                          is_done=lambda s: s == "distill")  # fmt: skip
+    for name in ("metrics.json", "study_seconds.json"):
+        (tmp_path / name).write_text("{}")
+    assert not study.point_is_done(run)  # report.html missing
+    (tmp_path / "report.html").write_text("<html>")
+    assert study.point_is_done(run)
+    run.config.html_report = False
+    (tmp_path / "report.html").unlink()
+    assert study.point_is_done(run)
+    (tmp_path / "study_seconds.json").unlink()
+    assert not study.point_is_done(run)
