@@ -8,6 +8,11 @@ The setting ``generalist_from`` names the source, as ``<kind>:<...>``:
   download ever happens. The model is a full :class:`models.TorchvisionClassifier`: specialists are
   initialised from it (head surgery on ``fc``/``classifier[-1]``/``head``), the compute-matched
   generalist and the student fine-tune it.
+* ``torchvision:cifar_resnet<20|32|44|56|...>:<file>`` -- the kit's own CIFAR ResNet-(6n+2)
+  (:class:`models.CifarResNetNet`, option-A shortcuts) with weights in the common public format (e.g.
+  akamaster/pytorch_resnet_cifar10's ``resnet20-12fca82f.th``: ``state_dict``, ``module.`` prefix, final
+  layer ``linear``, tensors saved on ``cuda:0``); loaded the same safe way, on the CPU. Those models
+  expect ``generalist_normalize="imagenet"`` on 32 px images.
 * ``torchscript:<file>`` -- ``torch.jit.load``; ``export:<file.pt2>`` -- ``torch.export.load(...).module()``.
   **Such a file is a program, not weights**: loading and running it runs whatever code it holds, with your
   permissions (as ``torch.load`` without ``weights_only`` would); the kit says so in the log each time it
@@ -151,6 +156,8 @@ def load_torchvision(source: Source, config: models.ModelConfig) -> models.Torch
             has another number of classes than the dataset (both counts named).
     """
     state = _state_dict(source.path)
+    if models.cifar_resnet_depth(source.arch or "") is not None:  # final layer ``linear`` -> ``fc``
+        state = models.cifar_resnet_state(state)
     model = models.build_model(config)
     head_w = state.get(f"{model._head_prefix}weight")
     if head_w is not None and head_w.ndim == 2 and head_w.shape[0] != config.num_classes:

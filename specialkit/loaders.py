@@ -810,8 +810,8 @@ def load_imagefolder(
         class_names, paths, labels = _scan_image_folder(folder / "train")
         test_names, test_paths, y_test = _scan_image_folder(folder / "test")
         if test_names != class_names:
-            raise DatasetError(f"imagefolder: {folder / 'test'} has the classes {list(test_names)[:5]}..., {folder / 'train'} "
-                               f"{list(class_names)[:5]}...; give both the same class folders")  # fmt: skip
+            raise DatasetError(f"imagefolder: {folder / 'train'} and {folder / 'test'} name different class folders "
+                               f"({list(class_names)[:5]}... vs {list(test_names)[:5]}...); give both the same class folders")  # fmt: skip
         check_inside_root("imagefolder", folder, {"train": (paths, labels), "test": (test_paths, y_test)})
         train, val = _train_val_indices(labels, per_class=per_class, val_fraction=val_fraction, seed=seed)
         splits = {"train": _pick(paths, labels, train), "val": _pick(paths, labels, val), "test": (test_paths, y_test)}

@@ -50,6 +50,10 @@ __all__ = [
     "fingerprint",
     "TorchvisionClassifier",
     "TORCHVISION_PREFIX",
+    "CifarResNetNet",
+    "CIFAR_RESNET_PREFIX",
+    "cifar_resnet_depth",
+    "cifar_resnet_state",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -440,6 +444,76 @@ class ResNet18(Classifier):
         return [4, 5, 6, 7]
 
 
+class _CifarBlock(nn.Module):
+    """A basic block (two 3x3 conv + BN) with an option-A shortcut: stride-2 subsampling and zero
+    channel padding when the shape changes (He et al. 2016, section 4.2)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.stride, self.pad = stride, c_out - c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x[:, :, :: self.stride, :: self.stride] if self.stride != 1 else x
+        if self.pad:
+            short = nn.functional.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return torch.relu(out + short)
+
+
+class CifarResNetNet(nn.Module):
+    """The CIFAR ResNet-(6n+2) network: a 3x3 16-channel stem, 3 stages of n basic blocks with 16/32/64
+    channels (stride 2 at the start of stages 2 and 3), global average pooling and a linear layer ``fc``.
+
+    Args:
+        depth: 20, 32, 44, 56, 110 (any 6n+2). num_classes: outputs. in_channels: image channels.
+    """
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ModelError(f"cifar_resnet depth {depth} is not 6n+2 (20, 32, 44, 56, 110); choose one of those")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, c_in = (16, 32, 64), 16
+        for i, c_out in enumerate(widths):
+            blocks = [_CifarBlock(c_in if j == 0 else c_out, c_out, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            c_in = c_out
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+CIFAR_RESNET_PREFIX = "cifar_resnet"
+
+
+def cifar_resnet_depth(arch: str) -> int | None:
+    """The depth of an arch named ``cifar_resnet<depth>`` (e.g. ``cifar_resnet20``), else ``None``."""
+    tail = arch[len(CIFAR_RESNET_PREFIX):] if arch.startswith(CIFAR_RESNET_PREFIX) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def cifar_resnet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CIFAR ResNet state dict as saved elsewhere, in :class:`CifarResNetNet`'s names: a final layer
+    called ``linear`` becomes ``fc``; BatchNorm counters missing from old checkpoints are set to 0."""
+    out = {("fc." + k[len("linear."):] if k.startswith("linear.") else k): v for k, v in state.items()}
+    for key in [k for k in out if k.endswith(".running_mean")]:
+        out.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return out
+
+
 def _final_linear(net: nn.Module, arch: str) -> tuple[nn.Module, str, str]:
     """(parent module, attribute name, state-dict prefix) of a torchvision classifier's last linear layer."""
     for path in ("fc", "classifier", "head", "heads.head"):
@@ -472,8 +546,10 @@ class TorchvisionClassifier(Classifier):
         import torchvision
 
         arch = config.name[len(TORCHVISION_PREFIX):]
+        depth = cifar_resnet_depth(arch)
         try:
-            net = torchvision.models.get_model(arch, weights=None, num_classes=config.num_classes)
+            net = (CifarResNetNet(depth, config.num_classes, config.in_channels) if depth is not None
+                   else torchvision.models.get_model(arch, weights=None, num_classes=config.num_classes))  # fmt: skip
         except ValueError as err:
             raise ModelError(f"torchvision has no model {arch!r} ({err}); use a name from torchvision.models.list_models()") from err
         parent, attr, self._head_prefix = _final_linear(net, arch)
@@ -492,6 +568,8 @@ class TorchvisionClassifier(Classifier):
     def load_torchvision_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load the state dict of the plain torchvision model (``torchvision.models.get_model(arch)``); strict:
         a missing or unexpected key, or a tensor of another shape, raises ``RuntimeError`` naming it."""
+        if cifar_resnet_depth(self.config.name[len(TORCHVISION_PREFIX):]) is not None:
+            state = cifar_resnet_state(state)
         p = self._head_prefix
         head = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
         body = {k: v for k, v in state.items() if not k.startswith(p)}
