@@ -55,9 +55,13 @@ _NO_RUN = ("{folder} is not a run yet (no config.json): run notebook 01 first, o
 
 
 def _config_diff(on_disk: dict[str, Any], config: PipelineConfig) -> list[str]:
-    """Keys whose values differ between a ``config.json`` (as read) and ``config`` (as JSON would store it)."""
+    """Keys whose values differ between a ``config.json`` (as read) and ``config`` (as JSON would store it). A
+    setting added after the file was written is missing there; at its default it is no difference (the run was
+    made with the behaviour that default keeps), so an upgrade of the kit does not turn old runs into errors."""
     mine = json.loads(json.dumps(config.to_dict()))
-    return sorted(k for k in set(on_disk) | set(mine) if on_disk.get(k, _MISSING) != mine.get(k, _MISSING))
+    default = json.loads(json.dumps(PipelineConfig().to_dict()))
+    return sorted(k for k in set(on_disk) | set(mine)
+                  if on_disk.get(k, default.get(k, _MISSING)) != mine.get(k, _MISSING))  # fmt: skip
 
 
 _MISSING = object()

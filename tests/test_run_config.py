@@ -40,6 +40,23 @@ def test_different_settings_raise_naming_the_keys_unless_overwrite(tmp_path):
     assert PipelineConfig.load(folder / "config.json") == changed
 
 
+def test_a_run_written_before_a_setting_existed_opens_without_overwrite(tmp_path):
+    """A setting added later is missing from an old config.json: at its default it is no difference (an upgrade of
+    the kit keeps old runs usable); at another value it is one, naming the key."""
+    import json
+
+    folder = tmp_path / "old"
+    pipeline.Run(folder, PipelineConfig.quick(**TINY), log=_quiet)
+    recorded = json.loads((folder / "config.json").read_text())
+    for key in ("calibrate_specialists", "hard_label_control"):
+        del recorded[key]
+    (folder / "config.json").write_text(json.dumps(recorded))
+    pipeline.Run(folder, PipelineConfig.quick(**TINY), log=_quiet)  # no error, nothing rewritten
+    assert "calibrate_specialists" not in json.loads((folder / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"records other settings \(hard_label_control: '\(missing\)' there, False here\)"):
+        pipeline.Run(folder, PipelineConfig.quick(**{**TINY, "hard_label_control": False}), log=_quiet)
+
+
 def test_with_settings_records_the_change_and_returns_the_same_run_when_nothing_changes(tmp_path):
     run = pipeline.Run(tmp_path / "r", PipelineConfig.quick(**TINY), log=_quiet)
     assert run.with_settings(k=4) is run
