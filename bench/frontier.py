@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from specialkit import frontier, plots, runs  # noqa: E402
+from specialkit import frontier, plots, runner, runs  # noqa: E402
 from specialkit.config import PipelineConfig  # noqa: E402
 from specialkit.metrics import finite  # noqa: E402
 from specialkit.pipeline import Run  # noqa: E402
@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     widths = args.widths or ([2 * w] if args.quick else [w // 2, 3 * w // 2, 2 * w])
     s = cfg.depth - 1 if args.shared_stages is None else args.shared_stages
     small = args.small_width or max(1, w // 2)
-    width_runs = {v: frontier.width_run(base, v, folder / f"width{v}") for v in widths if v != w}
-    variants = {f"shared trunk ({s} of {cfg.depth} stages)": frontier.variant_run(base, folder / f"shared{s}", specialist_shared_stages=s)}
+    width_runs = {v: runner.width_run(base, v, folder / f"width{v}") for v in widths if v != w}
+    variants = {f"shared trunk ({s} of {cfg.depth} stages)": runner.variant_run(base, folder / f"shared{s}", specialist_shared_stages=s)}
     for init in args.small_init:
-        variants[f"width-{small} specialists ({init})"] = frontier.variant_run(
+        variants[f"width-{small} specialists ({init})"] = runner.variant_run(
             base, folder / f"small{small}-{init}", specialist_width=small, specialist_init=init)
     print(f"training done in {time.perf_counter() - t0:.0f} s; measuring ({args.threads} thread(s), best of {args.repeats})")
     table = frontier.measure_points(base, widths=width_runs, variants=variants, repeats=args.repeats)
-    saved = {"points": table.to_dict("records"), "budget_flops": frontier.budget_flops(base), "settings": cfg.to_dict(),
+    saved = {"points": table.to_dict("records"), "budget_flops": frontier.budget_flops(base.view()), "settings": cfg.to_dict(),
              "threads": args.threads}
     runs.atomic_write_json(base.folder / frontier.FILE, finite(saved))
     plots.frontier(table).write_html(folder / "frontier.html", include_plotlyjs="cdn")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                          delta=table["delta"] * 100, delta_lo=table["delta_lo"] * 100, delta_hi=table["delta_hi"] * 100,
                          train_gflops=table["train_flops"] / 1e9).drop(columns="train_flops")  # fmt: skip
     print(f"\nbase: {cfg.dataset}, {cfg.model} width {w} depth {cfg.depth}, {cfg.epochs} epochs, k={cfg.k}, per_class={cfg.per_class}; "
-          f"budget {frontier.budget_flops(base):.3g} training FLOPs; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+          f"budget {frontier.budget_flops(base.view()):.3g} training FLOPs; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(markdown(shown))
     print(f"\nwrote {base.folder / frontier.FILE} and {folder / 'frontier.html'}; total {time.perf_counter() - t0:.0f} s")
 

@@ -6,7 +6,10 @@ Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline bu
 ``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``, ``launch`` (thread budgets, submitit jobs),
 ``byog`` (a generalist brought from elsewhere), ``transfer`` (linear probes on frozen features),
 ``streaming`` (image files read from disk batch by batch), ``frontier`` (accuracy against inference cost),
-``study`` (a grid of runs over settings and seeds).
+``study`` (a grid of runs over settings and seeds), ``stages`` (the stages, declared once), ``store`` (the run
+folder protocol), ``view`` (a run, read-only), ``cost`` (parameters, FLOPs, latency, budgets), ``runner`` (multi-seed
+and frontier runs), ``generalist`` and ``ensembles`` (those stages' recipes), ``dataset`` (the container),
+``imagefiles`` (decoding one image file), ``errors`` (one base class, exit codes).
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ _SUBMODULES = {
     "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
     "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
     "stats", "metrics", "distill", "checks", "typing", "launch", "distributed", "byog", "transfer", "streaming",
-    "frontier", "study",
+    "frontier", "study", "errors", "stages", "store", "view", "cost", "runner", "generalist", "ensembles", "dataset",
+    "imagefiles",
 }  # fmt: skip
 
 

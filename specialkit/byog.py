@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import models
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "GeneralistSourceError", "Source", "parse_source", "file_sha256",
            "normalisation", "torchvision_config", "load_torchvision", "ScriptedGeneralist", "load_scripted",

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runs
+from . import runs, stages
+from .errors import SpecialkitError
 from .models import Classifier, ModelConfig, ModelError, build_model
 from .training import History, resolve_device
 
@@ -31,7 +32,7 @@ FORMAT = "specialkit.checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SpecialkitError, ValueError):
     """A checkpoint is missing, corrupt or belongs to other data; the message names the path and the fix."""
 
 
@@ -124,8 +125,7 @@ def save_checkpoint(
     return path
 
 
-_STAGE_COMMANDS = {"generalist": "generalist", "compute_matched": "compute-matched", "distill": "distill", "specialists": "specialists",
-                   "hard_label_student": "hard-label-student"}
+_STAGE_COMMANDS = {name: stages.command_of(name) for name in stages.NAMES}
 
 
 def _fix(path: Path) -> str:

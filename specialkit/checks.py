@@ -12,12 +12,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .errors import SpecialkitError
 from .typing import Labels, Mask, Matrix, Probs
 
 __all__ = ["InputError", "as_numpy", "as_labels", "check_label_range", "as_probs", "as_bools", "as_square", "check_groups"]
 
 
-class InputError(ValueError):
+class InputError(SpecialkitError, ValueError):
     """Bad array input; the default ``error`` of the checks below."""
 
 

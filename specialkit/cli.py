@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .config import ConfigError, MissingStageError, PipelineConfig, cli_settings
+from . import stages
+from .config import ConfigError, PipelineConfig, cli_settings
+from .errors import SpecialkitError, exit_code_of
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
 _KNOBS: dict[str, tuple[type, str]] = cli_settings()
 """Setting -> (type, help) of its ``--flag``: every ``PipelineConfig`` field with a ``cli`` help in its metadata."""
-_STAGES = ("generalist", "clusters", "specialists", "compute-matched", "ensembles", "distill", "hard-label-student", "report")
+_STAGES = (*stages.COMMANDS, "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +135,8 @@ def _add_parallel_arguments(sub: Any) -> None:
                     help="jobs running side by side (default: all on Slurm, min(jobs, cores) locally)")
 
 
-_TORCHRUN_STAGES = {"generalist": None, "compute-matched": "specialists", "distill": "specialists"}
+_TORCHRUN_STAGES = {stages.command_of(s): stages.torchrun_prerequisite(s) for s in stages.TORCHRUN}
+"""Command -> the stage that must be finished before torchrun runs it (:func:`specialkit.stages.torchrun_prerequisite`)."""
 
 
 def _under_torchrun() -> bool:
@@ -231,12 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.flush()  # callbacks, thread joins) cannot turn exit 130 into a crash by SIGINT
             os._exit(130)
         return 130
-    except (ConfigError, ValueError, IndexError) as err:
+    except (SpecialkitError, ValueError, IndexError) as err:  # one line; 1: the file system refused, 2: bad input
         print(f"specialkit: error: {err}", file=sys.stderr)
-        return 1 if isinstance(err.__cause__, OSError) else 2  # 1: the file system refused; 2: bad input
-    except MissingStageError as err:
-        print(f"specialkit: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code_of(err)
     except RuntimeError as err:
         if not _under_torchrun():
             raise
@@ -286,8 +286,10 @@ def _main_stages(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)")
         t0 = time.perf_counter()
         if cfg.seeds:
+            from .runner import run_seeds
+
             with runs.RunLock(args.out / cfg.name):
-                summary = pipeline.run_seeds(args.out / cfg.name, cfg)
+                summary = run_seeds(args.out / cfg.name, cfg)
             from .report import seeds_reading
 
             print("\n" + seeds_reading(summary["seeds"]))

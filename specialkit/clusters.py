@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import checks
+from . import checks, confusion, runs, store
+from .config import METHODS as METHOD_NAMES
 from .confusion import row_normalise
+from .errors import SpecialkitError
 from .typing import Labels, Matrix
 
 __all__ = [
@@ -68,7 +71,7 @@ __all__ = [
 ]
 
 
-class ClusterError(ValueError):
+class ClusterError(SpecialkitError, ValueError):
     """Bad input to a clustering function; the message names the problem and the fix."""
 
 
@@ -984,3 +987,197 @@ def quality_table(
     for col in ("errors", "groups", "size_min", "size_max", "uncovered"):
         df[col] = df[col].astype(np.int64)
     return df
+
+
+# ---------------------------------------------------------------------------------------------- the stage's recipe
+# The ``clusters`` stage of a run (``pipeline.Run.get("clusters")``): the generalist's confusions on the validation
+# split, the class distance, the configured clustering, saved as the run's ``clusters.json``.
+
+
+def confusion_of(run: Any) -> Any:
+    """Confusion, covariance and distances of ``run``'s generalist on the validation split (remembered by the run).
+
+    Args:
+        run: the run.
+
+    Returns:
+        A :class:`specialkit.confusion.ConfusionSummary`.
+    """
+    def make() -> Any:
+        ds = run.dataset()
+        return confusion.summarise(ds.y_val.numpy(), run.generalist().val_probs, ds.class_names)
+
+    return run.memo("confusion", make)
+
+
+def distance_of(run: Any) -> np.ndarray:
+    """(C, C) class distance the distance-based methods use: HD-CNN's D from the soft or hard confusion (``distance``).
+
+    Args:
+        run: the run.
+
+    Returns:
+        The distance matrix.
+    """
+    cs = confusion_of(run)
+    return confusion.confusion_distance(cs.F_soft) if run.config.distance == "soft" else cs.distance
+
+
+def class_map_of(run: Any, *, method: str = "umap") -> np.ndarray:
+    """(C, 2) map of ``run``'s classes: UMAP on the run's class distance, so classes the generalist confuses land close
+    together (saved as ``clusters/class_map_<method>.npy`` with the generalist's key).
+
+    Args:
+        run: the run.
+        method: ``umap``, or another ``confusion.class_map`` method (on the similarity).
+
+    Returns:
+        The coordinates.
+    """
+    path = run.stage_dir("clusters") / f"class_map_{method}.npy"
+    key = run.key("generalist") + run.config.distance
+    marker = path.with_suffix(".key")
+    if path.is_file() and marker.is_file() and marker.read_text() == key:
+        return runs.load_array(path)
+    d = distance_of(run)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="using precomputed metric")
+        coords = (confusion.class_map(d, method="umap", metric="precomputed", seed=run.config.seed) if method == "umap"
+                  else confusion.class_map(1.0 - d, method=method, seed=run.config.seed))  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.save_array(path, coords)
+    runs.atomic_write_text(marker, key)
+    return coords
+
+
+def compute_for(run: Any) -> ClusterSpec:
+    """The configured clustering of ``run``'s generalist's confusions (not saved).
+
+    Args:
+        run: the run.
+
+    Returns:
+        The spec (with the configured overlap).
+    """
+    c, cs, ds = run.config, confusion_of(run), run.dataset()
+    spec = cluster(c.method, cov=cs.covariance, distance=distance_of(run), class_names=ds.class_names, k=c.k, seed=c.seed)
+    if c.overlap != "none":
+        spec = grow_overlap(spec, cs.F, rule=c.overlap, gamma=c.gamma, r=c.top_r, max_size=c.max_group_size)
+    return spec
+
+
+def make_spec(run: Any) -> ClusterSpec:
+    """Stage 2: ``run``'s cluster spec — ``clusters.json`` when up to date, else computed (or read from
+    ``clusters_file``) and saved.
+
+    Args:
+        run: the run.
+
+    Returns:
+        The spec (remembered by the run).
+    """
+    return run.memo("clusters", lambda: _make_spec(run))
+
+
+def _make_spec(run: Any) -> ClusterSpec:
+    key = run.key("clusters")
+    path = run.folder / "clusters.json"
+    if not run.is_done("clusters", key) or not path.is_file():
+        ds, c = run.dataset(), run.config
+        if c.clusters_file:
+            spec = ClusterSpec.load(c.clusters_file).for_dataset(ds.class_names)
+            source = str(c.clusters_file)
+        else:
+            spec = compute_for(run)
+            source = c.method
+            _check_spec(run, spec, f"the {c.k} groups computed for {ds.num_classes} classes", fix=(
+                f"with so few classes use overlap=none (now {c.overlap}; --overlap none), which keeps each class in one group"
+                + (f", or a larger k (now {c.k}; --k)" if c.k < ds.num_classes // 2 else "") + ", or a clusters_file of your own"))
+        _write_spec(run, spec, key, source)
+    spec = ClusterSpec.load(path).for_dataset(run.dataset().class_names)
+    _check_spec(run, spec, path)
+    return spec
+
+
+def _check_spec(run: Any, spec: ClusterSpec, where: Path | str, *, fix: str | None = None) -> None:
+    """Reject groups a specialist cannot learn from (``fix``: what to change, for a group of every class); log when
+    most classes are in no group."""
+    check_trainable(spec, where=str(where), fix=fix)
+    warning = coverage_warning(spec)
+    if warning:
+        run.log(f"[clusters] warning: {warning}")
+
+
+def save_for(run: Any, spec: ClusterSpec) -> None:
+    """Use ``spec`` (e.g. edited in the picker) in ``run`` from now on; the stages after it re-run.
+
+    Args:
+        run: the run.
+        spec: the groups.
+    """
+    spec = spec.for_dataset(run.dataset().class_names)
+    _check_spec(run, spec, "the spec passed to save_clusters")
+    _write_spec(run, spec, run.key("clusters"), "user")
+    run.forget(keep=("dataset", "generalist", "confusion"))
+
+
+def _write_spec(run: Any, spec: ClusterSpec, key: str, source: str) -> None:
+    """Save ``spec`` as ``clusters.json``. A clusters.json edited by hand (it differs from what the last clustering
+    wrote) is never overwritten silently: it is copied to ``clusters.edited-<hash>.json`` first and the log says so
+    (``source="user"`` replaces it knowingly)."""
+    folder, path = run.stage_dir("clusters"), run.folder / "clusters.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    if source != "user" and path.is_file():
+        text = path.read_text(errors="replace")
+        written = None
+        if (folder / "done.json").is_file():
+            try:
+                written = runs.read_json(folder / "done.json").get("sha")
+            except (ValueError, AttributeError):
+                written = None
+        sha = store.sha256_text(text)
+        if sha != written and text.strip() != spec.to_json().strip():
+            backup = run.folder / f"clusters.edited-{sha[:8]}.json"
+            runs.atomic_write_text(backup, text)
+            run.log(f"[clusters] {path} was edited by hand and the clustering settings changed: your version is "
+                    f"kept in {backup}; to train on it, pass clusters_file={str(backup)!r}")  # fmt: skip
+    spec.save(path)
+    run.finish(folder, key, source=source, groups=len(spec.groups), sha=store.sha256_text(path.read_text()))
+
+
+def method_specs(run: Any, *, methods: tuple[str, ...] | None = None) -> dict[str, ClusterSpec]:
+    """Each clustering method's spec for ``run``'s k and seed, for a side-by-side comparison.
+
+    Args:
+        run: the run (its generalist finished).
+        methods: the methods (default every one of ``config.METHODS``).
+
+    Returns:
+        Method -> spec.
+    """
+    cs, ds, c = confusion_of(run), run.dataset(), run.config
+    return {m: cluster(m, cov=cs.covariance, distance=distance_of(run), class_names=ds.class_names, k=c.k, seed=c.seed)
+            for m in (methods or METHOD_NAMES)}  # fmt: skip
+
+
+def confused_examples(run: Any, *, pairs: int = 6, per_pair: int = 4) -> np.ndarray:
+    """Indices into the validation split: up to ``per_pair`` misclassified images of each of the top ``pairs``
+    (true, predicted) pairs of ``run``'s generalist.
+
+    Args:
+        run: the run.
+        pairs: how many confused pairs.
+        per_pair: images per pair.
+
+    Returns:
+        (n,) int64 indices.
+    """
+    ds, cs = run.dataset(), confusion_of(run)
+    y = ds.y_val.numpy()
+    pred = run.generalist().val_probs.argmax(axis=1)
+    names = {n: i for i, n in enumerate(ds.class_names)}
+    out: list[int] = []
+    for row in cs.top_pairs(pairs).itertuples():
+        t, p = names[row.true], names[row.predicted]
+        out += np.flatnonzero((y == t) & (pred == p))[:per_pair].tolist()
+    return np.asarray(out, dtype=np.int64)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import stages
+from .errors import ConfigError
+
 __all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS",
            "SETTING_STAGES", "KEY_STAGES", "RENAMED", "stage_of", "stage_keys", "key_name", "cli_settings", "picker_settings",
            "choices_of", "settings_markdown", "SPECIALIST_INITS", "hashed_now"]
@@ -26,22 +29,13 @@ METHODS = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
 OVERLAPS = ("none", "hdcnn", "top_r")
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
 SPECIALIST_INITS = ("auto", "generalist", "scratch", "distill")
-KEY_STAGES = ("data", "generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
+KEY_STAGES = stages.KEY_GROUPS
 """The stages whose settings enter the cache keys (``pipeline.Run.key``), in pipeline order."""
 SETTING_STAGES = (*KEY_STAGES, "metrics", "run")
 """Every field's ``stage``: a pipeline stage, ``metrics`` (changes the reported intervals only) or ``run``
 (changes no number: the run's name, the device, progress bars, the list of seeds, free notes)."""
 RENAMED = {"temperature": "specialist_temperature"}
 """Old config keys -> their new names; an old key is refused with the new name (no silent fallback)."""
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown or its value impossible; the message names the key and the fix."""
-
-
-class MissingStageError(RuntimeError):
-    """A number was asked of a run whose stage is not finished; the message names the stage and the command that
-    makes it (the CLI prints it as one line, exit code 2)."""
 
 
 def smoke_mode() -> bool:

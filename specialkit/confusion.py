@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import checks
+from .errors import SpecialkitError
 from .typing import Labels, Matrix, Probs
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 CLASS_MAP_METHODS = ("umap", "pca", "mds")
 
 
-class ConfusionError(ValueError):
+class ConfusionError(SpecialkitError, ValueError):
     """Bad input to a confusion/covariance function; the message names the problem and the fix."""
 
 

@@ -12,22 +12,22 @@ the student little beyond the labels (measured in docs/METHOD.md's notes on the 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from . import ensemble, training
+from . import checkpoints, ensemble, models, stages, training
 from . import specialists as specialists_mod
+from .errors import ConfigError
+from .generalist import ModelResult, load_model, train_model
 
-__all__ = ["ensemble_teacher", "soften"]
+__all__ = ["ensemble_teacher", "soften", "teacher_of", "make_student", "make_control", "train_student"]
 
 
 def soften(probs: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log p / T)`` of (N, K) probabilities, in float64 (soft targets of a distribution)."""
-    from .pipeline import softmax
-
-    return softmax(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)), temperature)
+    return training.softmax(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)), temperature)
 
 
 def ensemble_teacher(
@@ -77,3 +77,89 @@ def ensemble_teacher(
         return torch.from_numpy(soften(q, temperature)).to(x.device, torch.float32)
 
     return teach
+
+
+# ---------------------------------------------------------------------------------------------- the stages' recipes
+def teacher_of(run: Any) -> training.Teacher:
+    """``run``'s ``kl`` ensemble as a per-batch teacher for the student (:func:`ensemble_teacher`): on each augmented
+    training batch the generalist's top-n switch specialists on, only the active ones run, and their opinions are
+    combined; the result is softened at ``distill_temperature``.
+
+    Args:
+        run: the run.
+
+    Returns:
+        The teacher.
+    """
+    return ensemble_teacher(run.generalist().model, run.specialists(), top_n=run.config.top_n,
+                            temperature=run.config.distill_temperature)  # fmt: skip
+
+
+def make_student(run: Any) -> ModelResult:
+    """Stage 5: one student trained on the ensemble's q at temperature T (computed on the same augmented batch the
+    student sees) plus hard labels, the soft term scaled by T².
+
+    Args:
+        run: the run.
+
+    Returns:
+        The student.
+    """
+    reason = run.skip_reason("distill")
+    if reason:
+        raise ConfigError(f"{reason}; bring the model itself (torchvision:, torchscript: or export:) to distil")
+    if not run.is_done("distill"):
+        return train_student(run, "distill", teacher=teacher_of(run) if run.config.distill_soft_weight > 0 else None)
+    return load_model(run, "distill")
+
+
+def make_control(run: Any) -> ModelResult:
+    """Stage 6, the student's control: the student's start, epochs, learning rate and seed, trained on the hard labels
+    alone (no teacher). The student's gain over it is what distillation adds; its gain over the generalist is what the
+    extra training alone gives.
+
+    Args:
+        run: the run.
+
+    Returns:
+        The hard-label student.
+    """
+    reason = run.skip_reason("hard_label_student")
+    if reason:
+        raise ConfigError(f"{reason}: there is no hard-label control; set hard_label_control=true (and bring a model) to train it")
+    if not run.is_done("hard_label_student"):
+        return train_student(run, "hard_label_student", teacher=None)
+    return load_model(run, "hard_label_student")
+
+
+def train_student(run: Any, stage: str, *, teacher: training.Teacher | None) -> ModelResult:
+    """A student of ``stage``: the generalist's weights (``student_init``) or scratch, ``student_epochs`` at the
+    generalist's lr (times :data:`specialkit.stages.FINE_TUNE_LR` from the generalist's weights), the soft term only
+    with a ``teacher``.
+
+    Args:
+        run: the run.
+        stage: ``distill`` or ``hard_label_student``.
+        teacher: soft targets per batch, or ``None`` (hard labels only).
+
+    Returns:
+        The trained student.
+    """
+    c = run.config
+    ds = run.dataset()
+    mc = run.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
+    from_gen = (c.student_init == "generalist" and mc == run.model_config(num_classes=ds.num_classes)
+                and run.scratch_reason() is None)  # fmt: skip
+    run.generalist()  # on a fresh run, train it first (its checkpoint is read below)
+    offset = stages.by_name(stage).seed_offset
+    training.seed_everything(c.seed + offset)
+    if from_gen:
+        model = checkpoints.load_checkpoint(run.stage_dir("generalist") / "model.pt")[0]
+    else:
+        model = models.build_model(mc)
+    run.log(f"[{stage}] student initialised from {'the generalist' if from_gen else 'scratch'}"
+            + ("" if teacher is not None else ", hard labels only"))  # fmt: skip
+    soft = c.distill_soft_weight if teacher is not None else 0.0
+    tc = run.train_config(epochs=c.student_epochs, lr=c.lr * (stages.FINE_TUNE_LR if from_gen else 1.0), seed_offset=offset,
+                          soft_weight=soft, temperature=c.distill_temperature)  # fmt: skip
+    return train_model(run, stage, model=model, model_config=mc, tc=tc, teacher=teacher)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["TIMEOUT_ENV", "requested", "init_from_env", "rank_and_world", "is_main", "barrier", "shard", "wrap",
            "all_reduce_sum", "close"]  # fmt: skip

@@ -41,6 +41,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from . import checks
+from .errors import SpecialkitError
 from .typing import Groups, Labels, Mask, Probs
 
 __all__ = [
@@ -87,7 +88,7 @@ _ROUNDING = 1e-14  # Newton line search: objective increases this small (relativ
 _MAX_LOG_STEP = 50.0  # Newton: one step shrinks an entry by a factor exp(-50) at most
 
 
-class EnsembleError(ValueError):
+class EnsembleError(SpecialkitError, ValueError):
     """Bad input to an ensemble function; the message names the problem and the fix."""
 
 

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from . import checks
+from .errors import SpecialkitError
 from .typing import Labels, Mask, Scores
 
 __all__ = [
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SpecialkitError, ValueError):
     """Inputs to a metric do not fit together; the message names the problem and the fix."""
 
 

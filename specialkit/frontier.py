@@ -16,20 +16,17 @@ run from its ``metrics.json`` alone (no training, no timing), for the report and
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import data, ensemble, evaluation, models, specialists, stats
+from . import cost, dataset, ensemble, evaluation, models, runs, stats
+from .view import RunView, view_of
 
-if TYPE_CHECKING:
-    from .pipeline import Run
-
-__all__ = ["FrontierError", "budget_flops", "matched_epochs", "width_run", "variant_run", "measure_points", "run_points",
+__all__ = ["FrontierError", "budget_flops", "matched_epochs", "measure_points", "run_points",
            "points_of", "COLUMNS", "PAIRED", "FILE"]
 
 FILE = "frontier.json"
@@ -42,61 +39,9 @@ variant against the whole specialists), the difference in accuracy with its 95% 
 exact p and ``stats.verdict``."""
 
 
-class FrontierError(ValueError):
-    """A frontier point cannot be made; the message names the problem and the fix."""
-
-
-def budget_flops(run: "Run") -> float:
-    """Training FLOPs of the run's generalist plus all its specialists (3 x forward FLOPs per example-pass;
-    a shared trunk forward only)."""
-    ds, gen = run.dataset(), run.generalist()
-    shape = (1, ds.channels, ds.image_size, ds.image_size)
-    gen_train = 3.0 * models.count_flops(gen.model, shape) * gen.examples_seen
-    shape3 = (1, ds.channels, ds.image_size, ds.image_size)
-    spec_train = float(sum(s.examples_seen * specialists.train_flops_per_example(s.model, shape3) for s in run.specialists()))
-    return gen_train + spec_train
-
-
-def matched_epochs(budget: float, forward_flops: float, n_train: int) -> int:
-    """Whole epochs (>= 1) of a model with ``forward_flops`` per image closest to ``budget`` training FLOPs."""
-    if budget <= 0 or forward_flops <= 0 or n_train < 1:
-        raise FrontierError(f"budget={budget}, forward_flops={forward_flops}, n_train={n_train}: all must be positive")
-    return max(1, int(round(budget / (3.0 * forward_flops * n_train))))
-
-
-def width_run(base: "Run", width: int, folder: str | Path) -> "Run":
-    """A generalist of ``width`` (the base run's architecture otherwise) trained for the base run's total training
-    budget (:func:`budget_flops`), in its own run folder; trained here unless already done."""
-    from .pipeline import Run
-
-    ds = base.dataset()
-    cfg = base.model_config(num_classes=ds.num_classes, width=width)
-    fwd = models.count_flops(models.build_model(cfg), (1, ds.channels, ds.image_size, ds.image_size))
-    epochs = matched_epochs(budget_flops(base), fwd, len(ds.y_train))
-    run = Run(Path(folder), base.config.replace(name=f"width{width}", width=width, epochs=epochs, compute_matched=False),
-              overwrite=True, log=base.log)  # fmt: skip
-    run.share_dataset(ds)
-    run.generalist()
-    return run
-
-
-def variant_run(base: "Run", folder: str | Path, **settings: Any) -> "Run":
-    """The base run with other specialist ``settings`` (e.g. ``specialist_shared_stages=2``) in its own folder: the
-    base run's generalist and groups are copied there, so only the specialists are trained (and the ensembles made)."""
-    from .pipeline import Run
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("generalist", "clusters"):
-        if (base.folder / name).is_dir() and not (folder / name).exists():
-            shutil.copytree(base.folder / name, folder / name)
-    for name in ("clusters.json",):
-        if (base.folder / name).is_file() and not (folder / name).exists():
-            shutil.copy2(base.folder / name, folder / name)
-    run = Run(folder, base.config.replace(name=folder.name, **settings), overwrite=True, log=base.log)
-    run.share_dataset(base.dataset())
-    run.ensembles()
-    return run
+FrontierError = cost.FrontierError
+budget_flops = cost.budget_flops
+matched_epochs = cost.matched_epochs
 
 
 def _latency(model: torch.nn.Module, x: torch.Tensor, *, repeats: int) -> dict[int, float]:
@@ -105,7 +50,7 @@ def _latency(model: torch.nn.Module, x: torch.Tensor, *, repeats: int) -> dict[i
                                                best=True) * 1e3 for bs in (1, 256)}  # fmt: skip
 
 
-def _ensemble_latency(run: "Run", x_uint8: torch.Tensor, *, repeats: int) -> dict[int, float]:
+def _ensemble_latency(run: RunView, x_uint8: torch.Tensor, *, repeats: int) -> dict[int, float]:
     sps = run.specialists()
     active = run.activation("test")[: len(x_uint8)]
 
@@ -120,7 +65,7 @@ def _ensemble_latency(run: "Run", x_uint8: torch.Tensor, *, repeats: int) -> dic
     return {1: float(row[1]) * 1e3, 256: float(row[256]) * 1e3}
 
 
-def measure_points(base: "Run", *, widths: Mapping[int, "Run"] | None = None, variants: Mapping[str, "Run"] | None = None,
+def measure_points(base: RunView, *, widths: Mapping[int, RunView] | None = None, variants: Mapping[str, RunView] | None = None,
                    rule: str = "kl", latency: bool = True, repeats: int = 5, latency_images: int = 512) -> pd.DataFrame:
     """The frontier table (:data:`COLUMNS` and :data:`PAIRED`, one row per point) of a base run, generalists of other
     widths and specialist variants; accuracy intervals and paired differences from one bootstrap over the shared test
@@ -135,11 +80,14 @@ def measure_points(base: "Run", *, widths: Mapping[int, "Run"] | None = None, va
         repeats: timed passes per measurement (the best is kept).
         latency_images: test images timed at batch 256 (64 at batch 1).
     """
+    base = view_of(base)  # measures finished runs: nothing trains here
+    widths = {w: view_of(r) for w, r in (widths or {}).items()}
+    variants = {label: view_of(r) for label, r in (variants or {}).items()}
     ds = base.dataset()
     y = ds.y_test.numpy()
     shape = (1, ds.channels, ds.image_size, ds.image_size)
     x8 = ds.x_test[:latency_images]
-    xf = data.to_float(x8)
+    xf = dataset.to_float(x8)
     rows, correct = [], {}
 
     def single(name: str, result: Any, train_flops: float) -> None:
@@ -150,7 +98,7 @@ def measure_points(base: "Run", *, widths: Mapping[int, "Run"] | None = None, va
                      "params_stored": models.count_parameters(m), "mflops": models.count_flops(m, shape) / 1e6,
                      "ms_b1": lat[1], "ms_b256": lat[256], "train_flops": train_flops})  # fmt: skip
 
-    def ens(name: str, run: "Run") -> None:
+    def ens(name: str, run: RunView) -> None:
         q = run.combine(rule, "test")
         correct[name] = q.argmax(1) == y
         spec_costs = [evaluation.model_cost(s.model, shape) for s in run.specialists()]
@@ -159,14 +107,14 @@ def measure_points(base: "Run", *, widths: Mapping[int, "Run"] | None = None, va
         rows.append({"name": name, "kind": "ensemble", "params_stored": cost["ensemble_params"], "mflops": cost["conditional_flops"] / 1e6,
                      "ms_b1": lat[1], "ms_b256": lat[256], "train_flops": budget_flops(run)})  # fmt: skip
 
-    gen_train = 3.0 * models.count_flops(base.generalist().model, shape) * base.generalist().examples_seen
+    gen_train = cost.train_flops(base.generalist().model, shape, base.generalist().examples_seen)
     single(f"generalist w{base.config.width}", base.generalist(), gen_train)
     if base.config.compute_matched:
         cm = base.compute_matched()
-        single(f"compute-matched w{base.config.width}", cm, gen_train + 3.0 * models.count_flops(cm.model, shape) * cm.examples_seen)
+        single(f"compute-matched w{base.config.width}", cm, gen_train + cost.train_flops(cm.model, shape, cm.examples_seen))
     for w, run in sorted((widths or {}).items()):
         g = run.generalist()
-        single(f"generalist w{w}", g, 3.0 * models.count_flops(g.model, shape) * g.examples_seen)
+        single(f"generalist w{w}", g, cost.train_flops(g.model, shape, g.examples_seen))
     ens(f"{rule}, whole specialists", base)
     for label, run in (variants or {}).items():
         ens(f"{rule}, {label}", run)
@@ -214,9 +162,7 @@ def points_of(folder: str | Path, metrics: Mapping[str, Any]) -> tuple[pd.DataFr
     when the folder has it, else the run's own points (:func:`run_points`); with a line saying which."""
     path = Path(folder) / FILE
     if path.is_file():
-        from .runs import read_json
-
-        saved = read_json(path)
+        saved = runs.read_json(path)
         table = pd.DataFrame(saved["points"])
         table = table[[c for c in COLUMNS + PAIRED if c in table.columns]]
         for col in (*COLUMNS[2:], "delta", "delta_lo", "delta_hi", "p_value"):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from .data import Dataset, DatasetError
+from .dataset import Dataset, DatasetError
 from .runs import atomic_write_bytes
 
 __all__ = ["GlyphConfig", "CLASS_NAMES", "FONT_FILES", "font_paths", "render_split", "load_glyphs", "load_glyphs_hard",

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import pipeline, runs
 from .config import ConfigError
 
 __all__ = ["affinity_cores", "jobs_at_once_here", "thread_budget", "set_thread_budget", "LaunchError", "JobSettings",
@@ -138,8 +139,6 @@ def train_specialists_job(folder: str, indices: list[int], threads: int) -> list
     ``specialkit train-specialist`` (shared on the run, exclusive on that specialist), so two launchers never
     train the same specialist at once. A specialist that fails does not stop the others; the job then fails
     naming each one. Returns the indices trained."""
-    from . import pipeline, runs
-
     set_thread_budget(threads)
     done, errors = [], []
     for index in indices:

@@ -23,17 +23,16 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import clusters, data, ensemble, evaluation, models, runs, specialists, stats, training
-from .config import MissingStageError
-
-if TYPE_CHECKING:
-    from .pipeline import Run
+from . import clusters, cost, ensemble, evaluation, models, runs, specialists, stages, stats, training
+from .cost import cost_points, cost_summary, latency
+from .errors import MissingStageError
+from .view import RunView, require, view_of
 
 __all__ = [
     "MissingStageError",
@@ -61,16 +60,6 @@ __all__ = [
 BASELINE, MATCHED = "generalist", "compute_matched"
 CONTROL = "hard_label_student"
 NOT_RULES = (BASELINE, MATCHED, "student", CONTROL)
-
-
-def require(run: "Run", *stages: str) -> None:
-    """Raise :class:`MissingStageError` unless every stage in ``stages`` is finished in ``run``."""
-    for stage in stages:
-        if not run.is_done(stage):
-            raise MissingStageError(
-                f"run {run.folder} has no finished '{stage}' stage (never run, stopped, or a file of it deleted): run "
-                f"`specialkit {stage.replace('_', '-')} --run {run.folder}` (or `Run.open(...).{stage}()` in a notebook) first"
-            )
 
 
 # ----------------------------------------------------------------------------------------- accuracy
@@ -175,7 +164,7 @@ def table4_rows(p_gen: np.ndarray, q: np.ndarray, y: np.ndarray, coverage: np.nd
 # ----------------------------------------------------------------------------------------- specialists
 
 
-def init_check(run: "Run", *, split: str = "val") -> list[dict[str, Any]]:
+def init_check(run: RunView, *, split: str = "val") -> list[dict[str, Any]]:
     """Per specialist, how well a freshly initialised specialist reproduces the generalist on ``split``:
     mean |dustbin probability - generalist mass outside the group| and the largest special-class gap,
     for the kit's initialisation and for the one-row head it replaced (:func:`specialists.dustbin_head`)."""
@@ -201,7 +190,7 @@ def init_check(run: "Run", *, split: str = "val") -> list[dict[str, Any]]:
     return rows
 
 
-def _specialist_logits(run: "Run", index: int, split: str) -> np.ndarray:
+def _specialist_logits(run: RunView, index: int, split: str) -> np.ndarray:
     folder = run.specialist_dir(index)
     path = folder / f"logits_{split}.npy"
     if path.is_file():
@@ -210,7 +199,7 @@ def _specialist_logits(run: "Run", index: int, split: str) -> np.ndarray:
     return training.predict_logits(sp.model, run.dataset().split(split)[0], device=run.config.device).numpy()
 
 
-def correction_comparison(run: "Run", *, split: str = "val") -> dict[str, Any]:
+def correction_comparison(run: RunView, *, split: str = "val") -> dict[str, Any]:
     """Every dustbin correction measured on ``split`` (validation by default, never the test set):
     per specialist the shift, the share sent to the dustbin against the true share, the log-loss on its
     own targets; and the ``kl`` ensemble's top-1 with each correction applied to every specialist."""
@@ -245,7 +234,7 @@ def correction_comparison(run: "Run", *, split: str = "val") -> dict[str, Any]:
     return {"split": split, "per_specialist": per_spec, "kl_top1": ens, "best": best, "used": run.config.dustbin_correction}
 
 
-def dustbin_effect(run: "Run", *, split: str = "val") -> pd.DataFrame:
+def dustbin_effect(run: RunView, *, split: str = "val") -> pd.DataFrame:
     """Per specialist: share of images sent to the dustbin without and with the run's correction, against
     the true share (``split``: validation by default)."""
     y = run.dataset().split(split)[1].numpy()
@@ -262,7 +251,7 @@ def dustbin_effect(run: "Run", *, split: str = "val") -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("group")
 
 
-def specialist_rows(run: "Run") -> list[dict[str, Any]]:
+def specialist_rows(run: RunView) -> list[dict[str, Any]]:
     """Per specialist: group, classes, correction, example-passes, train/validation accuracy of its last
     epoch, test accuracy on its own targets (all test images, and those of its classes), parameters, FLOPs."""
     ds = run.dataset()
@@ -287,100 +276,7 @@ def specialist_rows(run: "Run") -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------- cost
 
 
-def latency(run: "Run", *, max_images: int = 512, repeats: int = 3) -> pd.DataFrame:
-    """Measured seconds per image at batch 1 and 256: the generalist and the ``kl`` ensemble, all vs conditional."""
-    ds = run.dataset()
-    x = ds.x_test[:max_images]
-    active = run.activation("test")[:max_images]
-    sps = run.specialists()
-
-    def kl(p_gen: np.ndarray, probs: list[np.ndarray], act: np.ndarray) -> np.ndarray:
-        outs = [ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1])) for s, p in zip(sps, probs)]
-        return ensemble.combine_kl(p_gen, outs, act)
-
-    with torch.inference_mode():
-        return evaluation.latency_table(run.generalist().model, [s.model for s in sps], x, active,
-                                        rules={"kl": kl}, repeats=repeats, max_images={1: min(64, len(x)), 256: len(x)})  # fmt: skip
-
-
-def cost_summary(run: "Run", latency_records: Sequence[Mapping[str, Any]] | None = None, *,
-                 memory_batch: int = 256, flops: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Cost of inference of every configuration of the run, one row each: the generalist, the ensemble running
-    all specialists, the ensemble with conditional execution, the student (when trained; nothing is trained here).
-
-    Columns: ``params_stored`` (a shared trunk once; a shared-trunk specialist only its own stages),
-    ``mflops_per_image`` (counted; a shared trunk once), ``ms_per_image_b1`` / ``ms_per_image_b256`` (measured,
-    from ``latency_records`` of :func:`latency`, rule ``kl``; ``None`` without them), ``weights_mb`` and
-    ``peak_activation_mb`` (one batch of ``memory_batch`` test images, :func:`evaluation.peak_activation_bytes`).
-    ``flops``: the run's :func:`evaluation.ensemble_cost`, when already counted.
-    """
-    ds = run.dataset()
-    shape = (ds.channels, ds.image_size, ds.image_size)
-    gen, sps = run.generalist().model, [s.model for s in run.specialists()]
-    trained = run.skip_reason("distill") is None and run.is_done("distill")
-    student = run.distill().model if trained else None  # skipped or not trained yet: no student row (nothing trains here)
-    if flops is None:  # compute_metrics passes the counts it already made
-        flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
-                                         run.activation("test"))  # fmt: skip
-    groups, top_n = run.groups(), run.config.top_n
-    dev = next(gen.parameters()).device
-    xb = data.to_float(ds.x_test[:memory_batch]).to(dev)
-    lat = {(r["model"], int(r["batch_size"])): r["seconds_per_image"] * 1e3 for r in (latency_records or [])}
-    st_lat = {}
-    if latency_records and student is not None:
-        xs = data.to_float(ds.x_test[:256]).to(dev)
-        with torch.inference_mode():
-            st_lat = {bs: evaluation.measure_latency(student.eval(), xs[: 64 if bs == 1 else 256], batch_size=bs) * 1e3 for bs in (1, 256)}
-
-    def mem(fn: Any) -> float:
-        return evaluation.peak_activation_bytes(fn, device=dev) / 1e6
-
-    def activate(p: np.ndarray) -> np.ndarray:
-        return ensemble.activation(p, groups, top_n=top_n)
-
-    ens_mb = evaluation.weight_bytes([gen, *sps]) / 1e6
-    rows = [
-        {"model": "generalist", "params_stored": flops["generalist_params"], "mflops_per_image": flops["generalist_flops"] / 1e6,
-         "ms_per_image_b1": lat.get(("generalist", 1)), "ms_per_image_b256": lat.get(("generalist", 256)),
-         "weights_mb": evaluation.weight_bytes([gen]) / 1e6, "peak_activation_mb": mem(lambda: gen.eval()(xb))},
-        {"model": "ensemble, all specialists", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["all_flops"] / 1e6,
-         "ms_per_image_b1": lat.get(("kl all", 1)), "ms_per_image_b256": lat.get(("kl all", 256)), "weights_mb": ens_mb,
-         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb))},
-        {"model": "ensemble, conditional", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["conditional_flops"] / 1e6,
-         "ms_per_image_b1": lat.get(("kl conditional", 1)), "ms_per_image_b256": lat.get(("kl conditional", 256)), "weights_mb": ens_mb,
-         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb, activate))},
-    ]  # fmt: skip
-    if student is not None:
-        rows.append({"model": "student", "params_stored": models.count_parameters(student),
-                     "mflops_per_image": models.count_flops(student.eval(), (1, *shape)) / 1e6,
-                     "ms_per_image_b1": st_lat.get(1), "ms_per_image_b256": st_lat.get(256),
-                     "weights_mb": evaluation.weight_bytes([student]) / 1e6, "peak_activation_mb": mem(lambda: student(xb))})  # fmt: skip
-    for r in rows:
-        r["shared_stages"] = run.config.specialist_shared_stages if r["model"].startswith("ensemble") else 0
-    return rows
-
-
-def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Accuracy (with its interval) against MFLOPs per image for every model and rule (the ensemble rules
-    run all specialists, except ``kl``, shown with conditional execution too)."""
-    flops = metrics["cost"]["flops"]
-    rows_by = {r["name"]: r for r in metrics["comparison"]}
-    cost = {"generalist": flops["generalist_flops"], "compute_matched": flops["generalist_flops"],
-            "student": metrics["cost"]["student"]["flops"], "top_confident": flops["conditional_flops"],
-            "moe": flops["all_flops"], "kl": flops["conditional_flops"]}  # fmt: skip
-    rows = []
-    for n, r in rows_by.items():
-        if n in cost:
-            lo, hi = r["top1_ci"]
-            rows.append({"name": n if n != "kl" else "kl (conditional)", "accuracy": r["top1"], "lo": lo, "hi": hi, "cost": cost[n] / 1e6})
-    if "kl" in rows_by:
-        lo, hi = rows_by["kl"]["top1_ci"]
-        rows.append({"name": "kl (all specialists)", "accuracy": rows_by["kl"]["top1"], "lo": lo, "hi": hi,
-                     "cost": flops["all_flops"] / 1e6})
-    return pd.DataFrame(rows)
-
-
-def stage_seconds(run: "Run") -> dict[str, float]:
+def stage_seconds(run: RunView) -> dict[str, float]:
     """Wall seconds each stage took when it was computed (from its ``done.json``)."""
     out: dict[str, float] = {}
     for stage in ("generalist", "compute_matched", "distill"):
@@ -416,9 +312,9 @@ def _paired(boot: stats.Bootstrap, correct: Mapping[str, np.ndarray], name: str,
             "fixed": test.fixed, "broken": test.broken, "verdict": stats.verdict(ci, test.p_value)}  # fmt: skip
 
 
-def results_on_test(run: "Run") -> dict[str, np.ndarray]:
+def results_on_test(run: RunView) -> dict[str, np.ndarray]:
     """name -> (N_test, C) probabilities of every finished model and rule of the run (trains nothing)."""
-    require(run, "generalist", "clusters", "specialists", "ensembles")
+    require(run, *stages.through("ensembles"))
     out: dict[str, np.ndarray] = {BASELINE: run.generalist().test_probs}
     if run.config.compute_matched and not run.skip_reason(MATCHED):
         require(run, MATCHED)
@@ -434,8 +330,10 @@ def results_on_test(run: "Run") -> dict[str, np.ndarray]:
     return out
 
 
-def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, Any]:
-    """All numbers of a finished run as a JSON-able dict; a :class:`MissingStageError` if a stage is missing."""
+def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, Any]:
+    """All numbers of a finished run as a JSON-able dict; a :class:`MissingStageError` if a stage is missing (it reads
+    the run through a :class:`~specialkit.view.RunView`, so nothing trains)."""
+    run = view_of(run)
     results = results_on_test(run)
     ds, cfg = run.dataset(), run.config
     y = ds.y_test.numpy()
@@ -463,8 +361,6 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
     if student and CONTROL in rows:
         student["vs_hard_label"] = _paired(boot, correct_of(results, y), "student", CONTROL)
         student["hard_label_vs_generalist"] = _paired(boot, correct_of(results, y), CONTROL, BASELINE)
-    from . import pipeline
-
     quality = clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class)
     m: dict[str, Any] = {
         "run": cfg.name,
@@ -478,7 +374,7 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
         "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
                      "quality": quality, "all_covered": bool((coverage > 0).all()),
                      "coverage_warning": clusters.coverage_warning(spec),
-                     "methods": _records(clusters.quality_table(pipeline.method_specs(run), cs.cm,
+                     "methods": _records(clusters.quality_table(clusters.method_specs(run), cs.cm,
                                                                 coarse_of_class=ds.coarse_of_class))},  # fmt: skip
         "specialists": specialist_rows(run),
         "init_check": init_check(run),
@@ -500,7 +396,7 @@ def compute_metrics(run: "Run", *, measure_latency: bool = True) -> dict[str, An
         m["generalist"]["train_top1"] = float((gen.logits["train"].argmax(1) == ds.y_train.numpy()).mean())
     if cfg.compute_matched and MATCHED not in skipped:
         m["compute_matched"] = {"test_top1": rows[MATCHED]["top1"], "examples_seen": run.compute_matched().examples_seen,
-                                "budget": run.compute_budget()}  # fmt: skip
+                                "budget": cost.compute_budget(run)}  # fmt: skip
     lat = _records(latency(run)) if measure_latency and gen.model is not None else None
     if lat is not None:
         m["cost"]["latency"] = lat
@@ -609,7 +505,7 @@ def convergence(history: Sequence[Mapping[str, Any]], comparison: Sequence[Mappi
     return out
 
 
-def specialist_fit(run: "Run") -> list[dict[str, Any]]:
+def specialist_fit(run: RunView) -> list[dict[str, Any]]:
     """Overfitting, per specialist: its accuracy on its own classes' training images (no augmentation)
     against their validation images, on its own targets (its classes + dustbin, the run's dustbin shift
     applied), with the soft-target weight it was trained with. ``gap`` = train - validation accuracy.

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import SpecialkitError
+
 __all__ = [
     "ModelConfig",
     "ModelError",
@@ -59,7 +61,7 @@ __all__ = [
 TORCHVISION_PREFIX = "torchvision:"
 
 
-class ModelError(ValueError):
+class ModelError(SpecialkitError, ValueError):
     """A model could not be built or changed; the message names the problem and the fix."""
 
 

@@ -45,6 +45,8 @@ import plotly.colors as pcolors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .errors import SpecialkitError
+
 __all__ = [
     "PAPER_TABLE4",
     "TEMPLATE",
@@ -110,7 +112,7 @@ _GAP_GREY = 224
 _LINKAGES = ("single", "complete", "average", "weighted", "ward")
 
 
-class PlotInputError(ValueError):
+class PlotInputError(SpecialkitError, ValueError):
     """The data handed to a figure function has the wrong shape or content; the message says the fix."""
 
 

@@ -9,16 +9,13 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from . import clusters, evaluation, frontier, plots, runs, stats
-from .metrics import cost_points, dustbin_effect, require
-
-if TYPE_CHECKING:
-    from .pipeline import Run
-
+from . import clusters, dataset, evaluation, frontier, plots, runs, stages, stats, store
+from .metrics import compute_metrics, cost_points, dustbin_effect, require
+from .view import RunView, view_of
 
 __all__ = ["write_report", "render_report", "reading", "seeds_reading", "render_seeds_report", "write_seeds_report",
            "comparison_frame", "table4_frame", "convergence_reading", "fit_reading", "study_reading", "study_table",
@@ -217,15 +214,13 @@ def _p(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
 
 
-def _figures(run: "Run", metrics: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+def _figures(run: RunView, metrics: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every figure of the report, by name (pure plots.* calls on the run's arrays)."""
-    from . import data as data_mod
-
     ds, cs, spec = run.dataset(), run.confusion(), run.clusters()
     gen, q = run.generalist(), run.ensembles()["kl"] if "kl" in run.config.rules else None
     y = ds.y_test.numpy()
     order = clusters.order_classes(spec)
-    x, lab = data_mod.examples_per_class(ds, per_class=1)
+    x, lab = dataset.examples_per_class(ds, per_class=1)
     figs: dict[str, Any] = {
         "samples": plots.sample_grid(x, lab.numpy(), ds.class_names, ncols=min(31, ds.num_classes), title="one training image per class"),
         "confusion": plots.confusion_heatmap(cs.F, cs.class_names, order=order, groups=spec.indices(),
@@ -323,18 +318,7 @@ def _cost_summary(metrics: dict[str, Any]) -> str:
                f"tensors alive at once over one batch of 256 test images.") + _table(pd.DataFrame(rows).set_index("model")))
 
 
-def study_of(folder: Path) -> dict[str, Any] | None:
-    """The manifest of the finished study that the run folder belongs to (``runs/<study>/<point>/seed-<s>/``),
-    or ``None`` (not part of a study, or the study has not finished: its summary is written last)."""
-    from . import study as study_mod
-
-    for parent in (Path(folder).parent, Path(folder).parent.parent):
-        if (parent / study_mod.STUDY_FILE).is_file():
-            try:
-                return study_mod.load_study(parent)
-            except study_mod.StudyError:
-                return None
-    return None
+study_of = store.study_of
 
 
 def _study_section(manifest: dict[str, Any] | None, frags: dict[str, str]) -> str:
@@ -348,10 +332,11 @@ def _study_section(manifest: dict[str, Any] | None, frags: dict[str, str]) -> st
     return _section("study", "10 · The study this run belongs to", _p(text), *(frags[n] for n in names))
 
 
-def render_report(run: "Run", metrics: dict[str, Any]) -> str:
+def render_report(run: RunView, metrics: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (plotly.js embedded once; works offline).
     Trains nothing: a stage that is not finished is a ``MissingStageError`` naming it."""
-    require(run, "generalist", "clusters", "specialists", "ensembles", *(() if run.skip_reason("distill") else ("distill",)))
+    run = view_of(run)
+    require(run, *stages.through("ensembles"), *(() if run.skip_reason("distill") else ("distill",)))
     manifest = study_of(run.folder)
     figs = _figures(run, metrics, manifest)
     names = list(figs)
@@ -436,11 +421,17 @@ def _markdown(text: str) -> str:
     return "".join(out)
 
 
-def write_report(run: "Run", metrics: dict[str, Any] | None = None) -> Path:
-    """Write ``report.html`` into the run folder (atomically) and return its path."""
+def write_report(run: RunView, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``report.html`` into the run folder (atomically) and return its path (``metrics``: default the run's
+    ``metrics.json``, else computed and written; the run is read through a view, so nothing trains)."""
+    run = view_of(run)
     if metrics is None:
         path = run.folder / "metrics.json"
-        metrics = runs.read_json(path) if path.is_file() else run.metrics()
+        if path.is_file():
+            metrics = runs.read_json(path)
+        else:
+            metrics = compute_metrics(run, measure_latency=run.config.latency)
+            runs.atomic_write_json(path, metrics)
     out = run.folder / "report.html"
     runs.atomic_write_text(out, render_report(run, metrics))
     return out

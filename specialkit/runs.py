@@ -18,6 +18,8 @@ from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
+from .errors import SpecialkitError
+
 __all__ = [
     "RunFileError",
     "RunLockedError",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class RunFileError(ValueError):
+class RunFileError(SpecialkitError, ValueError):
     """A run file is missing, corrupt or cannot be written; the message names the path and the fix."""
 
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,7 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import models, training
+from . import cost, models, runs, stages, store, training
+from .errors import SpecialkitError
 
 __all__ = [
     "SpecialistError",
@@ -67,7 +70,7 @@ __all__ = [
 ]
 
 
-class SpecialistError(ValueError):
+class SpecialistError(SpecialkitError, ValueError):
     """Bad input to a specialist function; the message names the problem and the fix."""
 
 
@@ -943,15 +946,153 @@ def _attach_trunk(path: str | Path, model: models.SharedTrunkClassifier, ref: di
 
 
 def train_flops_per_example(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
-    """Training FLOPs of one example-pass: 3 x forward (forward + backward), except a shared trunk, which runs
-    forward only (frozen, no gradients)."""
-    total = models.count_flops(model, tuple(input_shape))
-    if isinstance(model, models.SharedTrunkClassifier):
-        trunk = models.count_flops(model.shared_trunk, tuple(input_shape))
-        return int(3 * (total - trunk) + trunk)
-    return int(3 * total)
+    """Training FLOPs of one example-pass (:func:`specialkit.cost.train_flops_per_example`)."""
+    return cost.train_flops_per_example(model, input_shape)
 
 
 def specialist_examples_seen(specialists: Sequence[TrainedSpecialist]) -> int:
     """Total training example-passes of all specialists (for ``evaluation.compute_matched_epochs``)."""
     return int(sum(int(s.examples_seen) for s in specialists))
+
+
+# ---------------------------------------------------------------------------------------------- the stage's recipe
+# The ``specialists`` stage of a run (``pipeline.Run.get("specialists")``): one specialist per group, each in its own
+# folder with its own key, so editing one group retrains only that specialist and jobs can fan out.
+
+
+def run_config(run: Any) -> SpecialistConfig:
+    """The specialists' settings of ``run`` (architecture, sampling, dustbin correction, training).
+
+    Args:
+        run: the run.
+
+    Returns:
+        The :class:`SpecialistConfig`.
+    """
+    c = run.config
+    tc = run.train_config(epochs=c.specialist_epochs, lr=c.specialist_lr, seed_offset=stages.by_name("specialists").seed_offset,
+                          soft_weight=c.specialist_soft_weight, temperature=c.specialist_temperature)  # fmt: skip
+    model, width, depth = c.specialist_model, c.specialist_width, c.specialist_depth
+    if run.scratch_reason():
+        model, width, depth = model or c.model, width or c.width, depth or c.depth
+    return SpecialistConfig(model=model, width=width, depth=depth, special_fraction=c.special_fraction,
+                            soft_weight=c.specialist_soft_weight, temperature=c.specialist_temperature,
+                            correction=c.dustbin_correction, train=tc, init=c.specialist_init,
+                            shared_stages=c.specialist_shared_stages)  # fmt: skip
+
+
+def key_of(run: Any, index: int) -> str:
+    """The key of specialist ``index`` of ``run`` alone: the specialist settings, the stages before it and its own group
+    (name, position, classes), so editing one group retrains only that specialist.
+
+    Args:
+        run: the run.
+        index: the group's position in ``clusters.json``.
+
+    Returns:
+        The key (:func:`specialkit.store.hash_key`).
+    """
+    spec = run.clusters()
+    name = list(spec.groups)[index]
+    return store.hash_key({"stage": "specialist", "format": store.RESULTS_FORMAT, "settings": run._settings("data"),
+                           "generalist": run._settings("generalist"), "specialists": run._settings("specialists"),
+                           "index": index, "group": name, "classes": list(spec.groups[name]),
+                           "class_names": list(spec.class_names)})  # fmt: skip
+
+
+def folder_of(run: Any, index: int) -> Path:
+    """``specialists/<index>-<group name>`` of ``run``; a long or odd group name is shortened to a safe file name.
+
+    Args:
+        run: the run.
+        index: the group's position in ``clusters.json``.
+
+    Returns:
+        The specialist's folder.
+    """
+    name = list(run.clusters().groups)[index]
+    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_" for ch in name)
+    if len(safe) > 48 or safe != name:
+        safe = f"{safe[:40]}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+    return run.stage_dir("specialists") / f"{index:02d}-{safe}"
+
+
+def make_one(run: Any, index: int) -> TrainedSpecialist:
+    """Train (resumably) or load specialist ``index`` of ``run``; independent of the others, so jobs can fan out.
+
+    Args:
+        run: the run.
+        index: the group's position in ``clusters.json``.
+
+    Returns:
+        The specialist.
+    """
+    spec, ds = run.clusters(), run.dataset()
+    if not 0 <= index < len(spec.groups):
+        raise IndexError(f"specialist index {index} out of range: this run has {len(spec.groups)} groups (0..{len(spec.groups) - 1})")
+    key, folder = run.specialist_key(index), folder_of(run, index)
+    if not run.is_done("specialists", key, folder):
+        t0 = time.perf_counter()
+        run.begin(folder, key)
+        group, classes = list(spec.groups)[index], spec.indices()[index]
+        gen = run.generalist()
+        cfg = run_config(run)
+        if run.scratch_reason():
+            run.log(f"[specialists] {run.scratch_reason()} ({cfg.model}, width {cfg.width}, depth {cfg.depth})")
+        training.seed_everything(cfg.train.seed + index)
+        trained = train_specialist(ds, classes, config=cfg, generalist=gen.model,
+                                   state_path=folder / "state.pt", desc=f"specialist {index} ({group})")  # fmt: skip
+        save_specialist(folder / "model.pt", trained, ds=ds, group=group)
+        for split in ("val", "test"):
+            x, _ = ds.split(split)
+            logits = training.predict_logits(trained.model, x, device=run.config.device).numpy()
+            runs.save_array(folder / f"logits_{split}.npy", logits)
+            runs.save_array(folder / f"probs_{split}.npy", apply_dustbin_shift(logits, trained.dustbin_shift))
+        (folder / "state.pt").unlink(missing_ok=True)
+        run.add_time("specialists", time.perf_counter() - t0)
+        run.finish(folder, key, seconds=round(time.perf_counter() - t0, 2), group=group)
+    return run.memo(f"specialist-{index}", lambda: load_specialist(folder_of(run, index) / "model.pt", ds=run.dataset(),
+                                                                   trunk=shared_trunk_of(run)))  # fmt: skip
+
+
+def shared_trunk_of(run: Any) -> models.Trunk | None:
+    """The generalist's first ``specialist_shared_stages`` stages, one object every specialist of ``run`` runs on.
+
+    Args:
+        run: the run.
+
+    Returns:
+        The trunk, or ``None`` when the specialists share nothing.
+    """
+    s = run.config.specialist_shared_stages
+    return run.memo("trunk", lambda: run.generalist().model.trunk(s)) if s else None
+
+
+def make_all(run: Any) -> list[TrainedSpecialist]:
+    """Stage 3: every specialist of ``run`` (finished ones are loaded, not retrained).
+
+    Args:
+        run: the run.
+
+    Returns:
+        The specialists, in the order of ``clusters.json``.
+    """
+    n = len(run.clusters().groups)
+    out = [make_one(run, i) for i in range(n)]
+    if not run.is_done("specialists"):
+        run.finish(run.stage_dir("specialists"), run.key("specialists"), count=n)
+    return out
+
+
+def probs_of(run: Any, split: str) -> list[np.ndarray]:
+    """Per specialist of ``run``, (N, |S_m| + 1) probabilities on ``split`` (val/test), dustbin last.
+
+    Args:
+        run: the run (its specialists are made first if missing).
+        split: ``"val"`` or ``"test"``.
+
+    Returns:
+        One array per specialist.
+    """
+    make_all(run)
+    return [runs.load_array(folder_of(run, i) / f"probs_{split}.npy") for i in range(len(run.clusters().groups))]

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats as _st
 
 from . import checks
+from .errors import SpecialkitError
 from .typing import Mask
 
 __all__ = [
@@ -50,7 +51,7 @@ MIN_ROW = 30
 """Rows of a breakdown with fewer test examples than this are marked too small to read."""
 
 
-class StatsError(ValueError):
+class StatsError(SpecialkitError, ValueError):
     """Inputs to a statistic do not fit together; the message names the problem and the fix."""
 
 

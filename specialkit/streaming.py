@@ -22,7 +22,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import DatasetError, resize_images
+from .dataset import DatasetError, resize_images
+from .imagefiles import read_image
 
 __all__ = [
     "ImageFiles",
@@ -91,13 +92,11 @@ class ImageFiles:
 
     def decode(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The images at ``indices`` (n,) as a (n, channels, H, W) ``uint8`` tensor (decoded here, in this process)."""
-        from .loaders import _read_image
-
         idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
         mode = "L" if self.channels == 1 else "RGB"
         out = np.empty((len(idx), self.size[0], self.size[1], self.channels), dtype=np.uint8)
         for j, i in enumerate(idx):
-            out[j] = _read_image(Path(self.paths[i]), mode, self.size, self.crop)
+            out[j] = read_image(Path(self.paths[i]), mode, self.size, self.crop)
         x = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
         return resize_images(x, self.resize_to) if self.resize_to else x
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import re
-import shutil
 import sys
 import time
 import typing
@@ -35,23 +33,24 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import config as config_mod
-from . import runs
-from .config import ConfigError, PipelineConfig
+from . import data, pipeline, runs, stages, store
+from . import metrics as metrics_mod
+from .config import ConfigError, PipelineConfig, smoke_mode
+from .errors import StudyError
+from .launch import affinity_cores, set_thread_budget, thread_budget
+from .report import write_study_report
 
 __all__ = ["StudySpec", "StudyError", "parse_grid", "load_study_file", "point_name", "Study", "run_study", "load_study",
            "make_spec", "quick_spec", "open_study", "ADOPTED_FILE", "STUDY_FILE", "QUICK_STUDY"]  # fmt: skip
 
-STUDY_FILE = "study.json"
+STUDY_FILE = store.STUDY_FILE
 QUICK_STUDY = "quick-study"
 """The name of the tiny study :func:`open_study` makes in quick mode (``SPECIALKIT_SMOKE=1``)."""
-ADOPTED_FILE = "adopted.json"
+ADOPTED_FILE = store.ADOPTED_FILE
 """In a run folder of a study: stage -> the run folder whose finished stage it hard-linked."""
 _NOT_SWEPT = ("name", "seed", "seeds", "progress", "extra")
-_ADOPTABLE = ("generalist", "clusters", "specialists", "compute_matched", "ensembles", "distill")
+_ADOPTABLE = stages.ADOPTABLE
 
-
-class StudyError(ConfigError):
-    """A study definition is impossible (unknown key, rejected value, empty grid, another study in the folder)."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +195,6 @@ def make_spec(*, name: str, base: dict[str, Any], grid: Any, seeds: Sequence[int
     except ConfigError as err:
         raise StudyError(f"{err}; fix the base settings") from err
     spec = StudySpec(name=name, base=base_cfg.to_dict(), grid=grid, seeds=seeds, jobs=jobs, tie_margin=float(tie_margin_points) / 100)
-    from . import data
-
     for point in spec.points():
         for s in seeds:
             cfg = spec.config(point, s)
@@ -282,8 +279,6 @@ class Study:
         runs.atomic_write_json(path, {**current, "definition": mine, "name": self.spec.name})
 
     def run(self, point_index: int, seed: int, *, log: Callable[[str], None]) -> Any:
-        from . import pipeline
-
         point = self.spec.points()[point_index]
         folder, cfg = self.run_folder(point, seed), self.spec.config(point, seed)
         recorded = folder / "config.json"
@@ -291,7 +286,7 @@ class Study:
             on_disk = runs.read_json(recorded) if recorded.is_file() else None
         except ValueError:
             on_disk = {}
-        diff = pipeline._config_diff(on_disk, cfg) if isinstance(on_disk, dict) else ["config.json"]
+        diff = store.config_diff(on_disk, cfg) if isinstance(on_disk, dict) else ["config.json"]
         if on_disk is not None and diff:
             raise StudyError(f"{folder} holds a run with other settings ({', '.join(diff[:6])}) than this study gives it; a study "
                              "never overwrites a run: give the study another --name, or move that folder away")  # fmt: skip
@@ -308,42 +303,6 @@ def _dict_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sharing stages
-def _link_tree(src: Path, dst: Path) -> None:
-    """Copy the folder ``src`` to ``dst`` file by file as hard links (a copy where links are refused)."""
-    dst.mkdir(parents=True)
-    for p in sorted(src.iterdir()):
-        if p.is_dir():
-            _link_tree(p, dst / p.name)
-        elif p.is_file() and p.name != "state.pt":
-            try:
-                os.link(p, dst / p.name)
-            except OSError:
-                shutil.copy2(p, dst / p.name)
-
-
-def _install(run: Any, stage: str, donor: Path) -> None:
-    """Put ``donor``'s finished ``stage`` folder in place of ``run``'s (unfinished work is dropped; finished work
-    of other settings is moved aside to ``<stage>.old-<key>`` as :meth:`Run._begin` does)."""
-    dst = run.stage_dir(stage)
-    tmp = dst.with_name(f".{stage}.adopting")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    _link_tree(donor / stage, tmp)
-    if stage == "clusters":
-        runs.atomic_write_text(run.folder / "clusters.json", (donor / "clusters.json").read_text())
-    if dst.exists():
-        from .pipeline import _read_key
-
-        if (dst / "done.json").is_file():
-            aside = dst.with_name(f"{stage}.old-{_read_key(dst)}")
-            if aside.exists():
-                shutil.rmtree(aside)
-            dst.rename(aside)
-        else:
-            shutil.rmtree(dst)
-    tmp.rename(dst)
-
-
 def adopt(run: Any, donors: Sequence[Path], *, log: Callable[[str], None] = print) -> list[str]:
     """Hard-link into ``run`` every stage, in pipeline order, that it has not finished and that another run of
     ``donors`` finished with the same cache key; stops at the first stage nobody has (so no key is
@@ -352,25 +311,21 @@ def adopt(run: Any, donors: Sequence[Path], *, log: Callable[[str], None] = prin
     Returns:
         the stages adopted now.
     """
-    from .pipeline import Run
-
     taken: list[str] = []
     record_path = run.folder / ADOPTED_FILE
     record = runs.read_json(record_path) if record_path.is_file() else {}
     others = [d for d in donors if d.resolve() != run.folder.resolve()]
     for stage in _ADOPTABLE:
-        if stage == "compute_matched" and not run.config.compute_matched:
+        if not _switched_on(run, stage):
             continue
         if run.is_done(stage):
             continue
         key = run.key(stage)
-        donor = next((d for d in others if Run.open(d, log=lambda s: None).is_done(stage, key)), None)
+        donor = next((d for d in others if pipeline.Run.open(d, log=lambda s: None).is_done(stage, key)), None)
         if donor is None:
             break
-        _install(run, stage, donor)
-        run._memo.pop(stage, None)
-        if stage == "clusters":
-            run._memo.pop("clusters", None)
+        store.install(run.folder, stage, donor, extra_files=stages.by_name(stage).extra_files)
+        run.forget(stage)
         record[stage] = str(donor)
         taken.append(stage)
     if taken:
@@ -396,7 +351,7 @@ def phases(study: Study) -> list[list[tuple[int, int]]]:
     compute-matched generalist, (2) all. Within a phase no two tasks train the same stage."""
     points = study.spec.points()
     out = []
-    for last in ("generalist", "compute_matched"):
+    for last in (stages.phase_stages(phase)[-1] for phase in stages.PHASES[:-1]):
         leaders: dict[str, tuple[int, int]] = {}
         for i, s in study.tasks():
             leaders.setdefault(_prefix(study.spec.config(points[i], s), last), (i, s))
@@ -405,14 +360,13 @@ def phases(study: Study) -> list[list[tuple[int, int]]]:
     return out
 
 
-_PHASE_STAGES = {0: ("generalist",), 1: ("clusters", "specialists", "compute_matched")}
+_PHASE_STAGES = {phase: stages.phase_stages(phase) for phase in stages.PHASES[:-1]}
+"""The stages each phase but the last makes (the last runs everything, :func:`specialkit.pipeline.Run.run_all`)."""
 
 
 def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]], phase: int, threads: int | None = None) -> list[str]:
     """Run ``tasks`` of one phase, one after another, in this process (also the body of a submitit job).
     Each task holds its run folder's lock; the dataset is loaded once per distinct data settings."""
-    from .launch import set_thread_budget
-
     if threads is not None:
         set_thread_budget(threads)
     study = Study(folder, StudySpec(**spec_dict))
@@ -429,8 +383,8 @@ def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]
             adopt(run, study.donors(), log=_log)
             t0 = time.perf_counter()
             if phase in _PHASE_STAGES:
-                stages = [st for st in _PHASE_STAGES[phase] if st != "compute_matched" or run.config.compute_matched]
-                run.ensure(*stages)
+                todo = [st for st in _PHASE_STAGES[phase] if _switched_on(run, st)]
+                run.ensure(*todo)
             else:
                 if not point_is_done(run):
                     resumed = (run.folder / "metrics.json").is_file()
@@ -439,6 +393,12 @@ def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]
                                            {"seconds": round(time.perf_counter() - t0, 2), "resumed": resumed})  # fmt: skip
         done.append(str(run.folder))
     return done
+
+
+def _switched_on(run: Any, stage: str) -> bool:
+    """False when ``stage``'s switch setting (``compute_matched``, ``hard_label_control``) turns it off in ``run``."""
+    switch = stages.by_name(stage).switch
+    return switch is None or bool(getattr(run.config, switch))
 
 
 def point_is_done(run: Any) -> bool:
@@ -464,8 +424,6 @@ def _execute(study: Study, tasks: list[tuple[int, int]], phase: int, *, jobs: in
         return
     import submitit
 
-    from .launch import affinity_cores, thread_budget
-
     at_once = min(jobs, len(tasks))
     threads = thread_budget(None, jobs=at_once, cores=affinity_cores())
     executor = submitit.AutoExecutor(folder=study.folder / "jobs", cluster="local")
@@ -488,9 +446,6 @@ def _execute(study: Study, tasks: list[tuple[int, int]], phase: int, *, jobs: in
 def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the study ``spec`` into ``out/<name>/``: every point x seed, sharing stages, then
     ``study.json`` (definition, rows, summary), ``study.csv`` and ``report.html``. Returns the manifest."""
-    from . import metrics as metrics_mod
-    from .report import write_study_report
-
     study = Study(Path(out) / spec.name, spec)
     _preflight(study)
     study.record()
@@ -529,9 +484,6 @@ def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str],
 def run_outcomes(folder: str | Path) -> dict[str, Any]:
     """Per model and rule of the finished run in ``folder``, its (N,) bool outcome on each test image (what the
     two-level bootstrap of :func:`metrics.study_summary` resamples); read from the run's saved predictions."""
-    from . import metrics as metrics_mod
-    from . import pipeline
-
     run = pipeline.Run.open(folder, log=lambda s: None)
     y = run.dataset().y_test.numpy()
     return {name: np.asarray(p).argmax(axis=1) == y for name, p in metrics_mod.results_on_test(run).items()}
@@ -582,8 +534,6 @@ def mixed_threads_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
 
 def _preflight(study: Study) -> None:
     """Before any training: each distinct dataset loads and every point's k and top_n fit its classes."""
-    from . import data
-
     seen: dict[str, int] = {}
     for point in study.spec.points():
         cfg = study.spec.config(point, study.spec.seeds[0])
@@ -604,15 +554,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     runs.atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
 
 
-def load_study(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a finished study (``study.json``: definition, rows, summary, keys)."""
-    path = Path(folder) / STUDY_FILE
-    if not path.is_file():
-        raise StudyError(f"{folder} holds no {STUDY_FILE}; run `specialkit study ... --name {Path(folder).name}` first")
-    manifest = runs.read_json(path)
-    if "rows" not in manifest:
-        raise StudyError(f"{path}: the study has not finished; rerun the same `specialkit study` command to resume it")
-    return manifest
+load_study = store.load_study
 
 
 def quick_spec(name: str = QUICK_STUDY) -> StudySpec:
@@ -626,8 +568,6 @@ def quick_spec(name: str = QUICK_STUDY) -> StudySpec:
 def open_study(folder: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The finished study in ``folder`` (:func:`load_study`). In quick mode only (``SPECIALKIT_SMOKE=1``) a missing
     or unfinished study is run first with :func:`quick_spec`; otherwise that is a ``StudyError`` saying to run it."""
-    from .config import smoke_mode
-
     folder = Path(folder)
     path = folder / STUDY_FILE
     if smoke_mode() and (not path.is_file() or "rows" not in runs.read_json(path)):

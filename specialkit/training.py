@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, runs, streaming
+from .errors import SpecialkitError
 
 __all__ = [
     "TrainConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "EpochRecord",
     "History",
     "seed_everything",
+    "softmax",
     "resolve_device",
     "learning_rate_at",
     "make_optimizer",
@@ -77,7 +79,7 @@ _STATE_VERSION = 1
 _RESUME_FREE = frozenset({"progress", "device", "num_threads", "eval_batch_size"})
 
 
-class TrainingError(ValueError):
+class TrainingError(SpecialkitError, ValueError):
     """Bad training input or an unusable training-state file; the message names the fix."""
 
 
@@ -597,6 +599,22 @@ def predict_logits(
         k = getattr(getattr(model, "head", None), "out_features", 0)
         return torch.zeros((0, k), dtype=torch.float32)
     return torch.cat(parts)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row softmax of (N, K) logits at ``temperature``, in float64.
+
+    Args:
+        logits: (N, K) logits.
+        temperature: T > 0; the logits are divided by it.
+
+    Returns:
+        (N, K) float64 probabilities, rows summing to 1.
+    """
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def predict_probs(

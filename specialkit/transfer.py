@@ -23,16 +23,15 @@ from __future__ import annotations
 import dataclasses
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from . import data, runs, stats, training
+from . import data, runs, stages, stats, training
 from .config import ConfigError
-
-if TYPE_CHECKING:
-    from .pipeline import Run
+from .errors import MissingStageError
+from .view import RunView, require, view_of
 
 __all__ = ["TransferError", "target_dataset", "adapt_images", "extract_features", "extractors", "probe", "transfer", "result_path",
            "check_target", "summary"]
@@ -55,7 +54,7 @@ def adapt_images(x: torch.Tensor, *, channels: int, image_size: int) -> torch.Te
     raise TransferError(f"cannot convert {x.shape[1]}-channel target images to the run's {channels} channels; choose a grey or RGB target")
 
 
-def check_target(run: "Run", target: str) -> None:
+def check_target(run: RunView, target: str) -> None:
     """A :class:`TransferError` unless ``target`` is a registered dataset other than the run's own."""
     c = run.config
     if target == c.dataset:
@@ -65,7 +64,7 @@ def check_target(run: "Run", target: str) -> None:
         raise TransferError(f"--target {target!r} is not a dataset; choose one of {', '.join(data.available())}")
 
 
-def target_dataset(run: "Run", target: str, *, root: str | None = None, per_class: int | None = None) -> data.Dataset:
+def target_dataset(run: RunView, target: str, *, root: str | None = None, per_class: int | None = None) -> data.Dataset:
     """The target dataset, its images adapted to the run's channels and size (:func:`adapt_images`).
 
     Args:
@@ -100,22 +99,21 @@ def extract_features(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def _require(run: "Run", *stages: str) -> None:
+def _require(run: RunView, *stages: str) -> None:
     """:func:`metrics.require` as a :class:`TransferError` (a bad-input error the command reports in one line)."""
-    from .metrics import MissingStageError, require
-
     try:
         require(run, *stages)
     except MissingStageError as err:
         raise TransferError(f"{err}; transfer probes finished networks and trains none") from err
 
 
-def extractors(run: "Run") -> tuple[dict[str, Callable[[torch.Tensor], np.ndarray]], dict[str, str]]:
+def extractors(run: RunView) -> tuple[dict[str, Callable[[torch.Tensor], np.ndarray]], dict[str, str]]:
     """The run's feature extractors (name -> images -> (N, D) features) and, for each one left out, why.
 
     Trains nothing: the generalist, specialists and (unless skipped) distill stages must be finished.
     """
-    _require(run, "generalist", "clusters", "specialists")
+    run = view_of(run)
+    _require(run, *stages.through("specialists"))
     dev = run.config.device
     out: dict[str, Callable[[torch.Tensor], np.ndarray]] = {"pixels": lambda x: x.flatten(1).float().div(255.0).numpy()}
     missing: dict[str, str] = {}
@@ -150,12 +148,12 @@ def probe(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: 
     return clf.predict(f_test) == y_test
 
 
-def result_path(run: "Run", target: str) -> Path:
+def result_path(run: RunView, target: str) -> Path:
     """``<run>/transfer/<target>.json``."""
     return run.folder / "transfer" / f"{target}.json"
 
 
-def transfer(run: "Run", target: str, *, root: str | None = None, per_class: int | None = None,
+def transfer(run: RunView, target: str, *, root: str | None = None, per_class: int | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Probe every extractor of ``run`` on ``target`` (module docstring); write and return the numbers.
 
@@ -164,6 +162,7 @@ def transfer(run: "Run", target: str, *, root: str | None = None, per_class: int
         "accuracy_ci", "feature_dim"}], "comparisons": [{"first", "second", "gain", "gain_ci", "p_value",
         "verdict"}], "not_probed": {name: reason}, "bootstrap": {...}}``; ``gain`` is second minus first.
     """
+    run = view_of(run)
     c = run.config
     check_target(run, target)
     found, missing = extractors(run)

@@ -37,6 +37,7 @@ import numpy as np
 
 from . import clusters, plots
 from .config import choices_of, picker_settings
+from .errors import SpecialkitError
 
 __all__ = [
     "ACTIONS",
@@ -76,7 +77,7 @@ _SHARE_KEYS = ("in_group_error_share",)
 _FIGURE_SIZE = {"heatmap": (620, 600), "map": (560, 600)}
 
 
-class PickerError(ValueError):
+class PickerError(SpecialkitError, ValueError):
     """Bad input to the cluster picker; the message names the problem and the fix."""
 
 

@@ -206,7 +206,7 @@ def test_logits_file_round_trips_and_predictions_forbid_soft_targets(tmp_path, l
     run = pipeline.Run(tmp_path / "s", PipelineConfig.quick(**{**QUIET, "generalist_from": f"predictions:{path}",
                                                                 "specialist_soft_weight": 0.5}), log=lambda s: None)  # fmt: skip
     with pytest.raises(ConfigError, match="specialist_soft_weight=0.5 needs the generalist's soft targets.*set it to 0"):
-        run.preflight()
+        pipeline.preflight(run)
 
 
 def test_torchvision_classifier_head_surgery_on_each_final_layer_kind(one_thread):

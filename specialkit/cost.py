@@ -1,0 +1,239 @@
+"""Cost in one place: parameters, FLOPs, latency, memory, training budgets and compute matching.
+
+* Per model: :func:`count_parameters` and :func:`count_flops` (one forward pass per image, counted by
+  ``torch.utils.flop_counter``), :func:`train_flops_per_example` (one training example-pass).
+* Training budgets: :func:`train_flops` of a model for its example-passes, :func:`budget_flops` (a run's generalist
+  plus all its specialists: what a frontier generalist of another width gets, :func:`matched_epochs`) and
+  :func:`compute_budget` (the specialists' training compute and the extra passes the compute-matched generalist gets:
+  the one compute-matching formula, :func:`matched_passes`).
+* Inference: :func:`latency` (measured, batch 1 and 256), :func:`cost_summary` (one row per configuration: parameters,
+  FLOPs, latency, weights and peak activation memory) and :func:`cost_points` (accuracy against FLOPs).
+
+Every function takes a run read-only (a :class:`specialkit.view.RunView` or the run itself) and trains nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import dataset, ensemble, evaluation, models
+from .errors import SpecialkitError
+
+__all__ = ["count_parameters", "count_flops", "train_flops_per_example", "train_flops", "budget_flops", "matched_epochs",
+           "matched_passes", "compute_budget", "FrontierError", "latency", "cost_summary", "cost_points", "TRAIN_FACTOR"]
+
+class FrontierError(SpecialkitError, ValueError):
+    """A training budget or a frontier point cannot be made; the message names the problem and the fix."""
+
+
+count_parameters = models.count_parameters
+count_flops = models.count_flops
+TRAIN_FACTOR = 3
+"""Training FLOPs of one example-pass per forward FLOP: forward + backward (the backward about twice the forward)."""
+
+
+def _input_shape(ds: Any) -> tuple[int, int, int, int]:
+    return (1, ds.channels, ds.image_size, ds.image_size)
+
+
+def train_flops_per_example(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
+    """Training FLOPs of one example-pass: :data:`TRAIN_FACTOR` x forward (forward + backward), except a shared trunk,
+    which runs forward only (frozen, no gradients).
+
+    Args:
+        model: the trained network (a :class:`specialkit.models.SharedTrunkClassifier` counts its trunk forward only).
+        input_shape: (1, C, H, W).
+
+    Returns:
+        FLOPs per example.
+    """
+    total = models.count_flops(model, tuple(input_shape))
+    if isinstance(model, models.SharedTrunkClassifier):
+        trunk = models.count_flops(model.shared_trunk, tuple(input_shape))
+        return int(TRAIN_FACTOR * (total - trunk) + trunk)
+    return int(TRAIN_FACTOR * total)
+
+
+def train_flops(model: torch.nn.Module, input_shape: Sequence[int], examples_seen: int) -> float:
+    """Training FLOPs of ``model`` over ``examples_seen`` example-passes (:func:`train_flops_per_example` each).
+
+    Args:
+        model: the trained network.
+        input_shape: (1, C, H, W).
+        examples_seen: its training example-passes.
+
+    Returns:
+        FLOPs.
+    """
+    return float(examples_seen * train_flops_per_example(model, input_shape))
+
+
+def _specialists_train_flops(run: Any, shape: tuple[int, ...]) -> float:
+    return float(sum(s.examples_seen * train_flops_per_example(s.model, shape) for s in run.specialists()))
+
+
+def budget_flops(run: Any) -> float:
+    """Training FLOPs of the run's generalist plus all its specialists (a shared trunk forward only).
+
+    Args:
+        run: a run whose generalist and specialists are finished.
+
+    Returns:
+        FLOPs.
+    """
+    ds, gen = run.dataset(), run.generalist()
+    shape = _input_shape(ds)
+    return train_flops(gen.model, shape, gen.examples_seen) + _specialists_train_flops(run, shape)
+
+
+def matched_epochs(budget: float, forward_flops: float, n_train: int) -> int:
+    """Whole epochs (>= 1) of a model with ``forward_flops`` per image closest to ``budget`` training FLOPs.
+
+    Args:
+        budget: training FLOPs to spend.
+        forward_flops: the model's forward FLOPs per image.
+        n_train: training images per epoch.
+
+    Returns:
+        Epochs.
+
+    Raises:
+        FrontierError: a non-positive argument.
+    """
+    if budget <= 0 or forward_flops <= 0 or n_train < 1:
+        raise FrontierError(f"budget={budget}, forward_flops={forward_flops}, n_train={n_train}: all must be positive")
+    return max(1, int(round(budget / (TRAIN_FACTOR * forward_flops * n_train))))
+
+
+def matched_passes(spend_flops: float, forward_flops: float) -> int:
+    """Example-passes (>= 1) of a model with ``forward_flops`` per image that cost ``spend_flops`` training FLOPs.
+
+    Args:
+        spend_flops: training FLOPs to match.
+        forward_flops: the model's forward FLOPs per image.
+
+    Returns:
+        Example-passes.
+    """
+    return max(1, int(round(spend_flops / (TRAIN_FACTOR * forward_flops))))
+
+
+def compute_budget(run: Any) -> dict[str, Any]:
+    """The extra training compute the specialists used and what the compute-matched generalist gets.
+
+    With ``compute_match="flops"`` the generalist gets as many extra example-passes as cost the specialists' training
+    FLOPs (:func:`matched_passes`); with ``"passes"`` as many example-passes as the specialists made.
+
+    Args:
+        run: a run whose generalist and specialists are finished.
+
+    Returns:
+        ``match``, ``specialist_passes``, ``specialist_train_flops``, ``generalist_forward_flops``,
+        ``compute_matched_passes`` and ``compute_matched_train_flops``.
+    """
+    ds, gen = run.dataset(), run.generalist()
+    shape = _input_shape(ds)
+    gen_flops = models.count_flops(gen.model, shape)
+    sps = run.specialists()
+    spec_passes = int(sum(s.examples_seen for s in sps))
+    spec_train_flops = _specialists_train_flops(run, shape)
+    passes = max(spec_passes, 1) if run.config.compute_match == "passes" else matched_passes(spec_train_flops, gen_flops)
+    return {"match": run.config.compute_match, "specialist_passes": spec_passes,
+            "specialist_train_flops": spec_train_flops, "generalist_forward_flops": int(gen_flops),
+            "compute_matched_passes": passes, "compute_matched_train_flops": float(TRAIN_FACTOR * gen_flops * passes)}  # fmt: skip
+
+
+def latency(run: Any, *, max_images: int = 512, repeats: int = 3) -> pd.DataFrame:
+    """Measured seconds per image at batch 1 and 256: the generalist and the ``kl`` ensemble, all vs conditional."""
+    ds = run.dataset()
+    x = ds.x_test[:max_images]
+    active = run.activation("test")[:max_images]
+    sps = run.specialists()
+
+    def kl(p_gen: np.ndarray, probs: list[np.ndarray], act: np.ndarray) -> np.ndarray:
+        outs = [ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1])) for s, p in zip(sps, probs)]
+        return ensemble.combine_kl(p_gen, outs, act)
+
+    with torch.inference_mode():
+        return evaluation.latency_table(run.generalist().model, [s.model for s in sps], x, active,
+                                        rules={"kl": kl}, repeats=repeats, max_images={1: min(64, len(x)), 256: len(x)})  # fmt: skip
+
+
+def cost_summary(run: Any, latency_records: Sequence[Mapping[str, Any]] | None = None, *,
+                 memory_batch: int = 256, flops: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Cost of inference of every configuration of the run, one row each: the generalist, the ensemble running
+    all specialists, the ensemble with conditional execution, the student (when trained; nothing is trained here).
+
+    Columns: ``params_stored`` (a shared trunk once; a shared-trunk specialist only its own stages),
+    ``mflops_per_image`` (counted; a shared trunk once), ``ms_per_image_b1`` / ``ms_per_image_b256`` (measured,
+    from ``latency_records`` of :func:`latency`, rule ``kl``; ``None`` without them), ``weights_mb`` and
+    ``peak_activation_mb`` (one batch of ``memory_batch`` test images, :func:`evaluation.peak_activation_bytes`).
+    ``flops``: the run's :func:`evaluation.ensemble_cost`, when already counted.
+    """
+    ds = run.dataset()
+    shape = (ds.channels, ds.image_size, ds.image_size)
+    gen, sps = run.generalist().model, [s.model for s in run.specialists()]
+    trained = run.skip_reason("distill") is None and run.is_done("distill")
+    student = run.distill().model if trained else None  # skipped or not trained yet: no student row (nothing trains here)
+    if flops is None:  # compute_metrics passes the counts it already made
+        flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
+                                         run.activation("test"))  # fmt: skip
+    groups, top_n = run.groups(), run.config.top_n
+    dev = next(gen.parameters()).device
+    xb = dataset.to_float(ds.x_test[:memory_batch]).to(dev)
+    lat = {(r["model"], int(r["batch_size"])): r["seconds_per_image"] * 1e3 for r in (latency_records or [])}
+    st_lat = {}
+    if latency_records and student is not None:
+        xs = dataset.to_float(ds.x_test[:256]).to(dev)
+        with torch.inference_mode():
+            st_lat = {bs: evaluation.measure_latency(student.eval(), xs[: 64 if bs == 1 else 256], batch_size=bs) * 1e3 for bs in (1, 256)}
+
+    def mem(fn: Any) -> float:
+        return evaluation.peak_activation_bytes(fn, device=dev) / 1e6
+
+    def activate(p: np.ndarray) -> np.ndarray:
+        return ensemble.activation(p, groups, top_n=top_n)
+
+    ens_mb = evaluation.weight_bytes([gen, *sps]) / 1e6
+    rows = [
+        {"model": "generalist", "params_stored": flops["generalist_params"], "mflops_per_image": flops["generalist_flops"] / 1e6,
+         "ms_per_image_b1": lat.get(("generalist", 1)), "ms_per_image_b256": lat.get(("generalist", 256)),
+         "weights_mb": evaluation.weight_bytes([gen]) / 1e6, "peak_activation_mb": mem(lambda: gen.eval()(xb))},
+        {"model": "ensemble, all specialists", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["all_flops"] / 1e6,
+         "ms_per_image_b1": lat.get(("kl all", 1)), "ms_per_image_b256": lat.get(("kl all", 256)), "weights_mb": ens_mb,
+         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb))},
+        {"model": "ensemble, conditional", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["conditional_flops"] / 1e6,
+         "ms_per_image_b1": lat.get(("kl conditional", 1)), "ms_per_image_b256": lat.get(("kl conditional", 256)), "weights_mb": ens_mb,
+         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb, activate))},
+    ]  # fmt: skip
+    if student is not None:
+        rows.append({"model": "student", "params_stored": models.count_parameters(student),
+                     "mflops_per_image": models.count_flops(student.eval(), (1, *shape)) / 1e6,
+                     "ms_per_image_b1": st_lat.get(1), "ms_per_image_b256": st_lat.get(256),
+                     "weights_mb": evaluation.weight_bytes([student]) / 1e6, "peak_activation_mb": mem(lambda: student(xb))})  # fmt: skip
+    for r in rows:
+        r["shared_stages"] = run.config.specialist_shared_stages if r["model"].startswith("ensemble") else 0
+    return rows
+
+
+def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Accuracy (with its interval) against MFLOPs per image for every model and rule (the ensemble rules
+    run all specialists, except ``kl``, shown with conditional execution too)."""
+    flops = metrics["cost"]["flops"]
+    rows_by = {r["name"]: r for r in metrics["comparison"]}
+    cost = {"generalist": flops["generalist_flops"], "compute_matched": flops["generalist_flops"],
+            "student": metrics["cost"]["student"]["flops"], "top_confident": flops["conditional_flops"],
+            "moe": flops["all_flops"], "kl": flops["conditional_flops"]}  # fmt: skip
+    rows = []
+    for n, r in rows_by.items():
+        if n in cost:
+            lo, hi = r["top1_ci"]
+            rows.append({"name": n if n != "kl" else "kl (conditional)", "accuracy": r["top1"], "lo": lo, "hi": hi, "cost": cost[n] / 1e6})
+    if "kl" in rows_by:
+        lo, hi = rows_by["kl"]["top1_ci"]
+        rows.append({"name": "kl (all specialists)", "accuracy": rows_by["kl"]["top1"], "lo": lo, "hi": hi,
+                     "cost": flops["all_flops"] / 1e6})
+    return pd.DataFrame(rows)
