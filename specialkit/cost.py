@@ -1,9 +1,11 @@
 """Cost in one place: parameters, FLOPs, latency, memory, training budgets and compute matching.
 
 * Per model: :func:`count_parameters` and :func:`count_flops` (one forward pass per image, counted by
-  ``torch.utils.flop_counter``), :func:`train_flops_per_example` (one training example-pass).
-* Training budgets: :func:`train_flops` of a model for its example-passes, :func:`budget_flops` (a run's generalist
-  plus all its specialists: what a frontier generalist of another width gets, :func:`matched_epochs`) and
+  ``torch.utils.flop_counter``), :func:`train_flops_per_example` (one training example-pass, forward and backward as
+  autograd runs them, counted the same way).
+* Training budgets: :func:`train_flops` of a model for its example-passes, :func:`specialists_train_flops` (the
+  generalist's forward counted where it teaches), :func:`budget_flops` (a run's generalist plus all its
+  specialists: what a frontier generalist of another width gets, :func:`matched_epochs`) and
   :func:`compute_budget` (the specialists' training compute and the extra passes the compute-matched generalist gets:
   the one compute-matching formula, :func:`matched_passes`).
 * Inference: :func:`latency` (measured, batch 1 and 256), :func:`cost_summary` (one row per configuration: parameters,
@@ -13,17 +15,20 @@ Every function takes a run read-only (a :class:`specialkit.view.RunView` or the 
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import dataset, ensemble, evaluation, models
 from .errors import SpecialkitError
 
 __all__ = ["count_parameters", "count_flops", "train_flops_per_example", "train_flops", "budget_flops", "matched_epochs",
-           "matched_passes", "compute_budget", "FrontierError", "latency", "cost_summary", "cost_points", "TRAIN_FACTOR"]
+           "matched_passes", "compute_budget", "FrontierError", "latency", "cost_summary", "cost_points", "teacher_passes",
+           "specialists_train_flops"]
 
 class FrontierError(SpecialkitError, ValueError):
     """A training budget or a frontier point cannot be made; the message names the problem and the fix."""
@@ -31,8 +36,6 @@ class FrontierError(SpecialkitError, ValueError):
 
 count_parameters = models.count_parameters
 count_flops = models.count_flops
-TRAIN_FACTOR = 3
-"""Training FLOPs of one example-pass per forward FLOP: forward + backward (the backward about twice the forward)."""
 
 
 def _input_shape(ds: Any) -> tuple[int, int, int, int]:
@@ -40,21 +43,29 @@ def _input_shape(ds: Any) -> tuple[int, int, int, int]:
 
 
 def train_flops_per_example(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
-    """Training FLOPs of one example-pass: :data:`TRAIN_FACTOR` x forward (forward + backward), except a shared trunk,
-    which runs forward only (frozen, no gradients).
+    """Training FLOPs of one example-pass as the training loop spends them: one forward and one backward pass, counted
+    by ``torch.utils.flop_counter`` on a copy of ``model`` in training mode (the copy's batch-norm statistics change,
+    not the model's). The backward computes what autograd computes: weight gradients of every trained layer and input
+    gradients only where something before needs them — not for the first layer (the images need none) and not into a
+    frozen shared trunk, which runs forward only. (The old ``3 x forward`` rule counted both, and a shared trunk's
+    first trained layer's input gradient: 7.6% too much for two shared stages of the demo's CNN, issue 20.)
 
     Args:
-        model: the trained network (a :class:`specialkit.models.SharedTrunkClassifier` counts its trunk forward only).
+        model: the trained network (any ``Classifier``, a :class:`specialkit.models.SharedTrunkClassifier` included).
         input_shape: (1, C, H, W).
 
     Returns:
-        FLOPs per example.
+        FLOPs per example (measured on a batch of 2).
     """
-    total = models.count_flops(model, tuple(input_shape))
-    if isinstance(model, models.SharedTrunkClassifier):
-        trunk = models.count_flops(model.shared_trunk, tuple(input_shape))
-        return int(TRAIN_FACTOR * (total - trunk) + trunk)
-    return int(TRAIN_FACTOR * total)
+    shape = (2, *tuple(input_shape)[1:])
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    copy_ = copy.deepcopy(model).train()
+    x = torch.zeros(shape, device=device, dtype=dtype)
+    with FlopCounterMode(display=False) as counter:
+        copy_(x).float().logsumexp(dim=1).sum().backward()
+    return int(counter.get_total_flops()) // shape[0]
 
 
 def train_flops(model: torch.nn.Module, input_shape: Sequence[int], examples_seen: int) -> float:
@@ -71,12 +82,48 @@ def train_flops(model: torch.nn.Module, input_shape: Sequence[int], examples_see
     return float(examples_seen * train_flops_per_example(model, input_shape))
 
 
-def _specialists_train_flops(run: Any, shape: tuple[int, ...]) -> float:
-    return float(sum(s.examples_seen * train_flops_per_example(s.model, shape) for s in run.specialists()))
+def teacher_passes(specialist: Any, *, soft_weight: float) -> int:
+    """Example-passes on which the generalist taught ``specialist`` (one generalist forward each): every pass of its
+    own training when it learnt from the generalist's soft targets (``specialist_soft_weight > 0``), and every pass of
+    the distilled base it started from (``specialist_init="distill"``).
+
+    Args:
+        specialist: a ``TrainedSpecialist`` (``examples_seen`` counts the distilled base's passes too; its history
+            its own).
+        soft_weight: the run's ``specialist_soft_weight``.
+
+    Returns:
+        Passes.
+    """
+    history = specialist.history
+    if isinstance(history, list):
+        own = int(history[-1]["examples_seen"]) if history else int(specialist.examples_seen)
+    else:
+        own = int(history.examples_seen) if history is not None else int(specialist.examples_seen)
+    distilled = max(0, int(specialist.examples_seen) - own)
+    return distilled + (own if soft_weight > 0 else 0)
+
+
+def specialists_train_flops(run: Any) -> float:
+    """Training FLOPs of all ``run``'s specialists: their own forward and backward passes
+    (:func:`train_flops_per_example`) plus one generalist forward per pass it taught (:func:`teacher_passes`).
+
+    Args:
+        run: a run whose generalist and specialists are finished.
+
+    Returns:
+        FLOPs.
+    """
+    ds = run.dataset()
+    shape = _input_shape(ds)
+    teacher = models.count_flops(run.generalist().model, shape)
+    soft = run.config.specialist_soft_weight
+    return float(sum(s.examples_seen * train_flops_per_example(s.model, shape) + teacher_passes(s, soft_weight=soft) * teacher
+                     for s in run.specialists()))  # fmt: skip
 
 
 def budget_flops(run: Any) -> float:
-    """Training FLOPs of the run's generalist plus all its specialists (a shared trunk forward only).
+    """Training FLOPs of the run's generalist plus all its specialists (:func:`specialists_train_flops`).
 
     Args:
         run: a run whose generalist and specialists are finished.
@@ -85,16 +132,15 @@ def budget_flops(run: Any) -> float:
         FLOPs.
     """
     ds, gen = run.dataset(), run.generalist()
-    shape = _input_shape(ds)
-    return train_flops(gen.model, shape, gen.examples_seen) + _specialists_train_flops(run, shape)
+    return train_flops(gen.model, _input_shape(ds), gen.examples_seen) + specialists_train_flops(run)
 
 
-def matched_epochs(budget: float, forward_flops: float, n_train: int) -> int:
-    """Whole epochs (>= 1) of a model with ``forward_flops`` per image closest to ``budget`` training FLOPs.
+def matched_epochs(budget: float, train_flops_per_pass: float, n_train: int) -> int:
+    """Whole epochs (>= 1) of a model that spends ``train_flops_per_pass`` per example-pass closest to ``budget``.
 
     Args:
         budget: training FLOPs to spend.
-        forward_flops: the model's forward FLOPs per image.
+        train_flops_per_pass: the model's :func:`train_flops_per_example`.
         n_train: training images per epoch.
 
     Returns:
@@ -103,47 +149,51 @@ def matched_epochs(budget: float, forward_flops: float, n_train: int) -> int:
     Raises:
         FrontierError: a non-positive argument.
     """
-    if budget <= 0 or forward_flops <= 0 or n_train < 1:
-        raise FrontierError(f"budget={budget}, forward_flops={forward_flops}, n_train={n_train}: all must be positive")
-    return max(1, int(round(budget / (TRAIN_FACTOR * forward_flops * n_train))))
+    if budget <= 0 or train_flops_per_pass <= 0 or n_train < 1:
+        raise FrontierError(f"budget={budget}, train_flops_per_pass={train_flops_per_pass}, n_train={n_train}: all must be positive")
+    return max(1, int(round(budget / (train_flops_per_pass * n_train))))
 
 
-def matched_passes(spend_flops: float, forward_flops: float) -> int:
-    """Example-passes (>= 1) of a model with ``forward_flops`` per image that cost ``spend_flops`` training FLOPs.
+def matched_passes(spend_flops: float, train_flops_per_pass: float) -> int:
+    """Example-passes (>= 1) of a model that spends ``train_flops_per_pass`` per pass that cost ``spend_flops``.
 
     Args:
         spend_flops: training FLOPs to match.
-        forward_flops: the model's forward FLOPs per image.
+        train_flops_per_pass: the model's :func:`train_flops_per_example`.
 
     Returns:
         Example-passes.
     """
-    return max(1, int(round(spend_flops / (TRAIN_FACTOR * forward_flops))))
+    return max(1, int(round(spend_flops / train_flops_per_pass)))
 
 
 def compute_budget(run: Any) -> dict[str, Any]:
-    """The extra training compute the specialists used and what the compute-matched generalist gets.
+    """The extra training compute the specialists used and what the compute-matched generalist gets: the one
+    compute-matching formula.
 
     With ``compute_match="flops"`` the generalist gets as many extra example-passes as cost the specialists' training
-    FLOPs (:func:`matched_passes`); with ``"passes"`` as many example-passes as the specialists made.
+    FLOPs (:func:`specialists_train_flops`, the generalist's forward where it taught them included) at the
+    generalist's own training FLOPs per pass (:func:`matched_passes`); with ``"passes"`` as many example-passes as
+    the specialists made.
 
     Args:
         run: a run whose generalist and specialists are finished.
 
     Returns:
         ``match``, ``specialist_passes``, ``specialist_train_flops``, ``generalist_forward_flops``,
-        ``compute_matched_passes`` and ``compute_matched_train_flops``.
+        ``generalist_train_flops_per_pass``, ``compute_matched_passes`` and ``compute_matched_train_flops``.
     """
     ds, gen = run.dataset(), run.generalist()
     shape = _input_shape(ds)
     gen_flops = models.count_flops(gen.model, shape)
-    sps = run.specialists()
-    spec_passes = int(sum(s.examples_seen for s in sps))
-    spec_train_flops = _specialists_train_flops(run, shape)
-    passes = max(spec_passes, 1) if run.config.compute_match == "passes" else matched_passes(spec_train_flops, gen_flops)
+    per_pass = train_flops_per_example(gen.model, shape)
+    spec_passes = int(sum(s.examples_seen for s in run.specialists()))
+    spec_train_flops = specialists_train_flops(run)
+    passes = max(spec_passes, 1) if run.config.compute_match == "passes" else matched_passes(spec_train_flops, per_pass)
     return {"match": run.config.compute_match, "specialist_passes": spec_passes,
             "specialist_train_flops": spec_train_flops, "generalist_forward_flops": int(gen_flops),
-            "compute_matched_passes": passes, "compute_matched_train_flops": float(TRAIN_FACTOR * gen_flops * passes)}  # fmt: skip
+            "generalist_train_flops_per_pass": int(per_pass), "compute_matched_passes": passes,
+            "compute_matched_train_flops": float(per_pass * passes)}  # fmt: skip
 
 
 def latency(run: Any, *, max_images: int = 512, repeats: int = 3) -> pd.DataFrame:

@@ -349,7 +349,7 @@ def render_report(run: RunView, metrics: dict[str, Any]) -> str:
     init = pd.DataFrame(metrics.get("init_check", []))
     budget = metrics.get("compute_matched", {}).get("budget")
     budget_text = (f"Specialists used {budget['specialist_passes']:,} example-passes ({budget['specialist_train_flops']:.3g} training FLOPs, "
-                   f"3 × forward FLOPs per pass); the compute-matched generalist was trained {budget['compute_matched_passes']:,} further "
+                   f"forward and backward as run, a shared trunk forward only, the generalist's forward where it teaches); the compute-matched generalist was trained {budget['compute_matched_passes']:,} further "
                    f"example-passes ({budget['compute_matched_train_flops']:.3g} FLOPs), matched by {budget['match']}.") if budget else ""  # fmt: skip
     student = metrics["student"] or {}
     kept = ""

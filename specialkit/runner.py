@@ -82,8 +82,8 @@ def width_run(base: Run, width: int, folder: str | Path) -> Run:
     budget (:func:`specialkit.cost.budget_flops`), in its own run folder; trained here unless already done."""
     ds = base.dataset()
     cfg = base.model_config(num_classes=ds.num_classes, width=width)
-    fwd = cost.count_flops(models.build_model(cfg), (1, ds.channels, ds.image_size, ds.image_size))
-    epochs = cost.matched_epochs(cost.budget_flops(base.view()), fwd, len(ds.y_train))
+    per_pass = cost.train_flops_per_example(models.build_model(cfg), (1, ds.channels, ds.image_size, ds.image_size))
+    epochs = cost.matched_epochs(cost.budget_flops(base.view()), per_pass, len(ds.y_train))
     run = Run(Path(folder), base.config.replace(name=f"width{width}", width=width, epochs=epochs, compute_matched=False),
               overwrite=True, log=base.log)  # fmt: skip
     run.share_dataset(ds)
