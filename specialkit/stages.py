@@ -39,7 +39,9 @@ class Stage:
         extra_files: files of the run folder (outside the stage's folder) that must exist for it to count as done.
         seed_offset: added to the run's ``seed`` for its training (so the stages draw different random numbers).
         version: ``(name, number)`` in its key, the number bumped when its results change meaning (``ensembles``:
-            ``("rules_version", 2)``, since the rules read calibrated specialists, issue 20); ``None``: none.
+            ``("rules_version", 2)``, since the rules read calibrated specialists, issue 20; ``compute_matched``:
+            ``("budget_version", 2)``, since its budget counts training FLOPs as the loop spends them, issue 20);
+            ``None``: none.
     """
 
     name: str
@@ -73,7 +75,8 @@ STAGES: tuple[Stage, ...] = (
           phase=1, extra_files=("clusters.json",)),
     Stage("specialists", ("clusters",), "one specialist per group (its classes + a dustbin)", phase=1, seed_offset=1000),
     Stage("compute_matched", ("specialists",), "the generalist trained further for the specialists' training compute",
-          switch="compute_matched", model=True, torchrun=True, phase=1, seed_offset=2000),
+          switch="compute_matched", model=True, torchrun=True, phase=1, seed_offset=2000,
+          version=("budget_version", 2)),
     Stage("ensembles", ("specialists",), "every combination rule's distribution on val and test",
           version=("rules_version", 2)),
     Stage("distill", ("ensembles",), "one student trained on the kl ensemble's soft targets", model=True, torchrun=True,
