@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from specialkit import frontier, plots, runner, runs  # noqa: E402
-from specialkit.config import PipelineConfig  # noqa: E402
+from specialkit.config import PipelineConfig, parse_overrides  # noqa: E402
 from specialkit.metrics import finite  # noqa: E402
 from specialkit.pipeline import Run  # noqa: E402
 
@@ -44,9 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def base_config(args: argparse.Namespace) -> PipelineConfig:
-    import json
-
-    extra = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (s.split("=", 1) for s in args.set)}
+    extra = parse_overrides(args.set, source="--set")
     if args.quick:
         cfg = PipelineConfig.quick(name="base", dataset=args.dataset, per_class=6, epochs=1, specialist_epochs=1, student_epochs=1,
                                    k=2, width=4, depth=2, bootstrap_resamples=1000)  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import stages
-from .config import ConfigError, PipelineConfig, cli_settings
+from .config import PRESETS, ConfigError, PipelineConfig, cli_settings, parse_overrides
 from .errors import SpecialkitError, exit_code_of
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -37,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run data → generalist → clusters → specialists → ensembles → distillation → report.")
     run.add_argument("--config", type=Path, help="JSON settings (a run's config.json reproduces it)")
     run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default runs/)")
-    run.add_argument("--quick", action="store_true", help="the quick settings used by the tests (seconds)")
+    run.add_argument("--quick", action="store_true", help="the quick settings used by the tests (seconds); --preset quick")
+    run.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                     help="start from named settings: tiny (seconds), quick (the tests' and notebooks' smoke runs), demo (the defaults)")
+    run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="any setting, e.g. --set width=8 rules=generalist,kl (after --config, before the flags)")
+    run.add_argument("--print-config", action="store_true", help="only print the resulting settings (JSON) and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the settings of an existing run folder whose config.json differs (its stages that "
@@ -77,6 +83,7 @@ def _add_study_parser(sub: Any) -> None:
     st.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the study folder (default runs/)")
     st.add_argument("--jobs", type=int, default=None, metavar="J", help="runs at once, each a process with cores // J threads (default 1)")
     st.add_argument("--quick", action="store_true", help="start from the quick settings used by the tests")
+    st.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="settings of every point's base, e.g. --set epochs=3")
     st.add_argument("--tie-margin", type=float, default=None, metavar="POINTS",
                     help="an across-seed interval inside ±POINTS of top-1 reads 'equivalent' (default 0.5)")  # fmt: skip
 
@@ -92,6 +99,7 @@ def _study(args: argparse.Namespace) -> int:
         base = PipelineConfig.load(args.base).to_dict()
     if args.quick:
         base = PipelineConfig.quick(**{k: v for k, v in base.items() if k != "name"}).to_dict()
+    base.update(parse_overrides(args.set, source="--set"))
     grid = parse_grid(args.grid) if args.grid else d.get("grid")
     if grid is None:
         raise StudyError("no grid: give --grid key=v1,v2 (e.g. --grid width=8,16) or a study file with a \"grid\"")
@@ -173,16 +181,21 @@ def _launch_specialists(args: argparse.Namespace, run: Any) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """Settings: the defaults (or quick ones), then ``--config``, then explicit flags."""
+    """Settings: the defaults (or a preset's: ``--preset``, ``--quick``), then ``--config``, then ``--set key=value``, then
+    explicit flags."""
     settings: dict[str, Any] = {}
     if args.config is not None:
         settings.update(PipelineConfig.load(args.config).to_dict())
+    settings.update(parse_overrides(getattr(args, "set", None) or [], source="--set"))
     settings.update({k: getattr(args, k) for k in _KNOBS if getattr(args, k) is not None})
     if getattr(args, "seeds", None) is not None:
         settings["seeds"] = list(args.seeds)
     if args.no_progress:
         settings["progress"] = False
-    return PipelineConfig.quick(**settings) if args.quick else PipelineConfig.from_dict(settings, source=str(args.config or "flags"))
+    preset = "quick" if args.quick else getattr(args, "preset", None)
+    if preset is not None:
+        return PipelineConfig.preset(preset, **settings)
+    return PipelineConfig.from_dict(settings, source=str(args.config or "flags"))
 
 
 def _headline(metrics: dict[str, Any]) -> str:
@@ -256,6 +269,9 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.command == "datasets":
         print("\n".join(data.available()))
+        return 0
+    if args.command == "run" and args.print_config:  # only the settings on stdout, before any log line
+        print(json.dumps(config_from_args(args).to_dict(), indent=2))
         return 0
     from .launch import set_thread_budget
 

@@ -21,7 +21,8 @@ from .errors import ConfigError
 
 __all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS",
            "SETTING_STAGES", "KEY_STAGES", "RENAMED", "stage_of", "stage_keys", "key_name", "cli_settings", "picker_settings",
-           "choices_of", "settings_markdown", "SPECIALIST_INITS", "hashed_now"]
+           "choices_of", "settings_markdown", "SPECIALIST_INITS", "hashed_now", "PRESETS", "parse_value",
+           "parse_overrides"]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
 RULES = ("generalist", "kl", "top_confident", "moe")
@@ -220,13 +221,26 @@ class PipelineConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "PipelineConfig":
-        """Settings for tests and notebook smoke runs: seconds on 2 CPU cores, numbers still meaningful."""
-        base = dict(
-            name="quick", per_class=50, val_fraction=0.2, epochs=6, k=6,
-            specialist_epochs=2, student_epochs=6, batch_size=64, progress=False,
-        )  # fmt: skip
-        base.update(overrides)
-        return cls(**base)
+        """Settings for tests and notebook smoke runs: seconds on 2 CPU cores, numbers still meaningful (preset ``quick``)."""
+        return cls.preset("quick", **overrides)
+
+    @classmethod
+    def preset(cls, preset: str, /, **overrides: Any) -> "PipelineConfig":
+        """The named settings of :data:`PRESETS` (``tiny``, ``quick``, ``demo``) with ``overrides``.
+
+        Args:
+            preset: a preset's name.
+            **overrides: settings that replace the preset's (``name`` too).
+
+        Returns:
+            The settings.
+
+        Raises:
+            ConfigError: an unknown preset (the message lists them) or an impossible setting.
+        """
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **overrides})
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "PipelineConfig":
@@ -503,6 +517,69 @@ def _flag_type(tp: Any, name: str) -> type:
         raise TypeError(f"PipelineConfig.{name} has a cli help but type {tp}: flags take one int, float or str; "
                         "drop its cli help (set it in a config file) or give the flag a parser in cli.py")
     return args[0]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(name="tiny", per_class=4, val_fraction=0.2, epochs=1, k=2, width=4, depth=1, specialist_epochs=1,
+                 student_epochs=1, batch_size=64, progress=False),
+    "quick": dict(name="quick", per_class=50, val_fraction=0.2, epochs=6, k=6, specialist_epochs=2, student_epochs=6,
+                  batch_size=64, progress=False),
+    "demo": dict(name="demo"),
+}  # fmt: skip
+"""Named settings: ``tiny`` (the smallest run that exercises every stage: the unit tests' runs, about a second a
+stage), ``quick`` (tests and notebook smoke runs, ``SPECIALKIT_SMOKE=1``: seconds, numbers still meaningful) and
+``demo`` (the defaults, what ``configs/demo.json`` holds: minutes on a laptop)."""
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A setting's value written as text: JSON when it parses (``8``, ``0.5``, ``null``, ``true``, ``["kl"]``), else
+    the text; a string setting keeps the text as written, a tuple setting takes ``a,b`` as ``("a", "b")``.
+
+    Args:
+        key: a ``PipelineConfig`` field.
+        text: the value as written.
+
+    Returns:
+        The value (checked later, by ``PipelineConfig``).
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    tp = typing.get_type_hints(PipelineConfig)[key]
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    if typing.get_origin(tp) is tuple and isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if str in args and value is not None and not isinstance(value, str) and text.lower() != "null":
+        return text
+    return value
+
+
+def parse_overrides(items: Any, *, source: str = "--set") -> dict[str, Any]:
+    """``["width=8", "rules=generalist,kl"]`` -> ``{"width": 8, "rules": ("generalist", "kl")}``: the one ``key=value``
+    syntax of ``specialkit run --set``, ``specialkit study --set`` and the benches (``--grid`` writes ``key=v1,v2``).
+
+    Args:
+        items: ``key=value`` strings (a dash in a key reads as an underscore).
+        source: where they came from, for the error message.
+
+    Returns:
+        Setting -> value.
+
+    Raises:
+        ConfigError: an item without ``=``, an unknown key (with the closest names), a key given twice.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"{source} {item!r}: write key=value (e.g. {source} width=8)")
+        _check_keys({key: None}, source=source)
+        if key in out:
+            raise ConfigError(f"{source} gives {key!r} twice; give it once")
+        out[key] = parse_value(key, text.strip())
+    return out
 
 
 def cli_settings() -> dict[str, tuple[type, str]]:

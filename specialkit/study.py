@@ -25,7 +25,6 @@ import json
 import re
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -105,22 +104,9 @@ def point_name(point: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- building a spec
-def _field_type(key: str) -> Any:
-    return typing.get_type_hints(PipelineConfig)[key]
-
-
 def _parse_value(key: str, text: str) -> Any:
-    """A grid value given as text: JSON when it parses (``8``, ``0.5``, ``null``, ``true``), else the string;
-    a string setting keeps the text as written."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    tp = _field_type(key)
-    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-    if str in args and value is not None and not isinstance(value, str) and text.lower() != "null":
-        return text
-    return value
+    """A grid value given as text (:func:`specialkit.config.parse_value`, the syntax of ``--set``)."""
+    return config_mod.parse_value(key, text)
 
 
 def _check_key(key: str) -> None:

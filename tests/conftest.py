@@ -18,8 +18,7 @@ def tiny(tmp_path_factory, one_thread):
     from specialkit import pipeline
     from specialkit.config import PipelineConfig
 
-    cfg = PipelineConfig.quick(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1,
-                               compute_matched=False, rules=("generalist", "kl"), progress=False)  # fmt: skip
+    cfg = PipelineConfig.preset("tiny", compute_matched=False, rules=("generalist", "kl"))
     run = pipeline.Run(tmp_path_factory.mktemp("tiny") / "quick", cfg, log=lambda s: None)
     run.specialists()
     return run
