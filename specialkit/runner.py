@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cost, models, runs, store
+from . import cost, models, runs, stages, store
 from .config import ConfigError, PipelineConfig
 from .metrics import aggregate_seeds
 from .pipeline import Run
@@ -96,7 +96,7 @@ def variant_run(base: Run, folder: str | Path, **settings: Any) -> Run:
     base run's generalist and groups are copied there, so only the specialists are trained (and the ensembles made)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("generalist", "clusters"):  # the stages before the specialists
+    for name in stages.needs_all("specialists"):  # the stages before the specialists
         if (base.folder / name).is_dir() and not (folder / name).exists():
             shutil.copytree(base.folder / name, folder / name)
     for name in ("clusters.json",):

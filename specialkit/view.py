@@ -62,7 +62,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "class_map": ("generalist",),
     "shared_trunk": ("generalist",),
     "groups": ("clusters",),
-    "activation": ("generalist", "clusters"),
+    "activation": stages.through("clusters"),
     "specialist_probs": ("specialists",),
     "combine": stages.through("specialists"),
 }
