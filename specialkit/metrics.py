@@ -359,8 +359,9 @@ def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, 
         student["share_of_kl_gain_ci"] = list(boot.share_ci("student", BASELINE, "kl"))
         student["kl_gain_significant"] = rows["kl"]["vs_generalist"] == "better"
     if student and CONTROL in rows:
-        student["vs_hard_label"] = _paired(boot, correct_of(results, y), "student", CONTROL)
-        student["hard_label_vs_generalist"] = _paired(boot, correct_of(results, y), CONTROL, BASELINE)
+        correct = correct_of(results, y)
+        student["vs_hard_label"] = _paired(boot, correct, "student", CONTROL)
+        student["hard_label_vs_generalist"] = _paired(boot, correct, CONTROL, BASELINE)
     quality = clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class)
     m: dict[str, Any] = {
         "run": cfg.name,

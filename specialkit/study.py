@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from . import config as config_mod
 from . import data, pipeline, runs, stages, store
 from . import metrics as metrics_mod
@@ -472,7 +470,7 @@ def run_outcomes(folder: str | Path) -> dict[str, Any]:
     two-level bootstrap of :func:`metrics.study_summary` resamples); read from the run's saved predictions."""
     run = pipeline.Run.open(folder, log=lambda s: None)
     y = run.dataset().y_test.numpy()
-    return {name: np.asarray(p).argmax(axis=1) == y for name, p in metrics_mod.results_on_test(run).items()}
+    return metrics_mod.correct_of(metrics_mod.results_on_test(run), y)
 
 
 def _two_level_columns(rows: list[dict[str, Any]], summary: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
