@@ -27,17 +27,20 @@ study: $(STAMP)
 ## for that test comes from PATH, apt (as root) or Playwright; without one: one line saying what to install.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) tools/ensure_browser.py
 	$(PY) -m pytest
 
 ## The same without the real-browser test (no browser needed).
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not browser"
 
-## ruff's checks (configured in pyproject.toml).
+## ruff's checks and its formatter's check (configured in pyproject.toml; `ruff format .` formats).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 ## Strip outputs and execution counts from the notebooks before committing them.
 scrub: $(STAMP)

@@ -1,4 +1,5 @@
 """Project-wide pytest set-up: quick mode for notebooks and a private data cache per test session."""
+
 import os
 import tempfile
 

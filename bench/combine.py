@@ -15,6 +15,7 @@ runs on one BLAS thread by default (``--blas-threads``).
 
     .venv/bin/python bench/combine.py               # about 30 s on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,19 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--classes", type=int, default=62, help="C")
     p.add_argument("--specialists", type=int, default=8, help="M overlapping groups")
-    p.add_argument("--extra", type=int, nargs=2, default=[1, 4], metavar=("MIN", "MAX"),
-                   help="extra classes added to each group of the partition (overlap)")  # fmt: skip
+    p.add_argument(
+        "--extra",
+        type=int,
+        nargs=2,
+        default=[1, 4],
+        metavar=("MIN", "MAX"),
+        help="extra classes added to each group of the partition (overlap)",
+    )
     p.add_argument("--images", type=int, default=2000, help="images for the batched EM")
     p.add_argument("--lbfgs-images", type=int, default=100, help="images for scipy L-BFGS-B per image (0 = skip)")
     p.add_argument("--torch-images", type=int, default=20, help="images for torch LBFGS per image (0 = skip)")
@@ -37,11 +46,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gd-steps", type=int, default=20_000, help="step cap of plain gradient descent")
     p.add_argument("--top-n", type=int, default=1, help="generalist classes that activate specialists")
     p.add_argument("--tol", type=float, default=1e-10, help="EM tolerance (change of q and gap bound)")
-    p.add_argument("--newton-after", type=int, default=200, help="EM iterations before Newton steps (< 0: plain EM only)")
-    p.add_argument("--baseline-tol", type=float, default=1e-6, help="gradient tolerance of the per-image baselines "
-                   "(1e-6 is the loosest that reaches objective gaps <= 1e-6 here)")
-    p.add_argument("--noise", type=float, nargs=2, default=[2.0, 1.5], metavar=("GEN", "SPEC"),
-                   help="logit noise of the generalist and of the specialists")  # fmt: skip
+    p.add_argument(
+        "--newton-after", type=int, default=200, help="EM iterations before Newton steps (< 0: plain EM only)"
+    )
+    p.add_argument(
+        "--baseline-tol",
+        type=float,
+        default=1e-6,
+        help="gradient tolerance of the per-image baselines "
+        "(1e-6 is the loosest that reaches objective gaps <= 1e-6 here)",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        nargs=2,
+        default=[2.0, 1.5],
+        metavar=("GEN", "SPEC"),
+        help="logit noise of the generalist and of the specialists",
+    )
     p.add_argument("--scale", type=float, default=3.0, help="std of the hidden logits")
     p.add_argument("--repeats", type=int, default=3, help="timed EM passes (best)")
     p.add_argument("--blas-threads", type=int, default=1)
@@ -67,9 +89,11 @@ def make_inputs(args, np, ensemble):  # noqa: ANN001, ANN201 - numpy imported af
     hidden = rng.normal(scale=args.scale, size=(args.images, c))
     p_gen = softmax(hidden + rng.normal(scale=args.noise[0], size=hidden.shape))
     specs = [
-        ensemble.SpecialistOutputs(g, ensemble.collapse(softmax(hidden + rng.normal(scale=args.noise[1], size=hidden.shape)), g))
+        ensemble.SpecialistOutputs(
+            g, ensemble.collapse(softmax(hidden + rng.normal(scale=args.noise[1], size=hidden.shape)), g)
+        )
         for g in groups
-    ]  # fmt: skip
+    ]
     return p_gen, specs, groups
 
 
@@ -85,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     p_gen, specs, groups = make_inputs(args, np, ensemble)
     active = ensemble.activation(p_gen, groups, top_n=args.top_n)
     n_act = active.sum(axis=1)
-    print(f"C={args.classes} M={args.specialists} group sizes {[len(g) for g in groups]} top_n={args.top_n} "
-          f"N={args.images}; images by number of active specialists: "
-          f"{dict(enumerate(np.bincount(n_act).tolist()))}")  # fmt: skip
+    print(
+        f"C={args.classes} M={args.specialists} group sizes {[len(g) for g in groups]} top_n={args.top_n} "
+        f"N={args.images}; images by number of active specialists: "
+        f"{dict(enumerate(np.bincount(n_act).tolist()))}"
+    )
 
     newton_after = None if args.newton_after < 0 else args.newton_after
 
@@ -101,29 +127,42 @@ def main(argv: list[str] | None = None) -> None:
 
     if newton_after is not None:
         plain, rate, cpu_rate = timed(newton_after=None)
-        print(f"plain EM (no Newton phase): {rate:,.0f} images/s wall, {cpu_rate:,.0f} images/s CPU; iterations max "
-              f"{plain.iterations.max()}; all converged: {bool(plain.converged.all())}")  # fmt: skip
+        print(
+            f"plain EM (no Newton phase): {rate:,.0f} images/s wall, {cpu_rate:,.0f} images/s CPU; iterations max "
+            f"{plain.iterations.max()}; all converged: {bool(plain.converged.all())}"
+        )
     sol, em_rate, em_cpu_rate = timed(newton_after=newton_after)
     f_em = ensemble.kl_objective(sol.q, p_gen, specs, active)
     its = sol.iterations[n_act > 0]
-    print(f"EM batched (tol {args.tol:g}, Newton after {newton_after}): {em_rate:,.0f} images/s wall, "
-          f"{em_cpu_rate:,.0f} images/s CPU; iterations mean {its.mean():.1f}, median {np.median(its):.0f}, "
-          f"max {its.max()}; all converged: {bool(sol.converged.all())}; largest gap estimate {sol.gap.max():.1e}")  # fmt: skip
+    print(
+        f"EM batched (tol {args.tol:g}, Newton after {newton_after}): {em_rate:,.0f} images/s wall, "
+        f"{em_cpu_rate:,.0f} images/s CPU; iterations mean {its.mean():.1f}, median {np.median(its):.0f}, "
+        f"max {its.max()}; all converged: {bool(sol.converged.all())}; largest gap estimate {sol.gap.max():.1e}"
+    )
     for a in np.unique(n_act[n_act > 0]):
-        print(f"    |A|={a}: {int((n_act == a).sum())} images, EM iterations mean {sol.iterations[n_act == a].mean():.1f}, "
-              f"max {sol.iterations[n_act == a].max()}")  # fmt: skip
+        print(
+            f"    |A|={a}: {int((n_act == a).sum())} images, EM iterations mean {sol.iterations[n_act == a].mean():.1f}, "
+            f"max {sol.iterations[n_act == a].max()}"
+        )
     hard = np.flatnonzero(n_act >= 2)
     if hard.size:
         hard_specs = [ensemble.SpecialistOutputs(s.classes, s.probs[hard]) for s in specs]
         w0 = time.perf_counter()
         ensemble.solve_kl(p_gen[hard], hard_specs, active[hard], tol=args.tol, newton_after=newton_after)
-        print(f"    EM on the {hard.size} images with |A| >= 2 alone (one active specialist has a one-step "
-              f"closed form): {hard.size / (time.perf_counter() - w0):,.0f} images/s wall")  # fmt: skip
+        print(
+            f"    EM on the {hard.size} images with |A| >= 2 alone (one active specialist has a one-step "
+            f"closed form): {hard.size / (time.perf_counter() - w0):,.0f} images/s wall"
+        )
 
     baselines = [
         ("scipy L-BFGS-B per image", "lbfgs", args.lbfgs_images, {"tol": args.baseline_tol}),
         ("torch LBFGS per image", "torch-lbfgs", args.torch_images, {"tol": args.baseline_tol}),
-        ("plain gradient descent per image", "gd", args.gd_images, {"tol": args.baseline_tol, "max_iter": args.gd_steps}),
+        (
+            "plain gradient descent per image",
+            "gd",
+            args.gd_images,
+            {"tol": args.baseline_tol, "max_iter": args.gd_steps},
+        ),
     ]
     if args.torch_images:
         import torch
@@ -134,20 +173,29 @@ def main(argv: list[str] | None = None) -> None:
             continue
         n = min(n, args.images)
         sub = [ensemble.SpecialistOutputs(s.classes, s.probs[:n]) for s in specs]
-        ensemble.combine_kl_gradient(p_gen[:1], [ensemble.SpecialistOutputs(s.classes, s.probs[:1]) for s in specs],
-                                     active[:1], method=method, **options)  # warm-up: imports  # fmt: skip
+        ensemble.combine_kl_gradient(
+            p_gen[:1],
+            [ensemble.SpecialistOutputs(s.classes, s.probs[:1]) for s in specs],
+            active[:1],
+            method=method,
+            **options,
+        )  # warm-up: imports
         w0, c0 = time.perf_counter(), time.process_time()
         q = ensemble.combine_kl_gradient(p_gen[:n], sub, active[:n], method=method, **options)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         gap = ensemble.kl_objective(q, p_gen[:n], sub, active[:n]) - f_em[:n]
         rate, cpu_rate = n / wall, n / cpu
-        print(f"{label} ({method}, tol {options['tol']:g}, {n} images): {rate:,.1f} images/s wall, "
-              f"{cpu_rate:,.1f} images/s CPU; EM is {em_rate / rate:,.0f}x faster (wall), "
-              f"{em_cpu_rate / cpu_rate:,.0f}x (CPU)")  # fmt: skip
-        print(f"    objective gap baseline - EM: max {gap.max():.2e}, min {gap.min():.2e}, max |gap| {np.abs(gap).max():.2e}; "
-              f"max |q_baseline - q_EM| {np.abs(q - sol.q[:n]).max():.1e}; "
-              "target (>= 100x and max |gap| <= 1e-6): "
-              f"{'met' if em_rate / rate >= 100 and np.abs(gap).max() <= 1e-6 else 'NOT met'}")  # fmt: skip
+        print(
+            f"{label} ({method}, tol {options['tol']:g}, {n} images): {rate:,.1f} images/s wall, "
+            f"{cpu_rate:,.1f} images/s CPU; EM is {em_rate / rate:,.0f}x faster (wall), "
+            f"{em_cpu_rate / cpu_rate:,.0f}x (CPU)"
+        )
+        print(
+            f"    objective gap baseline - EM: max {gap.max():.2e}, min {gap.min():.2e}, max |gap| {np.abs(gap).max():.2e}; "
+            f"max |q_baseline - q_EM| {np.abs(q - sol.q[:n]).max():.1e}; "
+            "target (>= 100x and max |gap| <= 1e-6): "
+            f"{'met' if em_rate / rate >= 100 and np.abs(gap).max() <= 1e-6 else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

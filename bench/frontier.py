@@ -10,6 +10,7 @@ and notebook 05 show it) and ``frontier.html`` (the figure) into ``--folder``.
     .venv/bin/python bench/frontier.py --quick                       # smoke check, about a minute
     .venv/bin/python bench/frontier.py --dataset glyphs_hard         # the note's table (demo settings otherwise)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,25 +30,47 @@ from specialkit.pipeline import Run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke check of the whole bench, numbers meaningless")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny settings: a smoke check of the whole bench, numbers meaningless"
+    )
     p.add_argument("--dataset", default="glyphs", help="dataset of every run")
     p.add_argument("--folder", default="runs/frontier", help="folder of the runs (cached: a rerun only measures)")
-    p.add_argument("--widths", type=int, nargs="+", default=None, help="other generalist widths (default: half, 1.5x, 2x the base)")
-    p.add_argument("--shared-stages", type=int, default=None, help="stages the shared specialists share (default: depth - 1)")
-    p.add_argument("--small-width", type=int, default=None, help="width of the smaller specialists (default: half the base)")
+    p.add_argument(
+        "--widths", type=int, nargs="+", default=None, help="other generalist widths (default: half, 1.5x, 2x the base)"
+    )
+    p.add_argument(
+        "--shared-stages", type=int, default=None, help="stages the shared specialists share (default: depth - 1)"
+    )
+    p.add_argument(
+        "--small-width", type=int, default=None, help="width of the smaller specialists (default: half the base)"
+    )
     p.add_argument("--small-init", nargs="+", default=["scratch", "distill"], choices=["scratch", "distill"])
     p.add_argument("--repeats", type=int, default=5, help="timed passes per latency (the best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other settings of the base run, e.g. per_class=100")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="other settings of the base run, e.g. per_class=100"
+    )
     return p.parse_args(argv)
 
 
 def base_config(args: argparse.Namespace) -> PipelineConfig:
     extra = parse_overrides(args.set, source="--set")
     if args.quick:
-        cfg = PipelineConfig.quick(name="base", dataset=args.dataset, per_class=6, epochs=1, specialist_epochs=1, student_epochs=1,
-                                   k=2, width=4, depth=2, bootstrap_resamples=1000)  # fmt: skip
+        cfg = PipelineConfig.quick(
+            name="base",
+            dataset=args.dataset,
+            per_class=6,
+            epochs=1,
+            specialist_epochs=1,
+            student_epochs=1,
+            k=2,
+            width=4,
+            depth=2,
+            bootstrap_resamples=1000,
+        )
     else:
         cfg = PipelineConfig(name="base", dataset=args.dataset, progress=False)
     return cfg.replace(**extra)
@@ -55,6 +78,7 @@ def base_config(args: argparse.Namespace) -> PipelineConfig:
 
 def markdown(df) -> str:
     """A markdown table of ``df`` (numbers to 4 significant digits)."""
+
     def cell(v: object) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -77,23 +101,44 @@ def main(argv: list[str] | None = None) -> None:
     s = cfg.depth - 1 if args.shared_stages is None else args.shared_stages
     small = args.small_width or max(1, w // 2)
     width_runs = {v: runner.width_run(base, v, folder / f"width{v}") for v in widths if v != w}
-    variants = {f"shared trunk ({s} of {cfg.depth} stages)": runner.variant_run(base, folder / f"shared{s}", specialist_shared_stages=s)}
+    variants = {
+        f"shared trunk ({s} of {cfg.depth} stages)": runner.variant_run(
+            base, folder / f"shared{s}", specialist_shared_stages=s
+        )
+    }
     for init in args.small_init:
         variants[f"width-{small} specialists ({init})"] = runner.variant_run(
-            base, folder / f"small{small}-{init}", specialist_width=small, specialist_init=init)
-    print(f"training done in {time.perf_counter() - t0:.0f} s; measuring ({args.threads} thread(s), best of {args.repeats})")
+            base, folder / f"small{small}-{init}", specialist_width=small, specialist_init=init
+        )
+    print(
+        f"training done in {time.perf_counter() - t0:.0f} s; measuring ({args.threads} thread(s), best of {args.repeats})"
+    )
     table = frontier.measure_points(base, widths=width_runs, variants=variants, repeats=args.repeats)
-    saved = {"points": table.to_dict("records"), "budget_flops": frontier.budget_flops(base.view()), "settings": cfg.to_dict(),
-             "threads": args.threads}
+    saved = {
+        "points": table.to_dict("records"),
+        "budget_flops": frontier.budget_flops(base.view()),
+        "settings": cfg.to_dict(),
+        "threads": args.threads,
+    }
     runs.atomic_write_json(base.folder / frontier.FILE, finite(saved))
     plots.frontier(table).write_html(folder / "frontier.html", include_plotlyjs="cdn")
-    shown = table.assign(accuracy=table["accuracy"] * 100, lo=table["lo"] * 100, hi=table["hi"] * 100,
-                         delta=table["delta"] * 100, delta_lo=table["delta_lo"] * 100, delta_hi=table["delta_hi"] * 100,
-                         train_gflops=table["train_flops"] / 1e9).drop(columns="train_flops")  # fmt: skip
-    print(f"\nbase: {cfg.dataset}, {cfg.model} width {w} depth {cfg.depth}, {cfg.epochs} epochs, k={cfg.k}, per_class={cfg.per_class}; "
-          f"budget {frontier.budget_flops(base.view()):.3g} training FLOPs; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    shown = table.assign(
+        accuracy=table["accuracy"] * 100,
+        lo=table["lo"] * 100,
+        hi=table["hi"] * 100,
+        delta=table["delta"] * 100,
+        delta_lo=table["delta_lo"] * 100,
+        delta_hi=table["delta_hi"] * 100,
+        train_gflops=table["train_flops"] / 1e9,
+    ).drop(columns="train_flops")
+    print(
+        f"\nbase: {cfg.dataset}, {cfg.model} width {w} depth {cfg.depth}, {cfg.epochs} epochs, k={cfg.k}, per_class={cfg.per_class}; "
+        f"budget {frontier.budget_flops(base.view()):.3g} training FLOPs; load average {os.getloadavg()[0]:.2f}"
+    )
     print(markdown(shown))
-    print(f"\nwrote {base.folder / frontier.FILE} and {folder / 'frontier.html'}; total {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\nwrote {base.folder / frontier.FILE} and {folder / 'frontier.html'}; total {time.perf_counter() - t0:.0f} s"
+    )
 
 
 if __name__ == "__main__":

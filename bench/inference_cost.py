@@ -26,6 +26,7 @@ timed pass. With ``--data glyphs`` the images are real glyphs instead of random 
     .venv/bin/python bench/inference_cost.py            # about a minute on 2 CPU cores
     .venv/bin/python bench/inference_cost.py --device cuda --images-large 2048
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ from specialkit import ensemble, evaluation, models, specialists  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--classes", type=int, default=62, help="C, classes of the generalist")
     p.add_argument("--specialists", type=int, default=8, help="M, disjoint groups of about C/M classes")
     p.add_argument("--width", type=int, default=16, help="cnn width of the generalist")
@@ -53,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images-large", type=int, default=256, help="images timed at the large batch size")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=5, help="timed passes (the best is kept)")
-    p.add_argument("--shared-stages", type=int, default=None, help="stages the shared specialists share (default depth - 1)")
+    p.add_argument(
+        "--shared-stages", type=int, default=None, help="stages the shared specialists share (default depth - 1)"
+    )
     p.add_argument("--rules", nargs="+", default=["kl", "top_confident", "moe"], choices=["kl", "top_confident", "moe"])
     p.add_argument("--moe-threshold", type=float, default=0.1, help="moe: skip a specialist whose group mass is lower")
     p.add_argument("--top-confident-n", type=int, default=2)
@@ -102,19 +107,32 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     device = torch.device(args.device)
 
-    gen_cfg = models.ModelConfig(name="cnn", num_classes=args.classes, in_channels=1, image_size=32,
-                                 width=args.width, depth=args.depth)  # fmt: skip
+    gen_cfg = models.ModelConfig(
+        name="cnn", num_classes=args.classes, in_channels=1, image_size=32, width=args.width, depth=args.depth
+    )
     generalist = models.build_model(gen_cfg).eval().to(device)
     groups = [np.sort(g) for g in np.array_split(rng.permutation(args.classes), args.specialists)]
     same = [specialists.init_from_generalist(generalist, g).eval() for g in groups]
     s_shared = args.depth - 1 if args.shared_stages is None else args.shared_stages
     trunk = generalist.trunk(s_shared)
-    shared = [models.share_trunk(specialists.init_from_generalist(generalist, g), trunk).eval().to(device) for g in groups]
+    shared = [
+        models.share_trunk(specialists.init_from_generalist(generalist, g), trunk).eval().to(device) for g in groups
+    ]
     small = [
-        models.build_model(models.ModelConfig(name="cnn", num_classes=len(g) + 1, in_channels=1, image_size=32,
-                                              width=args.small_width, depth=args.small_depth)).eval().to(device)
+        models.build_model(
+            models.ModelConfig(
+                name="cnn",
+                num_classes=len(g) + 1,
+                in_channels=1,
+                image_size=32,
+                width=args.small_width,
+                depth=args.small_depth,
+            )
+        )
+        .eval()
+        .to(device)
         for g in groups
-    ]  # fmt: skip
+    ]
 
     n = max(args.images_small, args.images_large)
     x = images(args, n)
@@ -126,30 +144,46 @@ def main(argv: list[str] | None = None) -> None:
 
     shape = (1, 1, 32, 32)
     gen_cost = evaluation.model_cost(generalist, shape)
-    print(f"generalist: cnn width {args.width} depth {args.depth}, {args.classes} classes: "
-          f"{gen_cost['params']:,} params, {gen_cost['flops'] / 1e6:.2f} MFLOPs/image")  # fmt: skip
-    print(f"{args.specialists} specialists of {min(map(len, groups))}-{max(map(len, groups))} classes (+ dustbin); "
-          f"routing: random generalist distribution, top-1 activation ({active.sum(1).mean():.2f} specialists/image), "
-          f"moe threshold {args.moe_threshold} ({moe_active.sum(1).mean():.2f}/image); images: {args.data}; "
-          f"device {args.device}, {args.threads} thread(s)\n")  # fmt: skip
+    print(
+        f"generalist: cnn width {args.width} depth {args.depth}, {args.classes} classes: "
+        f"{gen_cost['params']:,} params, {gen_cost['flops'] / 1e6:.2f} MFLOPs/image"
+    )
+    print(
+        f"{args.specialists} specialists of {min(map(len, groups))}-{max(map(len, groups))} classes (+ dustbin); "
+        f"routing: random generalist distribution, top-1 activation ({active.sum(1).mean():.2f} specialists/image), "
+        f"moe threshold {args.moe_threshold} ({moe_active.sum(1).mean():.2f}/image); images: {args.data}; "
+        f"device {args.device}, {args.threads} thread(s)\n"
+    )
 
     ratios: dict[str, float] = {}
-    sets = (("full", "same size as the generalist (initialised from it)", same),
-            ("shared", f"sharing the generalist's first {s_shared} of {args.depth} stages (initialised from it)", shared),
-            ("small", f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", small))  # fmt: skip
+    sets = (
+        ("full", "same size as the generalist (initialised from it)", same),
+        ("shared", f"sharing the generalist's first {s_shared} of {args.depth} stages (initialised from it)", shared),
+        ("small", f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", small),
+    )
     for key, label, specs in sets:
         costs = [evaluation.model_cost(s, shape) for s in specs]
         ec = evaluation.ensemble_cost(gen_cost, costs, active)
         ec_moe = evaluation.ensemble_cost(gen_cost, costs, moe_active)
         ratios[f"params_ratio_{key}"] = ec["params_ratio"]
         print(f"== specialists {label}: {costs[0]['params']:,} params, {costs[0]['flops'] / 1e6:.2f} MFLOPs each")
-        print(f"FLOPs/image vs generalist: all {ec['all_ratio']:.2f}x | conditional top-1 {ec['conditional_ratio']:.2f}x"
-              f" | conditional moe {ec_moe['conditional_ratio']:.2f}x | parameters stored {ec['params_ratio']:.2f}x")  # fmt: skip
+        print(
+            f"FLOPs/image vs generalist: all {ec['all_ratio']:.2f}x | conditional top-1 {ec['conditional_ratio']:.2f}x"
+            f" | conditional moe {ec_moe['conditional_ratio']:.2f}x | parameters stored {ec['params_ratio']:.2f}x"
+        )
         df = evaluation.latency_table(
-            generalist, specs, x.to(device), active, batch_sizes=args.batch_sizes, rules={"nets": None, **rules(args, groups)},
-            repeats=args.repeats, warmup=1, routing_probs=p_route, best=True,
+            generalist,
+            specs,
+            x.to(device),
+            active,
+            batch_sizes=args.batch_sizes,
+            rules={"nets": None, **rules(args, groups)},
+            repeats=args.repeats,
+            warmup=1,
+            routing_probs=p_route,
+            best=True,
             max_images={bs: (args.images_small if bs == 1 else args.images_large) for bs in args.batch_sizes},
-        )  # fmt: skip
+        )
         for bs in args.batch_sizes:
             for model, suffix in (("nets conditional", ""), ("kl conditional", "_kl")):
                 row = df[(df["model"] == model) & (df["batch_size"] == bs)]
@@ -168,10 +202,22 @@ def main(argv: list[str] | None = None) -> None:
         order = ["generalist"] + [f"{r} {m}" for r in ["nets", *args.rules] for m in ("all", "conditional")]
         print(out.loc[order].to_string(float_format=lambda v: f"{v:.3f}"))
         print()
-    print(f"k = {args.specialists} specialists; target (issue 12): shared <= 1.5x at batch 1, <= 1.3x at batch 256, "
-          f"parameters <= {1 + 0.3 * args.specialists:.1f}x")  # fmt: skip
-    for name in ("ratio_b1_shared", "ratio_b256_shared", "ratio_b1_full", "ratio_b256_full", "ratio_b1_shared_kl",
-                 "ratio_b256_shared_kl", "ratio_b1_full_kl", "ratio_b256_full_kl", "params_ratio_shared", "params_ratio_full"):  # fmt: skip
+    print(
+        f"k = {args.specialists} specialists; target (issue 12): shared <= 1.5x at batch 1, <= 1.3x at batch 256, "
+        f"parameters <= {1 + 0.3 * args.specialists:.1f}x"
+    )
+    for name in (
+        "ratio_b1_shared",
+        "ratio_b256_shared",
+        "ratio_b1_full",
+        "ratio_b256_full",
+        "ratio_b1_shared_kl",
+        "ratio_b256_shared_kl",
+        "ratio_b1_full_kl",
+        "ratio_b256_full_kl",
+        "params_ratio_shared",
+        "params_ratio_full",
+    ):
         if name in ratios:
             print(f"{name}={ratios[name]:.3f}")
     print(f"total {time.perf_counter() - t_start:.1f} s")

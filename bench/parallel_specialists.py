@@ -13,6 +13,7 @@ Prints the wall time of each and ``ratio_parallel=<wall b / wall a>`` (below 1: 
 One run each; on a machine shared with other busy processes the number moves, so rerun before relying on it.
 (b) includes each job's start-up (a fresh Python importing torch and loading the data), which (a) pays once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,16 @@ def _timed(*args: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the quick settings (PipelineConfig.quick) instead of configs/demo.json")
+    p.add_argument(
+        "--quick", action="store_true", help="the quick settings (PipelineConfig.quick) instead of configs/demo.json"
+    )
     p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temporary one)")
     args = p.parse_args()
-    cfg = (PipelineConfig.quick(name="bench-parallel") if args.quick
-           else PipelineConfig.load(ROOT / "configs" / "demo.json").replace(name="bench-parallel", progress=False))  # fmt: skip
+    cfg = (
+        PipelineConfig.quick(name="bench-parallel")
+        if args.quick
+        else PipelineConfig.load(ROOT / "configs" / "demo.json").replace(name="bench-parallel", progress=False)
+    )
     work = args.keep or Path(tempfile.mkdtemp(prefix="specialkit-bench-"))
     try:
         base = pipeline.Run(work / "base", cfg, log=lambda s: None)
@@ -60,8 +66,19 @@ def main() -> None:
         cores = str(launch.affinity_cores())
         wall_a = _timed("specialists", "--run", str(work / "a"), "--threads", cores)
         print(f"(a) one after another, {cores} threads: {wall_a:.1f} s")
-        wall_b = _timed("specialists", "--run", str(work / "b"), "--launcher", "submitit", "--submitit-cluster", "local",
-                        "--jobs-at-once", "2", "--cpus-per-job", "1")  # fmt: skip
+        wall_b = _timed(
+            "specialists",
+            "--run",
+            str(work / "b"),
+            "--launcher",
+            "submitit",
+            "--submitit-cluster",
+            "local",
+            "--jobs-at-once",
+            "2",
+            "--cpus-per-job",
+            "1",
+        )
         print(f"(b) submitit, 2 at once, 1 thread each: {wall_b:.1f} s")
         print(f"ratio_parallel={wall_b / wall_a:.3f}")
     finally:

@@ -13,6 +13,7 @@ is repeated ``--repeats`` times; the best time of each counts (the machine may b
 Prints images/s of each and the ratio kit / bare (target >= 0.9), by wall time and by CPU time of the
 process (the CPU-time ratio is the steadier one on a shared machine; use ``--threads 1`` there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,17 @@ from specialkit.models import ModelConfig, build_model, count_parameters
 from specialkit.training import TrainConfig, fit, resolve_device
 
 
-def bare_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
-              lr: float, channels_last: bool, device: torch.device) -> tuple[float, float]:  # fmt: skip
+def bare_loop(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    channels_last: bool,
+    device: torch.device,
+) -> tuple[float, float]:
     """(wall, CPU) seconds for ``steps`` plain SGD steps over in-memory uint8 data."""
     model.to(device).train()
     if channels_last:
@@ -51,13 +61,30 @@ def bare_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def kit_fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
-            lr: float, channels_last: bool, device: torch.device, augment: bool) -> tuple[float, float]:  # fmt: skip
+def kit_fit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    channels_last: bool,
+    device: torch.device,
+    augment: bool,
+) -> tuple[float, float]:
     """(wall, CPU) seconds of one ``fit`` call: one epoch of exactly ``steps`` steps."""
     config = TrainConfig(
-        epochs=1, batch_size=batch_size, lr=lr, schedule="onecycle", augment=augment, channels_last=channels_last,
-        device=str(device), progress=False, amp=False,
-    )  # fmt: skip
+        epochs=1,
+        batch_size=batch_size,
+        lr=lr,
+        schedule="onecycle",
+        augment=augment,
+        channels_last=channels_last,
+        device=str(device),
+        progress=False,
+        amp=False,
+    )
     _sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     fit(model, x[: steps * batch_size], y[: steps * batch_size], config=config)
@@ -90,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = resolve_device(args.device)
     channels_last = not args.nchw
     torch.manual_seed(0)
-    base = build_model(ModelConfig(name=args.model, num_classes=args.classes, in_channels=args.channels, width=args.width))
+    base = build_model(
+        ModelConfig(name=args.model, num_classes=args.classes, in_channels=args.channels, width=args.width)
+    )
     n = args.steps * args.batch_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, args.channels, 32, 32), dtype=torch.uint8, generator=g)
@@ -116,10 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         times = ", ".join(f"{w:.2f}s" for w, _ in runs[k])
         print(f"{k:>12}: {rate:8.1f} images/s wall, {cpu_rates[k]:8.1f} images per CPU-second   (wall: {times})")
     for k in [k for k in rates if k != "bare"]:
-        print(f"ratio {k} / bare: {rates[k] / rates['bare']:.3f} (wall), {cpu_rates[k] / cpu_rates['bare']:.3f} (CPU time)")
+        print(
+            f"ratio {k} / bare: {rates[k] / rates['bare']:.3f} (wall), {cpu_rates[k] / cpu_rates['bare']:.3f} (CPU time)"
+        )
     if os.getloadavg()[0] > (os.cpu_count() or 1):
-        print("note: the machine is busy (load average above the core count): wall times are noisy; trust the "
-              "CPU-time ratio of a --threads 1 run")  # fmt: skip
+        print(
+            "note: the machine is busy (load average above the core count): wall times are noisy; trust the "
+            "CPU-time ratio of a --threads 1 run"
+        )
     return rates
 
 

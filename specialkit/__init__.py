@@ -12,6 +12,7 @@ and frontier runs), ``generalist`` and ``ensembles`` (those stages' recipes), ``
 ``imagefiles`` (decoding one image file), ``errors`` (one base class, exit codes).
 Submodules are imported on first use: ``import specialkit; specialkit.data.load("glyphs")``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,12 +27,47 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.2.0"
 
 _SUBMODULES = {
-    "data", "glyphs", "loaders", "models", "training", "checkpoints", "runs", "confusion", "clusters",
-    "specialists", "ensemble", "evaluation", "plots", "widgets", "config", "pipeline", "report", "cli",
-    "stats", "metrics", "distill", "checks", "typing", "launch", "distributed", "byog", "transfer", "streaming",
-    "frontier", "study", "errors", "stages", "store", "view", "cost", "runner", "generalist", "ensembles", "dataset",
+    "data",
+    "glyphs",
+    "loaders",
+    "models",
+    "training",
+    "checkpoints",
+    "runs",
+    "confusion",
+    "clusters",
+    "specialists",
+    "ensemble",
+    "evaluation",
+    "plots",
+    "widgets",
+    "config",
+    "pipeline",
+    "report",
+    "cli",
+    "stats",
+    "metrics",
+    "distill",
+    "checks",
+    "typing",
+    "launch",
+    "distributed",
+    "byog",
+    "transfer",
+    "streaming",
+    "frontier",
+    "study",
+    "errors",
+    "stages",
+    "store",
+    "view",
+    "cost",
+    "runner",
+    "generalist",
+    "ensembles",
+    "dataset",
     "imagefiles",
-}  # fmt: skip
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,7 @@ Input of a model (kinds ``torchvision``, ``torchscript``, ``export``): the datas
 (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), what torchvision's pretrained weights expect;
 ``none`` = the [0, 1] values as they are (a model that normalises itself).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,9 +48,24 @@ from torch import nn
 from . import models
 from .errors import ConfigError
 
-__all__ = ["KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "GeneralistSourceError", "Source", "parse_source", "file_sha256",
-           "normalisation", "torchvision_config", "load_torchvision", "ScriptedGeneralist", "load_scripted",
-           "load_predictions", "save_predictions", "skip_reason", "scratch_reason"]
+__all__ = [
+    "KINDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "GeneralistSourceError",
+    "Source",
+    "parse_source",
+    "file_sha256",
+    "normalisation",
+    "torchvision_config",
+    "load_torchvision",
+    "ScriptedGeneralist",
+    "load_scripted",
+    "load_predictions",
+    "save_predictions",
+    "skip_reason",
+    "scratch_reason",
+]
 
 KINDS = ("torchvision", "torchscript", "export", "predictions")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,11 +110,15 @@ def parse_source(value: str, *, must_exist: bool = True) -> Source:
     if kind == "torchvision":
         arch, _, rest = rest.partition(":")
         if not arch or not rest:
-            raise GeneralistSourceError(f"generalist_from={value!r}: write torchvision:<arch>:<weights file>, "
-                                        "e.g. torchvision:resnet50:/models/resnet50.pth")
+            raise GeneralistSourceError(
+                f"generalist_from={value!r}: write torchvision:<arch>:<weights file>, "
+                "e.g. torchvision:resnet50:/models/resnet50.pth"
+            )
     path = Path(rest).expanduser()
     if must_exist and not path.is_file():
-        raise GeneralistSourceError(f"generalist_from={value!r}: the file {path} does not exist; give the path of the {kind} file")
+        raise GeneralistSourceError(
+            f"generalist_from={value!r}: the file {path} does not exist; give the path of the {kind} file"
+        )
     return Source(kind=kind, path=path, arch=arch)
 
 
@@ -120,14 +140,22 @@ def normalisation(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]
     raise GeneralistSourceError(f"generalist_normalize={normalize!r}: choose imagenet or none")
 
 
-def torchvision_config(source: Source, *, num_classes: int, in_channels: int, image_size: int, normalize: str,
-                       input_size: int | None) -> models.ModelConfig:
+def torchvision_config(
+    source: Source, *, num_classes: int, in_channels: int, image_size: int, normalize: str, input_size: int | None
+) -> models.ModelConfig:
     """The :class:`models.ModelConfig` of a ``torchvision`` source: 3 input channels with ``imagenet``
     normalisation (one-channel images are repeated), else the dataset's channels."""
     mean, std = normalisation(normalize)
     channels = 3 if len(mean) == 3 else in_channels
-    return models.ModelConfig(name=f"{models.TORCHVISION_PREFIX}{source.arch}", num_classes=num_classes, in_channels=channels,
-                              image_size=image_size, mean=mean, std=std, input_size=input_size)  # fmt: skip
+    return models.ModelConfig(
+        name=f"{models.TORCHVISION_PREFIX}{source.arch}",
+        num_classes=num_classes,
+        in_channels=channels,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        input_size=input_size,
+    )
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -135,16 +163,19 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise GeneralistSourceError(f"weights file {path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-                                    f"{first}); save the model's state dict: torch.save(model.state_dict(), path)") from err
+        raise GeneralistSourceError(
+            f"weights file {path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{first}); save the model's state dict: torch.save(model.state_dict(), path)"
+        ) from err
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise GeneralistSourceError(f"weights file {path} holds no state dict of tensors; "
-                                    "save one with torch.save(model.state_dict(), path)")
+        raise GeneralistSourceError(
+            f"weights file {path} holds no state dict of tensors; save one with torch.save(model.state_dict(), path)"
+        )
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -164,13 +195,16 @@ def load_torchvision(source: Source, config: models.ModelConfig) -> models.Torch
         raise GeneralistSourceError(
             f"weights file {source.path} has a {head_w.shape[0]}-class classifier ({model._head_prefix}weight is "
             f"{tuple(head_w.shape)}), the dataset has {config.num_classes} classes: use weights fine-tuned on this dataset's "
-            f"classes (same order), or bring the predictions (predictions:<file.npz>)")  # fmt: skip
+            f"classes (same order), or bring the predictions (predictions:<file.npz>)"
+        )
     try:
         model.load_torchvision_state(state)
     except RuntimeError as err:
         first = " ".join(str(err).split())[:300]
-        raise GeneralistSourceError(f"weights file {source.path} does not fit torchvision {source.arch!r} ({first}); name the "
-                                    f"architecture the weights were saved from: torchvision:<arch>:{source.path}") from err
+        raise GeneralistSourceError(
+            f"weights file {source.path} does not fit torchvision {source.arch!r} ({first}); name the "
+            f"architecture the weights were saved from: torchvision:<arch>:{source.path}"
+        ) from err
     return model.eval()
 
 
@@ -193,7 +227,9 @@ class ScriptedGeneralist(nn.Module):
         if x.shape[1] == 1 and self.mean.shape[1] == 3:
             x = x.expand(-1, 3, -1, -1)
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = torch.nn.functional.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False
+            )
         return self.net(((x - self.mean.to(x.dtype)) / self.std.to(x.dtype)).contiguous())
 
     def train(self, mode: bool = True) -> "ScriptedGeneralist":
@@ -203,12 +239,20 @@ class ScriptedGeneralist(nn.Module):
         return self
 
 
-SCRIPTED_WARNING = ("warning: {path} is a {kind} program: loading and running it runs the code it holds with your "
-                    "permissions; bring only files you trust (torchvision:<arch>:<weights> loads weights only)")
+SCRIPTED_WARNING = (
+    "warning: {path} is a {kind} program: loading and running it runs the code it holds with your "
+    "permissions; bring only files you trust (torchvision:<arch>:<weights> loads weights only)"
+)
 
 
-def load_scripted(source: Source, *, normalize: str, input_size: int | None, path: Path | None = None,
-                  log: Callable[[str], None] | None = None) -> ScriptedGeneralist:  # fmt: skip
+def load_scripted(
+    source: Source,
+    *,
+    normalize: str,
+    input_size: int | None,
+    path: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ScriptedGeneralist:
     """Load a ``torchscript`` or ``export`` source (from ``path`` when given, e.g. the run's copy).
 
     Args:
@@ -234,26 +278,36 @@ def load_scripted(source: Source, *, normalize: str, input_size: int | None, pat
             net = torch.export.load(str(path)).module()
     except Exception as err:  # noqa: BLE001 - any loading failure means an unusable file
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        how = ("torch.jit.save(torch.jit.script(model), path)" if source.kind == "torchscript"
-               else "torch.export.save(torch.export.export(model, (x,)), path)")  # fmt: skip
-        raise GeneralistSourceError(f"{source.kind} file {path} cannot be loaded ({type(err).__name__}: {first}); "
-                                    f"write it with {how}") from err
+        how = (
+            "torch.jit.save(torch.jit.script(model), path)"
+            if source.kind == "torchscript"
+            else "torch.export.save(torch.export.export(model, (x,)), path)"
+        )
+        raise GeneralistSourceError(
+            f"{source.kind} file {path} cannot be loaded ({type(err).__name__}: {first}); write it with {how}"
+        ) from err
     return ScriptedGeneralist(net, kind=source.kind, normalize=normalize, input_size=input_size).eval()
 
 
 def check_outputs(logits: np.ndarray, *, path: Path, split: str, num_classes: int, rows: int) -> None:
     """A model's (N, K) outputs on ``split`` must have one column per dataset class and one row per image."""
     if logits.ndim != 2 or logits.shape[1] != num_classes or logits.shape[0] != rows:
-        raise GeneralistSourceError(f"{path} gives outputs of shape {tuple(logits.shape)} on the {split} split, expected ({rows}, "
-                                    f"{num_classes}) for the dataset's {num_classes} classes: bring a model over the dataset's classes")
+        raise GeneralistSourceError(
+            f"{path} gives outputs of shape {tuple(logits.shape)} on the {split} split, expected ({rows}, "
+            f"{num_classes}) for the dataset's {num_classes} classes: bring a model over the dataset's classes"
+        )
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
-        raise GeneralistSourceError(f"{path} gives NaN or infinite outputs for {int(bad.sum())} of {rows} images of the {split} split "
-                                    f"(first: row {int(np.flatnonzero(bad)[0])}): nothing was saved; check the model and its input "
-                                    "settings (generalist_normalize, generalist_input_size)")
+        raise GeneralistSourceError(
+            f"{path} gives NaN or infinite outputs for {int(bad.sum())} of {rows} images of the {split} split "
+            f"(first: row {int(np.flatnonzero(bad)[0])}): nothing was saved; check the model and its input "
+            "settings (generalist_normalize, generalist_input_size)"
+        )
 
 
-def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def load_predictions(
+    path: str | Path, *, labels: dict[str, np.ndarray], class_names: tuple[str, ...]
+) -> dict[str, np.ndarray]:
     """Read and check a predictions file; returns split -> (N, C) float32 logits (``log p`` for probabilities).
 
     The file is an ``.npz`` (``numpy.savez``, no pickles; :func:`save_predictions` writes one) holding, per
@@ -273,40 +327,59 @@ def load_predictions(path: str | Path, *, labels: dict[str, np.ndarray], class_n
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as err:  # noqa: BLE001
-        raise GeneralistSourceError(f"predictions file {path} is not a readable .npz ({type(err).__name__}: {err}); "
-                                    "write it with specialkit.byog.save_predictions or numpy.savez") from err
+        raise GeneralistSourceError(
+            f"predictions file {path} is not a readable .npz ({type(err).__name__}: {err}); "
+            "write it with specialkit.byog.save_predictions or numpy.savez"
+        ) from err
     c = len(class_names)
     with z:
         if "class_names" in z.files:
             theirs = tuple(str(s) for s in _plain_array(z, "class_names", path, dtype="str"))
             if theirs != tuple(class_names):
-                raise GeneralistSourceError(f"predictions file {path}: its class_names ({len(theirs)} classes, {list(theirs[:5])}...) "
-                                            f"differ from the dataset's ({c} classes, {list(class_names[:5])}...): write the columns "
-                                            "in the dataset's class order")
+                raise GeneralistSourceError(
+                    f"predictions file {path}: its class_names ({len(theirs)} classes, {list(theirs[:5])}...) "
+                    f"differ from the dataset's ({c} classes, {list(class_names[:5])}...): write the columns "
+                    "in the dataset's class order"
+                )
         out = {}
         for split, y in labels.items():
             key = next((f"{split}_{kind}" for kind in ("probs", "logits") if f"{split}_{kind}" in z.files), None)
             if key is None or f"{split}_labels" not in z.files:
-                raise GeneralistSourceError(f"predictions file {path} lacks {split}_probs (or {split}_logits) and {split}_labels "
-                                            f"(it holds {', '.join(z.files) or 'nothing'}): save both for the val and test splits")
-            p, theirs = _number_array(z, key, path).astype(np.float64), _labels(_number_array(z, f"{split}_labels", path), path, split)
+                raise GeneralistSourceError(
+                    f"predictions file {path} lacks {split}_probs (or {split}_logits) and {split}_labels "
+                    f"(it holds {', '.join(z.files) or 'nothing'}): save both for the val and test splits"
+                )
+            p, theirs = (
+                _number_array(z, key, path).astype(np.float64),
+                _labels(_number_array(z, f"{split}_labels", path), path, split),
+            )
             if p.ndim != 2 or p.shape[1] != c:
-                raise GeneralistSourceError(f"predictions file {path}: {key} has shape {p.shape}, i.e. {p.shape[-1]} classes, the "
-                                            f"dataset has {c} classes: give one column per class, in the dataset's class order")
+                raise GeneralistSourceError(
+                    f"predictions file {path}: {key} has shape {p.shape}, i.e. {p.shape[-1]} classes, the "
+                    f"dataset has {c} classes: give one column per class, in the dataset's class order"
+                )
             if len(p) != len(theirs) or len(theirs) != len(y):
-                raise GeneralistSourceError(f"predictions file {path}: {key} has {len(p)} rows, {split}_labels {len(theirs)}, the "
-                                            f"dataset's {split} split {len(y)} images: predict every image of the split, in its order")
+                raise GeneralistSourceError(
+                    f"predictions file {path}: {key} has {len(p)} rows, {split}_labels {len(theirs)}, the "
+                    f"dataset's {split} split {len(y)} images: predict every image of the split, in its order"
+                )
             if not np.array_equal(np.asarray(theirs, dtype=np.int64), np.asarray(y, dtype=np.int64)):
                 i = int(np.flatnonzero(np.asarray(theirs) != np.asarray(y))[0])
-                raise GeneralistSourceError(f"predictions file {path}: {split}_labels differ from the dataset's {split} labels (row {i}: "
-                                            f"{theirs[i]} there, {int(y[i])} in the dataset): the rows must follow the dataset's "
-                                            f"{split} images in order with the same class order")
+                raise GeneralistSourceError(
+                    f"predictions file {path}: {split}_labels differ from the dataset's {split} labels (row {i}: "
+                    f"{theirs[i]} there, {int(y[i])} in the dataset): the rows must follow the dataset's "
+                    f"{split} images in order with the same class order"
+                )
             if not np.isfinite(p).all():
-                raise GeneralistSourceError(f"predictions file {path}: {key} holds NaN or infinite values; write finite numbers")
+                raise GeneralistSourceError(
+                    f"predictions file {path}: {key} holds NaN or infinite values; write finite numbers"
+                )
             if key.endswith("_probs"):
                 if p.min() < 0 or np.abs(p.sum(axis=1) - 1).max() > 1e-3:
-                    raise GeneralistSourceError(f"predictions file {path}: the rows of {key} do not sum to 1 (or hold negatives): "
-                                                f"save probabilities, or save the raw scores as {split}_logits")
+                    raise GeneralistSourceError(
+                        f"predictions file {path}: the rows of {key} do not sum to 1 (or hold negatives): "
+                        f"save probabilities, or save the raw scores as {split}_logits"
+                    )
                 p = np.log(np.clip(p, 1e-12, None))
             out[split] = p.astype(np.float32)
     return out
@@ -318,8 +391,10 @@ def _plain_array(z: np.lib.npyio.NpzFile, key: str, path: Path, *, dtype: str = 
     try:
         return z[key]
     except ValueError as err:  # numpy refuses object arrays when allow_pickle=False
-        raise GeneralistSourceError(f"predictions file {path}: {key} holds Python objects (an object array), which the kit never "
-                                    f"unpickles: save plain values, e.g. numpy.savez(path, {key}=numpy.asarray(x, dtype={dtype}))") from err
+        raise GeneralistSourceError(
+            f"predictions file {path}: {key} holds Python objects (an object array), which the kit never "
+            f"unpickles: save plain values, e.g. numpy.savez(path, {key}=numpy.asarray(x, dtype={dtype}))"
+        ) from err
 
 
 def _number_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
@@ -337,14 +412,22 @@ def _labels(a: np.ndarray, path: Path, split: str) -> np.ndarray:
         frac = np.flatnonzero(~np.isfinite(a) | (a != np.round(a))) if a.size else np.array([], dtype=int)
         if len(frac):
             i = int(frac[0])
-            raise GeneralistSourceError(f"predictions file {path}: {split}_labels holds values that are not whole numbers "
-                                        f"({len(frac)} of them; row {i}: {a.flat[i]!r}): labels are class indices 0..C-1, "
-                                        "save them as integers")
+            raise GeneralistSourceError(
+                f"predictions file {path}: {split}_labels holds values that are not whole numbers "
+                f"({len(frac)} of them; row {i}: {a.flat[i]!r}): labels are class indices 0..C-1, "
+                "save them as integers"
+            )
     return a.astype(np.int64)
 
 
-def save_predictions(path: str | Path, *, probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                     class_names: tuple[str, ...] | None = None, logits: bool = False) -> Path:
+def save_predictions(
+    path: str | Path,
+    *,
+    probs: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    class_names: tuple[str, ...] | None = None,
+    logits: bool = False,
+) -> Path:
     """Write a predictions file for ``generalist_from="predictions:<path>"`` (atomically).
 
     Args:
@@ -367,7 +450,7 @@ def save_predictions(path: str | Path, *, probs: dict[str, np.ndarray], labels: 
     return atomic_write_bytes(path, buf.getvalue())
 
 
-_NOT_TRAINABLE = ("generalist_from={value!r} is a {kind} {what}: the kit cannot fine-tune it")
+_NOT_TRAINABLE = "generalist_from={value!r} is a {kind} {what}: the kit cannot fine-tune it"
 
 
 def skip_reason(source: Source | None, stage: str, *, value: str = "") -> str | None:
@@ -383,10 +466,15 @@ def skip_reason(source: Source | None, stage: str, *, value: str = "") -> str | 
         return None
     what = "file of predictions" if source.kind == "predictions" else "model"
     if stage == "compute_matched" and not source.has_head:
-        return _NOT_TRAINABLE.format(value=value, kind=source.kind, what=what) + ", so there is no compute-matched generalist"
+        return (
+            _NOT_TRAINABLE.format(value=value, kind=source.kind, what=what)
+            + ", so there is no compute-matched generalist"
+        )
     if stage in ("distill", "hard_label_student") and not source.has_model:
-        return (f"generalist_from={value!r} holds predictions only: the student's teacher needs the generalist on every "
-                "augmented training batch, so there is no distilled student")
+        return (
+            f"generalist_from={value!r} holds predictions only: the student's teacher needs the generalist on every "
+            "augmented training batch, so there is no distilled student"
+        )
     return None
 
 

@@ -10,6 +10,7 @@ subset and dustbin correction there), plus a format version. It is written atomi
 >>> model, info = load_checkpoint("runs/r1/generalist.pt", class_names=ds.class_names,
 ...                               dataset_fingerprint=ds.fingerprint)
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,15 @@ from .errors import SpecialkitError
 from .models import Classifier, ModelConfig, ModelError, build_model
 from .training import History, resolve_device
 
-__all__ = ["CheckpointError", "CheckpointInfo", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_info"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_info",
+]
 
 FORMAT = "specialkit.checkpoint"
 FORMAT_VERSION = 1
@@ -133,8 +142,10 @@ def _fix(path: Path) -> str:
     path = Path(path)
     for folder in (path.parent, path.parent.parent):
         if folder.name in _STAGE_COMMANDS:
-            return (f"delete {path} and run `specialkit {_STAGE_COMMANDS[folder.name]} --run {folder.parent}`, "
-                    "which trains it again")  # fmt: skip
+            return (
+                f"delete {path} and run `specialkit {_STAGE_COMMANDS[folder.name]} --run {folder.parent}`, "
+                "which trains it again"
+            )
     return f"delete {path} and rerun the command that wrote it, which trains it again"
 
 
@@ -179,7 +190,9 @@ def _info(path: Path, payload: dict[str, Any]) -> CheckpointInfo:
             torch_version=str(payload.get("torch_version", "")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"checkpoint {path} has malformed metadata ({type(err).__name__}: {err}): {_fix(path)}") from err
+        raise CheckpointError(
+            f"checkpoint {path} has malformed metadata ({type(err).__name__}: {err}): {_fix(path)}"
+        ) from err
     if not isinstance(info.extra, dict):
         raise CheckpointError(f"checkpoint {path} has malformed metadata (extra is not an object): {_fix(path)}")
     return info

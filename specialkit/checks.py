@@ -5,6 +5,7 @@ Each check takes the ``error`` class of the calling module (``EnsembleError``, `
 ``fix=`` lets the caller name the fix in its own terms. Arrays may be numpy arrays, sequences or torch
 tensors (detached and moved to the CPU).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -15,7 +16,16 @@ import torch
 from .errors import SpecialkitError
 from .typing import Labels, Mask, Matrix, Probs
 
-__all__ = ["InputError", "as_numpy", "as_labels", "check_label_range", "as_probs", "as_bools", "as_square", "check_groups"]
+__all__ = [
+    "InputError",
+    "as_numpy",
+    "as_labels",
+    "check_label_range",
+    "as_probs",
+    "as_bools",
+    "as_square",
+    "check_groups",
+]
 
 
 class InputError(SpecialkitError, ValueError):
@@ -28,9 +38,13 @@ def as_numpy(a: Any) -> np.ndarray:
 
 
 def as_labels(
-    y: Labels, *, name: str = "labels", error: type[Exception] = InputError, integral_floats: bool = False,
+    y: Labels,
+    *,
+    name: str = "labels",
+    error: type[Exception] = InputError,
+    integral_floats: bool = False,
     fix: str = "pass labels, not scores",
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """(N,) int64 class indices.
 
     Args:
@@ -49,17 +63,29 @@ def as_labels(
     return y.astype(np.int64, copy=False)
 
 
-def check_label_range(y: np.ndarray, num_classes: int, *, name: str = "labels", error: type[Exception] = InputError,
-                      fix: str = "check num_classes") -> None:  # fmt: skip
+def check_label_range(
+    y: np.ndarray,
+    num_classes: int,
+    *,
+    name: str = "labels",
+    error: type[Exception] = InputError,
+    fix: str = "check num_classes",
+) -> None:
     """Raise unless every label of ``y`` (N,) lies in ``[0, num_classes)``."""
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise error(f"{name} has labels outside [0, {num_classes}): min {y.min()}, max {y.max()}; {fix}")
 
 
 def as_probs(
-    p: Probs, n: int | None = None, *, name: str = "probs", error: type[Exception] = InputError,
-    check_values: bool = True, atol: float = 1e-3, neg_atol: float | None = None,
-) -> np.ndarray:  # fmt: skip
+    p: Probs,
+    n: int | None = None,
+    *,
+    name: str = "probs",
+    error: type[Exception] = InputError,
+    check_values: bool = True,
+    atol: float = 1e-3,
+    neg_atol: float | None = None,
+) -> np.ndarray:
     """(N, C) probabilities as float64 (with ``check_values=False``: any (N, C) scores, dtype kept).
 
     Args:
@@ -91,13 +117,17 @@ def as_probs(
     return p
 
 
-def as_bools(a: Mask, shape: tuple[int, ...], *, name: str, error: type[Exception] = InputError, fix: str = "") -> np.ndarray:
+def as_bools(
+    a: Mask, shape: tuple[int, ...], *, name: str, error: type[Exception] = InputError, fix: str = ""
+) -> np.ndarray:
     """A boolean array of exactly ``shape`` (``-1`` = any size along that axis)."""
     arr = as_numpy(a)
     fits = arr.ndim == len(shape) and all(s in (-1, t) for s, t in zip(shape, arr.shape))
     if not fits or arr.dtype != bool:
         want = "(" + ", ".join("N" if s == -1 else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-        raise error(f"{name} must be a boolean array of shape {want}, got {arr.dtype} {arr.shape}" + (f"; {fix}" if fix else ""))
+        raise error(
+            f"{name} must be a boolean array of shape {want}, got {arr.dtype} {arr.shape}" + (f"; {fix}" if fix else "")
+        )
     return arr
 
 
@@ -112,7 +142,9 @@ def as_square(m: Matrix, n: int | None = None, *, name: str, error: type[Excepti
     return x
 
 
-def check_groups(groups: Sequence[Labels], num_classes: int, *, error: type[Exception] = InputError) -> list[np.ndarray]:
+def check_groups(
+    groups: Sequence[Labels], num_classes: int, *, error: type[Exception] = InputError
+) -> list[np.ndarray]:
     """M groups of distinct class indices in ``[0, num_classes)``, each as a (|S_m|,) int64 array."""
     out = []
     for m, g in enumerate(groups):

@@ -9,6 +9,7 @@
 
 Every stage skips what is already on disk and valid, so an interrupted command resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,39 +33,76 @@ _STAGES = (*stages.COMMANDS, "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specialkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="specialkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run every stage into runs/<name>/ and write report.html",
-                         description="Run data → generalist → clusters → specialists → ensembles → distillation → report.")
+    run = sub.add_parser(
+        "run",
+        help="run every stage into runs/<name>/ and write report.html",
+        description="Run data → generalist → clusters → specialists → ensembles → distillation → report.",
+    )
     run.add_argument("--config", type=Path, help="JSON settings (a run's config.json reproduces it)")
     run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders (default runs/)")
-    run.add_argument("--quick", action="store_true", help="the quick settings used by the tests (seconds); --preset quick")
-    run.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                     help="start from named settings: tiny (seconds), quick (the tests' and notebooks' smoke runs), demo (the defaults)")
-    run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                     help="any setting, e.g. --set width=8 rules=generalist,kl (after --config, before the flags)")
+    run.add_argument(
+        "--quick", action="store_true", help="the quick settings used by the tests (seconds); --preset quick"
+    )
+    run.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="start from named settings: tiny (seconds), quick (the tests' and notebooks' smoke runs), demo (the defaults)",
+    )
+    run.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting, e.g. --set width=8 rules=generalist,kl (after --config, before the flags)",
+    )
     run.add_argument("--print-config", action="store_true", help="only print the resulting settings (JSON) and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the settings of an existing run folder whose config.json differs (its stages that "
-                          "depend on the changed settings re-run); without it such a run is an error naming the keys")
-    run.add_argument("--write-config", type=Path, metavar="PATH", help="only write the resulting settings to PATH and exit")
-    run.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
-                     help="several seeds: one run folder each under runs/<name>/, plus a between-seed table")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the settings of an existing run folder whose config.json differs (its stages that "
+        "depend on the changed settings re-run); without it such a run is an error naming the keys",
+    )
+    run.add_argument(
+        "--write-config", type=Path, metavar="PATH", help="only write the resulting settings to PATH and exit"
+    )
+    run.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="several seeds: one run folder each under runs/<name>/, plus a between-seed table",
+    )
     for flag, (typ, text) in _KNOBS.items():
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=text)
     for stage in _STAGES:
         s = sub.add_parser(stage, help=f"run the stages up to {stage} of an existing run")
-        s.add_argument("--run", "--run-folder", dest="run", type=Path, required=True,
-                       help="the run folder (runs/<name>); under torchrun write --run-folder (torchrun takes --run for its --run-path)")
+        s.add_argument(
+            "--run",
+            "--run-folder",
+            dest="run",
+            type=Path,
+            required=True,
+            help="the run folder (runs/<name>); under torchrun write --run-folder (torchrun takes --run for its --run-path)",
+        )
     ts = sub.add_parser("train-specialist", help="train one specialist of a run (for parallel jobs)")
     ts.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>)")
     ts.add_argument("--index", type=int, required=True, help="which group (0-based, order of clusters.json)")
-    tr = sub.add_parser("transfer", help="linear probes on a run's frozen features, on another dataset (specialkit.transfer)")
+    tr = sub.add_parser(
+        "transfer", help="linear probes on a run's frozen features, on another dataset (specialkit.transfer)"
+    )
     tr.add_argument("--run", type=Path, required=True, help="the run folder (runs/<name>); its stages must be finished")
     tr.add_argument("--target", required=True, help="the dataset to probe on (`specialkit datasets`), e.g. glyphs_hard")
     tr.add_argument("--target-root", default=None, help="folder with the target dataset's files")
-    tr.add_argument("--per-class", type=int, default=None, help="training images per target class (default: the run's per_class)")
+    tr.add_argument(
+        "--per-class", type=int, default=None, help="training images per target class (default: the run's per_class)"
+    )
     sub.add_parser("datasets", help="list the dataset names")
     _add_study_parser(sub)
     _add_parallel_arguments(sub)
@@ -72,20 +110,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_study_parser(sub: Any) -> None:
-    st = sub.add_parser("study", help="a grid of runs over any settings, several seeds each: study.csv, study.json, report.html",
-                        description="Run every point of a grid (x seeds) as a run folder under runs/<name>/<point>/seed-<s>/; "
-                                    "points that share upstream settings share those stages; rerun to resume.")  # fmt: skip
-    st.add_argument("study_file", nargs="?", type=Path, help="a JSON (or YAML) study file: name, base, grid, seeds, jobs")
+    st = sub.add_parser(
+        "study",
+        help="a grid of runs over any settings, several seeds each: study.csv, study.json, report.html",
+        description="Run every point of a grid (x seeds) as a run folder under runs/<name>/<point>/seed-<s>/; "
+        "points that share upstream settings share those stages; rerun to resume.",
+    )
+    st.add_argument(
+        "study_file", nargs="?", type=Path, help="a JSON (or YAML) study file: name, base, grid, seeds, jobs"
+    )
     st.add_argument("--base", type=Path, help="base settings of every point (a config JSON); default the demo settings")
-    st.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2", help="a setting and its values, e.g. width=8,16 k=4,8")
-    st.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED", help="training seeds of every point (default 0)")
-    st.add_argument("--name", default=None, help="the study folder runs/<name> (default: the study file's name, else 'study')")
+    st.add_argument(
+        "--grid", nargs="+", default=None, metavar="KEY=V1,V2", help="a setting and its values, e.g. width=8,16 k=4,8"
+    )
+    st.add_argument(
+        "--seeds", type=int, nargs="+", default=None, metavar="SEED", help="training seeds of every point (default 0)"
+    )
+    st.add_argument(
+        "--name", default=None, help="the study folder runs/<name> (default: the study file's name, else 'study')"
+    )
     st.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the study folder (default runs/)")
-    st.add_argument("--jobs", type=int, default=None, metavar="J", help="runs at once, each a process with cores // J threads (default 1)")
+    st.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="J",
+        help="runs at once, each a process with cores // J threads (default 1)",
+    )
     st.add_argument("--quick", action="store_true", help="start from the quick settings used by the tests")
-    st.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="settings of every point's base, e.g. --set epochs=3")
-    st.add_argument("--tie-margin", type=float, default=None, metavar="POINTS",
-                    help="an across-seed interval inside ±POINTS of top-1 reads 'equivalent' (default 0.5)")  # fmt: skip
+    st.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="settings of every point's base, e.g. --set epochs=3"
+    )
+    st.add_argument(
+        "--tie-margin",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="an across-seed interval inside ±POINTS of top-1 reads 'equivalent' (default 0.5)",
+    )
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -102,13 +164,22 @@ def _study(args: argparse.Namespace) -> int:
     base.update(parse_overrides(args.set, source="--set"))
     grid = parse_grid(args.grid) if args.grid else d.get("grid")
     if grid is None:
-        raise StudyError("no grid: give --grid key=v1,v2 (e.g. --grid width=8,16) or a study file with a \"grid\"")
+        raise StudyError('no grid: give --grid key=v1,v2 (e.g. --grid width=8,16) or a study file with a "grid"')
     name = args.name or d.get("name") or "study"
     margin = args.tie_margin if args.tie_margin is not None else d.get("tie_margin", 0.5)
-    spec = make_spec(name=name, base=base, grid=grid, seeds=args.seeds or d.get("seeds"), jobs=args.jobs or d.get("jobs", 1),
-                     source=str(args.study_file or "--grid"), tie_margin_points=margin)  # fmt: skip
+    spec = make_spec(
+        name=name,
+        base=base,
+        grid=grid,
+        seeds=args.seeds or d.get("seeds"),
+        jobs=args.jobs or d.get("jobs", 1),
+        source=str(args.study_file or "--grid"),
+        tie_margin_points=margin,
+    )
     if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)")
+        raise ConfigError(
+            f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)"
+        )
     t0 = time.perf_counter()
     with runs.RunLock(args.out / name):
         manifest = run_study(spec, out=args.out)
@@ -116,7 +187,9 @@ def _study(args: argparse.Namespace) -> int:
 
     print("\n" + study_reading(manifest))
     folder = args.out / name
-    print(f"\ntable: {folder / 'study.csv'}\nreport: {folder / 'report.html'}\nwall time: {time.perf_counter() - t0:.1f} s")
+    print(
+        f"\ntable: {folder / 'study.csv'}\nreport: {folder / 'report.html'}\nwall time: {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
@@ -125,22 +198,48 @@ def _add_parallel_arguments(sub: Any) -> None:
     """``--threads`` on every command that trains or computes (see :mod:`specialkit.launch`)."""
     for name, parser in sub.choices.items():
         if name != "datasets":
-            parser.add_argument("--threads", type=int, default=None, metavar="N",
-                                help="torch threads of this process (default: the cores of its affinity / the "
-                                     "processes running at once, e.g. torchrun's LOCAL_WORLD_SIZE)")  # fmt: skip
+            parser.add_argument(
+                "--threads",
+                type=int,
+                default=None,
+                metavar="N",
+                help="torch threads of this process (default: the cores of its affinity / the "
+                "processes running at once, e.g. torchrun's LOCAL_WORLD_SIZE)",
+            )
     sp = sub.choices["specialists"]
-    sp.add_argument("--launcher", choices=("local", "submitit"), default="local",
-                    help="local: one specialist after another in this process; submitit: one job per unfinished "
-                         "specialist (Slurm where available, else submitit's local executor), logs in <run>/jobs/")
-    sp.add_argument("--submitit-cluster", dest="submitit_cluster", choices=("local", "slurm", "debug"), default=None,
-                    help="force submitit's executor (default: Slurm if srun exists, else local)")
+    sp.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        default="local",
+        help="local: one specialist after another in this process; submitit: one job per unfinished "
+        "specialist (Slurm where available, else submitit's local executor), logs in <run>/jobs/",
+    )
+    sp.add_argument(
+        "--submitit-cluster",
+        dest="submitit_cluster",
+        choices=("local", "slurm", "debug"),
+        default=None,
+        help="force submitit's executor (default: Slurm if srun exists, else local)",
+    )
     sp.add_argument("--slurm-partition", default=None, metavar="P", help="Slurm partition of the jobs")
     sp.add_argument("--gpus-per-job", type=int, default=None, metavar="G", help="GPUs per job (default 0)")
-    sp.add_argument("--cpus-per-job", type=int, default=None, metavar="C",
-                    help="cores (= torch threads) per job (default: this machine's cores // --jobs-at-once, at least 1)")
-    sp.add_argument("--timeout-min", type=int, default=None, metavar="T", help="minutes before a job is stopped (default 240)")
-    sp.add_argument("--jobs-at-once", type=int, default=None, metavar="J",
-                    help="jobs running side by side (default: all on Slurm, min(jobs, cores) locally)")
+    sp.add_argument(
+        "--cpus-per-job",
+        type=int,
+        default=None,
+        metavar="C",
+        help="cores (= torch threads) per job (default: this machine's cores // --jobs-at-once, at least 1)",
+    )
+    sp.add_argument(
+        "--timeout-min", type=int, default=None, metavar="T", help="minutes before a job is stopped (default 240)"
+    )
+    sp.add_argument(
+        "--jobs-at-once",
+        type=int,
+        default=None,
+        metavar="J",
+        help="jobs running side by side (default: all on Slurm, min(jobs, cores) locally)",
+    )
 
 
 _TORCHRUN_STAGES = {stages.command_of(s): stages.torchrun_prerequisite(s) for s in stages.TORCHRUN}
@@ -158,12 +257,16 @@ def _torchrun_check(args: argparse.Namespace) -> bool:
     if not _under_torchrun():
         return False
     if args.command not in _TORCHRUN_STAGES:
-        raise ConfigError(f"`{args.command}` does not run under torchrun; torchrun trains one model over several processes: "
-                          f"use it for {', '.join(_TORCHRUN_STAGES)} (specialists: --launcher submitit)")  # fmt: skip
+        raise ConfigError(
+            f"`{args.command}` does not run under torchrun; torchrun trains one model over several processes: "
+            f"use it for {', '.join(_TORCHRUN_STAGES)} (specialists: --launcher submitit)"
+        )
     before = _TORCHRUN_STAGES[args.command]
     if before and not _open_run(args.run).is_done(before):
-        raise ConfigError(f"{args.run}: the {before} stage is not done; run `specialkit {before} --run {args.run}` first, "
-                          f"then torchrun {args.command}")  # fmt: skip
+        raise ConfigError(
+            f"{args.run}: the {before} stage is not done; run `specialkit {before} --run {args.run}` first, "
+            f"then torchrun {args.command}"
+        )
     return True
 
 
@@ -203,9 +306,14 @@ def _headline(metrics: dict[str, Any]) -> str:
     lines = ["", "test top-1 accuracy [95% paired-bootstrap interval]; gain over the generalist (McNemar p):"]
     for r in rows:
         lo, hi = r["top1_ci"]
-        gain = "" if r["name"] == "generalist" else (
-            f"  {r['delta_top1'] * 100:+.2f} points [{r['gain_vs_generalist_ci'][0] * 100:+.2f}, "
-            f"{r['gain_vs_generalist_ci'][1] * 100:+.2f}] (p={r['p_vs_generalist']:.2g}): {r.get('vs_generalist')}")  # fmt: skip
+        gain = (
+            ""
+            if r["name"] == "generalist"
+            else (
+                f"  {r['delta_top1'] * 100:+.2f} points [{r['gain_vs_generalist_ci'][0] * 100:+.2f}, "
+                f"{r['gain_vs_generalist_ci'][1] * 100:+.2f}] (p={r['p_vs_generalist']:.2g}): {r.get('vs_generalist')}"
+            )
+        )
         lines.append(f"  {r['name']:<18} {r['top1'] * 100:6.2f}% [{lo * 100:.2f}, {hi * 100:.2f}]{gain}")
     return "\n".join(lines)
 
@@ -254,8 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _under_torchrun():
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        print(f"specialkit: error: rank {os.environ.get('RANK', '?')}: another process of this torchrun job stopped or "
-              f"timed out ({first}); see the first error above, fix it and rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        print(
+            f"specialkit: error: rank {os.environ.get('RANK', '?')}: another process of this torchrun job stopped or "
+            f"timed out ({first}); see the first error above, fix it and rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 1
     except OSError as err:  # file system: full, read-only, permission denied, name too long ...
         from .runs import describe_os_error
@@ -289,6 +400,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _main_stages(args: argparse.Namespace) -> int:
     from . import pipeline, runs
+
     if args.command == "study":
         return _study(args)
     if args.command == "run":
@@ -299,7 +411,9 @@ def _main_stages(args: argparse.Namespace) -> int:
             return 0
         pipeline.check_before_training(cfg)
         if args.out.exists() and not args.out.is_dir():
-            raise ConfigError(f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)")
+            raise ConfigError(
+                f"--out {args.out} is a file, not a folder; pass the folder that holds run folders (default runs/)"
+            )
         t0 = time.perf_counter()
         if cfg.seeds:
             from .runner import run_seeds

@@ -29,6 +29,7 @@ groups (or raising):
 Groups made by a method are named ``group_00, group_01, ...`` in the order of their smallest class
 index, so the same partition always gets the same names.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -121,10 +122,14 @@ class ClusterSpec:
             if not isinstance(gname, str) or not gname:
                 raise ClusterSpecError(f"group names must be non-empty strings, got {gname!r}")
             if isinstance(members, str) or not isinstance(members, Sequence | np.ndarray):
-                raise ClusterSpecError(f"group {gname!r} must be a list of class names, got {members!r}; write [{members!r}] for one class")
+                raise ClusterSpecError(
+                    f"group {gname!r} must be a list of class names, got {members!r}; write [{members!r}] for one class"
+                )
             members = tuple(str(c) if isinstance(c, str) else c for c in members)
             if not members:
-                raise ClusterSpecError(f"group {gname!r} is empty; give it at least one class or remove it (without_group)")
+                raise ClusterSpecError(
+                    f"group {gname!r} is empty; give it at least one class or remove it (without_group)"
+                )
             if not all(isinstance(c, str) for c in members):
                 raise ClusterSpecError(f"group {gname!r} must list class names (strings), got {members!r}")
             dup = sorted({c for c in members if members.count(c) > 1})
@@ -212,11 +217,15 @@ class ClusterSpec:
 
     def _need_group(self, group: str) -> None:
         if group not in self.groups:
-            raise ClusterSpecError(f"no group named {group!r}{_suggest(group, self.names)}; groups are {list(self.names)}")
+            raise ClusterSpecError(
+                f"no group named {group!r}{_suggest(group, self.names)}; groups are {list(self.names)}"
+            )
 
     def _need_class(self, cls: str) -> None:
         if cls not in self._index():
-            raise ClusterSpecError(f"unknown class {cls!r}{_suggest(cls, self.class_names)}; use one of the dataset's class names")
+            raise ClusterSpecError(
+                f"unknown class {cls!r}{_suggest(cls, self.class_names)}; use one of the dataset's class names"
+            )
 
     def _replace(self, groups: dict[str, tuple[str, ...]]) -> ClusterSpec:
         return ClusterSpec(groups=groups, class_names=self.class_names)
@@ -251,7 +260,9 @@ class ClusterSpec:
         self._need_class(cls)
         self._need_group(to_group)
         if cls in self.groups[to_group]:
-            raise ClusterSpecError(f"class {cls!r} is already in group {to_group!r}; use with_class_removed to drop it from {from_group!r}")
+            raise ClusterSpecError(
+                f"class {cls!r} is already in group {to_group!r}; use with_class_removed to drop it from {from_group!r}"
+            )
         return self.with_class_removed(cls, from_group).with_class_added(cls, to_group)
 
     def with_group(self, name: str, classes: Sequence[str]) -> ClusterSpec:
@@ -286,7 +297,9 @@ class ClusterSpec:
         else:
             i = next(i for i, (a, b) in enumerate(zip(self.class_names, other, strict=True)) if a != b)
             msg = f"class {i} is {self.class_names[i]!r} in the spec but {other[i]!r} in the dataset"
-        raise ClusterSpecError(f"cluster spec is for another dataset: {msg}; make the spec from this dataset's predictions")
+        raise ClusterSpecError(
+            f"cluster spec is for another dataset: {msg}; make the spec from this dataset's predictions"
+        )
 
     # -- (de)serialisation
 
@@ -307,10 +320,12 @@ class ClusterSpec:
         if not isinstance(data["classes"], list) or not all(isinstance(c, str) for c in data["classes"]):
             raise ClusterSpecError(f'{source}: "classes" must be a list of class-name strings; {fix}')
         if not isinstance(data["groups"], dict):
-            raise ClusterSpecError(f'{source}: "groups" must be an object mapping group name to a list of class names; {fix}')
+            raise ClusterSpecError(
+                f'{source}: "groups" must be an object mapping group name to a list of class names; {fix}'
+            )
         for g, m in data["groups"].items():
             if not isinstance(m, list):
-                raise ClusterSpecError(f'{source}: group {g!r} must be a list of class names, got {m!r}; {fix}')
+                raise ClusterSpecError(f"{source}: group {g!r} must be a list of class names, got {m!r}; {fix}")
         try:
             return cls(groups=data["groups"], class_names=tuple(data["classes"]))
         except ClusterSpecError as err:
@@ -329,7 +344,9 @@ class ClusterSpec:
             keys = [k for k, _ in pairs]
             dup = sorted({k for k in keys if keys.count(k) > 1})
             if dup:
-                raise ClusterSpecError(f"{source}: duplicate keys {dup} (group names must be unique); rename or merge those groups")
+                raise ClusterSpecError(
+                    f"{source}: duplicate keys {dup} (group names must be unique); rename or merge those groups"
+                )
             return dict(pairs)
 
         try:
@@ -377,7 +394,9 @@ class ClusterSpec:
         lab = np.asarray(labels)
         class_names = _check_class_names(class_names)
         if lab.shape != (len(class_names),) or (lab.size and not np.issubdtype(lab.dtype, np.integer)):
-            raise ClusterSpecError(f"labels must be ({len(class_names)},) ints, one per class, got {lab.dtype} {lab.shape}")
+            raise ClusterSpecError(
+                f"labels must be ({len(class_names)},) ints, one per class, got {lab.dtype} {lab.shape}"
+            )
         if lab.size and lab.min() < -1:
             raise ClusterSpecError("labels must be >= 0, or -1 for a class in no group")
         values = sorted(set(int(v) for v in lab if v >= 0))
@@ -386,7 +405,9 @@ class ClusterSpec:
         if names is not None:
             names = list(names)
             if len(names) <= values[-1]:
-                raise ClusterSpecError(f"names has {len(names)} entries but labels go up to {values[-1]}; give one name per label value")
+                raise ClusterSpecError(
+                    f"names has {len(names)} entries but labels go up to {values[-1]}; give one name per label value"
+                )
             used = [names[v] for v in values]
             dup = sorted({n for n in used if used.count(n) > 1})
             if dup:
@@ -560,7 +581,9 @@ def covariance_kmeans(
         raise ClusterError(f"n_init must be >= 1, got {n_init}")
     best: tuple[float, np.ndarray] | None = None
     for run_seed in np.random.default_rng(seed).integers(0, 2**31 - 1, size=n_init):
-        km = MiniBatchKMeans(n_clusters=k, random_state=int(run_seed), n_init=1, batch_size=batch_size, max_iter=max_iter)
+        km = MiniBatchKMeans(
+            n_clusters=k, random_state=int(run_seed), n_init=1, batch_size=batch_size, max_iter=max_iter
+        )
         with _single_thread():
             labels = km.fit(x).predict(x)
         inertia = float(((x - km.cluster_centers_[labels]) ** 2).sum())
@@ -573,7 +596,9 @@ def _affinity(d: np.ndarray, affinity: str, sigma: float | None, floor: float) -
     off = ~np.eye(d.shape[0], dtype=bool)
     if affinity == "linear":
         if d.max() > 1 + 1e-9:
-            raise ClusterError("affinity='linear' (1 - D) needs distances in [0, 1] (confusion_distance); use affinity='gaussian'")
+            raise ClusterError(
+                "affinity='linear' (1 - D) needs distances in [0, 1] (confusion_distance); use affinity='gaussian'"
+            )
         a = 1.0 - d
     elif affinity == "gaussian":
         s = float(np.median(d[off])) if sigma is None else float(sigma)
@@ -628,7 +653,9 @@ def spectral(
     names = _check_class_names(class_names)
     k = _check_k(k, len(names))
     a = _affinity(_matrix(distance, len(names), "distance", distance=True), affinity, sigma, floor)
-    sc = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed, n_init=n_init, assign_labels="kmeans")
+    sc = SpectralClustering(
+        n_clusters=k, affinity="precomputed", random_state=seed, n_init=n_init, assign_labels="kmeans"
+    )
     with _single_thread():
         labels = sc.fit_predict(a)
     return _spec(labels, names, k, "spectral")
@@ -670,7 +697,9 @@ def agglomerative(
     else:
         if not threshold >= 0:
             raise ClusterError(f"threshold must be >= 0, got {threshold}")
-        model = AgglomerativeClustering(n_clusters=None, distance_threshold=threshold, metric="precomputed", linkage=linkage)
+        model = AgglomerativeClustering(
+            n_clusters=None, distance_threshold=threshold, metric="precomputed", linkage=linkage
+        )
     return _spec(model.fit_predict(d), names, k, "agglomerative")
 
 
@@ -695,7 +724,9 @@ def _objective(d: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(sum(d[np.ix_(labels == g, labels == g)].sum() / max(1, (labels == g).sum()) for g in range(k)))
 
 
-def _balanced_once(d: np.ndarray, sizes: np.ndarray, rng: np.random.Generator, max_iter: int) -> tuple[float, np.ndarray]:
+def _balanced_once(
+    d: np.ndarray, sizes: np.ndarray, rng: np.random.Generator, max_iter: int
+) -> tuple[float, np.ndarray]:
     c, k = d.shape[0], len(sizes)
     medoids = [int(rng.integers(c))]
     for _ in range(k - 1):
@@ -897,7 +928,9 @@ def cluster(
         The method's :class:`ClusterSpec`.
     """
     if method not in METHODS:
-        raise ClusterError(f"unknown clustering method {method!r}{_suggest(method, list(METHODS))}; use one of {sorted(METHODS)}")
+        raise ClusterError(
+            f"unknown clustering method {method!r}{_suggest(method, list(METHODS))}; use one of {sorted(METHODS)}"
+        )
     return METHODS[method](cov=cov, distance=distance, class_names=class_names, k=k, seed=seed, **kw)
 
 
@@ -1003,6 +1036,7 @@ def confusion_of(run: Any) -> Any:
     Returns:
         A :class:`specialkit.confusion.ConfusionSummary`.
     """
+
     def make() -> Any:
         ds = run.dataset()
         return confusion.summarise(ds.y_val.numpy(), run.generalist().val_probs, ds.class_names)
@@ -1042,8 +1076,11 @@ def class_map_of(run: Any, *, method: str = "umap") -> np.ndarray:
     d = distance_of(run)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="using precomputed metric")
-        coords = (confusion.class_map(d, method="umap", metric="precomputed", seed=run.config.seed) if method == "umap"
-                  else confusion.class_map(1.0 - d, method=method, seed=run.config.seed))  # fmt: skip
+        coords = (
+            confusion.class_map(d, method="umap", metric="precomputed", seed=run.config.seed)
+            if method == "umap"
+            else confusion.class_map(1.0 - d, method=method, seed=run.config.seed)
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     runs.save_array(path, coords)
     runs.atomic_write_text(marker, key)
@@ -1060,7 +1097,9 @@ def compute_for(run: Any) -> ClusterSpec:
         The spec (with the configured overlap).
     """
     c, cs, ds = run.config, confusion_of(run), run.dataset()
-    spec = cluster(c.method, cov=cs.covariance, distance=distance_of(run), class_names=ds.class_names, k=c.k, seed=c.seed)
+    spec = cluster(
+        c.method, cov=cs.covariance, distance=distance_of(run), class_names=ds.class_names, k=c.k, seed=c.seed
+    )
     if c.overlap != "none":
         spec = grow_overlap(spec, cs.F, rule=c.overlap, gamma=c.gamma, r=c.top_r, max_size=c.max_group_size)
     return spec
@@ -1090,9 +1129,16 @@ def _make_spec(run: Any) -> ClusterSpec:
         else:
             spec = compute_for(run)
             source = c.method
-            _check_spec(run, spec, f"the {c.k} groups computed for {ds.num_classes} classes", fix=(
-                f"with so few classes use overlap=none (now {c.overlap}; --overlap none), which keeps each class in one group"
-                + (f", or a larger k (now {c.k}; --k)" if c.k < ds.num_classes // 2 else "") + ", or a clusters_file of your own"))
+            _check_spec(
+                run,
+                spec,
+                f"the {c.k} groups computed for {ds.num_classes} classes",
+                fix=(
+                    f"with so few classes use overlap=none (now {c.overlap}; --overlap none), which keeps each class in one group"
+                    + (f", or a larger k (now {c.k}; --k)" if c.k < ds.num_classes // 2 else "")
+                    + ", or a clusters_file of your own"
+                ),
+            )
         _write_spec(run, spec, key, source)
     spec = ClusterSpec.load(path).for_dataset(run.dataset().class_names)
     _check_spec(run, spec, path)
@@ -1139,8 +1185,10 @@ def _write_spec(run: Any, spec: ClusterSpec, key: str, source: str) -> None:
         if sha != written and text.strip() != spec.to_json().strip():
             backup = run.folder / f"clusters.edited-{sha[:8]}.json"
             runs.atomic_write_text(backup, text)
-            run.log(f"[clusters] {path} was edited by hand and the clustering settings changed: your version is "
-                    f"kept in {backup}; to train on it, pass clusters_file={str(backup)!r}")  # fmt: skip
+            run.log(
+                f"[clusters] {path} was edited by hand and the clustering settings changed: your version is "
+                f"kept in {backup}; to train on it, pass clusters_file={str(backup)!r}"
+            )
     spec.save(path)
     run.finish(folder, key, source=source, groups=len(spec.groups), sha=store.sha256_text(path.read_text()))
 
@@ -1156,8 +1204,10 @@ def method_specs(run: Any, *, methods: tuple[str, ...] | None = None) -> dict[st
         Method -> spec.
     """
     cs, ds, c = confusion_of(run), run.dataset(), run.config
-    return {m: cluster(m, cov=cs.covariance, distance=distance_of(run), class_names=ds.class_names, k=c.k, seed=c.seed)
-            for m in (methods or METHOD_NAMES)}  # fmt: skip
+    return {
+        m: cluster(m, cov=cs.covariance, distance=distance_of(run), class_names=ds.class_names, k=c.k, seed=c.seed)
+        for m in (methods or METHOD_NAMES)
+    }
 
 
 def confused_examples(run: Any, *, pairs: int = 6, per_pair: int = 4) -> np.ndarray:

@@ -3,6 +3,7 @@
 A config written by one run (``runs/<name>/config.json``) reproduces it. Unknown keys and impossible
 values fail before any training with a message that names the key and the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,10 +20,31 @@ from typing import Any
 from . import stages
 from .errors import ConfigError
 
-__all__ = ["PipelineConfig", "ConfigError", "SMOKE_ENV", "smoke_mode", "RULES", "METHODS", "OVERLAPS", "CORRECTIONS",
-           "SETTING_STAGES", "KEY_STAGES", "RENAMED", "stage_of", "stage_keys", "key_name", "cli_settings", "picker_settings",
-           "choices_of", "settings_markdown", "SPECIALIST_INITS", "hashed_now", "PRESETS", "parse_value",
-           "parse_overrides"]
+__all__ = [
+    "PipelineConfig",
+    "ConfigError",
+    "SMOKE_ENV",
+    "smoke_mode",
+    "RULES",
+    "METHODS",
+    "OVERLAPS",
+    "CORRECTIONS",
+    "SETTING_STAGES",
+    "KEY_STAGES",
+    "RENAMED",
+    "stage_of",
+    "stage_keys",
+    "key_name",
+    "cli_settings",
+    "picker_settings",
+    "choices_of",
+    "settings_markdown",
+    "SPECIALIST_INITS",
+    "hashed_now",
+    "PRESETS",
+    "parse_value",
+    "parse_overrides",
+]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
 RULES = ("generalist", "kl", "top_confident", "moe")
@@ -44,8 +66,17 @@ def smoke_mode() -> bool:
     return os.environ.get(SMOKE_ENV, "0").strip() not in ("", "0", "false", "no")
 
 
-def _setting(default: Any, stage: str, *, cli: str | None = None, in_key: bool = True, key_name: str | None = None,
-             choices: tuple[str, ...] | None = None, picker: str | None = None, key_if_set: bool = False) -> Any:
+def _setting(
+    default: Any,
+    stage: str,
+    *,
+    cli: str | None = None,
+    in_key: bool = True,
+    key_name: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    picker: str | None = None,
+    key_if_set: bool = False,
+) -> Any:
     """A ``PipelineConfig`` field routed by its metadata, the one place that says where a setting goes.
 
     Args:
@@ -125,18 +156,28 @@ class PipelineConfig:
     """
 
     name: str = _setting("demo", "run", cli="run name: the folder runs/<name>")
-    dataset: str = _setting("glyphs", "data", cli="glyphs | glyphs_hard (built in) | cifar100 | cifar10 | mnist | "
-                                                  "fashion_mnist | tiny_imagenet | imagefolder | imagenet")
+    dataset: str = _setting(
+        "glyphs",
+        "data",
+        cli="glyphs | glyphs_hard (built in) | cifar100 | cifar10 | mnist | "
+        "fashion_mnist | tiny_imagenet | imagefolder | imagenet",
+    )
     root: str | None = _setting(None, "data", cli="folder with the dataset's files")
     download: bool = _setting(False, "data", in_key=False)
     image_size: int | None = _setting(None, "data", cli="resize images to this side, e.g. 32")
     per_class: int | None = _setting(300, "data", cli="training images per class (subset)")
     val_fraction: float = _setting(0.15, "data")
     in_memory: bool | None = _setting(None, "data", in_key=False)
-    memory_budget_gb: float | None = _setting(None, "data", in_key=False,
-                                              cli="decode image folders into memory up to this many GB, else stream them "
-                                                  "from disk (default a quarter of the RAM)")  # fmt: skip
-    stream_workers: int = _setting(2, "data", in_key=False, cli="worker processes decoding batches on the streaming path")
+    memory_budget_gb: float | None = _setting(
+        None,
+        "data",
+        in_key=False,
+        cli="decode image folders into memory up to this many GB, else stream them "
+        "from disk (default a quarter of the RAM)",
+    )
+    stream_workers: int = _setting(
+        2, "data", in_key=False, cli="worker processes decoding batches on the streaming path"
+    )
     model: str = _setting("cnn", "generalist", cli="generalist architecture: cnn | resnet18")
     width: int = _setting(16, "generalist", cli="generalist width (cnn channels)")
     depth: int = _setting(3, "generalist", cli="generalist depth (cnn stages)")
@@ -147,42 +188,74 @@ class PipelineConfig:
     schedule: str = _setting("onecycle", "generalist", choices=("onecycle", "cosine", "constant"))
     weight_decay: float = _setting(5e-4, "generalist")
     label_smoothing: float = _setting(0.0, "generalist")
-    generalist_from: str | None = _setting(None, "generalist", in_key=False,
-                                           cli="bring your own generalist, no training: torchvision:<arch>:<weights.pth> | "
-                                               "torchscript:<model.pt> | export:<model.pt2> | predictions:<preds.npz> (torchscript and "
-                                               "export files are programs that run their own code: bring only files you trust; "
-                                               "torchvision: loads weights only)")  # fmt: skip
-    generalist_normalize: str = _setting("imagenet", "generalist", in_key=False, choices=("imagenet", "none"),
-                                         cli="input normalisation of a generalist_from model: imagenet | none")
-    generalist_input_size: int | None = _setting(None, "generalist", in_key=False,
-                                                 cli="resize images to this side for a generalist_from model (e.g. 224)")
-    method: str = _setting("balanced", "clusters", cli="clustering: covariance_kmeans (paper) | spectral | agglomerative | balanced",
-                           choices=METHODS, picker="method")  # fmt: skip
+    generalist_from: str | None = _setting(
+        None,
+        "generalist",
+        in_key=False,
+        cli="bring your own generalist, no training: torchvision:<arch>:<weights.pth> | "
+        "torchscript:<model.pt> | export:<model.pt2> | predictions:<preds.npz> (torchscript and "
+        "export files are programs that run their own code: bring only files you trust; "
+        "torchvision: loads weights only)",
+    )
+    generalist_normalize: str = _setting(
+        "imagenet",
+        "generalist",
+        in_key=False,
+        choices=("imagenet", "none"),
+        cli="input normalisation of a generalist_from model: imagenet | none",
+    )
+    generalist_input_size: int | None = _setting(
+        None, "generalist", in_key=False, cli="resize images to this side for a generalist_from model (e.g. 224)"
+    )
+    method: str = _setting(
+        "balanced",
+        "clusters",
+        cli="clustering: covariance_kmeans (paper) | spectral | agglomerative | balanced",
+        choices=METHODS,
+        picker="method",
+    )
     distance: str = _setting("soft", "clusters", choices=("soft", "hard"))
     k: int = _setting(8, "clusters", cli="number of groups (= specialists)", picker="k")
     overlap: str = _setting("top_r", "clusters", cli="none | hdcnn | top_r", choices=OVERLAPS, picker="overlap")
     gamma: float = _setting(5.0, "clusters", picker="gamma")
     top_r: int = _setting(2, "clusters", picker="r")
     max_group_size: int | None = _setting(None, "clusters", picker="max_group_size")
-    clusters_file: str | None = _setting(None, "clusters", in_key=False, cli="use this cluster spec JSON instead of clustering")
-    specialist_model: str | None = _setting(None, "specialists",
-                                            cli="specialist architecture (default: the generalist's, initialised from it)")
+    clusters_file: str | None = _setting(
+        None, "clusters", in_key=False, cli="use this cluster spec JSON instead of clustering"
+    )
+    specialist_model: str | None = _setting(
+        None, "specialists", cli="specialist architecture (default: the generalist's, initialised from it)"
+    )
     specialist_width: int | None = _setting(None, "specialists", cli="specialist width")
     specialist_depth: int | None = _setting(None, "specialists", cli="specialist depth")
     specialist_epochs: int = _setting(2, "specialists", cli="specialist epochs")
     specialist_lr: float = _setting(0.02, "specialists")
     special_fraction: float = _setting(0.5, "specialists")
-    specialist_soft_weight: float = _setting(0.0, "specialists", cli="weight of the generalist's soft targets for specialists (paper §6)")
-    specialist_temperature: float = _setting(2.0, "specialists", key_name="temperature",
-                                             cli="temperature T of the generalist's soft targets for specialists "
-                                                 "(used when --specialist-soft-weight > 0)")  # fmt: skip
+    specialist_soft_weight: float = _setting(
+        0.0, "specialists", cli="weight of the generalist's soft targets for specialists (paper §6)"
+    )
+    specialist_temperature: float = _setting(
+        2.0,
+        "specialists",
+        key_name="temperature",
+        cli="temperature T of the generalist's soft targets for specialists (used when --specialist-soft-weight > 0)",
+    )
     dustbin_correction: str = _setting("prior_match", "specialists", choices=CORRECTIONS)
-    specialist_shared_stages: int = _setting(0, "specialists", key_if_set=True,
-                                             cli="freeze and share the generalist's first N stages; specialists train and "
-                                                 "store only the rest (0 = whole specialists)")  # fmt: skip
-    specialist_init: str = _setting("auto", "specialists", key_if_set=True, choices=SPECIALIST_INITS,
-                                    cli="auto | generalist | scratch | distill: how a specialist starts (auto: from the "
-                                        "generalist when the architecture matches, else scratch)")  # fmt: skip
+    specialist_shared_stages: int = _setting(
+        0,
+        "specialists",
+        key_if_set=True,
+        cli="freeze and share the generalist's first N stages; specialists train and "
+        "store only the rest (0 = whole specialists)",
+    )
+    specialist_init: str = _setting(
+        "auto",
+        "specialists",
+        key_if_set=True,
+        choices=SPECIALIST_INITS,
+        cli="auto | generalist | scratch | distill: how a specialist starts (auto: from the "
+        "generalist when the architecture matches, else scratch)",
+    )
     top_n: int = _setting(1, "ensembles", cli="generalist top-n classes that switch specialists on (paper: 1)")
     rules: tuple[str, ...] = _setting(RULES, "ensembles")
     top_confident_n: int = _setting(2, "ensembles")
@@ -211,7 +284,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         if isinstance(self.rules, str):
-            raise ConfigError(f"rules={self.rules!r} is a string; give a list, e.g. [\"generalist\", \"kl\"]")
+            raise ConfigError(f'rules={self.rules!r} is a string; give a list, e.g. ["generalist", "kl"]')
         object.__setattr__(self, "rules", tuple(self.rules))
         if self.seeds is not None:
             if isinstance(self.seeds, (str, int)):
@@ -290,22 +363,43 @@ class PipelineConfig:
         """
         _check_types(self)
         if self.image_size is not None and self.image_size < 1:
-            raise ConfigError(f"image_size={self.image_size} must be >= 1 (a side in pixels, e.g. 32), or null to keep the dataset's size")
+            raise ConfigError(
+                f"image_size={self.image_size} must be >= 1 (a side in pixels, e.g. 32), or null to keep the dataset's size"
+            )
         for f in fields(self):
             if "seed" in f.name:
                 for v in _ints_in(getattr(self, f.name)):
                     if not 0 <= v <= SEED_MAX:
                         raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: seeds must lie in 0..{SEED_MAX}")
         if self.specialist_shared_stages < 0:
-            raise ConfigError(f"specialist_shared_stages={self.specialist_shared_stages}: use 0 (whole specialists) or the number "
-                              "of the generalist's stages to share (1 .. its depth; resnet18: 1..4)")
-        if self.specialist_shared_stages and (self.specialist_init in ("scratch", "distill") or self.specialist_model
-                                              or self.specialist_width or self.specialist_depth):
-            raise ConfigError("specialist_shared_stages > 0 shares the generalist's own trunk, so specialists need its architecture "
-                              "and weights: leave specialist_model/width/depth unset and specialist_init auto or generalist, "
-                              "or set specialist_shared_stages=0")
-        _positive(self, "epochs", "batch_size", "width", "depth", "k", "top_n", "top_r", "specialist_epochs",
-                  "student_epochs", "top_confident_n")  # fmt: skip
+            raise ConfigError(
+                f"specialist_shared_stages={self.specialist_shared_stages}: use 0 (whole specialists) or the number "
+                "of the generalist's stages to share (1 .. its depth; resnet18: 1..4)"
+            )
+        if self.specialist_shared_stages and (
+            self.specialist_init in ("scratch", "distill")
+            or self.specialist_model
+            or self.specialist_width
+            or self.specialist_depth
+        ):
+            raise ConfigError(
+                "specialist_shared_stages > 0 shares the generalist's own trunk, so specialists need its architecture "
+                "and weights: leave specialist_model/width/depth unset and specialist_init auto or generalist, "
+                "or set specialist_shared_stages=0"
+            )
+        _positive(
+            self,
+            "epochs",
+            "batch_size",
+            "width",
+            "depth",
+            "k",
+            "top_n",
+            "top_r",
+            "specialist_epochs",
+            "student_epochs",
+            "top_confident_n",
+        )
         if self.dustbin_correction == "paper":
             raise ConfigError(
                 "dustbin_correction='paper' was renamed for what it is: use 'odds' (the Bayes odds correction log r, "
@@ -316,7 +410,9 @@ class PipelineConfig:
                 _choice(self, f.name, f.metadata["choices"])
         if self.seeds is not None:
             if len(self.seeds) == 0:
-                raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2 (or leave seeds unset for one run)")
+                raise ConfigError(
+                    "seeds is empty: give at least one seed, e.g. --seeds 0 1 2 (or leave seeds unset for one run)"
+                )
             if len(set(self.seeds)) != len(self.seeds):
                 dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
                 raise ConfigError(f"seeds lists {dup} more than once: each seed is one run, give distinct seeds")
@@ -328,7 +424,9 @@ class PipelineConfig:
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**31:
                 raise ConfigError(f"{key}={v!r} must be a whole number in [0, 2**31)")
         if not isinstance(self.bootstrap_resamples, int) or self.bootstrap_resamples < 1000:
-            raise ConfigError(f"bootstrap_resamples={self.bootstrap_resamples!r}: use a whole number >= 1000 (95% intervals need it)")
+            raise ConfigError(
+                f"bootstrap_resamples={self.bootstrap_resamples!r}: use a whole number >= 1000 (95% intervals need it)"
+            )
         for rule in self.rules:
             if rule not in RULES:
                 raise ConfigError(f"rules: unknown rule {rule!r}; choose from {', '.join(RULES)}")
@@ -344,7 +442,9 @@ class PipelineConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
-            raise ConfigError(f"memory_budget_gb={self.memory_budget_gb} must be positive (GB), or null for a quarter of the RAM")
+            raise ConfigError(
+                f"memory_budget_gb={self.memory_budget_gb} must be positive (GB), or null for a quarter of the RAM"
+            )
         if self.stream_workers < 0:
             raise ConfigError(f"stream_workers={self.stream_workers} must be >= 0 (0 = decode in the main process)")
         if self.per_class is not None and self.per_class < 2:
@@ -354,7 +454,9 @@ class PipelineConfig:
 
             parse_source(self.generalist_from, must_exist=False)
         if self.generalist_input_size is not None and self.generalist_input_size < 1:
-            raise ConfigError(f"generalist_input_size={self.generalist_input_size}: a side in pixels >= 1 (e.g. 224), or null")
+            raise ConfigError(
+                f"generalist_input_size={self.generalist_input_size}: a side in pixels >= 1 (e.g. 224), or null"
+            )
         if self.max_group_size is not None and self.max_group_size < 2:
             raise ConfigError(f"max_group_size={self.max_group_size}: a group needs room for 2 classes")
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
@@ -371,7 +473,9 @@ class PipelineConfig:
                     f"classes, so use k <= {num_classes // 2}"
                 )
             if self.top_n > num_classes:
-                raise ConfigError(f"top_n={self.top_n} exceeds the {num_classes} classes; use 1 (the paper's n) to a few")
+                raise ConfigError(
+                    f"top_n={self.top_n} exceeds the {num_classes} classes; use 1 (the paper's n) to a few"
+                )
 
 
 SEED_MAX = 2**31 - 1_000_000  # stages add offsets (up to ~10^5) to the seed; numpy takes < 2**32
@@ -400,7 +504,9 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(args[0])}s" if args else "a list"
     if origin is dict or tp is dict:
         return "an object"
-    return {int: "whole number", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "whole number", float: "number", str: "string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _type_problem(v: Any, tp: Any) -> str | None:
@@ -460,8 +566,10 @@ def _check_keys(d: dict[str, Any], *, source: str = "config") -> None:
     known = {f.name for f in fields(PipelineConfig)}
     for key in d:
         if key in RENAMED and key not in known:
-            raise ConfigError(f"{source}: key {key!r} was renamed to {RENAMED[key]!r}; write {RENAMED[key]!r} instead "
-                              "(in a run's config.json too: its trained stages stay valid)")
+            raise ConfigError(
+                f"{source}: key {key!r} was renamed to {RENAMED[key]!r}; write {RENAMED[key]!r} instead "
+                "(in a run's config.json too: its trained stages stay valid)"
+            )
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
@@ -493,8 +601,10 @@ def stage_of(name: str) -> str:
 
 def stage_keys() -> dict[str, tuple[str, ...]]:
     """Stage (:data:`KEY_STAGES`, in order) -> the settings in its cache key, in field order."""
-    return {s: tuple(f.name for f in fields(PipelineConfig) if f.metadata["stage"] == s and f.metadata["in_key"])
-            for s in KEY_STAGES}  # fmt: skip
+    return {
+        s: tuple(f.name for f in fields(PipelineConfig) if f.metadata["stage"] == s and f.metadata["in_key"])
+        for s in KEY_STAGES
+    }
 
 
 def hashed_now(name: str, value: Any) -> bool:
@@ -512,20 +622,46 @@ def key_name(name: str) -> str:
 
 
 def _flag_type(tp: Any, name: str) -> type:
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    args = (
+        [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType)
+        else [tp]
+    )
     if len(args) != 1 or args[0] not in (int, float, str):
-        raise TypeError(f"PipelineConfig.{name} has a cli help but type {tp}: flags take one int, float or str; "
-                        "drop its cli help (set it in a config file) or give the flag a parser in cli.py")
+        raise TypeError(
+            f"PipelineConfig.{name} has a cli help but type {tp}: flags take one int, float or str; "
+            "drop its cli help (set it in a config file) or give the flag a parser in cli.py"
+        )
     return args[0]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(name="tiny", per_class=4, val_fraction=0.2, epochs=1, k=2, width=4, depth=1, specialist_epochs=1,
-                 student_epochs=1, batch_size=64, progress=False),
-    "quick": dict(name="quick", per_class=50, val_fraction=0.2, epochs=6, k=6, specialist_epochs=2, student_epochs=6,
-                  batch_size=64, progress=False),
+    "tiny": dict(
+        name="tiny",
+        per_class=4,
+        val_fraction=0.2,
+        epochs=1,
+        k=2,
+        width=4,
+        depth=1,
+        specialist_epochs=1,
+        student_epochs=1,
+        batch_size=64,
+        progress=False,
+    ),
+    "quick": dict(
+        name="quick",
+        per_class=50,
+        val_fraction=0.2,
+        epochs=6,
+        k=6,
+        specialist_epochs=2,
+        student_epochs=6,
+        batch_size=64,
+        progress=False,
+    ),
     "demo": dict(name="demo"),
-}  # fmt: skip
+}
 """Named settings: ``tiny`` (the smallest run that exercises every stage: the unit tests' runs, about a second a
 stage), ``quick`` (tests and notebook smoke runs, ``SPECIALKIT_SMOKE=1``: seconds, numbers still meaningful) and
 ``demo`` (the defaults, what ``configs/demo.json`` holds: minutes on a laptop)."""
@@ -585,7 +721,11 @@ def parse_overrides(items: Any, *, source: str = "--set") -> dict[str, Any]:
 def cli_settings() -> dict[str, tuple[type, str]]:
     """Setting -> (flag type, help) for every field with a ``cli`` help, in field order (``specialkit run --<flag>``)."""
     hints = _hints()
-    return {f.name: (_flag_type(hints[f.name], f.name), f.metadata["cli"]) for f in fields(PipelineConfig) if "cli" in f.metadata}
+    return {
+        f.name: (_flag_type(hints[f.name], f.name), f.metadata["cli"])
+        for f in fields(PipelineConfig)
+        if "cli" in f.metadata
+    }
 
 
 def picker_settings() -> dict[str, str]:
@@ -598,15 +738,23 @@ def choices_of(name: str) -> tuple[str, ...]:
     for f in fields(PipelineConfig):
         if f.name == name and "choices" in f.metadata:
             return tuple(f.metadata["choices"])
-    raise ConfigError(f"{name!r} is not a setting with choices; those are: "
-                      f"{', '.join(f.name for f in fields(PipelineConfig) if 'choices' in f.metadata)}")
+    raise ConfigError(
+        f"{name!r} is not a setting with choices; those are: "
+        f"{', '.join(f.name for f in fields(PipelineConfig) if 'choices' in f.metadata)}"
+    )
 
 
-_STAGE_NOTES = {"data": "the dataset, its subset and split", "generalist": "the generalist's training (and every later stage's seed)",
-                "clusters": "the class groups", "specialists": "one specialist per group",
-                "compute_matched": "the compute-matched generalist", "ensembles": "activation and combination rules",
-                "distill": "the distilled student", "metrics": "the reported intervals only",
-                "run": "no number: name, device, progress, the list of seeds"}  # fmt: skip
+_STAGE_NOTES = {
+    "data": "the dataset, its subset and split",
+    "generalist": "the generalist's training (and every later stage's seed)",
+    "clusters": "the class groups",
+    "specialists": "one specialist per group",
+    "compute_matched": "the compute-matched generalist",
+    "ensembles": "activation and combination rules",
+    "distill": "the distilled student",
+    "metrics": "the reported intervals only",
+    "run": "no number: name, device, progress, the list of seeds",
+}
 
 
 def settings_markdown() -> str:
@@ -614,10 +762,12 @@ def settings_markdown() -> str:
 
     A setting with a ``specialkit run`` flag is shown as ``--flag``; one kept out of its stage's cache key is
     marked with ``*``."""
-    rows = ["| stage | changes | settings (`--flag`: also a `specialkit run` flag; `*`: not hashed as a value: "
-            "`clusters_file` by its content, `generalist_*` with the file's sha256 only when `generalist_from` is set, "
-            "the others not at all) |",
-            "| --- | --- | --- |"]
+    rows = [
+        "| stage | changes | settings (`--flag`: also a `specialkit run` flag; `*`: not hashed as a value: "
+        "`clusters_file` by its content, `generalist_*` with the file's sha256 only when `generalist_from` is set, "
+        "the others not at all) |",
+        "| --- | --- | --- |",
+    ]
     for stage in SETTING_STAGES:
         names = []
         for f in fields(PipelineConfig):

@@ -17,6 +17,7 @@ Conventions fixed here (the rest of the package relies on them):
 * :func:`confusion_distance` is HD-CNN's distance ``1 - (F_ij + F_ji) / 2`` off the diagonal,
   0 on it (see its docstring for how this reads the paper's formula).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,14 +86,18 @@ def confusion_matrix(y_true: Labels, y_pred: Labels | Probs, num_classes: int | 
     pred = np.asarray(y_pred)
     if pred.ndim == 2:
         if num_classes is not None and pred.shape[1] != num_classes:
-            raise ConfusionError(f"y_pred has {pred.shape[1]} columns but num_classes={num_classes}; pass matching shapes")
+            raise ConfusionError(
+                f"y_pred has {pred.shape[1]} columns but num_classes={num_classes}; pass matching shapes"
+            )
         num_classes = pred.shape[1]
         pred = pred.argmax(axis=1) if pred.shape[0] else np.zeros(0, dtype=np.int64)
     if num_classes is None:
         raise ConfusionError("num_classes is required when y_pred holds labels; pass num_classes=len(class_names)")
     yp = _labels(pred, "y_pred")
     if yt.shape != yp.shape:
-        raise ConfusionError(f"y_true has {yt.shape[0]} labels but y_pred has {yp.shape[0]}; pass predictions for the same examples")
+        raise ConfusionError(
+            f"y_true has {yt.shape[0]} labels but y_pred has {yp.shape[0]}; pass predictions for the same examples"
+        )
     c = int(num_classes)
     if c < 1:
         raise ConfusionError(f"num_classes must be >= 1, got {num_classes}")
@@ -119,9 +124,13 @@ def soft_confusion_matrix(y_true: Labels, probs: Probs) -> np.ndarray:
     p = _probs(probs)
     yt = _labels(y_true, "y_true")
     if yt.shape[0] != p.shape[0]:
-        raise ConfusionError(f"y_true has {yt.shape[0]} labels but probs has {p.shape[0]} rows; pass predictions for the same examples")
+        raise ConfusionError(
+            f"y_true has {yt.shape[0]} labels but probs has {p.shape[0]} rows; pass predictions for the same examples"
+        )
     c = p.shape[1]
-    checks.check_label_range(yt, c, name="y_true", error=ConfusionError, fix="check that probs has one column per class")
+    checks.check_label_range(
+        yt, c, name="y_true", error=ConfusionError, fix="check that probs has one column per class"
+    )
     out = np.zeros((c, c))
     np.add.at(out, yt, p)
     return out
@@ -260,7 +269,9 @@ def top_confused_pairs(
     m = _square(cm, "cm")
     names = tuple(class_names)
     if len(names) != m.shape[0]:
-        raise ConfusionError(f"cm is {m.shape[0]}x{m.shape[0]} but {len(names)} class names were given; pass the dataset's class_names")
+        raise ConfusionError(
+            f"cm is {m.shape[0]}x{m.shape[0]} but {len(names)} class names were given; pass the dataset's class_names"
+        )
     if k < 0:
         raise ConfusionError(f"k must be >= 0, got {k}")
     totals = m.sum(axis=1)
@@ -354,7 +365,9 @@ def class_map(
         raise ConfusionError(f"features must be (C, D), got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         bad = np.nonzero(~np.all(np.isfinite(x), axis=1))[0].tolist()
-        raise ConfusionError(f"features rows {bad[:10]} are not finite (a class with no examples?); drop those rows or fill them")
+        raise ConfusionError(
+            f"features rows {bad[:10]} are not finite (a class with no examples?); drop those rows or fill them"
+        )
     c = x.shape[0]
     if method == "umap":
         if c < 4:
@@ -460,7 +473,9 @@ def summarise(y_true: Labels, probs: Probs, class_names: tuple[str, ...] | list[
     p = _probs(probs)
     names = tuple(class_names)
     if p.shape[1] != len(names):
-        raise ConfusionError(f"probs has {p.shape[1]} columns but {len(names)} class names were given; pass the dataset's class_names")
+        raise ConfusionError(
+            f"probs has {p.shape[1]} columns but {len(names)} class names were given; pass the dataset's class_names"
+        )
     if p.shape[0] == 0:
         raise ConfusionError("no examples: pass the validation predictions")
     cm = confusion_matrix(y_true, p, len(names))

@@ -13,6 +13,7 @@
 
 Every function takes a run read-only (a :class:`specialkit.view.RunView` or the run itself) and trains nothing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import dataset, ensemble, evaluation, models
 from .errors import SpecialkitError
 
-__all__ = ["count_parameters", "count_flops", "train_flops_per_example", "train_flops", "budget_flops", "matched_epochs",
-           "matched_passes", "compute_budget", "FrontierError", "latency", "cost_summary", "cost_points", "teacher_passes",
-           "specialists_train_flops"]
+__all__ = [
+    "count_parameters",
+    "count_flops",
+    "train_flops_per_example",
+    "train_flops",
+    "budget_flops",
+    "matched_epochs",
+    "matched_passes",
+    "compute_budget",
+    "FrontierError",
+    "latency",
+    "cost_summary",
+    "cost_points",
+    "teacher_passes",
+    "specialists_train_flops",
+]
+
 
 class FrontierError(SpecialkitError, ValueError):
     """A training budget or a frontier point cannot be made; the message names the problem and the fix."""
@@ -118,8 +133,12 @@ def specialists_train_flops(run: Any) -> float:
     shape = _input_shape(ds)
     teacher = models.count_flops(run.generalist().model, shape)
     soft = run.config.specialist_soft_weight
-    return float(sum(s.examples_seen * train_flops_per_example(s.model, shape) + teacher_passes(s, soft_weight=soft) * teacher
-                     for s in run.specialists()))  # fmt: skip
+    return float(
+        sum(
+            s.examples_seen * train_flops_per_example(s.model, shape) + teacher_passes(s, soft_weight=soft) * teacher
+            for s in run.specialists()
+        )
+    )
 
 
 def budget_flops(run: Any) -> float:
@@ -150,7 +169,9 @@ def matched_epochs(budget: float, train_flops_per_pass: float, n_train: int) -> 
         FrontierError: a non-positive argument.
     """
     if budget <= 0 or train_flops_per_pass <= 0 or n_train < 1:
-        raise FrontierError(f"budget={budget}, train_flops_per_pass={train_flops_per_pass}, n_train={n_train}: all must be positive")
+        raise FrontierError(
+            f"budget={budget}, train_flops_per_pass={train_flops_per_pass}, n_train={n_train}: all must be positive"
+        )
     return max(1, int(round(budget / (train_flops_per_pass * n_train))))
 
 
@@ -190,10 +211,15 @@ def compute_budget(run: Any) -> dict[str, Any]:
     spec_passes = int(sum(s.examples_seen for s in run.specialists()))
     spec_train_flops = specialists_train_flops(run)
     passes = max(spec_passes, 1) if run.config.compute_match == "passes" else matched_passes(spec_train_flops, per_pass)
-    return {"match": run.config.compute_match, "specialist_passes": spec_passes,
-            "specialist_train_flops": spec_train_flops, "generalist_forward_flops": int(gen_flops),
-            "generalist_train_flops_per_pass": int(per_pass), "compute_matched_passes": passes,
-            "compute_matched_train_flops": float(per_pass * passes)}  # fmt: skip
+    return {
+        "match": run.config.compute_match,
+        "specialist_passes": spec_passes,
+        "specialist_train_flops": spec_train_flops,
+        "generalist_forward_flops": int(gen_flops),
+        "generalist_train_flops_per_pass": int(per_pass),
+        "compute_matched_passes": passes,
+        "compute_matched_train_flops": float(per_pass * passes),
+    }
 
 
 def latency(run: Any, *, max_images: int = 512, repeats: int = 3) -> pd.DataFrame:
@@ -204,16 +230,31 @@ def latency(run: Any, *, max_images: int = 512, repeats: int = 3) -> pd.DataFram
     sps = run.specialists()
 
     def kl(p_gen: np.ndarray, probs: list[np.ndarray], act: np.ndarray) -> np.ndarray:
-        outs = [ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1])) for s, p in zip(sps, probs)]
+        outs = [
+            ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1]))
+            for s, p in zip(sps, probs)
+        ]
         return ensemble.combine_kl(p_gen, outs, act)
 
     with torch.inference_mode():
-        return evaluation.latency_table(run.generalist().model, [s.model for s in sps], x, active,
-                                        rules={"kl": kl}, repeats=repeats, max_images={1: min(64, len(x)), 256: len(x)})  # fmt: skip
+        return evaluation.latency_table(
+            run.generalist().model,
+            [s.model for s in sps],
+            x,
+            active,
+            rules={"kl": kl},
+            repeats=repeats,
+            max_images={1: min(64, len(x)), 256: len(x)},
+        )
 
 
-def cost_summary(run: Any, latency_records: Sequence[Mapping[str, Any]] | None = None, *,
-                 memory_batch: int = 256, flops: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+def cost_summary(
+    run: Any,
+    latency_records: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    memory_batch: int = 256,
+    flops: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Cost of inference of every configuration of the run, one row each: the generalist, the ensemble running
     all specialists, the ensemble with conditional execution, the student (when trained; nothing is trained here).
 
@@ -227,10 +268,13 @@ def cost_summary(run: Any, latency_records: Sequence[Mapping[str, Any]] | None =
     shape = (ds.channels, ds.image_size, ds.image_size)
     gen, sps = run.generalist().model, [s.model for s in run.specialists()]
     trained = run.skip_reason("distill") is None and run.is_done("distill")
-    student = run.distill().model if trained else None  # skipped or not trained yet: no student row (nothing trains here)
+    student = (
+        run.distill().model if trained else None
+    )  # skipped or not trained yet: no student row (nothing trains here)
     if flops is None:  # compute_metrics passes the counts it already made
-        flops = evaluation.ensemble_cost(evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps],
-                                         run.activation("test"))  # fmt: skip
+        flops = evaluation.ensemble_cost(
+            evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps], run.activation("test")
+        )
     groups, top_n = run.groups(), run.config.top_n
     dev = next(gen.parameters()).device
     xb = dataset.to_float(ds.x_test[:memory_batch]).to(dev)
@@ -239,7 +283,10 @@ def cost_summary(run: Any, latency_records: Sequence[Mapping[str, Any]] | None =
     if latency_records and student is not None:
         xs = dataset.to_float(ds.x_test[:256]).to(dev)
         with torch.inference_mode():
-            st_lat = {bs: evaluation.measure_latency(student.eval(), xs[: 64 if bs == 1 else 256], batch_size=bs) * 1e3 for bs in (1, 256)}
+            st_lat = {
+                bs: evaluation.measure_latency(student.eval(), xs[: 64 if bs == 1 else 256], batch_size=bs) * 1e3
+                for bs in (1, 256)
+            }
 
     def mem(fn: Any) -> float:
         return evaluation.peak_activation_bytes(fn, device=dev) / 1e6
@@ -249,21 +296,46 @@ def cost_summary(run: Any, latency_records: Sequence[Mapping[str, Any]] | None =
 
     ens_mb = evaluation.weight_bytes([gen, *sps]) / 1e6
     rows = [
-        {"model": "generalist", "params_stored": flops["generalist_params"], "mflops_per_image": flops["generalist_flops"] / 1e6,
-         "ms_per_image_b1": lat.get(("generalist", 1)), "ms_per_image_b256": lat.get(("generalist", 256)),
-         "weights_mb": evaluation.weight_bytes([gen]) / 1e6, "peak_activation_mb": mem(lambda: gen.eval()(xb))},
-        {"model": "ensemble, all specialists", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["all_flops"] / 1e6,
-         "ms_per_image_b1": lat.get(("kl all", 1)), "ms_per_image_b256": lat.get(("kl all", 256)), "weights_mb": ens_mb,
-         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb))},
-        {"model": "ensemble, conditional", "params_stored": flops["ensemble_params"], "mflops_per_image": flops["conditional_flops"] / 1e6,
-         "ms_per_image_b1": lat.get(("kl conditional", 1)), "ms_per_image_b256": lat.get(("kl conditional", 256)), "weights_mb": ens_mb,
-         "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb, activate))},
-    ]  # fmt: skip
+        {
+            "model": "generalist",
+            "params_stored": flops["generalist_params"],
+            "mflops_per_image": flops["generalist_flops"] / 1e6,
+            "ms_per_image_b1": lat.get(("generalist", 1)),
+            "ms_per_image_b256": lat.get(("generalist", 256)),
+            "weights_mb": evaluation.weight_bytes([gen]) / 1e6,
+            "peak_activation_mb": mem(lambda: gen.eval()(xb)),
+        },
+        {
+            "model": "ensemble, all specialists",
+            "params_stored": flops["ensemble_params"],
+            "mflops_per_image": flops["all_flops"] / 1e6,
+            "ms_per_image_b1": lat.get(("kl all", 1)),
+            "ms_per_image_b256": lat.get(("kl all", 256)),
+            "weights_mb": ens_mb,
+            "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb)),
+        },
+        {
+            "model": "ensemble, conditional",
+            "params_stored": flops["ensemble_params"],
+            "mflops_per_image": flops["conditional_flops"] / 1e6,
+            "ms_per_image_b1": lat.get(("kl conditional", 1)),
+            "ms_per_image_b256": lat.get(("kl conditional", 256)),
+            "weights_mb": ens_mb,
+            "peak_activation_mb": mem(lambda: evaluation.ensemble_forward(gen, sps, xb, activate)),
+        },
+    ]
     if student is not None:
-        rows.append({"model": "student", "params_stored": models.count_parameters(student),
-                     "mflops_per_image": models.count_flops(student.eval(), (1, *shape)) / 1e6,
-                     "ms_per_image_b1": st_lat.get(1), "ms_per_image_b256": st_lat.get(256),
-                     "weights_mb": evaluation.weight_bytes([student]) / 1e6, "peak_activation_mb": mem(lambda: student(xb))})  # fmt: skip
+        rows.append(
+            {
+                "model": "student",
+                "params_stored": models.count_parameters(student),
+                "mflops_per_image": models.count_flops(student.eval(), (1, *shape)) / 1e6,
+                "ms_per_image_b1": st_lat.get(1),
+                "ms_per_image_b256": st_lat.get(256),
+                "weights_mb": evaluation.weight_bytes([student]) / 1e6,
+                "peak_activation_mb": mem(lambda: student(xb)),
+            }
+        )
     for r in rows:
         r["shared_stages"] = run.config.specialist_shared_stages if r["model"].startswith("ensemble") else 0
     return rows
@@ -274,16 +346,36 @@ def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
     run all specialists, except ``kl``, shown with conditional execution too)."""
     flops = metrics["cost"]["flops"]
     rows_by = {r["name"]: r for r in metrics["comparison"]}
-    cost = {"generalist": flops["generalist_flops"], "compute_matched": flops["generalist_flops"],
-            "student": metrics["cost"]["student"]["flops"], "top_confident": flops["conditional_flops"],
-            "moe": flops["all_flops"], "kl": flops["conditional_flops"]}  # fmt: skip
+    cost = {
+        "generalist": flops["generalist_flops"],
+        "compute_matched": flops["generalist_flops"],
+        "student": metrics["cost"]["student"]["flops"],
+        "top_confident": flops["conditional_flops"],
+        "moe": flops["all_flops"],
+        "kl": flops["conditional_flops"],
+    }
     rows = []
     for n, r in rows_by.items():
         if n in cost:
             lo, hi = r["top1_ci"]
-            rows.append({"name": n if n != "kl" else "kl (conditional)", "accuracy": r["top1"], "lo": lo, "hi": hi, "cost": cost[n] / 1e6})
+            rows.append(
+                {
+                    "name": n if n != "kl" else "kl (conditional)",
+                    "accuracy": r["top1"],
+                    "lo": lo,
+                    "hi": hi,
+                    "cost": cost[n] / 1e6,
+                }
+            )
     if "kl" in rows_by:
         lo, hi = rows_by["kl"]["top1_ci"]
-        rows.append({"name": "kl (all specialists)", "accuracy": rows_by["kl"]["top1"], "lo": lo, "hi": hi,
-                     "cost": flops["all_flops"] / 1e6})
+        rows.append(
+            {
+                "name": "kl (all specialists)",
+                "accuracy": rows_by["kl"]["top1"],
+                "lo": lo,
+                "hi": hi,
+                "cost": flops["all_flops"] / 1e6,
+            }
+        )
     return pd.DataFrame(rows)

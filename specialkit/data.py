@@ -10,6 +10,7 @@ numbers), and optional coarse labels.
 >>> ds.num_classes, ds.x_train.shape[1:]
 (62, torch.Size([1, 32, 32]))
 """
+
 from __future__ import annotations
 
 import time
@@ -102,10 +103,17 @@ def load(
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     if name in STREAMABLE:
-        options = {**options, "in_memory": in_memory, "memory_budget_gb": memory_budget_gb, "stream_workers": stream_workers}
+        options = {
+            **options,
+            "in_memory": in_memory,
+            "memory_budget_gb": memory_budget_gb,
+            "stream_workers": stream_workers,
+        }
     elif in_memory is False:
-        raise DatasetError(f"{name} is read into memory whole (in_memory=False streams only the image-folder datasets "
-                           f"{', '.join(STREAMABLE)}); Fix: set in_memory to null (auto) or true for {name}")  # fmt: skip
+        raise DatasetError(
+            f"{name} is read into memory whole (in_memory=False streams only the image-folder datasets "
+            f"{', '.join(STREAMABLE)}); Fix: set in_memory to null (auto) or true for {name}"
+        )
     if name == "imagenet" and image_size is not None:
         options.setdefault("size", image_size)  # decoded and centre-cropped straight to it, not resized twice
     loader = _REGISTRY[name]()
@@ -121,7 +129,9 @@ def load(
     return ds
 
 
-def load_for(config: Any, *, log: Callable[[str], None] = print, timed: Callable[[str, float], None] | None = None) -> Dataset:
+def load_for(
+    config: Any, *, log: Callable[[str], None] = print, timed: Callable[[str, float], None] | None = None
+) -> Dataset:
     """The dataset a run's settings name, checked against them (``k``, ``top_n`` ... fit its classes).
 
     Args:
@@ -134,9 +144,18 @@ def load_for(config: Any, *, log: Callable[[str], None] = print, timed: Callable
     """
     c = config
     t0 = time.perf_counter()
-    ds = load(c.dataset, root=c.root, download=c.download, image_size=c.image_size, per_class=c.per_class,
-              val_fraction=c.val_fraction, seed=c.data_seed, in_memory=c.in_memory, memory_budget_gb=c.memory_budget_gb,
-              stream_workers=c.stream_workers)  # fmt: skip
+    ds = load(
+        c.dataset,
+        root=c.root,
+        download=c.download,
+        image_size=c.image_size,
+        per_class=c.per_class,
+        val_fraction=c.val_fraction,
+        seed=c.data_seed,
+        in_memory=c.in_memory,
+        memory_budget_gb=c.memory_budget_gb,
+        stream_workers=c.stream_workers,
+    )
     c.validate(ds.num_classes)
     if timed is not None:
         timed("data", time.perf_counter() - t0)

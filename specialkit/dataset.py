@@ -6,6 +6,7 @@ name is :mod:`specialkit.data` (which re-exports everything here); the loaders (
 :mod:`specialkit.loaders`, :mod:`specialkit.streaming`) build datasets with these helpers and import this module,
 not the registry, so the registry can name them without an import cycle.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,17 @@ import torch.nn.functional as F
 
 from .errors import SpecialkitError
 
-__all__ = ["Dataset", "DatasetError", "split_train_val", "take_per_class", "resize_images", "to_float", "fingerprint_of",
-           "is_streamed", "examples_per_class"]
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "split_train_val",
+    "take_per_class",
+    "resize_images",
+    "to_float",
+    "fingerprint_of",
+    "is_streamed",
+    "examples_per_class",
+]
 
 
 class DatasetError(SpecialkitError, ValueError):
@@ -61,7 +71,9 @@ class Dataset:
             if x.dtype != torch.uint8 or x.ndim != 4:
                 raise DatasetError(f"{self.name}: x_{split} must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise DatasetError(f"{self.name}: y_{split} must be int64 ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+                raise DatasetError(
+                    f"{self.name}: y_{split} must be int64 ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}"
+                )
         if not self.fingerprint:
             object.__setattr__(self, "fingerprint", fingerprint_of(self))
 

@@ -10,6 +10,7 @@ the student little beyond the labels (measured in docs/METHOD.md's notes on the 
 >>> # teacher = ensemble_teacher(generalist, specialists, top_n=1, temperature=4.0)
 >>> # training.fit(student, x, y, config=tc, teacher=teacher)
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -91,8 +92,9 @@ def teacher_of(run: Any) -> training.Teacher:
     Returns:
         The teacher.
     """
-    return ensemble_teacher(run.generalist().model, run.specialists(), top_n=run.config.top_n,
-                            temperature=run.config.distill_temperature)  # fmt: skip
+    return ensemble_teacher(
+        run.generalist().model, run.specialists(), top_n=run.config.top_n, temperature=run.config.distill_temperature
+    )
 
 
 def make_student(run: Any) -> ModelResult:
@@ -126,7 +128,9 @@ def make_control(run: Any) -> ModelResult:
     """
     reason = run.skip_reason("hard_label_student")
     if reason:
-        raise ConfigError(f"{reason}: there is no hard-label control; set hard_label_control=true (and bring a model) to train it")
+        raise ConfigError(
+            f"{reason}: there is no hard-label control; set hard_label_control=true (and bring a model) to train it"
+        )
     if not run.is_done("hard_label_student"):
         return train_student(run, "hard_label_student", teacher=None)
     return load_model(run, "hard_label_student")
@@ -148,8 +152,11 @@ def train_student(run: Any, stage: str, *, teacher: training.Teacher | None) -> 
     c = run.config
     ds = run.dataset()
     mc = run.model_config(num_classes=ds.num_classes, width=c.student_width, depth=c.student_depth)
-    from_gen = (c.student_init == "generalist" and mc == run.model_config(num_classes=ds.num_classes)
-                and run.scratch_reason() is None)  # fmt: skip
+    from_gen = (
+        c.student_init == "generalist"
+        and mc == run.model_config(num_classes=ds.num_classes)
+        and run.scratch_reason() is None
+    )
     run.generalist()  # on a fresh run, train it first (its checkpoint is read below)
     offset = stages.by_name(stage).seed_offset
     training.seed_everything(c.seed + offset)
@@ -157,9 +164,16 @@ def train_student(run: Any, stage: str, *, teacher: training.Teacher | None) -> 
         model = checkpoints.load_checkpoint(run.stage_dir("generalist") / "model.pt")[0]
     else:
         model = models.build_model(mc)
-    run.log(f"[{stage}] student initialised from {'the generalist' if from_gen else 'scratch'}"
-            + ("" if teacher is not None else ", hard labels only"))  # fmt: skip
+    run.log(
+        f"[{stage}] student initialised from {'the generalist' if from_gen else 'scratch'}"
+        + ("" if teacher is not None else ", hard labels only")
+    )
     soft = c.distill_soft_weight if teacher is not None else 0.0
-    tc = run.train_config(epochs=c.student_epochs, lr=c.lr * (stages.FINE_TUNE_LR if from_gen else 1.0), seed_offset=offset,
-                          soft_weight=soft, temperature=c.distill_temperature)  # fmt: skip
+    tc = run.train_config(
+        epochs=c.student_epochs,
+        lr=c.lr * (stages.FINE_TUNE_LR if from_gen else 1.0),
+        seed_offset=offset,
+        soft_weight=soft,
+        temperature=c.distill_temperature,
+    )
     return train_model(run, stage, model=model, model_config=mc, tc=tc, teacher=teacher)

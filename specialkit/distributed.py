@@ -9,6 +9,7 @@ seeded generator and trains on its slice (:func:`shard`); ``DistributedDataParal
 gradients (:func:`wrap`); only rank 0 writes files (:func:`is_main`). Outside torchrun all of this
 is a no-op: one process, world size 1.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -20,8 +21,18 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["TIMEOUT_ENV", "requested", "init_from_env", "rank_and_world", "is_main", "barrier", "shard", "wrap",
-           "all_reduce_sum", "close"]  # fmt: skip
+__all__ = [
+    "TIMEOUT_ENV",
+    "requested",
+    "init_from_env",
+    "rank_and_world",
+    "is_main",
+    "barrier",
+    "shard",
+    "wrap",
+    "all_reduce_sum",
+    "close",
+]
 
 TIMEOUT_ENV = "SPECIALKIT_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300
@@ -76,7 +87,9 @@ def shard(order: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return order
     if len(order) < world:
-        raise ConfigError(f"an epoch of {len(order)} examples cannot be split over {world} processes; use fewer processes")
+        raise ConfigError(
+            f"an epoch of {len(order)} examples cannot be split over {world} processes; use fewer processes"
+        )
     return order[: len(order) // world * world][rank::world]
 
 

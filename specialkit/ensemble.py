@@ -31,6 +31,7 @@ Every rule returns ``q: (N, C)`` float64 rows summing to 1.
 >>> combine_kl(p_gen, [spec], active).round(3)
 array([[0.35, 0.45, 0.2 ]])
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -239,9 +240,7 @@ def _check_mask(mask: Mask, shape: tuple[int, int], name: str) -> np.ndarray:
     return checks.as_bools(mask, shape, name=name, error=EnsembleError, fix="use activation(p_gen, groups)")
 
 
-def _read_probs(
-    specs: Sequence[SpecialistOutputs], read: np.ndarray, num_classes: int
-) -> list[np.ndarray]:
+def _read_probs(specs: Sequence[SpecialistOutputs], read: np.ndarray, num_classes: int) -> list[np.ndarray]:
     """Validate the rows each rule reads; return float64 copies, normalised, unread rows = 0.
 
     ``read: (N, M)`` bool. A specialist covering every class has an empty dustbin: its dustbin
@@ -410,8 +409,10 @@ def calibrate(spec_probs: Probs, classes: Labels, y: Labels) -> Calibration:
     classes = np.asarray(classes, dtype=np.int64)
     y = np.asarray(y, dtype=np.int64)
     if sp.ndim != 2 or sp.shape != (y.size, classes.size + 1) or y.size == 0:
-        raise EnsembleError(f"calibration needs (N, |S|+1) = ({y.size}, {classes.size + 1}) probabilities for N >= 1 labelled "
-                            f"validation images, got {sp.shape}; pass the specialist's validation outputs and labels")  # fmt: skip
+        raise EnsembleError(
+            f"calibration needs (N, |S|+1) = ({y.size}, {classes.size + 1}) probabilities for N >= 1 labelled "
+            f"validation images, got {sp.shape}; pass the specialist's validation outputs and labels"
+        )
     cell = np.full(y.size, classes.size)
     lookup = {int(c): i for i, c in enumerate(classes)}
     cell[:] = [lookup.get(int(label), classes.size) for label in y]
@@ -469,9 +470,7 @@ def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1) -> np.ndarray:
     p = _check_p_gen(p_gen)
     num_classes = p.shape[1]
     if not _is_int(top_n) or not 1 <= top_n <= num_classes:
-        raise EnsembleError(
-            f"top_n must be an integer in [1, C={num_classes}] (the paper uses 1), got {top_n!r}"
-        )
+        raise EnsembleError(f"top_n must be an integer in [1, C={num_classes}] (the paper uses 1), got {top_n!r}")
     member = _membership(_check_groups(groups, num_classes), num_classes)
     if top_n == 1:
         return member[np.argmax(p, axis=1)]
@@ -526,9 +525,7 @@ def _prepare_kl(
     return pg, specs, act, probs
 
 
-def kl_objective(
-    q: np.ndarray, p_gen: Probs, specialists: Sequence[SpecialistLike], active: Mask
-) -> np.ndarray:
+def kl_objective(q: np.ndarray, p_gen: Probs, specialists: Sequence[SpecialistLike], active: Mask) -> np.ndarray:
     """The paper's objective per image: ``KL(p_gen || q) + sum_{m active} KL(p_m || collapse_m(q))``.
 
     Args:
@@ -689,7 +686,9 @@ def _em_step(
 def _raw_objective(x: np.ndarray, g: np.ndarray, p: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """(n,) objective up to a constant: ``-sum g log x - sum P log Q`` (``inf`` where a weighted entry is 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return -np.where(g > 0, g * np.log(x), 0.0).sum(axis=1) - np.where(p > 0, p * np.log(x @ cells), 0.0).sum(axis=1)
+        return -np.where(g > 0, g * np.log(x), 0.0).sum(axis=1) - np.where(p > 0, p * np.log(x @ cells), 0.0).sum(
+            axis=1
+        )
 
 
 def _newton_step(
@@ -795,7 +794,9 @@ def combine_kl(
     return sol.q
 
 
-def _image_objective(g: np.ndarray, p: np.ndarray, cells: np.ndarray) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+def _image_objective(
+    g: np.ndarray, p: np.ndarray, cells: np.ndarray
+) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
     """Objective and gradient in logits z for one image; ``p: (K_a,)``, ``cells: (C, K_a)``."""
     g_pos, p_pos = g > 0, p > 0
     const = float(np.sum(g[g_pos] * np.log(g[g_pos])) + np.sum(p[p_pos] * np.log(p[p_pos])))
@@ -825,9 +826,14 @@ def _torch_image_solve(
     p_pos = pt > 0
     z = torch.tensor(z0, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [z], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-16,
-        history_size=20, line_search_fn="strong_wolfe",
-    )  # fmt: skip
+        [z],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-16,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -895,9 +901,15 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
 
 
 def _solve_image(
-    g: np.ndarray, p_all: np.ndarray, cells_all: np.ndarray, col_active: np.ndarray,
-    method: str, tol: float, max_iter: int, lr: float | None,
-) -> np.ndarray:  # fmt: skip
+    g: np.ndarray,
+    p_all: np.ndarray,
+    cells_all: np.ndarray,
+    col_active: np.ndarray,
+    method: str,
+    tol: float,
+    max_iter: int,
+    lr: float | None,
+) -> np.ndarray:
     """One image of :func:`combine_kl_gradient`: (C,) q."""
     cols = np.flatnonzero(col_active)
     g = g / g.sum()
@@ -909,8 +921,13 @@ def _solve_image(
     if method == "lbfgs":
         from scipy.optimize import minimize
 
-        res = minimize(fun, z0, jac=True, method="L-BFGS-B",
-                       options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-16, "maxcor": 20})  # fmt: skip
+        res = minimize(
+            fun,
+            z0,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-16, "maxcor": 20},
+        )
         z = res.x
     else:
         step = 1.0 / float(p.sum() + 1.0) if lr is None else float(lr)
@@ -997,14 +1014,18 @@ def combine_top_confident(
     chosen &= cand
     if calibration is not None:  # probs are tempered already: read them as evidence at T = 1
         calibration = [Calibration(1.0, c.mean) for c in calibration]
-    return _mixture(pg, specs, probs, chosen.astype(np.float64), np.zeros(pg.shape[0]), normalise=True, calibration=calibration)
+    return _mixture(
+        pg, specs, probs, chosen.astype(np.float64), np.zeros(pg.shape[0]), normalise=True, calibration=calibration
+    )
 
 
 def _check_calibration(calibration: Sequence[Calibration], specs: Sequence[SpecialistOutputs]) -> list[Calibration]:
     cal = list(calibration)
     if len(cal) != len(specs) or any(np.asarray(c.mean).shape != (s.classes.size + 1,) for c, s in zip(cal, specs)):
-        raise EnsembleError(f"calibration must hold one Calibration per specialist ({len(specs)}) with a mean over its "
-                            "|S|+1 cells; fit them with ensemble.calibrate on validation outputs")  # fmt: skip
+        raise EnsembleError(
+            f"calibration must hold one Calibration per specialist ({len(specs)}) with a mean over its "
+            "|S|+1 cells; fit them with ensemble.calibrate on validation outputs"
+        )
     return cal
 
 
@@ -1026,8 +1047,11 @@ def _mixture(
     for m, (s, p) in enumerate(zip(specs, probs)):
         rows = weights[:, m] > 0
         if rows.any():
-            full = (expand_to_full(p[rows], s.classes, g[rows]) if cal is None
-                    else evidence_update(p[rows], s.classes, g[rows], cal[m]))  # fmt: skip
+            full = (
+                expand_to_full(p[rows], s.classes, g[rows])
+                if cal is None
+                else evidence_update(p[rows], s.classes, g[rows], cal[m])
+            )
             q[rows] += weights[rows, m, None] * full
     total = gen_weight + weights.sum(axis=1)
     none = total <= 0
@@ -1066,8 +1090,13 @@ def moe_gates(p_gen: Probs, groups: Groups, *, threshold: float = 0.0) -> MoEGat
     return MoEGates(specialist=gates, generalist=generalist, run=run, group_mass=mass)
 
 
-def combine_moe(p_gen: Probs, specialists: Sequence[SpecialistLike], *, threshold: float = 0.0,
-                calibration: Sequence[Calibration] | None = None) -> np.ndarray:  # fmt: skip
+def combine_moe(
+    p_gen: Probs,
+    specialists: Sequence[SpecialistLike],
+    *,
+    threshold: float = 0.0,
+    calibration: Sequence[Calibration] | None = None,
+) -> np.ndarray:
     """Option (b): the generalist's probabilities weight the specialists (mixture of experts).
 
     With ``calibration`` (one per specialist, fitted on validation images; what the pipeline passes) each

@@ -2,6 +2,7 @@
 (``ensembles/q_<split>_<rule>.npy``). The rules themselves (activation, ``kl``, ``top_confident``, ``moe``,
 calibration) are :mod:`specialkit.ensemble`'s; this module only applies them to a run's saved outputs.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,7 +43,9 @@ def combine_for(run: Any, rule: str, split: str) -> np.ndarray:
     p_gen = run.generalist().probs(split)
     if rule == "generalist":
         return p_gen
-    outs = [ensemble.SpecialistOutputs(classes=g, probs=p) for g, p in zip(run.groups(), specialists.probs_of(run, split))]
+    outs = [
+        ensemble.SpecialistOutputs(classes=g, probs=p) for g, p in zip(run.groups(), specialists.probs_of(run, split))
+    ]
     if rule == "kl":
         return ensemble.combine("kl", p_gen, outs, active=activation_of(run, split))
     cal = calibrations_of(run) if c.calibrate_specialists else None
@@ -62,6 +65,7 @@ def calibrations_of(run: Any) -> list[ensemble.Calibration]:
     Returns:
         One calibration per specialist (remembered by the run).
     """
+
     def make() -> list[ensemble.Calibration]:
         y_val = run.dataset().split("val")[1].numpy()
         return [ensemble.calibrate(p, g, y_val) for g, p in zip(run.groups(), specialists.probs_of(run, "val"))]

@@ -10,9 +10,18 @@ the command prints it as one line and exits with :meth:`SpecialkitError.exit_cod
 
 This module imports nothing of the kit, so every module can use it.
 """
+
 from __future__ import annotations
 
-__all__ = ["SpecialkitError", "ConfigError", "MissingStageError", "StudyError", "BAD_INPUT", "ENVIRONMENT", "exit_code_of"]
+__all__ = [
+    "SpecialkitError",
+    "ConfigError",
+    "MissingStageError",
+    "StudyError",
+    "BAD_INPUT",
+    "ENVIRONMENT",
+    "exit_code_of",
+]
 
 BAD_INPUT = 2
 """Exit code of bad input: a setting, a file's contents, an argument, a stage not made yet."""

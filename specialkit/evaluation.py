@@ -24,6 +24,7 @@ Cost (the honest side of the comparison, docs/METHOD.md section 7):
 >>> top1(np.array([[0.9, 0.1], [0.4, 0.6]]), np.array([0, 0]))
 0.5
 """
+
 from __future__ import annotations
 
 import statistics
@@ -290,10 +291,16 @@ def per_class_change(
         gen_acc = np.where(n > 0, g / np.maximum(n, 1), np.nan)
         ens_acc = np.where(n > 0, e / np.maximum(n, 1), np.nan)
     df = pd.DataFrame(
-        {"n": n, "gen_correct": g.astype(np.int64), "ens_correct": e.astype(np.int64),
-         "gen_acc": gen_acc, "ens_acc": ens_acc, "delta": ens_acc - gen_acc},
+        {
+            "n": n,
+            "gen_correct": g.astype(np.int64),
+            "ens_correct": e.astype(np.int64),
+            "gen_acc": gen_acc,
+            "ens_acc": ens_acc,
+            "delta": ens_acc - gen_acc,
+        },
         index=pd.RangeIndex(num_classes, name="class"),
-    )  # fmt: skip
+    )
     if class_names is not None:
         if len(class_names) != num_classes:
             raise EvaluationError(f"{len(class_names)} class names for {num_classes} classes")
@@ -341,7 +348,9 @@ def comparison_table(
         baseline), ``relative_change`` (delta / baseline top-1), and the conditional columns.
     """
     if baseline not in results:
-        raise EvaluationError(f"baseline {baseline!r} is not among the results {list(results)}; add it or pass baseline=")
+        raise EvaluationError(
+            f"baseline {baseline!r} is not among the results {list(results)}; add it or pass baseline="
+        )
     y = _labels(y)
     rows = {}
     for name, p in results.items():
@@ -388,7 +397,9 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
     return {"params": models.count_parameters(model), "flops": flops}
 
 
-def ensemble_cost(gen_cost: Mapping[str, int], spec_costs: Sequence[Mapping[str, int]], active: Mask) -> dict[str, float]:
+def ensemble_cost(
+    gen_cost: Mapping[str, int], spec_costs: Sequence[Mapping[str, int]], active: Mask
+) -> dict[str, float]:
     """FLOPs and parameters per image of the generalist and of the ensemble, with and without conditional execution.
 
     The ensemble always runs the generalist (its top-n choose the active specialists). "All" runs every
@@ -435,7 +446,12 @@ def _sync(x: Any) -> None:
 
 
 def measure_latency(
-    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, batch_size: int, repeats: int = 5, warmup: int = 1,
+    fn: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    *,
+    batch_size: int,
+    repeats: int = 5,
+    warmup: int = 1,
     best: bool = False,
 ) -> float:
     """Median (``best=True``: smallest) seconds per image of ``fn`` applied to ``x`` in batches (``time.perf_counter``).
@@ -483,8 +499,10 @@ def shared_trunk_of(specialists: Sequence[torch.nn.Module]) -> Any:
         return None
     trunks = {id(s.shared_trunk) for s in shared}
     if len(shared) != len(specialists) or len(trunks) != 1:
-        raise EvaluationError("the specialists must all share one trunk object (or none): load them with the same "
-                              "trunk=generalist.trunk(s)")
+        raise EvaluationError(
+            "the specialists must all share one trunk object (or none): load them with the same "
+            "trunk=generalist.trunk(s)"
+        )
     return shared[0].shared_trunk
 
 
@@ -525,6 +543,7 @@ def ensemble_forward(
 
         def run(spec: Any, rows: torch.Tensor | None) -> torch.Tensor:
             return spec.forward_shared(h if rows is None else h.index_select(0, rows))
+
     p_gen = torch.softmax(logits.float(), dim=1).cpu().numpy()
     p_route = p_gen if routing_probs is None else routing_probs
     if activate is None:
@@ -563,7 +582,9 @@ def _ensemble_forward(
     return run
 
 
-def _time_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, repeats: int, warmup: int, best: bool = False) -> float:
+def _time_calls(
+    fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, repeats: int, warmup: int, best: bool = False
+) -> float:
     """Median (``best``: smallest) total seconds of ``fn(*args)`` over every ``args`` in ``calls``."""
     times = []
     for r in range(warmup + repeats):
@@ -670,22 +691,44 @@ def latency_table(
     for bs in batch_sizes:
         n = min(len(xf), int((max_images or {}).get(bs, len(xf))))
         pairs = _Paired(xf[:n], torch.arange(n))
-        t_gen = measure_latency(lambda b: generalist(b[0]), pairs, batch_size=bs, repeats=repeats, warmup=warmup, best=best)
-        rows.append({"batch_size": bs, "model": "generalist", "seconds_per_image": t_gen,
-                     "combine_seconds_per_image": 0.0, "mean_active": 0.0})  # fmt: skip
+        t_gen = measure_latency(
+            lambda b: generalist(b[0]), pairs, batch_size=bs, repeats=repeats, warmup=warmup, best=best
+        )
+        rows.append(
+            {
+                "batch_size": bs,
+                "model": "generalist",
+                "seconds_per_image": t_gen,
+                "combine_seconds_per_image": 0.0,
+                "mean_active": 0.0,
+            }
+        )
         passes: dict[Any, tuple[float, list, float]] = {}
         for key, act_fn in [(None, None)] + [(id(a), a) for a in routings]:
             captured: dict[int, Any] = {}
             fn = _ensemble_forward(generalist, specialists, act_fn, routing, captured)
             t = measure_latency(fn, pairs, batch_size=bs, repeats=repeats, warmup=warmup, best=best)
-            mean_active = float(m) if act_fn is None else float(np.asarray(act_fn(p_all[:n], np.arange(n))).sum(1).mean())
+            mean_active = (
+                float(m) if act_fn is None else float(np.asarray(act_fn(p_all[:n], np.arange(n))).sum(1).mean())
+            )
             passes[key] = (t, [captured[k] for k in sorted(captured)], mean_active)
         for name, (combine, act_fn) in table.items():
             for mode, key in (("all", None), ("conditional", id(act_fn))):
                 t_models, calls, mean_active = passes[key]
-                t_comb = 0.0 if combine is None else _time_calls(combine, calls, repeats=repeats, warmup=warmup, best=best) / n
-                rows.append({"batch_size": bs, "model": f"{name} {mode}", "seconds_per_image": t_models + t_comb,
-                             "combine_seconds_per_image": t_comb, "mean_active": mean_active})  # fmt: skip
+                t_comb = (
+                    0.0
+                    if combine is None
+                    else _time_calls(combine, calls, repeats=repeats, warmup=warmup, best=best) / n
+                )
+                rows.append(
+                    {
+                        "batch_size": bs,
+                        "model": f"{name} {mode}",
+                        "seconds_per_image": t_models + t_comb,
+                        "combine_seconds_per_image": t_comb,
+                        "mean_active": mean_active,
+                    }
+                )
     df = pd.DataFrame(rows)
     gen = df[df["model"] == "generalist"].set_index("batch_size")["seconds_per_image"]
     df["ratio"] = df["seconds_per_image"] / df["batch_size"].map(gen)

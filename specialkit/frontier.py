@@ -14,6 +14,7 @@ Costs per image: parameters stored, FLOPs (counted; a shared trunk once) and lat
 and 256 (best of repeats, one thread, one process). :func:`run_points` gives the points of one finished
 run from its ``metrics.json`` alone (no training, no timing), for the report and notebook 05.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,17 @@ import torch
 from . import cost, dataset, ensemble, evaluation, models, runs, stats
 from .view import RunView, view_of
 
-__all__ = ["FrontierError", "budget_flops", "matched_epochs", "measure_points", "run_points",
-           "points_of", "COLUMNS", "PAIRED", "FILE"]
+__all__ = [
+    "FrontierError",
+    "budget_flops",
+    "matched_epochs",
+    "measure_points",
+    "run_points",
+    "points_of",
+    "COLUMNS",
+    "PAIRED",
+    "FILE",
+]
 
 FILE = "frontier.json"
 """Name of the file :func:`measure_points` results are saved under in the base run's folder (``bench/frontier.py``)."""
@@ -46,8 +56,13 @@ matched_epochs = cost.matched_epochs
 
 def _latency(model: torch.nn.Module, x: torch.Tensor, *, repeats: int) -> dict[int, float]:
     with torch.inference_mode():
-        return {bs: evaluation.measure_latency(model.eval(), x[: 64 if bs == 1 else len(x)], batch_size=bs, repeats=repeats,
-                                               best=True) * 1e3 for bs in (1, 256)}  # fmt: skip
+        return {
+            bs: evaluation.measure_latency(
+                model.eval(), x[: 64 if bs == 1 else len(x)], batch_size=bs, repeats=repeats, best=True
+            )
+            * 1e3
+            for bs in (1, 256)
+        }
 
 
 def _ensemble_latency(run: RunView, x_uint8: torch.Tensor, *, repeats: int) -> dict[int, float]:
@@ -55,18 +70,37 @@ def _ensemble_latency(run: RunView, x_uint8: torch.Tensor, *, repeats: int) -> d
     active = run.activation("test")[: len(x_uint8)]
 
     def kl(p_gen: np.ndarray, probs: list[np.ndarray], act: np.ndarray) -> np.ndarray:
-        outs = [ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1])) for s, p in zip(sps, probs)]
+        outs = [
+            ensemble.SpecialistOutputs(classes=s.classes, probs=np.nan_to_num(p, nan=1.0 / p.shape[1]))
+            for s, p in zip(sps, probs)
+        ]
         return ensemble.combine_kl(p_gen, outs, act)
 
     with torch.inference_mode():
-        df = evaluation.latency_table(run.generalist().model, [s.model for s in sps], x_uint8, active, rules={"kl": kl},
-                                      repeats=repeats, best=True, max_images={1: min(64, len(x_uint8)), 256: len(x_uint8)})  # fmt: skip
+        df = evaluation.latency_table(
+            run.generalist().model,
+            [s.model for s in sps],
+            x_uint8,
+            active,
+            rules={"kl": kl},
+            repeats=repeats,
+            best=True,
+            max_images={1: min(64, len(x_uint8)), 256: len(x_uint8)},
+        )
     row = df[df["model"] == "kl conditional"].set_index("batch_size")["seconds_per_image"]
     return {1: float(row[1]) * 1e3, 256: float(row[256]) * 1e3}
 
 
-def measure_points(base: RunView, *, widths: Mapping[int, RunView] | None = None, variants: Mapping[str, RunView] | None = None,
-                   rule: str = "kl", latency: bool = True, repeats: int = 5, latency_images: int = 512) -> pd.DataFrame:
+def measure_points(
+    base: RunView,
+    *,
+    widths: Mapping[int, RunView] | None = None,
+    variants: Mapping[str, RunView] | None = None,
+    rule: str = "kl",
+    latency: bool = True,
+    repeats: int = 5,
+    latency_images: int = 512,
+) -> pd.DataFrame:
     """The frontier table (:data:`COLUMNS` and :data:`PAIRED`, one row per point) of a base run, generalists of other
     widths and specialist variants; accuracy intervals and paired differences from one bootstrap over the shared test
     images.
@@ -94,24 +128,45 @@ def measure_points(base: RunView, *, widths: Mapping[int, RunView] | None = None
         m = result.model.eval()
         correct[name] = result.test_probs.argmax(1) == y
         lat = _latency(m, xf, repeats=repeats) if latency else {1: np.nan, 256: np.nan}
-        rows.append({"name": name, "kind": "student" if name == "student" else "generalist",
-                     "params_stored": models.count_parameters(m), "mflops": models.count_flops(m, shape) / 1e6,
-                     "ms_b1": lat[1], "ms_b256": lat[256], "train_flops": train_flops})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "kind": "student" if name == "student" else "generalist",
+                "params_stored": models.count_parameters(m),
+                "mflops": models.count_flops(m, shape) / 1e6,
+                "ms_b1": lat[1],
+                "ms_b256": lat[256],
+                "train_flops": train_flops,
+            }
+        )
 
     def ens(name: str, run: RunView) -> None:
         q = run.combine(rule, "test")
         correct[name] = q.argmax(1) == y
         spec_costs = [evaluation.model_cost(s.model, shape) for s in run.specialists()]
-        cost = evaluation.ensemble_cost(evaluation.model_cost(run.generalist().model, shape), spec_costs, run.activation("test"))
+        cost = evaluation.ensemble_cost(
+            evaluation.model_cost(run.generalist().model, shape), spec_costs, run.activation("test")
+        )
         lat = _ensemble_latency(run, x8, repeats=repeats) if latency else {1: np.nan, 256: np.nan}
-        rows.append({"name": name, "kind": "ensemble", "params_stored": cost["ensemble_params"], "mflops": cost["conditional_flops"] / 1e6,
-                     "ms_b1": lat[1], "ms_b256": lat[256], "train_flops": budget_flops(run)})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "kind": "ensemble",
+                "params_stored": cost["ensemble_params"],
+                "mflops": cost["conditional_flops"] / 1e6,
+                "ms_b1": lat[1],
+                "ms_b256": lat[256],
+                "train_flops": budget_flops(run),
+            }
+        )
 
     gen_train = cost.train_flops(base.generalist().model, shape, base.generalist().examples_seen)
     single(f"generalist w{base.config.width}", base.generalist(), gen_train)
     if base.config.compute_matched:
         cm = base.compute_matched()
-        single(f"compute-matched w{base.config.width}", cm, gen_train + cost.train_flops(cm.model, shape, cm.examples_seen))
+        single(
+            f"compute-matched w{base.config.width}", cm, gen_train + cost.train_flops(cm.model, shape, cm.examples_seen)
+        )
     for w, run in sorted((widths or {}).items()):
         g = run.generalist()
         single(f"generalist w{w}", g, cost.train_flops(g.model, shape, g.examples_seen))
@@ -131,8 +186,14 @@ def measure_points(base: RunView, *, widths: Mapping[int, RunView] | None = None
             continue
         ci = boot.gain_ci(r["name"], ref)
         p = stats.mcnemar(correct[ref], correct[r["name"]]).p_value
-        r.update(reference=ref, delta=r["accuracy"] - float(correct[ref].mean()), delta_lo=ci[0], delta_hi=ci[1], p_value=p,
-                 verdict=stats.verdict(ci, p))  # fmt: skip
+        r.update(
+            reference=ref,
+            delta=r["accuracy"] - float(correct[ref].mean()),
+            delta_lo=ci[0],
+            delta_hi=ci[1],
+            p_value=p,
+            verdict=stats.verdict(ci, p),
+        )
     return pd.DataFrame(rows)[list(COLUMNS + PAIRED)]
 
 
@@ -144,16 +205,31 @@ def run_points(metrics: Mapping[str, Any]) -> pd.DataFrame:
     if not summary:
         raise FrontierError("metrics.json has no cost summary: recompute it with this specialkit (run.metrics())")
     rows_by = {r["name"]: r for r in metrics["comparison"]}
-    which = {"generalist": "generalist", "compute_matched": "generalist", "kl": "ensemble, conditional", "student": "student"}
+    which = {
+        "generalist": "generalist",
+        "compute_matched": "generalist",
+        "kl": "ensemble, conditional",
+        "student": "student",
+    }
     rows = []
     for name, cost_row in which.items():
         if name not in rows_by:
             continue
         r, c = rows_by[name], summary[cost_row]
-        rows.append({"name": name if name != "kl" else "kl (conditional)", "kind": "ensemble" if name == "kl" else
-                     "student" if name == "student" else "generalist", "accuracy": r["top1"], "lo": r["top1_ci"][0],
-                     "hi": r["top1_ci"][1], "params_stored": c["params_stored"], "mflops": c["mflops_per_image"],
-                     "ms_b1": c.get("ms_per_image_b1"), "ms_b256": c.get("ms_per_image_b256"), "train_flops": np.nan})  # fmt: skip
+        rows.append(
+            {
+                "name": name if name != "kl" else "kl (conditional)",
+                "kind": "ensemble" if name == "kl" else "student" if name == "student" else "generalist",
+                "accuracy": r["top1"],
+                "lo": r["top1_ci"][0],
+                "hi": r["top1_ci"][1],
+                "params_stored": c["params_stored"],
+                "mflops": c["mflops_per_image"],
+                "ms_b1": c.get("ms_per_image_b1"),
+                "ms_b256": c.get("ms_per_image_b256"),
+                "train_flops": np.nan,
+            }
+        )
     return pd.DataFrame(rows)[list(COLUMNS)]
 
 
@@ -168,6 +244,10 @@ def points_of(folder: str | Path, metrics: Mapping[str, Any]) -> tuple[pd.DataFr
         for col in (*COLUMNS[2:], "delta", "delta_lo", "delta_hi", "p_value"):
             if col in table.columns:
                 table[col] = pd.to_numeric(table[col], errors="coerce")
-        return table, (f"measured by bench/frontier.py ({path.name}): generalists of other widths each trained for "
-                       f"{saved['budget_flops']:.3g} FLOPs, the base run's generalist + specialists")
-    return run_points(metrics), "this run's own models (bench/frontier.py adds generalists of other widths and cheaper specialists)"
+        return table, (
+            f"measured by bench/frontier.py ({path.name}): generalists of other widths each trained for "
+            f"{saved['budget_flops']:.3g} FLOPs, the base run's generalist + specialists"
+        )
+    return run_points(
+        metrics
+    ), "this run's own models (bench/frontier.py adds generalists of other widths and cheaper specialists)"

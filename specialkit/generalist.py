@@ -5,6 +5,7 @@ load the students of :mod:`specialkit.distill`.
 A recipe takes the run (``pipeline.Run``: its settings, data, keys and folder protocol) and returns the stage's
 result, training it only when the run's folder holds no finished copy for the current key.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,17 @@ import torch
 from . import byog, checkpoints, cost, distributed, models, runs, stages, training
 from .errors import ConfigError
 
-__all__ = ["ModelResult", "SPLITS", "train_config", "model_config", "train_model", "load_model", "make_generalist",
-           "make_compute_matched", "records"]
+__all__ = [
+    "ModelResult",
+    "SPLITS",
+    "train_config",
+    "model_config",
+    "train_model",
+    "load_model",
+    "make_generalist",
+    "make_compute_matched",
+    "records",
+]
 
 SPLITS = ("train", "val", "test")
 """The splits every whole-dataset model's logits are saved on."""
@@ -57,8 +67,9 @@ class ModelResult:
         return self.probs("test")
 
 
-def train_config(config: Any, *, epochs: int, lr: float, seed_offset: int, soft_weight: float = 0.0,
-                 temperature: float = 1.0) -> training.TrainConfig:  # fmt: skip
+def train_config(
+    config: Any, *, epochs: int, lr: float, seed_offset: int, soft_weight: float = 0.0, temperature: float = 1.0
+) -> training.TrainConfig:
     """The training settings of one model of a run: the run's optimiser, schedule, batch, device and seed with these.
 
     Args:
@@ -74,14 +85,24 @@ def train_config(config: Any, *, epochs: int, lr: float, seed_offset: int, soft_
     """
     c = config
     return training.TrainConfig(
-        epochs=epochs, batch_size=c.batch_size, optimizer=c.optimizer, lr=lr, weight_decay=c.weight_decay,
-        schedule=c.schedule, label_smoothing=c.label_smoothing, soft_weight=soft_weight,
-        temperature=temperature, device=c.device, seed=c.seed + seed_offset, progress=c.progress,
-    )  # fmt: skip
+        epochs=epochs,
+        batch_size=c.batch_size,
+        optimizer=c.optimizer,
+        lr=lr,
+        weight_decay=c.weight_decay,
+        schedule=c.schedule,
+        label_smoothing=c.label_smoothing,
+        soft_weight=soft_weight,
+        temperature=temperature,
+        device=c.device,
+        seed=c.seed + seed_offset,
+        progress=c.progress,
+    )
 
 
-def model_config(run: Any, *, num_classes: int, width: int | None = None, depth: int | None = None,
-                 name: str | None = None) -> models.ModelConfig:  # fmt: skip
+def model_config(
+    run: Any, *, num_classes: int, width: int | None = None, depth: int | None = None, name: str | None = None
+) -> models.ModelConfig:
     """The architecture of a model of ``run``: the run's (or a brought torchvision generalist's) with these overrides.
 
     Args:
@@ -97,15 +118,35 @@ def model_config(run: Any, *, num_classes: int, width: int | None = None, depth:
     ds, c = run.dataset(), run.config
     source = run.generalist_source()
     if source is not None and source.has_head and name is None and width is None and depth is None:
-        return byog.torchvision_config(source, num_classes=num_classes, in_channels=ds.channels, image_size=ds.image_size,
-                                       normalize=c.generalist_normalize, input_size=c.generalist_input_size)  # fmt: skip
-    return models.ModelConfig(name=name or c.model, num_classes=num_classes, in_channels=ds.channels,
-                              image_size=ds.image_size, width=width or c.width, depth=depth or c.depth)  # fmt: skip
+        return byog.torchvision_config(
+            source,
+            num_classes=num_classes,
+            in_channels=ds.channels,
+            image_size=ds.image_size,
+            normalize=c.generalist_normalize,
+            input_size=c.generalist_input_size,
+        )
+    return models.ModelConfig(
+        name=name or c.model,
+        num_classes=num_classes,
+        in_channels=ds.channels,
+        image_size=ds.image_size,
+        width=width or c.width,
+        depth=depth or c.depth,
+    )
 
 
-def train_model(run: Any, stage: str, *, model: torch.nn.Module, model_config: models.ModelConfig, tc: training.TrainConfig,
-                teacher: training.Teacher | None = None, sample_indices: Callable | None = None,
-                examples_seen: int | None = None) -> ModelResult:  # fmt: skip
+def train_model(
+    run: Any,
+    stage: str,
+    *,
+    model: torch.nn.Module,
+    model_config: models.ModelConfig,
+    tc: training.TrainConfig,
+    teacher: training.Teacher | None = None,
+    sample_indices: Callable | None = None,
+    examples_seen: int | None = None,
+) -> ModelResult:
     """Train (resumably) or load a whole-dataset model of the run; save checkpoint and logits. Under torchrun every
     rank trains its shard and only rank 0 writes (:mod:`specialkit.distributed`).
 
@@ -129,20 +170,37 @@ def train_model(run: Any, stage: str, *, model: torch.nn.Module, model_config: m
             run.begin(folder, key)
         distributed.barrier()
         ds = run.dataset()
-        run.log(f"[{stage}] training {model_config.name} ({models.count_parameters(model):,} parameters) "
-                f"for {tc.epochs} epochs on {run.device()}")  # fmt: skip
+        run.log(
+            f"[{stage}] training {model_config.name} ({models.count_parameters(model):,} parameters) "
+            f"for {tc.epochs} epochs on {run.device()}"
+        )
         training.seed_everything(tc.seed)
         history = training.fit(
-            model, ds.x_train, ds.y_train, config=tc, x_val=ds.x_val, y_val=ds.y_val, hflip=ds.hflip,
-            teacher=teacher, sample_indices=sample_indices, state_path=folder / "state.pt", desc=stage,
-        )  # fmt: skip
+            model,
+            ds.x_train,
+            ds.y_train,
+            config=tc,
+            x_val=ds.x_val,
+            y_val=ds.y_val,
+            hflip=ds.hflip,
+            teacher=teacher,
+            sample_indices=sample_indices,
+            state_path=folder / "state.pt",
+            desc=stage,
+        )
         seen = history.examples_seen if examples_seen is None else examples_seen
         if not distributed.is_main():
             distributed.barrier()  # rank 0 writes the files below
             return load_model(run, stage)
-        checkpoints.save_checkpoint(folder / "model.pt", model, model_config=model_config,
-                                    class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
-                                    history=history, extra={"stage": stage, "examples_seen": seen})  # fmt: skip
+        checkpoints.save_checkpoint(
+            folder / "model.pt",
+            model,
+            model_config=model_config,
+            class_names=ds.class_names,
+            dataset_fingerprint=ds.fingerprint,
+            history=history,
+            extra={"stage": stage, "examples_seen": seen},
+        )
         for split in SPLITS:
             x, _ = ds.split(split)
             logits = training.predict_logits(model, x, device=run.config.device).numpy()
@@ -170,8 +228,13 @@ def load_model(run: Any, stage: str) -> ModelResult:
 
     def load() -> ModelResult:
         folder, ds = run.stage_dir(stage), run.dataset()
-        model, info = checkpoints.load_checkpoint(folder / "model.pt", class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
-                                                  stage=stage, required_extra=("examples_seen",))  # fmt: skip
+        model, info = checkpoints.load_checkpoint(
+            folder / "model.pt",
+            class_names=ds.class_names,
+            dataset_fingerprint=ds.fingerprint,
+            stage=stage,
+            required_extra=("examples_seen",),
+        )
         logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in SPLITS}
         return ModelResult(stage, model.eval(), records(info.history), logits, int(info.extra["examples_seen"]))
 
@@ -209,10 +272,13 @@ def _given_generalist(run: Any, mc: models.ModelConfig) -> ModelResult:
         if source.kind == "torchvision":
             model = byog.load_torchvision(source, mc)
         elif source.has_model:
-            model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size, log=run.log)
+            model = byog.load_scripted(
+                source, normalize=c.generalist_normalize, input_size=c.generalist_input_size, log=run.log
+            )
         if model is None:
-            logits = byog.load_predictions(source.path, labels={s: ds.split(s)[1].numpy() for s in ("val", "test")},
-                                           class_names=ds.class_names)  # fmt: skip
+            logits = byog.load_predictions(
+                source.path, labels={s: ds.split(s)[1].numpy() for s in ("val", "test")}, class_names=ds.class_names
+            )
         else:
             logits = {s: training.predict_logits(model, ds.split(s)[0], device=c.device).numpy() for s in SPLITS}
             for s, z in logits.items():
@@ -221,15 +287,24 @@ def _given_generalist(run: Any, mc: models.ModelConfig) -> ModelResult:
         run.begin(folder, key)
         if source.kind == "torchvision":
             extra = {"stage": "generalist", "examples_seen": 0, "generalist_from": c.generalist_from}
-            checkpoints.save_checkpoint(folder / "model.pt", model, model_config=mc, class_names=ds.class_names,
-                                        dataset_fingerprint=ds.fingerprint, history=None, extra=extra)  # fmt: skip
+            checkpoints.save_checkpoint(
+                folder / "model.pt",
+                model,
+                model_config=mc,
+                class_names=ds.class_names,
+                dataset_fingerprint=ds.fingerprint,
+                history=None,
+                extra=extra,
+            )
         elif model is not None:
             with runs.atomic_open(folder / f"model.{source.kind}", "wb") as f, open(source.path, "rb") as src:
                 shutil.copyfileobj(src, f)
         for s, z in logits.items():
             runs.save_array(folder / f"logits_{s}.npy", z)
         run.add_time("generalist", time.perf_counter() - t0)
-        run.finish(folder, key, seconds=round(time.perf_counter() - t0, 2), examples_seen=0, generalist_from=c.generalist_from)
+        run.finish(
+            folder, key, seconds=round(time.perf_counter() - t0, 2), examples_seen=0, generalist_from=c.generalist_from
+        )
     return load_model(run, "generalist")
 
 
@@ -238,8 +313,13 @@ def _load_given(run: Any, source: byog.Source) -> ModelResult:
     folder, c = run.stage_dir("generalist"), run.config
     model = None
     if source.has_model:
-        model = byog.load_scripted(source, normalize=c.generalist_normalize, input_size=c.generalist_input_size,
-                                   path=folder / f"model.{source.kind}", log=run.log)  # fmt: skip
+        model = byog.load_scripted(
+            source,
+            normalize=c.generalist_normalize,
+            input_size=c.generalist_input_size,
+            path=folder / f"model.{source.kind}",
+            log=run.log,
+        )
     logits = {s: runs.load_array(folder / f"logits_{s}.npy") for s in SPLITS if (folder / f"logits_{s}.npy").is_file()}
     return ModelResult("generalist", model, [], logits, 0)
 
@@ -266,10 +346,19 @@ def make_compute_matched(run: Any) -> ModelResult:
         epochs = max(1, round(extra / n))
         per_epoch = max(1, extra // epochs)
         model = checkpoints.load_checkpoint(run.stage_dir("generalist") / "model.pt")[0]
-        tc = run.train_config(epochs=epochs, lr=c.lr * stages.FINE_TUNE_LR, seed_offset=stages.by_name("compute_matched").seed_offset)
+        tc = run.train_config(
+            epochs=epochs, lr=c.lr * stages.FINE_TUNE_LR, seed_offset=stages.by_name("compute_matched").seed_offset
+        )
         sampler = _fixed_size_sampler(n, per_epoch)
-        return train_model(run, "compute_matched", model=model, model_config=run.model_config(num_classes=ds.num_classes),
-                           tc=tc, sample_indices=sampler, examples_seen=per_epoch * epochs)  # fmt: skip
+        return train_model(
+            run,
+            "compute_matched",
+            model=model,
+            model_config=run.model_config(num_classes=ds.num_classes),
+            tc=tc,
+            sample_indices=sampler,
+            examples_seen=per_epoch * epochs,
+        )
     return load_model(run, "compute_matched")
 
 

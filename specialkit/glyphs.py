@@ -12,6 +12,7 @@ Generation is deterministic: every (split, class) pair draws from its own random
 ``(seed, split, class)``. The result is cached as ``.npz`` (no pickle) in ``root`` or in
 ``$SPECIALKIT_CACHE`` (default ``~/.cache/specialkit``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,18 +30,42 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from .dataset import Dataset, DatasetError
 from .runs import atomic_write_bytes
 
-__all__ = ["GlyphConfig", "CLASS_NAMES", "FONT_FILES", "font_paths", "render_split", "load_glyphs", "load_glyphs_hard",
-           "cache_dir"]
+__all__ = [
+    "GlyphConfig",
+    "CLASS_NAMES",
+    "FONT_FILES",
+    "font_paths",
+    "render_split",
+    "load_glyphs",
+    "load_glyphs_hard",
+    "cache_dir",
+]
 
 CLASS_NAMES: tuple[str, ...] = tuple(string.digits + string.ascii_uppercase + string.ascii_lowercase)
 COARSE_NAMES: tuple[str, ...] = ("digit", "uppercase", "lowercase")
 FONT_FILES: tuple[str, ...] = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-    "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10.ttf",
-)  # fmt: skip
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmss10.ttf",
+    "cmti10.ttf",
+    "cmtt10.ttf",
+)
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 _CANVAS = 64
 _FORMAT_VERSION = 1
@@ -76,8 +101,16 @@ class GlyphConfig:
     def hard(cls) -> "GlyphConfig":
         """The ``glyphs_hard`` regime: 16 px, heavy rotation, shear, scale, blur and noise, so a small
         generalist stays far from perfect and specialists have real errors to fix (docs/METHOD.md §8)."""
-        return cls(size=16, scale=(0.75, 1.2), rotation=(-20.0, 20.0), shear=(-0.3, 0.3), shift=(-1.5, 1.5),
-                   stroke=(0, 1), blur=(0.2, 0.9), noise=(5.0, 35.0))  # fmt: skip
+        return cls(
+            size=16,
+            scale=(0.75, 1.2),
+            rotation=(-20.0, 20.0),
+            shear=(-0.3, 0.3),
+            shift=(-1.5, 1.5),
+            stroke=(0, 1),
+            blur=(0.2, 0.9),
+            noise=(5.0, 35.0),
+        )
 
 
 def font_paths() -> list[Path]:
@@ -119,9 +152,14 @@ def render_glyph(char: str, font_path: str, rng: np.random.Generator, cfg: Glyph
     canvas = Image.new("L", (_CANVAS, _CANVAS), 0)
     stroke = int(rng.integers(cfg.stroke[0], cfg.stroke[1] + 1))
     ImageDraw.Draw(canvas).text(
-        (_CANVAS / 2, _CANVAS * 0.72), char, fill=255, font=_font(font_path, cfg.font_size),
-        anchor="ms", stroke_width=stroke, stroke_fill=255,
-    )  # fmt: skip
+        (_CANVAS / 2, _CANVAS * 0.72),
+        char,
+        fill=255,
+        font=_font(font_path, cfg.font_size),
+        anchor="ms",
+        stroke_width=stroke,
+        stroke_fill=255,
+    )
     canvas = canvas.transform(canvas.size, Image.Transform.AFFINE, _inverse_affine(rng, cfg), Image.Resampling.BILINEAR)
     img = canvas.resize((cfg.size, cfg.size), Image.Resampling.BOX)
     radius = rng.uniform(*cfg.blur)
@@ -132,7 +170,9 @@ def render_glyph(char: str, font_path: str, rng: np.random.Generator, cfg: Glyph
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
-def render_split(split: str, per_class: int, *, seed: int, cfg: GlyphConfig = GlyphConfig()) -> tuple[np.ndarray, np.ndarray]:
+def render_split(
+    split: str, per_class: int, *, seed: int, cfg: GlyphConfig = GlyphConfig()
+) -> tuple[np.ndarray, np.ndarray]:
     """Render ``per_class`` glyphs of every class: images (62·n, 1, size, size) uint8, labels (62·n,) int64."""
     fonts = [str(p) for p in font_paths()]
     images = np.empty((len(CLASS_NAMES) * per_class, 1, cfg.size, cfg.size), dtype=np.uint8)

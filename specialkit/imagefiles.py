@@ -1,5 +1,6 @@
 """One image file decoded to a ``uint8`` array: what the in-memory loaders (:mod:`specialkit.loaders`) and the
 streaming path (:mod:`specialkit.streaming`) both read images with, so both see the very same pixels."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def _center_crop_box(width: int, height: int, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+def _center_crop_box(
+    width: int, height: int, size: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """For a (width, height) image: the size to resize it to so it covers ``size`` (H, W) keeping its aspect
     ratio, and the centred crop box (left, top, right, bottom) of ``size`` in the resized image."""
     scale = max(size[0] / height, size[1] / width)

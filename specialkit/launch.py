@@ -9,6 +9,7 @@ each other down many times over (docs in ``/work/shared/FACTS.md``):
 Independent specialists go through ``submitit`` (Slurm on a cluster, its local executor on one
 machine): :func:`launch_specialists`, or ``specialkit specialists --run R --launcher submitit``.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,17 @@ import torch
 from . import pipeline, runs
 from .config import ConfigError
 
-__all__ = ["affinity_cores", "jobs_at_once_here", "thread_budget", "set_thread_budget", "LaunchError", "JobSettings",
-           "missing_specialists", "train_specialists_job", "launch_specialists"]  # fmt: skip
+__all__ = [
+    "affinity_cores",
+    "jobs_at_once_here",
+    "thread_budget",
+    "set_thread_budget",
+    "LaunchError",
+    "JobSettings",
+    "missing_specialists",
+    "train_specialists_job",
+    "launch_specialists",
+]
 
 
 class LaunchError(ConfigError):
@@ -73,7 +83,9 @@ def _omp_threads() -> int | None:
     return n if n >= 1 else None
 
 
-def set_thread_budget(threads: int | None = None, *, jobs: int | None = None, log: Callable[[str], None] = print) -> int:
+def set_thread_budget(
+    threads: int | None = None, *, jobs: int | None = None, log: Callable[[str], None] = print
+) -> int:
     """Set ``torch.set_num_threads`` and log one ``[threads]`` line; returns the count. The budget is
     ``threads`` (``--threads``) if given; else, when ``jobs`` is not given, an ``OMP_NUM_THREADS`` the user
     set (torchrun sets it too); else :func:`thread_budget` (the cores divided by the jobs at once)."""
@@ -117,11 +129,13 @@ class JobSettings:
     slurm_partition: str | None = None
 
     def __post_init__(self) -> None:
-        checks = [(self.cluster in (None, "local", "slurm", "debug"), "--submitit-cluster must be local, slurm or debug"),
-                  (self.jobs_at_once is None or self.jobs_at_once >= 1, "--jobs-at-once must be at least 1"),
-                  (self.cpus_per_job is None or self.cpus_per_job >= 1, "--cpus-per-job must be at least 1"),
-                  (self.gpus_per_job >= 0, "--gpus-per-job must be 0 or more"),
-                  (self.timeout_min >= 1, "--timeout-min must be at least 1 (minutes)")]  # fmt: skip
+        checks = [
+            (self.cluster in (None, "local", "slurm", "debug"), "--submitit-cluster must be local, slurm or debug"),
+            (self.jobs_at_once is None or self.jobs_at_once >= 1, "--jobs-at-once must be at least 1"),
+            (self.cpus_per_job is None or self.cpus_per_job >= 1, "--cpus-per-job must be at least 1"),
+            (self.gpus_per_job >= 0, "--gpus-per-job must be 0 or more"),
+            (self.timeout_min >= 1, "--timeout-min must be at least 1 (minutes)"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{message}; fix the flag and rerun")
@@ -146,7 +160,9 @@ def train_specialists_job(folder: str, indices: list[int], threads: int) -> list
             with runs.RunLock(folder, shared=True), runs.RunLock(folder, name=f".lock-specialist-{index}"):
                 run = pipeline.Run.open(folder)
                 sp = run.train_specialist(index)
-                print(f"specialist {index}: {len(sp.classes)} classes, saved in {run.specialist_dir(index)}", flush=True)
+                print(
+                    f"specialist {index}: {len(sp.classes)} classes, saved in {run.specialist_dir(index)}", flush=True
+                )
             done.append(index)
         except Exception as err:  # noqa: BLE001 - reported per specialist, the job's others still train
             print(f"specialist {index} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
@@ -160,13 +176,20 @@ def _executor(folder: Path, settings: JobSettings, *, jobs_at_once: int, cpus: i
     import submitit
 
     executor = submitit.AutoExecutor(folder=folder, cluster=settings.cluster)
-    executor.update_parameters(name="specialkit-specialist", timeout_min=settings.timeout_min, cpus_per_task=cpus,
-                               gpus_per_node=settings.gpus_per_job, slurm_array_parallelism=jobs_at_once,
-                               slurm_partition=settings.slurm_partition)  # fmt: skip
+    executor.update_parameters(
+        name="specialkit-specialist",
+        timeout_min=settings.timeout_min,
+        cpus_per_task=cpus,
+        gpus_per_node=settings.gpus_per_job,
+        slurm_array_parallelism=jobs_at_once,
+        slurm_partition=settings.slurm_partition,
+    )
     return executor
 
 
-def launch_specialists(run: Any, settings: JobSettings = JobSettings(), *, log: Callable[[str], None] = print) -> list[int]:
+def launch_specialists(
+    run: Any, settings: JobSettings = JobSettings(), *, log: Callable[[str], None] = print
+) -> list[int]:
     """Train the run's unfinished specialists as submitit jobs and wait for them.
 
     The generalist and clusters are made first (under the run's exclusive lock). Finished specialists
@@ -205,25 +228,33 @@ def _submit(run: Any, todo: list[int], settings: JobSettings, *, log: Callable[[
     # executor starts every job at once, so `at_once` jobs each train their share one after another.
     at_once = min(at_once, len(todo))
     chunks = [todo[k::at_once] for k in range(at_once)] if local else [[i] for i in todo]
-    log(f"[specialists] submitting {len(chunks)} job{'s' if len(chunks) != 1 else ''} ({executor.cluster}): specialists "
-        f"{', '.join(map(str, todo))}; {at_once} at once, {cpus} thread{'s' if cpus != 1 else ''} each")  # fmt: skip
+    log(
+        f"[specialists] submitting {len(chunks)} job{'s' if len(chunks) != 1 else ''} ({executor.cluster}): specialists "
+        f"{', '.join(map(str, todo))}; {at_once} at once, {cpus} thread{'s' if cpus != 1 else ''} each"
+    )
     jobs = executor.map_array(train_specialists_job, [str(run.folder)] * len(chunks), chunks, [cpus] * len(chunks))
     log(f"[specialists] jobs {', '.join(j.job_id for j in jobs)} (logs in {run.folder / 'jobs'})")
     failed: list[str] = []
     for chunk, job in zip(chunks, jobs):
         err = job.exception()
         if err is None:
-            log(f"[specialists] specialist{'s' if len(chunk) != 1 else ''} {', '.join(map(str, chunk))}: job {job.job_id} finished")
+            log(
+                f"[specialists] specialist{'s' if len(chunk) != 1 else ''} {', '.join(map(str, chunk))}: job {job.job_id} finished"
+            )
             continue
         last = [line for line in str(err).splitlines() if line.strip() and not line.startswith("-")]
         reason = next((line for line in reversed(last) if "Error" in line), last[-1] if last else type(err).__name__)
         missing = set(missing_specialists(run))
         for index in chunk:
             if index in missing:
-                failed.append(f"specialist {index}: job {job.job_id} failed ({reason.strip()[:300]}); log: {job.paths.stderr}")
+                failed.append(
+                    f"specialist {index}: job {job.job_id} failed ({reason.strip()[:300]}); log: {job.paths.stderr}"
+                )
     if failed:
-        raise LaunchError(f"{len(failed)} of {len(todo)} specialists failed; rerun the same command to resubmit only "
-                          "those:\n  " + "\n  ".join(failed))  # fmt: skip
+        raise LaunchError(
+            f"{len(failed)} of {len(todo)} specialists failed; rerun the same command to resubmit only "
+            "those:\n  " + "\n  ".join(failed)
+        )
 
 
 def _which() -> str:

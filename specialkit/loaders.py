@@ -22,6 +22,7 @@ imagefolder      ``root/<class>/*.png|jpg|jpeg|bmp``                 1 or 3    y
 ``root=None`` means :func:`default_root` (not for ``imagefolder``). Anything wrong with the files
 raises :class:`~specialkit.data.DatasetError` naming the path, what was expected and the fix.
 """
+
 from __future__ import annotations
 
 import os
@@ -437,7 +438,9 @@ def _image_size_of(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _read_images(paths: Sequence[Path], *, channels: int, size: tuple[int, int], workers: int, crop: bool = False) -> torch.Tensor:
+def _read_images(
+    paths: Sequence[Path], *, channels: int, size: tuple[int, int], workers: int, crop: bool = False
+) -> torch.Tensor:
     """Decode ``paths`` (N,) in parallel threads into a (N, channels, H, W) ``uint8`` tensor."""
     out = np.empty((len(paths), size[0], size[1], channels), dtype=np.uint8)
     mode = "L" if channels == 1 else "RGB"
@@ -474,9 +477,11 @@ def check_inside_root(name: str, root: Path, splits: Mapping[str, tuple[Sequence
             target = path.resolve() if path.is_symlink() else parent / path.name
             if not target.is_relative_to(top):
                 link = next((q for q in (path, *path.parents) if q.is_symlink()), path)
-                raise DatasetError(f"{name}: {link} is a symbolic link to {link.resolve()}, outside the data root {top}; the kit "
-                                   "reads only files under the root. Fix: copy the files into the root, or pass the folder that "
-                                   "holds them as the root")  # fmt: skip
+                raise DatasetError(
+                    f"{name}: {link} is a symbolic link to {link.resolve()}, outside the data root {top}; the kit "
+                    "reads only files under the root. Fix: copy the files into the root, or pass the folder that "
+                    "holds them as the root"
+                )
 
 
 def _pick(paths: Sequence[Path], labels: torch.Tensor, idx: torch.Tensor) -> tuple[list[Path], torch.Tensor]:
@@ -501,15 +506,19 @@ def _files_dataset(
     :data:`STREAM_OPTIONS` given to the loader) says so or the decoded images would not fit the memory budget."""
     opts = dict(streaming or {})
     n_images = sum(len(paths) for paths, _ in splits.values())
-    keep = st.choose_in_memory(st.decoded_bytes(n_images, channels, size), in_memory=opts.get("in_memory"),  # type: ignore[arg-type]
-                               memory_budget_gb=opts.get("memory_budget_gb"))  # type: ignore[arg-type]
+    keep = st.choose_in_memory(
+        st.decoded_bytes(n_images, channels, size),
+        in_memory=opts.get("in_memory"),  # type: ignore[arg-type]
+        memory_budget_gb=opts.get("memory_budget_gb"),
+    )  # type: ignore[arg-type]
     arrays: dict[str, Any] = {}
     for split, (paths, labels) in splits.items():
         if keep:
             arrays[f"x_{split}"] = _read_images(paths, channels=channels, size=size, workers=workers, crop=crop)
         else:
-            arrays[f"x_{split}"] = st.ImageFiles(paths, channels=channels, size=size, crop=crop,
-                                                 workers=int(opts.get("stream_workers", 2)))  # type: ignore[call-overload]
+            arrays[f"x_{split}"] = st.ImageFiles(
+                paths, channels=channels, size=size, crop=crop, workers=int(opts.get("stream_workers", 2))
+            )  # type: ignore[call-overload]
         arrays[f"y_{split}"] = labels
     return Dataset(name=name, class_names=class_names, hflip=hflip, **arrays)
 
@@ -713,7 +722,9 @@ def _image_folder_size(size: object, first: Path) -> tuple[int, int]:
 
 def _has_train_test(folder: Path) -> bool:
     """Whether ``folder`` holds ``train/`` and ``test/`` folders of class folders (e.g. CIFAR-10 as JPEGs)."""
-    return all((folder / split).is_dir() and any(p.is_dir() for p in (folder / split).iterdir()) for split in ("train", "test"))
+    return all(
+        (folder / split).is_dir() and any(p.is_dir() for p in (folder / split).iterdir()) for split in ("train", "test")
+    )
 
 
 def load_imagefolder(
@@ -757,12 +768,16 @@ def load_imagefolder(
     folder = Path(root).expanduser()
     if _has_train_test(folder):  # root/train/<class>/*, root/test/<class>/*: the test split is the given one
         if "test_fraction" in options:
-            raise DatasetError(f"imagefolder: {folder} has train/ and test/ folders, so its test split is given; drop test_fraction")
+            raise DatasetError(
+                f"imagefolder: {folder} has train/ and test/ folders, so its test split is given; drop test_fraction"
+            )
         class_names, paths, labels = _scan_image_folder(folder / "train")
         test_names, test_paths, y_test = _scan_image_folder(folder / "test")
         if test_names != class_names:
-            raise DatasetError(f"imagefolder: {folder / 'train'} and {folder / 'test'} name different class folders "
-                               f"({list(class_names)[:5]}... vs {list(test_names)[:5]}...); give both the same class folders")  # fmt: skip
+            raise DatasetError(
+                f"imagefolder: {folder / 'train'} and {folder / 'test'} name different class folders "
+                f"({list(class_names)[:5]}... vs {list(test_names)[:5]}...); give both the same class folders"
+            )
         check_inside_root("imagefolder", folder, {"train": (paths, labels), "test": (test_paths, y_test)})
         train, val = _train_val_indices(labels, per_class=per_class, val_fraction=val_fraction, seed=seed)
         splits = {"train": _pick(paths, labels, train), "val": _pick(paths, labels, val), "test": (test_paths, y_test)}
@@ -788,8 +803,10 @@ def load_imagefolder(
 # ---- ImageNet (ILSVRC CLS-LOC layout) ---------------------------------------------------------
 
 IMAGENET_SIZE = 64
-_IMAGENET_LAYOUT = ("train/<wnid>/*.JPEG, and the validation images either in val/<wnid>/*.JPEG or in val/*.JPEG "
-                    "listed in LOC_val_solution.csv (ImageId,PredictionString)")
+_IMAGENET_LAYOUT = (
+    "train/<wnid>/*.JPEG, and the validation images either in val/<wnid>/*.JPEG or in val/*.JPEG "
+    "listed in LOC_val_solution.csv (ImageId,PredictionString)"
+)
 
 
 def _imagenet_folder(root: str | Path | None) -> Path:
@@ -800,8 +817,10 @@ def _imagenet_folder(root: str | Path | None) -> Path:
     for folder in (base, base / "ILSVRC" / "Data" / "CLS-LOC", base / "Data" / "CLS-LOC"):
         if (folder / "train").is_dir():
             return folder
-    raise DatasetError(f"imagenet: no train/ folder in {base}; expected {_IMAGENET_LAYOUT}. Fix: pass root= the folder "
-                       "holding train/ (or Kaggle's folder holding ILSVRC/Data/CLS-LOC/train)")
+    raise DatasetError(
+        f"imagenet: no train/ folder in {base}; expected {_IMAGENET_LAYOUT}. Fix: pass root= the folder "
+        "holding train/ (or Kaggle's folder holding ILSVRC/Data/CLS-LOC/train)"
+    )
 
 
 def _imagenet_file(folder: Path, root: Path, name: str) -> Path | None:
@@ -834,13 +853,17 @@ def _imagenet_val_folders(val: Path, index: Mapping[str, int]) -> tuple[list[Pat
     labels: list[int] = []
     for sub in sorted(p for p in val.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if sub.name not in index:
-            raise DatasetError(f"imagenet: validation folder {sub} is not a class of train/ ({len(index)} classes); "
-                               f"Fix: remove it or add train/{sub.name}/ with its training images")  # fmt: skip
+            raise DatasetError(
+                f"imagenet: validation folder {sub} is not a class of train/ ({len(index)} classes); "
+                f"Fix: remove it or add train/{sub.name}/ with its training images"
+            )
         files = _image_files(sub)
         paths += files
         labels += [index[sub.name]] * len(files)
     if not paths:
-        raise DatasetError(f"imagenet: {val}/<wnid>/ holds no images; expected {_IMAGENET_LAYOUT}. Fix: put the validation images there")
+        raise DatasetError(
+            f"imagenet: {val}/<wnid>/ holds no images; expected {_IMAGENET_LAYOUT}. Fix: put the validation images there"
+        )
     return paths, torch.tensor(labels, dtype=torch.int64)
 
 
@@ -865,23 +888,31 @@ def _imagenet_val_csv(csv_path: Path, val: Path, index: Mapping[str, int]) -> tu
             continue
         image_id, wnid = (row[0].strip(), (row[1].split() or [""])[0]) if len(row) >= 2 else (row[0].strip(), "")
         if not image_id or wnid not in index:
-            raise DatasetError(f"imagenet: {csv_path} line {n} is {','.join(row)[:80]!r}; expected "
-                               f"'ImageId,<wnid> x y x y ...' with a wnid of train/ ({len(index)} classes). {fix}")  # fmt: skip
+            raise DatasetError(
+                f"imagenet: {csv_path} line {n} is {','.join(row)[:80]!r}; expected "
+                f"'ImageId,<wnid> x y x y ...' with a wnid of train/ ({len(index)} classes). {fix}"
+            )
         if image_id in seen:
             raise DatasetError(f"imagenet: {csv_path} line {n} lists {image_id} a second time; {fix}")
         seen.add(image_id)
-        image = next((p for s in (".JPEG", ".jpeg", ".jpg", ".JPG", ".png") if (p := val / f"{image_id}{s}").is_file()), None)
+        image = next(
+            (p for s in (".JPEG", ".jpeg", ".jpg", ".JPG", ".png") if (p := val / f"{image_id}{s}").is_file()), None
+        )
         if image is None:
-            raise DatasetError(f"imagenet: {csv_path} line {n} lists {image_id} but {val / (image_id + '.JPEG')} is missing; "
-                               "Fix: put the validation images in that folder, or remove the row")  # fmt: skip
+            raise DatasetError(
+                f"imagenet: {csv_path} line {n} lists {image_id} but {val / (image_id + '.JPEG')} is missing; "
+                "Fix: put the validation images in that folder, or remove the row"
+            )
         paths.append(image)
         labels.append(index[wnid])
     if not paths:
         raise DatasetError(f"imagenet: {csv_path} lists no images; {fix}")
     unlisted = len(_image_files(val)) - len(paths)
     if unlisted > 0:
-        raise DatasetError(f"imagenet: {val} holds {len(paths) + unlisted} images but {csv_path} lists only {len(paths)} of them, "
-                           f"so the test split would silently lose {unlisted}; {fix}, or move the unlisted images out of val/")  # fmt: skip
+        raise DatasetError(
+            f"imagenet: {val} holds {len(paths) + unlisted} images but {csv_path} lists only {len(paths)} of them, "
+            f"so the test split would silently lose {unlisted}; {fix}, or move the unlisted images out of val/"
+        )
     return paths, torch.tensor(labels, dtype=torch.int64)
 
 
@@ -892,8 +923,10 @@ def _imagenet_test(folder: Path, root: Path, index: Mapping[str, int]) -> tuple[
         return _imagenet_val_folders(val, index)
     csv_path = _imagenet_file(folder, root, "LOC_val_solution.csv")
     if csv_path is None or not val.is_dir():
-        raise DatasetError(f"imagenet: no validation images in {folder}; expected {_IMAGENET_LAYOUT}. Fix: put them there "
-                           "(Kaggle's LOC_val_solution.csv may sit in the folder above)")  # fmt: skip
+        raise DatasetError(
+            f"imagenet: no validation images in {folder}; expected {_IMAGENET_LAYOUT}. Fix: put them there "
+            "(Kaggle's LOC_val_solution.csv may sit in the folder above)"
+        )
     return _imagenet_val_csv(csv_path, val, index)
 
 
@@ -937,9 +970,19 @@ def load_imagenet(
     check_inside_root("imagenet", folder, {"train": (train_paths, y_all), "test": (test_paths, y_test)})
     class_names = _imagenet_names(_imagenet_file(folder, Path(root).expanduser(), "LOC_synset_mapping.txt"), wnids)  # type: ignore[arg-type]
     train, val = _train_val_indices(y_all, per_class=per_class, val_fraction=val_fraction, seed=seed)
-    splits = {"train": _pick(train_paths, y_all, train), "val": _pick(train_paths, y_all, val), "test": (test_paths, y_test)}
+    splits = {
+        "train": _pick(train_paths, y_all, train),
+        "val": _pick(train_paths, y_all, val),
+        "test": (test_paths, y_test),
+    }
     return _files_dataset(
-        "imagenet", class_names, splits, channels=3, size=(size, size), crop=True,
+        "imagenet",
+        class_names,
+        splits,
+        channels=3,
+        size=(size, size),
+        crop=True,
         workers=int(options.get("workers", _default_workers())),  # type: ignore[call-overload]
-        hflip=True, streaming=_stream_options(options),
-    )  # fmt: skip
+        hflip=True,
+        streaming=_stream_options(options),
+    )

@@ -18,6 +18,7 @@
 A stage that is not finished is a :class:`MissingStageError` naming the stage and the command that
 makes it; the report only renders what is computed here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -113,21 +114,32 @@ def comparison_rows(
         raise evaluation.EvaluationError(f"results must include {BASELINE!r}; got {list(results)}")
     correct = {name: np.asarray(p).argmax(axis=1) == y for name, p in results.items()}
     boot = stats.paired_bootstrap(correct, resamples=resamples, seed=seed)
-    covered = np.unique(np.concatenate([np.asarray(g) for g in groups])) if len(groups) else np.array([], dtype=np.int64)
+    covered = (
+        np.unique(np.concatenate([np.asarray(g) for g in groups])) if len(groups) else np.array([], dtype=np.int64)
+    )
     base_top1 = float(correct[BASELINE].mean())
     rows = []
     for name, p in results.items():
         ok = correct[name]
         vs_gen = stats.mcnemar(correct[BASELINE], ok)
         row: dict[str, Any] = {
-            "name": name, "top1": float(ok.mean()), "top1_ci": list(boot.top1_ci(name)), "n_correct": int(ok.sum()),
-            "delta_top1": float(ok.mean()) - base_top1, "gain_vs_generalist_ci": list(boot.gain_ci(name, BASELINE)),
+            "name": name,
+            "top1": float(ok.mean()),
+            "top1_ci": list(boot.top1_ci(name)),
+            "n_correct": int(ok.sum()),
+            "delta_top1": float(ok.mean()) - base_top1,
+            "gain_vs_generalist_ci": list(boot.gain_ci(name, BASELINE)),
             "relative_change": (float(ok.mean()) - base_top1) / base_top1 if base_top1 > 0 else None,
             "p_vs_generalist": None if name == BASELINE else vs_gen.p_value,
-            "fixed": vs_gen.fixed, "broken": vs_gen.broken,
-            "gain_vs_compute_matched": None, "gain_vs_compute_matched_ci": None, "p_vs_compute_matched": None,
-        }  # fmt: skip
-        row["vs_generalist"] = None if name == BASELINE else stats.verdict(row["gain_vs_generalist_ci"], row["p_vs_generalist"])
+            "fixed": vs_gen.fixed,
+            "broken": vs_gen.broken,
+            "gain_vs_compute_matched": None,
+            "gain_vs_compute_matched_ci": None,
+            "p_vs_compute_matched": None,
+        }
+        row["vs_generalist"] = (
+            None if name == BASELINE else stats.verdict(row["gain_vs_generalist_ci"], row["p_vs_generalist"])
+        )
         if MATCHED in results and name != MATCHED:
             vs_cm = stats.mcnemar(correct[MATCHED], ok)
             row["gain_vs_compute_matched"] = float(ok.mean() - correct[MATCHED].mean())
@@ -141,8 +153,9 @@ def comparison_rows(
     return rows, boot
 
 
-def table4_rows(p_gen: np.ndarray, q: np.ndarray, y: np.ndarray, coverage: np.ndarray, *, resamples: int = 2000,
-                seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+def table4_rows(
+    p_gen: np.ndarray, q: np.ndarray, y: np.ndarray, coverage: np.ndarray, *, resamples: int = 2000, seed: int = 0
+) -> list[dict[str, Any]]:
     """The paper's Table 4 for one rule, with the interval of each row's relative gain.
 
     Each row: ``covered_by``, ``n_classes``, ``n_examples``, ``gen_correct``, ``ens_correct``,
@@ -156,7 +169,9 @@ def table4_rows(p_gen: np.ndarray, q: np.ndarray, y: np.ndarray, coverage: np.nd
     rows = json.loads(df.to_json(orient="records"))
     for row in rows:
         sel = np.ones(len(y), dtype=bool) if row["covered_by"] == "total" else bucket == int(row["covered_by"])
-        row["relative_gain_ci"] = list(stats.subset_relative_gain_ci(gen_ok[sel], ens_ok[sel], resamples=resamples, seed=seed))
+        row["relative_gain_ci"] = list(
+            stats.subset_relative_gain_ci(gen_ok[sel], ens_ok[sel], resamples=resamples, seed=seed)
+        )
         row["too_small"] = bool(row["n_examples"] < stats.MIN_ROW)
     return rows
 
@@ -172,7 +187,12 @@ def init_check(run: RunView, *, split: str = "val") -> list[dict[str, Any]]:
     x = ds.split(split)[0]
     p_gen = gen.probs(split)
     rows: list[dict[str, Any]] = []
-    if run.config.specialist_model or run.config.specialist_width or run.config.specialist_depth or run.scratch_reason():
+    if (
+        run.config.specialist_model
+        or run.config.specialist_width
+        or run.config.specialist_depth
+        or run.scratch_reason()
+    ):
         return rows  # from-scratch specialists have no initialisation to check
     for group, classes in zip(run.clusters().groups, run.groups()):
         target = specialists.collapse_probs(p_gen, classes)
@@ -181,12 +201,14 @@ def init_check(run: RunView, *, split: str = "val") -> list[dict[str, Any]]:
         w, b = specialists.dustbin_head(gen.model.head.weight.detach(), gen.model.head.bias.detach(), classes)
         one_row = models.replace_head(copy.deepcopy(gen.model), w, b)  # no random numbers drawn
         p_old = specialists.predict_specialist(one_row, x, shift=0.0, device=run.config.device)
-        rows.append({
-            "group": group,
-            "dustbin_gap": float(np.abs(p_new[:, -1] - target[:, -1]).mean()),
-            "special_gap_max": float(np.abs(p_new[:, :-1] - target[:, :-1]).max()),
-            "dustbin_gap_one_row_head": float(np.abs(p_old[:, -1] - target[:, -1]).mean()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "group": group,
+                "dustbin_gap": float(np.abs(p_new[:, -1] - target[:, -1]).mean()),
+                "special_gap_max": float(np.abs(p_new[:, :-1] - target[:, :-1]).max()),
+                "dustbin_gap_one_row_head": float(np.abs(p_old[:, -1] - target[:, -1]).mean()),
+            }
+        )
     return rows
 
 
@@ -216,22 +238,33 @@ def correction_comparison(run: RunView, *, split: str = "val") -> dict[str, Any]
         target = specialists.target_map(sp.classes, ds.num_classes)[y]
         f = sp.special_fraction if sp.special_fraction is not None else run.config.special_fraction
         for method in specialists.CORRECTIONS:
-            shift = specialists.correction_value(method, y_train=y_train, classes=sp.classes, special_fraction=f,
-                                                 val_logits=z, y_val=y)  # fmt: skip
+            shift = specialists.correction_value(
+                method, y_train=y_train, classes=sp.classes, special_fraction=f, val_logits=z, y_val=y
+            )
             p = specialists.apply_dustbin_shift(z, shift)
             shifted.setdefault(method, []).append(p)
-            per_spec.append({
-                "group": group, "correction": method, "shift": shift,
-                "true_dustbin_share": float((target == len(sp.classes)).mean()),
-                "dustbin_share": float((p.argmax(1) == len(sp.classes)).mean()),
-                "log_loss": float(-np.log(np.clip(p[np.arange(len(y)), target], 1e-12, None)).mean()),
-            })  # fmt: skip
+            per_spec.append(
+                {
+                    "group": group,
+                    "correction": method,
+                    "shift": shift,
+                    "true_dustbin_share": float((target == len(sp.classes)).mean()),
+                    "dustbin_share": float((p.argmax(1) == len(sp.classes)).mean()),
+                    "log_loss": float(-np.log(np.clip(p[np.arange(len(y)), target], 1e-12, None)).mean()),
+                }
+            )
     for method, probs in shifted.items():
         outs = [ensemble.SpecialistOutputs(classes=sp.classes, probs=p) for sp, p in zip(sps, probs)]
         q = ensemble.combine_kl(p_gen, outs, active)
         ens[method] = float((q.argmax(1) == y).mean())
     best = max(ens, key=lambda k: ens[k])
-    return {"split": split, "per_specialist": per_spec, "kl_top1": ens, "best": best, "used": run.config.dustbin_correction}
+    return {
+        "split": split,
+        "per_specialist": per_spec,
+        "kl_top1": ens,
+        "best": best,
+        "used": run.config.dustbin_correction,
+    }
 
 
 def dustbin_effect(run: RunView, *, split: str = "val") -> pd.DataFrame:
@@ -242,12 +275,17 @@ def dustbin_effect(run: RunView, *, split: str = "val") -> pd.DataFrame:
     for i, (group, sp) in enumerate(zip(run.clusters().groups, run.specialists())):
         z = _specialist_logits(run, i, split)
         dust = len(sp.classes)
-        rows.append({
-            "group": group, "dustbin_shift": sp.dustbin_shift,
-            "true_dustbin_share": float((~np.isin(y, sp.classes)).mean()),
-            "dustbin_share_uncorrected": float((z.argmax(1) == dust).mean()),
-            "dustbin_share_corrected": float((specialists.apply_dustbin_shift(z, sp.dustbin_shift).argmax(1) == dust).mean()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "group": group,
+                "dustbin_shift": sp.dustbin_shift,
+                "true_dustbin_share": float((~np.isin(y, sp.classes)).mean()),
+                "dustbin_share_uncorrected": float((z.argmax(1) == dust).mean()),
+                "dustbin_share_corrected": float(
+                    (specialists.apply_dustbin_shift(z, sp.dustbin_shift).argmax(1) == dust).mean()
+                ),
+            }
+        )
     return pd.DataFrame(rows).set_index("group")
 
 
@@ -263,13 +301,22 @@ def specialist_rows(run: RunView) -> list[dict[str, Any]]:
         own = np.isin(y, sp.classes)
         pred = probs.argmax(1)
         last = sp.history[-1] if sp.history else {}
-        rows.append({
-            "group": group, "classes": " ".join(sp.class_names), "size": len(sp.classes),
-            "initialised_from": sp.initialised_from, "correction": sp.correction, "dustbin_shift": sp.dustbin_shift,
-            "examples_seen": sp.examples_seen, "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"),
-            "test_acc_own_classes": float((pred[own] == target[y[own]]).mean()) if own.any() else None,
-            "test_acc_all": float((pred == target[y]).mean()), **evaluation.model_cost(sp.model, shape),
-        })  # fmt: skip
+        rows.append(
+            {
+                "group": group,
+                "classes": " ".join(sp.class_names),
+                "size": len(sp.classes),
+                "initialised_from": sp.initialised_from,
+                "correction": sp.correction,
+                "dustbin_shift": sp.dustbin_shift,
+                "examples_seen": sp.examples_seen,
+                "train_acc": last.get("train_acc"),
+                "val_acc": last.get("val_acc"),
+                "test_acc_own_classes": float((pred[own] == target[y[own]]).mean()) if own.any() else None,
+                "test_acc_all": float((pred == target[y]).mean()),
+                **evaluation.model_cost(sp.model, shape),
+            }
+        )
     return rows
 
 
@@ -308,8 +355,14 @@ def _paired(boot: stats.Bootstrap, correct: Mapping[str, np.ndarray], name: str,
     McNemar's p, the fixed/broken counts and the verdict."""
     test = stats.mcnemar(correct[reference], correct[name])
     ci = list(boot.gain_ci(name, reference))
-    return {"gain": float(correct[name].mean() - correct[reference].mean()), "ci": ci, "p": test.p_value,
-            "fixed": test.fixed, "broken": test.broken, "verdict": stats.verdict(ci, test.p_value)}  # fmt: skip
+    return {
+        "gain": float(correct[name].mean() - correct[reference].mean()),
+        "ci": ci,
+        "p": test.p_value,
+        "fixed": test.fixed,
+        "broken": test.broken,
+        "verdict": stats.verdict(ci, test.p_value),
+    }
 
 
 def results_on_test(run: RunView) -> dict[str, np.ndarray]:
@@ -350,12 +403,17 @@ def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, 
     flops = None
     if gen.model is not None:
         gen_cost = evaluation.model_cost(gen.model, shape)
-        flops = evaluation.ensemble_cost(gen_cost, [evaluation.model_cost(s.model, shape) for s in sps], run.activation("test"))
+        flops = evaluation.ensemble_cost(
+            gen_cost, [evaluation.model_cost(s.model, shape) for s in sps], run.activation("test")
+        )
     student_cost = evaluation.model_cost(run.distill().model, shape) if "student" in rows else None
     student = {"test_top1": rows["student"]["top1"], **student_cost} if student_cost else None
     if student and "kl" in rows:
-        student["share_of_kl_gain"] = ((rows["student"]["top1"] - rows[BASELINE]["top1"]) / rows["kl"]["delta_top1"]
-                                       if rows["kl"]["delta_top1"] > 0 else None)  # fmt: skip
+        student["share_of_kl_gain"] = (
+            (rows["student"]["top1"] - rows[BASELINE]["top1"]) / rows["kl"]["delta_top1"]
+            if rows["kl"]["delta_top1"] > 0
+            else None
+        )
         student["share_of_kl_gain_ci"] = list(boot.share_ci("student", BASELINE, "kl"))
         student["kl_gain_significant"] = rows["kl"]["vs_generalist"] == "better"
     if student and CONTROL in rows:
@@ -366,24 +424,48 @@ def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, 
     m: dict[str, Any] = {
         "run": cfg.name,
         "config": cfg.to_dict(),
-        "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train": len(ds.y_train), "val": len(ds.y_val),
-                    "test": len(ds.y_test), "fingerprint": ds.fingerprint},  # fmt: skip
-        "generalist": {"val_top1": cs.accuracy, "test_top1": rows[BASELINE]["top1"], **gen_cost,
-                       "examples_seen": gen.examples_seen,
-                       "val_acc_by_epoch": [r.get("val_acc") for r in gen.history]},  # fmt: skip
+        "dataset": {
+            "name": ds.name,
+            "num_classes": ds.num_classes,
+            "train": len(ds.y_train),
+            "val": len(ds.y_val),
+            "test": len(ds.y_test),
+            "fingerprint": ds.fingerprint,
+        },
+        "generalist": {
+            "val_top1": cs.accuracy,
+            "test_top1": rows[BASELINE]["top1"],
+            **gen_cost,
+            "examples_seen": gen.examples_seen,
+            "val_acc_by_epoch": [r.get("val_acc") for r in gen.history],
+        },
         "top_confused_pairs": _records(cs.top_pairs(10)),
-        "clusters": {"groups": {k: list(v) for k, v in spec.groups.items()}, "uncovered": list(spec.uncovered()),
-                     "quality": quality, "all_covered": bool((coverage > 0).all()),
-                     "coverage_warning": clusters.coverage_warning(spec),
-                     "methods": _records(clusters.quality_table(clusters.method_specs(run), cs.cm,
-                                                                coarse_of_class=ds.coarse_of_class))},  # fmt: skip
+        "clusters": {
+            "groups": {k: list(v) for k, v in spec.groups.items()},
+            "uncovered": list(spec.uncovered()),
+            "quality": quality,
+            "all_covered": bool((coverage > 0).all()),
+            "coverage_warning": clusters.coverage_warning(spec),
+            "methods": _records(
+                clusters.quality_table(clusters.method_specs(run), cs.cm, coarse_of_class=ds.coarse_of_class)
+            ),
+        },
         "specialists": specialist_rows(run),
         "init_check": init_check(run),
         "dustbin_corrections": correction_comparison(run),
         "comparison": comparison,
-        "table4": {rule: table4_rows(gen.test_probs, results[rule], y, coverage, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
-                   for rule in results if rule not in NOT_RULES},  # fmt: skip
-        "cost": {"flops": flops, "student": student_cost, "specialists_total_examples": int(sum(s.examples_seen for s in sps))},
+        "table4": {
+            rule: table4_rows(
+                gen.test_probs, results[rule], y, coverage, resamples=cfg.bootstrap_resamples, seed=cfg.seed
+            )
+            for rule in results
+            if rule not in NOT_RULES
+        },
+        "cost": {
+            "flops": flops,
+            "student": student_cost,
+            "specialists_total_examples": int(sum(s.examples_seen for s in sps)),
+        },
         "student": student,
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "level": 1 - stats.ALPHA},
         "timings": stage_seconds(run),
@@ -396,8 +478,11 @@ def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, 
     if gen.logits.get("train") is not None:  # a predictions-only generalist has none
         m["generalist"]["train_top1"] = float((gen.logits["train"].argmax(1) == ds.y_train.numpy()).mean())
     if cfg.compute_matched and MATCHED not in skipped:
-        m["compute_matched"] = {"test_top1": rows[MATCHED]["top1"], "examples_seen": run.compute_matched().examples_seen,
-                                "budget": cost.compute_budget(run)}  # fmt: skip
+        m["compute_matched"] = {
+            "test_top1": rows[MATCHED]["top1"],
+            "examples_seen": run.compute_matched().examples_seen,
+            "budget": cost.compute_budget(run),
+        }
     lat = _records(latency(run)) if measure_latency and gen.model is not None else None
     if lat is not None:
         m["cost"]["latency"] = lat
@@ -433,9 +518,15 @@ def aggregate_seeds(per_seed: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
             if not values:
                 continue
             v = np.array(list(values.values()))
-            rows.append({"name": name, "metric": metric, "mean": float(v.mean()),
-                         "std": float(v.std(ddof=1)) if len(v) > 1 else None,
-                         "values": {str(k): x for k, x in values.items()}})  # fmt: skip
+            rows.append(
+                {
+                    "name": name,
+                    "metric": metric,
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+                    "values": {str(k): x for k, x in values.items()},
+                }
+            )
     return {"seeds": seeds, "rows": rows}
 
 
@@ -458,8 +549,13 @@ CONVERGENCE_EPOCHS = 3
 """How many of the generalist's last epochs the convergence check reads."""
 
 
-def convergence(history: Sequence[Mapping[str, Any]], comparison: Sequence[Mapping[str, Any]], *, n_val: int,
-                last: int = CONVERGENCE_EPOCHS) -> dict[str, Any]:  # fmt: skip
+def convergence(
+    history: Sequence[Mapping[str, Any]],
+    comparison: Sequence[Mapping[str, Any]],
+    *,
+    n_val: int,
+    last: int = CONVERGENCE_EPOCHS,
+) -> dict[str, Any]:
     """Was the generalist still improving when the specialists were built on it?
 
     Two readings: (1) its validation accuracy over the ``last`` epochs: ``val_rise``, the last epoch's
@@ -490,8 +586,12 @@ def convergence(history: Sequence[Mapping[str, Any]], comparison: Sequence[Mappi
     best = max(rules, key=lambda r: r["delta_top1"]) if rules else None
     cm_better = cm is not None and cm.get("vs_generalist") == "better"
     out: dict[str, Any] = {
-        "epochs": len(val), "last_epochs": list(range(len(val) - len(tail) + 1, len(val) + 1)), "val_acc": tail,
-        "val_rise": rise, "val_noise": noise, "val_still_rising": rising,
+        "epochs": len(val),
+        "last_epochs": list(range(len(val) - len(tail) + 1, len(val) + 1)),
+        "val_acc": tail,
+        "val_rise": rise,
+        "val_noise": noise,
+        "val_still_rising": rising,
         "compute_matched_gain": None if cm is None else cm["delta_top1"],
         "compute_matched_gain_ci": None if cm is None else cm["gain_vs_generalist_ci"],
         "compute_matched_p": None if cm is None else cm["p_vs_generalist"],
@@ -501,8 +601,10 @@ def convergence(history: Sequence[Mapping[str, Any]], comparison: Sequence[Mappi
         "best_rule_gain_ci": None if best is None else best["gain_vs_generalist_ci"],
         "best_rule_vs_compute_matched": None if best is None else best.get("vs_compute_matched"),
         "still_improving": bool(rising or cm_better),
-    }  # fmt: skip
-    out["verdict"] = "unknown" if not val else ("still improving" if out["still_improving"] else "no sign of improvement")
+    }
+    out["verdict"] = (
+        "unknown" if not val else ("still improving" if out["still_improving"] else "no sign of improvement")
+    )
     return out
 
 
@@ -534,8 +636,9 @@ def specialist_fit(run: RunView) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------- studies
 
 
-def study_row(metrics: Mapping[str, Any], *, settings: Mapping[str, Any], seed: int, run: str,
-              seconds: float | None = None) -> dict[str, Any]:  # fmt: skip
+def study_row(
+    metrics: Mapping[str, Any], *, settings: Mapping[str, Any], seed: int, run: str, seconds: float | None = None
+) -> dict[str, Any]:
     """One flat row of ``study.csv`` from a run's ``metrics.json``: the swept ``settings``, the seed, every
     model's and rule's top-1 with its interval, each rule's gain over the generalist and over the
     compute-matched generalist with intervals, p-values and verdicts, FLOPs/parameter/latency ratios,
@@ -546,9 +649,16 @@ def study_row(metrics: Mapping[str, Any], *, settings: Mapping[str, Any], seed: 
         row[f"{n}_top1"], (row[f"{n}_top1_lo"], row[f"{n}_top1_hi"]) = r["top1"], r["top1_ci"]
         if n in NOT_RULES:
             continue
-        for base, gain, ci, p, word in ((BASELINE, "delta_top1", "gain_vs_generalist_ci", "p_vs_generalist", "vs_generalist"),
-                                        (MATCHED, "gain_vs_compute_matched", "gain_vs_compute_matched_ci",
-                                         "p_vs_compute_matched", "vs_compute_matched")):  # fmt: skip
+        for base, gain, ci, p, word in (
+            (BASELINE, "delta_top1", "gain_vs_generalist_ci", "p_vs_generalist", "vs_generalist"),
+            (
+                MATCHED,
+                "gain_vs_compute_matched",
+                "gain_vs_compute_matched_ci",
+                "p_vs_compute_matched",
+                "vs_compute_matched",
+            ),
+        ):
             if r.get(gain) is None:
                 continue
             row[f"{n}_gain_vs_{base}"] = r[gain]
@@ -583,7 +693,9 @@ def seed_interval(values: Sequence[float], *, fallback: Sequence[float] | None =
 
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2:
-        return (float(fallback[0]), float(fallback[1])) if fallback is not None and len(v) == 1 else (math.nan, math.nan)
+        return (
+            (float(fallback[0]), float(fallback[1])) if fallback is not None and len(v) == 1 else (math.nan, math.nan)
+        )
     half = float(st.t.ppf(1 - stats.ALPHA / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
     return (float(v.mean()) - half, float(v.mean()) + half)
 
@@ -598,9 +710,14 @@ def _t_p_value(values: Sequence[float]) -> float:
     return float(st.ttest_1samp(v, 0.0).pvalue)
 
 
-def study_summary(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *,
-                  correct: Sequence[Mapping[str, np.ndarray] | None] | None = None, tie_margin: float = stats.TIE_MARGIN,
-                  resamples: int = 2000) -> list[dict[str, Any]]:  # fmt: skip
+def study_summary(
+    rows: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    *,
+    correct: Sequence[Mapping[str, np.ndarray] | None] | None = None,
+    tie_margin: float = stats.TIE_MARGIN,
+    resamples: int = 2000,
+) -> list[dict[str, Any]]:
     """Per study point (the values of ``keys``), rule and baseline (``generalist`` | ``compute_matched``):
     the mean gain across seeds with its 95% interval, its verdict, and in how many seeds the paired test on
     the test images found the rule better / worse.
@@ -647,17 +764,29 @@ def study_summary(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *,
                     lo, hi = seed_interval(vals, fallback=(rows[have[0]][f"{col}_lo"], rows[have[0]][f"{col}_hi"]))
                     p, kind = _t_p_value(vals), "student t"
                 word = "vs_generalist" if base == BASELINE else "vs_compute_matched"
-                out.append({**{k: first[k] for k in keys}, "rule": rule, "baseline": base, "seeds": len(vals),
-                            "mean": float(np.mean(vals)), "lo": lo, "hi": hi, "interval": kind, "p_value": p,
-                            "seeds_better": sum(rows[i].get(f"{rule}_{word}") == "better" for i in have),
-                            "seeds_worse": sum(rows[i].get(f"{rule}_{word}") == "worse" for i in have),
-                            "rule_top1": float(np.mean([rows[i][f"{rule}_top1"] for i in have])),
-                            "baseline_top1": float(np.mean([rows[i][f"{base}_top1"] for i in have]))})  # fmt: skip
+                out.append(
+                    {
+                        **{k: first[k] for k in keys},
+                        "rule": rule,
+                        "baseline": base,
+                        "seeds": len(vals),
+                        "mean": float(np.mean(vals)),
+                        "lo": lo,
+                        "hi": hi,
+                        "interval": kind,
+                        "p_value": p,
+                        "seeds_better": sum(rows[i].get(f"{rule}_{word}") == "better" for i in have),
+                        "seeds_worse": sum(rows[i].get(f"{rule}_{word}") == "worse" for i in have),
+                        "rule_top1": float(np.mean([rows[i][f"{rule}_top1"] for i in have])),
+                        "baseline_top1": float(np.mean([rows[i][f"{base}_top1"] for i in have])),
+                    }
+                )
     adjusted = stats.holm([r["p_value"] for r in out]) if out else []
     for r, p_holm in zip(out, adjusted):
         r["p_holm"] = None if not np.isfinite(p_holm) else float(p_holm)
         r["p_value"] = None if not np.isfinite(r["p_value"]) else r["p_value"]
         r["tie_margin"] = tie_margin
-        r["verdict"] = stats.across_seed_verdict(r["lo"], r["hi"], p_holm if np.isfinite(p_holm) else math.nan, r["seeds"],
-                                                 margin=tie_margin)  # fmt: skip
+        r["verdict"] = stats.across_seed_verdict(
+            r["lo"], r["hi"], p_holm if np.isfinite(p_holm) else math.nan, r["seeds"], margin=tie_margin
+        )
     return out

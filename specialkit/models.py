@@ -21,6 +21,7 @@ Registry names:
 >>> m(torch.rand(2, 1, 32, 32)).shape
 torch.Size([2, 62])
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
@@ -109,7 +110,9 @@ class ModelConfig:
         if self.special_classes is not None:
             object.__setattr__(self, "special_classes", tuple(int(c) for c in self.special_classes))
         if (self.dustbin_of is None) != (self.special_classes is None):
-            raise ModelError("ModelConfig.dustbin_of and special_classes go together: set both (a specialist's head) or neither")
+            raise ModelError(
+                "ModelConfig.dustbin_of and special_classes go together: set both (a specialist's head) or neither"
+            )
         if self.dustbin_of is not None:
             sc = self.special_classes
             if len(set(sc)) != len(sc) or min(sc) < 0 or max(sc) >= self.dustbin_of or len(sc) >= self.dustbin_of:
@@ -117,7 +120,9 @@ class ModelConfig:
                     f"ModelConfig.special_classes={sc} must be distinct indices in [0, {self.dustbin_of}) leaving other classes"
                 )
             if self.num_classes != len(sc) + 1:
-                raise ModelError(f"ModelConfig.num_classes={self.num_classes} must be len(special_classes) + 1 = {len(sc) + 1}")
+                raise ModelError(
+                    f"ModelConfig.num_classes={self.num_classes} must be len(special_classes) + 1 = {len(sc) + 1}"
+                )
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None:
@@ -136,7 +141,11 @@ class ModelConfig:
                 raise ModelError(f"ModelConfig.{key} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
-        if not isinstance(self.shared_stages, (int, np.integer)) or isinstance(self.shared_stages, bool) or self.shared_stages < 0:
+        if (
+            not isinstance(self.shared_stages, (int, np.integer))
+            or isinstance(self.shared_stages, bool)
+            or self.shared_stages < 0
+        ):
             raise ModelError(f"ModelConfig.shared_stages must be a whole number >= 0, got {self.shared_stages!r}")
         if self.input_size is not None and (not isinstance(self.input_size, (int, np.integer)) or self.input_size < 1):
             raise ModelError(f"ModelConfig.input_size must be a positive integer or None, got {self.input_size!r}")
@@ -226,7 +235,9 @@ class Classifier(nn.Module):
 
     def stage_ends(self) -> list[int]:
         """Index into ``body`` just after each stage (one entry per stage), for :meth:`trunk`."""
-        raise ModelError(f"{type(self).__name__} does not define its stages: give it a stage_ends() method to share its trunk")
+        raise ModelError(
+            f"{type(self).__name__} does not define its stages: give it a stage_ends() method to share its trunk"
+        )
 
     @property
     def num_stages(self) -> int:
@@ -236,7 +247,9 @@ class Classifier(nn.Module):
     def _split(self, stages: int) -> int:
         n = self.num_stages
         if not isinstance(stages, int) or isinstance(stages, bool) or not 1 <= stages <= n:
-            raise ModelError(f"shared stages={stages!r}: this {self.config.name} has {n} stages, so share 1..{n} of them (0 = no sharing)")
+            raise ModelError(
+                f"shared stages={stages!r}: this {self.config.name} has {n} stages, so share 1..{n} of them (0 = no sharing)"
+            )
         return self.stage_ends()[stages - 1]
 
     def trunk(self, stages: int) -> Trunk:
@@ -245,7 +258,7 @@ class Classifier(nn.Module):
 
     def forward_from(self, h: torch.Tensor, stages: int) -> torch.Tensor:
         """Logits from the output ``h`` of ``self.trunk(stages)``: the later stages, then the head."""
-        return self.head(self.dropout(self.body[self._split(stages):](h)))
+        return self.head(self.dropout(self.body[self._split(stages) :](h)))
 
 
 class Trunk(nn.Module):
@@ -319,18 +332,24 @@ class SharedTrunkClassifier(Classifier):
     def shared_trunk(self) -> Trunk:
         """The attached :class:`Trunk` (a clear error when none is attached)."""
         if not self._trunk:
-            raise ModelError("this shared-trunk specialist has no trunk attached: load it with "
-                             "specialists.load_specialist(path, ds=..., generalist=<its generalist>)")
+            raise ModelError(
+                "this shared-trunk specialist has no trunk attached: load it with "
+                "specialists.load_specialist(path, ds=..., generalist=<its generalist>)"
+            )
         return self._trunk[0]
 
     def attach(self, trunk: Trunk) -> SharedTrunkClassifier:
         """Run on ``trunk`` (its fingerprint must match the one recorded at training, if any); returns self."""
         if trunk.stages != self.shared_stages:
-            raise ModelError(f"the trunk has {trunk.stages} stages but this specialist shares {self.shared_stages}: "
-                             f"cut it with generalist.trunk({self.shared_stages})")
+            raise ModelError(
+                f"the trunk has {trunk.stages} stages but this specialist shares {self.shared_stages}: "
+                f"cut it with generalist.trunk({self.shared_stages})"
+            )
         if self.trunk_fingerprint is not None and trunk.owner_fingerprint != self.trunk_fingerprint:
-            raise ModelError(f"this specialist was trained on the trunk of generalist {self.trunk_fingerprint}, not of "
-                             f"generalist {trunk.owner_fingerprint}: use the generalist it was trained with, or retrain it")
+            raise ModelError(
+                f"this specialist was trained on the trunk of generalist {self.trunk_fingerprint}, not of "
+                f"generalist {trunk.owner_fingerprint}: use the generalist it was trained with, or retrain it"
+            )
         self._trunk[:] = [trunk]
         self.trunk_fingerprint = trunk.owner_fingerprint
         return self
@@ -392,7 +411,9 @@ class DustbinHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.linear(h)
-        return torch.cat([z.index_select(1, self.special), torch.logsumexp(z.index_select(1, self.others), 1, keepdim=True)], 1)
+        return torch.cat(
+            [z.index_select(1, self.special), torch.logsumexp(z.index_select(1, self.others), 1, keepdim=True)], 1
+        )
 
 
 class SmallCNN(Classifier):
@@ -435,10 +456,16 @@ class ResNet18(Classifier):
         net.conv1 = nn.Conv2d(config.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.body = nn.Sequential(
-            net.conv1, net.bn1, net.relu,
-            net.layer1, net.layer2, net.layer3, net.layer4,
-            net.avgpool, nn.Flatten(),
-        )  # fmt: skip
+            net.conv1,
+            net.bn1,
+            net.relu,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+            net.avgpool,
+            nn.Flatten(),
+        )
         self.head = net.fc
 
     def stage_ends(self) -> list[int]:
@@ -503,14 +530,14 @@ CIFAR_RESNET_PREFIX = "cifar_resnet"
 
 def cifar_resnet_depth(arch: str) -> int | None:
     """The depth of an arch named ``cifar_resnet<depth>`` (e.g. ``cifar_resnet20``), else ``None``."""
-    tail = arch[len(CIFAR_RESNET_PREFIX):] if arch.startswith(CIFAR_RESNET_PREFIX) else ""
+    tail = arch[len(CIFAR_RESNET_PREFIX) :] if arch.startswith(CIFAR_RESNET_PREFIX) else ""
     return int(tail) if tail.isdigit() else None
 
 
 def cifar_resnet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A CIFAR ResNet state dict as saved elsewhere, in :class:`CifarResNetNet`'s names: a final layer
     called ``linear`` becomes ``fc``; BatchNorm counters missing from old checkpoints are set to 0."""
-    out = {("fc." + k[len("linear."):] if k.startswith("linear.") else k): v for k, v in state.items()}
+    out = {("fc." + k[len("linear.") :] if k.startswith("linear.") else k): v for k, v in state.items()}
     for key in [k for k in out if k.endswith(".running_mean")]:
         out.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
     return out
@@ -528,8 +555,10 @@ def _final_linear(net: nn.Module, arch: str) -> tuple[nn.Module, str, str]:
             return layer, str(len(layer) - 1), f"{path}.{len(layer) - 1}."
         if isinstance(layer, nn.Linear):
             return parent, attr, f"{path}."
-    raise ModelError(f"torchvision model {arch!r} has no final linear layer at fc, classifier[-1], head or heads.head: "
-                     "bring it as TorchScript (generalist_from='torchscript:<file>') instead")
+    raise ModelError(
+        f"torchvision model {arch!r} has no final linear layer at fc, classifier[-1], head or heads.head: "
+        "bring it as TorchScript (generalist_from='torchscript:<file>') instead"
+    )
 
 
 class TorchvisionClassifier(Classifier):
@@ -547,13 +576,18 @@ class TorchvisionClassifier(Classifier):
         super().__init__(config)
         import torchvision
 
-        arch = config.name[len(TORCHVISION_PREFIX):]
+        arch = config.name[len(TORCHVISION_PREFIX) :]
         depth = cifar_resnet_depth(arch)
         try:
-            net = (CifarResNetNet(depth, config.num_classes, config.in_channels) if depth is not None
-                   else torchvision.models.get_model(arch, weights=None, num_classes=config.num_classes))  # fmt: skip
+            net = (
+                CifarResNetNet(depth, config.num_classes, config.in_channels)
+                if depth is not None
+                else torchvision.models.get_model(arch, weights=None, num_classes=config.num_classes)
+            )
         except ValueError as err:
-            raise ModelError(f"torchvision has no model {arch!r} ({err}); use a name from torchvision.models.list_models()") from err
+            raise ModelError(
+                f"torchvision has no model {arch!r} ({err}); use a name from torchvision.models.list_models()"
+            ) from err
         parent, attr, self._head_prefix = _final_linear(net, arch)
         head = getattr(parent, attr)
         setattr(parent, attr, nn.Identity())
@@ -564,16 +598,18 @@ class TorchvisionClassifier(Classifier):
             x = x.expand(-1, 3, -1, -1)
         size = self.config.input_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
         return super().normalize(x)
 
     def load_torchvision_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load the state dict of the plain torchvision model (``torchvision.models.get_model(arch)``); strict:
         a missing or unexpected key, or a tensor of another shape, raises ``RuntimeError`` naming it."""
-        if cifar_resnet_depth(self.config.name[len(TORCHVISION_PREFIX):]) is not None:
+        if cifar_resnet_depth(self.config.name[len(TORCHVISION_PREFIX) :]) is not None:
             state = cifar_resnet_state(state)
         p = self._head_prefix
-        head = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        head = {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
         body = {k: v for k, v in state.items() if not k.startswith(p)}
         self.head.load_state_dict(head)
         self.body.load_state_dict(body)
@@ -602,7 +638,9 @@ def build_model(config: ModelConfig | dict[str, Any]) -> Classifier:
         config = ModelConfig.from_dict(config)
     builder = TorchvisionClassifier if config.name.startswith(TORCHVISION_PREFIX) else _REGISTRY.get(config.name)
     if builder is None:
-        raise ModelError(f"unknown model {config.name!r}; choose one of {', '.join(available_models())} or torchvision:<arch>")
+        raise ModelError(
+            f"unknown model {config.name!r}; choose one of {', '.join(available_models())} or torchvision:<arch>"
+        )
     if config.shared_stages:
         return SharedTrunkClassifier(config)
     model = builder(config)
@@ -672,7 +710,9 @@ def replace_head(model: Classifier, weight: torch.Tensor | np.ndarray, bias: tor
     bias = torch.as_tensor(bias)
     d = model.head.in_features
     if weight.ndim != 2 or weight.shape[1] != d:
-        raise ModelError(f"head weight must have shape (K', {d}) for this model's {d} features, got {tuple(weight.shape)}")
+        raise ModelError(
+            f"head weight must have shape (K', {d}) for this model's {d} features, got {tuple(weight.shape)}"
+        )
     if bias.shape != (weight.shape[0],):
         raise ModelError(f"head bias must have shape ({weight.shape[0]},) to match the weight, got {tuple(bias.shape)}")
     old = model.head.weight

@@ -13,6 +13,7 @@ read-only view the numbers take (:mod:`specialkit.view`).
 >>> run = Run("runs/demo", PipelineConfig())
 >>> run.generalist().test_probs.shape        # trains, or loads what is on disk
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,21 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from . import byog, clusters, data, distill, ensembles, metrics, models, report, runs, specialists, stages, store, training
+from . import (
+    byog,
+    clusters,
+    data,
+    distill,
+    ensembles,
+    metrics,
+    models,
+    report,
+    runs,
+    specialists,
+    stages,
+    store,
+    training,
+)
 from . import config as config_mod
 from . import generalist as generalist_mod
 from .config import ConfigError, PipelineConfig
@@ -33,8 +48,19 @@ from .view import RunView
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Run", "ModelResult", "STAGES", "softmax", "runs_root", "open_run", "settings_table", "method_specs",
-           "confused_examples", "check_before_training", "preflight"]
+__all__ = [
+    "Run",
+    "ModelResult",
+    "STAGES",
+    "softmax",
+    "runs_root",
+    "open_run",
+    "settings_table",
+    "method_specs",
+    "confused_examples",
+    "check_before_training",
+    "preflight",
+]
 
 STAGES = stages.NAMES
 """Stage names in pipeline order (:data:`specialkit.stages.NAMES`)."""
@@ -46,10 +72,14 @@ softmax = training.softmax
 method_specs = clusters.method_specs
 confused_examples = clusters.confused_examples
 _RECIPES: dict[str, Callable[[Any], Any]] = {
-    "generalist": generalist_mod.make_generalist, "clusters": clusters.make_spec, "specialists": specialists.make_all,
-    "compute_matched": generalist_mod.make_compute_matched, "ensembles": ensembles.make_ensembles,
-    "distill": distill.make_student, "hard_label_student": distill.make_control,
-}  # fmt: skip
+    "generalist": generalist_mod.make_generalist,
+    "clusters": clusters.make_spec,
+    "specialists": specialists.make_all,
+    "compute_matched": generalist_mod.make_compute_matched,
+    "ensembles": ensembles.make_ensembles,
+    "distill": distill.make_student,
+    "hard_label_student": distill.make_control,
+}
 """Stage -> its recipe (a function of the run that trains or loads it); one for every stage of :data:`STAGES`."""
 assert set(_RECIPES) == set(STAGES), "every declared stage needs a recipe"
 
@@ -60,8 +90,10 @@ def runs_root(default: str | Path = "runs") -> Path:
     return Path(os.environ.get("SPECIALKIT_RUNS") or default)
 
 
-_NO_RUN = ("{folder} is not a run yet (no config.json): run notebook 01 first, or "
-           "`specialkit run --config configs/demo.json` (`--name` for another run name)")
+_NO_RUN = (
+    "{folder} is not a run yet (no config.json): run notebook 01 first, or "
+    "`specialkit run --config configs/demo.json` (`--name` for another run name)"
+)
 
 
 def open_run(folder: str | Path, *, log: Callable[[str], None] = print) -> "Run":
@@ -83,8 +115,11 @@ def settings_table(config: PipelineConfig) -> "pd.DataFrame":
 
     mine, default = config.to_dict(), PipelineConfig().to_dict()
     keys = [k for k in mine if k in ("name", "dataset") or mine[k] != default[k]]
-    return pd.DataFrame({"value": [mine[k] for k in keys], "default": [default[k] for k in keys]},
-                        index=pd.Index(keys, name="setting"), dtype=object)  # fmt: skip
+    return pd.DataFrame(
+        {"value": [mine[k] for k in keys], "default": [default[k] for k in keys]},
+        index=pd.Index(keys, name="setting"),
+        dtype=object,
+    )
 
 
 class Run:
@@ -103,8 +138,14 @@ class Run:
         log: where stage messages go (``print`` by default; pass ``lambda s: None`` to silence).
     """
 
-    def __init__(self, folder: str | Path, config: PipelineConfig | None = None, *, overwrite: bool = False,
-                 log: Callable[[str], None] = print):  # fmt: skip
+    def __init__(
+        self,
+        folder: str | Path,
+        config: PipelineConfig | None = None,
+        *,
+        overwrite: bool = False,
+        log: Callable[[str], None] = print,
+    ):
         self.folder = Path(folder)
         path = self.folder / "config.json"
         if config is None:
@@ -140,8 +181,10 @@ class Run:
         cfg = self.config.to_dict()
         out = {config_mod.key_name(k): cfg[k] for k in _KEYS[group] if config_mod.hashed_now(k, cfg[k])}
         if group == "generalist" and self.config.generalist_from:
-            out.update({k: cfg[k] for k in ("generalist_from", "generalist_normalize", "generalist_input_size")},
-                       generalist_from_sha256=_source_sha(self))  # fmt: skip
+            out.update(
+                {k: cfg[k] for k in ("generalist_from", "generalist_normalize", "generalist_input_size")},
+                generalist_from_sha256=_source_sha(self),
+            )
         return out
 
     def generalist_source(self) -> byog.Source | None:
@@ -160,10 +203,17 @@ class Run:
         its settings, those of the stages before it (:func:`specialkit.stages.key_chain`), the cluster spec after
         clustering and :data:`RESULTS_FORMAT` — not the package version, so upgrading specialkit keeps trained stages."""
         chain, st = stages.key_chain(stage), stages.by_name(stage)
-        clusters_file = Path(self.config.clusters_file).read_text() if stage == "clusters" and self.config.clusters_file else None
-        return store.stage_key(stage, {g: self._settings(g) for g in ("data", *chain)}, chain, version=st.version,
-                               spec_json=self.clusters().to_json() if stages.uses_spec(stage) else None,
-                               clusters_file_text=clusters_file)  # fmt: skip
+        clusters_file = (
+            Path(self.config.clusters_file).read_text() if stage == "clusters" and self.config.clusters_file else None
+        )
+        return store.stage_key(
+            stage,
+            {g: self._settings(g) for g in ("data", *chain)},
+            chain,
+            version=st.version,
+            spec_json=self.clusters().to_json() if stages.uses_spec(stage) else None,
+            clusters_file_text=clusters_file,
+        )
 
     def specialist_key(self, index: int) -> str:
         """The key of specialist ``index`` alone (:func:`specialkit.specialists.key_of`)."""
@@ -209,7 +259,6 @@ class Run:
         for name in drop:
             self._memo.pop(name, None)
 
-
     def dataset(self) -> data.Dataset:
         """The run's dataset (loaded once per ``Run`` object, :func:`specialkit.data.load_for`)."""
         return self.memo("dataset", lambda: data.load_for(self.config, log=self.log, timed=self.add_time))
@@ -219,20 +268,25 @@ class Run:
         run's settings load (same name, classes and fingerprint seen by its checkpoints)."""
         self.config.validate(ds.num_classes)
         if ds.name != self.config.dataset:
-            raise ConfigError(f"dataset {ds.name!r} handed to a run of dataset={self.config.dataset!r}: pass the run's own data")
+            raise ConfigError(
+                f"dataset {ds.name!r} handed to a run of dataset={self.config.dataset!r}: pass the run's own data"
+            )
         self._memo["dataset"] = ds
 
     def device(self) -> torch.device:
         return training.resolve_device(self.config.device)
 
-    def train_config(self, *, epochs: int, lr: float, seed_offset: int, soft_weight: float = 0.0,
-                     temperature: float = 1.0) -> training.TrainConfig:  # fmt: skip
+    def train_config(
+        self, *, epochs: int, lr: float, seed_offset: int, soft_weight: float = 0.0, temperature: float = 1.0
+    ) -> training.TrainConfig:
         """The run's training settings for one model (:func:`specialkit.generalist.train_config`)."""
-        return generalist_mod.train_config(self.config, epochs=epochs, lr=lr, seed_offset=seed_offset, soft_weight=soft_weight,
-                                           temperature=temperature)  # fmt: skip
+        return generalist_mod.train_config(
+            self.config, epochs=epochs, lr=lr, seed_offset=seed_offset, soft_weight=soft_weight, temperature=temperature
+        )
 
-    def model_config(self, *, num_classes: int, width: int | None = None, depth: int | None = None,
-                     name: str | None = None) -> models.ModelConfig:  # fmt: skip
+    def model_config(
+        self, *, num_classes: int, width: int | None = None, depth: int | None = None, name: str | None = None
+    ) -> models.ModelConfig:
         """The run's architecture with these overrides (:func:`specialkit.generalist.model_config`)."""
         return generalist_mod.model_config(self, num_classes=num_classes, width=width, depth=depth, name=name)
 
@@ -353,12 +407,16 @@ def preflight(run: Run) -> None:
     ds = run.dataset()
     source = run.generalist_source()
     if source is not None and not source.has_model and run.config.specialist_soft_weight > 0:
-        raise ConfigError(f"specialist_soft_weight={run.config.specialist_soft_weight} needs the generalist's soft targets on "
-                          f"training batches; generalist_from={run.config.generalist_from!r} holds predictions only: set it to 0")
+        raise ConfigError(
+            f"specialist_soft_weight={run.config.specialist_soft_weight} needs the generalist's soft targets on "
+            f"training batches; generalist_from={run.config.generalist_from!r} holds predictions only: set it to 0"
+        )
     if run.config.clusters_file:
         path = Path(run.config.clusters_file)
         if not path.is_file():
-            raise ConfigError(f"clusters_file={str(path)!r} not found; save one from notebook 03 or with ClusterSpec.save")
+            raise ConfigError(
+                f"clusters_file={str(path)!r} not found; save one from notebook 03 or with ClusterSpec.save"
+            )
         clusters.ClusterSpec.load(path).for_dataset(ds.class_names)
 
 
@@ -369,7 +427,9 @@ def _stage_method(stage: stages.Stage) -> Callable[[Run], Any]:
         return self.get(stage.name)
 
     method.__name__ = method.__qualname__ = stage.name
-    method.__doc__ = f"Stage ``{stage.name}``: {stage.doc}; loaded when finished for the current settings, else made first."
+    method.__doc__ = (
+        f"Stage ``{stage.name}``: {stage.doc}; loaded when finished for the current settings, else made first."
+    )
     return method
 
 

@@ -28,6 +28,7 @@ Conventions the widgets and the report rely on:
 * :func:`save_html` embeds plotly.js (works offline); :func:`figures_to_html_fragment` embeds it in
   the first fragment only, for a report that holds many figures.
 """
+
 from __future__ import annotations
 
 import base64
@@ -130,11 +131,15 @@ def _to_numpy(x: Any) -> np.ndarray:
 def _labels(x: Any, name: str, *, n: int | None = None, num_classes: int | None = None) -> np.ndarray:
     arr = _to_numpy(x)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise PlotInputError(f"{name} must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}; pass labels as int64")
+        raise PlotInputError(
+            f"{name} must be a 1-D integer array, got dtype {arr.dtype} shape {arr.shape}; pass labels as int64"
+        )
     if n is not None and arr.shape[0] != n:
         raise PlotInputError(f"{name} has {arr.shape[0]} entries but there are {n} images; pass one label per image")
     if num_classes is not None and arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        raise PlotInputError(f"{name} must lie in [0, {num_classes}) (one per class name), got range [{arr.min()}, {arr.max()}]")
+        raise PlotInputError(
+            f"{name} must lie in [0, {num_classes}) (one per class name), got range [{arr.min()}, {arr.max()}]"
+        )
     return arr.astype(np.int64)
 
 
@@ -157,7 +162,9 @@ def display_names(class_names: Sequence[str]) -> list[str]:
 def _check_names(class_names: Sequence[str], num_classes: int, what: str) -> list[str]:
     if isinstance(class_names, str) or len(class_names) != num_classes:
         got = "a string" if isinstance(class_names, str) else f"{len(class_names)} names"
-        raise PlotInputError(f"{what} has {num_classes} classes but class_names has {got}; pass one name per class (index = label)")
+        raise PlotInputError(
+            f"{what} has {num_classes} classes but class_names has {got}; pass one name per class (index = label)"
+        )
     return display_names(class_names)
 
 
@@ -165,7 +172,11 @@ def _check_order(order: Any, num_classes: int) -> np.ndarray:
     if order is None:
         return np.arange(num_classes)
     arr = _to_numpy(order)
-    if arr.shape != (num_classes,) or not np.issubdtype(arr.dtype, np.integer) or not np.array_equal(np.sort(arr), np.arange(num_classes)):
+    if (
+        arr.shape != (num_classes,)
+        or not np.issubdtype(arr.dtype, np.integer)
+        or not np.array_equal(np.sort(arr), np.arange(num_classes))
+    ):
         raise PlotInputError(
             f"order must be a permutation of range({num_classes}) (each class index once), got shape {arr.shape}; "
             "build one with np.argsort(...) or plots.group_order(groups, num_classes)"
@@ -177,17 +188,23 @@ def _check_groups(groups: Sequence[Sequence[int]] | None, num_classes: int) -> l
     if groups is None:
         return []
     if isinstance(groups, Mapping):
-        raise PlotInputError("groups must be a list of lists of class indices, not a dict; "
-                             "pass list(spec.indices()) or list(groups.values()) as indices")
+        raise PlotInputError(
+            "groups must be a list of lists of class indices, not a dict; "
+            "pass list(spec.indices()) or list(groups.values()) as indices"
+        )
     out = []
     for g, members in enumerate(groups):
         arr = _to_numpy(sorted(members) if isinstance(members, (set, frozenset)) else members)
         if arr.ndim != 1 or arr.size == 0:
             raise PlotInputError(f"group {g} is empty or not 1-D; every group must list at least one class index")
         if not np.issubdtype(arr.dtype, np.integer):
-            raise PlotInputError(f"group {g} must hold integer class indices, got dtype {arr.dtype}; pass spec.indices()")
+            raise PlotInputError(
+                f"group {g} must hold integer class indices, got dtype {arr.dtype}; pass spec.indices()"
+            )
         if arr.min() < 0 or arr.max() >= num_classes:
-            raise PlotInputError(f"group {g} holds class indices outside [0, {num_classes}); pass class indices, not names")
+            raise PlotInputError(
+                f"group {g} holds class indices outside [0, {num_classes}); pass class indices, not names"
+            )
         out.append(np.unique(arr))
     return out
 
@@ -198,7 +215,9 @@ def _group_names(group_names: Sequence[str] | Mapping[int, str] | None, n_groups
     if isinstance(group_names, Mapping):
         return [str(group_names.get(g, f"group {g}")) for g in range(n_groups)]
     if isinstance(group_names, str) or len(group_names) < n_groups:
-        raise PlotInputError(f"group_names must hold a name for each of the {n_groups} groups (index = group id); pass a list or a dict")
+        raise PlotInputError(
+            f"group_names must hold a name for each of the {n_groups} groups (index = group id); pass a list or a dict"
+        )
     return [str(n) for n in group_names]
 
 
@@ -242,7 +261,9 @@ def group_order(groups: Sequence[Sequence[int]], num_classes: int) -> np.ndarray
     return np.asarray(order, dtype=np.int64)
 
 
-def _base_layout(fig: go.Figure, *, title: str | None, height: int | None = None, width: int | None = None) -> go.Figure:
+def _base_layout(
+    fig: go.Figure, *, title: str | None, height: int | None = None, width: int | None = None
+) -> go.Figure:
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=title, x=0.01, xanchor="left") if title else None,
@@ -285,7 +306,9 @@ def _images_hwc(images: Any) -> np.ndarray:
             raise PlotInputError("float images must lie in [0, 1]; pass the uint8 images (data.Dataset.x_*) instead")
         arr = np.rint(arr * 255.0).astype(np.uint8)
     elif arr.dtype != np.uint8:
-        raise PlotInputError(f"images must be uint8 (or float in [0, 1]), got {arr.dtype}; pass the dataset's uint8 tensors")
+        raise PlotInputError(
+            f"images must be uint8 (or float in [0, 1]), got {arr.dtype}; pass the dataset's uint8 tensors"
+        )
     arr = np.transpose(arr, (0, 2, 3, 1))
     return np.repeat(arr, 3, axis=3) if arr.shape[3] == 1 else arr
 
@@ -347,7 +370,9 @@ def _add_image_grid(
     nrows, ncols_eff, height, width = _grid_geometry(n, h, w, ncols=ncols, gap=gap, caption_px=caption_px)
     grid = _compose_grid(cells, ncols=ncols, gap=gap, caption_px=caption_px)
     where = dict(row=row, col=col) if row is not None else {}
-    fig.add_trace(go.Image(source=_png_data_uri(grid), x0=0, dx=1, y0=0, dy=1, hoverinfo="skip", name="images"), **where)
+    fig.add_trace(
+        go.Image(source=_png_data_uri(grid), x0=0, dx=1, y0=0, dy=1, hoverinfo="skip", name="images"), **where
+    )
     z = np.full((nrows, ncols_eff), np.nan)
     text = [["" for _ in range(ncols_eff)] for _ in range(nrows)]
     for k in range(n):
@@ -446,7 +471,9 @@ def sample_grid(
     y = _labels(labels, "labels", n=cells.shape[0], num_classes=len(class_names))
     names = display_names(class_names)
     hover = [f"#{k}: {names[c]} (class {c})" for k, c in enumerate(y.tolist())]
-    return _single_grid_figure(cells, hover, [names[c] for c in y] if captions else None, ncols=ncols, gap=gap, title=title)
+    return _single_grid_figure(
+        cells, hover, [names[c] for c in y] if captions else None, ncols=ncols, gap=gap, title=title
+    )
 
 
 def confused_examples_grid(
@@ -558,7 +585,9 @@ def fixed_broken_grid(
     fig = make_subplots(
         rows=2,
         cols=1,
-        subplot_titles=[f"{head}: {count} ({what}; captions generalist → ensemble)" for _, _, head, count, what in panels],
+        subplot_titles=[
+            f"{head}: {count} ({what}; captions generalist → ensemble)" for _, _, head, count, what in panels
+        ],
         row_heights=panel_px,
         vertical_spacing=spacing_px / (sum(panel_px) + spacing_px),
     )
@@ -566,9 +595,15 @@ def fixed_broken_grid(
     for row, (kind, chosen, *_rest) in enumerate(panels, start=1):
         if chosen.size == 0:
             subplot = fig.get_subplot(row, 1)
-            fig.add_annotation(text=f"no {kind} examples", showarrow=False, xref="paper", yref="paper",
-                               x=float(np.mean(subplot.xaxis.domain)), y=float(np.mean(subplot.yaxis.domain)),
-                               font=dict(size=13, color="#666666"))
+            fig.add_annotation(
+                text=f"no {kind} examples",
+                showarrow=False,
+                xref="paper",
+                yref="paper",
+                x=float(np.mean(subplot.xaxis.domain)),
+                y=float(np.mean(subplot.yaxis.domain)),
+                font=dict(size=13, color="#666666"),
+            )
             fig.update_xaxes(visible=False, row=row, col=1)
             fig.update_yaxes(visible=False, row=row, col=1)
             continue
@@ -579,7 +614,9 @@ def fixed_broken_grid(
         _add_image_grid(fig, shown, hover, caps, ncols=ncols_eff, gap=gap, scale=scale, row=row, col=1)
     fig.layout.meta = {"n_fixed": int(len(fixed)), "n_broken": int(len(broken))}
     top = 110 if title else 60
-    _base_layout(fig, title=title, width=max(720, int(width * scale) + 60), height=int(sum(panel_px) + spacing_px) + top + 20)
+    _base_layout(
+        fig, title=title, width=max(720, int(width * scale) + 60), height=int(sum(panel_px) + spacing_px) + top + 20
+    )
     fig.update_layout(margin=dict(l=20, r=20, t=top, b=20))
     return fig
 
@@ -598,7 +635,9 @@ def _record_value(record: Any, key: str) -> Any:
 def _history_records(history: Any, name: str) -> list[Any]:
     records = getattr(history, "records", history)
     if isinstance(records, (str, bytes, Mapping)) or not hasattr(records, "__iter__"):
-        raise PlotInputError(f"history {name!r} must be a list of per-epoch records (dicts with epoch, train_loss, ...)")
+        raise PlotInputError(
+            f"history {name!r} must be a list of per-epoch records (dicts with epoch, train_loss, ...)"
+        )
     return list(records)
 
 
@@ -629,7 +668,9 @@ def training_curves(
     if not isinstance(histories, Mapping) or not histories:
         raise PlotInputError("histories must be a non-empty dict {model name: list of per-epoch records}")
     panels = ["loss", "accuracy"] + (["learning rate"] if show_lr else [])
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p.capitalize() for p in panels], horizontal_spacing=0.08)
+    fig = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=[p.capitalize() for p in panels], horizontal_spacing=0.08
+    )
     all_acc: list[float] = []
     for m, (name, history) in enumerate(histories.items()):
         records = _history_records(history, name)
@@ -663,8 +704,16 @@ def training_curves(
         if show_lr:
             lr = np.array([_as_float(_record_value(r, "lr")) for r in records])
             fig.add_trace(
-                go.Scatter(x=epochs, y=lr, mode="lines", name=f"{name} lr", legendgroup=name, showlegend=False,
-                           line=dict(color=color, width=2), hovertemplate=f"{name}<br>epoch %{{x}}<br>lr %{{y:.3g}}<extra></extra>"),
+                go.Scatter(
+                    x=epochs,
+                    y=lr,
+                    mode="lines",
+                    name=f"{name} lr",
+                    legendgroup=name,
+                    showlegend=False,
+                    line=dict(color=color, width=2),
+                    hovertemplate=f"{name}<br>epoch %{{x}}<br>lr %{{y:.3g}}<extra></extra>",
+                ),
                 row=1,
                 col=3,
             )
@@ -680,7 +729,9 @@ def training_curves(
     return fig
 
 
-def specialist_curves(histories: Mapping[str, Any], *, show_lr: bool = False, title: str | None = "Specialist training") -> go.Figure:
+def specialist_curves(
+    histories: Mapping[str, Any], *, show_lr: bool = False, title: str | None = "Specialist training"
+) -> go.Figure:
     """:func:`training_curves` for a set of specialists (one colour per specialist)."""
     return training_curves(histories, show_lr=show_lr, title=title)
 
@@ -709,9 +760,17 @@ def _group_shapes(groups: list[np.ndarray], order: np.ndarray, names: list[str],
         for a, b in zip(starts.tolist(), ends.tolist()):
             shapes.append(
                 dict(
-                    type="rect", xref="x", yref="y", x0=a - 0.5, x1=b + 0.5, y0=a - 0.5, y1=b + 0.5,
-                    line=dict(color=PALETTE[g % len(PALETTE)], width=line_width), fillcolor="rgba(0,0,0,0)",
-                    name=f"group:{names[g]}", layer="above",
+                    type="rect",
+                    xref="x",
+                    yref="y",
+                    x0=a - 0.5,
+                    x1=b + 0.5,
+                    y0=a - 0.5,
+                    y1=b + 0.5,
+                    line=dict(color=PALETTE[g % len(PALETTE)], width=line_width),
+                    fillcolor="rgba(0,0,0,0)",
+                    name=f"group:{names[g]}",
+                    layer="above",
                 )
             )
     return shapes
@@ -742,7 +801,9 @@ def _matrix_figure(
     fig.update_yaxes(title_text=y_title, autorange="reversed", scaleanchor="x", constrain="domain", **axis)
     side = int(min(760, max(420, 9 * c)))
     label_margin = int(min(160, 12 + 6.5 * max(len(s) for s in shown)))
-    fig.update_layout(shapes=_group_shapes(checked, perm, _group_names(group_names, len(checked)), line_width=2.0 if c <= 80 else 1.2))
+    fig.update_layout(
+        shapes=_group_shapes(checked, perm, _group_names(group_names, len(checked)), line_width=2.0 if c <= 80 else 1.2)
+    )
     _base_layout(fig, title=title, width=side + label_margin + 120, height=side + label_margin + 80)
     fig.update_layout(margin=dict(l=label_margin + 30, b=label_margin + 30))
     return fig
@@ -784,7 +845,9 @@ def confusion_heatmap(
     """
     m = _square(matrix, "matrix")
     if not np.all(np.isfinite(m)) or (m < 0).any():
-        raise PlotInputError("matrix must hold finite, non-negative counts or rates; compute it with confusion.confusion_matrix")
+        raise PlotInputError(
+            "matrix must hold finite, non-negative counts or rates; compute it with confusion.confusion_matrix"
+        )
     if normalised:
         sums = m.sum(axis=1, keepdims=True)
         m = np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
@@ -802,8 +865,17 @@ def confusion_heatmap(
         colorbar=dict(title=dict(text="P(pred | true)" if normalised else "count"), thickness=14),
         hovertemplate=f"true %{{y}} → predicted %{{x}}: %{{z:{fmt}}}<extra></extra>",
     )
-    return _matrix_figure(m, class_names, order=order, groups=groups, group_names=group_names, title=title,
-                          heatmap=heat, x_title="predicted class", y_title="true class")
+    return _matrix_figure(
+        m,
+        class_names,
+        order=order,
+        groups=groups,
+        group_names=group_names,
+        title=title,
+        heatmap=heat,
+        x_title="predicted class",
+        y_title="true class",
+    )
 
 
 def covariance_heatmap(
@@ -851,8 +923,17 @@ def covariance_heatmap(
         colorbar=dict(title=dict(text="covariance"), thickness=14),
         hovertemplate="%{y} × %{x}: %{z:.3g}<extra></extra>",
     )
-    return _matrix_figure(m, class_names, order=order, groups=groups, group_names=group_names, title=title,
-                          heatmap=heat, x_title="class", y_title="class")
+    return _matrix_figure(
+        m,
+        class_names,
+        order=order,
+        groups=groups,
+        group_names=group_names,
+        title=title,
+        heatmap=heat,
+        x_title="class",
+        y_title="class",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -889,12 +970,16 @@ def class_map(
     """
     xy = _to_numpy(coords).astype(float)
     if xy.ndim != 2 or xy.shape[1] != 2 or not np.all(np.isfinite(xy)):
-        raise PlotInputError(f"coords must be a finite (C, 2) array, got shape {xy.shape}; use confusion.class_map(...)")
+        raise PlotInputError(
+            f"coords must be a finite (C, 2) array, got shape {xy.shape}; use confusion.class_map(...)"
+        )
     c = xy.shape[0]
     names = _check_names(class_names, c, "coords")
     labels = np.full(c, -1, np.int64) if group_labels is None else _labels(group_labels, "group_labels")
     if labels.shape != (c,):
-        raise PlotInputError(f"group_labels must have shape ({c},) (one group per class, -1 for none), got {labels.shape}")
+        raise PlotInputError(
+            f"group_labels must have shape ({c},) (one group per class, -1 for none), got {labels.shape}"
+        )
     colors = group_colors(labels)
     n_groups = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
     gnames = _group_names(group_names, n_groups)
@@ -921,9 +1006,13 @@ def class_map(
         for g in [g for g in present if g >= 0] + ([-1] if -1 in present else []):
             fig.add_trace(
                 go.Scatter(
-                    x=[None], y=[None], mode="markers", name="uncovered" if g < 0 else gnames[g],
+                    x=[None],
+                    y=[None],
+                    mode="markers",
+                    name="uncovered" if g < 0 else gnames[g],
                     marker=dict(color=UNCOVERED_COLOR if g < 0 else PALETTE[g % len(PALETTE)], size=marker_size),
-                    showlegend=True, hoverinfo="skip",
+                    showlegend=True,
+                    hoverinfo="skip",
                 )
             )
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, title_text="")
@@ -941,7 +1030,9 @@ def _distance_linkage(distance: Any, linkage: str) -> np.ndarray:
     if d.shape[0] < 2:
         raise PlotInputError("distance must cover at least 2 classes")
     if not np.all(np.isfinite(d)) or (d < 0).any():
-        raise PlotInputError("distance must be finite and non-negative; turn similarities into distances first (e.g. 1 - similarity)")
+        raise PlotInputError(
+            "distance must be finite and non-negative; turn similarities into distances first (e.g. 1 - similarity)"
+        )
     if not np.allclose(d, d.T, rtol=1e-6, atol=1e-9):
         raise PlotInputError("distance must be symmetric; pass (D + D.T) / 2")
     if linkage not in _LINKAGES:
@@ -1007,21 +1098,37 @@ def dendrogram(
         color = BASELINE_COLOR if col == "above" else PALETTE[k % len(PALETTE)]
         fig.add_trace(
             go.Scatter(
-                x=height if left else pos, y=pos if left else height, mode="lines",
-                line=dict(color=color, width=1.5), hoverinfo="skip", showlegend=False, name=f"links {col}",
+                x=height if left else pos,
+                y=pos if left else height,
+                mode="lines",
+                line=dict(color=color, width=1.5),
+                hoverinfo="skip",
+                showlegend=False,
+                name=f"links {col}",
             )
         )
     zeros = [0.0] * c
     fig.add_trace(
         go.Scatter(
-            x=zeros if left else positions, y=positions if left else zeros, mode="markers",
-            marker=dict(size=4, color="#444444"), customdata=leaves,
-            hovertext=[f"{names[i]} (class {i})" for i in leaves], hovertemplate="%{hovertext}<extra></extra>",
-            showlegend=False, name="leaves",
+            x=zeros if left else positions,
+            y=positions if left else zeros,
+            mode="markers",
+            marker=dict(size=4, color="#444444"),
+            customdata=leaves,
+            hovertext=[f"{names[i]} (class {i})" for i in leaves],
+            hovertemplate="%{hovertext}<extra></extra>",
+            showlegend=False,
+            name="leaves",
         )
     )
-    leaf_axis = dict(tickmode="array", tickvals=positions, ticktext=[names[i] for i in leaves], showgrid=False,
-                     zeroline=False, tickfont=dict(size=10 if c <= 60 else 8))
+    leaf_axis = dict(
+        tickmode="array",
+        tickvals=positions,
+        ticktext=[names[i] for i in leaves],
+        showgrid=False,
+        zeroline=False,
+        tickfont=dict(size=10 if c <= 60 else 8),
+    )
     dist_axis = dict(title_text=f"{linkage} linkage distance", zeroline=False, rangemode="tozero")
     extent = int(min(3000, max(420, 14 * c + 160)))
     if left:
@@ -1078,9 +1185,14 @@ def quality_bars(
         values = _numeric_column(table, name, "quality_bars")
         fig.add_trace(
             go.Bar(
-                x=methods, y=values, name=name, marker_color=PALETTE[(k - 1) % len(PALETTE)],
-                text=[f"{v:.3g}" if np.isfinite(v) else "n/a" for v in values], textposition="outside",
-                hovertemplate=f"%{{x}}<br>{name}: %{{y:.4g}}<extra></extra>", showlegend=False,
+                x=methods,
+                y=values,
+                name=name,
+                marker_color=PALETTE[(k - 1) % len(PALETTE)],
+                text=[f"{v:.3g}" if np.isfinite(v) else "n/a" for v in values],
+                textposition="outside",
+                hovertemplate=f"%{{x}}<br>{name}: %{{y:.4g}}<extra></extra>",
+                showlegend=False,
             ),
             row=1,
             col=k,
@@ -1128,19 +1240,30 @@ def accuracy_bars(
     colors = [BASELINE_COLOR if isinstance(baseline, str) and n == baseline else NEUTRAL_COLOR for n in names]
     if base is None:
         text = [f"{a:.1%}" for a in acc]
-        bar = go.Bar(x=names, y=acc, text=text, marker_color=colors, hovertemplate="%{x}<br>accuracy %{y:.2%}<extra></extra>")
+        bar = go.Bar(
+            x=names, y=acc, text=text, marker_color=colors, hovertemplate="%{x}<br>accuracy %{y:.2%}<extra></extra>"
+        )
     else:
         diff = acc - base
         rel = diff / base if base > 0 else np.full_like(acc, np.nan)
         text = [
-            f"{a:.1%}<br>baseline" if isinstance(baseline, str) and n == baseline
-            else f"{a:.1%}<br>{r:+.1%} rel." if np.isfinite(r) else f"{a:.1%}"
+            f"{a:.1%}<br>baseline"
+            if isinstance(baseline, str) and n == baseline
+            else f"{a:.1%}<br>{r:+.1%} rel."
+            if np.isfinite(r)
+            else f"{a:.1%}"
             for n, a, r in zip(names, acc, rel)
         ]
         bar = go.Bar(
-            x=names, y=acc, text=text, marker_color=colors, customdata=np.stack([diff, rel], axis=1),
-            hovertemplate=("%{x}<br>accuracy %{y:.2%}<br>change %{customdata[0]:+.2%} (absolute)"
-                           "<br>relative change %{customdata[1]:+.1%}<extra></extra>"),
+            x=names,
+            y=acc,
+            text=text,
+            marker_color=colors,
+            customdata=np.stack([diff, rel], axis=1),
+            hovertemplate=(
+                "%{x}<br>accuracy %{y:.2%}<br>change %{customdata[0]:+.2%} (absolute)"
+                "<br>relative change %{customdata[1]:+.1%}<extra></extra>"
+            ),
         )
     fig = go.Figure(bar)
     fig.update_traces(textposition="outside", cliponaxis=False, showlegend=False)
@@ -1183,7 +1306,9 @@ def table4_chart(
         ``y`` the values of :data:`PAPER_TABLE4`. The category axis runs 0, 1, 2, 3, 3+, 4, ...
     """
     if not isinstance(table, pd.DataFrame) or table.empty:
-        raise PlotInputError("table4_chart needs a non-empty DataFrame with columns coverage, n_examples, relative_gain")
+        raise PlotInputError(
+            "table4_chart needs a non-empty DataFrame with columns coverage, n_examples, relative_gain"
+        )
     if "coverage" not in table.columns:
         raise PlotInputError(f"table4_chart needs a column 'coverage'; the table has {list(table.columns)}")
     labels = [str(v) for v in table["coverage"].tolist()]
@@ -1193,26 +1318,47 @@ def table4_chart(
     n = _numeric_column(table, "n_examples", "table4_chart")
     fig = go.Figure(
         go.Bar(
-            x=labels, y=gain, name="this kit", marker_color=NEUTRAL_COLOR, customdata=n,
-            text=[f"{g:+.1%}" if np.isfinite(g) else "" for g in gain], textposition="outside", cliponaxis=False,
-            hovertemplate=("covered by %{x} specialists<br>relative gain %{y:+.1%}<br>"
-                           "test examples %{customdata:,.0f}<extra>this kit</extra>"),
+            x=labels,
+            y=gain,
+            name="this kit",
+            marker_color=NEUTRAL_COLOR,
+            customdata=n,
+            text=[f"{g:+.1%}" if np.isfinite(g) else "" for g in gain],
+            textposition="outside",
+            cliponaxis=False,
+            hovertemplate=(
+                "covered by %{x} specialists<br>relative gain %{y:+.1%}<br>"
+                "test examples %{customdata:,.0f}<extra>this kit</extra>"
+            ),
         )
     )
     categories = list(labels)
     if paper_reference:
         fig.add_trace(
             go.Scatter(
-                x=list(PAPER_TABLE4.keys()), y=list(PAPER_TABLE4.values()), name="paper (JFT, Table 4)",
-                mode="lines+markers", line=dict(color=BASELINE_COLOR, dash="dot"), marker=dict(size=8, symbol="diamond"),
+                x=list(PAPER_TABLE4.keys()),
+                y=list(PAPER_TABLE4.values()),
+                name="paper (JFT, Table 4)",
+                mode="lines+markers",
+                line=dict(color=BASELINE_COLOR, dash="dot"),
+                marker=dict(size=8, symbol="diamond"),
                 hovertemplate="covered by %{x} specialists<br>relative gain %{y:+.1%}<extra>paper (JFT)</extra>",
             )
         )
         categories += [k for k in PAPER_TABLE4 if k not in categories]
-    fig.update_xaxes(title_text="number of specialists covering the true class", type="category",
-                     categoryorder="array", categoryarray=sorted(categories, key=_coverage_key))
+    fig.update_xaxes(
+        title_text="number of specialists covering the true class",
+        type="category",
+        categoryorder="array",
+        categoryarray=sorted(categories, key=_coverage_key),
+    )
     span = np.concatenate([gain, list(PAPER_TABLE4.values())]) if paper_reference else gain
-    fig.update_yaxes(title_text="relative top-1 gain", tickformat=_percent_ticks(span, sign=True), zeroline=True, zerolinecolor="#888888")
+    fig.update_yaxes(
+        title_text="relative top-1 gain",
+        tickformat=_percent_ticks(span, sign=True),
+        zeroline=True,
+        zerolinecolor="#888888",
+    )
     _base_layout(fig, title=title, height=460)
     fig.update_layout(legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
     return fig
@@ -1264,11 +1410,22 @@ def accuracy_vs_cost(
     pct = _percent_format(acc)
     err = None
     if {"lo", "hi"} <= set(points.columns):
-        err = dict(type="data", symmetric=False, array=points["hi"].to_numpy(float) - acc,
-                   arrayminus=acc - points["lo"].to_numpy(float), color="#888")  # fmt: skip
+        err = dict(
+            type="data",
+            symmetric=False,
+            array=points["hi"].to_numpy(float) - acc,
+            arrayminus=acc - points["lo"].to_numpy(float),
+            color="#888",
+        )
     fig = go.Figure(
         go.Scatter(
-            x=cost, y=acc, mode="markers+text", text=names, textposition="top center", name="models", error_y=err,
+            x=cost,
+            y=acc,
+            mode="markers+text",
+            text=names,
+            textposition="top center",
+            name="models",
+            error_y=err,
             marker=dict(size=11, color=[PALETTE[k % len(PALETTE)] for k in range(len(names))]),
             hovertemplate=f"%{{text}}<br>accuracy %{{y:{'.2%' if pct else '.4g'}}}<br>{cost_label} %{{x:.4g}}<extra></extra>",
             showlegend=False,
@@ -1277,8 +1434,14 @@ def accuracy_vs_cost(
     if frontier and len(names) >= 2:
         front = _pareto_front(cost, acc)
         fig.add_trace(
-            go.Scatter(x=cost[front], y=acc[front], mode="lines", name="Pareto front",
-                       line=dict(color=BASELINE_COLOR, dash="dash", shape="hv"), hoverinfo="skip")
+            go.Scatter(
+                x=cost[front],
+                y=acc[front],
+                mode="lines",
+                name="Pareto front",
+                line=dict(color=BASELINE_COLOR, dash="dash", shape="hv"),
+                hoverinfo="skip",
+            )
         )
     fig.update_xaxes(title_text=cost_label, type="log" if log_x else "linear")
     fig.update_yaxes(title_text="top-1 accuracy", tickformat=_percent_ticks(acc) if pct else None)
@@ -1289,7 +1452,9 @@ def accuracy_vs_cost(
 _KIND_SYMBOL = {"generalist": "circle", "ensemble": "diamond", "student": "square"}
 
 
-def frontier(points: pd.DataFrame, *, latency: str = "ms_b256", title: str | None = "Accuracy against inference cost") -> go.Figure:
+def frontier(
+    points: pd.DataFrame, *, latency: str = "ms_b256", title: str | None = "Accuracy against inference cost"
+) -> go.Figure:
     """Two panels of the same points: accuracy against MFLOPs per image, and against measured latency.
 
     Args:
@@ -1304,31 +1469,64 @@ def frontier(points: pd.DataFrame, *, latency: str = "ms_b256", title: str | Non
         Pareto front of each panel (no other point cheaper and more accurate) as a dashed line.
     """
     if not isinstance(points, pd.DataFrame) or points.empty:
-        raise PlotInputError("frontier needs a non-empty frontier table (name, kind, accuracy, lo, hi, mflops, ms_b256)")
+        raise PlotInputError(
+            "frontier needs a non-empty frontier table (name, kind, accuracy, lo, hi, mflops, ms_b256)"
+        )
     missing = {"name", "kind", "accuracy", "lo", "hi", "mflops", latency} - set(points.columns)
     if missing:
         raise PlotInputError(f"frontier table lacks the columns {sorted(missing)}: make it with specialkit.frontier")
     batch = latency.split("_b")[-1]
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
-                        subplot_titles=("FLOPs per image (counted)", f"latency per image, batch {batch} (measured)"))  # fmt: skip
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        subplot_titles=("FLOPs per image (counted)", f"latency per image, batch {batch} (measured)"),
+    )
     for col, xcol, label in ((1, "mflops", "MFLOPs per image"), (2, latency, f"ms per image (batch {batch})")):
         df = points[np.isfinite(points[xcol].astype(float))]
         for kind, part in df.groupby("kind", sort=False):
             acc = part["accuracy"].to_numpy(float)
-            fig.add_trace(go.Scatter(
-                x=part[xcol].to_numpy(float), y=acc, mode="markers+text", text=part["name"].tolist(), textposition="top center",
-                name=str(kind), legendgroup=str(kind), showlegend=col == 1,
-                marker=dict(size=11, symbol=_KIND_SYMBOL.get(str(kind), "circle")),
-                error_y=dict(type="data", symmetric=False, array=part["hi"].to_numpy(float) - acc,
-                             arrayminus=acc - part["lo"].to_numpy(float), color="#888"),
-                hovertemplate=f"%{{text}}<br>accuracy %{{y:.2%}}<br>{label} %{{x:.4g}}<extra></extra>",
-            ), row=1, col=col)  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=part[xcol].to_numpy(float),
+                    y=acc,
+                    mode="markers+text",
+                    text=part["name"].tolist(),
+                    textposition="top center",
+                    name=str(kind),
+                    legendgroup=str(kind),
+                    showlegend=col == 1,
+                    marker=dict(size=11, symbol=_KIND_SYMBOL.get(str(kind), "circle")),
+                    error_y=dict(
+                        type="data",
+                        symmetric=False,
+                        array=part["hi"].to_numpy(float) - acc,
+                        arrayminus=acc - part["lo"].to_numpy(float),
+                        color="#888",
+                    ),
+                    hovertemplate=f"%{{text}}<br>accuracy %{{y:.2%}}<br>{label} %{{x:.4g}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
         if len(df) >= 2:
             x, y = df[xcol].to_numpy(float), df["accuracy"].to_numpy(float)
             front = _pareto_front(x, y)
             line = dict(color=BASELINE_COLOR, dash="dash", shape="hv")
-            fig.add_trace(go.Scatter(x=x[front], y=y[front], mode="lines", name="Pareto front", showlegend=col == 1, line=line,
-                                     hoverinfo="skip"), row=1, col=col)  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=x[front],
+                    y=y[front],
+                    mode="lines",
+                    name="Pareto front",
+                    showlegend=col == 1,
+                    line=line,
+                    hoverinfo="skip",
+                ),
+                row=1,
+                col=col,
+            )
         fig.update_xaxes(title_text=label, type="log", row=1, col=col)
     fig.update_yaxes(title_text="top-1 accuracy (95% interval)", tickformat=".1%", row=1, col=1)
     _base_layout(fig, title=title, height=500)
@@ -1367,7 +1565,9 @@ def per_class_change(
         gen = ens = None
         delta = arr
     else:
-        raise PlotInputError(f"change must be (C,) deltas or the pair (gen_acc, ens_acc) of (C,) arrays, got shape {arr.shape}")
+        raise PlotInputError(
+            f"change must be (C,) deltas or the pair (gen_acc, ens_acc) of (C,) arrays, got shape {arr.shape}"
+        )
     c = delta.shape[0]
     names = _check_names(class_names, c, "change")
     if sort and order is not None:
@@ -1386,12 +1586,25 @@ def per_class_change(
         hover.append(line)
     colors = [POSITIVE_COLOR if d > 0 else NEGATIVE_COLOR if d < 0 else BASELINE_COLOR for d in delta[perm]]
     fig = go.Figure(
-        go.Bar(x=[names[i] for i in perm], y=delta[perm], marker_color=colors, customdata=perm, hovertext=hover,
-               hovertemplate="%{hovertext}<extra></extra>", showlegend=False)
+        go.Bar(
+            x=[names[i] for i in perm],
+            y=delta[perm],
+            marker_color=colors,
+            customdata=perm,
+            hovertext=hover,
+            hovertemplate="%{hovertext}<extra></extra>",
+            showlegend=False,
+        )
     )
-    fig.update_xaxes(type="category", title_text="class", tickangle=-90 if c > 12 else 0,
-                     tickfont=dict(size=10 if c <= 60 else 7))
-    fig.update_yaxes(title_text="accuracy change", tickformat=_percent_ticks(delta, sign=True), zeroline=True, zerolinecolor="#888888")
+    fig.update_xaxes(
+        type="category", title_text="class", tickangle=-90 if c > 12 else 0, tickfont=dict(size=10 if c <= 60 else 7)
+    )
+    fig.update_yaxes(
+        title_text="accuracy change",
+        tickformat=_percent_ticks(delta, sign=True),
+        zeroline=True,
+        zerolinecolor="#888888",
+    )
     _base_layout(fig, title=title, height=440, width=int(min(1400, max(700, 9 * c + 160))))
     fig.update_layout(bargap=0.15)
     return fig
@@ -1445,8 +1658,13 @@ def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
     return atomic_write_text(target, page)
 
 
-def study_gains(summary: pd.DataFrame | Sequence[Mapping[str, Any]], key: str, *, rules: Sequence[str] | None = None,
-                title: str | None = None) -> go.Figure:  # fmt: skip
+def study_gains(
+    summary: pd.DataFrame | Sequence[Mapping[str, Any]],
+    key: str,
+    *,
+    rules: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
     """A study's gain against one swept ``key``: two panels (over the generalist, over the compute-matched
     generalist), one line per rule (and per value of the other swept keys), the mean across seeds with
     its 95% interval as error bars, a dashed zero line.
@@ -1460,31 +1678,72 @@ def study_gains(summary: pd.DataFrame | Sequence[Mapping[str, Any]], key: str, *
     df = pd.DataFrame(list(summary) if not isinstance(summary, pd.DataFrame) else summary)
     if df.empty or key not in df.columns:
         raise PlotInputError(f"study summary has no column {key!r}; pass one of the swept keys")
-    others = [c for c in df.columns if c not in (key, "rule", "baseline", "seeds", "mean", "lo", "hi", "verdict", "seeds_better",
-                                                   "seeds_worse", "rule_top1", "baseline_top1", "interval", "p_value", "p_holm",
-                                                   "tie_margin")]  # fmt: skip
+    others = [
+        c
+        for c in df.columns
+        if c
+        not in (
+            key,
+            "rule",
+            "baseline",
+            "seeds",
+            "mean",
+            "lo",
+            "hi",
+            "verdict",
+            "seeds_better",
+            "seeds_worse",
+            "rule_top1",
+            "baseline_top1",
+            "interval",
+            "p_value",
+            "p_holm",
+            "tie_margin",
+        )
+    ]
     rules = list(rules) if rules is not None else list(dict.fromkeys(df["rule"]))
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
-                        subplot_titles=("gain over the generalist", "gain over the compute-matched generalist"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        subplot_titles=("gain over the generalist", "gain over the compute-matched generalist"),
+    )
     palette = pcolors.qualitative.Plotly
     x_text = df[key].map(lambda v: "none" if v is None else str(v))
     order = list(dict.fromkeys(x_text))
     for col, base in enumerate(("generalist", "compute_matched"), start=1):
         sub = df[(df["baseline"] == base) & df["rule"].isin(rules)]
-        groups = sub.groupby(others + ["rule"], dropna=False, sort=False) if others else sub.groupby(["rule"], sort=False)
+        groups = (
+            sub.groupby(others + ["rule"], dropna=False, sort=False) if others else sub.groupby(["rule"], sort=False)
+        )
         for k, (label, g) in enumerate(groups):
             label = label if isinstance(label, tuple) else (label,)
             name = ", ".join([f"{o}={v}" for o, v in zip(others, label)] + [str(label[-1])])
             xs = x_text[g.index].tolist()
             mean, lo, hi = g["mean"].to_numpy() * 100, g["lo"].to_numpy() * 100, g["hi"].to_numpy() * 100
-            fig.add_trace(go.Scatter(
-                x=xs, y=mean, mode="lines+markers", name=name, legendgroup=name, showlegend=col == 1,
-                line={"color": palette[k % len(palette)]},
-                error_y={"type": "data", "symmetric": False, "array": np.nan_to_num(hi - mean), "arrayminus": np.nan_to_num(mean - lo)},
-                customdata=np.stack([lo, hi, g["seeds"].to_numpy()], axis=1),
-                hovertemplate="%{x}: %{y:+.2f} points [%{customdata[0]:+.2f}, %{customdata[1]:+.2f}], %{customdata[2]} seeds<extra>"
-                              + name + "</extra>",
-            ), row=1, col=col)  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=mean,
+                    mode="lines+markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    line={"color": palette[k % len(palette)]},
+                    error_y={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": np.nan_to_num(hi - mean),
+                        "arrayminus": np.nan_to_num(mean - lo),
+                    },
+                    customdata=np.stack([lo, hi, g["seeds"].to_numpy()], axis=1),
+                    hovertemplate="%{x}: %{y:+.2f} points [%{customdata[0]:+.2f}, %{customdata[1]:+.2f}], %{customdata[2]} seeds<extra>"
+                    + name
+                    + "</extra>",
+                ),
+                row=1,
+                col=col,
+            )
         fig.add_hline(y=0, line_dash="dash", line_color="#888", row=1, col=col)
         fig.update_xaxes(title_text=key, type="category", categoryorder="array", categoryarray=order, row=1, col=col)
     fig.update_yaxes(title_text="points (mean across seeds, 95% interval)", row=1, col=1)

@@ -3,6 +3,7 @@
 Nothing here computes a new number or trains a model (that is :mod:`specialkit.metrics`); a run
 whose stages are not finished is a ``metrics.MissingStageError`` naming the stage.
 """
+
 from __future__ import annotations
 
 import html
@@ -17,9 +18,22 @@ from . import clusters, dataset, evaluation, frontier, plots, runs, stages, stat
 from .metrics import compute_metrics, cost_points, dustbin_effect, require
 from .view import RunView, view_of
 
-__all__ = ["write_report", "render_report", "reading", "seeds_reading", "render_seeds_report", "write_seeds_report",
-           "comparison_frame", "table4_frame", "convergence_reading", "fit_reading", "study_reading", "study_table",
-           "render_study_report", "write_study_report"]
+__all__ = [
+    "write_report",
+    "render_report",
+    "reading",
+    "seeds_reading",
+    "render_seeds_report",
+    "write_seeds_report",
+    "comparison_frame",
+    "table4_frame",
+    "convergence_reading",
+    "fit_reading",
+    "study_reading",
+    "study_table",
+    "render_study_report",
+    "write_study_report",
+]
 
 
 def _pct(x: float | None) -> str:
@@ -38,17 +52,31 @@ def _pval(p: float | None) -> str:
     return "n/a" if p is None else (f"{p:.2g}" if p >= 1e-4 else "< 1e-4")
 
 
-_WORDS = {"better": "significantly better than", "worse": "significantly worse than", "indistinguishable": "indistinguishable from"}
+_WORDS = {
+    "better": "significantly better than",
+    "worse": "significantly worse than",
+    "indistinguishable": "indistinguishable from",
+}
 
 
 def _versus(row: dict[str, Any], baseline: str) -> str:
     """'+0.21 points [−0.10, +0.52], McNemar p = 0.3 (7 fixed, 2 broken): indistinguishable from the generalist'."""
     if baseline == "generalist":
-        gain, ci, p, word = row["delta_top1"], row["gain_vs_generalist_ci"], row["p_vs_generalist"], row.get("vs_generalist")
+        gain, ci, p, word = (
+            row["delta_top1"],
+            row["gain_vs_generalist_ci"],
+            row["p_vs_generalist"],
+            row.get("vs_generalist"),
+        )
         counts = f" ({row['fixed']} fixed, {row['broken']} broken)"
         who = "the generalist"
     else:
-        gain, ci, p, word = row["gain_vs_compute_matched"], row["gain_vs_compute_matched_ci"], row["p_vs_compute_matched"], row.get("vs_compute_matched")
+        gain, ci, p, word = (
+            row["gain_vs_compute_matched"],
+            row["gain_vs_compute_matched_ci"],
+            row["p_vs_compute_matched"],
+            row.get("vs_compute_matched"),
+        )
         counts, who = "", "the compute-matched generalist"
     return f"{gain * 100:+.2f} points {_ci(ci, points=True)}, McNemar p = {_pval(p)}{counts}: {_WORDS.get(word or '', 'compared with')} {who}"
 
@@ -63,8 +91,10 @@ def reading(metrics: dict[str, Any]) -> str:
     rows = {r["name"]: r for r in metrics["comparison"]}
     gen = rows["generalist"]
     ds = metrics["dataset"]
-    lines = [f"On **{ds['name']}** ({ds['num_classes']} classes, {ds['test']} test images) the generalist reaches "
-             f"**{_pct(gen['top1'])}** test top-1 {_ci(gen['top1_ci'])} (95% paired-bootstrap intervals throughout)."]  # fmt: skip
+    lines = [
+        f"On **{ds['name']}** ({ds['num_classes']} classes, {ds['test']} test images) the generalist reaches "
+        f"**{_pct(gen['top1'])}** test top-1 {_ci(gen['top1_ci'])} (95% paired-bootstrap intervals throughout)."
+    ]
     rules = [n for n in rows if n not in ("generalist", "compute_matched", "student", "hard_label_student")]
     for name in rules:
         r = rows[name]
@@ -75,43 +105,69 @@ def reading(metrics: dict[str, Any]) -> str:
     if "compute_matched" in rows:
         cm = rows["compute_matched"]
         budget = metrics.get("compute_matched", {}).get("budget", {})
-        how = (f" ({budget['compute_matched_passes']:,} extra example-passes, matched by {budget['match']})" if budget else "")
-        lines.append(f"Given the specialists' extra training compute{how}, the generalist alone reaches **{_pct(cm['top1'])}** "
-                     f"{_ci(cm['top1_ci'])}: {_versus(cm, 'generalist')}.")  # fmt: skip
+        how = (
+            f" ({budget['compute_matched_passes']:,} extra example-passes, matched by {budget['match']})"
+            if budget
+            else ""
+        )
+        lines.append(
+            f"Given the specialists' extra training compute{how}, the generalist alone reaches **{_pct(cm['top1'])}** "
+            f"{_ci(cm['top1_ci'])}: {_versus(cm, 'generalist')}."
+        )
         better_cm = [n for n in rules if rows[n].get("vs_compute_matched") == "worse"]
         beat_cm = [n for n in rules if rows[n].get("vs_compute_matched") == "better"]
         if beat_cm:
-            lines.append(f"**Specialists pay off here:** {', '.join(f'`{n}`' for n in beat_cm)} beat the compute-matched generalist significantly.")
+            lines.append(
+                f"**Specialists pay off here:** {', '.join(f'`{n}`' for n in beat_cm)} beat the compute-matched generalist significantly."
+            )
         elif better_cm:
-            lines.append(f"**The compute-matched generalist is significantly better** than {', '.join(f'`{n}`' for n in better_cm)}: "
-                         f"here the extra compute is worth more as more generalist training than as specialists.")  # fmt: skip
+            lines.append(
+                f"**The compute-matched generalist is significantly better** than {', '.join(f'`{n}`' for n in better_cm)}: "
+                f"here the extra compute is worth more as more generalist training than as specialists."
+            )
         else:
-            lines.append("**No rule is distinguishable from the compute-matched generalist:** on this run the specialists' gain, "
-                         "if any, is not more than the same extra training of the generalist gives.")  # fmt: skip
+            lines.append(
+                "**No rule is distinguishable from the compute-matched generalist:** on this run the specialists' gain, "
+                "if any, is not more than the same extra training of the generalist gives."
+            )
     t4 = [r for r in metrics["table4"].get("kl", []) if r["covered_by"] != "total"]
     if t4:
         parts = []
         for r in t4:
             rel = "n/a" if r["relative_gain"] is None else f"{r['relative_gain'] * 100:+.1f}%"
             tail = " — too few to read" if r["too_small"] else ""
-            parts.append(f"{r['covered_by']}: {r['delta_correct']:+d} of {r['n_examples']} ({rel} relative {_ci(r['relative_gain_ci'])}{tail})")
-        lines.append("By the number of specialists covering the true class (`kl`, change in correct answers): " + "; ".join(parts) + ".")
+            parts.append(
+                f"{r['covered_by']}: {r['delta_correct']:+d} of {r['n_examples']} ({rel} relative {_ci(r['relative_gain_ci'])}{tail})"
+            )
+        lines.append(
+            "By the number of specialists covering the true class (`kl`, change in correct answers): "
+            + "; ".join(parts)
+            + "."
+        )
     if metrics["clusters"].get("all_covered"):
-        lines.append("Every class is covered by some specialist, so the paper's conditional accuracy (Table 3) equals top-1 here; "
-                     "the within-group accuracy in the table restricts each prediction to the groups covering the true class.")  # fmt: skip
+        lines.append(
+            "Every class is covered by some specialist, so the paper's conditional accuracy (Table 3) equals top-1 here; "
+            "the within-group accuracy in the table restricts each prediction to the groups covering the true class."
+        )
     f = metrics["cost"]["flops"]
     if f is not None:
-        lines.append(f"Cost: the ensemble needs {f['conditional_ratio']:.2f}× the generalist's FLOPs per image with conditional "
-                 f"execution ({f['mean_active']:.2f} specialists per image) and {f['all_ratio']:.2f}× running every specialist; "
-                     f"it holds {f['params_ratio']:.1f}× the parameters.")  # fmt: skip
+        lines.append(
+            f"Cost: the ensemble needs {f['conditional_ratio']:.2f}× the generalist's FLOPs per image with conditional "
+            f"execution ({f['mean_active']:.2f} specialists per image) and {f['all_ratio']:.2f}× running every specialist; "
+            f"it holds {f['params_ratio']:.1f}× the parameters."
+        )
     for stage, why in metrics.get("skipped", {}).items():
         lines.append(f"No {stage.replace('_', '-')} result: {why}.")
     if "student" in rows:
         st = metrics["student"]
-        line = (f"The distilled student, one model of {st['params']:,} parameters, reaches **{_pct(rows['student']['top1'])}** "
-                f"{_ci(rows['student']['top1_ci'])}; {_versus(rows['student'], 'generalist')}")  # fmt: skip
+        line = (
+            f"The distilled student, one model of {st['params']:,} parameters, reaches **{_pct(rows['student']['top1'])}** "
+            f"{_ci(rows['student']['top1_ci'])}; {_versus(rows['student'], 'generalist')}"
+        )
         if st.get("kl_gain_significant") and st.get("share_of_kl_gain") is not None:
-            line += f"; it keeps {st['share_of_kl_gain'] * 100:.0f}% {_ci(st.get('share_of_kl_gain_ci'))} of `kl`'s gain"
+            line += (
+                f"; it keeps {st['share_of_kl_gain'] * 100:.0f}% {_ci(st.get('share_of_kl_gain_ci'))} of `kl`'s gain"
+            )
         elif "share_of_kl_gain_ci" in st:
             line += "; `kl`'s own gain is not significant, so the share of it the student keeps is not read"
         lines.append(line + ".")
@@ -132,14 +188,20 @@ def convergence_reading(conv: dict[str, Any]) -> str:
     first, last = conv["last_epochs"][0], conv["last_epochs"][-1]
     text = f"**Convergence:** validation top-1 over epochs {first}–{last}: {accs}%"
     if conv.get("val_rise") is not None:
-        text += (f" (last epoch against the best before it: {conv['val_rise'] * 100:+.2f} points; "
-                 f"noise ±{conv['val_noise'] * 100:.2f})")  # fmt: skip
+        text += (
+            f" (last epoch against the best before it: {conv['val_rise'] * 100:+.2f} points; "
+            f"noise ±{conv['val_noise'] * 100:.2f})"
+        )
     if conv.get("compute_matched_gain") is not None:
-        text += (f"; the compute-matched generalist gained {conv['compute_matched_gain'] * 100:+.2f} points "
-                 f"{_ci(conv['compute_matched_gain_ci'], points=True)} (p = {_pval(conv['compute_matched_p'])}) from the extra training")  # fmt: skip
+        text += (
+            f"; the compute-matched generalist gained {conv['compute_matched_gain'] * 100:+.2f} points "
+            f"{_ci(conv['compute_matched_gain_ci'], points=True)} (p = {_pval(conv['compute_matched_p'])}) from the extra training"
+        )
         if conv.get("best_rule"):
-            text += (f", the best rule (`{conv['best_rule']}`) {conv['best_rule_gain'] * 100:+.2f} points "
-                     f"{_ci(conv['best_rule_gain_ci'], points=True)}")  # fmt: skip
+            text += (
+                f", the best rule (`{conv['best_rule']}`) {conv['best_rule_gain'] * 100:+.2f} points "
+                f"{_ci(conv['best_rule_gain_ci'], points=True)}"
+            )
     text += ". "
     if conv["still_improving"]:
         why = []
@@ -147,8 +209,12 @@ def convergence_reading(conv: dict[str, Any]) -> str:
             why.append("its validation accuracy was still rising beyond the noise")
         if conv.get("compute_matched_verdict") == "better":
             why.append("more training alone made it significantly better")
-        text += ("**The generalist was still improving** (" + " and ".join(why) + "): a gain over the generalist here partly "
-                 "measures an unfinished generalist; read the comparison with the compute-matched generalist, or train it longer.")  # fmt: skip
+        text += (
+            "**The generalist was still improving** ("
+            + " and ".join(why)
+            + "): a gain over the generalist here partly "
+            "measures an unfinished generalist; read the comparison with the compute-matched generalist, or train it longer."
+        )
     else:
         text += "No sign the generalist was still improving: its last epochs and the extra training changed it by no more than the noise."
     return text
@@ -163,23 +229,30 @@ def fit_reading(fit: list[dict[str, Any]]) -> str:
     worst = max(rows, key=lambda r: r["gap"])
     mean_train = sum(r["train_acc"] for r in rows) / len(rows)
     mean_val = sum(r["val_acc"] for r in rows) / len(rows)
-    return (f"**Overfitting:** on their own classes' images the specialists reach {mean_train * 100:.1f}% on training images and "
-            f"{mean_val * 100:.1f}% on validation images (mean gap {sum(gaps) / len(gaps) * 100:+.1f} points; largest "
-            f"{worst['gap'] * 100:+.1f} for `{worst['group']}`), trained with soft-target weight {rows[0]['soft_weight']:g} "
-            "(a study over `specialist_soft_weight` compares with and without the generalist's soft targets).")  # fmt: skip
+    return (
+        f"**Overfitting:** on their own classes' images the specialists reach {mean_train * 100:.1f}% on training images and "
+        f"{mean_val * 100:.1f}% on validation images (mean gap {sum(gaps) / len(gaps) * 100:+.1f} points; largest "
+        f"{worst['gap'] * 100:+.1f} for `{worst['group']}`), trained with soft-target weight {rows[0]['soft_weight']:g} "
+        "(a study over `specialist_soft_weight` compares with and without the generalist's soft targets)."
+    )
 
 
 def seeds_reading(summary: dict[str, Any]) -> str:
     """The between-seed reading (markdown) of :func:`metrics.aggregate_seeds`' table."""
     seeds = summary["seeds"]
-    lines = [f"Across {len(seeds)} seeds ({', '.join(map(str, seeds))}; same data and test images, different training randomness):"]
+    lines = [
+        f"Across {len(seeds)} seeds ({', '.join(map(str, seeds))}; same data and test images, different training randomness):"
+    ]
     for r in summary["rows"]:
         if r["metric"] == "top1":
             sd = "" if r["std"] is None else f" ± {r['std'] * 100:.2f}"
             vals = ", ".join(f"{v * 100:.2f}" for v in r["values"].values())
             lines.append(f"- `{r['name']}` top-1 {r['mean'] * 100:.2f}{sd}% (each seed: {vals})")
     for r in summary["rows"]:
-        if r["metric"] in ("delta_top1", "gain_vs_compute_matched") and r["name"] not in ("generalist", "compute_matched"):
+        if r["metric"] in ("delta_top1", "gain_vs_compute_matched") and r["name"] not in (
+            "generalist",
+            "compute_matched",
+        ):
             who = "the generalist" if r["metric"] == "delta_top1" else "the compute-matched generalist"
             sd = "" if r["std"] is None else f" ± {r['std'] * 100:.2f}"
             lines.append(f"- `{r['name']}` vs {who}: {r['mean'] * 100:+.2f}{sd} points")
@@ -200,9 +273,13 @@ def _table(df: pd.DataFrame, *, percent: tuple[str, ...] = (), digits: int = 3) 
     df = df.copy()
     for col in df.columns:
         if col in percent:
-            df[col] = df[col].map(lambda v: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v * 100:.2f}%")
+            df[col] = df[col].map(
+                lambda v: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v * 100:.2f}%"
+            )
         elif pd.api.types.is_float_dtype(df[col]):
-            df[col] = df[col].map(lambda v: "" if not math.isfinite(v) else f"{v:.{digits}g}" if abs(v) >= 1e4 else f"{v:.{digits}f}")
+            df[col] = df[col].map(
+                lambda v: "" if not math.isfinite(v) else f"{v:.{digits}g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
+            )
     return df.to_html(border=0, escape=True)
 
 
@@ -222,18 +299,30 @@ def _figures(run: RunView, metrics: dict[str, Any], manifest: dict[str, Any] | N
     order = clusters.order_classes(spec)
     x, lab = dataset.examples_per_class(ds, per_class=1)
     figs: dict[str, Any] = {
-        "samples": plots.sample_grid(x, lab.numpy(), ds.class_names, ncols=min(31, ds.num_classes), title="one training image per class"),
-        "confusion": plots.confusion_heatmap(cs.F, cs.class_names, order=order, groups=spec.indices(),
-                                             group_names=list(spec.groups), hide_diagonal=True,
-                                             title="validation confusion, reordered by group (diagonal hidden)"),
+        "samples": plots.sample_grid(
+            x, lab.numpy(), ds.class_names, ncols=min(31, ds.num_classes), title="one training image per class"
+        ),
+        "confusion": plots.confusion_heatmap(
+            cs.F,
+            cs.class_names,
+            order=order,
+            groups=spec.indices(),
+            group_names=list(spec.groups),
+            hide_diagonal=True,
+            title="validation confusion, reordered by group (diagonal hidden)",
+        ),
         "covariance": plots.covariance_heatmap(cs.covariance, cs.class_names, order=order, groups=spec.indices()),
-        "class_map": plots.class_map(run.class_map(), cs.class_names, group_labels=clusters.group_labels(spec),
-                                     group_names=list(spec.groups)),
+        "class_map": plots.class_map(
+            run.class_map(), cs.class_names, group_labels=clusters.group_labels(spec), group_names=list(spec.groups)
+        ),
         "specialist_curves": plots.specialist_curves({g: s.history for g, s in zip(spec.groups, run.specialists())}),
-        "accuracy": plots.accuracy_bars({r["name"]: r["top1"] for r in metrics["comparison"]}, baseline="generalist",
-                                        title="test top-1 with 95% paired-bootstrap intervals",
-                                        intervals={r["name"]: r["top1_ci"] for r in metrics["comparison"]}),
-    }  # fmt: skip
+        "accuracy": plots.accuracy_bars(
+            {r["name"]: r["top1"] for r in metrics["comparison"]},
+            baseline="generalist",
+            title="test top-1 with 95% paired-bootstrap intervals",
+            intervals={r["name"]: r["top1_ci"] for r in metrics["comparison"]},
+        ),
+    }
     if gen.history:  # a generalist brought with generalist_from was not trained here
         figs["generalist_curves"] = plots.training_curves({"generalist": gen.history})
     if metrics["cost"]["flops"] is not None:
@@ -245,13 +334,20 @@ def _figures(run: RunView, metrics: dict[str, Any], manifest: dict[str, Any] | N
         t4 = pd.DataFrame(metrics["table4"]["kl"])
         figs["table4"] = plots.table4_chart(t4[t4["covered_by"] != "total"].rename(columns={"covered_by": "coverage"}))
         change = evaluation.per_class_change(gen.test_probs, q, y)
-        figs["per_class"] = plots.per_class_change(change["delta"].to_numpy(), ds.class_names, order=order, coverage=spec.coverage())
-        figs["fixed_broken"] = plots.fixed_broken_grid(ds.x_test, y, gen.test_probs.argmax(1), q.argmax(1), ds.class_names)
+        figs["per_class"] = plots.per_class_change(
+            change["delta"].to_numpy(), ds.class_names, order=order, coverage=spec.coverage()
+        )
+        figs["fixed_broken"] = plots.fixed_broken_grid(
+            ds.x_test, y, gen.test_probs.argmax(1), q.argmax(1), ds.class_names
+        )
     for key in manifest["keys"] if manifest else ():  # the study this run belongs to, if any
-        figs[f"study:{key}"] = plots.study_gains(manifest["summary"], key, title=f"study {manifest.get('name', '')}: gain against {key}")
+        figs[f"study:{key}"] = plots.study_gains(
+            manifest["summary"], key, title=f"study {manifest.get('name', '')}: gain against {key}"
+        )
     if metrics.get("student"):
-        figs["student_curves"] = plots.training_curves({**({"generalist": gen.history} if gen.history else {}),
-                                                        "student": run.distill().history})  # fmt: skip
+        figs["student_curves"] = plots.training_curves(
+            {**({"generalist": gen.history} if gen.history else {}), "student": run.distill().history}
+        )
     return figs
 
 
@@ -264,12 +360,16 @@ def control_reading(student: dict[str, Any]) -> str:
         return f"{d['gain'] * 100:+.2f} points {_ci(d['ci'], points=True)}, McNemar p = {_pval(d['p'])} ({d['fixed']} fixed, {d['broken']} broken)"
 
     words = {"better": "better than", "worse": "worse than", "indistinguishable": "indistinguishable from"}
-    text = (f"**The student against its hard-label control** (the same start, epochs and learning rate on the hard labels "
-            f"alone): the control is {words[ctl['verdict']]} the generalist ({gap(ctl)}): that is what the extra training "
-            f"alone gives; the student is {words[vs['verdict']]} the control ({gap(vs)}): that is what distillation adds.")
+    text = (
+        f"**The student against its hard-label control** (the same start, epochs and learning rate on the hard labels "
+        f"alone): the control is {words[ctl['verdict']]} the generalist ({gap(ctl)}): that is what the extra training "
+        f"alone gives; the student is {words[vs['verdict']]} the control ({gap(vs)}): that is what distillation adds."
+    )
     if vs["verdict"] != "better":
-        text += (" So the ensemble's soft targets add nothing detectable here: any gain of the student over the generalist "
-                 "is the extra training's, not distillation's.")
+        text += (
+            " So the ensemble's soft targets add nothing detectable here: any gain of the student over the generalist "
+            "is the extra training's, not distillation's."
+        )
     return text
 
 
@@ -279,12 +379,19 @@ def comparison_frame(metrics: dict[str, Any]) -> pd.DataFrame:
     out = []
     for r in metrics["comparison"]:
         row = {"model / rule": r["name"], "top-1 [95% CI]": f"{_pct(r['top1'])} {_ci(r['top1_ci'])}"}
-        row["vs generalist, points [CI]"] = "" if r["name"] == "generalist" else f"{r['delta_top1'] * 100:+.2f} {_ci(r['gain_vs_generalist_ci'], points=True)}"
+        row["vs generalist, points [CI]"] = (
+            ""
+            if r["name"] == "generalist"
+            else f"{r['delta_top1'] * 100:+.2f} {_ci(r['gain_vs_generalist_ci'], points=True)}"
+        )
         row["p (McNemar)"] = "" if r["p_vs_generalist"] is None else _pval(r["p_vs_generalist"])
         row["fixed / broken"] = "" if r["name"] == "generalist" else f"{r['fixed']} / {r['broken']}"
         row["reading"] = r.get("vs_generalist") or ""
-        row["vs compute-matched, points [CI]"] = ("" if r.get("gain_vs_compute_matched") is None
-                                                  else f"{r['gain_vs_compute_matched'] * 100:+.2f} {_ci(r['gain_vs_compute_matched_ci'], points=True)}")  # fmt: skip
+        row["vs compute-matched, points [CI]"] = (
+            ""
+            if r.get("gain_vs_compute_matched") is None
+            else f"{r['gain_vs_compute_matched'] * 100:+.2f} {_ci(r['gain_vs_compute_matched_ci'], points=True)}"
+        )
         row["p vs compute-matched"] = "" if r.get("p_vs_compute_matched") is None else _pval(r["p_vs_compute_matched"])
         row["reading vs compute-matched"] = r.get("vs_compute_matched") or ""
         row["conditional acc. (paper's Table 3)"] = _pct(r.get("conditional_acc"))
@@ -300,9 +407,15 @@ def table4_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     out = []
     for r in rows:
         rel = "n/a" if r["relative_gain"] is None else f"{r['relative_gain'] * 100:+.2f}%"
-        out.append({"specialists covering the true class": r["covered_by"], "test examples": r["n_examples"],
-                    "Δ correct": r["delta_correct"], "relative gain [95% CI]": f"{rel} {_ci(r['relative_gain_ci'])}",
-                    "note": "too few examples to read" if r["too_small"] else ""})  # fmt: skip
+        out.append(
+            {
+                "specialists covering the true class": r["covered_by"],
+                "test examples": r["n_examples"],
+                "Δ correct": r["delta_correct"],
+                "relative gain [95% CI]": f"{rel} {_ci(r['relative_gain_ci'])}",
+                "note": "too few examples to read" if r["too_small"] else "",
+            }
+        )
     return pd.DataFrame(out).set_index("specialists covering the true class")
 
 
@@ -312,10 +425,15 @@ def _cost_summary(metrics: dict[str, Any]) -> str:
     if not rows:
         return ""
     s = rows[1].get("shared_stages", 0)
-    how = (f"the specialists share the generalist's first {s} stage(s), run once per image and stored once" if s
-           else "every specialist is a whole network")  # fmt: skip
-    return (_p(f"Cost of inference per configuration ({how}); latency measured at batch 1 and 256, peak memory of the "
-               f"tensors alive at once over one batch of 256 test images.") + _table(pd.DataFrame(rows).set_index("model")))
+    how = (
+        f"the specialists share the generalist's first {s} stage(s), run once per image and stored once"
+        if s
+        else "every specialist is a whole network"
+    )
+    return _p(
+        f"Cost of inference per configuration ({how}); latency measured at batch 1 and 256, peak memory of the "
+        f"tensors alive at once over one batch of 256 test images."
+    ) + _table(pd.DataFrame(rows).set_index("model"))
 
 
 study_of = store.study_of
@@ -326,9 +444,11 @@ def _study_section(manifest: dict[str, Any] | None, frags: dict[str, str]) -> st
     names = [n for n in frags if n.startswith("study:")]
     if manifest is None or not names:
         return ""
-    text = (f"This run is one point of the study `{manifest.get('name', '')}` (swept: {', '.join(manifest['keys'])}); "
-            "each figure shows the gain over the generalist and over the compute-matched generalist across the study's "
-            "points, mean across seeds with its 95% interval. The study's own page is report.html in its folder.")
+    text = (
+        f"This run is one point of the study `{manifest.get('name', '')}` (swept: {', '.join(manifest['keys'])}); "
+        "each figure shows the gain over the generalist and over the compute-matched generalist across the study's "
+        "points, mean across seeds with its 95% interval. The study's own page is report.html in its folder."
+    )
     return _section("study", "10 · The study this run belongs to", _p(text), *(frags[n] for n in names))
 
 
@@ -348,57 +468,238 @@ def render_report(run: RunView, metrics: dict[str, Any]) -> str:
     corr_table = pd.DataFrame(corr.get("per_specialist", []))
     init = pd.DataFrame(metrics.get("init_check", []))
     budget = metrics.get("compute_matched", {}).get("budget")
-    budget_text = (f"Specialists used {budget['specialist_passes']:,} example-passes ({budget['specialist_train_flops']:.3g} training FLOPs, "
-                   f"forward and backward as run, a shared trunk forward only, the generalist's forward where it teaches); the compute-matched generalist was trained {budget['compute_matched_passes']:,} further "
-                   f"example-passes ({budget['compute_matched_train_flops']:.3g} FLOPs), matched by {budget['match']}.") if budget else ""  # fmt: skip
+    budget_text = (
+        (
+            f"Specialists used {budget['specialist_passes']:,} example-passes ({budget['specialist_train_flops']:.3g} training FLOPs, "
+            f"forward and backward as run, a shared trunk forward only, the generalist's forward where it teaches); the compute-matched generalist was trained {budget['compute_matched_passes']:,} further "
+            f"example-passes ({budget['compute_matched_train_flops']:.3g} FLOPs), matched by {budget['match']}."
+        )
+        if budget
+        else ""
+    )
     student = metrics["student"] or {}
     kept = ""
     if student.get("share_of_kl_gain_ci") is not None:
-        kept = (f" It keeps {student['share_of_kl_gain'] * 100:.0f}% {_ci(student['share_of_kl_gain_ci'])} of kl's gain over the generalist."
-                if student.get("kl_gain_significant") and student.get("share_of_kl_gain") is not None
-                else " kl's own gain over the generalist is not significant, so the share the student keeps is not read.")  # fmt: skip
+        kept = (
+            f" It keeps {student['share_of_kl_gain'] * 100:.0f}% {_ci(student['share_of_kl_gain_ci'])} of kl's gain over the generalist."
+            if student.get("kl_gain_significant") and student.get("share_of_kl_gain") is not None
+            else " kl's own gain over the generalist is not significant, so the share the student keeps is not read."
+        )
     if student.get("vs_hard_label"):
         kept += " " + control_reading(student).replace("**", "")
     quality = pd.DataFrame([metrics["clusters"]["quality"]])
-    groups = pd.DataFrame([{"group": g, "classes": " ".join(c), "size": len(c)} for g, c in metrics["clusters"]["groups"].items()]).set_index("group")
-    flops = pd.Series(metrics["cost"]["flops"] or {"flops": "not counted: a predictions-only generalist has no model"}).to_frame("value")
+    groups = pd.DataFrame(
+        [{"group": g, "classes": " ".join(c), "size": len(c)} for g, c in metrics["clusters"]["groups"].items()]
+    ).set_index("group")
+    flops = pd.Series(
+        metrics["cost"]["flops"] or {"flops": "not counted: a predictions-only generalist has no model"}
+    ).to_frame("value")
     latency_df = pd.DataFrame(metrics["cost"].get("latency", []))
     timings = pd.Series(metrics["timings"]).to_frame("seconds")
     sections = [
-        _section("summary", "Summary", f'<div class="reading">{_markdown(reading(metrics))}</div>', _table(comparison), _p(budget_text)),
-        _section("data", "1 · The data", _p(f"{ds['name']}: {ds['num_classes']} classes; train {ds['train']}, validation {ds['val']} (drives the clusters), test {ds['test']} (final numbers only)."), frags["samples"]),
-        _section("generalist", "2 · The generalist", _p((f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs" if not cfg.generalist_from else f"brought from {cfg.generalist_from} (generalist_from; not trained by the kit)") + f": validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."), frags.get("generalist_curves", ""), _p(_strip_md(convergence_reading(metrics["convergence"]))) if metrics.get("convergence") else ""),
-        _section("confusion", "3 · The confusion structure", _p("Rows are true classes; classes are reordered so that each group's classes sit together. Confusions concentrate inside the outlined blocks."), frags["confusion"], frags["covariance"], frags["class_map"], "<h3>Most confused pairs (validation)</h3>", _table(pd.DataFrame(metrics["top_confused_pairs"]))),
-        _section("clusters", "4 · The groups", _p("Warning: " + metrics["clusters"]["coverage_warning"]) if metrics["clusters"].get("coverage_warning") else "", _p(f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."), _table(groups), _table(quality), "<h3>Every method at the same k</h3>", _p("One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."), _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec"))),
-        _section("specialists", "5 · The specialists", _p(f"Each specialist: its classes plus a dustbin, initialised from the generalist (its full head kept, the dustbin logit the log-sum-exp of the other classes' logits, so it starts as the generalist exactly), trained on {cfg.special_fraction:.0%} special / {1 - cfg.special_fraction:.0%} other examples, dustbin logit shifted by the '{cfg.dustbin_correction}' correction. train_acc/val_acc of the last epoch show overfitting."), _table(pd.DataFrame(metrics["specialists"]).set_index("group"), percent=("test_acc_own_classes", "test_acc_all", "train_acc", "val_acc")), "<h3>Overfitting: own classes, training against validation images</h3>", _p(fit_reading(metrics.get("specialist_fit", [])) or "not computed for this run (rerun `specialkit report`)"), _table(pd.DataFrame(metrics["specialist_fit"]).set_index("group"), percent=("train_acc", "val_acc", "gap")) if metrics.get("specialist_fit") else "", frags["specialist_curves"], "<h3>Initialisation check (validation)</h3>", _p("Mean |specialist dustbin probability − generalist mass outside the group| for a freshly initialised specialist: the kit's head against the one-row head (mean of the other rows) it replaced."), _table(init.set_index("group")) if len(init) else _p("specialists trained from scratch: no initialisation to check."), "<h3>What the dustbin correction does (validation)</h3>", _table(dustbin_effect(run), percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected")), "<h3>Every correction on validation images</h3>", _p("kl's validation top-1 with each correction applied to every specialist: " + ", ".join(f"{k} {v:.2%}" for k, v in corr.get("kl_top1", {}).items()) + f" (best: {corr.get('best')}; this run uses {corr.get('used')})."), _table(corr_table.set_index(["group", "correction"]), percent=("true_dustbin_share", "dustbin_share")) if len(corr_table) else ""),
-        _section("comparison", "6 · Generalist against the ensembles", frags["accuracy"], "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>", _table(t4) if len(t4) else "", frags.get("table4", ""), frags.get("per_class", ""), frags.get("fixed_broken", "")),
-        _section("cost", "7 · Cost", _cost_summary(metrics), frags.get("frontier", ""), _table(flops), _table(latency_df) if len(latency_df) else "", frags.get("cost", "")),
-        _section("student", "8 · Distilling the ensemble into one model", _p(f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {student['test_top1']:.2%}, {student['params']:,} parameters.{kept}" if student else f"No student: {metrics.get('skipped', {}).get('distill')}."), frags.get("student_curves", "")),
-        _section("timings", "9 · Wall time per stage", _table(timings), f'<p class="muted">settings: <code>{html.escape(json.dumps(cfg.to_dict()))}</code></p>'),
+        _section(
+            "summary",
+            "Summary",
+            f'<div class="reading">{_markdown(reading(metrics))}</div>',
+            _table(comparison),
+            _p(budget_text),
+        ),
+        _section(
+            "data",
+            "1 · The data",
+            _p(
+                f"{ds['name']}: {ds['num_classes']} classes; train {ds['train']}, validation {ds['val']} (drives the clusters), test {ds['test']} (final numbers only)."
+            ),
+            frags["samples"],
+        ),
+        _section(
+            "generalist",
+            "2 · The generalist",
+            _p(
+                (
+                    f"{cfg.model} (width {cfg.width}, depth {cfg.depth}), {metrics['generalist']['params']:,} parameters, {cfg.epochs} epochs"
+                    if not cfg.generalist_from
+                    else f"brought from {cfg.generalist_from} (generalist_from; not trained by the kit)"
+                )
+                + f": validation top-1 {metrics['generalist']['val_top1']:.2%}, test top-1 {metrics['generalist']['test_top1']:.2%}."
+            ),
+            frags.get("generalist_curves", ""),
+            _p(_strip_md(convergence_reading(metrics["convergence"]))) if metrics.get("convergence") else "",
+        ),
+        _section(
+            "confusion",
+            "3 · The confusion structure",
+            _p(
+                "Rows are true classes; classes are reordered so that each group's classes sit together. Confusions concentrate inside the outlined blocks."
+            ),
+            frags["confusion"],
+            frags["covariance"],
+            frags["class_map"],
+            "<h3>Most confused pairs (validation)</h3>",
+            _table(pd.DataFrame(metrics["top_confused_pairs"])),
+        ),
+        _section(
+            "clusters",
+            "4 · The groups",
+            _p("Warning: " + metrics["clusters"]["coverage_warning"])
+            if metrics["clusters"].get("coverage_warning")
+            else "",
+            _p(
+                f"Method {cfg.method} ({cfg.distance} distance), k = {cfg.k}, overlap {cfg.overlap}. in_group_error_share is the share of the generalist's validation errors whose two classes share a group."
+            ),
+            _table(groups),
+            _table(quality),
+            "<h3>Every method at the same k</h3>",
+            _p(
+                "One giant group keeps most errors inside groups but leaves that specialist as hard a job as the generalist's: read the share together with size_max."
+            ),
+            _table(pd.DataFrame(metrics["clusters"]["methods"]).set_index("spec")),
+        ),
+        _section(
+            "specialists",
+            "5 · The specialists",
+            _p(
+                f"Each specialist: its classes plus a dustbin, initialised from the generalist (its full head kept, the dustbin logit the log-sum-exp of the other classes' logits, so it starts as the generalist exactly), trained on {cfg.special_fraction:.0%} special / {1 - cfg.special_fraction:.0%} other examples, dustbin logit shifted by the '{cfg.dustbin_correction}' correction. train_acc/val_acc of the last epoch show overfitting."
+            ),
+            _table(
+                pd.DataFrame(metrics["specialists"]).set_index("group"),
+                percent=("test_acc_own_classes", "test_acc_all", "train_acc", "val_acc"),
+            ),
+            "<h3>Overfitting: own classes, training against validation images</h3>",
+            _p(
+                fit_reading(metrics.get("specialist_fit", []))
+                or "not computed for this run (rerun `specialkit report`)"
+            ),
+            _table(pd.DataFrame(metrics["specialist_fit"]).set_index("group"), percent=("train_acc", "val_acc", "gap"))
+            if metrics.get("specialist_fit")
+            else "",
+            frags["specialist_curves"],
+            "<h3>Initialisation check (validation)</h3>",
+            _p(
+                "Mean |specialist dustbin probability − generalist mass outside the group| for a freshly initialised specialist: the kit's head against the one-row head (mean of the other rows) it replaced."
+            ),
+            _table(init.set_index("group"))
+            if len(init)
+            else _p("specialists trained from scratch: no initialisation to check."),
+            "<h3>What the dustbin correction does (validation)</h3>",
+            _table(
+                dustbin_effect(run),
+                percent=("true_dustbin_share", "dustbin_share_uncorrected", "dustbin_share_corrected"),
+            ),
+            "<h3>Every correction on validation images</h3>",
+            _p(
+                "kl's validation top-1 with each correction applied to every specialist: "
+                + ", ".join(f"{k} {v:.2%}" for k, v in corr.get("kl_top1", {}).items())
+                + f" (best: {corr.get('best')}; this run uses {corr.get('used')})."
+            ),
+            _table(corr_table.set_index(["group", "correction"]), percent=("true_dustbin_share", "dustbin_share"))
+            if len(corr_table)
+            else "",
+        ),
+        _section(
+            "comparison",
+            "6 · Generalist against the ensembles",
+            frags["accuracy"],
+            "<h3>Gain by the number of specialists covering the true class (the paper's Table 4, rule kl)</h3>",
+            _table(t4) if len(t4) else "",
+            frags.get("table4", ""),
+            frags.get("per_class", ""),
+            frags.get("fixed_broken", ""),
+        ),
+        _section(
+            "cost",
+            "7 · Cost",
+            _cost_summary(metrics),
+            frags.get("frontier", ""),
+            _table(flops),
+            _table(latency_df) if len(latency_df) else "",
+            frags.get("cost", ""),
+        ),
+        _section(
+            "student",
+            "8 · Distilling the ensemble into one model",
+            _p(
+                f"A student of the generalist's architecture trained on the kl ensemble's q at T = {cfg.distill_temperature} (soft weight {cfg.distill_soft_weight}) (computed on the same augmented batch the student sees) plus hard labels: test top-1 {student['test_top1']:.2%}, {student['params']:,} parameters.{kept}"
+                if student
+                else f"No student: {metrics.get('skipped', {}).get('distill')}."
+            ),
+            frags.get("student_curves", ""),
+        ),
+        _section(
+            "timings",
+            "9 · Wall time per stage",
+            _table(timings),
+            f'<p class="muted">settings: <code>{html.escape(json.dumps(cfg.to_dict()))}</code></p>',
+        ),
         _study_section(manifest, frags),
-    ]  # fmt: skip
-    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [("summary", "Summary"), ("data", "Data"), ("generalist", "Generalist"), ("confusion", "Confusions"), ("clusters", "Groups"), ("specialists", "Specialists"), ("comparison", "Comparison"), ("cost", "Cost"), ("student", "Student")])
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · {html.escape(cfg.name)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>specialkit report · {html.escape(cfg.name)}</h1>"
-            f"<p class='muted'>Specialist ensembles after Hinton, Vinyals &amp; Dean (2015), §5–6. Every number on this page is computed by the kit from the run folder.</p>"
-            f"<nav>{nav}</nav>{''.join(sections)}</body></html>")  # fmt: skip
+    ]
+    nav = "".join(
+        f'<a href="#{a}">{t}</a>'
+        for a, t in [
+            ("summary", "Summary"),
+            ("data", "Data"),
+            ("generalist", "Generalist"),
+            ("confusion", "Confusions"),
+            ("clusters", "Groups"),
+            ("specialists", "Specialists"),
+            ("comparison", "Comparison"),
+            ("cost", "Cost"),
+            ("student", "Student"),
+        ]
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · {html.escape(cfg.name)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>specialkit report · {html.escape(cfg.name)}</h1>"
+        f"<p class='muted'>Specialist ensembles after Hinton, Vinyals &amp; Dean (2015), §5–6. Every number on this page is computed by the kit from the run folder.</p>"
+        f"<nav>{nav}</nav>{''.join(sections)}</body></html>"
+    )
 
 
 def render_seeds_report(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
     """The multi-seed page: the between-seed table (mean, sd, every seed) and each seed's intervals."""
     agg = summary["seeds"]
-    table = pd.DataFrame([{"model / rule": r["name"], "metric": r["metric"], "mean": f"{r['mean'] * 100:.2f}",
-                           "sd": "" if r["std"] is None else f"{r['std'] * 100:.2f}",
-                           **{f"seed {k}": f"{v * 100:.2f}" for k, v in r["values"].items()}} for r in agg["rows"]])  # fmt: skip
-    per = pd.concat({f"seed {s}": comparison_frame(m)[["top-1 [95% CI]", "vs generalist, points [CI]", "p (McNemar)",
-                                                      "vs compute-matched, points [CI]", "p vs compute-matched"]]
-                     for s, m in per_seed.items()})  # fmt: skip
+    table = pd.DataFrame(
+        [
+            {
+                "model / rule": r["name"],
+                "metric": r["metric"],
+                "mean": f"{r['mean'] * 100:.2f}",
+                "sd": "" if r["std"] is None else f"{r['std'] * 100:.2f}",
+                **{f"seed {k}": f"{v * 100:.2f}" for k, v in r["values"].items()},
+            }
+            for r in agg["rows"]
+        ]
+    )
+    per = pd.concat(
+        {
+            f"seed {s}": comparison_frame(m)[
+                [
+                    "top-1 [95% CI]",
+                    "vs generalist, points [CI]",
+                    "p (McNemar)",
+                    "vs compute-matched, points [CI]",
+                    "p vs compute-matched",
+                ]
+            ]
+            for s, m in per_seed.items()
+        }
+    )
     links = "".join(f'<li><a href="seed-{s}/report.html">seed {s}</a></li>' for s in per_seed)
-    body = (_section("seeds", "Between seeds", _p("Values in percent (top-1) or percentage points (gains); sd is the sample standard deviation across seeds: the between-seed half of the uncertainty."),
-                     f'<div class="reading">{_markdown(seeds_reading(agg))}</div>', _table(table.set_index(["model / rule", "metric"])))
-            + _section("per-seed", "Each seed, with its paired intervals on the test images", _table(per), f"<ul>{links}</ul>"))  # fmt: skip
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · {html.escape(summary['run'])} · seeds</title>"
-            f"<style>{_CSS}</style></head><body><h1>specialkit · {html.escape(summary['run'])} · {len(per_seed)} seeds</h1>{body}</body></html>")
+    body = _section(
+        "seeds",
+        "Between seeds",
+        _p(
+            "Values in percent (top-1) or percentage points (gains); sd is the sample standard deviation across seeds: the between-seed half of the uncertainty."
+        ),
+        f'<div class="reading">{_markdown(seeds_reading(agg))}</div>',
+        _table(table.set_index(["model / rule", "metric"])),
+    ) + _section(
+        "per-seed", "Each seed, with its paired intervals on the test images", _table(per), f"<ul>{links}</ul>"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · {html.escape(summary['run'])} · seeds</title>"
+        f"<style>{_CSS}</style></head><body><h1>specialkit · {html.escape(summary['run'])} · {len(per_seed)} seeds</h1>{body}</body></html>"
+    )
 
 
 def write_seeds_report(parent: Path, summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> Path:
@@ -442,8 +743,13 @@ def _strip_md(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- studies
-_RULE_WORDS = {"better": "significantly better than", "worse": "significantly worse than", "indistinguishable": "indistinguishable from",
-               "equivalent": "equivalent (within the tie margin) to", "too few seeds": "not judged (too few seeds) against"}
+_RULE_WORDS = {
+    "better": "significantly better than",
+    "worse": "significantly worse than",
+    "indistinguishable": "indistinguishable from",
+    "equivalent": "equivalent (within the tie margin) to",
+    "too few seeds": "not judged (too few seeds) against",
+}
 
 
 def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "top_confident", "moe")) -> str:
@@ -455,13 +761,15 @@ def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "
     seeds = manifest["definition"]["seeds"]
     kinds = sorted({r.get("interval", "student t") for r in summary}) or ["two-level bootstrap"]
     margin = next((r.get("tie_margin") for r in summary if r.get("tie_margin") is not None), stats.TIE_MARGIN)
-    lines = [f"Study `{manifest.get('name', '')}`: {len(manifest['rows'])} runs ({len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
-             f"per point; swept: {', '.join(f'`{k}`' for k in keys)}). Each gain is the mean across seeds with its 95% interval "
-             f"({' / '.join(kinds)}: the two-level bootstrap resamples seeds and test images together, so it holds the test-set "
-             f"noise every seed shares); a verdict needs at least {stats.MIN_SEEDS} seeds and a p-value that survives Holm's "
-             f"correction over the study's {len(summary)} comparisons; an interval inside ±{margin * 100:.2g} points reads "
-             "'equivalent'. In brackets, the seeds in which McNemar's paired test on the test images found the rule significantly "
-             "better / worse."]  # fmt: skip
+    lines = [
+        f"Study `{manifest.get('name', '')}`: {len(manifest['rows'])} runs ({len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
+        f"per point; swept: {', '.join(f'`{k}`' for k in keys)}). Each gain is the mean across seeds with its 95% interval "
+        f"({' / '.join(kinds)}: the two-level bootstrap resamples seeds and test images together, so it holds the test-set "
+        f"noise every seed shares); a verdict needs at least {stats.MIN_SEEDS} seeds and a p-value that survives Holm's "
+        f"correction over the study's {len(summary)} comparisons; an interval inside ±{margin * 100:.2g} points reads "
+        "'equivalent'. In brackets, the seeds in which McNemar's paired test on the test images found the rule significantly "
+        "better / worse."
+    ]
     points: dict[str, list[dict[str, Any]]] = {}
     for r in summary:
         points.setdefault(", ".join(f"{k}={r[k]}" for k in keys), []).append(r)
@@ -474,28 +782,48 @@ def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "
                 if r is None:
                     continue
                 any_better_cm |= base == "compute_matched" and r["verdict"] == "better"
-                parts.append(f"`{rule}` {_RULE_WORDS[r['verdict']]} {who} ({r['mean'] * 100:+.2f} points {_ci([r['lo'], r['hi']], points=True)}; "
-                             f"{r['seeds_better']}/{r['seeds']} better, {r['seeds_worse']}/{r['seeds']} worse)")  # fmt: skip
+                parts.append(
+                    f"`{rule}` {_RULE_WORDS[r['verdict']]} {who} ({r['mean'] * 100:+.2f} points {_ci([r['lo'], r['hi']], points=True)}; "
+                    f"{r['seeds_better']}/{r['seeds']} better, {r['seeds_worse']}/{r['seeds']} worse)"
+                )
         gen = next((x for x in group if x["baseline"] == "generalist"), None)
         head = f"**{label}** (generalist {gen['baseline_top1'] * 100:.2f}%)" if gen else f"**{label}**"
         lines.append(head + ": " + "; ".join(parts) + ".")
-    weak = [r for r in summary if r["rule"] in rules and (r["verdict"] == "better" and r["seeds_better"] == 0
-                                                         or r["verdict"] == "worse" and r["seeds_worse"] == 0)]
+    weak = [
+        r
+        for r in summary
+        if r["rule"] in rules
+        and (r["verdict"] == "better" and r["seeds_better"] == 0 or r["verdict"] == "worse" and r["seeds_worse"] == 0)
+    ]
     if weak:
-        shown = "; ".join(f"`{r['rule']}` vs {r['baseline'].replace('_', '-')} at {', '.join(f'{k}={r[k]}' for k in keys)}" for r in weak)
-        lines.append(f"**Weak evidence:** {shown}: significant across seeds but in none of the seeds' own paired tests; "
-                     f"with {len(seeds)} seeds the spread is estimated from {len(seeds)} values, so more seeds should confirm it.")  # fmt: skip
+        shown = "; ".join(
+            f"`{r['rule']}` vs {r['baseline'].replace('_', '-')} at {', '.join(f'{k}={r[k]}' for k in keys)}"
+            for r in weak
+        )
+        lines.append(
+            f"**Weak evidence:** {shown}: significant across seeds but in none of the seeds' own paired tests; "
+            f"with {len(seeds)} seeds the spread is estimated from {len(seeds)} values, so more seeds should confirm it."
+        )
     improving = [r for r in manifest["rows"] if r.get("generalist_still_improving")]
     if improving:
-        lines.append(f"**Convergence:** in {len(improving)} of {len(manifest['rows'])} runs the generalist was still improving "
-                     "(see each run's report): there a gain over the generalist partly measures an unfinished generalist.")  # fmt: skip
+        lines.append(
+            f"**Convergence:** in {len(improving)} of {len(manifest['rows'])} runs the generalist was still improving "
+            "(see each run's report): there a gain over the generalist partly measures an unfinished generalist."
+        )
     if len(seeds) < stats.MIN_SEEDS:
-        lines.append(f"**Answer:** too few seeds ({len(seeds)} < {stats.MIN_SEEDS}) for an across-seed verdict; read each seed's own "
-                     "paired test above, and rerun the study with more seeds (`--seeds 0 1 2 3 4`) to judge across seeds.")  # fmt: skip
+        lines.append(
+            f"**Answer:** too few seeds ({len(seeds)} < {stats.MIN_SEEDS}) for an across-seed verdict; read each seed's own "
+            "paired test above, and rerun the study with more seeds (`--seeds 0 1 2 3 4`) to judge across seeds."
+        )
         return "\n\n".join(lines)
-    lines.append("**Answer:** " + ("in at least one tested regime a rule beats the compute-matched generalist significantly across seeds."
-                                   if any_better_cm else
-                                   "in no tested regime does a rule beat the compute-matched generalist significantly across seeds."))  # fmt: skip
+    lines.append(
+        "**Answer:** "
+        + (
+            "in at least one tested regime a rule beats the compute-matched generalist significantly across seeds."
+            if any_better_cm
+            else "in no tested regime does a rule beat the compute-matched generalist significantly across seeds."
+        )
+    )
     return "\n\n".join(lines)
 
 
@@ -515,20 +843,37 @@ def study_table(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "mo
 def render_study_report(manifest: dict[str, Any]) -> str:
     """The study's page: the reading, a figure per swept key, the summary and every run's row (trains nothing)."""
     keys = manifest["keys"]
-    figs = [plots.study_gains(manifest["summary"], k, title=f"gain against {k} (mean across seeds, 95% interval)") for k in keys]
+    figs = [
+        plots.study_gains(manifest["summary"], k, title=f"gain against {k} (mean across seeds, 95% interval)")
+        for k in keys
+    ]
     frags = plots.figures_to_html_fragment(figs, include_plotlyjs=True)
     summary = pd.DataFrame(manifest["summary"])
     for col in ("mean", "lo", "hi"):
         summary[col] = summary[col].map(lambda v: "" if v is None else f"{v * 100:+.2f}")
-    links = "".join(f'<li><a href="{html.escape(r["run"])}/report.html">{html.escape(r["run"])}</a></li>' for r in manifest["rows"])
+    links = "".join(
+        f'<li><a href="{html.escape(r["run"])}/report.html">{html.escape(r["run"])}</a></li>' for r in manifest["rows"]
+    )
     name = html.escape(str(manifest.get("name", "")))
-    body = (_section("reading", "Reading", f'<div class="reading">{_markdown(study_reading(manifest))}</div>', *frags)
-            + _section("table", "Every point and seed (test top-1, 95% paired-bootstrap interval)", _table(study_table(manifest)))
-            + _section("summary", "Gains across seeds (points)", _table(summary.drop(columns=["rule_top1", "baseline_top1"])))
-            + _section("runs", "Run reports", f"<ul>{links}</ul>",
-                       f'<p class="muted">definition: <code>{html.escape(json.dumps(manifest["definition"]))}</code></p>'))  # fmt: skip
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · study {name}</title>"
-            f"<style>{_CSS}</style></head><body><h1>specialkit · study {name}</h1>{body}</body></html>")
+    body = (
+        _section("reading", "Reading", f'<div class="reading">{_markdown(study_reading(manifest))}</div>', *frags)
+        + _section(
+            "table", "Every point and seed (test top-1, 95% paired-bootstrap interval)", _table(study_table(manifest))
+        )
+        + _section(
+            "summary", "Gains across seeds (points)", _table(summary.drop(columns=["rule_top1", "baseline_top1"]))
+        )
+        + _section(
+            "runs",
+            "Run reports",
+            f"<ul>{links}</ul>",
+            f'<p class="muted">definition: <code>{html.escape(json.dumps(manifest["definition"]))}</code></p>',
+        )
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>specialkit · study {name}</title>"
+        f"<style>{_CSS}</style></head><body><h1>specialkit · study {name}</h1>{body}</body></html>"
+    )
 
 
 def write_study_report(folder: Path, manifest: dict[str, Any]) -> Path:

@@ -7,6 +7,7 @@
 * one run's stages in order are ``Run.run_all`` (:mod:`specialkit.pipeline`: the facade calls the numbers below it);
 * the study (a grid of runs over settings and seeds) is :mod:`specialkit.study`, a driver too.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -70,8 +71,11 @@ def run_seeds(parent: str | Path, config: PipelineConfig, *, log: Callable[[str]
     for s, run in seed_runs(parent, config, log=log).items():
         log(f"[seeds] seed {s}: {run.folder}")
         per_seed[s] = run.run_all()
-    summary = {"run": config.name, "seeds": aggregate_seeds(per_seed),
-               "runs": {str(s): str(Path(parent) / f"seed-{s}") for s in per_seed}}  # fmt: skip
+    summary = {
+        "run": config.name,
+        "seeds": aggregate_seeds(per_seed),
+        "runs": {str(s): str(Path(parent) / f"seed-{s}") for s in per_seed},
+    }
     runs.atomic_write_json(Path(parent) / "metrics.json", summary)
     write_seeds_report(Path(parent), summary, per_seed)
     return summary
@@ -84,8 +88,12 @@ def width_run(base: Run, width: int, folder: str | Path) -> Run:
     cfg = base.model_config(num_classes=ds.num_classes, width=width)
     per_pass = cost.train_flops_per_example(models.build_model(cfg), (1, ds.channels, ds.image_size, ds.image_size))
     epochs = cost.matched_epochs(cost.budget_flops(base.view()), per_pass, len(ds.y_train))
-    run = Run(Path(folder), base.config.replace(name=f"width{width}", width=width, epochs=epochs, compute_matched=False),
-              overwrite=True, log=base.log)  # fmt: skip
+    run = Run(
+        Path(folder),
+        base.config.replace(name=f"width{width}", width=width, epochs=epochs, compute_matched=False),
+        overwrite=True,
+        log=base.log,
+    )
     run.share_dataset(ds)
     run.generalist()
     return run

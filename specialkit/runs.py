@@ -4,6 +4,7 @@ Every write goes to a temporary file in the destination folder, is flushed to di
 the destination with ``os.replace``; a reader never sees a half-written file and an interrupted
 write leaves the previous version in place.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -188,7 +189,9 @@ def load_array(path: str | Path, *, mmap_mode: str | None = None) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
     except (ValueError, OSError, EOFError) as err:
-        raise RunFileError(f"{path} is not a readable .npy file ({err}): delete it and re-run the stage that writes it") from err
+        raise RunFileError(
+            f"{path} is not a readable .npy file ({err}): delete it and re-run the stage that writes it"
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------------- locks
@@ -214,8 +217,9 @@ class RunLock:
         name: the lock file's name (one per specialist for parallel jobs).
     """
 
-    def __init__(self, folder: str | Path, *, shared: bool = False, log: Callable[[str], None] = print,
-                 name: str = LOCK_NAME):
+    def __init__(
+        self, folder: str | Path, *, shared: bool = False, log: Callable[[str], None] = print, name: str = LOCK_NAME
+    ):
         self.folder = Path(folder)
         self.path = self.folder / name
         self.shared = shared
@@ -227,7 +231,9 @@ class RunLock:
         """Who holds (or last held) the lock, from the lock file: ``"pid 123 on host"`` or ``""``."""
         try:
             info = json.loads(self.path.read_text() or "{}")
-            return f"pid {int(info['pid'])} on {info['host']}" + (f" ({info['command']})" if info.get("command") else "")
+            return f"pid {int(info['pid'])} on {info['host']}" + (
+                f" ({info['command']})" if info.get("command") else ""
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return ""
 

@@ -20,6 +20,7 @@ Each step of the paper is one function here:
 >>> target_map(classes, 6).tolist()          # class 3 -> 0, class 5 -> 1, others -> dustbin 2
 [2, 2, 2, 0, 2, 1]
 """
+
 from __future__ import annotations
 
 import copy
@@ -146,7 +147,9 @@ class SpecialistConfig:
 
     def __post_init__(self) -> None:
         if self.correction not in CORRECTIONS:
-            raise SpecialistError(f"SpecialistConfig.correction={self.correction!r}; use one of {', '.join(CORRECTIONS)}")
+            raise SpecialistError(
+                f"SpecialistConfig.correction={self.correction!r}; use one of {', '.join(CORRECTIONS)}"
+            )
         if self.soft_collapse not in ("logits", "probs"):
             raise SpecialistError(f"SpecialistConfig.soft_collapse={self.soft_collapse!r}; use 'logits' or 'probs'")
         if self.init not in INITS:
@@ -157,16 +160,22 @@ class SpecialistConfig:
                 f"(the paper uses 0.5)"
             )
         if self.epoch_size is not None and self.epoch_size < 2:
-            raise SpecialistError(f"SpecialistConfig.epoch_size={self.epoch_size}: use at least 2 (or None for the default)")
+            raise SpecialistError(
+                f"SpecialistConfig.epoch_size={self.epoch_size}: use at least 2 (or None for the default)"
+            )
         if not 0.0 <= self.soft_weight <= 1.0:
             raise SpecialistError(f"SpecialistConfig.soft_weight={self.soft_weight}: use a value in [0, 1]")
         if self.temperature <= 0:
             raise SpecialistError(f"SpecialistConfig.temperature={self.temperature}: use a positive value (e.g. 2)")
         if not isinstance(self.shared_stages, int) or isinstance(self.shared_stages, bool) or self.shared_stages < 0:
-            raise SpecialistError(f"SpecialistConfig.shared_stages={self.shared_stages!r}: use a whole number >= 0 (0 = no sharing)")
+            raise SpecialistError(
+                f"SpecialistConfig.shared_stages={self.shared_stages!r}: use a whole number >= 0 (0 = no sharing)"
+            )
         if self.shared_stages and self.init in ("scratch", "distill"):
-            raise SpecialistError("SpecialistConfig.shared_stages > 0 shares the generalist's trunk, so the specialist must start "
-                                  "from the generalist: use init='auto' or 'generalist', or shared_stages=0")
+            raise SpecialistError(
+                "SpecialistConfig.shared_stages > 0 shares the generalist's trunk, so the specialist must start "
+                "from the generalist: use init='auto' or 'generalist', or shared_stages=0"
+            )
         for key in ("width", "depth"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -342,15 +351,18 @@ def init_from_generalist(generalist: models.Classifier, classes: Any) -> models.
         A new classifier with S + 1 outputs (``config.num_classes`` = S + 1, ``config.dustbin_of`` = C).
     """
     if not hasattr(generalist, "head") or not isinstance(generalist.head, torch.nn.Linear):
-        raise SpecialistError("the generalist must be a models.Classifier with a linear .head; build it with models.build_model")
+        raise SpecialistError(
+            "the generalist must be a models.Classifier with a linear .head; build it with models.build_model"
+        )
     c = _check_classes(classes, generalist.head.out_features)
     spec = copy.deepcopy(generalist)
     full = spec.head
     head = models.DustbinHead(full.in_features, full.out_features, c.tolist()).to(full.weight.device)
     head.linear = full
     spec.head = head
-    spec.config = dataclasses.replace(spec.config, num_classes=len(c) + 1, dustbin_of=full.out_features,
-                                      special_classes=tuple(int(i) for i in c))  # fmt: skip
+    spec.config = dataclasses.replace(
+        spec.config, num_classes=len(c) + 1, dustbin_of=full.out_features, special_classes=tuple(int(i) for i in c)
+    )
     return spec
 
 
@@ -415,8 +427,12 @@ class EnrichedSampler:
         s = _draw(self.special_idx, self.n_special, generator)
         r = _draw(self.rest_idx, self.n_rest, generator)
         f64 = torch.float64
-        pos_s = (torch.arange(self.n_special, dtype=f64) + torch.rand(self.n_special, generator=generator, dtype=f64)) / self.n_special
-        pos_r = (torch.arange(self.n_rest, dtype=f64) + torch.rand(self.n_rest, generator=generator, dtype=f64)) / self.n_rest
+        pos_s = (
+            torch.arange(self.n_special, dtype=f64) + torch.rand(self.n_special, generator=generator, dtype=f64)
+        ) / self.n_special
+        pos_r = (
+            torch.arange(self.n_rest, dtype=f64) + torch.rand(self.n_rest, generator=generator, dtype=f64)
+        ) / self.n_rest
         order = torch.argsort(torch.cat([pos_s, pos_r]), stable=True)
         return torch.cat([s, r])[order]
 
@@ -452,7 +468,9 @@ def enriched_sampler(
     special_idx, rest_idx = torch.nonzero(is_special).flatten(), torch.nonzero(~is_special).flatten()
     if len(special_idx) == 0 or len(rest_idx) == 0:
         which = "special classes" if len(special_idx) == 0 else "other classes"
-        raise SpecialistError(f"the training set has no example of the {which} {c.tolist()}: check the labels and the group")
+        raise SpecialistError(
+            f"the training set has no example of the {which} {c.tolist()}: check the labels and the group"
+        )
     size = 2 * len(special_idx) if epoch_size is None else int(epoch_size)
     if size < 2:
         raise SpecialistError(f"epoch_size={size}: use at least 2 so both parts are represented")
@@ -519,8 +537,15 @@ def literal_correction(y_train: Any, classes: Any, *, special_fraction: float) -
     return float(math.log(special_fraction / pi))
 
 
-def correction_value(method: str, *, y_train: Any, classes: Any, special_fraction: float,
-                     val_logits: Any | None = None, y_val: Any | None = None) -> float:
+def correction_value(
+    method: str,
+    *,
+    y_train: Any,
+    classes: Any,
+    special_fraction: float,
+    val_logits: Any | None = None,
+    y_val: Any | None = None,
+) -> float:
     """The dustbin correction ``method`` (one of :data:`CORRECTIONS`) for one specialist.
 
     Args:
@@ -579,7 +604,9 @@ def prior_matched_correction(logits: Any, dustbin_share: float, *, tol: float = 
         tol: bisection tolerance on c.
     """
     if not 0.0 < dustbin_share < 1.0:
-        raise SpecialistError(f"dustbin_share={dustbin_share}: use the share of non-special examples, strictly in (0, 1)")
+        raise SpecialistError(
+            f"dustbin_share={dustbin_share}: use the share of non-special examples, strictly in (0, 1)"
+        )
     if isinstance(logits, torch.Tensor):
         logits = logits.detach().cpu().double().numpy()
     z = np.asarray(logits, dtype=np.float64)
@@ -600,7 +627,9 @@ def prior_matched_correction(logits: Any, dustbin_share: float, *, tol: float = 
 # ------------------------------------------------------------------------------------------ soft targets
 
 
-def collapse_soft_targets(teacher_probs: Any, classes: Any, *, temperature: float, method: str = "logits") -> np.ndarray:
+def collapse_soft_targets(
+    teacher_probs: Any, classes: Any, *, temperature: float, method: str = "logits"
+) -> np.ndarray:
     """Soft targets for a specialist from the generalist's probabilities at temperature T (paper §6).
 
     Two ways to put the mass of the other classes into the dustbin:
@@ -628,8 +657,10 @@ def collapse_soft_targets(teacher_probs: Any, classes: Any, *, temperature: floa
         raise SpecialistError(f"soft-target collapse method {method!r}; use 'logits' or 'probs'")
     if temperature <= 0:
         raise SpecialistError(f"temperature={temperature}: use the positive T the teacher probabilities were made with")
-    p = np.asarray(teacher_probs.detach().cpu().numpy() if isinstance(teacher_probs, torch.Tensor) else teacher_probs,
-                   dtype=np.float64)  # fmt: skip
+    p = np.asarray(
+        teacher_probs.detach().cpu().numpy() if isinstance(teacher_probs, torch.Tensor) else teacher_probs,
+        dtype=np.float64,
+    )
     if method == "probs":
         return collapse_probs(p, classes)
     if p.ndim != 2:
@@ -671,7 +702,9 @@ def teacher_soft_targets(
     return collapse_soft_targets(p, classes, temperature=temperature, method=method).astype(np.float32)
 
 
-def specialist_teacher(generalist: torch.nn.Module, classes: Any, *, temperature: float, method: str = "logits") -> training.Teacher:
+def specialist_teacher(
+    generalist: torch.nn.Module, classes: Any, *, temperature: float, method: str = "logits"
+) -> training.Teacher:
     """The generalist as a per-batch teacher for :func:`training.fit` (``teacher=``): on the very augmented
     batch the specialist trains on, the generalist's soft targets at temperature T collapsed onto the
     specialist's cells (:func:`collapse_soft_targets`, done in torch).
@@ -725,16 +758,20 @@ def specialist_model_config(
     gen_cfg = getattr(generalist, "config", None) if generalist is not None else None
     if gen_cfg is not None:
         cfg = dataclasses.replace(
-            gen_cfg, name=config.model or gen_cfg.name, width=config.width or gen_cfg.width,
-            depth=config.depth or gen_cfg.depth, num_classes=num_outputs,
-        )  # fmt: skip
+            gen_cfg,
+            name=config.model or gen_cfg.name,
+            width=config.width or gen_cfg.width,
+            depth=config.depth or gen_cfg.depth,
+            num_classes=num_outputs,
+        )
         same = (cfg.name, cfg.width, cfg.depth) == (gen_cfg.name, gen_cfg.width, gen_cfg.depth)
     else:
         if in_channels is None or image_size is None:
             raise SpecialistError("without a generalist, pass in_channels and image_size (or pass the generalist)")
         kw = {k: v for k, v in (("width", config.width), ("depth", config.depth)) if v is not None}
-        cfg = models.ModelConfig(name=config.model or "cnn", num_classes=num_outputs, in_channels=in_channels,
-                                 image_size=image_size, **kw)  # fmt: skip
+        cfg = models.ModelConfig(
+            name=config.model or "cnn", num_classes=num_outputs, in_channels=in_channels, image_size=image_size, **kw
+        )
         same = False
     if config.init == "generalist" and not same:
         raise SpecialistError(
@@ -803,36 +840,71 @@ def train_specialist(
     if from_gen:
         model_cfg = model.config
     sampler = enriched_sampler(
-        ds.y_train, c, special_fraction=config.special_fraction, epoch_size=config.epoch_size, seed=tc.seed,
+        ds.y_train,
+        c,
+        special_fraction=config.special_fraction,
+        epoch_size=config.epoch_size,
+        seed=tc.seed,
         num_classes=num_classes,
-    )  # fmt: skip
+    )
     teacher = None
     if config.soft_weight > 0:
         if generalist is None:
-            raise SpecialistError("soft_weight > 0 needs the generalist (its soft targets are the specialist's teacher)")
-        teacher = specialist_teacher(copy.deepcopy(generalist), c, temperature=config.temperature, method=config.soft_collapse)
+            raise SpecialistError(
+                "soft_weight > 0 needs the generalist (its soft targets are the specialist's teacher)"
+            )
+        teacher = specialist_teacher(
+            copy.deepcopy(generalist), c, temperature=config.temperature, method=config.soft_collapse
+        )
     history = training.fit(
-        model, ds.x_train, y_train, config=tc, x_val=ds.x_val, y_val=y_val, hflip=ds.hflip,
-        teacher=teacher, sample_indices=sampler, state_path=state_path, desc=desc,
-    )  # fmt: skip
+        model,
+        ds.x_train,
+        y_train,
+        config=tc,
+        x_val=ds.x_val,
+        y_val=y_val,
+        hflip=ds.hflip,
+        teacher=teacher,
+        sample_indices=sampler,
+        state_path=state_path,
+        desc=desc,
+    )
     if distil_passes and state_path is not None:
         Path(str(state_path) + ".distil").unlink(missing_ok=True)
     val_logits = None
     if config.correction == "prior_match":
         val_logits = training.predict_logits(model, ds.x_val, batch_size=tc.eval_batch_size, device=tc.device)
-    shift = correction_value(config.correction, y_train=ds.y_train, classes=c, special_fraction=sampler.special_fraction,
-                                  val_logits=val_logits, y_val=ds.y_val)  # fmt: skip
+    shift = correction_value(
+        config.correction,
+        y_train=ds.y_train,
+        classes=c,
+        special_fraction=sampler.special_fraction,
+        val_logits=val_logits,
+        y_val=ds.y_val,
+    )
     return TrainedSpecialist(
-        model=model.eval(), classes=c, class_names=tuple(ds.class_names[i] for i in c),
-        dustbin_shift=shift, history=history, examples_seen=int(history.examples_seen) + distil_passes,
-        model_config=model_cfg, special_fraction=sampler.special_fraction,
+        model=model.eval(),
+        classes=c,
+        class_names=tuple(ds.class_names[i] for i in c),
+        dustbin_shift=shift,
+        history=history,
+        examples_seen=int(history.examples_seen) + distil_passes,
+        model_config=model_cfg,
+        special_fraction=sampler.special_fraction,
         initialised_from="generalist" if from_gen else config.init if config.init == "distill" else "scratch",
         correction=config.correction,
-    )  # fmt: skip
+    )
 
 
-def distil_base(ds: Any, generalist: models.Classifier, model_config: models.ModelConfig, *, config: SpecialistConfig,
-                state_path: str | Path | None = None, desc: str = "specialist") -> tuple[models.Classifier, int]:
+def distil_base(
+    ds: Any,
+    generalist: models.Classifier,
+    model_config: models.ModelConfig,
+    *,
+    config: SpecialistConfig,
+    state_path: str | Path | None = None,
+    desc: str = "specialist",
+) -> tuple[models.Classifier, int]:
     """A fresh network of ``model_config`` (all C classes) distilled from ``generalist`` on all training images.
 
     Hard labels plus the generalist's soft targets at ``config.temperature`` on every augmented batch
@@ -842,7 +914,9 @@ def distil_base(ds: Any, generalist: models.Classifier, model_config: models.Mod
         ``(model, example-passes used)``.
     """
     if model_config.num_classes != ds.num_classes or model_config.dustbin_of is not None:
-        raise SpecialistError(f"the distilled base needs a plain head over the {ds.num_classes} classes; got {model_config}")
+        raise SpecialistError(
+            f"the distilled base needs a plain head over the {ds.num_classes} classes; got {model_config}"
+        )
     base = models.build_model(model_config)
     teacher_model = copy.deepcopy(generalist).eval()
     temperature = config.temperature
@@ -854,8 +928,18 @@ def distil_base(ds: Any, generalist: models.Classifier, model_config: models.Mod
         return torch.softmax(teacher_model(x).float() / temperature, dim=1)
 
     tc = dataclasses.replace(config.train, soft_weight=0.5, temperature=temperature)
-    history = training.fit(base, ds.x_train, ds.y_train, config=tc, x_val=ds.x_val, y_val=ds.y_val, hflip=ds.hflip,
-                           teacher=teach, state_path=state_path, desc=f"{desc}: distil the generalist")  # fmt: skip
+    history = training.fit(
+        base,
+        ds.x_train,
+        ds.y_train,
+        config=tc,
+        x_val=ds.x_val,
+        y_val=ds.y_val,
+        hflip=ds.hflip,
+        teacher=teach,
+        state_path=state_path,
+        desc=f"{desc}: distil the generalist",
+    )
     return base.eval(), int(history.examples_seen)
 
 
@@ -889,10 +973,19 @@ def save_specialist(path: str | Path, trained: TrainedSpecialist, *, ds: Any, gr
 
     extra = {"stage": "specialist", "group": group, **trained.extra()}
     if isinstance(trained.model, models.SharedTrunkClassifier):
-        extra["shared_trunk"] = {"stages": trained.model.shared_stages, "generalist_fingerprint": trained.model.trunk_fingerprint}
-    return checkpoints.save_checkpoint(path, trained.model, model_config=trained.model_config or trained.model.config,
-                                       class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
-                                       history=trained.history, extra=extra)  # fmt: skip
+        extra["shared_trunk"] = {
+            "stages": trained.model.shared_stages,
+            "generalist_fingerprint": trained.model.trunk_fingerprint,
+        }
+    return checkpoints.save_checkpoint(
+        path,
+        trained.model,
+        model_config=trained.model_config or trained.model.config,
+        class_names=ds.class_names,
+        dataset_fingerprint=ds.fingerprint,
+        history=trained.history,
+        extra=extra,
+    )
 
 
 def _shift_of(path: str | Path, extra: dict[str, Any]) -> float:
@@ -914,33 +1007,48 @@ def load_specialist(path: str | Path, *, ds: Any, trunk: models.Trunk | None = N
     is refused."""
     from . import checkpoints
 
-    model, info = checkpoints.load_checkpoint(path, class_names=ds.class_names, dataset_fingerprint=ds.fingerprint,
-                                              required_extra=SPECIALIST_EXTRA)  # fmt: skip
+    model, info = checkpoints.load_checkpoint(
+        path, class_names=ds.class_names, dataset_fingerprint=ds.fingerprint, required_extra=SPECIALIST_EXTRA
+    )
     e = info.extra
     if isinstance(model, models.SharedTrunkClassifier):
         _attach_trunk(path, model, e.get("shared_trunk") or {}, trunk)
     return TrainedSpecialist(
-        model=model.eval(), classes=np.asarray(e["classes"], dtype=np.int64), class_names=tuple(e["class_names"]),
-        dustbin_shift=_shift_of(path, e), history=[] if info.history is None else info.history.to_dict()["records"],
-        examples_seen=int(e["examples_seen"]), model_config=info.model_config, special_fraction=e.get("special_fraction"),
-        initialised_from=e.get("initialised_from"), correction=e.get("correction"),
-    )  # fmt: skip
+        model=model.eval(),
+        classes=np.asarray(e["classes"], dtype=np.int64),
+        class_names=tuple(e["class_names"]),
+        dustbin_shift=_shift_of(path, e),
+        history=[] if info.history is None else info.history.to_dict()["records"],
+        examples_seen=int(e["examples_seen"]),
+        model_config=info.model_config,
+        special_fraction=e.get("special_fraction"),
+        initialised_from=e.get("initialised_from"),
+        correction=e.get("correction"),
+    )
 
 
-def _attach_trunk(path: str | Path, model: models.SharedTrunkClassifier, ref: dict[str, Any], trunk: models.Trunk | None) -> None:
+def _attach_trunk(
+    path: str | Path, model: models.SharedTrunkClassifier, ref: dict[str, Any], trunk: models.Trunk | None
+) -> None:
     """Attach ``trunk`` to a loaded shared-trunk specialist after checking it is cut from the generalist recorded in ``ref``."""
     from .checkpoints import CheckpointError
 
     s, fp = model.shared_stages, ref.get("generalist_fingerprint")
     if not isinstance(fp, str):
-        raise CheckpointError(f"checkpoint {path} shares a trunk but records no generalist fingerprint: retrain the specialist")
+        raise CheckpointError(
+            f"checkpoint {path} shares a trunk but records no generalist fingerprint: retrain the specialist"
+        )
     if trunk is None:
-        raise CheckpointError(f"checkpoint {path} holds a specialist that shares the first {s} stages of generalist {fp}: "
-                              f"pass trunk=generalist.trunk({s}) of that generalist to load_specialist")
+        raise CheckpointError(
+            f"checkpoint {path} holds a specialist that shares the first {s} stages of generalist {fp}: "
+            f"pass trunk=generalist.trunk({s}) of that generalist to load_specialist"
+        )
     if trunk.owner_fingerprint != fp or trunk.stages != s:
-        raise CheckpointError(f"checkpoint {path} was trained on the first {s} stages of generalist {fp}, but the trunk given is "
-                              f"{trunk.stages} stages of generalist {trunk.owner_fingerprint}: load it with the generalist it was "
-                              f"trained with, or retrain the specialists")
+        raise CheckpointError(
+            f"checkpoint {path} was trained on the first {s} stages of generalist {fp}, but the trunk given is "
+            f"{trunk.stages} stages of generalist {trunk.owner_fingerprint}: load it with the generalist it was "
+            f"trained with, or retrain the specialists"
+        )
     model.trunk_fingerprint = fp
     model.attach(trunk)
 
@@ -970,15 +1078,28 @@ def run_config(run: Any) -> SpecialistConfig:
         The :class:`SpecialistConfig`.
     """
     c = run.config
-    tc = run.train_config(epochs=c.specialist_epochs, lr=c.specialist_lr, seed_offset=stages.by_name("specialists").seed_offset,
-                          soft_weight=c.specialist_soft_weight, temperature=c.specialist_temperature)  # fmt: skip
+    tc = run.train_config(
+        epochs=c.specialist_epochs,
+        lr=c.specialist_lr,
+        seed_offset=stages.by_name("specialists").seed_offset,
+        soft_weight=c.specialist_soft_weight,
+        temperature=c.specialist_temperature,
+    )
     model, width, depth = c.specialist_model, c.specialist_width, c.specialist_depth
     if run.scratch_reason():
         model, width, depth = model or c.model, width or c.width, depth or c.depth
-    return SpecialistConfig(model=model, width=width, depth=depth, special_fraction=c.special_fraction,
-                            soft_weight=c.specialist_soft_weight, temperature=c.specialist_temperature,
-                            correction=c.dustbin_correction, train=tc, init=c.specialist_init,
-                            shared_stages=c.specialist_shared_stages)  # fmt: skip
+    return SpecialistConfig(
+        model=model,
+        width=width,
+        depth=depth,
+        special_fraction=c.special_fraction,
+        soft_weight=c.specialist_soft_weight,
+        temperature=c.specialist_temperature,
+        correction=c.dustbin_correction,
+        train=tc,
+        init=c.specialist_init,
+        shared_stages=c.specialist_shared_stages,
+    )
 
 
 def key_of(run: Any, index: int) -> str:
@@ -994,10 +1115,19 @@ def key_of(run: Any, index: int) -> str:
     """
     spec = run.clusters()
     name = list(spec.groups)[index]
-    return store.hash_key({"stage": "specialist", "format": store.RESULTS_FORMAT, "settings": run._settings("data"),
-                           "generalist": run._settings("generalist"), "specialists": run._settings("specialists"),
-                           "index": index, "group": name, "classes": list(spec.groups[name]),
-                           "class_names": list(spec.class_names)})  # fmt: skip
+    return store.hash_key(
+        {
+            "stage": "specialist",
+            "format": store.RESULTS_FORMAT,
+            "settings": run._settings("data"),
+            "generalist": run._settings("generalist"),
+            "specialists": run._settings("specialists"),
+            "index": index,
+            "group": name,
+            "classes": list(spec.groups[name]),
+            "class_names": list(spec.class_names),
+        }
+    )
 
 
 def folder_of(run: Any, index: int) -> Path:
@@ -1029,7 +1159,9 @@ def make_one(run: Any, index: int) -> TrainedSpecialist:
     """
     spec, ds = run.clusters(), run.dataset()
     if not 0 <= index < len(spec.groups):
-        raise IndexError(f"specialist index {index} out of range: this run has {len(spec.groups)} groups (0..{len(spec.groups) - 1})")
+        raise IndexError(
+            f"specialist index {index} out of range: this run has {len(spec.groups)} groups (0..{len(spec.groups) - 1})"
+        )
     key, folder = run.specialist_key(index), folder_of(run, index)
     if not run.is_done("specialists", key, folder):
         t0 = time.perf_counter()
@@ -1040,8 +1172,14 @@ def make_one(run: Any, index: int) -> TrainedSpecialist:
         if run.scratch_reason():
             run.log(f"[specialists] {run.scratch_reason()} ({cfg.model}, width {cfg.width}, depth {cfg.depth})")
         training.seed_everything(cfg.train.seed + index)
-        trained = train_specialist(ds, classes, config=cfg, generalist=gen.model,
-                                   state_path=folder / "state.pt", desc=f"specialist {index} ({group})")  # fmt: skip
+        trained = train_specialist(
+            ds,
+            classes,
+            config=cfg,
+            generalist=gen.model,
+            state_path=folder / "state.pt",
+            desc=f"specialist {index} ({group})",
+        )
         save_specialist(folder / "model.pt", trained, ds=ds, group=group)
         for split in ("val", "test"):
             x, _ = ds.split(split)
@@ -1051,8 +1189,10 @@ def make_one(run: Any, index: int) -> TrainedSpecialist:
         (folder / "state.pt").unlink(missing_ok=True)
         run.add_time("specialists", time.perf_counter() - t0)
         run.finish(folder, key, seconds=round(time.perf_counter() - t0, 2), group=group)
-    return run.memo(f"specialist-{index}", lambda: load_specialist(folder_of(run, index) / "model.pt", ds=run.dataset(),
-                                                                   trunk=shared_trunk_of(run)))  # fmt: skip
+    return run.memo(
+        f"specialist-{index}",
+        lambda: load_specialist(folder_of(run, index) / "model.pt", ds=run.dataset(), trunk=shared_trunk_of(run)),
+    )
 
 
 def shared_trunk_of(run: Any) -> models.Trunk | None:

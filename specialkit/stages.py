@@ -13,12 +13,30 @@ between runs by hard links, the setting that turns it off). From these follow
 How a stage is made and loaded is its recipe, in the module named for it (``pipeline.Run.get(name)`` calls it).
 This module imports nothing of the kit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Stage", "STAGES", "NAMES", "KEY_GROUPS", "COMMANDS", "TORCHRUN", "ADOPTABLE", "by_name", "needs_all", "through",
-           "key_chain", "uses_spec", "command_of", "torchrun_prerequisite", "phase_stages", "PHASES", "FINE_TUNE_LR"]
+__all__ = [
+    "Stage",
+    "STAGES",
+    "NAMES",
+    "KEY_GROUPS",
+    "COMMANDS",
+    "TORCHRUN",
+    "ADOPTABLE",
+    "by_name",
+    "needs_all",
+    "through",
+    "key_chain",
+    "uses_spec",
+    "command_of",
+    "torchrun_prerequisite",
+    "phase_stages",
+    "PHASES",
+    "FINE_TUNE_LR",
+]
 
 
 @dataclass(frozen=True)
@@ -69,20 +87,59 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("generalist", (), "the generalist over all classes (trained, or brought with generalist_from)",
-          model=True, torchrun=True, phase=0),
-    Stage("clusters", ("generalist",), "the class groups from the generalist's confusions (clusters.json)",
-          phase=1, extra_files=("clusters.json",)),
-    Stage("specialists", ("clusters",), "one specialist per group (its classes + a dustbin)", phase=1, seed_offset=1000),
-    Stage("compute_matched", ("specialists",), "the generalist trained further for the specialists' training compute",
-          switch="compute_matched", model=True, torchrun=True, phase=1, seed_offset=2000,
-          version=("budget_version", 2)),
-    Stage("ensembles", ("specialists",), "every combination rule's distribution on val and test",
-          version=("rules_version", 2)),
-    Stage("distill", ("ensembles",), "one student trained on the kl ensemble's soft targets", model=True, torchrun=True,
-          seed_offset=3000),
-    Stage("hard_label_student", ("generalist",), "the student's control: the same recipe on hard labels alone",
-          settings="distill", switch="hard_label_control", model=True, adoptable=False, seed_offset=3000),
+    Stage(
+        "generalist",
+        (),
+        "the generalist over all classes (trained, or brought with generalist_from)",
+        model=True,
+        torchrun=True,
+        phase=0,
+    ),
+    Stage(
+        "clusters",
+        ("generalist",),
+        "the class groups from the generalist's confusions (clusters.json)",
+        phase=1,
+        extra_files=("clusters.json",),
+    ),
+    Stage(
+        "specialists", ("clusters",), "one specialist per group (its classes + a dustbin)", phase=1, seed_offset=1000
+    ),
+    Stage(
+        "compute_matched",
+        ("specialists",),
+        "the generalist trained further for the specialists' training compute",
+        switch="compute_matched",
+        model=True,
+        torchrun=True,
+        phase=1,
+        seed_offset=2000,
+        version=("budget_version", 2),
+    ),
+    Stage(
+        "ensembles",
+        ("specialists",),
+        "every combination rule's distribution on val and test",
+        version=("rules_version", 2),
+    ),
+    Stage(
+        "distill",
+        ("ensembles",),
+        "one student trained on the kl ensemble's soft targets",
+        model=True,
+        torchrun=True,
+        seed_offset=3000,
+    ),
+    Stage(
+        "hard_label_student",
+        ("generalist",),
+        "the student's control: the same recipe on hard labels alone",
+        settings="distill",
+        switch="hard_label_control",
+        model=True,
+        adoptable=False,
+        seed_offset=3000,
+    ),
 )
 """Every stage, in the order the pipeline runs them (a stage comes after every stage it needs)."""
 

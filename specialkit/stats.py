@@ -16,6 +16,7 @@ Two models evaluated on the *same* test images are compared on the paired outcom
 >>> mcnemar(a, b).fixed, mcnemar(a, b).broken
 (1, 0)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -167,7 +168,9 @@ def paired_bootstrap(correct: Mapping[str, Mask], *, resamples: int = 2000, seed
     return Bootstrap(correct, resamples=resamples, seed=seed)
 
 
-def subset_relative_gain_ci(gen_correct: Mask, ens_correct: Mask, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def subset_relative_gain_ci(
+    gen_correct: Mask, ens_correct: Mask, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """95% paired-bootstrap interval of the relative gain ``(ens - gen) / gen`` (counts of correct images),
     the paper's Table 4 statistic, on one subset of test images."""
     g, e = _correct(gen_correct, "gen_correct"), _correct(ens_correct, "ens_correct")
@@ -246,7 +249,7 @@ def two_level_bootstrap(diffs: np.ndarray, *, resamples: int = 2000, seed: int =
         counts = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)  # (b, N), shared by the seeds
         per_seed = counts @ d.T / n  # (b, S)
         pick = rng.integers(0, s, size=(b, s))
-        boot[start:start + b] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+        boot[start : start + b] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
     lo, hi = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
     p = min(1.0, 2 * min((np.sum(boot <= 0) + 1) / (resamples + 1), (np.sum(boot >= 0) + 1) / (resamples + 1)))
     return TwoLevel(mean=float(d.mean()), lo=float(lo), hi=float(hi), p_value=float(p), seeds=s)

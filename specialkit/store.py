@@ -11,6 +11,7 @@ written last and atomically). A study shares a finished stage between runs of th
 
 Nothing here trains or knows what a stage computes; it imports only the file helpers of :mod:`specialkit.runs`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,26 @@ from typing import Any, Callable, Mapping
 from . import runs
 from .errors import ConfigError, StudyError
 
-__all__ = ["RESULTS_FORMAT", "NOT_RESULTS", "SEEDS_FILE", "STUDY_FILE", "ADOPTED_FILE", "hash_key", "stage_key", "is_done",
-           "begin", "finish", "read_key", "config_diff", "record_config", "link_tree", "install", "load_study", "study_of", "sha256_text"]
+__all__ = [
+    "RESULTS_FORMAT",
+    "NOT_RESULTS",
+    "SEEDS_FILE",
+    "STUDY_FILE",
+    "ADOPTED_FILE",
+    "hash_key",
+    "stage_key",
+    "is_done",
+    "begin",
+    "finish",
+    "read_key",
+    "config_diff",
+    "record_config",
+    "link_tree",
+    "install",
+    "load_study",
+    "study_of",
+    "sha256_text",
+]
 
 RESULTS_FORMAT = 1
 """Bumped when a stage's saved results change meaning; every stage key includes it (the package version not, so
@@ -63,8 +82,15 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def stage_key(stage: str, settings: Mapping[str, Mapping[str, Any]], chain: tuple[str, ...], *, spec_json: str | None = None,
-              version: tuple[str, int] | None = None, clusters_file_text: str | None = None) -> str:
+def stage_key(
+    stage: str,
+    settings: Mapping[str, Mapping[str, Any]],
+    chain: tuple[str, ...],
+    *,
+    spec_json: str | None = None,
+    version: tuple[str, int] | None = None,
+    clusters_file_text: str | None = None,
+) -> str:
     """The key a finished ``stage`` must record to count as up to date.
 
     Args:
@@ -159,8 +185,11 @@ def finish(folder: Path, key: str, **info: Any) -> None:
         key: its key.
         **info: more fields of ``done.json`` (seconds, examples_seen, ``torch_threads`` ...).
     """
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
-             if p.is_file() and p.name not in NOT_RESULTS and not p.name.startswith(".")}  # fmt: skip
+    files = {
+        p.name: p.stat().st_size
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in NOT_RESULTS and not p.name.startswith(".")
+    }
     runs.atomic_write_json(folder / "done.json", {"key": key, **info, "files": files})
     for aside in folder.parent.glob(f"{folder.name}.old-*"):
         shutil.rmtree(aside, ignore_errors=True)
@@ -202,8 +231,9 @@ def config_diff(on_disk: Mapping[str, Any], config: Any) -> list[str]:
         The differing keys, sorted.
     """
     mine, default = _as_json(config.to_dict()), _as_json(type(config)().to_dict())
-    return sorted(k for k in set(on_disk) | set(mine)
-                  if on_disk.get(k, default.get(k, _MISSING)) != mine.get(k, _MISSING))  # fmt: skip
+    return sorted(
+        k for k in set(on_disk) | set(mine) if on_disk.get(k, default.get(k, _MISSING)) != mine.get(k, _MISSING)
+    )
 
 
 def record_config(path: Path, config: Any, *, overwrite: bool) -> None:
@@ -222,8 +252,10 @@ def record_config(path: Path, config: Any, *, overwrite: bool) -> None:
             on_disk = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             if not overwrite:
-                raise ConfigError(f"{path} is not valid JSON ({err}); fix it, or pass overwrite=True "
-                                  "(`specialkit run --overwrite`) to replace it") from err  # fmt: skip
+                raise ConfigError(
+                    f"{path} is not valid JSON ({err}); fix it, or pass overwrite=True "
+                    "(`specialkit run --overwrite`) to replace it"
+                ) from err
             on_disk = {}
         if not isinstance(on_disk, dict):
             on_disk = {}
@@ -231,8 +263,10 @@ def record_config(path: Path, config: Any, *, overwrite: bool) -> None:
         if not diff:
             return
         if not overwrite:
-            shown = ", ".join(f"{k}: {on_disk.get(k, '(missing)')!r} there, {config.to_dict().get(k, '(missing)')!r} here"
-                              for k in diff[:6]) + (" ..." if len(diff) > 6 else "")  # fmt: skip
+            shown = ", ".join(
+                f"{k}: {on_disk.get(k, '(missing)')!r} there, {config.to_dict().get(k, '(missing)')!r} here"
+                for k in diff[:6]
+            ) + (" ..." if len(diff) > 6 else "")
             raise ConfigError(
                 f"{path} records other settings ({shown}); open the run as it is with Run.open({str(path.parent)!r}), "
                 "or pass overwrite=True (`specialkit run --overwrite`, `run.with_settings(...)`) to change them"

@@ -13,6 +13,7 @@ Which path a dataset takes is decided when it is loaded (:func:`choose_in_memory
 its decoded images fit ``memory_budget_gb`` (default :func:`default_memory_budget_gb`, a quarter of
 the machine's RAM), else streamed; ``in_memory=True/False`` forces either.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,14 +55,27 @@ class ImageFiles:
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(self, paths: Sequence[Path | str], *, channels: int, size: tuple[int, int],
-                 resize_to: int | None = None, crop: bool = False, workers: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        *,
+        channels: int,
+        size: tuple[int, int],
+        resize_to: int | None = None,
+        crop: bool = False,
+        workers: int = 2,
+    ) -> None:
         if channels not in (1, 3):
             raise DatasetError(f"ImageFiles: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
         if workers < 0:
             raise DatasetError(f"ImageFiles: workers must be >= 0 (0 = decode in the main process), got {workers}")
         self.paths = tuple(str(p) for p in paths)
-        self.channels, self.size, self.resize_to, self.workers = int(channels), (int(size[0]), int(size[1])), resize_to, int(workers)
+        self.channels, self.size, self.resize_to, self.workers = (
+            int(channels),
+            (int(size[0]), int(size[1])),
+            resize_to,
+            int(workers),
+        )
         self.crop = bool(crop)
 
     @property
@@ -84,11 +98,20 @@ class ImageFiles:
         """The same files with a further resize to ``size`` x ``size`` (what ``data.load(image_size=...)`` does)."""
         if size < 1:
             raise DatasetError(f"image_size must be >= 1 (a side in pixels, e.g. 32), got {size}")
-        return ImageFiles(self.paths, channels=self.channels, size=self.size, resize_to=size, crop=self.crop, workers=self.workers)
+        return ImageFiles(
+            self.paths, channels=self.channels, size=self.size, resize_to=size, crop=self.crop, workers=self.workers
+        )
 
     def with_workers(self, workers: int) -> ImageFiles:
         """The same files decoded by ``workers`` worker processes."""
-        return ImageFiles(self.paths, channels=self.channels, size=self.size, resize_to=self.resize_to, crop=self.crop, workers=workers)
+        return ImageFiles(
+            self.paths,
+            channels=self.channels,
+            size=self.size,
+            resize_to=self.resize_to,
+            crop=self.crop,
+            workers=workers,
+        )
 
     def decode(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The images at ``indices`` (n,) as a (n, channels, H, W) ``uint8`` tensor (decoded here, in this process)."""
@@ -144,7 +167,9 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def batches(files: ImageFiles, chunks: Sequence[torch.Tensor], *, seed: int = 0, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+def batches(
+    files: ImageFiles, chunks: Sequence[torch.Tensor], *, seed: int = 0, pin_memory: bool = False
+) -> Iterator[torch.Tensor]:
     """The decoded batches of ``files`` at ``chunks`` (each a (B,) index tensor), in order.
 
     ``files.workers`` worker processes decode ahead of the consumer (a ``DataLoader`` with automatic
@@ -164,10 +189,16 @@ def batches(files: ImageFiles, chunks: Sequence[torch.Tensor], *, seed: int = 0,
             yield files.decode(c)
         return
     loader = torch.utils.data.DataLoader(
-        _BatchFiles(files, chunks), batch_size=None, shuffle=False, num_workers=min(files.workers, len(chunks)),
-        worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed), prefetch_factor=4,
-        pin_memory=pin_memory, persistent_workers=False,
-    )  # fmt: skip
+        _BatchFiles(files, chunks),
+        batch_size=None,
+        shuffle=False,
+        num_workers=min(files.workers, len(chunks)),
+        worker_init_fn=_worker_init,
+        generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
     for item in loader:
         if isinstance(item, str):
             raise DatasetError(item)

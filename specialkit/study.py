@@ -17,6 +17,7 @@ resumes: finished stages are kept and adopted, training resumes from its per-epo
 the tasks may run as ``jobs`` separate processes (submitit's local executor), one thread budget each
 (:func:`specialkit.launch.thread_budget`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,22 @@ from .errors import StudyError
 from .launch import affinity_cores, set_thread_budget, thread_budget
 from .report import write_study_report
 
-__all__ = ["StudySpec", "StudyError", "parse_grid", "load_study_file", "point_name", "Study", "run_study", "load_study",
-           "make_spec", "quick_spec", "open_study", "ADOPTED_FILE", "STUDY_FILE", "QUICK_STUDY"]  # fmt: skip
+__all__ = [
+    "StudySpec",
+    "StudyError",
+    "parse_grid",
+    "load_study_file",
+    "point_name",
+    "Study",
+    "run_study",
+    "load_study",
+    "make_spec",
+    "quick_spec",
+    "open_study",
+    "ADOPTED_FILE",
+    "STUDY_FILE",
+    "QUICK_STUDY",
+]
 
 STUDY_FILE = store.STUDY_FILE
 QUICK_STUDY = "quick-study"
@@ -47,7 +62,6 @@ ADOPTED_FILE = store.ADOPTED_FILE
 """In a run folder of a study: stage -> the run folder whose finished stage it hard-linked."""
 _NOT_SWEPT = ("name", "seed", "seeds", "progress", "extra")
 _ADOPTABLE = stages.ADOPTABLE
-
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,11 @@ class StudySpec:
     def definition(self) -> dict[str, Any]:
         """What ``study.json`` records and compares (the base without name/seeds/progress)."""
         base = {k: v for k, v in self.base.items() if k not in ("name", "seeds", "progress")}
-        return {"base": json.loads(json.dumps(base)), "grid": json.loads(json.dumps(self.grid)), "seeds": list(self.seeds)}
+        return {
+            "base": json.loads(json.dumps(base)),
+            "grid": json.loads(json.dumps(self.grid)),
+            "seeds": list(self.seeds),
+        }
 
     def points(self) -> list[dict[str, Any]]:
         """Every point: one dict of swept settings per combination, in grid order."""
@@ -82,7 +100,13 @@ class StudySpec:
 
     def config(self, point: dict[str, Any], seed: int) -> PipelineConfig:
         """The run settings of ``point`` with ``seed`` (a ``StudyError`` names the key of a rejected value)."""
-        settings = {**self.base, **point, "seed": seed, "seeds": None, "name": f"{self.name}-{point_name(point)}-seed{seed}"}
+        settings = {
+            **self.base,
+            **point,
+            "seed": seed,
+            "seeds": None,
+            "name": f"{self.name}-{point_name(point)}-seed{seed}",
+        }
         try:
             return PipelineConfig.from_dict(settings, source=f"study {self.name!r}")
         except ConfigError as err:
@@ -115,9 +139,13 @@ def _check_key(key: str) -> None:
         except ConfigError as err:
             raise StudyError(f"{err}; fix the grid key") from err
     if key == "seed" or key == "seeds":
-        raise StudyError(f"grid key {key!r}: seeds are not a grid axis; pass them with --seeds 0 1 2 (or \"seeds\" in the study file)")
+        raise StudyError(
+            f'grid key {key!r}: seeds are not a grid axis; pass them with --seeds 0 1 2 (or "seeds" in the study file)'
+        )
     if key in _NOT_SWEPT or config_mod.stage_of(key) == "run":
-        raise StudyError(f"grid key {key!r} changes no number (stage 'run'); drop it from the grid (set it in --base instead)")
+        raise StudyError(
+            f"grid key {key!r} changes no number (stage 'run'); drop it from the grid (set it in --base instead)"
+        )
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -144,8 +172,10 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
 
 def _checked_grid(grid: Any, *, source: str) -> dict[str, list[Any]]:
     if not isinstance(grid, dict) or not grid:
-        raise StudyError(f"{source}: the grid is empty; give at least one setting and its values, e.g. --grid width=8,16 "
-                         "(or \"grid\": {\"width\": [8, 16]} in the study file)")  # fmt: skip
+        raise StudyError(
+            f"{source}: the grid is empty; give at least one setting and its values, e.g. --grid width=8,16 "
+            '(or "grid": {"width": [8, 16]} in the study file)'
+        )
     out = {}
     for key, values in grid.items():
         _check_key(key)
@@ -153,13 +183,23 @@ def _checked_grid(grid: Any, *, source: str) -> dict[str, list[Any]]:
             raise StudyError(f"{source}: grid key {key!r} needs a non-empty list of values, e.g. [8, 16]")
         seen = [json.dumps(v) for v in values]
         if len(set(seen)) != len(seen):
-            raise StudyError(f"{source}: grid key {key!r} lists a value more than once ({values}); give each value once")
+            raise StudyError(
+                f"{source}: grid key {key!r} lists a value more than once ({values}); give each value once"
+            )
         out[key] = list(values)
     return out
 
 
-def make_spec(*, name: str, base: dict[str, Any], grid: Any, seeds: Sequence[int] | None, jobs: int = 1,
-              source: str = "study", tie_margin_points: float = 0.5) -> StudySpec:  # fmt: skip
+def make_spec(
+    *,
+    name: str,
+    base: dict[str, Any],
+    grid: Any,
+    seeds: Sequence[int] | None,
+    jobs: int = 1,
+    source: str = "study",
+    tie_margin_points: float = 0.5,
+) -> StudySpec:
     """A checked :class:`StudySpec`: every grid key known and sweepable, every point's settings accepted by
     ``PipelineConfig`` and every dataset name known -- all before any training.
 
@@ -172,18 +212,28 @@ def make_spec(*, name: str, base: dict[str, Any], grid: Any, seeds: Sequence[int
         raise StudyError(f"{source}: seeds {list(seeds)} list a seed more than once; give distinct seeds")
     if jobs < 1:
         raise StudyError(f"{source}: jobs={jobs}; run at least 1 job at once (--jobs 1)")
-    if isinstance(tie_margin_points, bool) or not isinstance(tie_margin_points, (int, float)) or not 0 <= tie_margin_points < 100:
-        raise StudyError(f"{source}: tie margin {tie_margin_points!r} must be a number of points in [0, 100), e.g. --tie-margin 0.5")
+    if (
+        isinstance(tie_margin_points, bool)
+        or not isinstance(tie_margin_points, (int, float))
+        or not 0 <= tie_margin_points < 100
+    ):
+        raise StudyError(
+            f"{source}: tie margin {tie_margin_points!r} must be a number of points in [0, 100), e.g. --tie-margin 0.5"
+        )
     try:
         base_cfg = PipelineConfig.from_dict({**base, "name": name, "seeds": None}, source=f"{source} (base)")
     except ConfigError as err:
         raise StudyError(f"{err}; fix the base settings") from err
-    spec = StudySpec(name=name, base=base_cfg.to_dict(), grid=grid, seeds=seeds, jobs=jobs, tie_margin=float(tie_margin_points) / 100)
+    spec = StudySpec(
+        name=name, base=base_cfg.to_dict(), grid=grid, seeds=seeds, jobs=jobs, tie_margin=float(tie_margin_points) / 100
+    )
     for point in spec.points():
         for s in seeds:
             cfg = spec.config(point, s)
             if cfg.dataset not in data.available():
-                raise StudyError(f"grid point {point}: dataset={cfg.dataset!r} is unknown; choose one of {', '.join(data.available())}")
+                raise StudyError(
+                    f"grid point {point}: dataset={cfg.dataset!r} is unknown; choose one of {', '.join(data.available())}"
+                )
     return spec
 
 
@@ -193,8 +243,10 @@ def load_study_file(path: str | Path) -> dict[str, Any]:
     ``set`` (settings that override the base), ``grid``, ``seeds``, ``jobs``; ``base`` comes back merged with ``set``."""
     path = Path(path)
     if not path.is_file():
-        raise StudyError(f"study file {path} not found; write one like {{\"name\": \"s\", \"base\": \"configs/demo.json\", "
-                         "\"grid\": {\"width\": [8, 16]}, \"seeds\": [0, 1]}")  # fmt: skip
+        raise StudyError(
+            f'study file {path} not found; write one like {{"name": "s", "base": "configs/demo.json", '
+            '"grid": {"width": [8, 16]}, "seeds": [0, 1]}'
+        )
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
@@ -206,20 +258,24 @@ def load_study_file(path: str | Path) -> dict[str, Any]:
     except ImportError as err:
         raise StudyError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the study as JSON") from err
     except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError's message
-        raise StudyError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({err}); fix the file") from err
+        raise StudyError(
+            f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({err}); fix the file"
+        ) from err
     except Exception as err:  # noqa: BLE001 - yaml.YAMLError does not derive from ValueError
         raise StudyError(f"{path} is not valid YAML ({err}); fix the file") from err
     if not isinstance(d, dict):
         raise StudyError(f"{path}: a study file is an object with name, base, grid, seeds")
     unknown = sorted(set(d) - {"name", "base", "set", "grid", "seeds", "jobs", "tie_margin"})
     if unknown:
-        raise StudyError(f"{path}: unknown study key(s) {', '.join(unknown)}; a study file has name, base, set, grid, seeds, jobs")
+        raise StudyError(
+            f"{path}: unknown study key(s) {', '.join(unknown)}; a study file has name, base, set, grid, seeds, jobs"
+        )
     base = d.get("base") or {}
     if isinstance(base, str):
         base_path = Path(base) if Path(base).is_absolute() or Path(base).is_file() else path.parent / base
         base = PipelineConfig.load(base_path).to_dict()
     if not isinstance(d.get("set", {}), dict):
-        raise StudyError(f"{path}: \"set\" holds settings that override the base, e.g. {{\"student_epochs\": 1}}")
+        raise StudyError(f'{path}: "set" holds settings that override the base, e.g. {{"student_epochs": 1}}')
     d["base"] = {**base, **d.get("set", {})}
     return d
 
@@ -242,7 +298,9 @@ class Study:
     def record(self) -> None:
         """Write (or check) ``study.json``: a folder holding another study, or a single run, is an error."""
         if (self.folder / "config.json").is_file() or (self.folder / "seeds.json").is_file():
-            raise StudyError(f"{self.folder} holds a run, not a study; give the study another name (--name) or move that folder away")
+            raise StudyError(
+                f"{self.folder} holds a run, not a study; give the study another name (--name) or move that folder away"
+            )
         path = self.folder / STUDY_FILE
         mine = self.spec.definition()
         if path.is_file():
@@ -272,8 +330,10 @@ class Study:
             on_disk = {}
         diff = store.config_diff(on_disk, cfg) if isinstance(on_disk, dict) else ["config.json"]
         if on_disk is not None and diff:
-            raise StudyError(f"{folder} holds a run with other settings ({', '.join(diff[:6])}) than this study gives it; a study "
-                             "never overwrites a run: give the study another --name, or move that folder away")  # fmt: skip
+            raise StudyError(
+                f"{folder} holds a run with other settings ({', '.join(diff[:6])}) than this study gives it; a study "
+                "never overwrites a run: give the study another --name, or move that folder away"
+            )
         return pipeline.Run(folder, cfg, log=log)
 
     def donors(self) -> list[Path]:
@@ -283,7 +343,9 @@ class Study:
 
 def _dict_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:5]) + (" ..." if len(keys) > 5 else "")
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:5]) + (
+        " ..." if len(keys) > 5 else ""
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sharing stages
@@ -348,7 +410,9 @@ _PHASE_STAGES = {phase: stages.phase_stages(phase) for phase in stages.PHASES[:-
 """The stages each phase but the last makes (the last runs everything, :func:`specialkit.pipeline.Run.run_all`)."""
 
 
-def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]], phase: int, threads: int | None = None) -> list[str]:
+def run_task(
+    folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]], phase: int, threads: int | None = None
+) -> list[str]:
     """Run ``tasks`` of one phase, one after another, in this process (also the body of a submitit job).
     Each task holds its run folder's lock; the dataset is loaded once per distinct data settings."""
     if threads is not None:
@@ -373,8 +437,10 @@ def run_task(folder: str, spec_dict: dict[str, Any], tasks: list[tuple[int, int]
                 if not point_is_done(run):
                     resumed = (run.folder / "metrics.json").is_file()
                     run.run_all()
-                    runs.atomic_write_json(run.folder / "study_seconds.json",
-                                           {"seconds": round(time.perf_counter() - t0, 2), "resumed": resumed})  # fmt: skip
+                    runs.atomic_write_json(
+                        run.folder / "study_seconds.json",
+                        {"seconds": round(time.perf_counter() - t0, 2), "resumed": resumed},
+                    )
         done.append(str(run.folder))
     return done
 
@@ -413,17 +479,24 @@ def _execute(study: Study, tasks: list[tuple[int, int]], phase: int, *, jobs: in
     executor = submitit.AutoExecutor(folder=study.folder / "jobs", cluster="local")
     executor.update_parameters(name=f"specialkit-study-{phase}", timeout_min=24 * 60, cpus_per_task=threads)
     chunks = [tasks[k::at_once] for k in range(at_once)]
-    log(f"[study] phase {phase}: {len(tasks)} run{'s' if len(tasks) != 1 else ''} as {at_once} jobs, {threads} thread(s) each")
-    jl = executor.map_array(run_task, [str(study.folder)] * at_once, [spec_dict] * at_once, chunks, [phase] * at_once,
-                            [threads] * at_once)  # fmt: skip
+    log(
+        f"[study] phase {phase}: {len(tasks)} run{'s' if len(tasks) != 1 else ''} as {at_once} jobs, {threads} thread(s) each"
+    )
+    jl = executor.map_array(
+        run_task, [str(study.folder)] * at_once, [spec_dict] * at_once, chunks, [phase] * at_once, [threads] * at_once
+    )
     failed = []
     for job in jl:
         err = job.exception()
         if err is not None:
             last = [line for line in str(err).splitlines() if line.strip()]
-            failed.append(f"job {job.job_id}: {(last[-1] if last else type(err).__name__)[:300]} (log: {job.paths.stderr})")
+            failed.append(
+                f"job {job.job_id}: {(last[-1] if last else type(err).__name__)[:300]} (log: {job.paths.stderr})"
+            )
     if failed:
-        raise StudyError(f"{len(failed)} study job(s) failed; rerun the same command to resume:\n  " + "\n  ".join(failed))
+        raise StudyError(
+            f"{len(failed)} study job(s) failed; rerun the same command to resume:\n  " + "\n  ".join(failed)
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the whole study
@@ -435,7 +508,9 @@ def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str],
     study.record()
     t0 = time.perf_counter()
     for phase, tasks in enumerate(phases(study)):
-        log(f"[study] phase {phase} ({['generalists', 'specialists and compute-matched', 'every point'][phase]}): {len(tasks)} run(s)")
+        log(
+            f"[study] phase {phase} ({['generalists', 'specialists and compute-matched', 'every point'][phase]}): {len(tasks)} run(s)"
+        )
         _execute(study, tasks, phase, jobs=spec.jobs, log=log)
     points = spec.points()
     rows = []
@@ -444,7 +519,9 @@ def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str],
         m = runs.read_json(folder / "metrics.json")
         sec_path = folder / "study_seconds.json"
         seconds = runs.read_json(sec_path).get("seconds") if sec_path.is_file() else None
-        row = metrics_mod.study_row(m, settings=points[i], seed=s, run=str(folder.relative_to(study.folder)), seconds=seconds)
+        row = metrics_mod.study_row(
+            m, settings=points[i], seed=s, run=str(folder.relative_to(study.folder)), seconds=seconds
+        )
         adopted_path = folder / ADOPTED_FILE
         row["shared_stages"] = " ".join(runs.read_json(adopted_path)) if adopted_path.is_file() else ""
         row["torch_threads"] = " ".join(str(n) for n in stage_thread_counts(folder))
@@ -453,8 +530,14 @@ def run_study(spec: StudySpec, *, out: str | Path = "runs", log: Callable[[str],
     summary = metrics_mod.study_summary(rows, list(spec.grid), correct=outcomes, tie_margin=spec.tie_margin)
     _two_level_columns(rows, summary, list(spec.grid))
     manifest = runs.read_json(study.folder / STUDY_FILE)
-    manifest.update({"rows": rows, "summary": summary, "keys": list(spec.grid),
-                     "wall_seconds_last_invocation": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    manifest.update(
+        {
+            "rows": rows,
+            "summary": summary,
+            "keys": list(spec.grid),
+            "wall_seconds_last_invocation": round(time.perf_counter() - t0, 1),
+        }
+    )
     manifest["warnings"] = [w for w in [mixed_threads_warning(rows)] if w]
     for w in manifest["warnings"]:
         log(f"[study] warning: {w}")
@@ -479,7 +562,12 @@ def _two_level_columns(rows: list[dict[str, Any]], summary: Sequence[Mapping[str
         for s in summary:
             if all(s[k] == r[k] for k in keys):
                 col = f"{s['rule']}_gain_vs_{s['baseline']}_across_seeds"
-                r[f"{col}_lo"], r[f"{col}_hi"], r[f"{col}_p_holm"], r[f"{col}_verdict"] = s["lo"], s["hi"], s["p_holm"], s["verdict"]
+                r[f"{col}_lo"], r[f"{col}_hi"], r[f"{col}_p_holm"], r[f"{col}_verdict"] = (
+                    s["lo"],
+                    s["hi"],
+                    s["p_holm"],
+                    s["verdict"],
+                )
 
 
 def stage_thread_counts(folder: str | Path) -> list[int]:
@@ -511,9 +599,13 @@ def mixed_threads_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
             by_count.setdefault(n, []).append(str(row.get("run")))
     if len(by_count) < 2:
         return None
-    where = "; ".join(f"{n} thread(s): {', '.join(sorted(set(r)))}" for n, r in sorted(by_count.items(), key=lambda kv: int(kv[0])))
-    return (f"the study mixes torch thread counts ({where}); the same seed gives slightly different numbers at another "
-            "thread count, so rerun the odd ones with the same --threads (or OMP_NUM_THREADS) to compare like with like")  # fmt: skip
+    where = "; ".join(
+        f"{n} thread(s): {', '.join(sorted(set(r)))}" for n, r in sorted(by_count.items(), key=lambda kv: int(kv[0]))
+    )
+    return (
+        f"the study mixes torch thread counts ({where}); the same seed gives slightly different numbers at another "
+        "thread count, so rerun the odd ones with the same --threads (or OMP_NUM_THREADS) to compare like with like"
+    )
 
 
 def _preflight(study: Study) -> None:
@@ -524,8 +616,15 @@ def _preflight(study: Study) -> None:
         key = _prefix(cfg, "data")
         if key not in seen:
             c = cfg
-            seen[key] = data.load(c.dataset, root=c.root, download=c.download, image_size=c.image_size, per_class=c.per_class,
-                                  val_fraction=c.val_fraction, seed=c.data_seed).num_classes  # fmt: skip
+            seen[key] = data.load(
+                c.dataset,
+                root=c.root,
+                download=c.download,
+                image_size=c.image_size,
+                per_class=c.per_class,
+                val_fraction=c.val_fraction,
+                seed=c.data_seed,
+            ).num_classes
         try:
             cfg.validate(seen[key])
         except ConfigError as err:
@@ -544,8 +643,19 @@ load_study = store.load_study
 def quick_spec(name: str = QUICK_STUDY) -> StudySpec:
     """The tiny study of quick mode (tests, notebook 07 under ``SPECIALKIT_SMOKE=1``): k = 2, 3 x seeds 0, 1 on a
     4-images-per-class glyphs run (seconds; its numbers only show the machinery works)."""
-    base = PipelineConfig.quick(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1, progress=False,
-                                bootstrap_resamples=1000, latency=False, html_report=False)  # fmt: skip
+    base = PipelineConfig.quick(
+        per_class=4,
+        epochs=1,
+        specialist_epochs=1,
+        student_epochs=1,
+        k=2,
+        width=4,
+        depth=1,
+        progress=False,
+        bootstrap_resamples=1000,
+        latency=False,
+        html_report=False,
+    )
     return make_spec(name=name, base=base.to_dict(), grid={"k": [2, 3]}, seeds=[0, 1], source="quick study")
 
 
@@ -558,7 +668,9 @@ def open_study(folder: str | Path, *, log: Callable[[str], None] = print) -> dic
         log(f"[study] {folder}: running the quick study (SPECIALKIT_SMOKE=1)")
         return run_study(quick_spec(folder.name), out=folder.parent, log=log)
     if not path.is_file():
-        raise StudyError(f"{folder} holds no study: run `make study` (or `specialkit study ... --name {folder.name}`) first")
+        raise StudyError(
+            f"{folder} holds no study: run `make study` (or `specialkit study ... --name {folder.name}`) first"
+        )
     return load_study(folder)
 
 

@@ -26,6 +26,7 @@ for the duration of :func:`fit` (the caller's RNG state is left untouched).
 ...               config=TrainConfig(epochs=10), hflip=ds.hflip)
 >>> probs = predict_probs(model, ds.x_val)          # (N, C) numpy
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -147,7 +148,10 @@ class TrainConfig:
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.optimizer in ("sgd", "adamw"), "optimizer must be 'sgd' or 'adamw'"),
-            (self.schedule in ("onecycle", "cosine", "constant"), "schedule must be 'onecycle', 'cosine' or 'constant'"),
+            (
+                self.schedule in ("onecycle", "cosine", "constant"),
+                "schedule must be 'onecycle', 'cosine' or 'constant'",
+            ),
             (self.lr is None or self.lr > 0, "lr must be positive (or None for the optimizer's default)"),
             (self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0.0 < self.warmup_fraction < 1.0, "warmup_fraction must lie in (0, 1)"),
@@ -156,12 +160,14 @@ class TrainConfig:
             (self.pad_mode in ("zeros", "edge"), "pad_mode must be 'zeros' or 'edge'"),
             (self.temperature > 0, "temperature must be positive"),
             (0.0 <= self.soft_weight <= 1.0, "soft_weight must lie in [0, 1]"),
-            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
-             "early_stopping_patience must be None or at least 1"),
+            (
+                self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                "early_stopping_patience must be None or at least 1",
+            ),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be None or positive"),
             (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads must be None or at least 1"),
-        ]  # fmt: skip
+        ]
         for ok, message in checks:
             if not ok:
                 raise TrainingError(f"TrainConfig: {message}")
@@ -426,9 +432,13 @@ def train_step(
     else:
         logits = model(x)
     loss = distillation_loss(
-        logits, y, soft_targets=soft_targets, temperature=temperature,
-        soft_weight=soft_weight, label_smoothing=label_smoothing,
-    )  # fmt: skip
+        logits,
+        y,
+        soft_targets=soft_targets,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        label_smoothing=label_smoothing,
+    )
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -450,8 +460,9 @@ def _as_images(x: Any, name: str) -> torch.Tensor | streaming.ImageFiles:
     return x if isinstance(x, streaming.ImageFiles) else _as_tensor(x, name)
 
 
-def _image_batches(x: torch.Tensor | streaming.ImageFiles, chunks: Sequence[torch.Tensor], device: torch.device,
-                   *, seed: int = 0) -> Iterator[torch.Tensor]:  # fmt: skip
+def _image_batches(
+    x: torch.Tensor | streaming.ImageFiles, chunks: Sequence[torch.Tensor], device: torch.device, *, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """The images of ``x`` at each of ``chunks`` ((B,) index tensors), on ``device``, in order: indexed in memory,
     or decoded ahead by the streaming path's worker processes (:func:`specialkit.streaming.batches`)."""
     if not isinstance(x, streaming.ImageFiles):
@@ -497,7 +508,9 @@ def _batched_logits(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     starts = range(0, x.shape[0], batch_size)
     if isinstance(x, streaming.ImageFiles):
-        raw: Iterator[torch.Tensor] = _image_batches(x, [torch.arange(s, min(s + batch_size, len(x))) for s in starts], device)
+        raw: Iterator[torch.Tensor] = _image_batches(
+            x, [torch.arange(s, min(s + batch_size, len(x))) for s in starts], device
+        )
     else:
         raw = (x[s : s + batch_size] for s in starts)
     for start, xb in zip(starts, raw):
@@ -547,7 +560,9 @@ def evaluate(
     """
     x, y = _as_images(x, "x"), _as_tensor(y, "y")
     if len(x) != len(y) or len(y) == 0:
-        raise TrainingError(f"evaluate needs as many labels as images (and at least one), got {len(x)} images, {len(y)} labels")
+        raise TrainingError(
+            f"evaluate needs as many labels as images (and at least one), got {len(x)} images, {len(y)} labels"
+        )
     dev = resolve_device(device)
     cl = _use_channels_last(channels_last, dev)
     amp_dtype = _amp_dtype(amp, dev)
@@ -555,7 +570,9 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     with _eval_mode(model, dev, cl):
-        for start, logits in _batched_logits(model, x, batch_size=batch_size, device=dev, channels_last=cl, amp_dtype=amp_dtype):
+        for start, logits in _batched_logits(
+            model, x, batch_size=batch_size, device=dev, channels_last=cl, amp_dtype=amp_dtype
+        ):
             yb = y_dev[start : start + len(logits)]
             loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
             correct += (logits.argmax(dim=1) == yb).sum()
@@ -593,7 +610,9 @@ def predict_logits(
     amp_dtype = _amp_dtype(amp, dev)
     parts = []
     with _eval_mode(model, dev, cl):
-        for _, logits in _batched_logits(model, x, batch_size=batch_size, device=dev, channels_last=cl, amp_dtype=amp_dtype):
+        for _, logits in _batched_logits(
+            model, x, batch_size=batch_size, device=dev, channels_last=cl, amp_dtype=amp_dtype
+        ):
             parts.append(logits.cpu())
     if not parts:
         k = getattr(getattr(model, "head", None), "out_features", 0)
@@ -640,7 +659,9 @@ def predict_probs(
 
 @contextlib.contextmanager
 def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     with torch.random.fork_rng(devices=cuda_devices):
         torch.default_generator.manual_seed(seed)
         if cuda_devices:
@@ -677,7 +698,13 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, d
 
 
 def _signature(
-    config: TrainConfig, x: torch.Tensor, y: torch.Tensor, n_out: int | None, soft: bool | str, n_val: int, sampler: bool,
+    config: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_out: int | None,
+    soft: bool | str,
+    n_val: int,
+    sampler: bool,
     hflip: bool,
 ) -> dict[str, Any]:
     return {
@@ -703,7 +730,9 @@ def _load_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise TrainingError(f"{path} is not a specialkit training state: delete it or pass another state_path")
     if state.get("version", 0) > _STATE_VERSION:
-        raise TrainingError(f"{path} was written by a newer specialkit (version {state['version']}): upgrade specialkit")
+        raise TrainingError(
+            f"{path} was written by a newer specialkit (version {state['version']}): upgrade specialkit"
+        )
     return state
 
 
@@ -719,13 +748,22 @@ def _check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any])
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if key == "config" and isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"config.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diffs += [
+                f"config.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            ]
         elif a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
-    only_epochs = {**saved, "config": {**saved["config"], "epochs": None}} == {**current, "config": {**current["config"], "epochs": None}}
+    only_epochs = {**saved, "config": {**saved["config"], "epochs": None}} == {
+        **current,
+        "config": {**current["config"], "epochs": None},
+    }
     cfg = current["config"]
     if only_epochs:
-        if saved["config"]["epochs"] < cfg["epochs"] and cfg["schedule"] == "constant" and cfg["early_stopping_patience"] is None:
+        if (
+            saved["config"]["epochs"] < cfg["epochs"]
+            and cfg["schedule"] == "constant"
+            and cfg["early_stopping_patience"] is None
+        ):
             return True
         raise TrainingError(
             f"training state {path} was written for epochs={saved['config']['epochs']}, this call asks for "
@@ -766,12 +804,18 @@ def _validate_fit_inputs(
     if (x_val is None) != (y_val is None):
         raise TrainingError("pass both x_val and y_val, or neither")
     if x_val is not None and (x_val.ndim != 4 or len(x_val) != len(y_val) or len(y_val) == 0):
-        raise TrainingError(f"x_val/y_val must be (N, C, H, W) and (N,) with N >= 1, got {tuple(x_val.shape)} and {tuple(y_val.shape)}")
+        raise TrainingError(
+            f"x_val/y_val must be (N, C, H, W) and (N,) with N >= 1, got {tuple(x_val.shape)} and {tuple(y_val.shape)}"
+        )
     if config.early_stopping_patience is not None and x_val is None:
-        raise TrainingError("early stopping needs validation data: pass x_val and y_val, or set early_stopping_patience=None")
+        raise TrainingError(
+            "early stopping needs validation data: pass x_val and y_val, or set early_stopping_patience=None"
+        )
     if soft_targets is not None:
         if config.soft_weight == 0.0:
-            raise TrainingError("soft_targets given but config.soft_weight is 0: set soft_weight > 0 or drop soft_targets")
+            raise TrainingError(
+                "soft_targets given but config.soft_weight is 0: set soft_weight > 0 or drop soft_targets"
+            )
         expected = (len(y_train), n_out if n_out is not None else soft_targets.shape[-1])
         if soft_targets.shape != expected:
             raise TrainingError(
@@ -780,7 +824,9 @@ def _validate_fit_inputs(
             )
         sums = soft_targets.double().sum(dim=1)
         if bool((soft_targets < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
-            raise TrainingError("soft_targets rows must be probabilities (>= 0, summing to 1): pass softmax(z / T) of the teacher")
+            raise TrainingError(
+                "soft_targets rows must be probabilities (>= 0, summing to 1): pass softmax(z / T) of the teacher"
+            )
     elif has_teacher:
         if config.soft_weight == 0.0:
             raise TrainingError("teacher given but config.soft_weight is 0: set soft_weight > 0 or drop teacher")
@@ -882,15 +928,21 @@ class TrainState:
         with runs.atomic_open(path, "wb") as f:
             torch.save(
                 {
-                    "format": _STATE_FORMAT, "version": _STATE_VERSION, "signature": self.signature,
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "format": _STATE_FORMAT,
+                    "version": _STATE_VERSION,
+                    "signature": self.signature,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                    "rng": _rng_state(self.generator, self.device), "history": self.history.to_dict(),
-                    "best_acc": self.best_acc, "bad_epochs": self.bad_epochs, "finished": self.finished,
+                    "rng": _rng_state(self.generator, self.device),
+                    "history": self.history.to_dict(),
+                    "best_acc": self.best_acc,
+                    "bad_epochs": self.bad_epochs,
+                    "finished": self.finished,
                     "best_model": self.best_weights,
                 },
                 f,
-            )  # fmt: skip
+            )
 
     def load(self, path: str | Path) -> None:
         """Restore the state saved at ``path`` into this one (model, optimizer, RNGs, history ...).
@@ -1048,21 +1100,35 @@ def fit(
     if _use_channels_last(config.channels_last, device):
         model.to(memory_format=torch.channels_last)
     data = TrainData(
-        x=_to_device(x_train, device), y=y_train.to(device), soft=None if soft is None else soft.to(device, torch.float32),
-        teacher=teacher, hflip=hflip, sample_indices=sample_indices,
-        x_val=None if x_val is None else _to_device(x_val, device), y_val=y_val,
-    )  # fmt: skip
+        x=_to_device(x_train, device),
+        y=y_train.to(device),
+        soft=None if soft is None else soft.to(device, torch.float32),
+        teacher=teacher,
+        hflip=hflip,
+        sample_indices=sample_indices,
+        x_val=None if x_val is None else _to_device(x_val, device),
+        y_val=y_val,
+    )
     amp_dtype = _amp_dtype(config.amp, device)
     state = TrainState(
-        model=model, optimizer=make_optimizer(model, config),
+        model=model,
+        optimizer=make_optimizer(model, config),
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
-        generator=torch.Generator().manual_seed(config.seed), config=config, device=device,
+        generator=torch.Generator().manual_seed(config.seed),
+        config=config,
+        device=device,
         signature=_signature(
-            config, x_train, y_train, n_out, "teacher" if teacher is not None else soft is not None,
-            0 if y_val is None else len(y_val), sample_indices is not None, hflip,
+            config,
+            x_train,
+            y_train,
+            n_out,
+            "teacher" if teacher is not None else soft is not None,
+            0 if y_val is None else len(y_val),
+            sample_indices is not None,
+            hflip,
         ),
         step_model=distributed.wrap(model, device),
-    )  # fmt: skip
+    )
     with _forked_rng(device, config.seed), _threads(config.num_threads):
         _fit_loop(state, data, hooks, desc)
     model.eval()
@@ -1078,7 +1144,9 @@ def _fit_callbacks(callbacks: Sequence[Callback], config: TrainConfig, state_pat
     hooks = ("on_train_begin", "on_epoch_end", "on_train_end")
     for cb in callbacks:
         if not any(callable(getattr(cb, h, None)) for h in hooks):
-            raise TrainingError(f"callback {cb!r} has none of {', '.join(hooks)}: subclass specialkit.training.Callback")
+            raise TrainingError(
+                f"callback {cb!r} has none of {', '.join(hooks)}: subclass specialkit.training.Callback"
+            )
     out = list(callbacks)
     if config.early_stopping_patience is not None:
         out.append(EarlyStopping(config.early_stopping_patience))
@@ -1101,9 +1169,13 @@ def _fit_loop(state: TrainState, data: TrainData, callbacks: Sequence[Callback],
     _notify(callbacks, "on_train_begin", state)
     config = state.config
     epochs_bar = tqdm(
-        total=config.epochs, initial=state.epoch, desc=desc, unit="epoch",
-        disable=not config.progress or state.finished, dynamic_ncols=True,
-    )  # fmt: skip
+        total=config.epochs,
+        initial=state.epoch,
+        desc=desc,
+        unit="epoch",
+        disable=not config.progress or state.finished,
+        dynamic_ncols=True,
+    )
     try:
         while not state.finished:
             record = run_epoch(state, data, desc=desc)
@@ -1138,9 +1210,14 @@ def run_epoch(state: TrainState, data: TrainData, *, desc: str = "train") -> Epo
     if data.x_val is not None:
         config, device = state.config, state.device
         ev = evaluate(
-            state.model, data.x_val, data.y_val, batch_size=config.eval_batch_size, device=device,
-            channels_last=_use_channels_last(config.channels_last, device), amp=_amp_dtype(config.amp, device) is not None,
-        )  # fmt: skip
+            state.model,
+            data.x_val,
+            data.y_val,
+            batch_size=config.eval_batch_size,
+            device=device,
+            channels_last=_use_channels_last(config.channels_last, device),
+            amp=_amp_dtype(config.amp, device) is not None,
+        )
         record = replace(record, val_loss=ev["loss"], val_acc=ev["acc"])
     return replace(record, seconds=time.perf_counter() - started)
 
@@ -1158,19 +1235,29 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
     correct = torch.zeros((), dtype=torch.int64, device=device)
     state.model.train()
     lr = config.peak_lr
-    with tqdm(total=n_steps, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=not config.progress, dynamic_ncols=True) as bar:
-        for step, (idx, x_raw) in enumerate(zip(chunks, _image_batches(data.x, chunks, device, seed=config.seed + epoch))):
+    with tqdm(
+        total=n_steps, desc=f"{desc} epoch {epoch + 1}", leave=False, disable=not config.progress, dynamic_ncols=True
+    ) as bar:
+        for step, (idx, x_raw) in enumerate(
+            zip(chunks, _image_batches(data.x, chunks, device, seed=config.seed + epoch))
+        ):
             lr = learning_rate_at(config, (epoch + step / n_steps) / config.epochs)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             xb, yb, soft_b = _batch(state, data, idx, x_raw)
             loss, logits = train_step(
-                state.step_model or state.model, state.optimizer, xb, yb,
+                state.step_model or state.model,
+                state.optimizer,
+                xb,
+                yb,
                 soft_targets=soft_b,
-                temperature=config.temperature, soft_weight=config.soft_weight,
-                label_smoothing=config.label_smoothing, amp_dtype=amp_dtype, scaler=state.scaler,
+                temperature=config.temperature,
+                soft_weight=config.soft_weight,
+                label_smoothing=config.label_smoothing,
+                amp_dtype=amp_dtype,
+                scaler=state.scaler,
                 max_grad_norm=config.max_grad_norm,
-            )  # fmt: skip
+            )
             loss_sum += loss.double() * len(idx)
             correct += (logits.argmax(dim=1) == yb).sum()
             bar.update(1)
@@ -1180,9 +1267,15 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
     loss_sum, correct = distributed.all_reduce_sum(loss_sum), distributed.all_reduce_sum(correct)
     n = len(order) * distributed.rank_and_world()[1]
     return EpochRecord(
-        epoch=epoch + 1, train_loss=float(loss_sum) / n, train_acc=int(correct) / n, val_loss=None, val_acc=None,
-        lr=lr, seconds=0.0, examples_seen=state.history.examples_seen + n,
-    )  # fmt: skip
+        epoch=epoch + 1,
+        train_loss=float(loss_sum) / n,
+        train_acc=int(correct) / n,
+        val_loss=None,
+        val_acc=None,
+        lr=lr,
+        seconds=0.0,
+        examples_seen=state.history.examples_seen + n,
+    )
 
 
 def _batch(
@@ -1192,7 +1285,9 @@ def _batch(
     ``uint8`` are the images at ``idx`` (B,), from memory or from disk; augmentation draws from the run's generator."""
     config, device = state.config, state.device
     if config.augment and (config.crop_padding > 0 or data.hflip):
-        xb = augment_batch(xb, generator=state.generator, padding=config.crop_padding, hflip=data.hflip, pad_mode=config.pad_mode)
+        xb = augment_batch(
+            xb, generator=state.generator, padding=config.crop_padding, hflip=data.hflip, pad_mode=config.pad_mode
+        )
     xb = _prepare_input(xb, device, _use_channels_last(config.channels_last, device))
     yb = data.y.index_select(0, idx)
     if data.teacher is not None:

@@ -18,6 +18,7 @@ compared on the same test images (difference with its interval, McNemar's p, the
 channels (grey <-> RGB), so the run's networks see the input they were built for. The numbers go to
 ``<run>/transfer/<target>.json``. Nothing is trained but the probes; the run's stages must be finished.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,18 @@ from .config import ConfigError
 from .errors import MissingStageError
 from .view import RunView, require, view_of
 
-__all__ = ["TransferError", "target_dataset", "adapt_images", "extract_features", "extractors", "probe", "transfer", "result_path",
-           "check_target", "summary"]
+__all__ = [
+    "TransferError",
+    "target_dataset",
+    "adapt_images",
+    "extract_features",
+    "extractors",
+    "probe",
+    "transfer",
+    "result_path",
+    "check_target",
+    "summary",
+]
 
 
 class TransferError(ConfigError):
@@ -51,15 +62,19 @@ def adapt_images(x: torch.Tensor, *, channels: int, image_size: int) -> torch.Te
         return x.expand(-1, channels, -1, -1).contiguous()
     if channels == 1:
         return x.float().mean(dim=1, keepdim=True).round().to(torch.uint8)
-    raise TransferError(f"cannot convert {x.shape[1]}-channel target images to the run's {channels} channels; choose a grey or RGB target")
+    raise TransferError(
+        f"cannot convert {x.shape[1]}-channel target images to the run's {channels} channels; choose a grey or RGB target"
+    )
 
 
 def check_target(run: RunView, target: str) -> None:
     """A :class:`TransferError` unless ``target`` is a registered dataset other than the run's own."""
     c = run.config
     if target == c.dataset:
-        raise TransferError(f"--target {target} is the run's own dataset: choose another one (for a glyphs run, glyphs_hard: "
-                            "the same characters drawn at 16 px with heavy distortion; `specialkit datasets` lists them)")  # fmt: skip
+        raise TransferError(
+            f"--target {target} is the run's own dataset: choose another one (for a glyphs run, glyphs_hard: "
+            "the same characters drawn at 16 px with heavy distortion; `specialkit datasets` lists them)"
+        )
     if target not in data.available():
         raise TransferError(f"--target {target!r} is not a dataset; choose one of {', '.join(data.available())}")
 
@@ -77,13 +92,27 @@ def target_dataset(run: RunView, target: str, *, root: str | None = None, per_cl
     check_target(run, target)
     c = run.config
     own = run.dataset()
-    ds = data.load(target, root=root, per_class=per_class or c.per_class, val_fraction=c.val_fraction, seed=c.data_seed,
-                   in_memory=True)  # the probes hold every feature anyway: choose a per_class that fits  # fmt: skip
-    return dataclasses.replace(ds, fingerprint="", **{s: adapt_images(getattr(ds, s), channels=own.channels, image_size=own.image_size)
-                                                      for s in ("x_train", "x_val", "x_test")})  # fmt: skip
+    ds = data.load(
+        target,
+        root=root,
+        per_class=per_class or c.per_class,
+        val_fraction=c.val_fraction,
+        seed=c.data_seed,
+        in_memory=True,
+    )  # the probes hold every feature anyway: choose a per_class that fits
+    return dataclasses.replace(
+        ds,
+        fingerprint="",
+        **{
+            s: adapt_images(getattr(ds, s), channels=own.channels, image_size=own.image_size)
+            for s in ("x_train", "x_val", "x_test")
+        },
+    )
 
 
-def extract_features(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 256, device: str = "auto") -> np.ndarray:
+def extract_features(
+    model: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 256, device: str = "auto"
+) -> np.ndarray:
     """(N, D) float32 penultimate features ``model.features(x)`` of (N, C, H, W) uint8 images, in eval mode."""
     dev = training.resolve_device(device)
     was_training = model.training
@@ -121,8 +150,10 @@ def extractors(run: RunView) -> tuple[dict[str, Callable[[torch.Tensor], np.ndar
     if gen is not None and hasattr(gen, "features"):
         out["generalist"] = lambda x: extract_features(gen, x, device=dev)
     else:
-        missing["generalist"] = (f"generalist_from={run.config.generalist_from!r} gives no penultimate features "
-                                 "(bring torchvision weights to probe them)")  # fmt: skip
+        missing["generalist"] = (
+            f"generalist_from={run.config.generalist_from!r} gives no penultimate features "
+            "(bring torchvision weights to probe them)"
+        )
     reason = run.skip_reason("distill")
     if reason:
         missing["student"] = reason
@@ -135,8 +166,15 @@ def extractors(run: RunView) -> tuple[dict[str, Callable[[torch.Tensor], np.ndar
     return out, missing
 
 
-def probe(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray, *, seed: int = 0,
-          max_iter: int = 1000) -> np.ndarray:
+def probe(
+    f_train: np.ndarray,
+    y_train: np.ndarray,
+    f_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> np.ndarray:
     """Fit a linear probe (standardised features, multinomial ``LogisticRegression``, lbfgs) on
     (N, D) training features and return the (N_test,) bool correctness on the test features."""
     from sklearn.linear_model import LogisticRegression
@@ -153,8 +191,14 @@ def result_path(run: RunView, target: str) -> Path:
     return run.folder / "transfer" / f"{target}.json"
 
 
-def transfer(run: RunView, target: str, *, root: str | None = None, per_class: int | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def transfer(
+    run: RunView,
+    target: str,
+    *,
+    root: str | None = None,
+    per_class: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Probe every extractor of ``run`` on ``target`` (module docstring); write and return the numbers.
 
     Returns:
@@ -181,30 +225,57 @@ def transfer(run: RunView, target: str, *, root: str | None = None, per_class: i
     comparisons = []
     for a, b in combinations(correct, 2):
         ci, p = boot.gain_ci(b, a), stats.mcnemar(correct[a], correct[b]).p_value
-        comparisons.append({"first": a, "second": b, "gain": float(correct[b].mean() - correct[a].mean()), "gain_ci": list(ci),
-                            "p_value": p, "verdict": stats.verdict(ci, p)})  # fmt: skip
+        comparisons.append(
+            {
+                "first": a,
+                "second": b,
+                "gain": float(correct[b].mean() - correct[a].mean()),
+                "gain_ci": list(ci),
+                "p_value": p,
+                "verdict": stats.verdict(ci, p),
+            }
+        )
     result = {
-        "target": target, "run": c.name, "probe": "StandardScaler + LogisticRegression (lbfgs, multinomial) on frozen features",
-        "train": len(y_fit), "test": len(y_test), "num_classes": ds.num_classes,
-        "models": [{"name": n, "accuracy": float(correct[n].mean()), "accuracy_ci": list(boot.top1_ci(n)), "feature_dim": dims[n]}
-                   for n in correct],
-        "comparisons": comparisons, "not_probed": missing, "active_specialists": "all (concatenated)",
+        "target": target,
+        "run": c.name,
+        "probe": "StandardScaler + LogisticRegression (lbfgs, multinomial) on frozen features",
+        "train": len(y_fit),
+        "test": len(y_test),
+        "num_classes": ds.num_classes,
+        "models": [
+            {
+                "name": n,
+                "accuracy": float(correct[n].mean()),
+                "accuracy_ci": list(boot.top1_ci(n)),
+                "feature_dim": dims[n],
+            }
+            for n in correct
+        ],
+        "comparisons": comparisons,
+        "not_probed": missing,
+        "active_specialists": "all (concatenated)",
         "bootstrap": {"resamples": c.bootstrap_resamples, "seed": c.seed, "level": 1 - stats.ALPHA},
-    }  # fmt: skip
+    }
     runs.atomic_write_json(result_path(run, target), result)
     return result
 
 
 def summary(result: dict[str, Any]) -> str:
     """The probe accuracies with their intervals and every paired comparison, as lines of text."""
-    lines = [f"linear probe on {result['target']} ({result['num_classes']} classes; fit on {result['train']}, "
-             f"scored on {result['test']} images), accuracy [95% paired-bootstrap interval]:"]
+    lines = [
+        f"linear probe on {result['target']} ({result['num_classes']} classes; fit on {result['train']}, "
+        f"scored on {result['test']} images), accuracy [95% paired-bootstrap interval]:"
+    ]
     for m in result["models"]:
         lo, hi = m["accuracy_ci"]
-        lines.append(f"  {m['name']:<12} {m['accuracy'] * 100:6.2f}% [{lo * 100:.2f}, {hi * 100:.2f}]  ({m['feature_dim']} features)")
+        lines.append(
+            f"  {m['name']:<12} {m['accuracy'] * 100:6.2f}% [{lo * 100:.2f}, {hi * 100:.2f}]  ({m['feature_dim']} features)"
+        )
     for r in result["comparisons"]:
         lo, hi = r["gain_ci"]
-        lines.append(f"  {r['second']} vs {r['first']}: {r['gain'] * 100:+.2f} points [{lo * 100:+.2f}, {hi * 100:+.2f}] "
-                     f"(McNemar p={r['p_value']:.2g}): {r['verdict']}")
+        lines.append(
+            f"  {r['second']} vs {r['first']}: {r['gain'] * 100:+.2f} points [{lo * 100:+.2f}, {hi * 100:+.2f}] "
+            f"(McNemar p={r['p_value']:.2g}): {r['verdict']}"
+        )
     lines += [f"  {name}: not probed: {why}" for name, why in result["not_probed"].items()]
     return "\n".join(lines)

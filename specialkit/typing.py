@@ -4,6 +4,7 @@ Each name says what an argument holds; its shape is written in the docstring bel
 docstrings of the functions that take it. Arrays may be numpy arrays or torch tensors (moved to the
 CPU and converted by :mod:`specialkit.checks` where a function needs numpy).
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Union

@@ -8,6 +8,7 @@ all (train one specialist, change settings, save a cluster spec) is not there: a
 
 This module imports no stage code: the layers that compute numbers depend on it, not on :mod:`specialkit.pipeline`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,10 +50,27 @@ def require(run: ReadableRun, *names: str) -> None:
             )
 
 
-_PASS = frozenset({
-    "folder", "config", "log", "timings", "is_done", "key", "specialist_key", "skip_reason", "scratch_reason",
-    "stage_dir", "specialist_dir", "generalist_source", "dataset", "device", "model_config", "lock", "memo",
-})  # fmt: skip
+_PASS = frozenset(
+    {
+        "folder",
+        "config",
+        "log",
+        "timings",
+        "is_done",
+        "key",
+        "specialist_key",
+        "skip_reason",
+        "scratch_reason",
+        "stage_dir",
+        "specialist_dir",
+        "generalist_source",
+        "dataset",
+        "device",
+        "model_config",
+        "lock",
+        "memo",
+    }
+)
 """Attributes that read settings, keys or files and train nothing: handed through as they are (``memo`` remembers what a
 function of the view makes; that function calls the view, so it is guarded too)."""
 _NEEDS: dict[str, tuple[str, ...]] = {
@@ -94,8 +112,10 @@ class RunView:
             guarded.__name__ = guarded.__qualname__ = name
             guarded.__doc__ = method.__doc__
             return guarded
-        raise AttributeError(f"a read-only view of run {run.folder} has no {name!r}: it reads finished stages and trains "
-                             f"nothing; call it on the run itself (pipeline.Run.open({str(run.folder)!r}))")  # fmt: skip
+        raise AttributeError(
+            f"a read-only view of run {run.folder} has no {name!r}: it reads finished stages and trains "
+            f"nothing; call it on the run itself (pipeline.Run.open({str(run.folder)!r}))"
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"a read-only view cannot set {name!r}")

@@ -23,6 +23,7 @@ the plotly FigureWidgets), ``specialkit-class-select``, ``specialkit-group-selec
 ``specialkit-status``, ``specialkit-groups``, ``specialkit-quality``. In the quality table each value
 cell is ``<td class="specialkit-q" data-key="<quality key>" data-value="<float>">``.
 """
+
 from __future__ import annotations
 
 import html
@@ -139,13 +140,22 @@ def compute_spec(
         specialkit.clusters.ClusterError: the method cannot make ``k`` groups, bad matrices, ...
     """
     spec = clusters.cluster(
-        controls.method, cov=covariance, distance=distance, class_names=class_names, k=int(controls.k), seed=controls.seed
+        controls.method,
+        cov=covariance,
+        distance=distance,
+        class_names=class_names,
+        k=int(controls.k),
+        seed=controls.seed,
     )
     if controls.overlap != "none":
         spec = clusters.grow_overlap(
-            spec, confusion, rule=controls.overlap, gamma=float(controls.gamma), r=int(controls.r),
+            spec,
+            confusion,
+            rule=controls.overlap,
+            gamma=float(controls.gamma),
+            r=int(controls.r),
             max_size=controls.max_group_size,
-        )  # fmt: skip
+        )
     return spec
 
 
@@ -168,7 +178,9 @@ def _class_names_of(spec: clusters.ClusterSpec, classes: Iterable[int | str]) ->
         else:
             i = int(c)
             if not 0 <= i < spec.num_classes:
-                raise clusters.ClusterSpecError(f"class index {i} is outside [0, {spec.num_classes}); pick a listed class")
+                raise clusters.ClusterSpecError(
+                    f"class index {i} is outside [0, {spec.num_classes}); pick a listed class"
+                )
             name = spec.class_names[i]
         if name not in out:
             out.append(name)
@@ -246,7 +258,7 @@ def _with_groups(spec: clusters.ClusterSpec, groups: dict[str, tuple[str, ...]])
 
 def _fmt(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:5])
-    return (f"classes {shown}{', ...' if len(names) > 5 else ''} are" if len(names) > 1 else f"class {shown} is")
+    return f"classes {shown}{', ...' if len(names) > 5 else ''} are" if len(names) > 1 else f"class {shown} is"
 
 
 def _without_classes(spec: clusters.ClusterSpec, names: Sequence[str], *, keep: str | None) -> clusters.ClusterSpec:
@@ -319,7 +331,9 @@ def groups_html(spec: clusters.ClusterSpec, *, max_classes: int = 40) -> str:
     for g, members in spec.groups.items():
         shown = [f"<i>{html.escape(c)}</i>" if cov[index[c]] > 1 else html.escape(c) for c in members[:max_classes]]
         more = f" … (+{len(members) - max_classes})" if len(members) > max_classes else ""
-        items.append(f'<li data-group="{html.escape(g)}"><b>{html.escape(g)}</b> ({len(members)}): {", ".join(shown)}{more}</li>')
+        items.append(
+            f'<li data-group="{html.escape(g)}"><b>{html.escape(g)}</b> ({len(members)}): {", ".join(shown)}{more}</li>'
+        )
     uncovered = spec.uncovered()
     tail = f"<li><b>in no group</b> ({len(uncovered)}): {html.escape(', '.join(uncovered))}</li>" if uncovered else ""
     return f'<ul style="margin:0;padding-left:1.2em">{"".join(items)}{tail}</ul>'
@@ -359,9 +373,13 @@ def demo_inputs(seed: int = 0, *, num_classes: int = 12, blocks: int = 3, per_cl
         angle = 2 * np.pi * np.arange(len(members)) / len(members)
         coords[members] += 0.08 * span * np.stack([np.cos(angle), np.sin(angle)], axis=1)
     return dict(
-        class_names=names, confusion=cs.cm, covariance=cs.covariance, distance=cs.distance, coords=coords,
+        class_names=names,
+        confusion=cs.cm,
+        covariance=cs.covariance,
+        distance=cs.distance,
+        coords=coords,
         coarse_of_class=block.astype(np.int64),
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------- the widget
@@ -370,8 +388,10 @@ def demo_inputs(seed: int = 0, *, num_classes: int = 12, blocks: int = 3, per_cl
 def _matrix(x: Any, c: int, name: str) -> np.ndarray:
     m = np.asarray(x, dtype=np.float64)
     if m.shape != (c, c):
-        raise PickerError(f"{name} must be ({c}, {c}) for {c} class names, got shape {m.shape}; "
-                          "pass the matrices of confusion.summarise(...)")
+        raise PickerError(
+            f"{name} must be ({c}, {c}) for {c} class names, got shape {m.shape}; "
+            "pass the matrices of confusion.summarise(...)"
+        )
     return m
 
 
@@ -452,7 +472,9 @@ class ClusterPicker:
         self.distance = _matrix(distance, c, "distance")
         self.coords = np.asarray(coords, dtype=np.float64)
         if self.coords.shape != (c, 2):
-            raise PickerError(f"coords must be ({c}, 2), one point per class, got shape {self.coords.shape}; use run.class_map()")
+            raise PickerError(
+                f"coords must be ({c}, 2), one point per class, got shape {self.coords.shape}; use run.class_map()"
+            )
         self.coarse_of_class = None if coarse_of_class is None else np.asarray(coarse_of_class)
         methods = tuple(methods)
         method = method or methods[0]
@@ -464,8 +486,15 @@ class ClusterPicker:
             initial = initial.for_dataset(self.class_names)
         if k is None:
             k = initial.num_groups if initial is not None else max(2, c // 8)
-        controls = Controls(method=method, k=int(min(max(2, k), c)), overlap=overlap, gamma=float(gamma), r=int(r),
-                            max_group_size=max_group_size, seed=int(seed))  # fmt: skip
+        controls = Controls(
+            method=method,
+            k=int(min(max(2, k), c)),
+            overlap=overlap,
+            gamma=float(gamma),
+            r=int(r),
+            max_group_size=max_group_size,
+            seed=int(seed),
+        )
         k_max = min(c, max(c // 2, controls.k, initial.num_groups if initial is not None else 2))
         self.save_path = None if save_path is None else Path(save_path)
         self.on_save = on_save
@@ -484,20 +513,48 @@ class ClusterPicker:
         import ipywidgets as w
 
         c, style = len(self.class_names), {"description_width": "initial"}
-        self.method_dropdown = w.Dropdown(options=list(methods), value=controls.method, description="method", style=style)
-        self.k_slider = w.IntSlider(value=controls.k, min=2, max=k_max, step=1, description="k (groups)",
-                                    continuous_update=False, style=style)  # fmt: skip
-        self.overlap_dropdown = w.Dropdown(options=list(OVERLAP_RULES), value=controls.overlap, description="overlap", style=style)
-        self.gamma_slider = w.FloatSlider(value=controls.gamma, min=0.5, max=max(20.0, controls.gamma), step=0.5,
-                                          description="γ (hdcnn)", continuous_update=False, style=style)  # fmt: skip
-        self.r_slider = w.IntSlider(value=controls.r, min=0, max=max(1, min(c - 1, 20), controls.r), description="r (top_r)",
-                                    continuous_update=False, style=style)  # fmt: skip
-        self.max_size = w.BoundedIntText(value=controls.max_group_size or 0, min=0, max=c, description="max group size (0 = any)",
-                                         style=style, layout=w.Layout(width="230px"))  # fmt: skip
+        self.method_dropdown = w.Dropdown(
+            options=list(methods), value=controls.method, description="method", style=style
+        )
+        self.k_slider = w.IntSlider(
+            value=controls.k, min=2, max=k_max, step=1, description="k (groups)", continuous_update=False, style=style
+        )
+        self.overlap_dropdown = w.Dropdown(
+            options=list(OVERLAP_RULES), value=controls.overlap, description="overlap", style=style
+        )
+        self.gamma_slider = w.FloatSlider(
+            value=controls.gamma,
+            min=0.5,
+            max=max(20.0, controls.gamma),
+            step=0.5,
+            description="γ (hdcnn)",
+            continuous_update=False,
+            style=style,
+        )
+        self.r_slider = w.IntSlider(
+            value=controls.r,
+            min=0,
+            max=max(1, min(c - 1, 20), controls.r),
+            description="r (top_r)",
+            continuous_update=False,
+            style=style,
+        )
+        self.max_size = w.BoundedIntText(
+            value=controls.max_group_size or 0,
+            min=0,
+            max=c,
+            description="max group size (0 = any)",
+            style=style,
+            layout=w.Layout(width="230px"),
+        )
         for widget, css in [
-            (self.method_dropdown, "method"), (self.k_slider, "k-slider"), (self.overlap_dropdown, "overlap"),
-            (self.gamma_slider, "gamma"), (self.r_slider, "r"), (self.max_size, "max-size"),
-        ]:  # fmt: skip
+            (self.method_dropdown, "method"),
+            (self.k_slider, "k-slider"),
+            (self.overlap_dropdown, "overlap"),
+            (self.gamma_slider, "gamma"),
+            (self.r_slider, "r"),
+            (self.max_size, "max-size"),
+        ]:
             widget.add_class(f"specialkit-{css}")
             widget.observe(self._on_controls, names="value")
 
@@ -505,7 +562,9 @@ class ClusterPicker:
         import ipywidgets as w
 
         style = {"description_width": "initial"}
-        self.class_select = w.SelectMultiple(options=[], rows=8, description="classes", style=style, layout=w.Layout(width="330px"))
+        self.class_select = w.SelectMultiple(
+            options=[], rows=8, description="classes", style=style, layout=w.Layout(width="330px")
+        )
         self.class_select.add_class("specialkit-class-select")
         self.class_select.observe(self._highlight, names="value")
         self.group_select = w.Dropdown(options=[], description="group", style=style, layout=w.Layout(width="330px"))
@@ -549,15 +608,26 @@ class ClusterPicker:
         heat_box.add_class("specialkit-heatmap")
         map_box.add_class("specialkit-map")
         controls = w.HBox(
-            [self.method_dropdown, self.k_slider, self.overlap_dropdown, self.gamma_slider, self.r_slider, self.max_size],
+            [
+                self.method_dropdown,
+                self.k_slider,
+                self.overlap_dropdown,
+                self.gamma_slider,
+                self.r_slider,
+                self.max_size,
+            ],
             layout=w.Layout(flex_flow="row wrap"),
         )
         editor = w.VBox(
             [
-                self.class_select, self.group_select,
-                w.HBox([b["move"], b["add"]]), w.HBox([b["remove"], b["new_group"]]), w.HBox([b["undo"], b["save"]]),
-                self.status, self.quality_view,
-            ],  # fmt: skip
+                self.class_select,
+                self.group_select,
+                w.HBox([b["move"], b["add"]]),
+                w.HBox([b["remove"], b["new_group"]]),
+                w.HBox([b["undo"], b["save"]]),
+                self.status,
+                self.quality_view,
+            ],
             layout=w.Layout(min_width="340px"),
         )
         views = w.HBox([heat_box, map_box, editor], layout=w.Layout(flex_flow="row wrap"))
@@ -578,10 +648,20 @@ class ClusterPicker:
         ``kwargs`` override any constructor argument.
         """
         ds, cs, cfg = run.dataset(), run.confusion(), run.config
-        args = dict(class_names=ds.class_names, confusion=cs.cm, covariance=cs.covariance, distance=run.distance(),
-                    coords=run.class_map(), initial=run.clusters(), coarse_of_class=getattr(ds, "coarse_of_class", None),
-                    seed=cfg.seed, on_save=run.save_clusters)  # fmt: skip
-        args.update({arg: getattr(cfg, name) for name, arg in picker_settings().items() if arg != "k"})  # k: the spec's groups
+        args = dict(
+            class_names=ds.class_names,
+            confusion=cs.cm,
+            covariance=cs.covariance,
+            distance=run.distance(),
+            coords=run.class_map(),
+            initial=run.clusters(),
+            coarse_of_class=getattr(ds, "coarse_of_class", None),
+            seed=cfg.seed,
+            on_save=run.save_clusters,
+        )
+        args.update(
+            {arg: getattr(cfg, name) for name, arg in picker_settings().items() if arg != "k"}
+        )  # k: the spec's groups
         return cls(**{**args, **kwargs})
 
     # -- state
@@ -607,14 +687,20 @@ class ClusterPicker:
         return tuple(self.class_select.value)
 
     def _inputs(self) -> dict[str, Any]:
-        return dict(class_names=self.class_names, confusion=self.confusion, covariance=self.covariance, distance=self.distance)
+        return dict(
+            class_names=self.class_names, confusion=self.confusion, covariance=self.covariance, distance=self.distance
+        )
 
     def _read_controls(self) -> Controls:
         return Controls(
-            method=self.method_dropdown.value, k=int(self.k_slider.value), overlap=self.overlap_dropdown.value,
-            gamma=float(self.gamma_slider.value), r=int(self.r_slider.value),
-            max_group_size=int(self.max_size.value) or None, seed=self._controls.seed,
-        )  # fmt: skip
+            method=self.method_dropdown.value,
+            k=int(self.k_slider.value),
+            overlap=self.overlap_dropdown.value,
+            gamma=float(self.gamma_slider.value),
+            r=int(self.r_slider.value),
+            max_group_size=int(self.max_size.value) or None,
+            seed=self._controls.seed,
+        )
 
     def _write_controls(self, controls: Controls) -> None:
         self._updating = True
@@ -650,7 +736,9 @@ class ClusterPicker:
         except Exception as err:  # noqa: BLE001 -- a UI action: report any failure in the status line, keep the spec
             self._show(f"could not cluster: {type(err).__name__}: {err}", error=True)
             return self._spec
-        self._set_spec(spec, controls, f"{controls.method}, k={controls.k}, overlap={controls.overlap}: {spec.num_groups} groups")
+        self._set_spec(
+            spec, controls, f"{controls.method}, k={controls.k}, overlap={controls.overlap}: {spec.num_groups} groups"
+        )
         return spec
 
     def edit(self, action: str, classes: Iterable[int | str] | None = None, group: str | None = None) -> bool:
@@ -669,7 +757,9 @@ class ClusterPicker:
             return False
         names = _class_names_of(self._spec, classes)
         where = target if target is not None else list(spec.names)[-1]
-        verb = {"move": "moved to", "add": "added to", "remove": "removed from", "new_group": "formed new group"}[action]
+        verb = {"move": "moved to", "add": "added to", "remove": "removed from", "new_group": "formed new group"}[
+            action
+        ]
         self._set_spec(spec, self._controls, f"{', '.join(names)} {verb} {where}")
         if action == "new_group":
             self.group_select.value = where
@@ -743,9 +833,13 @@ class ClusterPicker:
     def _heatmap_figure(self) -> Any:
         spec = self._spec
         fig = plots.confusion_heatmap(
-            self.confusion, self.class_names, order=clusters.order_classes(spec), groups=[i.tolist() for i in spec.indices()],
-            group_names=list(spec.names), title=f"Confusion (val), ordered by {spec.num_groups} groups",
-        )  # fmt: skip
+            self.confusion,
+            self.class_names,
+            order=clusters.order_classes(spec),
+            groups=[i.tolist() for i in spec.indices()],
+            group_names=list(spec.names),
+            title=f"Confusion (val), ordered by {spec.num_groups} groups",
+        )
         width, height = _FIGURE_SIZE["heatmap"]
         fig.update_layout(width=width, height=height, uirevision="specialkit-picker")
         return fig
@@ -753,19 +847,27 @@ class ClusterPicker:
     def _map_figure(self) -> Any:
         spec = self._spec
         fig = plots.class_map(
-            self.coords, self.class_names, group_labels=clusters.group_labels(spec), group_names=list(spec.names),
+            self.coords,
+            self.class_names,
+            group_labels=clusters.group_labels(spec),
+            group_names=list(spec.names),
             title="Class map (click or lasso to select)",
-        )  # fmt: skip
+        )
         fig.data[0].marker.symbol = ["diamond" if n > 1 else "circle" for n in spec.coverage()]
         fig.data[0].marker.line = self._marker_line()
         width, height = _FIGURE_SIZE["map"]
-        fig.update_layout(width=width, height=height, margin=dict(l=20, r=20, t=50, b=20), uirevision="specialkit-picker")
+        fig.update_layout(
+            width=width, height=height, margin=dict(l=20, r=20, t=50, b=20), uirevision="specialkit-picker"
+        )
         return fig
 
     def _marker_line(self) -> dict[str, list]:
         chosen = set(self.class_select.value)
         c = len(self.class_names)
-        return dict(width=[3.0 if i in chosen else 0.5 for i in range(c)], color=["black" if i in chosen else "white" for i in range(c)])
+        return dict(
+            width=[3.0 if i in chosen else 0.5 for i in range(c)],
+            color=["black" if i in chosen else "white" for i in range(c)],
+        )
 
     def _highlight(self, change: dict | None = None) -> None:
         if self._updating:

@@ -13,6 +13,7 @@ at Playwright's own Chromium when ``python -m playwright install chromium`` has 
 * :func:`read_quality`, :func:`read_heatmap`, :func:`k_slider_value` read the cluster picker
   from the page through its CSS hooks (see :mod:`specialkit.widgets`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -138,7 +139,9 @@ def _write_config(folder: Path, *, root_dir: Path, port: int, token: str) -> Pat
 
 
 @contextlib.contextmanager
-def jupyter_lab(root_dir: Path, *, env: dict[str, str], log_path: Path, startup_timeout: float = 120.0) -> Iterator[LabServer]:
+def jupyter_lab(
+    root_dir: Path, *, env: dict[str, str], log_path: Path, startup_timeout: float = 120.0
+) -> Iterator[LabServer]:
     """Start JupyterLab serving ``root_dir``; stop it (and its kernels) when the block ends.
 
     Args:
@@ -158,10 +161,16 @@ def jupyter_lab(root_dir: Path, *, env: dict[str, str], log_path: Path, startup_
         JUPYTER_PLATFORM_DIRS="1",
     )
     cmd = [
-        sys.executable, "-m", "jupyterlab", f"--config={config}", "--no-browser", f"--port={port}",
-        f"--ServerApp.root_dir={root_dir}", "--LabApp.news_url=",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        f"--config={config}",
+        "--no-browser",
+        f"--port={port}",
+        f"--ServerApp.root_dir={root_dir}",
+        "--LabApp.news_url=",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-    ]  # fmt: skip
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,13 +181,17 @@ def jupyter_lab(root_dir: Path, *, env: dict[str, str], log_path: Path, startup_
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with code {proc.returncode} while starting:\n{server.log_tail()}")
+                raise RuntimeError(
+                    f"JupyterLab exited with code {proc.returncode} while starting:\n{server.log_tail()}"
+                )
             try:
                 server.api("GET", "/api/status", timeout=2.0)
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab did not answer within {startup_timeout:.0f} s:\n{server.log_tail()}") from None
+                    raise RuntimeError(
+                        f"JupyterLab did not answer within {startup_timeout:.0f} s:\n{server.log_tail()}"
+                    ) from None
                 time.sleep(0.5)
         yield server
     finally:
@@ -245,7 +258,9 @@ def open_and_run_all(page: Any, server: LabServer, relpath: str, *, timeout_s: f
         if prompts and all(p.startswith("[") and p.strip("[]: ").isdigit() for p in prompts):
             return prompts
         page.wait_for_timeout(1_000)
-    raise AssertionError(f"{relpath}: not every cell ran within {timeout_s:.0f} s; prompts {prompts}\n{server.log_tail()}")
+    raise AssertionError(
+        f"{relpath}: not every cell ran within {timeout_s:.0f} s; prompts {prompts}\n{server.log_tail()}"
+    )
 
 
 def _accept_kernel_dialog(page: Any, *, wait_ms: int) -> bool:

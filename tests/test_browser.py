@@ -10,6 +10,7 @@ Needs a Chromium: Debian's ``chromium`` on PATH, or Playwright's own (``make tes
 ``tools/ensure_browser.py``); without one it fails with one line saying what to install.
 ``SPECIALKIT_BROWSER_TIMEOUT`` (seconds, default 600) bounds the notebook run.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,9 +63,10 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab-root")
     folder = root / notebook.parent.name
     shutil.copytree(
-        notebook.parent, folder,
+        notebook.parent,
+        folder,
         ignore=shutil.ignore_patterns("runs", ".ipynb_checkpoints", "__pycache__", "test-artifacts", "*.pyc"),
-    )  # fmt: skip
+    )
     env = dict(os.environ)
     env["SPECIALKIT_SMOKE"] = os.environ.get("SPECIALKIT_SMOKE", "1")  # the root conftest sets it; kernels inherit it
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
@@ -79,7 +81,10 @@ def test_cluster_picker_in_jupyterlab(chromium, lab, record_property):
 
     server, relpath, name = lab
     timeout_s = TIMEOUT_S
-    shots = {key: ARTIFACTS / f"{name}{suffix}.png" for key, suffix in [("before", "_before"), ("after", "_after"), ("final", "")]}
+    shots = {
+        key: ARTIFACTS / f"{name}{suffix}.png"
+        for key, suffix in [("before", "_before"), ("after", "_after"), ("final", "")]
+    }
     for key, path in shots.items():
         path.unlink(missing_ok=True)
         record_property(f"screenshot_{key}", str(path))

@@ -1,5 +1,6 @@
 """Bring your own generalist (``generalist_from``): torchvision weights, TorchScript / torch.export files and
 predictions only, each driving a real run on tiny settings; bad files fail with errors naming the file and fix."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,18 @@ import torchvision
 from specialkit import byog, metrics, models, pipeline, specialists, training
 from specialkit.config import ConfigError, PipelineConfig
 
-QUIET = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1, image_size=16,
-             rules=("generalist", "kl"), progress=False)  # fmt: skip
+QUIET = dict(
+    per_class=4,
+    epochs=1,
+    specialist_epochs=1,
+    student_epochs=1,
+    k=2,
+    width=4,
+    depth=1,
+    image_size=16,
+    rules=("generalist", "kl"),
+    progress=False,
+)
 ARCH = "mobilenet_v3_small"
 
 
@@ -44,7 +55,9 @@ def test_torchvision_weights_are_the_generalist_with_imagenet_preprocessing(torc
     gen = run.generalist()
     assert gen.examples_seen == 0 and gen.history == [] and isinstance(gen.model, models.TorchvisionClassifier)
     x = ds.x_val.float() / 255
-    x3 = (x.expand(-1, 3, -1, -1) - torch.tensor(byog.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(byog.IMAGENET_STD).view(1, 3, 1, 1)
+    x3 = (x.expand(-1, 3, -1, -1) - torch.tensor(byog.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        byog.IMAGENET_STD
+    ).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = net(x3).numpy()
     np.testing.assert_allclose(gen.logits["val"], expected, atol=1e-4)
@@ -72,8 +85,11 @@ def test_a_changed_weights_file_reruns_the_generalist(torchvision_run, weights, 
     torch.save(state, other)
     same_file_elsewhere = pipeline.Run(tmp_path / "r", torchvision_run.config, log=lambda s: None)
     assert same_file_elsewhere.key("generalist") == key
-    changed = pipeline.Run(tmp_path / "r2", torchvision_run.config.replace(generalist_from=f"torchvision:{ARCH}:{other}"),
-                           log=lambda s: None)  # fmt: skip
+    changed = pipeline.Run(
+        tmp_path / "r2",
+        torchvision_run.config.replace(generalist_from=f"torchvision:{ARCH}:{other}"),
+        log=lambda s: None,
+    )
     assert changed.key("generalist") != key
 
 
@@ -119,8 +135,9 @@ def test_torch_export_generalist_gives_the_programs_outputs(small_cnn, tmp_path)
 def test_predictions_only_run_gives_clusters_ensembles_and_metrics(tiny, tmp_path):
     ds, gen = tiny.dataset(), tiny.generalist()
     labels = {s: ds.split(s)[1].numpy() for s in ("val", "test")}
-    path = byog.save_predictions(tmp_path / "p.npz", probs={s: gen.probs(s) for s in ("val", "test")}, labels=labels,
-                                 class_names=ds.class_names)  # fmt: skip
+    path = byog.save_predictions(
+        tmp_path / "p.npz", probs={s: gen.probs(s) for s in ("val", "test")}, labels=labels, class_names=ds.class_names
+    )
     cfg = tiny.config.replace(generalist_from=f"predictions:{path}", name="p")
     run = pipeline.Run(tmp_path / "p", cfg, log=lambda s: None)
     np.testing.assert_allclose(run.generalist().val_probs, gen.val_probs, atol=1e-5)
@@ -138,20 +155,26 @@ def test_predictions_only_run_gives_clusters_ensembles_and_metrics(tiny, tmp_pat
 
 
 def _no_generalist_written(run: pipeline.Run) -> bool:
-    return not (run.stage_dir("generalist") / "done.json").exists() and not list(run.stage_dir("generalist").glob("logits_*"))
+    return not (run.stage_dir("generalist") / "done.json").exists() and not list(
+        run.stage_dir("generalist").glob("logits_*")
+    )
 
 
 def test_weights_for_another_architecture_or_class_count_name_the_file_and_the_fix(tmp_path, one_thread):
     other = tmp_path / "r18.pth"
     torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=62).state_dict(), other)
     run = pipeline.Run(tmp_path / "x", _cfg(f"torchvision:{ARCH}:{other}"), log=lambda s: None)
-    with pytest.raises(byog.GeneralistSourceError, match=rf"weights file {other} does not fit torchvision '{ARCH}'.*torchvision:<arch>"):
+    with pytest.raises(
+        byog.GeneralistSourceError, match=rf"weights file {other} does not fit torchvision '{ARCH}'.*torchvision:<arch>"
+    ):
         run.generalist()
     assert _no_generalist_written(run)
     ten = tmp_path / "ten.pth"
     torch.save(torchvision.models.get_model(ARCH, weights=None, num_classes=10).state_dict(), ten)
     run = pipeline.Run(tmp_path / "y", _cfg(f"torchvision:{ARCH}:{ten}"), log=lambda s: None)
-    with pytest.raises(byog.GeneralistSourceError, match=rf"{ten} has a 10-class classifier.*the dataset has 62 classes"):
+    with pytest.raises(
+        byog.GeneralistSourceError, match=rf"{ten} has a 10-class classifier.*the dataset has 62 classes"
+    ):
         run.generalist()
     assert _no_generalist_written(run)
     junk = tmp_path / "junk.pth"
@@ -176,16 +199,29 @@ def labels():
     return {"val": rng.integers(0, 5, 12), "test": rng.integers(0, 5, 9)}
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.pop("test_probs"), r"lacks test_probs \(or test_logits\) and test_labels"),
-    (lambda a: a.update(val_probs=a["val_probs"][:, :4] / a["val_probs"][:, :4].sum(1, keepdims=True)),
-     r"val_probs has shape \(12, 4\), i.e. 4 classes, the dataset has 5 classes"),
-    (lambda a: a.update(val_labels=a["val_labels"][::-1].copy()), r"val_labels differ from the dataset's val labels \(row \d+"),
-    (lambda a: a.update(test_probs=a["test_probs"][:-1], test_labels=a["test_labels"][:-1]),
-     r"test_probs has 8 rows, test_labels 8, the dataset's test split 9 images"),
-    (lambda a: a.update(val_probs=a["val_probs"] * 3), r"rows of val_probs do not sum to 1.*val_logits"),
-    (lambda a: a.update(class_names=np.array(["e", "d", "c", "b", "a"])), r"class_names .* differ from the dataset's"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.pop("test_probs"), r"lacks test_probs \(or test_logits\) and test_labels"),
+        (
+            lambda a: a.update(val_probs=a["val_probs"][:, :4] / a["val_probs"][:, :4].sum(1, keepdims=True)),
+            r"val_probs has shape \(12, 4\), i.e. 4 classes, the dataset has 5 classes",
+        ),
+        (
+            lambda a: a.update(val_labels=a["val_labels"][::-1].copy()),
+            r"val_labels differ from the dataset's val labels \(row \d+",
+        ),
+        (
+            lambda a: a.update(test_probs=a["test_probs"][:-1], test_labels=a["test_labels"][:-1]),
+            r"test_probs has 8 rows, test_labels 8, the dataset's test split 9 images",
+        ),
+        (lambda a: a.update(val_probs=a["val_probs"] * 3), r"rows of val_probs do not sum to 1.*val_logits"),
+        (
+            lambda a: a.update(class_names=np.array(["e", "d", "c", "b", "a"])),
+            r"class_names .* differ from the dataset's",
+        ),
+    ],
+)
 def test_predictions_file_mismatches_name_the_file_both_counts_and_the_fix(tmp_path, labels, change, message):
     rng = np.random.default_rng(1)
     arrays = {f"{s}_probs": rng.dirichlet(np.ones(5), len(y)) for s, y in labels.items()}
@@ -203,16 +239,23 @@ def test_logits_file_round_trips_and_predictions_forbid_soft_targets(tmp_path, l
     path = byog.save_predictions(tmp_path / "l.npz", probs=z, labels=labels, logits=True)
     out = byog.load_predictions(path, labels=labels, class_names=tuple("abcde"))
     np.testing.assert_allclose(pipeline.softmax(out["val"]), pipeline.softmax(z["val"]), atol=1e-6)
-    run = pipeline.Run(tmp_path / "s", PipelineConfig.quick(**{**QUIET, "generalist_from": f"predictions:{path}",
-                                                                "specialist_soft_weight": 0.5}), log=lambda s: None)  # fmt: skip
-    with pytest.raises(ConfigError, match="specialist_soft_weight=0.5 needs the generalist's soft targets.*set it to 0"):
+    run = pipeline.Run(
+        tmp_path / "s",
+        PipelineConfig.quick(**{**QUIET, "generalist_from": f"predictions:{path}", "specialist_soft_weight": 0.5}),
+        log=lambda s: None,
+    )
+    with pytest.raises(
+        ConfigError, match="specialist_soft_weight=0.5 needs the generalist's soft targets.*set it to 0"
+    ):
         pipeline.preflight(run)
 
 
 def test_torchvision_classifier_head_surgery_on_each_final_layer_kind(one_thread):
     for arch, prefix in (("resnet18", "fc."), (ARCH, "classifier.3.")):
         net = torchvision.models.get_model(arch, weights=None, num_classes=6).eval()
-        m = models.build_model(models.ModelConfig(name=f"torchvision:{arch}", num_classes=6, in_channels=3, image_size=16))
+        m = models.build_model(
+            models.ModelConfig(name=f"torchvision:{arch}", num_classes=6, in_channels=3, image_size=16)
+        )
         m.load_torchvision_state(net.state_dict())
         assert m._head_prefix == prefix and isinstance(m.head, torch.nn.Linear)
         x = torch.rand(2, 3, 16, 16)
@@ -229,6 +272,8 @@ def test_a_scripted_model_over_another_class_count_names_the_file_and_both_count
     path = tmp_path / "ten.pt"
     torch.jit.save(torch.jit.trace(ten, torch.rand(2, 1, 16, 16)), path)
     run = pipeline.Run(tmp_path / "t", _cfg(f"torchscript:{path}", generalist_normalize="none"), log=lambda s: None)
-    with pytest.raises(byog.GeneralistSourceError, match=rf"{path} gives outputs of shape \(\d+, 10\) .* expected \(\d+, 62\)"):
+    with pytest.raises(
+        byog.GeneralistSourceError, match=rf"{path} gives outputs of shape \(\d+, 10\) .* expected \(\d+, 62\)"
+    ):
         run.generalist()
     assert _no_generalist_written(run)

@@ -1,4 +1,5 @@
 """Checkpoints (self-describing, atomic, checked on load) and run-folder file helpers."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,18 @@ def test_round_trip_predicts_identically(trained, tmp_path):
     model, x, history = trained
     path = tmp_path / "sub" / "model.pt"
     extra = {"classes": [1, 3], "dustbin_log_correction": 0.69, "note": None}
-    assert save_checkpoint(path, model, model_config=model.config, class_names=NAMES,
-                           dataset_fingerprint=FP, history=history, extra=extra) == path  # fmt: skip
+    assert (
+        save_checkpoint(
+            path,
+            model,
+            model_config=model.config,
+            class_names=NAMES,
+            dataset_fingerprint=FP,
+            history=history,
+            extra=extra,
+        )
+        == path
+    )
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
     loaded, info = load_checkpoint(path, class_names=list(NAMES), dataset_fingerprint=FP)
     assert not loaded.training
@@ -63,18 +74,30 @@ def test_round_trip_after_head_surgery(trained, tmp_path):
     assert info.model_config.num_classes == 3 and info.history is None and info.extra == {}
     assert torch.equal(predict_logits(special, x, device="cpu"), predict_logits(loaded, x, device="cpu"))
     with pytest.raises(CheckpointError, match="head has 3 outputs; pass model_config=model.config"):
-        save_checkpoint(tmp_path / "bad.pt", special, model_config=model.config.to_dict() | {"num_classes": 4},
-                        class_names=NAMES, dataset_fingerprint=FP)  # fmt: skip
+        save_checkpoint(
+            tmp_path / "bad.pt",
+            special,
+            model_config=model.config.to_dict() | {"num_classes": 4},
+            class_names=NAMES,
+            dataset_fingerprint=FP,
+        )
 
 
 def test_wrong_classes_and_fingerprint_are_clear_errors(trained, tmp_path):
     model, _, _ = trained
     path = save_checkpoint(tmp_path / "m.pt", model, class_names=NAMES, dataset_fingerprint=FP)
-    with pytest.raises(CheckpointError, match=r"m\.pt was trained on 4 classes, this dataset has 62: retrain or pass the matching dataset"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"m\.pt was trained on 4 classes, this dataset has 62: retrain or pass the matching dataset",
+    ):
         load_checkpoint(path, class_names=[str(i) for i in range(62)])
-    with pytest.raises(CheckpointError, match=r"class 2 is 'c' there, 'x' in this dataset.*retrain or pass the matching"):
+    with pytest.raises(
+        CheckpointError, match=r"class 2 is 'c' there, 'x' in this dataset.*retrain or pass the matching"
+    ):
         load_checkpoint(path, class_names=("a", "b", "x", "d"))
-    with pytest.raises(CheckpointError, match=f"fingerprint {FP}, this dataset has ffff.*settings used for training, or retrain"):
+    with pytest.raises(
+        CheckpointError, match=f"fingerprint {FP}, this dataset has ffff.*settings used for training, or retrain"
+    ):
         load_checkpoint(path, class_names=NAMES, dataset_fingerprint="ffff")
     assert issubclass(CheckpointError, ValueError)
 
@@ -86,7 +109,9 @@ def test_missing_corrupt_and_foreign_files(trained, tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model, class_names=NAMES, dataset_fingerprint=FP)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"m\.pt is corrupt or truncated.*delete \S*m\.pt and rerun the command that wrote it"):
+    with pytest.raises(
+        CheckpointError, match=r"m\.pt is corrupt or truncated.*delete \S*m\.pt and rerun the command that wrote it"
+    ):
         load_checkpoint(path)
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -121,7 +146,9 @@ def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
 
 
 def test_atomic_writes_and_json(tmp_path):
-    p = runs.atomic_write_json(tmp_path / "a" / "metrics.json", {"acc": np.float32(0.5), "n": np.int64(3), "v": np.arange(2)})
+    p = runs.atomic_write_json(
+        tmp_path / "a" / "metrics.json", {"acc": np.float32(0.5), "n": np.int64(3), "v": np.arange(2)}
+    )
     assert runs.read_json(p) == {"acc": 0.5, "n": 3, "v": [0, 1]}
     assert runs.atomic_write_text(tmp_path / "t.txt", "héllo").read_text(encoding="utf-8") == "héllo"
     assert runs.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"

@@ -1,4 +1,5 @@
 """The shared input checks: each raises the caller's error class with a message that names the fix."""
+
 import numpy as np
 import pytest
 import torch

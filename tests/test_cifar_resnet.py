@@ -1,6 +1,7 @@
 """CIFAR ResNets brought as checkpoints of the common public format (a dict with ``state_dict``, keys
 prefixed ``module.``, a final layer called ``linear``, no BatchNorm counters), and CIFAR-10 as JPEGs in
 the split layout ``root/{train,test}/<class>/*.jpg``: tiny files written here, never real data."""
+
 from __future__ import annotations
 
 import pickle
@@ -19,7 +20,7 @@ def _their_format(net: models.CifarResNetNet) -> dict[str, object]:
     for key, value in net.state_dict().items():
         if key.endswith("num_batches_tracked"):
             continue
-        name = "linear." + key[len("fc."):] if key.startswith("fc.") else key
+        name = "linear." + key[len("fc.") :] if key.startswith("fc.") else key
         state["module." + name] = value.clone()
     return {"best_prec1": 91.7, "state_dict": state}
 
@@ -40,8 +41,9 @@ def checkpoint(tmp_path, one_thread):
 
 def _load(path, arch: str = "cifar_resnet20", classes: int = 10) -> models.TorchvisionClassifier:
     source = byog.parse_source(f"torchvision:{arch}:{path}")
-    config = byog.torchvision_config(source, num_classes=classes, in_channels=3, image_size=32, normalize="imagenet",
-                                     input_size=None)  # fmt: skip
+    config = byog.torchvision_config(
+        source, num_classes=classes, in_channels=3, image_size=32, normalize="imagenet", input_size=None
+    )
     return byog.load_torchvision(source, config)
 
 
@@ -91,7 +93,9 @@ def _jpeg_tree(root, counts: dict[str, dict[str, int]]) -> None:
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    folder / f"{i:04d}.jpg", quality=90
+                )
 
 
 def test_split_layout_keeps_test_folder_as_the_test_split_and_draws_val_from_train(tmp_path, one_thread):

@@ -66,7 +66,10 @@ def test_invalid_specs_raise(groups, match) -> None:
 def test_json_round_trip_and_file(tmp_path) -> None:
     spec = ClusterSpec({"animals": ("cat", "dog"), "road": ("truck", "car", "dog")}, NAMES)
     text = spec.to_json()
-    assert json.loads(text) == {"classes": list(NAMES), "groups": {"animals": ["cat", "dog"], "road": ["truck", "car", "dog"]}}
+    assert json.loads(text) == {
+        "classes": list(NAMES),
+        "groups": {"animals": ["cat", "dog"], "road": ["truck", "car", "dog"]},
+    }
     again = ClusterSpec.from_json(text)
     assert again == spec and hash(again) == hash(spec)
     assert again.names == spec.names and again.groups["road"] == ("truck", "car", "dog")

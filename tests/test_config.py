@@ -63,7 +63,9 @@ def test_smoke_switch(monkeypatch):
 
 def test_cli_flags_override_config_file(tmp_path):
     PipelineConfig(k=4, epochs=2).save(tmp_path / "c.json")
-    args = cli.build_parser().parse_args(["run", "--config", str(tmp_path / "c.json"), "--k", "5", "--specialist-epochs", "7"])
+    args = cli.build_parser().parse_args(
+        ["run", "--config", str(tmp_path / "c.json"), "--k", "5", "--specialist-epochs", "7"]
+    )
     cfg = cli.config_from_args(args)
     assert (cfg.k, cfg.epochs, cfg.specialist_epochs) == (5, 2, 7)
 
@@ -87,24 +89,60 @@ def test_demo_config_is_the_defaults():
 # _KEYS as it was written by hand before it was derived (temperature renamed specialist_temperature)
 _KEYS_BY_HAND = {
     "data": ("dataset", "root", "image_size", "per_class", "val_fraction", "data_seed"),
-    "generalist": ("seed", "model", "width", "depth", "epochs", "batch_size", "lr", "optimizer", "schedule",
-                   "weight_decay", "label_smoothing"),
+    "generalist": (
+        "seed",
+        "model",
+        "width",
+        "depth",
+        "epochs",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "schedule",
+        "weight_decay",
+        "label_smoothing",
+    ),
     "clusters": ("method", "distance", "k", "overlap", "gamma", "top_r", "max_group_size"),
-    "specialists": ("specialist_model", "specialist_width", "specialist_depth", "specialist_epochs",
-                    "specialist_lr", "special_fraction", "specialist_soft_weight", "specialist_temperature",
-                    "dustbin_correction", "specialist_shared_stages", "specialist_init"),
+    "specialists": (
+        "specialist_model",
+        "specialist_width",
+        "specialist_depth",
+        "specialist_epochs",
+        "specialist_lr",
+        "special_fraction",
+        "specialist_soft_weight",
+        "specialist_temperature",
+        "dustbin_correction",
+        "specialist_shared_stages",
+        "specialist_init",
+    ),
     "compute_matched": ("compute_match",),
-    "ensembles": ("top_n", "rules", "top_confident_n", "top_confident_gated", "moe_threshold",
-                  "calibrate_specialists"),
-    "distill": ("student_init", "student_width", "student_depth", "student_epochs", "distill_temperature", "distill_soft_weight"),
-}  # fmt: skip
+    "ensembles": ("top_n", "rules", "top_confident_n", "top_confident_gated", "moe_threshold", "calibrate_specialists"),
+    "distill": (
+        "student_init",
+        "student_width",
+        "student_depth",
+        "student_epochs",
+        "distill_temperature",
+        "distill_soft_weight",
+    ),
+}
 
 
 def test_every_setting_has_a_stage_from_the_allowed_set():
     stages = {f.name: f.metadata.get("stage") for f in fields(PipelineConfig)}
     assert not {n: s for n, s in stages.items() if s not in config_mod.SETTING_STAGES}
-    assert stages["seed"] == "generalist" and stages["data_seed"] == "data" and stages["bootstrap_resamples"] == "metrics"
-    assert {n for n, s in stages.items() if s == "run"} == {"name", "device", "seeds", "progress", "extra", "html_report"}
+    assert (
+        stages["seed"] == "generalist" and stages["data_seed"] == "data" and stages["bootstrap_resamples"] == "metrics"
+    )
+    assert {n for n, s in stages.items() if s == "run"} == {
+        "name",
+        "device",
+        "seeds",
+        "progress",
+        "extra",
+        "html_report",
+    }
     assert config_mod.stage_of("specialist_temperature") == "specialists"
     with pytest.raises(ConfigError, match="unknown setting 'temperature'"):
         config_mod.stage_of("temperature")
@@ -118,9 +156,23 @@ def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
     assert {s: sorted(v) for s, v in derived.items()} == {s: sorted(v) for s, v in _KEYS_BY_HAND.items()}
     assert all(len(set(v)) == len(v) for v in derived.values())
     # settings of a key stage kept out of its key on purpose
-    outside = {f.name for f in fields(PipelineConfig) if f.metadata["stage"] in config_mod.KEY_STAGES and not f.metadata["in_key"]}
-    assert outside == {"download", "clusters_file", "compute_matched", "in_memory", "memory_budget_gb", "stream_workers",
-                       "generalist_from", "generalist_normalize", "generalist_input_size", "hard_label_control"}
+    outside = {
+        f.name
+        for f in fields(PipelineConfig)
+        if f.metadata["stage"] in config_mod.KEY_STAGES and not f.metadata["in_key"]
+    }
+    assert outside == {
+        "download",
+        "clusters_file",
+        "compute_matched",
+        "in_memory",
+        "memory_budget_gb",
+        "stream_workers",
+        "generalist_from",
+        "generalist_normalize",
+        "generalist_input_size",
+        "hard_label_control",
+    }
 
 
 # Run.key / Run.specialist_key values computed with the hand-written _KEYS (and the key `temperature`)
@@ -131,13 +183,27 @@ def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
 # too (stages: budget_version 2, issue 20 part 4: the budget counts training FLOPs as the loop spends them, so a
 # compute-matched generalist trained for the old budget is trained again; were 0e2e2cbb6acbd256 / 2629d56133cec2a2).
 _PINNED_KEYS = {
-    "default": {"generalist": "fc96c39988425598", "clusters": "8a5cae68889deac2", "specialists": "1d55fe9da57a959f",
-                "compute_matched": "e186d4fb25725f59", "ensembles": "85e468b7faff0f77", "distill": "6cc0a4492b448b9f",
-                "specialist_1": "26b88b549c9ecc03", "hard_label_student": "67e148b96c32ca50"},
-    "quick": {"generalist": "d304bbecffeee6f8", "clusters": "9f32639b49ddf5d0", "specialists": "2a95c80fb8b8a66d",
-              "compute_matched": "9e4a65c53a14b7ac", "ensembles": "ba9d596219bf15aa", "distill": "1f6157bb7e66bf46",
-              "specialist_1": "78d9bcb38442a4a6", "hard_label_student": "edeada663ca2243e"},
-}  # fmt: skip
+    "default": {
+        "generalist": "fc96c39988425598",
+        "clusters": "8a5cae68889deac2",
+        "specialists": "1d55fe9da57a959f",
+        "compute_matched": "e186d4fb25725f59",
+        "ensembles": "85e468b7faff0f77",
+        "distill": "6cc0a4492b448b9f",
+        "specialist_1": "26b88b549c9ecc03",
+        "hard_label_student": "67e148b96c32ca50",
+    },
+    "quick": {
+        "generalist": "d304bbecffeee6f8",
+        "clusters": "9f32639b49ddf5d0",
+        "specialists": "2a95c80fb8b8a66d",
+        "compute_matched": "9e4a65c53a14b7ac",
+        "ensembles": "ba9d596219bf15aa",
+        "distill": "1f6157bb7e66bf46",
+        "specialist_1": "78d9bcb38442a4a6",
+        "hard_label_student": "edeada663ca2243e",
+    },
+}
 
 
 def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, monkeypatch):
@@ -146,38 +212,76 @@ def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, 
     spec = ClusterSpec(groups={"g0": ("a", "b"), "g1": ("c", "d")}, class_names=("a", "b", "c", "d"))
     monkeypatch.setattr(pipeline.Run, "clusters", lambda self: spec)
     odds = {"dustbin_correction": "odds"}  # the default when the keys were pinned (now prior_match)
-    configs = {"default": PipelineConfig(**odds),
-               "quick": PipelineConfig.quick(specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0,
-                                             **odds)}  # fmt: skip
+    configs = {
+        "default": PipelineConfig(**odds),
+        "quick": PipelineConfig.quick(
+            specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0, **odds
+        ),
+    }
     for label, cfg in configs.items():
         run = pipeline.Run(tmp_path / label, cfg, log=lambda _: None)
         got = {s: run.key(s) for s in pipeline.STAGES} | {"specialist_1": run.specialist_key(1)}
         assert got == _PINNED_KEYS[label], label
     # the order of the settings within a stage does not enter the hash (json sort_keys)
     monkeypatch.setattr(pipeline, "_KEYS", {s: tuple(reversed(v)) for s, v in pipeline._KEYS.items()})
-    assert pipeline.Run(tmp_path / "default", configs["default"], log=lambda _: None).key("distill") == _PINNED_KEYS["default"]["distill"]
+    assert (
+        pipeline.Run(tmp_path / "default", configs["default"], log=lambda _: None).key("distill")
+        == _PINNED_KEYS["default"]["distill"]
+    )
     # settings added later (key_if_set) enter the key only when set, and then change it
     shared = pipeline.Run(tmp_path / "shared", PipelineConfig(specialist_shared_stages=2, **odds), log=lambda _: None)
     assert shared._settings("specialists")["specialist_shared_stages"] == 2
     assert shared.key("specialists") != _PINNED_KEYS["default"]["specialists"]
     # the specialists' temperature is hashed under its old name, and still changes the key
     run = pipeline.Run(tmp_path / "t3", PipelineConfig(specialist_temperature=3.0, **odds), log=lambda _: None)
-    assert run._settings("specialists")["temperature"] == 3.0 and run.key("specialists") != _PINNED_KEYS["default"]["specialists"]
+    assert (
+        run._settings("specialists")["temperature"] == 3.0
+        and run.key("specialists") != _PINNED_KEYS["default"]["specialists"]
+    )
 
 
 def test_cli_flags_are_the_settings_with_a_cli_help():
     knobs = cli._KNOBS
     assert list(knobs) == [f.name for f in fields(PipelineConfig) if "cli" in f.metadata]
     assert set(knobs) == {
-        "name", "dataset", "root", "image_size", "per_class", "model", "width", "depth", "epochs", "batch_size", "lr",
-        "generalist_from", "generalist_normalize", "generalist_input_size",
-        "method", "k", "overlap", "clusters_file", "specialist_model", "specialist_width", "specialist_depth",
-        "specialist_epochs", "specialist_soft_weight", "specialist_temperature", "specialist_shared_stages", "specialist_init",
-        "top_n", "student_epochs", "device", "seed",
-        "memory_budget_gb", "stream_workers",
-    }  # fmt: skip
+        "name",
+        "dataset",
+        "root",
+        "image_size",
+        "per_class",
+        "model",
+        "width",
+        "depth",
+        "epochs",
+        "batch_size",
+        "lr",
+        "generalist_from",
+        "generalist_normalize",
+        "generalist_input_size",
+        "method",
+        "k",
+        "overlap",
+        "clusters_file",
+        "specialist_model",
+        "specialist_width",
+        "specialist_depth",
+        "specialist_epochs",
+        "specialist_soft_weight",
+        "specialist_temperature",
+        "specialist_shared_stages",
+        "specialist_init",
+        "top_n",
+        "student_epochs",
+        "device",
+        "seed",
+        "memory_budget_gb",
+        "stream_workers",
+    }
     assert knobs["image_size"] == (int, "resize images to this side, e.g. 32")
-    assert knobs["specialist_soft_weight"] == (float, "weight of the generalist's soft targets for specialists (paper §6)")
+    assert knobs["specialist_soft_weight"] == (
+        float,
+        "weight of the generalist's soft targets for specialists (paper §6)",
+    )
     assert knobs["clusters_file"][0] is str and knobs["seed"] == (int, "random seed")
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["run"].format_help()
     assert "--specialist-temperature" in help_text and "--temperature " not in help_text
@@ -194,9 +298,19 @@ def test_a_cli_help_on_a_setting_a_flag_cannot_carry_is_refused():
 
 def test_choices_in_the_metadata_are_what_validate_checks():
     with_choices = {f.name: f.metadata["choices"] for f in fields(PipelineConfig) if "choices" in f.metadata}
-    assert set(with_choices) == {"optimizer", "schedule", "method", "distance", "overlap", "dustbin_correction",
-                                 "compute_match", "student_init", "device", "specialist_init",
-                                 "generalist_normalize"}  # fmt: skip
+    assert set(with_choices) == {
+        "optimizer",
+        "schedule",
+        "method",
+        "distance",
+        "overlap",
+        "dustbin_correction",
+        "compute_match",
+        "student_init",
+        "device",
+        "specialist_init",
+        "generalist_normalize",
+    }
     for name, options in with_choices.items():
         assert getattr(PipelineConfig(), name) in options
         with pytest.raises(ConfigError, match=f"{name}='nope' is not one of {', '.join(options)}"):
@@ -225,5 +339,8 @@ def test_the_readme_settings_table_is_the_one_the_metadata_makes():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("<!-- settings:start -->\n")[1].split("\n<!-- settings:end -->")[0]
     assert block == config_mod.settings_markdown(), "regenerate it: python tools/update_readme.py --settings"
-    assert "`specialist_temperature` (`--specialist-temperature`)" in block and "`clusters_file` (`--clusters-file`)*" in block
+    assert (
+        "`specialist_temperature` (`--specialist-temperature`)" in block
+        and "`clusters_file` (`--clusters-file`)*" in block
+    )
     assert block.count("\n| ") == len(config_mod.SETTING_STAGES) + 1

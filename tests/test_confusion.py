@@ -97,10 +97,18 @@ def test_top_confused_pairs_directed_and_symmetric() -> None:
     names = ("a", "b", "c")
     df = cf.top_confused_pairs(cm, names, k=3)
     assert list(df.columns) == ["true", "predicted", "count", "rate"]
-    assert list(zip(df["true"], df["predicted"], df["count"], strict=True)) == [("c", "b", 4), ("a", "b", 3), ("b", "a", 2)]
+    assert list(zip(df["true"], df["predicted"], df["count"], strict=True)) == [
+        ("c", "b", 4),
+        ("a", "b", 3),
+        ("b", "a", 2),
+    ]
     np.testing.assert_allclose(df["rate"], [0.5, 1 / 3, 0.25])
     sym = cf.top_confused_pairs(cm, names, k=10, symmetric=True)
-    assert list(zip(sym["class_a"], sym["class_b"], sym["count"], strict=True)) == [("a", "b", 5), ("b", "c", 4), ("a", "c", 1)]
+    assert list(zip(sym["class_a"], sym["class_b"], sym["count"], strict=True)) == [
+        ("a", "b", 5),
+        ("b", "c", 4),
+        ("a", "c", 1),
+    ]
     assert list(sym["a_as_b"]) == [3, 0, 1] and list(sym["b_as_a"]) == [2, 4, 0]
     np.testing.assert_allclose(sym["rate"].iloc[0], 5 / 17)
 

@@ -4,6 +4,7 @@ The budgets of :mod:`specialkit.cost` are checked against ``torch.utils.flop_cou
 the real training loop (``training.fit``) of a tiny run, validation passes left out (they are counted by a nested
 counter and subtracted: a nested counter's operations reach the outer one too, which the first test checks).
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,9 +32,20 @@ def test_a_nested_counter_also_reaches_the_outer_one():
 def counted(tmp_path_factory, one_thread):
     """A tiny run (two specialists sharing the generalist's first stage and learning from its soft targets, and the
     compute-matched generalist) whose every ``training.fit`` ran under a FLOP counter: stage -> FLOPs of training."""
-    cfg = PipelineConfig.quick(per_class=6, epochs=1, specialist_epochs=2, student_epochs=1, k=2, width=4, depth=2,
-                               specialist_shared_stages=1, specialist_soft_weight=0.5, rules=("generalist", "kl"),
-                               latency=False, html_report=False)  # fmt: skip
+    cfg = PipelineConfig.quick(
+        per_class=6,
+        epochs=1,
+        specialist_epochs=2,
+        student_epochs=1,
+        k=2,
+        width=4,
+        depth=2,
+        specialist_shared_stages=1,
+        specialist_soft_weight=0.5,
+        rules=("generalist", "kl"),
+        latency=False,
+        html_report=False,
+    )
     run = pipeline.Run(tmp_path_factory.mktemp("cost") / "quick", cfg, log=lambda s: None)
     fit, evaluate = training.fit, training.evaluate
     spent: dict[str, float] = {}
@@ -80,27 +92,38 @@ def test_the_generalist_and_the_compute_matched_generalist_spend_what_their_budg
     shape = (1, 1, 32, 32)
     assert cost.train_flops(gen.model, shape, gen.examples_seen) == pytest.approx(spent["generalist"], rel=TOLERANCE)
     budget = cost.compute_budget(run.view())
-    assert cm.examples_seen == pytest.approx(budget["compute_matched_passes"], rel=TOLERANCE)  # whole epochs of equal size
+    assert cm.examples_seen == pytest.approx(
+        budget["compute_matched_passes"], rel=TOLERANCE
+    )  # whole epochs of equal size
     assert budget["compute_matched_train_flops"] == pytest.approx(spent["compute_matched"], rel=TOLERANCE)
     # and it buys what the specialists spent, to within one pass
-    assert abs(budget["compute_matched_train_flops"] - budget["specialist_train_flops"]) <= budget["generalist_train_flops_per_pass"]
+    assert (
+        abs(budget["compute_matched_train_flops"] - budget["specialist_train_flops"])
+        <= budget["generalist_train_flops_per_pass"]
+    )
 
 
 def test_the_old_three_times_forward_rule_over_counts_a_shared_trunk():
     torch.manual_seed(0)
-    gen = models.build_model(models.ModelConfig(name="cnn", num_classes=62, in_channels=1, image_size=32, width=16, depth=3))
+    gen = models.build_model(
+        models.ModelConfig(name="cnn", num_classes=62, in_channels=1, image_size=32, width=16, depth=3)
+    )
     shape = (1, 1, 32, 32)
     shared = models.share_trunk(copy.deepcopy(gen), copy.deepcopy(gen).trunk(2))
     total, trunk = models.count_flops(shared, shape), models.count_flops(shared.shared_trunk, shape)
     old = 3 * (total - trunk) + trunk
     new = cost.train_flops_per_example(shared, shape)
     assert old / new == pytest.approx(1.076, abs=0.002)  # the 7.6% of issue 20 on the demo's CNN
-    assert cost.train_flops_per_example(gen, shape) < 3 * models.count_flops(gen, shape)  # no input gradient for the images
+    assert cost.train_flops_per_example(gen, shape) < 3 * models.count_flops(
+        gen, shape
+    )  # no input gradient for the images
 
 
 def test_measuring_a_training_pass_leaves_the_model_as_it_was():
     torch.manual_seed(0)
-    gen = models.build_model(models.ModelConfig(name="cnn", num_classes=5, in_channels=1, image_size=8, width=4, depth=1))
+    gen = models.build_model(
+        models.ModelConfig(name="cnn", num_classes=5, in_channels=1, image_size=8, width=4, depth=1)
+    )
     gen.eval()
     before = {k: v.clone() for k, v in gen.state_dict().items()}
     cost.train_flops_per_example(gen, (1, 1, 8, 8))

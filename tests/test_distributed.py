@@ -1,4 +1,5 @@
 """torchrun with 2 CPU processes (gloo) trains the generalist; the result matches a single-process run."""
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,25 @@ def test_torchrun_two_gloo_processes_train_a_generalist(tmp_path):
     cfg = PipelineConfig.quick(**SETTINGS)
     ddp = pipeline.Run(tmp_path / "ddp", cfg, log=lambda s: None)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "specialkit.cli",
-                          "generalist", "--run-folder", str(ddp.folder)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "specialkit.cli",
+            "generalist",
+            "--run-folder",
+            str(ddp.folder),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.count("[threads] 1 torch thread (") == 2
     folder = ddp.folder / "generalist"
@@ -44,7 +61,10 @@ def test_torchrun_two_gloo_processes_train_a_generalist(tmp_path):
     assert set(model.state_dict()) == set(ref.model.state_dict())  # no DDP "module." prefix: the same format
     assert got.examples_seen == ref.examples_seen == 2 * 620 and len(got.history) == len(ref.history) == 2
     y = single.dataset().y_test.numpy()
-    acc_ddp, acc_ref = float(np.mean(got.logits["test"].argmax(1) == y)), float(np.mean(ref.logits["test"].argmax(1) == y))
+    acc_ddp, acc_ref = (
+        float(np.mean(got.logits["test"].argmax(1) == y)),
+        float(np.mean(ref.logits["test"].argmax(1) == y)),
+    )
     assert abs(acc_ddp - acc_ref) <= TOLERANCE, (acc_ddp, acc_ref)
     assert not np.allclose(got.logits["test"], ref.logits["test"])  # really trained apart, not copied
 
@@ -56,8 +76,18 @@ def test_a_rank_that_dies_stops_the_job_and_the_rerun_resumes(tmp_path):
     cfg = PipelineConfig.quick(**{**SETTINGS, "epochs": 30})
     run = pipeline.Run(tmp_path / "ddp", cfg, log=lambda s: None)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "specialkit.cli",
-           "generalist", "--run-folder", str(run.folder)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "specialkit.cli",
+        "generalist",
+        "--run-folder",
+        str(run.folder),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     state = run.stage_dir("generalist") / "state.pt"
     deadline = time.monotonic() + 120

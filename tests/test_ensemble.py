@@ -1,5 +1,6 @@
 """Tests of specialkit.ensemble: activation, the KL combination (EM vs generic optimisers), the
 two alternative routings, and conditional execution. Hand-made inputs with known answers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +56,9 @@ def _reference_objective(z: torch.Tensor, g: np.ndarray, parts: list[tuple[np.nd
     return f
 
 
-def _reference_fun(z: np.ndarray, g: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray]:
+def _reference_fun(
+    z: np.ndarray, g: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[float, np.ndarray]:
     """The same objective in plain numpy with its gradient in z, written out class by class."""
     log_q = z - z.max() - np.log(np.exp(z - z.max()).sum())
     q = np.exp(log_q)
@@ -73,8 +76,14 @@ def _reference_fun(z: np.ndarray, g: np.ndarray, parts: list[tuple[np.ndarray, n
 
 def _reference_solve(g: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, float]:
     """scipy L-BFGS-B on the softmax logits, float64, tight tolerances."""
-    res = minimize(_reference_fun, np.log(g), args=(g, parts), jac=True, method="L-BFGS-B",
-                   options={"gtol": 1e-12, "ftol": 1e-16, "maxiter": 5000, "maxcor": 30})  # fmt: skip
+    res = minimize(
+        _reference_fun,
+        np.log(g),
+        args=(g, parts),
+        jac=True,
+        method="L-BFGS-B",
+        options={"gtol": 1e-12, "ftol": 1e-16, "maxiter": 5000, "maxcor": 30},
+    )
     return _softmax(res.x), float(res.fun)
 
 
@@ -107,11 +116,13 @@ def test_collapse_cell_index_and_expand_hand_case() -> None:
 
 def test_activation_top1_top2_and_bad_top_n() -> None:
     groups = [np.array([0, 1]), np.array([1, 2]), np.array([3])]
-    p_gen = np.array([
-        [0.1, 0.6, 0.1, 0.1, 0.1],   # top1 = 1 -> groups 0 and 1; top2 adds a tie broken to class 0
-        [0.1, 0.1, 0.1, 0.1, 0.6],   # top1 = 4 -> none; top2 = {4, 0} -> group 0
-        [0.3, 0.0, 0.0, 0.45, 0.25],  # top1 = 3 -> group 2; top2 = {3, 0} -> groups 0, 2
-    ])  # fmt: skip
+    p_gen = np.array(
+        [
+            [0.1, 0.6, 0.1, 0.1, 0.1],  # top1 = 1 -> groups 0 and 1; top2 adds a tie broken to class 0
+            [0.1, 0.1, 0.1, 0.1, 0.6],  # top1 = 4 -> none; top2 = {4, 0} -> group 0
+            [0.3, 0.0, 0.0, 0.45, 0.25],  # top1 = 3 -> group 2; top2 = {3, 0} -> groups 0, 2
+        ]
+    )
     np.testing.assert_array_equal(
         E.activation(p_gen, groups, top_n=1), [[True, True, False], [False, False, False], [False, False, True]]
     )
@@ -172,7 +183,9 @@ def test_full_cover_specialist_gives_the_average() -> None:
 def test_two_class_closed_form() -> None:
     # p_gen (0.5, 0.3, 0.2); specialist on {0, 1} says (0.2, 0.6 | dustbin 0.2): the dustbin agrees,
     # inside {0, 1} the weights add up: q0 = 0.8 * 0.7 / 1.6, q1 = 0.8 * 0.9 / 1.6.
-    q = E.combine_kl(np.array([[0.5, 0.3, 0.2]]), [(np.array([0, 1]), np.array([[0.2, 0.6, 0.2]]))], np.ones((1, 1), bool))
+    q = E.combine_kl(
+        np.array([[0.5, 0.3, 0.2]]), [(np.array([0, 1]), np.array([[0.2, 0.6, 0.2]]))], np.ones((1, 1), bool)
+    )
     np.testing.assert_allclose(q, [[0.35, 0.45, 0.2]], atol=1e-10)
 
 
@@ -324,8 +337,10 @@ def _top_confident_case() -> tuple[np.ndarray, list[SpecialistOutputs]]:
 def test_top_confident_is_gated_by_the_generalist_by_default() -> None:
     """Defect 4: ungated, one confident specialist over {0, 1} overrules a generalist 95% sure of class 5."""
     p_gen = np.array([[0.01, 0.01, 0.01, 0.01, 0.01, 0.95]])
-    specs = [SpecialistOutputs(np.array([0, 1]), np.array([[0.97, 0.02, 0.01]])),
-             SpecialistOutputs(np.array([4, 5]), np.array([[0.30, 0.60, 0.10]]))]  # fmt: skip
+    specs = [
+        SpecialistOutputs(np.array([0, 1]), np.array([[0.97, 0.02, 0.01]])),
+        SpecialistOutputs(np.array([4, 5]), np.array([[0.30, 0.60, 0.10]])),
+    ]
     ungated = E.combine("top_confident", p_gen, specs, n=1, gated=False)
     assert ungated.argmax(1).tolist() == [0]
     gated = E.combine("top_confident", p_gen, specs, n=1)
@@ -411,13 +426,17 @@ def test_combine_dispatch(random_batch: dict) -> None:
     np.testing.assert_array_equal(default, explicit)
     top2 = E.combine("kl", b["p_gen"], b["specs"], top_n=2)
     assert not np.allclose(top2, default)
-    np.testing.assert_array_equal(E.combine("moe", b["p_gen"], b["specs"], threshold=0.2),
-                                  E.combine_moe(b["p_gen"], b["specs"], threshold=0.2))  # fmt: skip
-    np.testing.assert_array_equal(E.combine("top_confident", b["p_gen"], b["specs"], n=3, gated=False),
-                                  E.combine_top_confident(b["p_gen"], b["specs"], n=3))  # fmt: skip
-    np.testing.assert_array_equal(E.combine("top_confident", b["p_gen"], b["specs"], n=3),
-                                  E.combine_top_confident(b["p_gen"], b["specs"], n=3,
-                                                          active=E.activation(b["p_gen"], b["groups"], top_n=1)))  # fmt: skip
+    np.testing.assert_array_equal(
+        E.combine("moe", b["p_gen"], b["specs"], threshold=0.2), E.combine_moe(b["p_gen"], b["specs"], threshold=0.2)
+    )
+    np.testing.assert_array_equal(
+        E.combine("top_confident", b["p_gen"], b["specs"], n=3, gated=False),
+        E.combine_top_confident(b["p_gen"], b["specs"], n=3),
+    )
+    np.testing.assert_array_equal(
+        E.combine("top_confident", b["p_gen"], b["specs"], n=3),
+        E.combine_top_confident(b["p_gen"], b["specs"], n=3, active=E.activation(b["p_gen"], b["groups"], top_n=1)),
+    )
     with pytest.raises(EnsembleError, match="threshold"):
         E.combine("moe", b["p_gen"], b["specs"], active=b["active"])
     for rule in E.RULES:
@@ -525,6 +544,8 @@ def test_calibration_recovers_a_temperature_and_an_uninformed_output_changes_not
     np.testing.assert_allclose(cal.mean.sum(), 1.0)
     pg = _synthetic(8, n=50)[1]
     flat = np.tile(cal.mean, (50, 1))
-    np.testing.assert_allclose(ensemble.evidence_update(ensemble.temper(flat, 1 / cal.temperature), g, pg, cal), pg, atol=1e-9)
+    np.testing.assert_allclose(
+        ensemble.evidence_update(ensemble.temper(flat, 1 / cal.temperature), g, pg, cal), pg, atol=1e-9
+    )
     with pytest.raises(ensemble.EnsembleError, match="one Calibration per specialist"):
         ensemble.combine_moe(pg, [ensemble.SpecialistOutputs(g, flat)], calibration=[])

@@ -91,8 +91,10 @@ def test_coverage_breakdown_tail_bucket_total_row_and_nan_gain():
     assert df.loc["3+", "n_examples"] == 3 and df.loc["3+", "n_classes"] == 2
     assert df.loc["3+", "delta_correct"] == 1 and df.loc["3+", "relative_gain"] == pytest.approx(0.5)
     assert math.isnan(df.loc["0", "relative_gain"])  # generalist 0 correct: NaN, not a division error
-    assert (df.loc["total", ["n_examples", "gen_correct", "ens_correct", "delta_correct"]]
-            == df.drop(index="total")[["n_examples", "gen_correct", "ens_correct", "delta_correct"]].sum()).all()  # fmt: skip
+    assert (
+        df.loc["total", ["n_examples", "gen_correct", "ens_correct", "delta_correct"]]
+        == df.drop(index="total")[["n_examples", "gen_correct", "ens_correct", "delta_correct"]].sum()
+    ).all()
     with pytest.raises(EvaluationError, match="coverage must be"):
         evaluation.coverage_breakdown(p_gen, q, y, coverage[:3])
 
@@ -146,8 +148,9 @@ def test_ensemble_cost_hand_case():
 
 def _tiny(k: int, width: int = 4) -> models.Classifier:
     torch.manual_seed(k)
-    return models.build_model(models.ModelConfig(num_classes=k, in_channels=1, image_size=8, width=width, depth=2,
-                                                 blocks_per_stage=1)).eval()  # fmt: skip
+    return models.build_model(
+        models.ModelConfig(num_classes=k, in_channels=1, image_size=8, width=width, depth=2, blocks_per_stage=1)
+    ).eval()
 
 
 def test_model_cost_uses_the_models_counters():
@@ -187,7 +190,9 @@ def test_latency_table_conditional_runs_specialists_only_where_active():
         seen.append("all" if finite.all() else bool((finite == act).all()))
         return p_gen
 
-    df = evaluation.latency_table(gen, specs, x, active, batch_sizes=(1, 5), rules={"test": combine}, repeats=1, warmup=0)
+    df = evaluation.latency_table(
+        gen, specs, x, active, batch_sizes=(1, 5), rules={"test": combine}, repeats=1, warmup=0
+    )
     assert list(df["model"][:3]) == ["generalist", "test all", "test conditional"]
     assert (df[df["model"] == "generalist"]["ratio"] == 1.0).all()
     assert (df["seconds_per_image"] > 0).all()
@@ -210,8 +215,16 @@ def test_latency_table_with_the_ensemble_rules_and_their_own_routing():
     def moe_run(p):
         return ensemble.moe_gates(p, groups, threshold=0.4).run
 
-    df = evaluation.latency_table(gen, specs, x, lambda p: ensemble.activation(p, groups), batch_sizes=(4,),
-                                  rules={"kl": kl, "moe": (moe, moe_run)}, repeats=1, warmup=0)  # fmt: skip
+    df = evaluation.latency_table(
+        gen,
+        specs,
+        x,
+        lambda p: ensemble.activation(p, groups),
+        batch_sizes=(4,),
+        rules={"kl": kl, "moe": (moe, moe_run)},
+        repeats=1,
+        warmup=0,
+    )
     assert df["model"].tolist() == ["generalist", "kl all", "kl conditional", "moe all", "moe conditional"]
     assert np.isfinite(df["ratio"]).all()
     with torch.no_grad():
@@ -234,8 +247,9 @@ def test_latency_table_adds_the_rule_time_and_routes_with_given_probabilities():
     def slow_rule(p, outs, act):
         time.sleep(0.003)
 
-    df = evaluation.latency_table(gen, specs, x, activate, batch_sizes=(3,), rules={"slow": slow_rule},
-                                  repeats=1, warmup=0, routing_probs=route)  # fmt: skip
+    df = evaluation.latency_table(
+        gen, specs, x, activate, batch_sizes=(3,), rules={"slow": slow_rule}, repeats=1, warmup=0, routing_probs=route
+    )
     row = df.set_index("model").loc["slow conditional"]
     assert row["combine_seconds_per_image"] >= 0.003 / 3
     assert row["seconds_per_image"] >= row["combine_seconds_per_image"]

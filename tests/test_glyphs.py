@@ -74,8 +74,12 @@ def test_glyphs_hard_is_a_harder_built_in_regime(tmp_path):
     assert hard.name == "glyphs_hard" and hard.image_size == 16 and hard.class_names == easy.class_names
     again = data.load("glyphs_hard", root=tmp_path, per_class=6, val_fraction=0.25, cache=False)
     assert torch.equal(again.x_train, hard.x_train) and hard.fingerprint != easy.fingerprint  # deterministic, distinct
+
     # heavier distortion: two renderings of one class differ more than on `glyphs` (mean pixel distance)
     def spread(ds):
         x = ds.x_train.float()
-        return float(torch.stack([(x[ds.y_train == c][0] - x[ds.y_train == c][1]).abs().mean() for c in range(62)]).mean())
+        return float(
+            torch.stack([(x[ds.y_train == c][0] - x[ds.y_train == c][1]).abs().mean() for c in range(62)]).mean()
+        )
+
     assert spread(hard) > spread(easy)

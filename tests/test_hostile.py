@@ -5,6 +5,7 @@ Full and read-only storage use a real tmpfs mount where this machine allows ``mo
 container with the capability); elsewhere the same tests simulate the failing system calls with
 ``OSError(ENOSPC)`` / ``OSError(EROFS)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,18 @@ from PIL import Image
 from specialkit import cli, clusters, data, pipeline, runs
 from specialkit.config import ConfigError, PipelineConfig
 
-TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1,
-            compute_matched=False, rules=("generalist", "kl"), progress=False)  # fmt: skip
+TINY = dict(
+    per_class=4,
+    epochs=1,
+    specialist_epochs=1,
+    student_epochs=1,
+    k=2,
+    width=4,
+    depth=1,
+    compute_matched=False,
+    rules=("generalist", "kl"),
+    progress=False,
+)
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 
 
@@ -74,7 +85,7 @@ def _one_line(text: str) -> str:
         ({"epochs": 3.0}, "epochs=3.0 must be a whole number; write 3 instead of 3.0"),
         ({"k": True}, "k=True must be a whole number"),
         ({"progress": "no"}, "progress='no' must be true or false"),
-        ({"rules": "kl"}, 'rules=\'kl\' must be a list of strings, not str; write ["kl"]'),
+        ({"rules": "kl"}, "rules='kl' must be a list of strings, not str; write [\"kl\"]"),
         ({"rules": ("generalist", 3)}, "element 3 must be a string"),
         ({"image_size": 0}, "image_size=0 must be >= 1"),
         ({"seed": -1}, "seeds must lie in 0.."),
@@ -106,8 +117,12 @@ def test_one_class_dataset_needs_at_least_two_classes(tmp_path, capsys):
     for i in range(6):
         Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(root / "only" / f"{i}.png")
     with pytest.raises(ConfigError, match="has 1 class; a run needs at least 2 classes"):
-        pipeline.Run(tmp_path / "r", PipelineConfig.quick(dataset="imagefolder", root=str(root), **TINY), log=lambda s: None).dataset()
-    code = cli.main(["run", "--quick", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "runs"), "--k", "1"])
+        pipeline.Run(
+            tmp_path / "r", PipelineConfig.quick(dataset="imagefolder", root=str(root), **TINY), log=lambda s: None
+        ).dataset()
+    code = cli.main(
+        ["run", "--quick", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "runs"), "--k", "1"]
+    )
     assert code == 2 and "a run needs at least 2 classes" in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "runs" / "quick" / "generalist").exists()
 
@@ -116,7 +131,9 @@ def test_one_class_dataset_needs_at_least_two_classes(tmp_path, capsys):
 def test_single_class_group_is_rejected_and_sparse_coverage_warned():
     names = tuple("abcdefgh")
     single = clusters.ClusterSpec({"g0": ("a", "b"), "lonely": ("c",)}, names)
-    with pytest.raises(clusters.ClusterSpecError, match=r"'lonely' \(\['c'\]\) have fewer than 2 classes.*add a confusable class"):
+    with pytest.raises(
+        clusters.ClusterSpecError, match=r"'lonely' \(\['c'\]\) have fewer than 2 classes.*add a confusable class"
+    ):
         clusters.check_trainable(single)
     sparse = clusters.ClusterSpec({"g0": ("a", "b"), "g1": ("c", "d", "e")}, names)
     assert clusters.check_trainable(sparse) is sparse and clusters.coverage_warning(sparse) is None  # 3 of 8 uncovered
@@ -170,11 +187,30 @@ def test_mixed_size_and_mode_folder_comes_out_square_and_true(tmp_path):
 
 # ------------------------------------------------------------------------------------------- storage
 def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
-    args = ["run", "--quick", "--no-progress", "--per-class", "4", "--epochs", "1", "--width", "4", "--depth", "1", "--k", "2"]
+    args = [
+        "run",
+        "--quick",
+        "--no-progress",
+        "--per-class",
+        "4",
+        "--epochs",
+        "1",
+        "--width",
+        "4",
+        "--depth",
+        "1",
+        "--k",
+        "2",
+    ]
     if MOUNT:
         with _tmpfs(tmp_path / "small", "40k") as out:  # room for config.json, not for the generalist's files
-            proc = subprocess.run([sys.executable, "-m", "specialkit.cli", *args, "--out", str(out)],
-                                  capture_output=True, text=True, env=ENV, timeout=300)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, "-m", "specialkit.cli", *args, "--out", str(out)],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=300,
+            )
             line = _one_line(proc.stderr)
             folder = out / "quick"
             assert proc.returncode == 1
@@ -250,7 +286,9 @@ def test_permission_denied_keeps_the_previous_file(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
 
     monkeypatch.setattr(os, "replace", denied)
-    with pytest.raises(runs.RunFileError, match=r"cannot write \S*metrics\.json: Permission denied \(permission denied; make"):
+    with pytest.raises(
+        runs.RunFileError, match=r"cannot write \S*metrics\.json: Permission denied \(permission denied; make"
+    ):
         runs.atomic_write_json(path, {"a": 2})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
@@ -268,8 +306,26 @@ def test_file_name_too_long_and_out_pointing_at_a_file(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "specialkit.cli", "run", "--quick", "--no-progress", "--out", str(out),
-           "--per-class", "4", "--epochs", "200", "--width", "4", "--depth", "1", "--k", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "specialkit.cli",
+        "run",
+        "--quick",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--per-class",
+        "4",
+        "--epochs",
+        "200",
+        "--width",
+        "4",
+        "--depth",
+        "1",
+        "--k",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 120
     while not (out / "quick" / "generalist" / "key.txt").exists():
@@ -310,9 +366,33 @@ def test_class_names_saved_as_an_object_array_are_refused_without_unpickling(tmp
     """class_names built from Python objects (e.g. a pandas column) would need pickle: one line naming the key."""
     probs, y = np.full((2, 2), 0.5), np.array([0, 1])
     path = tmp_path / "p.npz"
-    np.savez(path, val_probs=probs, val_labels=y, test_probs=probs, test_labels=y, class_names=np.array(["a", None], dtype=object))
-    assert cli.main(["run", "--quick", "--no-progress", "--per-class", "4", "--out", str(tmp_path / "runs"),
-                     "--generalist-from", f"predictions:{path}"]) == 2  # fmt: skip
+    np.savez(
+        path,
+        val_probs=probs,
+        val_labels=y,
+        test_probs=probs,
+        test_labels=y,
+        class_names=np.array(["a", None], dtype=object),
+    )
+    assert (
+        cli.main(
+            [
+                "run",
+                "--quick",
+                "--no-progress",
+                "--per-class",
+                "4",
+                "--out",
+                str(tmp_path / "runs"),
+                "--generalist-from",
+                f"predictions:{path}",
+            ]
+        )
+        == 2
+    )
     line = _one_line(capsys.readouterr().err)
-    assert "class_names holds Python objects (an object array), which the kit never unpickles" in line and "dtype=str" in line
+    assert (
+        "class_names holds Python objects (an object array), which the kit never unpickles" in line
+        and "dtype=str" in line
+    )
     assert "allow_pickle" not in line and not (tmp_path / "runs" / "quick" / "generalist" / "done.json").exists()

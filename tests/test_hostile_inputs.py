@@ -2,6 +2,7 @@
 (and said to run their own code), bad brought models and prediction files are refused before anything is saved,
 a data root is not left through a link, an ImageNet test split does not shrink silently, an unfinished run is one
 line naming the stage and its command, and too few classes name the settings that fix it."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,26 @@ from test_streaming import write_imagenet
 from specialkit import cli, study
 from specialkit.config import PipelineConfig
 
-TINY = ["--quick", "--no-progress", "--per-class", "4", "--epochs", "1", "--specialist-epochs", "1", "--student-epochs", "1",
-        "--k", "2", "--width", "4", "--depth", "1", "--image-size", "16"]  # fmt: skip
+TINY = [
+    "--quick",
+    "--no-progress",
+    "--per-class",
+    "4",
+    "--epochs",
+    "1",
+    "--specialist-epochs",
+    "1",
+    "--student-epochs",
+    "1",
+    "--k",
+    "2",
+    "--width",
+    "4",
+    "--depth",
+    "1",
+    "--image-size",
+    "16",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +77,17 @@ class _Cnn(torch.nn.Module):
 def test_a_torchscript_generalist_is_said_to_run_its_own_code(tmp_path, capsys):
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(_Cnn().eval()), path)
-    rc, out, _ = _cli(capsys, "run", *TINY, "--out", tmp_path / "runs", "--generalist-from", f"torchscript:{path}",
-                      "--generalist-normalize", "none")  # fmt: skip
+    rc, out, _ = _cli(
+        capsys,
+        "run",
+        *TINY,
+        "--out",
+        tmp_path / "runs",
+        "--generalist-from",
+        f"torchscript:{path}",
+        "--generalist-normalize",
+        "none",
+    )
     assert rc == 0
     warning = [ln for ln in out.splitlines() if "runs the code it holds" in ln]
     assert warning and str(path) in warning[0] and "bring only files you trust" in warning[0]
@@ -72,11 +100,22 @@ def test_a_torchscript_generalist_is_said_to_run_its_own_code(tmp_path, capsys):
 def test_a_brought_model_that_outputs_nan_is_refused_and_nothing_is_saved(tmp_path, capsys):
     path = tmp_path / "nan.pt"
     torch.jit.save(torch.jit.script(_Nan()), path)
-    rc, _, err = _cli(capsys, "run", *TINY, "--out", tmp_path / "runs", "--generalist-from", f"torchscript:{path}",
-                      "--generalist-normalize", "none")  # fmt: skip
+    rc, _, err = _cli(
+        capsys,
+        "run",
+        *TINY,
+        "--out",
+        tmp_path / "runs",
+        "--generalist-from",
+        f"torchscript:{path}",
+        "--generalist-normalize",
+        "none",
+    )
     assert rc == 2
     line = _one_line(err)
-    assert re.search(r"nan.pt gives NaN or infinite outputs for (\d+) of \1 images", line) and "nothing was saved" in line
+    assert (
+        re.search(r"nan.pt gives NaN or infinite outputs for (\d+) of \1 images", line) and "nothing was saved" in line
+    )
     folder = tmp_path / "runs" / "quick" / "generalist"
     assert not (folder / "done.json").exists() and not list(folder.glob("logits_*")) if folder.exists() else True
 
@@ -86,7 +125,9 @@ def _predictions(tmp_path: Path, **change) -> Path:
     from specialkit import data
 
     cfg = PipelineConfig.quick(per_class=4, image_size=16)
-    ds = data.load(cfg.dataset, per_class=cfg.per_class, image_size=cfg.image_size, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    ds = data.load(
+        cfg.dataset, per_class=cfg.per_class, image_size=cfg.image_size, seed=cfg.seed, val_fraction=cfg.val_fraction
+    )
     rng = np.random.default_rng(0)
     arrays = {}
     for split in ("val", "test"):
@@ -116,7 +157,10 @@ def test_labels_that_are_not_whole_numbers_are_refused_not_truncated(tmp_path, c
     rc, _, err = _cli(capsys, "run", *TINY, "--out", tmp_path / "runs", "--generalist-from", f"predictions:{path}")
     assert rc == 2
     line = _one_line(err)
-    assert "val_labels holds values that are not whole numbers (1 of them; row 3:" in line and "save them as integers" in line
+    assert (
+        "val_labels holds values that are not whole numbers (1 of them; row 3:" in line
+        and "save them as integers" in line
+    )
     whole = _predictions(tmp_path, val_labels=np.floor(y))  # 3.0 is 3: whole floats are accepted
     rc, _, err = _cli(capsys, "generalist", "--run", tmp_path / "none")
     assert rc == 2 and "no such run folder" in err
@@ -124,7 +168,10 @@ def test_labels_that_are_not_whole_numbers_are_refused_not_truncated(tmp_path, c
 
     with np.load(whole) as z:
         labels = {"val": z["val_labels"].astype(np.int64), "test": z["test_labels"]}
-    assert set(byog.load_predictions(whole, labels=labels, class_names=tuple(str(i) for i in range(62)))) == {"val", "test"}
+    assert set(byog.load_predictions(whole, labels=labels, class_names=tuple(str(i) for i in range(62)))) == {
+        "val",
+        "test",
+    }
 
 
 # ------------------------------------------------------------------------------------------- data roots
@@ -147,7 +194,10 @@ def test_links_out_of_the_data_root_are_refused_naming_link_and_target(tmp_path,
     rc, _, err = _cli(capsys, *args)
     assert rc == 2
     line = _one_line(err)
-    assert f"{root / 'c0' / 'linked.png'} is a symbolic link to {outside / 'c0' / '0.png'}" in line and "outside the data root" in line
+    assert (
+        f"{root / 'c0' / 'linked.png'} is a symbolic link to {outside / 'c0' / '0.png'}" in line
+        and "outside the data root" in line
+    )
     (root / "c0" / "linked.png").unlink()
     (root / "c9").symlink_to(outside / "c0", target_is_directory=True)  # a linked class folder too
     rc, _, err = _cli(capsys, *args)
@@ -166,7 +216,9 @@ def test_an_imagenet_test_split_that_would_shrink_is_refused_with_counts(tmp_pat
     rows = csv.read_text().splitlines()
     csv.write_text("\n".join(rows[:5]) + "\n")  # 4 of the val images listed
     n_val = len(list((root / "val").glob("*.JPEG")))
-    rc, _, err = _cli(capsys, "run", "--dataset", "imagenet", "--root", root, "--no-progress", "--out", tmp_path / "runs")
+    rc, _, err = _cli(
+        capsys, "run", "--dataset", "imagenet", "--root", root, "--no-progress", "--out", tmp_path / "runs"
+    )
     assert rc == 2
     line = _one_line(err)
     assert f"holds {n_val} images but {csv} lists only 4 of them" in line and f"lose {n_val - 4}" in line
@@ -174,8 +226,26 @@ def test_an_imagenet_test_split_that_would_shrink_is_refused_with_counts(tmp_pat
 
 def test_too_few_classes_name_the_settings_that_fix_it(tmp_path, capsys):
     root = _folder(tmp_path / "five")
-    base = ["run", "--dataset", "imagefolder", "--root", root, "--no-progress", "--epochs", "1", "--width", "4", "--depth", "1",
-            "--specialist-epochs", "1", "--student-epochs", "1", "--image-size", "16"]  # fmt: skip
+    base = [
+        "run",
+        "--dataset",
+        "imagefolder",
+        "--root",
+        root,
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--width",
+        "4",
+        "--depth",
+        "1",
+        "--specialist-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+        "--image-size",
+        "16",
+    ]
     rc, _, err = _cli(capsys, *base, "--out", tmp_path / "a")
     assert rc == 2 and "k=8 groups is too many for 5 classes" in _one_line(err) and "use k <= 2" in err
     rc, _, err = _cli(capsys, *base, "--out", tmp_path / "b", "--k", "2")
@@ -216,8 +286,22 @@ def test_a_study_never_suggests_an_overwrite_it_does_not_have(tmp_path, capsys):
     point.mkdir(parents=True)
     other = {**json.loads(base.read_text()), "epochs": 7}
     (point / "config.json").write_text(json.dumps(other))
-    rc, _, err = _cli(capsys, "study", "--base", base, "--grid", "k=2", "--seeds", "0", "--name", "s", "--out", tmp_path,
-                      "--threads", "1")  # fmt: skip
+    rc, _, err = _cli(
+        capsys,
+        "study",
+        "--base",
+        base,
+        "--grid",
+        "k=2",
+        "--seeds",
+        "0",
+        "--name",
+        "s",
+        "--out",
+        tmp_path,
+        "--threads",
+        "1",
+    )
     line = [ln for ln in err.splitlines() if ln.startswith("specialkit: error")]
     assert rc == 2 and len(line) == 1 and "Traceback" not in err
     assert f"{point} holds a run with other settings (" in line[0] and "epochs" in line[0] and "--overwrite" not in err

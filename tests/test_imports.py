@@ -4,6 +4,7 @@ Every import of one ``specialkit`` module by another counts: module level, insid
 still a dependency, only a hidden one) and under ``if TYPE_CHECKING`` (a type annotation names a layer too). The
 graph is built from the source with ``ast``, so nothing is imported to build it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -80,7 +81,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_of_specialkit_has_no_cycle():
     graph = import_graph()
-    assert len(graph) > 30 and "pipeline" in graph["runner"] and "view" in graph["metrics"]  # the graph was really built
+    assert (
+        len(graph) > 30 and "pipeline" in graph["runner"] and "view" in graph["metrics"]
+    )  # the graph was really built
     assert cycles(graph) == []
 
 

@@ -1,4 +1,5 @@
 """Thread budgets and the submitit launcher, through real processes."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,9 @@ from specialkit import launch, pipeline
 from specialkit.config import ConfigError, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(per_class=6, epochs=1, specialist_epochs=1, k=2, width=4, depth=1, compute_matched=False,
-            rules=("generalist", "kl"))  # fmt: skip
+TINY = dict(
+    per_class=6, epochs=1, specialist_epochs=1, k=2, width=4, depth=1, compute_matched=False, rules=("generalist", "kl")
+)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -24,8 +26,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specialkit.cli", *args], capture_output=True, text=True,
-                          env=_env(**env), cwd=ROOT, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "specialkit.cli", *args],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +85,32 @@ def test_submitit_launcher_trains_missing_specialists_only(clustered, tmp_path):
 
     folder = tmp_path / "run"
     shutil.copytree(clustered, folder)
-    flags = ("specialists", "--run", str(folder), "--launcher", "submitit", "--submitit-cluster", "local",
-             "--jobs-at-once", "2", "--cpus-per-job", "1", "--timeout-min", "5")  # fmt: skip
-    with runs.RunLock(folder, name=".lock-specialist-1", log=lambda s: None):  # another launcher is training specialist 1
+    flags = (
+        "specialists",
+        "--run",
+        str(folder),
+        "--launcher",
+        "submitit",
+        "--submitit-cluster",
+        "local",
+        "--jobs-at-once",
+        "2",
+        "--cpus-per-job",
+        "1",
+        "--timeout-min",
+        "5",
+    )
+    with runs.RunLock(
+        folder, name=".lock-specialist-1", log=lambda s: None
+    ):  # another launcher is training specialist 1
         first = _cli(*flags)
     assert first.returncode != 0, first.stdout
     assert "submitting 2 jobs (local): specialists 0, 1; 2 at once, 1 thread each" in first.stdout
-    assert "1 of 2 specialists failed" in first.stderr and "specialist 1: job" in first.stderr and "is in use by" in first.stderr
+    assert (
+        "1 of 2 specialists failed" in first.stderr
+        and "specialist 1: job" in first.stderr
+        and "is in use by" in first.stderr
+    )
     log_path = Path(first.stderr.split("log: ")[1].split()[0])
     assert log_path.is_file() and "RunLockedError" in log_path.read_text()
     run = pipeline.Run.open(folder, log=lambda s: None)
@@ -120,10 +147,29 @@ def test_a_killed_job_is_reported_and_its_rerun_resumes_from_the_last_saved_epoc
     cfg = PipelineConfig.load(folder / "config.json").replace(specialist_epochs=40)
     run = pipeline.Run(folder, cfg, overwrite=True, log=lambda s: None)  # long enough to be killed mid-way
     state, lock = run.specialist_dir(0) / "state.pt", folder / ".lock-specialist-0"
-    flags = ("specialists", "--run", str(folder), "--launcher", "submitit", "--submitit-cluster", "local",
-             "--jobs-at-once", "1", "--cpus-per-job", "1", "--timeout-min", "5")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "specialkit.cli", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)  # fmt: skip
+    flags = (
+        "specialists",
+        "--run",
+        str(folder),
+        "--launcher",
+        "submitit",
+        "--submitit-cluster",
+        "local",
+        "--jobs-at-once",
+        "1",
+        "--cpus-per-job",
+        "1",
+        "--timeout-min",
+        "5",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specialkit.cli", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 120
     while not (state.is_file() and lock.is_file() and lock.read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, "the job never saved an epoch"

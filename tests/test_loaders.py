@@ -1,4 +1,5 @@
 """Loaders read tiny files written in each dataset's official on-disk format (no network)."""
+
 from __future__ import annotations
 
 import pickle

@@ -1,4 +1,5 @@
 """Model registry: shapes, normalisation, knobs, parameter/FLOP counts, head surgery."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The install files agree with each other, and the README shows the two set-up commands."""
+
 import re
 from pathlib import Path
 

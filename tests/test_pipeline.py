@@ -1,4 +1,5 @@
 """End to end: the whole pipeline in quick mode, killed in the specialist stage, resumed; the same numbers."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ from specialkit.config import ConfigError, PipelineConfig
 
 pytestmark = pytest.mark.slow
 # Tiny settings (seconds, not minutes): what is tested is caching, resume and the artifacts, not accuracy.
-SETTINGS = {"k": 4, "per_class": 16, "epochs": 2, "specialist_epochs": 2, "student_epochs": 1,
-            "rules": ("generalist", "kl", "top_confident", "moe")}  # fmt: skip
+SETTINGS = {
+    "k": 4,
+    "per_class": 16,
+    "epochs": 2,
+    "specialist_epochs": 2,
+    "student_epochs": 1,
+    "rules": ("generalist", "kl", "top_confident", "moe"),
+}
 FLAGS = ["--k", "4", "--per-class", "16", "--epochs", "2", "--specialist-epochs", "2", "--student-epochs", "1"]
 
 
@@ -43,8 +50,16 @@ def finished(tmp_path_factory) -> pipeline.Run:
 
 def test_uninterrupted_run_writes_every_artifact(finished):
     f = finished.folder
-    for rel in ("config.json", "clusters.json", "metrics.json", "report.html", "generalist/model.pt",
-                "generalist/logits_test.npy", "compute_matched/model.pt", "distill/model.pt"):  # fmt: skip
+    for rel in (
+        "config.json",
+        "clusters.json",
+        "metrics.json",
+        "report.html",
+        "generalist/model.pt",
+        "generalist/logits_test.npy",
+        "compute_matched/model.pt",
+        "distill/model.pt",
+    ):
         assert (f / rel).is_file(), rel
     assert len(list((f / "specialists").glob("*/model.pt"))) == 4
     assert not list(f.rglob("*.tmp")) and not list(f.rglob("state.pt"))
@@ -62,15 +77,25 @@ def test_uninterrupted_run_writes_every_artifact(finished):
     assert rows["generalist"]["p_vs_generalist"] is None and rows["compute_matched"]["p_vs_compute_matched"] is None
     assert 0.0 < rows["kl"]["p_vs_generalist"] <= 1.0 and 0.0 < rows["kl"]["p_vs_compute_matched"] <= 1.0
     assert rows["kl"]["n_correct"] - rows["generalist"]["n_correct"] == rows["kl"]["fixed"] - rows["kl"]["broken"]
-    assert all(r["too_small"] == (r["n_examples"] < 30) and len(r["relative_gain_ci"]) == 2 for r in metrics["table4"]["kl"])
+    assert all(
+        r["too_small"] == (r["n_examples"] < 30) and len(r["relative_gain_ci"]) == 2 for r in metrics["table4"]["kl"]
+    )
     assert max(c["dustbin_gap"] for c in metrics["init_check"]) < 1e-3  # specialists start as the generalist
     assert set(metrics["dustbin_corrections"]["kl_top1"]) == {"odds", "paper_literal", "prior_match", "none"}
     assert metrics["compute_matched"]["budget"]["match"] == "flops"
     t4 = [r for r in metrics["table4"]["kl"] if r["covered_by"] != "total"]
     assert sum(r["n_examples"] for r in t4) == metrics["dataset"]["test"]
     page = (f / "report.html").read_text()
-    for heading in ("The generalist", "The confusion structure", "The specialists", "Table 4", "Distilling",
-                    "95% CI", "McNemar", "compute-matched generalist"):
+    for heading in (
+        "The generalist",
+        "The confusion structure",
+        "The specialists",
+        "Table 4",
+        "Distilling",
+        "95% CI",
+        "McNemar",
+        "compute-matched generalist",
+    ):
         assert heading in page
     assert page.count("Plotly.newPlot") >= 10 and '<script src="http' not in page  # plotly.js embedded: works offline
 
@@ -90,7 +115,9 @@ def test_the_student_is_read_against_its_hard_label_control(finished):
     assert vs["gain"] == pytest.approx(rows["student"]["top1"] - rows["hard_label_student"]["top1"])
     assert ctl["gain"] == pytest.approx(rows["hard_label_student"]["delta_top1"])
     assert vs["ci"][0] <= vs["gain"] <= vs["ci"][1] and vs["verdict"] in ("better", "worse", "indistinguishable")
-    assert "hard-label control" in report.reading(m) and "hard-label control" in (run.folder / "report.html").read_text()
+    assert (
+        "hard-label control" in report.reading(m) and "hard-label control" in (run.folder / "report.html").read_text()
+    )
     # cached like every stage, and it depends on neither the groups nor the specialists
     stamp = (run.stage_dir("hard_label_student") / "done.json").stat().st_mtime_ns
     run.ensure("hard_label_student")
@@ -153,7 +180,9 @@ def test_train_specialist_command_and_its_errors(finished, capsys):
 def test_metrics_and_report_train_nothing_and_name_the_missing_stage(tmp_path):
     from specialkit import metrics, report
 
-    run = pipeline.Run(tmp_path / "partial", PipelineConfig.quick(per_class=6, epochs=1, k=2, batch_size=64), log=lambda s: None)
+    run = pipeline.Run(
+        tmp_path / "partial", PipelineConfig.quick(per_class=6, epochs=1, k=2, batch_size=64), log=lambda s: None
+    )
     run.generalist()
     with pytest.raises(metrics.MissingStageError, match="no finished '(clusters|specialists)' stage"):
         metrics.compute_metrics(run)
@@ -163,8 +192,24 @@ def test_metrics_and_report_train_nothing_and_name_the_missing_stage(tmp_path):
 
 
 def test_seeds_run_one_folder_each_and_aggregate(tmp_path, capsys):
-    tiny = ["--quick", "--no-progress", "--per-class", "8", "--epochs", "1", "--specialist-epochs", "1",
-            "--student-epochs", "1", "--k", "3", "--out", str(tmp_path), "--name", "s"]  # fmt: skip
+    tiny = [
+        "--quick",
+        "--no-progress",
+        "--per-class",
+        "8",
+        "--epochs",
+        "1",
+        "--specialist-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+        "--k",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "s",
+    ]
     assert cli.main(["run", *tiny, "--seeds", "0", "1"]) == 0
     summary = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert summary["seeds"]["seeds"] == [0, 1]

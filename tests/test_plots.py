@@ -144,7 +144,9 @@ class FakeHistory:
 
 
 def test_training_curves_one_colour_per_model_train_dashed_val_solid() -> None:
-    dicts = [dict(epoch=e, train_loss=1.0 / e, train_acc=0.1 * e, val_loss=None, val_acc=None, lr=0.1) for e in (1, 2, 3)]
+    dicts = [
+        dict(epoch=e, train_loss=1.0 / e, train_acc=0.1 * e, val_loss=None, val_acc=None, lr=0.1) for e in (1, 2, 3)
+    ]
     recs = FakeHistory([Record(e, 2.0 / e, 0.2 * e, 3.0 / e, 0.15 * e, 0.01 * e) for e in (1, 2)])
     fig = plots.training_curves({"gen": dicts, "spec": recs}, show_lr=True)
     by_name: dict[str, list[go.Scatter]] = {}
@@ -168,7 +170,9 @@ def test_training_curves_rejects_empty_input() -> None:
         plots.training_curves({})
     with pytest.raises(plots.PlotInputError, match="no epochs"):
         plots.training_curves({"m": []})
-    fig = plots.specialist_curves({"s0": [dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=None, val_acc=None, lr=0.1)]})
+    fig = plots.specialist_curves(
+        {"s0": [dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=None, val_acc=None, lr=0.1)]}
+    )
     assert "Specialist" in fig.layout.title.text
 
 
@@ -336,7 +340,9 @@ def test_dendrogram_rejects_bad_distances() -> None:
 
 
 def test_quality_bars_one_bar_per_method() -> None:
-    table = pd.DataFrame({"silhouette": [0.2, 0.5, 0.1], "balance": [1.0, 0.8, 0.9]}, index=["kmeans", "spectral", "agglo"])
+    table = pd.DataFrame(
+        {"silhouette": [0.2, 0.5, 0.1], "balance": [1.0, 0.8, 0.9]}, index=["kmeans", "spectral", "agglo"]
+    )
     fig = plots.quality_bars(table, metric="silhouette")
     assert list(fig.data[0].x) == ["kmeans", "spectral", "agglo"]
     np.testing.assert_allclose(fig.data[0].y, [0.2, 0.5, 0.1])
@@ -373,7 +379,9 @@ def test_paper_table4_constant_matches_the_paper_and_is_read_only() -> None:
 
 
 def test_table4_chart_has_kit_bars_and_paper_series() -> None:
-    table = pd.DataFrame({"coverage": [0, 1, 2, "3+"], "n_examples": [100, 40, 12, 0], "relative_gain": [0.0, 0.05, 0.1, None]})
+    table = pd.DataFrame(
+        {"coverage": [0, 1, 2, "3+"], "n_examples": [100, 40, 12, 0], "relative_gain": [0.0, 0.05, 0.1, None]}
+    )
     fig = plots.table4_chart(table)
     assert len(fig.data) == 2
     kit, paper = fig.data
@@ -392,7 +400,9 @@ def test_table4_chart_has_kit_bars_and_paper_series() -> None:
 
 
 def test_accuracy_vs_cost_points_and_pareto_front() -> None:
-    points = pd.DataFrame({"name": ["gen", "ens", "bad", "small"], "accuracy": [0.25, 0.27, 0.24, 0.2], "cost": [1.0, 5.0, 6.0, 0.5]})
+    points = pd.DataFrame(
+        {"name": ["gen", "ens", "bad", "small"], "accuracy": [0.25, 0.27, 0.24, 0.2], "cost": [1.0, 5.0, 6.0, 0.5]}
+    )
     fig = plots.accuracy_vs_cost(points, cost_label="MFLOPs")
     assert list(fig.data[0].text) == ["gen", "ens", "bad", "small"]
     np.testing.assert_allclose(fig.data[0].x, [1.0, 5.0, 6.0, 0.5])
@@ -437,11 +447,15 @@ def all_figures(gray_images: torch.Tensor, counts: np.ndarray) -> dict[str, go.F
         "curves": plots.training_curves({"m": rec}),
         "confusion": plots.confusion_heatmap(counts, NAMES, groups=[[0, 1]]),
         "covariance": plots.covariance_heatmap(np.cov(counts), NAMES),
-        "class_map": plots.class_map(np.arange(2 * C, dtype=float).reshape(C, 2), NAMES, group_labels=[0, 0, 1, 1, -1, 0]),
+        "class_map": plots.class_map(
+            np.arange(2 * C, dtype=float).reshape(C, 2), NAMES, group_labels=[0, 0, 1, 1, -1, 0]
+        ),
         "dendrogram": plots.dendrogram(d, NAMES),
         "quality": plots.quality_bars(pd.DataFrame({"q": [1.0, 2.0]}, index=["a", "b"]), metric="q"),
         "accuracy": plots.accuracy_bars({"a": 0.5, "b": 0.6}, baseline="a"),
-        "table4": plots.table4_chart(pd.DataFrame({"coverage": [0, 1], "n_examples": [5, 5], "relative_gain": [0.0, 0.1]})),
+        "table4": plots.table4_chart(
+            pd.DataFrame({"coverage": [0, 1], "n_examples": [5, 5], "relative_gain": [0.0, 0.1]})
+        ),
         "cost": plots.accuracy_vs_cost(pd.DataFrame({"name": ["a", "b"], "accuracy": [0.5, 0.6], "cost": [1.0, 2.0]})),
         "change": plots.per_class_change(np.linspace(-0.1, 0.1, C), NAMES),
     }
@@ -480,8 +494,9 @@ def test_save_html_writes_offline_file_atomically(all_figures: dict[str, go.Figu
     assert "Test top-1 accuracy" in replaced and "Confusion matrix" not in replaced
 
 
-def test_save_html_leaves_old_file_and_no_tmp_on_failure(all_figures: dict[str, go.Figure], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_html_leaves_old_file_and_no_tmp_on_failure(
+    all_figures: dict[str, go.Figure], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "fig.html"
     target.write_text("old", encoding="utf-8")
 

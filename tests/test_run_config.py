@@ -1,4 +1,5 @@
 """A run's config.json: written once, never silently replaced; notebooks 02-06 open the run notebook 01 made."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def test_different_settings_raise_naming_the_keys_unless_overwrite(tmp_path):
     folder = tmp_path / "r"
     pipeline.Run(folder, PipelineConfig.quick(**TINY), log=_quiet)
     changed = PipelineConfig.quick(**{**TINY, "k": 5, "seed": 3})
-    with pytest.raises(ConfigError, match=r"records other settings \(k: 4 there, 5 here, seed: 0 there, 3 here\).*overwrite=True"):
+    with pytest.raises(
+        ConfigError, match=r"records other settings \(k: 4 there, 5 here, seed: 0 there, 3 here\).*overwrite=True"
+    ):
         pipeline.Run(folder, changed, log=_quiet)
     assert PipelineConfig.load(folder / "config.json").k == 4
     pipeline.Run(folder, changed, overwrite=True, log=_quiet)
@@ -53,7 +56,9 @@ def test_a_run_written_before_a_setting_existed_opens_without_overwrite(tmp_path
     (folder / "config.json").write_text(json.dumps(recorded))
     pipeline.Run(folder, PipelineConfig.quick(**TINY), log=_quiet)  # no error, nothing rewritten
     assert "calibrate_specialists" not in json.loads((folder / "config.json").read_text())
-    with pytest.raises(ConfigError, match=r"records other settings \(hard_label_control: '\(missing\)' there, False here\)"):
+    with pytest.raises(
+        ConfigError, match=r"records other settings \(hard_label_control: '\(missing\)' there, False here\)"
+    ):
         pipeline.Run(folder, PipelineConfig.quick(**{**TINY, "hard_label_control": False}), log=_quiet)
 
 
@@ -67,7 +72,9 @@ def test_with_settings_records_the_change_and_returns_the_same_run_when_nothing_
 
 
 def test_opening_a_missing_run_says_to_run_notebook_01_first(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match=r"is not a run yet \(no config.json\): run notebook 01 first, or `specialkit run"):
+    with pytest.raises(
+        ConfigError, match=r"is not a run yet \(no config.json\): run notebook 01 first, or `specialkit run"
+    ):
         pipeline.Run.open(tmp_path / "nothing", log=_quiet)
     monkeypatch.setenv(SMOKE_ENV, "0")
     with pytest.raises(ConfigError, match="run notebook 01 first"):

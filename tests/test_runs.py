@@ -1,6 +1,7 @@
 """Run-folder bookkeeping (issue 11): the write lock with real processes, stage keys that survive a
 version bump, superseded stages moved aside, done = marker + files, per-specialist keys and a
 hand-edited clusters.json that is never overwritten silently."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OM
 
 def _holder(folder: Path, *, seconds: float = 60) -> subprocess.Popen:
     """A real second process that takes the run folder's lock and holds it."""
-    code = (f"import sys, time\nfrom specialkit.runs import RunLock\nwith RunLock({str(folder)!r}):\n"
-            f"    print('held', flush=True)\n    time.sleep({seconds})\n")  # fmt: skip
+    code = (
+        f"import sys, time\nfrom specialkit.runs import RunLock\nwith RunLock({str(folder)!r}):\n"
+        f"    print('held', flush=True)\n    time.sleep({seconds})\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -36,10 +39,23 @@ def test_second_writer_gets_one_line_naming_the_holder(tmp_path):
     folder = tmp_path / "runs" / "quick"
     holder = _holder(folder)
     try:
-        with pytest.raises(runs.RunLockedError, match=rf"in use by pid {holder.pid} on {re.escape(socket.gethostname())}"):
+        with pytest.raises(
+            runs.RunLockedError, match=rf"in use by pid {holder.pid} on {re.escape(socket.gethostname())}"
+        ):
             runs.RunLock(folder).acquire()
         # a second `specialkit run` on the same name with other settings: refused before touching the folder
-        cmd = [sys.executable, "-m", "specialkit.cli", "run", "--quick", "--no-progress", "--out", str(tmp_path / "runs"), "--k", "6"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "specialkit.cli",
+            "run",
+            "--quick",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "runs"),
+            "--k",
+            "6",
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
         assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
@@ -61,7 +77,9 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
     said: list[str] = []
     with runs.RunLock(tmp_path, log=said.append) as lock:
         assert lock.held
-    assert len(said) == 1 and "stale lock" in said[0] and f"pid {holder.pid}" in said[0] and "no longer running" in said[0]
+    assert (
+        len(said) == 1 and "stale lock" in said[0] and f"pid {holder.pid}" in said[0] and "no longer running" in said[0]
+    )
 
 
 def test_shared_locks_coexist_and_keep_an_exclusive_writer_out(tmp_path):

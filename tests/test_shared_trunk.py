@@ -1,4 +1,5 @@
 """Shared-trunk (cheap) specialists: stages, the trunk run once per batch, checkpoints, FLOP accounting (issue 12)."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _generalist(seed: int = 0, width: int = 4) -> models.Classifier:
     torch.manual_seed(seed)
-    cfg = models.ModelConfig(name="cnn", num_classes=C, in_channels=1, image_size=8, width=width, depth=3, blocks_per_stage=1)
+    cfg = models.ModelConfig(
+        name="cnn", num_classes=C, in_channels=1, image_size=8, width=width, depth=3, blocks_per_stage=1
+    )
     m = models.build_model(cfg)
     m.train()
     with torch.no_grad():  # non-trivial BN statistics, so a trunk left in training mode would show
@@ -72,7 +75,9 @@ def test_shared_trunk_runs_once_per_batch_and_each_active_specialist_once_on_its
         evaluation.ensemble_forward(generalist, [shared[0], full[1]], x)
 
 
-def test_a_trained_shared_specialist_equals_a_full_one_with_the_same_frozen_weights_and_round_trips(ds, generalist, tmp_path):
+def test_a_trained_shared_specialist_equals_a_full_one_with_the_same_frozen_weights_and_round_trips(
+    ds, generalist, tmp_path
+):
     before = models.fingerprint(generalist)
     cfg = SpecialistConfig(shared_stages=2, train=_train_config(epochs=1, augment=True), correction="odds")
     trained = specialists.train_specialist(ds, GROUPS[2], config=cfg, generalist=generalist)
@@ -90,13 +95,20 @@ def test_a_trained_shared_specialist_equals_a_full_one_with_the_same_frozen_weig
     path = specialists.save_specialist(tmp_path / "sp.pt", trained, ds=ds, group="g2")
     stored = torch.load(path, weights_only=True)["state_dict"]
     assert set(stored) == set(sp.state_dict()) and sum(isinstance(m, torch.nn.Conv2d) for m in sp.modules()) == 1
-    assert sum(v.numel() for k, v in stored.items() if "running" not in k and "num_batches" not in k and "input_" not in k) == \
-        models.count_parameters(sp) < models.count_parameters(full)
+    assert (
+        sum(v.numel() for k, v in stored.items() if "running" not in k and "num_batches" not in k and "input_" not in k)
+        == models.count_parameters(sp)
+        < models.count_parameters(full)
+    )
     loaded = specialists.load_specialist(path, ds=ds, trunk=generalist.trunk(2))
-    np.testing.assert_allclose(loaded.predict(ds.x_test, device="cpu"), trained.predict(ds.x_test, device="cpu"), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(ds.x_test, device="cpu"), trained.predict(ds.x_test, device="cpu"), atol=1e-6
+    )
     with pytest.raises(checkpoints.CheckpointError, match=r"pass trunk=generalist.trunk\(2\)"):
         specialists.load_specialist(path, ds=ds)
-    with pytest.raises(checkpoints.CheckpointError, match=f"trained on the first 2 stages of generalist {before}.*retrain"):
+    with pytest.raises(
+        checkpoints.CheckpointError, match=f"trained on the first 2 stages of generalist {before}.*retrain"
+    ):
         specialists.load_specialist(path, ds=ds, trunk=_generalist(seed=1).trunk(2))
 
 
@@ -123,19 +135,30 @@ def test_flop_and_parameter_counts_add_up(generalist):
         assert t_flops + 2 * own[0] <= train < t_flops + 3 * own[0]
 
 
-def test_smaller_specialists_start_from_scratch_or_from_a_distilled_copy_and_generalist_init_needs_the_same_network(ds, generalist):
+def test_smaller_specialists_start_from_scratch_or_from_a_distilled_copy_and_generalist_init_needs_the_same_network(
+    ds, generalist
+):
     tc = _train_config(epochs=1)
     with pytest.raises(specialists.SpecialistError, match="init='generalist' needs .* the same architecture"):
-        specialists.train_specialist(ds, GROUPS[0], config=SpecialistConfig(width=2, init="generalist", train=tc), generalist=generalist)
-    with pytest.raises(specialists.SpecialistError, match="shares the generalist's trunk, so the specialist must start"):
+        specialists.train_specialist(
+            ds, GROUPS[0], config=SpecialistConfig(width=2, init="generalist", train=tc), generalist=generalist
+        )
+    with pytest.raises(
+        specialists.SpecialistError, match="shares the generalist's trunk, so the specialist must start"
+    ):
         SpecialistConfig(shared_stages=1, init="distill")
-    scratch = specialists.train_specialist(ds, GROUPS[0], config=SpecialistConfig(width=2, train=tc), generalist=generalist)
-    distil = specialists.train_specialist(ds, GROUPS[0], config=SpecialistConfig(width=2, init="distill", train=tc),
-                                          generalist=generalist)  # fmt: skip
+    scratch = specialists.train_specialist(
+        ds, GROUPS[0], config=SpecialistConfig(width=2, train=tc), generalist=generalist
+    )
+    distil = specialists.train_specialist(
+        ds, GROUPS[0], config=SpecialistConfig(width=2, init="distill", train=tc), generalist=generalist
+    )
     assert (scratch.initialised_from, distil.initialised_from) == ("scratch", "distill")
     assert scratch.model.config.width == distil.model.config.width == 2
     assert distil.examples_seen == scratch.examples_seen + len(ds.y_train)  # one distillation epoch over all the data
-    assert isinstance(distil.model.head, models.DustbinHead)  # specialised from the distilled network, as from a generalist
+    assert isinstance(
+        distil.model.head, models.DustbinHead
+    )  # specialised from the distilled network, as from a generalist
 
 
 def test_a_run_with_shared_stages_trains_specialists_on_one_trunk_and_keeps_the_generalist(tiny, tmp_path):
@@ -169,9 +192,15 @@ def test_frontier_budget_arithmetic_table_and_figure(tmp_path):
     assert frontier.matched_epochs(30 * 100 * 6, 30, 100) == 6 and frontier.matched_epochs(1.0, 30, 100) == 1
     with pytest.raises(frontier.FrontierError, match="must be positive"):
         frontier.matched_epochs(0.0, 10, 100)
-    summary = [{"model": m, "params_stored": p, "mflops_per_image": f, "ms_per_image_b1": None, "ms_per_image_b256": t}
-               for m, p, f, t in (("generalist", 10, 1.0, 0.1), ("ensemble, all specialists", 50, 3.0, 0.4),
-                                  ("ensemble, conditional", 50, 1.5, 0.2), ("student", 10, 1.0, 0.1))]  # fmt: skip
+    summary = [
+        {"model": m, "params_stored": p, "mflops_per_image": f, "ms_per_image_b1": None, "ms_per_image_b256": t}
+        for m, p, f, t in (
+            ("generalist", 10, 1.0, 0.1),
+            ("ensemble, all specialists", 50, 3.0, 0.4),
+            ("ensemble, conditional", 50, 1.5, 0.2),
+            ("student", 10, 1.0, 0.1),
+        )
+    ]
     accuracies = (("generalist", 0.8), ("kl", 0.82), ("student", 0.81))
     comparison = [{"name": n, "top1": a, "top1_ci": [a - 0.01, a + 0.01]} for n, a in accuracies]
     metrics_ = {"cost": {"summary": summary}, "comparison": comparison}
@@ -181,7 +210,11 @@ def test_frontier_budget_arithmetic_table_and_figure(tmp_path):
     records = metrics.finite(table.assign(ms_b1=None).to_dict("records"))
     runs.atomic_write_json(tmp_path / frontier.FILE, {"points": records, "budget_flops": 1e9})
     saved, source = frontier.points_of(tmp_path, metrics_)
-    assert "bench/frontier.py" in source and saved["ms_b1"].isna().all() and saved["accuracy"].tolist() == table["accuracy"].tolist()
+    assert (
+        "bench/frontier.py" in source
+        and saved["ms_b1"].isna().all()
+        and saved["accuracy"].tolist() == table["accuracy"].tolist()
+    )
     fig = plots.frontier(saved)
     panels = [t for t in fig.data if t.mode == "markers+text"]
     assert {t.xaxis for t in panels} == {"x", "x2"} and sum(len(t.x) for t in panels) == 2 * len(saved)

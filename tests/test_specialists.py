@@ -31,8 +31,9 @@ def _toy_dataset(per_class: int = 24, seed: int = 0) -> data.Dataset:
 
 def _tiny_model(num_classes: int = C, width: int = 4, seed: int = 0) -> models.Classifier:
     torch.manual_seed(seed)
-    cfg = models.ModelConfig(name="cnn", num_classes=num_classes, in_channels=1, image_size=8, width=width,
-                             depth=2, blocks_per_stage=1)  # fmt: skip
+    cfg = models.ModelConfig(
+        name="cnn", num_classes=num_classes, in_channels=1, image_size=8, width=width, depth=2, blocks_per_stage=1
+    )
     return models.build_model(cfg).eval()
 
 
@@ -54,8 +55,18 @@ def generalist() -> models.Classifier:
 
 
 def _train_config(**kw) -> training.TrainConfig:
-    base = dict(epochs=5, batch_size=16, lr=0.05, schedule="constant", augment=False, device="cpu", progress=False,
-                seed=3, amp=False, num_threads=1)  # fmt: skip
+    base = dict(
+        epochs=5,
+        batch_size=16,
+        lr=0.05,
+        schedule="constant",
+        augment=False,
+        device="cpu",
+        progress=False,
+        seed=3,
+        amp=False,
+        num_threads=1,
+    )
     base.update(kw)
     return training.TrainConfig(**base)
 
@@ -98,11 +109,15 @@ def test_collapse_soft_targets_hand_case_and_consistency_with_temperature_one():
     soft = lambda t: np.exp(v / t) / np.exp(v / t).sum(1, keepdims=True)  # noqa: E731
     target_t1 = specialists.collapse_probs(soft(1.0), GROUP)
     for method in ("logits", "probs"):
-        np.testing.assert_allclose(specialists.collapse_soft_targets(soft(1.0), GROUP, temperature=1.0, method=method), target_t1)
+        np.testing.assert_allclose(
+            specialists.collapse_soft_targets(soft(1.0), GROUP, temperature=1.0, method=method), target_t1
+        )
     t3 = specialists.collapse_soft_targets(soft(3.0), GROUP, temperature=3.0)
     untempered = np.exp(3 * np.log(t3)) / np.exp(3 * np.log(t3)).sum(1, keepdims=True)
     np.testing.assert_allclose(untempered, target_t1, rtol=1e-9)  # same T=1 distribution as the generalist's
-    assert (specialists.collapse_soft_targets(soft(3.0), GROUP, temperature=3.0, method="probs")[:, -1] >= t3[:, -1]).all()
+    assert (
+        specialists.collapse_soft_targets(soft(3.0), GROUP, temperature=3.0, method="probs")[:, -1] >= t3[:, -1]
+    ).all()
 
 
 # ---------------------------------------------------------------------------------------- sampler
@@ -271,18 +286,27 @@ def test_specialist_checkpoint_round_trips_with_its_metadata(tmp_path, ds, gener
         torch.testing.assert_close(back.model(x), sp.model(x))
 
 
-def test_a_checkpoint_written_before_the_rename_still_loads_and_one_without_a_shift_is_refused(tmp_path, ds, generalist):
+def test_a_checkpoint_written_before_the_rename_still_loads_and_one_without_a_shift_is_refused(
+    tmp_path, ds, generalist
+):
     from specialkit import checkpoints
 
-    sp = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(correction="odds", train=_train_config(epochs=1)),
-                                      generalist=generalist)  # fmt: skip
+    sp = specialists.train_specialist(
+        ds, GROUP, config=SpecialistConfig(correction="odds", train=_train_config(epochs=1)), generalist=generalist
+    )
     sp.dustbin_shift = 0.75  # a value no correction computes here, so reading the wrong key would show
     old = {k: v for k, v in sp.extra().items() if k != "dustbin_shift"}
 
     def write(path, extra):
-        checkpoints.save_checkpoint(path, sp.model, model_config=sp.model_config, class_names=ds.class_names,
-                                    dataset_fingerprint=ds.fingerprint, history=sp.history,
-                                    extra={"stage": "specialist", "group": "g", **extra})  # fmt: skip
+        checkpoints.save_checkpoint(
+            path,
+            sp.model,
+            model_config=sp.model_config,
+            class_names=ds.class_names,
+            dataset_fingerprint=ds.fingerprint,
+            history=sp.history,
+            extra={"stage": "specialist", "group": "g", **extra},
+        )
 
     write(tmp_path / "old.pt", {**old, "dustbin_correction": 0.75})
     back = specialists.load_specialist(tmp_path / "old.pt", ds=ds)
@@ -291,7 +315,9 @@ def test_a_checkpoint_written_before_the_rename_still_loads_and_one_without_a_sh
     assert checkpoints.load_checkpoint(tmp_path / "new.pt")[1].extra["dustbin_shift"] == 0.75
     assert "dustbin_correction" not in checkpoints.load_checkpoint(tmp_path / "new.pt")[1].extra
     write(tmp_path / "none.pt", old)
-    with pytest.raises(checkpoints.CheckpointError, match=r"none.pt has incomplete metadata \(no dustbin_shift\): delete"):
+    with pytest.raises(
+        checkpoints.CheckpointError, match=r"none.pt has incomplete metadata \(no dustbin_shift\): delete"
+    ):
         specialists.load_specialist(tmp_path / "none.pt", ds=ds)
 
 
@@ -338,7 +364,9 @@ def test_specialist_teacher_collapses_the_generalist_on_the_batch_it_is_given(ge
     with torch.no_grad():
         got = teach(x).double().numpy()
         v = generalist(x).double().numpy()
-    expected = specialists.collapse_soft_targets(torch.softmax(torch.from_numpy(v) / 2.0, 1).numpy(), GROUP, temperature=2.0)
+    expected = specialists.collapse_soft_targets(
+        torch.softmax(torch.from_numpy(v) / 2.0, 1).numpy(), GROUP, temperature=2.0
+    )
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -349,7 +377,9 @@ def test_smaller_specialist_is_built_from_scratch(ds, generalist):
     assert sp.model_config.width == 2 and sp.model_config.num_classes == 3
     assert models.count_parameters(sp.model) < models.count_parameters(generalist)
     with pytest.raises(SpecialistError, match="same architecture"):
-        specialists.train_specialist(ds, GROUP, config=SpecialistConfig(width=2, init="generalist"), generalist=generalist)
+        specialists.train_specialist(
+            ds, GROUP, config=SpecialistConfig(width=2, init="generalist"), generalist=generalist
+        )
 
 
 def test_prior_match_is_fitted_on_validation_images(ds, generalist):
@@ -362,8 +392,9 @@ def test_prior_match_is_fitted_on_validation_images(ds, generalist):
     z_train = training.predict_logits(sp.model, ds.x_train, device="cpu")
     on_train = specialists.prior_matched_correction(z_train, 1 - specialists.natural_special_share(ds.y_train, GROUP))
     assert abs(on_train - sp.dustbin_shift) > 1e-3  # fitted on other images than before
-    none = specialists.train_specialist(ds, GROUP, config=SpecialistConfig(correction="none", train=_train_config(epochs=1)),
-                                        generalist=generalist)  # fmt: skip
+    none = specialists.train_specialist(
+        ds, GROUP, config=SpecialistConfig(correction="none", train=_train_config(epochs=1)), generalist=generalist
+    )
     assert none.dustbin_shift == 0.0
 
 

@@ -1,4 +1,5 @@
 """Paired bootstrap and McNemar's exact test against scipy's exact distributions."""
+
 import numpy as np
 import pytest
 from scipy import stats as st

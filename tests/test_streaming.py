@@ -1,4 +1,5 @@
 """The streaming path: ImageNet-layout folders read from disk batch by batch give the in-memory numbers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,7 +54,9 @@ def write_imagenet(root: Path, *, per_class: int = 7, val_per_class: int = 2, va
             rows.append(f"{image_id},{wnid} 1 2 10 12 {wnid} 3 4 8 9")
     if val_layout == "csv":
         (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
-    (root / "LOC_synset_mapping.txt").write_text("\n".join(f"{w} class{i}, other name" for i, w in enumerate(WNIDS)) + "\n")
+    (root / "LOC_synset_mapping.txt").write_text(
+        "\n".join(f"{w} class{i}, other name" for i, w in enumerate(WNIDS)) + "\n"
+    )
     return root
 
 
@@ -106,7 +109,13 @@ def test_fit_and_predictions_identical_on_both_paths(imagenet_root: Path, one_th
         torch.manual_seed(0)
         model = models.build_model(models.ModelConfig(num_classes=4, in_channels=3, image_size=16, width=4, depth=1))
         history = training.fit(model, ds.x_train, ds.y_train, config=cfg, x_val=ds.x_val, y_val=ds.y_val, hflip=True)
-        out.append((history.column("train_loss"), history.column("val_acc"), training.predict_logits(model, ds.x_test, batch_size=3)))
+        out.append(
+            (
+                history.column("train_loss"),
+                history.column("val_acc"),
+                training.predict_logits(model, ds.x_test, batch_size=3),
+            )
+        )
     assert out[0][0] == out[1][0] and out[0][1] == out[1][1]
     assert torch.equal(out[0][2], out[1][2])
 
@@ -116,10 +125,25 @@ def two_runs(imagenet_root: Path, tmp_path_factory: pytest.TempPathFactory, one_
     """The same quick run on both paths: generalist, specialists (enriched sampling), compute-matched, student."""
     out = []
     for in_memory in (True, False):
-        cfg = PipelineConfig.quick(dataset="imagenet", root=str(imagenet_root), image_size=12, per_class=6, val_fraction=0.34,
-                                   epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1, batch_size=8,
-                                   rules=("generalist", "kl"), overlap="none", in_memory=in_memory, stream_workers=1,
-                                   device="cpu")  # fmt: skip
+        cfg = PipelineConfig.quick(
+            dataset="imagenet",
+            root=str(imagenet_root),
+            image_size=12,
+            per_class=6,
+            val_fraction=0.34,
+            epochs=1,
+            specialist_epochs=1,
+            student_epochs=1,
+            k=2,
+            width=4,
+            depth=1,
+            batch_size=8,
+            rules=("generalist", "kl"),
+            overlap="none",
+            in_memory=in_memory,
+            stream_workers=1,
+            device="cpu",
+        )
         run = pipeline.Run(tmp_path_factory.mktemp("runs") / f"mem{in_memory}", cfg, log=lambda s: None)
         run.distill()
         run.compute_matched()
@@ -138,15 +162,23 @@ def test_every_stage_gives_the_same_numbers_on_both_paths(two_runs: list[pipelin
             np.testing.assert_array_equal(a, b, err_msg=f"{stage} {split}")
     for a, b in zip(mem.specialist_probs("test"), disk.specialist_probs("test")):
         np.testing.assert_array_equal(a, b)
-    no_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in s.history] for run in two_runs for s in run.specialists()]
+    no_time = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in s.history]
+        for run in two_runs
+        for s in run.specialists()
+    ]
     assert no_time[: len(no_time) // 2] == no_time[len(no_time) // 2 :] and len(no_time) == 4
     np.testing.assert_array_equal(mem.ensembles()["kl"], disk.ensembles()["kl"])
-    rows = [[(r["name"], r["top1"], r["top1_ci"]) for r in compute_metrics(run, measure_latency=False)["comparison"]]
-            for run in two_runs]  # fmt: skip
+    rows = [
+        [(r["name"], r["top1"], r["top1_ci"]) for r in compute_metrics(run, measure_latency=False)["comparison"]]
+        for run in two_runs
+    ]
     assert rows[0] == rows[1] and len(rows[0]) == 4  # generalist, compute_matched, kl, student
 
 
-def test_fixed_broken_grid_decodes_only_the_images_it_shows(imagenet_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fixed_broken_grid_decodes_only_the_images_it_shows(
+    imagenet_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mem, disk = _load(imagenet_root, True), _load(imagenet_root, False)
     y = mem.y_test.numpy()
     gen, ens = (y + 1) % 4, y.copy()
@@ -217,8 +249,13 @@ def test_corrupt_file_met_while_streaming_names_it_in_one_line(tmp_path: Path) -
     state = tmp_path / "state.pt"
     model = models.build_model(models.ModelConfig(num_classes=4, in_channels=3, image_size=8, width=4, depth=1))
     with pytest.raises(DatasetError, match="replace the file"):
-        training.fit(model, ds.x_train, ds.y_train, config=training.TrainConfig(epochs=1, batch_size=4, progress=False),
-                     state_path=state)  # fmt: skip
+        training.fit(
+            model,
+            ds.x_train,
+            ds.y_train,
+            config=training.TrainConfig(epochs=1, batch_size=4, progress=False),
+            state_path=state,
+        )
     assert not state.exists()
 
 

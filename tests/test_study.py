@@ -1,4 +1,5 @@
 """``specialkit study``: a tiny grid (2 points x 2 seeds) killed with SIGKILL and resumed, shared stages, bad input."""
+
 import json
 import os
 import signal
@@ -15,8 +16,19 @@ from specialkit import cli, metrics, report, study
 from specialkit.config import PipelineConfig
 from specialkit.pipeline import runs_root
 
-TINY = dict(per_class=4, epochs=1, specialist_epochs=1, student_epochs=1, k=2, width=4, depth=1, progress=False,
-            bootstrap_resamples=1000, latency=False, html_report=False)  # fmt: skip
+TINY = dict(
+    per_class=4,
+    epochs=1,
+    specialist_epochs=1,
+    student_epochs=1,
+    k=2,
+    width=4,
+    depth=1,
+    progress=False,
+    bootstrap_resamples=1000,
+    latency=False,
+    html_report=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +53,33 @@ def _wait_for(pattern_root, pattern, proc, timeout=180.0):
 @pytest.fixture(scope="module")
 def finished(base, tmp_path_factory):
     """The study run as a real process, SIGKILLed once a specialist is done, then rerun to the end (in-process)."""
-    out = runs_root()  # the tests' fresh runs folder: notebook 07 (quick mode) then opens this study instead of running it
+    out = (
+        runs_root()
+    )  # the tests' fresh runs folder: notebook 07 (quick mode) then opens this study instead of running it
     if (out / study.QUICK_STUDY).exists():
         out = tmp_path_factory.mktemp("studies")
-    args = ["study", "--base", str(base), "--grid", "k=2,3", "--seeds", "0", "1", "--name", study.QUICK_STUDY, "--out", str(out),
-            "--threads", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "specialkit.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    args = [
+        "study",
+        "--base",
+        str(base),
+        "--grid",
+        "k=2,3",
+        "--seeds",
+        "0",
+        "1",
+        "--name",
+        study.QUICK_STUDY,
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specialkit.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         reached = _wait_for(out / study.QUICK_STUDY, "*/seed-*/specialists/*/done.json", proc)
     finally:
@@ -69,12 +101,23 @@ def test_study_rows_shared_generalist_and_resume(finished):
     folder, before = finished
     rows = pd.read_csv(folder / "study.csv")
     assert len(rows) == 4 and sorted(zip(rows["k"], rows["seed"])) == [(2, 0), (2, 1), (3, 0), (3, 1)]
-    for col in ("generalist_top1", "compute_matched_top1", "kl_top1_lo", "kl_gain_vs_generalist_hi", "kl_p_vs_compute_matched",
-                "kl_gain_vs_compute_matched", "flops_conditional_ratio", "generalist_still_improving", "specialist_gap"):
+    for col in (
+        "generalist_top1",
+        "compute_matched_top1",
+        "kl_top1_lo",
+        "kl_gain_vs_generalist_hi",
+        "kl_p_vs_compute_matched",
+        "kl_gain_vs_compute_matched",
+        "flops_conditional_ratio",
+        "generalist_still_improving",
+        "specialist_gap",
+    ):
         assert col in rows.columns, col
         assert rows[col].notna().all(), col
-    assert ((rows["kl_gain_vs_generalist_lo"] <= rows["kl_gain_vs_generalist"]) &
-            (rows["kl_gain_vs_generalist"] <= rows["kl_gain_vs_generalist_hi"])).all()  # fmt: skip
+    assert (
+        (rows["kl_gain_vs_generalist_lo"] <= rows["kl_gain_vs_generalist"])
+        & (rows["kl_gain_vs_generalist"] <= rows["kl_gain_vs_generalist_hi"])
+    ).all()
     # one generalist per seed serves both k: the same file (hard link), trained once, kept across the kill
     for seed in (0, 1):
         models = list(folder.glob(f"k-*/seed-{seed}/generalist/model.pt"))
@@ -92,7 +135,9 @@ def test_study_rows_shared_generalist_and_resume(finished):
     # two seeds: the interval holds the test-set noise (two-level bootstrap), and no across-seed verdict is given
     assert all(r["interval"] == "two-level bootstrap" and r["verdict"] == "too few seeds" for r in manifest["summary"])
     assert "too few seeds (2 < 5)" in report.study_reading(manifest)
-    assert {"kl_gain_vs_generalist_across_seeds_lo", "kl_gain_vs_compute_matched_across_seeds_verdict"} <= set(rows.columns)
+    assert {"kl_gain_vs_generalist_across_seeds_lo", "kl_gain_vs_compute_matched_across_seeds_verdict"} <= set(
+        rows.columns
+    )
     page = (folder / "report.html").read_text()
     assert "gain against k" in page and "Plotly" in page
     # every stage records the thread count it ran with (--threads 1), and the rows carry it
@@ -108,7 +153,10 @@ def test_a_study_that_mixes_thread_counts_says_so(tmp_path):
             (tmp_path / run / stage / "done.json").write_text(json.dumps({"key": "x", "torch_threads": n}))
     assert study.stage_thread_counts(tmp_path / "k-2/seed-0") == [1]
     assert study.stage_thread_counts(tmp_path / "k-2/seed-1") == [1, 2]
-    rows = [{"run": r, "torch_threads": " ".join(map(str, study.stage_thread_counts(tmp_path / r)))} for r in ("k-2/seed-0", "k-2/seed-1")]
+    rows = [
+        {"run": r, "torch_threads": " ".join(map(str, study.stage_thread_counts(tmp_path / r)))}
+        for r in ("k-2/seed-0", "k-2/seed-1")
+    ]
     warning = study.mixed_threads_warning(rows)
     assert warning and "1 thread(s): k-2/seed-0, k-2/seed-1" in warning and "2 thread(s): k-2/seed-1" in warning
     assert study.mixed_threads_warning(rows[:1]) is None
@@ -146,14 +194,30 @@ def test_a_half_reported_point_is_finished_on_rerun(finished, base):
     (point / "report.html").unlink(missing_ok=not html)
     (point / "study_seconds.json").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/seed-*/*/done.json")}
-    args = ["study", "--base", str(base), "--grid", "k=2,3", "--seeds", "0", "1", "--name", study.QUICK_STUDY,
-            "--out", str(folder.parent), "--threads", "1"]  # fmt: skip
+    args = [
+        "study",
+        "--base",
+        str(base),
+        "--grid",
+        "k=2,3",
+        "--seeds",
+        "0",
+        "1",
+        "--name",
+        study.QUICK_STUDY,
+        "--out",
+        str(folder.parent),
+        "--threads",
+        "1",
+    ]
     threads = torch.get_num_threads()
     try:
         assert cli.main(args) == 0
     finally:
         torch.set_num_threads(threads)
-    assert (point / "report.html").is_file() == html and json.loads((point / "study_seconds.json").read_text())["resumed"] is True
+    assert (point / "report.html").is_file() == html and json.loads((point / "study_seconds.json").read_text())[
+        "resumed"
+    ] is True
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
@@ -163,15 +227,18 @@ def test_seed_interval_is_students_t():
     assert metrics.seed_interval([0.02], fallback=(0.0, 0.05)) == (0.0, 0.05)
 
 
-@pytest.mark.parametrize("grid, words", [
-    (["widht=8,16"], ["widht", "width"]),
-    (["width=0,8"], ["width", "width=0"]),
-    (["width=8.5"], ["width", "whole number"]),
-    (["seed=1,2"], ["--seeds"]),
-    (["name=a,b"], ["name", "changes no number"]),
-    (["width="], ["width", "no values"]),
-    (["width"], ["key=value1,value2"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "grid, words",
+    [
+        (["widht=8,16"], ["widht", "width"]),
+        (["width=0,8"], ["width", "width=0"]),
+        (["width=8.5"], ["width", "whole number"]),
+        (["seed=1,2"], ["--seeds"]),
+        (["name=a,b"], ["name", "changes no number"]),
+        (["width="], ["width", "no values"]),
+        (["width"], ["key=value1,value2"]),
+    ],
+)
 def test_bad_grid_is_one_clear_error_before_training(grid, words, tmp_path, capsys):
     assert cli.main(["study", "--quick", "--grid", *grid, "--name", "bad", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -188,15 +255,22 @@ def test_empty_grid_and_k_too_large_and_another_study(tmp_path, capsys):
     with pytest.raises(study.StudyError, match=r"k=40 .*k <= 31"):
         study.run_study(spec, out=tmp_path, log=lambda s: None)
     assert not list(tmp_path.glob("s/*/seed-*")) and not (tmp_path / "s" / study.STUDY_FILE).exists()
-    study.Study(tmp_path / "s", study.make_spec(name="s", base=PipelineConfig.quick(**TINY).to_dict(), grid={"k": [2]}, seeds=[0])).record()
-    other = study.make_spec(name="s", base=PipelineConfig.quick(**{**TINY, "width": 8}).to_dict(), grid={"k": [2, 3]}, seeds=[0])
+    study.Study(
+        tmp_path / "s",
+        study.make_spec(name="s", base=PipelineConfig.quick(**TINY).to_dict(), grid={"k": [2]}, seeds=[0]),
+    ).record()
+    other = study.make_spec(
+        name="s", base=PipelineConfig.quick(**{**TINY, "width": 8}).to_dict(), grid={"k": [2, 3]}, seeds=[0]
+    )
     with pytest.raises(study.StudyError, match=r"different study .*width: 4 there, 8 here.*another --name"):
         study.run_study(other, out=tmp_path, log=lambda s: None)
 
 
 def test_study_file_json(tmp_path, base):
     path = tmp_path / "s.json"
-    path.write_text(json.dumps({"name": "f", "base": str(base), "grid": {"specialist_soft_weight": [0.0, 0.5]}, "seeds": [3]}))
+    path.write_text(
+        json.dumps({"name": "f", "base": str(base), "grid": {"specialist_soft_weight": [0.0, 0.5]}, "seeds": [3]})
+    )
     d = study.load_study_file(path)
     spec = study.make_spec(name=d["name"], base=d["base"], grid=d["grid"], seeds=d["seeds"])
     assert [p["specialist_soft_weight"] for p in spec.points()] == [0.0, 0.5] and spec.seeds == (3,)
@@ -208,9 +282,21 @@ def test_study_file_json(tmp_path, base):
 
 def test_convergence_reads_the_last_epoch_and_the_compute_matched_gain():
     flat = [{"val_acc": v} for v in (0.90, 0.952, 0.978, 0.977)]  # a one-cycle warm-down, then flat
-    cm_same = [{"name": "compute_matched", "delta_top1": 0.001, "gain_vs_generalist_ci": [-0.002, 0.004], "p_vs_generalist": 0.7,
-                "vs_generalist": "indistinguishable"},
-               {"name": "kl", "delta_top1": 0.002, "gain_vs_generalist_ci": [-0.001, 0.005], "vs_compute_matched": "indistinguishable"}]
+    cm_same = [
+        {
+            "name": "compute_matched",
+            "delta_top1": 0.001,
+            "gain_vs_generalist_ci": [-0.002, 0.004],
+            "p_vs_generalist": 0.7,
+            "vs_generalist": "indistinguishable",
+        },
+        {
+            "name": "kl",
+            "delta_top1": 0.002,
+            "gain_vs_generalist_ci": [-0.001, 0.005],
+            "vs_compute_matched": "indistinguishable",
+        },
+    ]
     c = metrics.convergence(flat, cm_same, n_val=3000)
     assert c["val_rise"] == pytest.approx(-0.001) and not c["still_improving"] and c["best_rule"] == "kl"
     assert c["verdict"] == "no sign of improvement" and c["last_epochs"] == [2, 3, 4]
@@ -221,14 +307,20 @@ def test_convergence_reads_the_last_epoch_and_the_compute_matched_gain():
     assert c["still_improving"] and not c["val_still_rising"]
     from specialkit.report import convergence_reading
 
-    assert "still improving" in convergence_reading(c) and "No sign" in convergence_reading(metrics.convergence(flat, cm_same, n_val=3000))
+    assert "still improving" in convergence_reading(c) and "No sign" in convergence_reading(
+        metrics.convergence(flat, cm_same, n_val=3000)
+    )
 
 
 def test_a_point_is_done_only_when_everything_it_writes_exists(tmp_path):
     from types import SimpleNamespace
 
-    run = SimpleNamespace(folder=tmp_path, config=SimpleNamespace(html_report=True), skip_reason=lambda s: None,
-                          is_done=lambda s: s == "distill")  # fmt: skip
+    run = SimpleNamespace(
+        folder=tmp_path,
+        config=SimpleNamespace(html_report=True),
+        skip_reason=lambda s: None,
+        is_done=lambda s: s == "distill",
+    )
     for name in ("metrics.json", "study_seconds.json"):
         (tmp_path / name).write_text("{}")
     assert not study.point_is_done(run)  # report.html missing

@@ -1,4 +1,5 @@
 """The shared training loop: learning, losses, sampling, early stopping, resume, prediction."""
+
 from __future__ import annotations
 
 import math
@@ -120,10 +121,22 @@ def test_resume_gives_bit_identical_weights(data, tmp_path):
     state = tmp_path / "state.pt"
     model = _model(dropout=0.2)
     with pytest.raises(Interrupt):
-        fit(model, x, y, x_val=xv, y_val=yv, config=config, hflip=True, sample_indices=interrupted_order, state_path=state)
+        fit(
+            model,
+            x,
+            y,
+            x_val=xv,
+            y_val=yv,
+            config=config,
+            hflip=True,
+            sample_indices=interrupted_order,
+            state_path=state,
+        )
     assert state.exists() and not list(tmp_path.glob("*.tmp"))
     resumed = _model(seed=99, dropout=0.2)  # different init: everything must come from the state file
-    h_resumed = fit(resumed, x, y, x_val=xv, y_val=yv, config=config, hflip=True, sample_indices=order, state_path=state)
+    h_resumed = fit(
+        resumed, x, y, x_val=xv, y_val=yv, config=config, hflip=True, sample_indices=order, state_path=state
+    )
     sd_full, sd_resumed = full.state_dict(), resumed.state_dict()
     assert sd_full.keys() == sd_resumed.keys()
     assert all(torch.equal(sd_full[k], sd_resumed[k]) for k in sd_full)
@@ -217,7 +230,9 @@ def test_teacher_sees_the_augmented_batch_the_model_trains_on(data):
     x, y, _, _ = data
     teacher_inputs, model_inputs = [], []
     model = _model()
-    model.register_forward_pre_hook(lambda m, args: model_inputs.append(args[0].detach().clone()) if m.training else None)
+    model.register_forward_pre_hook(
+        lambda m, args: model_inputs.append(args[0].detach().clone()) if m.training else None
+    )
 
     def teacher(xb: torch.Tensor) -> torch.Tensor:
         teacher_inputs.append(xb.detach().clone())
@@ -274,12 +289,12 @@ def test_augment_batch_translates_and_flips_only_when_asked():
     out = augment_batch(x, generator=torch.Generator().manual_seed(1), padding=2)
     assert out.dtype == torch.uint8 and out.shape == x.shape
     for img_in, img_out in zip(x, out):
-        shifted = [
-            torch.equal(img_out, _shift(img_in, dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3)
-        ]
+        shifted = [torch.equal(img_out, _shift(img_in, dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3)]
         assert any(shifted)
-    flips = [torch.equal(augment_batch(x, generator=torch.Generator().manual_seed(s), padding=0, hflip=True), x.flip(-1))
-             for s in range(20)]  # fmt: skip
+    flips = [
+        torch.equal(augment_batch(x, generator=torch.Generator().manual_seed(s), padding=0, hflip=True), x.flip(-1))
+        for s in range(20)
+    ]
     assert any(flips) and not all(flips)
     same = augment_batch(x, generator=torch.Generator().manual_seed(4), padding=2, hflip=True)
     assert torch.equal(same, augment_batch(x, generator=torch.Generator().manual_seed(4), padding=2, hflip=True))
@@ -352,9 +367,19 @@ def test_predict_restores_training_mode_and_batches(data):
 
 
 STATE_KEYS = {
-    "format", "version", "signature", "model", "optimizer", "scaler", "rng", "history", "best_acc", "bad_epochs",
-    "finished", "best_model",
-}  # fmt: skip
+    "format",
+    "version",
+    "signature",
+    "model",
+    "optimizer",
+    "scaler",
+    "rng",
+    "history",
+    "best_acc",
+    "bad_epochs",
+    "finished",
+    "best_model",
+}
 
 
 def test_state_file_written_before_the_callback_refactor_still_resumes(data, tmp_path):
@@ -379,7 +404,9 @@ def test_state_file_written_before_the_callback_refactor_still_resumes(data, tmp
         state = folder / "state.pt"
         state.write_bytes(fixture.read_bytes())
         model = _model(seed=99, dropout=0.2)
-        history = fit(model, x, y, x_val=xv, y_val=yv, config=config, hflip=True, sample_indices=order, state_path=state)
+        history = fit(
+            model, x, y, x_val=xv, y_val=yv, config=config, hflip=True, sample_indices=order, state_path=state
+        )
         return list(history), model, state
 
     h_resumed, resumed, state = resume(tmp_path / "a")
@@ -442,7 +469,9 @@ def test_early_stopping_callback_restores_the_best_epochs_weights(data):
             snapshots.append({k: v.clone() for k, v in state.model.state_dict().items()})
 
     model = _model()
-    history = fit(model, x, y, x_val=xv, y_val=noise_labels, config=_config(epochs=40), callbacks=[Snapshot(), EarlyStopping(2)])
+    history = fit(
+        model, x, y, x_val=xv, y_val=noise_labels, config=_config(epochs=40), callbacks=[Snapshot(), EarlyStopping(2)]
+    )
     assert history.stopped_early and len(history) == history.best_epoch + 2 == len(snapshots)
     best = snapshots[history.best_epoch - 1]
     assert not all(torch.equal(v, snapshots[-1][k]) for k, v in best.items())
@@ -461,9 +490,13 @@ def test_run_epoch_by_hand_matches_fit(data):
     h_fit = fit(by_fit, x, y, x_val=xv, y_val=yv, config=config)
     model = _model().to(memory_format=torch.channels_last)
     state = TrainState(
-        model=model, optimizer=make_optimizer(model, config), scaler=None,
-        generator=torch.Generator().manual_seed(config.seed), config=config, device=torch.device("cpu"),
-    )  # fmt: skip
+        model=model,
+        optimizer=make_optimizer(model, config),
+        scaler=None,
+        generator=torch.Generator().manual_seed(config.seed),
+        config=config,
+        device=torch.device("cpu"),
+    )
     data_ = TrainData(x=x, y=y, x_val=xv, y_val=yv)
     first = run_epoch(state, data_)
     assert first.epoch == 1 and len(state.history) == 0  # the caller owns the history

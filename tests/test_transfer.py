@@ -1,4 +1,5 @@
 """``specialkit transfer``: linear probes on a run's frozen features, on another dataset, with intervals."""
+
 from __future__ import annotations
 
 import json

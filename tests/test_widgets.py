@@ -1,4 +1,5 @@
 """The cluster picker without a browser: pure edit functions, and the widget driven from code."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ def picker(inputs, tmp_path) -> widgets.ClusterPicker:
 
 @pytest.fixture
 def spec() -> ClusterSpec:
-    return ClusterSpec(groups={"a": ("x", "y"), "b": ("z",), "c": ("u", "v")}, class_names=("x", "y", "z", "u", "v", "w"))
+    return ClusterSpec(
+        groups={"a": ("x", "y"), "b": ("z",), "c": ("u", "v")}, class_names=("x", "y", "z", "u", "v", "w")
+    )
 
 
 def _quality(picker: widgets.ClusterPicker) -> dict[str, float]:
@@ -36,8 +39,12 @@ def _quality(picker: widgets.ClusterPicker) -> dict[str, float]:
 
 def _heatmap_state(picker: widgets.ClusterPicker) -> tuple:
     trace = picker.heatmap.data[0]
-    return (tuple(trace.meta["order"]), tuple(trace.x), tuple(s.name for s in picker.heatmap.layout.shapes),
-            np.asarray(trace.z).tobytes())  # fmt: skip
+    return (
+        tuple(trace.meta["order"]),
+        tuple(trace.x),
+        tuple(s.name for s in picker.heatmap.layout.shapes),
+        np.asarray(trace.z).tobytes(),
+    )
 
 
 def _dom_classes(widget) -> set[str]:
@@ -68,7 +75,9 @@ def test_compute_spec_recovers_blocks_and_grows_overlap(inputs):
     grown = widgets.compute_spec(widgets.Controls(method="spectral", k=3, overlap="top_r", r=2), **kw)
     growth = grown.sizes() - spec.sizes()
     assert growth.max() == 2 and growth.min() >= 0 and not grown.is_partition()
-    capped = widgets.compute_spec(widgets.Controls(method="spectral", k=3, overlap="top_r", r=2, max_group_size=5), **kw)
+    capped = widgets.compute_spec(
+        widgets.Controls(method="spectral", k=3, overlap="top_r", r=2, max_group_size=5), **kw
+    )
     assert capped.sizes().max() == 5
     with pytest.raises(clusters.ClusterError, match="k must be"):
         widgets.compute_spec(widgets.Controls(method="spectral", k=13), **kw)
@@ -148,9 +157,23 @@ def test_picker_starts_from_controls_and_exposes_dom_hooks(picker, inputs):
     assert _quality(picker)["groups"] == 3.0
     assert list(picker.heatmap.data[0].meta["order"]) == clusters.order_classes(picker.spec).tolist()
     assert len(picker.class_map.data[0].x) == 12 and list(picker.class_map.data[0].customdata) == list(range(12))
-    hooks = {"specialkit-picker", "specialkit-k-slider", "specialkit-method", "specialkit-overlap", "specialkit-heatmap",
-             "specialkit-map", "specialkit-quality", "specialkit-status", "specialkit-class-select", "specialkit-group-select",
-             "specialkit-move", "specialkit-add", "specialkit-remove", "specialkit-undo", "specialkit-save"}  # fmt: skip
+    hooks = {
+        "specialkit-picker",
+        "specialkit-k-slider",
+        "specialkit-method",
+        "specialkit-overlap",
+        "specialkit-heatmap",
+        "specialkit-map",
+        "specialkit-quality",
+        "specialkit-status",
+        "specialkit-class-select",
+        "specialkit-group-select",
+        "specialkit-move",
+        "specialkit-add",
+        "specialkit-remove",
+        "specialkit-undo",
+        "specialkit-save",
+    }
     assert hooks <= _dom_classes(picker.widget)
     bundle = picker._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == picker.widget.model_id
@@ -314,8 +337,15 @@ def test_from_run_uses_the_run(inputs):
     cs = SimpleNamespace(cm=inputs["confusion"], covariance=inputs["covariance"], distance=inputs["distance"])
     ds = SimpleNamespace(class_names=inputs["class_names"], coarse_of_class=inputs["coarse_of_class"])
     config = SimpleNamespace(method="kmeans", k=5, overlap="none", gamma=5.0, top_r=1, max_group_size=None, seed=0)
-    run = SimpleNamespace(dataset=lambda: ds, confusion=lambda: cs, distance=lambda: inputs["distance"], class_map=lambda: inputs["coords"],
-                          clusters=lambda: initial, save_clusters=saved.append, config=config)  # fmt: skip
+    run = SimpleNamespace(
+        dataset=lambda: ds,
+        confusion=lambda: cs,
+        distance=lambda: inputs["distance"],
+        class_map=lambda: inputs["coords"],
+        clusters=lambda: initial,
+        save_clusters=saved.append,
+        config=config,
+    )
     p = widgets.ClusterPicker.from_run(run)
     assert p.spec == initial and p.method_dropdown.value == "kmeans" and p.k_slider.value == initial.num_groups == 3
     assert _quality(p)["ari"] == pytest.approx(1.0)
@@ -338,11 +368,15 @@ def test_picker_controls_follow_the_config_metadata(inputs):
     assert widgets.DEFAULT_METHODS == PipelineConfig.__dataclass_fields__["method"].metadata["choices"]
     assert widgets.OVERLAP_RULES == PipelineConfig.__dataclass_fields__["overlap"].metadata["choices"]
     cfg = PipelineConfig(method="agglomerative", k=4, overlap="top_r", gamma=7.5, top_r=3, max_group_size=6, seed=2)
-    run = SimpleNamespace(dataset=lambda: SimpleNamespace(class_names=inputs["class_names"], coarse_of_class=inputs["coarse_of_class"]),
-                          confusion=lambda: SimpleNamespace(cm=inputs["confusion"], covariance=inputs["covariance"]),
-                          distance=lambda: inputs["distance"], class_map=lambda: inputs["coords"],
-                          clusters=lambda: ClusterSpec.from_labels(inputs["coarse_of_class"], inputs["class_names"]),
-                          save_clusters=lambda spec: None, config=cfg)  # fmt: skip
+    run = SimpleNamespace(
+        dataset=lambda: SimpleNamespace(class_names=inputs["class_names"], coarse_of_class=inputs["coarse_of_class"]),
+        confusion=lambda: SimpleNamespace(cm=inputs["confusion"], covariance=inputs["covariance"]),
+        distance=lambda: inputs["distance"],
+        class_map=lambda: inputs["coords"],
+        clusters=lambda: ClusterSpec.from_labels(inputs["coarse_of_class"], inputs["class_names"]),
+        save_clusters=lambda spec: None,
+        config=cfg,
+    )
     p = widgets.ClusterPicker.from_run(run)
     got = (p.method_dropdown.value, p.overlap_dropdown.value, p.gamma_slider.value, p.r_slider.value, p.max_size.value)
     assert got == ("agglomerative", "top_r", 7.5, 3, 6)

@@ -5,6 +5,7 @@ CI uses); as root with apt, ``apt-get install chromium``; otherwise Playwright's
 (``python -m playwright install chromium``, a download from Playwright's servers). When none of these
 works it exits with status 1 and one line naming what to install.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,10 @@ import browser_helpers as bh  # noqa: E402
 def _quiet(cmd: list[str], env: dict[str, str] | None = None) -> bool:
     print(f"ensure_browser: {' '.join(cmd)}", flush=True)
     try:
-        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=1800).returncode == 0
+        return (
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=1800).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
