@@ -134,7 +134,8 @@ class PipelineConfig:
     log(f/pi); ``prior_match``: the shift that makes the mean dustbin probability on the validation
     images equal their share of other classes; ``none``).
     Ensemble: ``top_n`` (the paper's n), ``rules``, ``top_confident_n``, ``top_confident_gated``
-    (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``,
+    (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``, ``skip_threshold``
+    (a specialist the top-n switch on runs only when the generalist's mass on its group reaches it; 0 = always),
     ``calibrate_specialists`` (default true: ``top_confident`` and ``moe`` temper each specialist on the
     validation images and read it as evidence against its mean output there, so a specialist that knows
     nothing leaves the generalist's answer unchanged; false: the rules as first built, which a bad
@@ -261,6 +262,13 @@ class PipelineConfig:
     top_confident_n: int = _setting(2, "ensembles")
     top_confident_gated: bool = _setting(True, "ensembles")
     moe_threshold: float = _setting(0.0, "ensembles")
+    skip_threshold: float = _setting(
+        0.0,
+        "ensembles",
+        key_if_set=True,
+        cli="run a specialist the top-n switch on only when the generalist's mass on its group is at least this "
+        "(HD-CNN's conditional execution; 0 = never skip, the paper's rule)",
+    )
     calibrate_specialists: bool = _setting(True, "ensembles", key_if_set=True)
     compute_matched: bool = _setting(True, "compute_matched", in_key=False)
     compute_match: str = _setting("flops", "compute_matched", choices=("flops", "passes"))
@@ -435,7 +443,7 @@ class PipelineConfig:
         for key in ("val_fraction", "special_fraction"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise ConfigError(f"{key}={getattr(self, key)} is out of range; use a value strictly between 0 and 1")
-        for key in ("distill_soft_weight", "specialist_soft_weight"):
+        for key in ("distill_soft_weight", "specialist_soft_weight", "skip_threshold"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key}={getattr(self, key)} is out of range; use a value in [0, 1]")
         for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):

@@ -37,6 +37,7 @@ def ensemble_teacher(
     *,
     top_n: int = 1,
     temperature: float = 4.0,
+    skip_threshold: float = 0.0,
 ) -> training.Teacher:
     """The ``kl`` ensemble as a per-batch teacher for :func:`training.fit` (``teacher=``).
 
@@ -50,6 +51,8 @@ def ensemble_teacher(
         trained: the specialists (``TrainedSpecialist``: model, classes, dustbin correction).
         top_n: the paper's n.
         temperature: T of the soft targets (the loop scales the soft term by T²).
+        skip_threshold: a specialist runs only where the generalist's mass on its group reaches this
+            (``ensemble.activation``'s ``threshold``; 0 = never skip).
 
     Returns:
         ``teacher(x) -> (B, C)`` float32 tensor on x's device.
@@ -65,7 +68,7 @@ def ensemble_teacher(
             if next(m.parameters()).device != x.device:
                 m.to(x.device)
         p_gen = torch.softmax(generalist(x).double(), dim=1).cpu().numpy()
-        active = ensemble.activation(p_gen, groups, top_n=top_n)
+        active = ensemble.activation(p_gen, groups, top_n=top_n, threshold=skip_threshold)
         outs = []
         for m, sp in enumerate(trained):
             probs = np.full((len(x), len(sp.classes) + 1), 1.0 / (len(sp.classes) + 1))
@@ -92,8 +95,13 @@ def teacher_of(run: Any) -> training.Teacher:
     Returns:
         The teacher.
     """
+    c = run.config
     return ensemble_teacher(
-        run.generalist().model, run.specialists(), top_n=run.config.top_n, temperature=run.config.distill_temperature
+        run.generalist().model,
+        run.specialists(),
+        top_n=c.top_n,
+        temperature=c.distill_temperature,
+        skip_threshold=c.skip_threshold,
     )
 
 

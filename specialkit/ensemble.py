@@ -61,6 +61,7 @@ __all__ = [
     "temper",
     "evidence_update",
     "activation",
+    "fraction_routed",
     "coverage_count",
     "kl_objective",
     "solve_kl",
@@ -455,27 +456,60 @@ def evidence_update(spec_probs: Probs, classes: Labels, p_gen: Probs, calibratio
 # activation
 
 
-def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1) -> np.ndarray:
+def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1, threshold: float = 0.0) -> np.ndarray:
     """Which specialists to run: those whose classes meet the generalist's top-n classes.
+
+    With ``threshold > 0`` a specialist switched on by the top-n classes is skipped unless the generalist's
+    mass on its whole group, ``sum_{j in S_m} p_gen[i, j]``, is at least ``threshold`` (HD-CNN's conditional
+    execution): the generalist answers alone for an image it is sure of. ``threshold = 0`` is the paper's rule.
 
     Args:
         p_gen: (N, C) generalist probabilities.
         groups: M arrays of class indices (``ClusterSpec.indices()`` or each specialist's classes).
         top_n: how many of the generalist's most probable classes to look at (paper: 1). Ties are
             broken towards the lower class index.
+        threshold: the group mass a specialist needs to run, in [0, 1] (0: no skipping).
 
     Returns:
-        (N, M) bool, ``active[i, m]`` when ``groups[m]`` contains one of image i's top-n classes.
+        (N, M) bool, ``active[i, m]`` when ``groups[m]`` contains one of image i's top-n classes (and its group
+        mass reaches ``threshold``).
     """
     p = _check_p_gen(p_gen)
     num_classes = p.shape[1]
     if not _is_int(top_n) or not 1 <= top_n <= num_classes:
         raise EnsembleError(f"top_n must be an integer in [1, C={num_classes}] (the paper uses 1), got {top_n!r}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise EnsembleError(
+            f"threshold must be in [0, 1] (a group's probability mass; 0 skips nothing), got {threshold!r}"
+        )
     member = _membership(_check_groups(groups, num_classes), num_classes)
     if top_n == 1:
-        return member[np.argmax(p, axis=1)]
-    top = np.argsort(-p, axis=1, kind="stable")[:, :top_n]
-    return member[top].any(axis=1)
+        active = member[np.argmax(p, axis=1)]
+    else:
+        top = np.argsort(-p, axis=1, kind="stable")[:, :top_n]
+        active = member[top].any(axis=1)
+    if threshold > 0:
+        active &= p @ member.astype(np.float64) >= threshold
+    return active
+
+
+def fraction_routed(active: Mask) -> dict[str, float]:
+    """How much specialist work an activation mask asks for.
+
+    Args:
+        active: (N, M) bool, e.g. :func:`activation`.
+
+    Returns:
+        ``fraction_routed``: the share of images that run at least one specialist; ``specialists_per_image``:
+        the mean number of specialists run per image.
+    """
+    act = checks.as_bools(active, (-1, -1), name="active", error=EnsembleError)
+    if act.shape[0] == 0:
+        raise EnsembleError("active has no rows: pass the (N, M) mask of at least one image")
+    return {
+        "fraction_routed": float(act.any(axis=1).mean()),
+        "specialists_per_image": float(act.sum(axis=1).mean()),
+    }
 
 
 def coverage_count(groups: Groups, num_classes: int) -> np.ndarray:

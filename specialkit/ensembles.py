@@ -16,7 +16,8 @@ __all__ = ["activation_of", "combine_for", "calibrations_of", "make_ensembles"]
 
 
 def activation_of(run: Any, split: str) -> np.ndarray:
-    """(N, M) bool: which of ``run``'s specialists the generalist's top-n classes switch on.
+    """(N, M) bool: which of ``run``'s specialists the generalist's top-n classes switch on (and, with
+    ``skip_threshold > 0``, whose group holds at least that much of the generalist's mass).
 
     Args:
         run: the run.
@@ -25,7 +26,8 @@ def activation_of(run: Any, split: str) -> np.ndarray:
     Returns:
         The activation mask.
     """
-    return ensemble.activation(run.generalist().probs(split), run.groups(), top_n=run.config.top_n)
+    c = run.config
+    return ensemble.activation(run.generalist().probs(split), run.groups(), top_n=c.top_n, threshold=c.skip_threshold)
 
 
 def combine_for(run: Any, rule: str, split: str) -> np.ndarray:

@@ -37,6 +37,9 @@ __all__ = [
     "COLUMNS",
     "PAIRED",
     "FILE",
+    "THRESHOLDS",
+    "threshold_curve",
+    "run_threshold_curve",
 ]
 
 FILE = "frontier.json"
@@ -47,6 +50,10 @@ PAIRED = ("reference", "delta", "delta_lo", "delta_hi", "p_value", "verdict")
 """Extra columns of :func:`measure_points`: each point against its reference (the base generalist; a specialist
 variant against the whole specialists), the difference in accuracy with its 95% paired-bootstrap interval, McNemar's
 exact p and ``stats.verdict``."""
+
+
+THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+"""Default skip thresholds of :func:`threshold_curve` (0 = the paper's rule: every switched-on specialist runs)."""
 
 
 FrontierError = cost.FrontierError
@@ -251,3 +258,79 @@ def points_of(folder: str | Path, metrics: Mapping[str, Any]) -> tuple[pd.DataFr
     return run_points(
         metrics
     ), "this run's own models (bench/frontier.py adds generalists of other widths and cheaper specialists)"
+
+
+def threshold_curve(
+    p_gen: np.ndarray,
+    outputs: list[ensemble.SpecialistOutputs],
+    y: np.ndarray,
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    *,
+    top_n: int = 1,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Accuracy of the ``kl`` ensemble against the fraction of images routed to a specialist, one row per skip
+    threshold (HD-CNN's conditional execution, ``ensemble.activation``'s ``threshold``), each against ``t = 0`` (the
+    paper's rule) with a paired-bootstrap interval and McNemar's exact test.
+
+    Args:
+        p_gen: (N, C) generalist probabilities.
+        outputs: one :class:`specialkit.ensemble.SpecialistOutputs` per specialist, every row filled.
+        y: (N,) true labels.
+        thresholds: the skip thresholds, each in [0, 1]; 0 is added when missing (the reference).
+        top_n: the generalist's top-n classes that switch specialists on.
+        resamples: bootstrap resamples.
+        seed: bootstrap seed.
+
+    Returns:
+        Columns ``threshold``, ``fraction_routed``, ``specialists_per_image``, ``accuracy``, ``lo``, ``hi``,
+        ``delta``, ``delta_lo``, ``delta_hi``, ``p_value``, ``verdict`` (against ``t = 0``), sorted by threshold.
+    """
+    ts = sorted({0.0, *map(float, thresholds)})
+    groups = [o.classes for o in outputs]
+    y = np.asarray(y)
+    rows, correct = [], {}
+    for t in ts:
+        active = ensemble.activation(p_gen, groups, top_n=top_n, threshold=t)
+        correct[t] = ensemble.combine_kl(p_gen, outputs, active).argmax(1) == y
+        rows.append({"threshold": t, **ensemble.fraction_routed(active), "accuracy": float(correct[t].mean())})
+    boot = stats.paired_bootstrap({str(t): c for t, c in correct.items()}, resamples=resamples, seed=seed)
+    for r in rows:
+        t = r["threshold"]
+        r["lo"], r["hi"] = boot.top1_ci(str(t))
+        ci = boot.gain_ci(str(t), "0.0")
+        p = stats.mcnemar(correct[0.0], correct[t]).p_value
+        r.update(
+            delta=r["accuracy"] - rows[0]["accuracy"],
+            delta_lo=ci[0],
+            delta_hi=ci[1],
+            p_value=p,
+            verdict=stats.verdict(ci, p) if t > 0 else None,
+        )
+    return pd.DataFrame(rows)
+
+
+def run_threshold_curve(run: RunView, thresholds: tuple[float, ...] = THRESHOLDS) -> pd.DataFrame:
+    """:func:`threshold_curve` of a finished run on its test images (its saved outputs; nothing trains or runs).
+
+    Args:
+        run: a run whose specialists are finished.
+        thresholds: the skip thresholds.
+
+    Returns:
+        The curve.
+    """
+    run = view_of(run)
+    y = run.dataset().y_test.numpy()
+    outs = [ensemble.SpecialistOutputs(classes=g, probs=p) for g, p in zip(run.groups(), run.specialist_probs("test"))]
+    c = run.config
+    return threshold_curve(
+        run.generalist().probs("test"),
+        outs,
+        y,
+        thresholds,
+        top_n=c.top_n,
+        resamples=c.bootstrap_resamples,
+        seed=c.seed,
+    )
