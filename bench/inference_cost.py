@@ -3,8 +3,9 @@
 Builds a generalist (``cnn`` on 1x32x32 images, 62 classes, as for ``glyphs``) and M specialists of
 about C/M classes each, three ways: with the generalist's architecture (initialised from it, as in the
 paper: "full"); sharing the generalist's first ``--shared-stages`` stages (the trunk runs once per
-image, each specialist only its own later stages: "shared"); and smaller (``--small-width``/``--small-depth``,
-from scratch). Per image it reports:
+image, each specialist only its own later stages: "shared"); shared, with each head collapsed from C to |S|+1 rows
+(``specialists.collapse_head``, dustbin row fitted on 256 images: "small", issue 22); and smaller
+(``--small-width``/``--small-depth``, from scratch: "scratch"). Per image it reports:
 
 * FLOPs (counted; a shared trunk once) and parameters stored, of the generalist, of the ensemble running
   every specialist, and with conditional execution (only the specialists that the routing activates);
@@ -16,7 +17,8 @@ from scratch). Per image it reports:
 It ends with the ratio lines of issue 12, conditional execution over the generalist's latency, in the same
 process and threads, best of ``--repeats`` repeats: ``ratio_b1_shared``, ``ratio_b256_shared``,
 ``ratio_b1_full``, ``ratio_b256_full`` (networks and routing; the ``_kl`` lines add the ``kl`` combination),
-and ``params_ratio_shared`` / ``params_ratio_full`` (stored parameters over the generalist's).
+and ``params_ratio_shared`` / ``params_ratio_small`` / ``params_ratio_full`` (stored parameters over the
+generalist's).
 
 The networks are untrained, so the routing uses a random generalist-like distribution instead of
 the generalist's own output (``softmax(3 * randn)`` per image; top-1 activation for ``kl`` and
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     shared = [
         models.share_trunk(specialists.init_from_generalist(generalist, g), trunk).eval().to(device) for g in groups
     ]
-    small = [
+    scratch = [
         models.build_model(
             models.ModelConfig(
                 name="cnn",
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
 
     n = max(args.images_small, args.images_large)
     x = images(args, n)
+    x_fit = images(args, 256).float().div(255.0).to(device)  # the small heads' dustbin rows are fitted on these
+    small = [specialists.collapse_head(s, x_fit) for s in shared]
+
     z = 3.0 * rng.standard_normal((n, args.classes))
     p_route = np.exp(z - z.max(1, keepdims=True))
     p_route /= p_route.sum(1, keepdims=True)
@@ -159,7 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     sets = (
         ("full", "same size as the generalist (initialised from it)", same),
         ("shared", f"sharing the generalist's first {s_shared} of {args.depth} stages (initialised from it)", shared),
-        ("small", f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", small),
+        (
+            "small",
+            f"sharing the first {s_shared} stages, heads collapsed to |S|+1 rows (specialists.collapse_head)",
+            small,
+        ),
+        ("scratch", f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", scratch),
     )
     for key, label, specs in sets:
         costs = [evaluation.model_cost(s, shape) for s in specs]
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_b1_full_kl",
         "ratio_b256_full_kl",
         "params_ratio_shared",
+        "params_ratio_small",
         "params_ratio_full",
     ):
         if name in ratios:

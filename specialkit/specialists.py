@@ -46,6 +46,9 @@ __all__ = [
     "target_map",
     "init_from_generalist",
     "dustbin_head",
+    "small_head",
+    "collapse_head",
+    "head_rows",
     "enriched_sampler",
     "natural_special_share",
     "oversampling_factor",
@@ -364,6 +367,73 @@ def init_from_generalist(generalist: models.Classifier, classes: Any) -> models.
         spec.config, num_classes=len(c) + 1, dustbin_of=full.out_features, special_classes=tuple(int(i) for i in c)
     )
     return spec
+
+
+def small_head(head: models.DustbinHead, features: torch.Tensor) -> torch.nn.Linear:
+    """A trained specialist's :class:`models.DustbinHead` (C rows) collapsed to an ``nn.Linear`` of S + 1 rows.
+
+    The S special rows are copied, so the special logits -- and with them the argmax within the group and every
+    ratio of two special probabilities -- are exactly those of the full head. The dustbin row is the least-squares
+    fit of the full head's dustbin logit (the log-sum-exp of the other C - S logits) on ``features``, an affine
+    function of the features standing in for a log-sum-exp of affine functions; the dustbin probability is close
+    to the full head's where the fit is good, and the accuracy cost is measured, not assumed.
+
+    Args:
+        head: the trained full head.
+        features: (N, D) features of validation images (``model.features(x)``), N > D.
+
+    Returns:
+        ``nn.Linear(D, S + 1)`` on ``features``'s device and the head's dtype: special rows first, dustbin last.
+    """
+    w, b = head.linear.weight, head.linear.bias
+    if features.ndim != 2 or features.shape[1] != w.shape[1] or features.shape[0] <= w.shape[1]:
+        raise SpecialistError(
+            f"features must be (N, D={w.shape[1]}) with N > D to fit the dustbin row, got {tuple(features.shape)}; "
+            "pass model.features(x) of more validation images"
+        )
+    with torch.no_grad():
+        h = features.to(torch.float64)
+        target = torch.logsumexp(h @ w.double().index_select(0, head.others).T + b.double()[head.others], dim=1)
+        design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], dim=1)
+        sol = torch.linalg.lstsq(design.cpu(), target.cpu()[:, None]).solution[:, 0].to(h.device)
+        out = torch.nn.Linear(w.shape[1], len(head.special) + 1).to(device=w.device, dtype=w.dtype)
+        out.weight.copy_(torch.cat([w.index_select(0, head.special), sol[None, :-1].to(w.dtype)]))
+        out.bias.copy_(torch.cat([b.index_select(0, head.special), sol[-1:].to(b.dtype)]))
+    return out
+
+
+def collapse_head(model: models.Classifier, x: torch.Tensor, *, batch_size: int = 512) -> models.Classifier:
+    """A copy of a trained specialist with its full C-row head collapsed to S + 1 rows (:func:`small_head`).
+
+    The copy shares a shared-trunk specialist's trunk (the generalist's, not copied); ``model`` is unchanged.
+    Its config becomes a plain linear head of S + 1 outputs.
+
+    Args:
+        model: a specialist with a :class:`models.DustbinHead` (initialised from the generalist and trained).
+        x: (N, C, H, W) float validation images in [0, 1] the dustbin row is fitted on (N > D).
+        batch_size: images per forward pass.
+
+    Returns:
+        The collapsed specialist, in eval mode.
+    """
+    if not isinstance(model.head, models.DustbinHead):
+        raise SpecialistError(
+            f"the specialist's head is a {type(model.head).__name__}, not a DustbinHead: only a specialist "
+            "initialised from the generalist has a full head to collapse"
+        )
+    memo = {id(t): t for t in getattr(model, "_trunk", [])}  # a shared trunk stays shared
+    small = copy.deepcopy(model, memo).eval()
+    with torch.no_grad():
+        feats = torch.cat([small.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    small.head = small_head(model.head, feats)
+    small.config = dataclasses.replace(small.config, dustbin_of=None, special_classes=None)
+    return small
+
+
+def head_rows(model: torch.nn.Module) -> int:
+    """Rows of a specialist's head: C for a full :class:`models.DustbinHead`, S + 1 for a small one."""
+    head = model.head
+    return int(head.linear.out_features if isinstance(head, models.DustbinHead) else head.out_features)
 
 
 # ------------------------------------------------------------------------------------------ sampling
