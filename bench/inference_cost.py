@@ -81,6 +81,54 @@ def images(args: argparse.Namespace, n: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(args.seed))
 
 
+class _Batches:
+    """Images and the routing distributions of the same rows, sliced together for ``evaluation.measure_latency``."""
+
+    def __init__(self, x: torch.Tensor, p: torch.Tensor) -> None:
+        self.x, self.p, self.is_cuda, self.device = x, p, x.is_cuda, x.device
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, s: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[s], self.p[s]
+
+
+def fused_ratios(
+    args: argparse.Namespace,
+    generalist: torch.nn.Module,
+    specs: list[torch.nn.Module],
+    x: torch.Tensor,
+    p_route: np.ndarray,
+    groups: list[np.ndarray],
+) -> dict[int, tuple[float, float]]:
+    """Batch size -> (eager, fused) conditional latency over the generalist's, each timed next to the generalist.
+
+    Eager is ``evaluation.ensemble_forward`` with ``ensemble.activation`` (what the tables time); fused is
+    ``evaluation.routed_forward`` (the routing in torch, no numpy round trip), both networks only, top-1 routing.
+    """
+    xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
+    member = evaluation.group_membership(groups, args.classes, xf.device)
+    p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
+
+    def eager(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+        evaluation.ensemble_forward(
+            generalist, specs, b[0], lambda p: ensemble.activation(p, groups), routing_probs=b[1].cpu().numpy()
+        )
+
+    def fused(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+        evaluation.routed_forward(generalist, specs, b[0], member, routing_probs=b[1])
+
+    out = {}
+    for bs in args.batch_sizes:
+        n = args.images_small if bs == 1 else args.images_large
+        data = _Batches(xf[:n], p_t[:n])
+        kw = dict(batch_size=bs, repeats=args.repeats, warmup=1, best=True)
+        t_gen = evaluation.measure_latency(lambda b: generalist(b[0]), data, **kw)
+        out[bs] = tuple(evaluation.measure_latency(fn, data, **kw) / t_gen for fn in (eager, fused))
+    return out
+
+
 def rules(args: argparse.Namespace, groups: list[np.ndarray]) -> dict:
     def outs(o: list[np.ndarray]) -> list[ensemble.SpecialistOutputs]:
         return [ensemble.SpecialistOutputs(g, p) for g, p in zip(groups, o)]
@@ -194,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
             best=True,
             max_images={bs: (args.images_small if bs == 1 else args.images_large) for bs in args.batch_sizes},
         )
+        if key in ("shared", "small"):
+            for bs, (r_eager, r_fused) in fused_ratios(args, generalist, specs, x.to(device), p_route, groups).items():
+                ratios[f"ratio_b{bs}_{key}_eager"], ratios[f"ratio_b{bs}_{key}_fused"] = r_eager, r_fused
+                print(f"networks, conditional, batch {bs}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x")
         for bs in args.batch_sizes:
             for model, suffix in (("nets conditional", ""), ("kl conditional", "_kl")):
                 row = df[(df["model"] == model) & (df["batch_size"] == bs)]
@@ -219,6 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in (
         "ratio_b1_shared",
         "ratio_b256_shared",
+        "ratio_b1_shared_eager",
+        "ratio_b1_shared_fused",
+        "ratio_b256_shared_eager",
+        "ratio_b256_shared_fused",
+        "ratio_b1_small_fused",
+        "ratio_b256_small_fused",
         "ratio_b1_full",
         "ratio_b256_full",
         "ratio_b1_shared_kl",

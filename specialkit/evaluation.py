@@ -56,6 +56,8 @@ __all__ = [
     "measure_latency",
     "latency_table",
     "ensemble_forward",
+    "group_membership",
+    "routed_forward",
     "shared_trunk_of",
     "compute_matched_epochs",
     "weight_bytes",
@@ -558,6 +560,85 @@ def ensemble_forward(
             out[rows] = torch.softmax(run(spec, torch.from_numpy(rows).to(xb.device)).float(), dim=1).cpu().numpy()
         outs.append(out)
     return p_gen, outs, act
+
+
+def group_membership(groups: Sequence[Any], num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(C, M) float tensor, 1 where class j belongs to group m: the routing table of :func:`routed_forward`.
+
+    Args:
+        groups: M arrays of class indices.
+        num_classes: C.
+        device: where the table lives (the models' device).
+
+    Returns:
+        The membership table.
+    """
+    member = torch.zeros(num_classes, len(groups), dtype=torch.float32)
+    for m, g in enumerate(groups):
+        idx = torch.as_tensor(np.asarray(g), dtype=torch.long)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= num_classes:
+            raise EvaluationError(f"group {m} must hold class indices in [0, {num_classes}), got {idx.tolist()}")
+        member[idx, m] = 1.0
+    return member.to(device)
+
+
+def routed_forward(
+    generalist: torch.nn.Module,
+    specialists: Sequence[torch.nn.Module],
+    xb: torch.Tensor,
+    member: torch.Tensor,
+    *,
+    top_n: int = 1,
+    threshold: float = 0.0,
+    routing_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+    """:func:`ensemble_forward` with the routing in torch: the same networks and the same activation as
+    ``ensemble.activation(p, groups, top_n=top_n, threshold=threshold)``, without the round trip through numpy or
+    the checks of every call, so a pass at batch 1 costs the networks and little else.
+
+    The generalist (and a shared trunk, once) runs on the batch; ``p_gen`` switches on the specialists whose group
+    meets its top-n classes (and, with ``threshold > 0``, whose group mass reaches it); each switched-on specialist
+    runs once on its rows. Specialists no row switches on are not called.
+
+    Args:
+        generalist: the generalist.
+        specialists: M classifiers, all or none sharing one trunk.
+        xb: (B, channels, H, W) float images in [0, 1].
+        member: (C, M) :func:`group_membership` of the specialists' groups, on the models' device.
+        top_n: the generalist's classes that switch specialists on.
+        threshold: the group mass a specialist needs to run (0: none skipped).
+        routing_probs: (B, C) distributions the routing sees instead of the generalist's softmax.
+
+    Returns:
+        ``(p_gen (B, C), per specialist its (B, |S_m|+1) probabilities with NaN rows where inactive or None where
+        it ran on no row, active (B, M) bool)``, tensors on the models' device.
+    """
+    trunk = shared_trunk_of(specialists)
+    if trunk is None:
+        h, p_gen = xb, torch.softmax(generalist(xb).float(), dim=1)
+        own = [s.forward for s in specialists]
+    else:
+        h = trunk(xb)
+        p_gen = torch.softmax(generalist.forward_from(h, trunk.stages).float(), dim=1)
+        own = [s.forward_shared for s in specialists]
+    p = p_gen if routing_probs is None else routing_probs
+    if top_n == 1:
+        active = member.index_select(0, p.argmax(dim=1)) > 0
+    else:
+        active = member[p.topk(top_n, dim=1).indices].amax(dim=1) > 0
+    if threshold > 0:
+        active &= p.to(member.dtype) @ member >= threshold
+    outs: list[torch.Tensor | None] = [None] * len(specialists)
+    if len(xb) == 1:
+        for m in active[0].nonzero().flatten().tolist():
+            outs[m] = torch.softmax(own[m](h).float(), dim=1)
+        return p_gen, outs, active
+    for m in active.any(dim=0).nonzero().flatten().tolist():
+        rows = active[:, m].nonzero().flatten()
+        got = torch.softmax(own[m](h.index_select(0, rows)).float(), dim=1)
+        out = torch.full((len(xb), got.shape[1]), float("nan"), device=got.device)
+        outs[m] = out.index_copy_(0, rows, got)
+    return p_gen, outs, active
 
 
 def _ensemble_forward(
