@@ -4,7 +4,9 @@ Builds a generalist (``cnn`` on 1x32x32 images, 62 classes, as for ``glyphs``) a
 about C/M classes each, three ways: with the generalist's architecture (initialised from it, as in the
 paper: "full"); sharing the generalist's first ``--shared-stages`` stages (the trunk runs once per
 image, each specialist only its own later stages: "shared"); shared, with each head collapsed from C to |S|+1 rows
-(``specialists.collapse_head``, dustbin row fitted on 256 images: "small", issue 22); and smaller
+(``specialists.collapse_head``, dustbin row fitted on 256 images: "small", issue 22); shared, small heads, and the
+later stages stored as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: "delta"); and
+smaller
 (``--small-width``/``--small-depth``, from scratch: "scratch"). Per image it reports:
 
 * FLOPs (counted; a shared trunk once) and parameters stored, of the generalist, of the ensemble running
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--specialists", type=int, default=8, help="M, disjoint groups of about C/M classes")
     p.add_argument("--width", type=int, default=16, help="cnn width of the generalist")
     p.add_argument("--depth", type=int, default=3, help="cnn depth of the generalist")
+    p.add_argument("--delta-rank", type=int, default=8, help="rank of the low-rank delta specialists' layers")
     p.add_argument("--small-width", type=int, default=8, help="cnn width of the small specialists")
     p.add_argument("--small-depth", type=int, default=3, help="cnn depth of the small specialists")
     p.add_argument("--images-small", type=int, default=32, help="images timed at batch 1")
@@ -188,6 +191,15 @@ def main(argv: list[str] | None = None) -> None:
     x = images(args, n)
     x_fit = images(args, 256).float().div(255.0).to(device)  # the small heads' dustbin rows are fitted on these
     small = [specialists.collapse_head(s, x_fit) for s in shared]
+    delta = [
+        specialists.collapse_head(
+            models.low_rank_delta(
+                models.share_trunk(specialists.init_from_generalist(generalist, g), trunk), generalist, args.delta_rank
+            ).to(device),
+            x_fit,
+        )
+        for g in groups
+    ]
 
     z = 3.0 * rng.standard_normal((n, args.classes))
     p_route = np.exp(z - z.max(1, keepdims=True))
@@ -217,6 +229,12 @@ def main(argv: list[str] | None = None) -> None:
             f"sharing the first {s_shared} stages, heads collapsed to |S|+1 rows (specialists.collapse_head)",
             small,
         ),
+        (
+            "delta",
+            f"sharing the first {s_shared} stages, the rest rank-{args.delta_rank} deltas on the generalist's, "
+            "small heads (models.low_rank_delta)",
+            delta,
+        ),
         ("scratch", f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", scratch),
     )
     for key, label, specs in sets:
@@ -242,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             best=True,
             max_images={bs: (args.images_small if bs == 1 else args.images_large) for bs in args.batch_sizes},
         )
-        if key in ("shared", "small"):
+        if key in ("shared", "small", "delta"):
             for bs, (r_eager, r_fused) in fused_ratios(args, generalist, specs, x.to(device), p_route, groups).items():
                 ratios[f"ratio_b{bs}_{key}_eager"], ratios[f"ratio_b{bs}_{key}_fused"] = r_eager, r_fused
                 print(f"networks, conditional, batch {bs}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x")
@@ -277,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_b256_shared_fused",
         "ratio_b1_small_fused",
         "ratio_b256_small_fused",
+        "ratio_b1_delta_fused",
+        "ratio_b256_delta_fused",
         "ratio_b1_full",
         "ratio_b256_full",
         "ratio_b1_shared_kl",
@@ -285,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_b256_full_kl",
         "params_ratio_shared",
         "params_ratio_small",
+        "params_ratio_delta",
         "params_ratio_full",
     ):
         if name in ratios:

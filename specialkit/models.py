@@ -47,6 +47,8 @@ __all__ = [
     "count_flops",
     "replace_head",
     "DustbinHead",
+    "LowRankDelta",
+    "low_rank_delta",
     "Trunk",
     "SharedTrunkClassifier",
     "share_trunk",
@@ -414,6 +416,83 @@ class DustbinHead(nn.Module):
         return torch.cat(
             [z.index_select(1, self.special), torch.logsumexp(z.index_select(1, self.others), 1, keepdim=True)], 1
         )
+
+
+class LowRankDelta(nn.Module):
+    """A convolution or linear layer stored as the generalist's layer plus a rank-r delta (LoRA-style).
+
+    ``weight = base.weight + (up @ down).view_as(base.weight)`` with ``down: (r, fan_in)`` and ``up: (out, r)``;
+    ``up`` starts at zero, so the layer starts as exactly the generalist's. The base layer is **not** a submodule:
+    it is the generalist's own (held by reference, read detached, so training never moves it), out of
+    ``parameters()``, ``state_dict()`` and the parameter count. A bias, when the base has one, is the layer's own
+    (trained, starting at the base's).
+
+    Args:
+        base: the generalist's ``nn.Conv2d`` (groups 1) or ``nn.Linear``.
+        rank: r >= 1.
+    """
+
+    def __init__(self, base: nn.Conv2d | nn.Linear, rank: int) -> None:
+        super().__init__()
+        if not isinstance(base, (nn.Conv2d, nn.Linear)) or getattr(base, "groups", 1) != 1:
+            raise ModelError(f"a low-rank delta wraps an nn.Conv2d (groups 1) or nn.Linear, got {base!r}")
+        out, fan_in = base.weight.shape[0], base.weight[0].numel()
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(out, fan_in):
+            raise ModelError(f"rank={rank!r}: use a whole number in [1, {min(out, fan_in)}] for this layer")
+        self._base = [base]
+        w = base.weight
+        self.down = nn.Parameter(torch.randn(rank, fan_in, device=w.device, dtype=w.dtype) / fan_in**0.5)
+        self.up = nn.Parameter(torch.zeros(out, rank, device=w.device, dtype=w.dtype))
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone())
+        self.rank = rank
+
+    @property
+    def base(self) -> nn.Conv2d | nn.Linear:
+        """The generalist's layer this delta is added to."""
+        return self._base[0]
+
+    def weight(self) -> torch.Tensor:
+        """The effective weight, base plus delta (the base detached)."""
+        w = self.base.weight.detach()
+        return w + (self.up @ self.down).view_as(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        if isinstance(b, nn.Linear):
+            return nn.functional.linear(x, self.weight(), self.bias)
+        return nn.functional.conv2d(x, self.weight(), self.bias, b.stride, b.padding, b.dilation, b.groups)
+
+
+def low_rank_delta(specialist: SharedTrunkClassifier, generalist: Classifier, rank: int) -> SharedTrunkClassifier:
+    """A shared-trunk specialist whose own stages store only low-rank deltas on the generalist's later stages
+    (Super-Sub's ``0.2N + 1`` idea): every convolution of ``specialist.body`` becomes a :class:`LowRankDelta` on
+    the generalist's convolution at the same place. Batch-norm layers and the head stay the specialist's own.
+    Changed in place and returned. Freshly initialised from the generalist, it computes exactly what it did.
+
+    Args:
+        specialist: a :class:`SharedTrunkClassifier` cut from a specialist with the generalist's architecture.
+        generalist: the generalist whose later stages the deltas are added to (kept unchanged).
+        rank: r of every delta.
+
+    Returns:
+        ``specialist``.
+    """
+    if not isinstance(specialist, SharedTrunkClassifier):
+        raise ModelError("low_rank_delta needs a shared-trunk specialist (models.share_trunk) of the generalist")
+    own = list(specialist.body)
+    theirs = list(generalist.body)[generalist._split(specialist.shared_stages) :]
+    if len(own) != len(theirs):
+        raise ModelError("the specialist's own stages do not match the generalist's later stages: same architecture?")
+    for mine, gen in zip(own, theirs):
+        pairs = [(n, m, gen.get_submodule(n)) for n, m in mine.named_modules() if isinstance(m, nn.Conv2d) and n]
+        if isinstance(mine, nn.Conv2d):
+            raise ModelError("a bare convolution as a stage of body is not supported: wrap it in nn.Sequential")
+        for name, conv, gconv in pairs:
+            if conv.weight.shape != gconv.weight.shape:
+                raise ModelError(f"layer {name!r}: shapes differ from the generalist's; same architecture?")
+            parent = mine.get_submodule(name.rsplit(".", 1)[0]) if "." in name else mine
+            setattr(parent, name.rsplit(".", 1)[-1], LowRankDelta(gconv, rank))
+    return specialist
 
 
 class SmallCNN(Classifier):

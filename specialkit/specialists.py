@@ -405,7 +405,8 @@ def small_head(head: models.DustbinHead, features: torch.Tensor) -> torch.nn.Lin
 def collapse_head(model: models.Classifier, x: torch.Tensor, *, batch_size: int = 512) -> models.Classifier:
     """A copy of a trained specialist with its full C-row head collapsed to S + 1 rows (:func:`small_head`).
 
-    The copy shares a shared-trunk specialist's trunk (the generalist's, not copied); ``model`` is unchanged.
+    The copy shares a shared-trunk specialist's trunk and the generalist's layers under its low-rank deltas (not
+    copied); ``model`` is unchanged.
     Its config becomes a plain linear head of S + 1 outputs.
 
     Args:
@@ -421,7 +422,8 @@ def collapse_head(model: models.Classifier, x: torch.Tensor, *, batch_size: int 
             f"the specialist's head is a {type(model.head).__name__}, not a DustbinHead: only a specialist "
             "initialised from the generalist has a full head to collapse"
         )
-    memo = {id(t): t for t in getattr(model, "_trunk", [])}  # a shared trunk stays shared
+    shared = [*getattr(model, "_trunk", []), *(m.base for m in model.modules() if isinstance(m, models.LowRankDelta))]
+    memo = {id(t): t for t in shared}  # a shared trunk, and the generalist's layers under low-rank deltas, stay shared
     small = copy.deepcopy(model, memo).eval()
     with torch.no_grad():
         feats = torch.cat([small.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])

@@ -1,0 +1,73 @@
+"""Issue 22 part 3: specialists stored as low-rank deltas on the generalist's later stages."""
+
+import numpy as np
+import pytest
+import torch
+
+from specialkit import models, specialists
+
+C, CLASSES = 20, [1, 5, 9]
+
+
+@pytest.fixture()
+def nets(one_thread):
+    torch.manual_seed(0)
+    gen = models.build_model(
+        models.ModelConfig(name="cnn", num_classes=C, in_channels=1, image_size=16, width=4, depth=3)
+    ).eval()
+    shared = models.share_trunk(specialists.init_from_generalist(gen, CLASSES), gen.trunk(2)).eval()
+    delta = models.low_rank_delta(
+        models.share_trunk(specialists.init_from_generalist(gen, CLASSES), gen.trunk(2)), gen, 2
+    ).eval()
+    return gen, shared, delta, torch.rand(8, 1, 16, 16)
+
+
+def test_a_fresh_delta_specialist_computes_what_the_shared_specialist_computes(nets):
+    _, shared, delta, x = nets
+    with torch.no_grad():
+        torch.testing.assert_close(delta(x), shared(x), rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, models.LowRankDelta) for m in delta.modules()) == 2  # the last stage's two convs
+
+
+def test_it_stores_the_deltas_batch_norms_and_head_only(nets):
+    gen, shared, delta, _ = nets
+    convs = [m for m in shared.body.modules() if isinstance(m, torch.nn.Conv2d)]
+    dense = sum(c.weight.numel() for c in convs)
+    low = sum(2 * (c.weight.shape[0] + c.weight[0].numel()) for c in convs)
+    assert models.count_parameters(shared) - models.count_parameters(delta) == dense - low
+    assert not any(n.endswith("_base") for n in delta.state_dict())
+
+
+def test_training_moves_the_delta_and_never_the_generalist(nets):
+    gen, _, delta, x = nets
+    before = {n: p.clone() for n, p in gen.named_parameters()}
+    delta.train()
+    opt = torch.optim.SGD(delta.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        delta(x).logsumexp(1).mean().backward()
+        opt.step()
+    assert all(torch.equal(before[n], p) for n, p in gen.named_parameters())
+    ups = [m.up for m in delta.modules() if isinstance(m, models.LowRankDelta)]
+    assert any(u.abs().sum() > 0 for u in ups)  # the deltas moved off zero
+    delta.eval()
+    with torch.no_grad():
+        layer = next(m for m in delta.modules() if isinstance(m, models.LowRankDelta))
+        assert np.linalg.matrix_rank((layer.weight() - layer.base.weight).flatten(1).numpy()) <= 2
+
+
+def test_refusals(nets):
+    gen, shared, _, _ = nets
+    with pytest.raises(models.ModelError, match="rank"):
+        models.LowRankDelta(torch.nn.Conv2d(3, 4, 3), 0)
+    with pytest.raises(models.ModelError, match="shared-trunk"):
+        models.low_rank_delta(gen, gen, 2)
+
+
+def test_its_head_collapses_and_the_generalists_layers_stay_shared(nets):
+    _, _, delta, x = nets
+    small = specialists.collapse_head(delta, torch.rand(64, 1, 16, 16))
+    bases = [m.base for m in delta.modules() if isinstance(m, models.LowRankDelta)]
+    assert [m.base for m in small.modules() if isinstance(m, models.LowRankDelta)] == bases
+    with torch.no_grad():
+        assert torch.equal(small(x)[:, :-1], delta(x)[:, :-1])
