@@ -133,6 +133,9 @@ class SpecialistConfig:
             equal their share of non-special examples (:func:`prior_matched_correction`; one extra
             inference pass over the validation split); ``"none"`` -- 0 (ablation).
         train: the :class:`training.TrainConfig` of the loop (epochs, lr, batch size, seed, ...).
+        delta_rank: r > 0 (with ``shared_stages``): the specialist's own convolutions are stored and trained as rank-r
+            deltas on the generalist's (:func:`models.low_rank_delta`); 0 = dense (the default). Not a pipeline
+            setting yet: checkpoints of delta specialists are not written (issue 22).
     """
 
     model: str | None = None
@@ -147,6 +150,7 @@ class SpecialistConfig:
     soft_collapse: str = "logits"
     correction: str = "prior_match"
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
+    delta_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.correction not in CORRECTIONS:
@@ -178,6 +182,11 @@ class SpecialistConfig:
             raise SpecialistError(
                 "SpecialistConfig.shared_stages > 0 shares the generalist's trunk, so the specialist must start "
                 "from the generalist: use init='auto' or 'generalist', or shared_stages=0"
+            )
+        if not isinstance(self.delta_rank, int) or self.delta_rank < 0 or (self.delta_rank and not self.shared_stages):
+            raise SpecialistError(
+                f"SpecialistConfig.delta_rank={self.delta_rank!r}: a whole number >= 0, and > 0 only with "
+                "shared_stages > 0 (the deltas sit on the generalist's later stages)"
             )
         for key in ("width", "depth"):
             v = getattr(self, key)
@@ -908,7 +917,10 @@ def train_specialist(
     else:
         model = init_from_generalist(generalist, c) if from_gen else models.build_model(model_cfg)
     if config.shared_stages:
-        model = models.share_trunk(model, copy.deepcopy(generalist).trunk(config.shared_stages))
+        owner = copy.deepcopy(generalist)
+        model = models.share_trunk(model, owner.trunk(config.shared_stages))
+        if config.delta_rank:
+            model = models.low_rank_delta(model, owner, config.delta_rank)
     if from_gen:
         model_cfg = model.config
     sampler = enriched_sampler(

@@ -71,3 +71,10 @@ def test_its_head_collapses_and_the_generalists_layers_stay_shared(nets):
     assert [m.base for m in small.modules() if isinstance(m, models.LowRankDelta)] == bases
     with torch.no_grad():
         assert torch.equal(small(x)[:, :-1], delta(x)[:, :-1])
+
+
+def test_the_specialist_config_takes_a_delta_rank_only_with_a_shared_trunk():
+    assert specialists.SpecialistConfig().delta_rank == 0
+    assert specialists.SpecialistConfig(shared_stages=2, delta_rank=4).delta_rank == 4
+    with pytest.raises(specialists.SpecialistError, match="delta_rank"):
+        specialists.SpecialistConfig(delta_rank=4)
