@@ -41,34 +41,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def collapsed_probs(ds: object, trained: specialists.TrainedSpecialist, x: torch.Tensor) -> np.ndarray:
+    """A trained specialist's probabilities on ``x`` with its head collapsed (the dustbin row fitted on the validation
+    images) and its dustbin correction fitted again for the collapsed head, the same way on the same images."""
+    x_val, y_val = ds.split("val")
+    small = specialists.collapse_head(trained.model.cpu().eval(), dataset.to_float(x_val))
+    shift = trained.dustbin_shift
+    if trained.correction == "prior_match":
+        shift = specialists.correction_value(
+            "prior_match",
+            y_train=ds.y_train,
+            classes=trained.classes,
+            special_fraction=trained.special_fraction,
+            val_logits=training.predict_logits(small, x_val, device="cpu").numpy(),
+            y_val=y_val,
+        )
+    return specialists.predict_specialist(small, x, shift=shift, device="cpu")
+
+
 def small_head_probs(run: pipeline.Run, split: str) -> list[np.ndarray]:
-    """Per specialist, its probabilities on ``split`` with the head collapsed (fitted on the validation images)."""
+    """Per specialist of ``run``, its probabilities on ``split`` with the head collapsed (:func:`collapsed_probs`)."""
     ds = run.dataset()
-    x_val = dataset.to_float(ds.split("val")[0])
-    x = ds.split(split)[0]
-    out = []
-    for s in run.specialists():
-        small = specialists.collapse_head(s.model.cpu().eval(), x_val)
-        out.append(specialists.predict_specialist(small, x, shift=s.dustbin_shift, device="cpu"))
-    return out
+    return [collapsed_probs(ds, s, ds.split(split)[0]) for s in run.specialists()]
 
 
-def delta_probs(run: pipeline.Run, rank: int, split: str) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+def delta_probs(run: pipeline.Run, rank: int, split: str) -> tuple[list[np.ndarray], list[np.ndarray], float, float]:
     """Per specialist, probabilities on ``split`` of a specialist trained as rank-``rank`` deltas (the run's recipe and
-    seeds otherwise), then the same with its head collapsed; and the stored parameters of the latter over the
-    generalist's (the generalist counted once)."""
+    seeds otherwise), then the same with its head collapsed (:func:`collapsed_probs`); and the stored parameters of
+    each kind over the generalist's (the generalist counted once)."""
     ds, gen = run.dataset(), run.generalist().model.cpu().eval()
     cfg = dataclasses.replace(specialists.run_config(run), delta_rank=rank)
-    x_val, x = dataset.to_float(ds.split("val")[0]), ds.split(split)[0]
-    dense, small, params = [], [], 0
+    x = ds.split(split)[0]
+    dense, small, params, params_small = [], [], 0, 0
     for index, classes in enumerate(run.groups()):
         training.seed_everything(cfg.train.seed + index)
         trained = specialists.train_specialist(ds, classes, config=cfg, generalist=gen, desc=f"delta {index}")
         dense.append(specialists.predict_specialist(trained.model, x, shift=trained.dustbin_shift, device="cpu"))
-        collapsed = specialists.collapse_head(trained.model, x_val)
-        small.append(specialists.predict_specialist(collapsed, x, shift=trained.dustbin_shift, device="cpu"))
-        params += models.count_parameters(collapsed)
-    return dense, small, 1 + params / models.count_parameters(gen)
+        small.append(collapsed_probs(ds, trained, x))
+        params += models.count_parameters(trained.model)
+        head = trained.model.head
+        params_small += models.count_parameters(trained.model) - (head.linear.out_features - len(classes) - 1) * (
+            head.in_features + 1
+        )
+    n = models.count_parameters(gen)
+    return dense, small, 1 + params / n, 1 + params_small / n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,9 +100,14 @@ def main(argv: list[str] | None = None) -> None:
         rules=("generalist", "kl"),
         latency=False,
         html_report=False,
+        progress=False,
         device="cpu",
     )
-    run = pipeline.Run(args.folder, cfg, log=lambda s: None)
+    if (Path(args.folder) / "config.json").is_file():  # reuse a finished run as it is (its own settings are printed)
+        run = pipeline.Run.open(args.folder, log=lambda s: None)
+    else:
+        run = pipeline.Run(args.folder, cfg, log=lambda s: None)
+    cfg = run.config
     run.specialists()
     ds = run.dataset()
     y = ds.y_test.numpy()
@@ -102,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     delta_ratio = None
     if args.delta_rank:
-        dense_d, small_d, delta_ratio = delta_probs(run, args.delta_rank, "test")
+        dense_d, small_d, delta_ratio, delta_small_ratio = delta_probs(run, args.delta_rank, "test")
         for name, probs in (
             (f"kl, rank-{args.delta_rank} deltas", dense_d),
             (f"kl, rank-{args.delta_rank} + small", small_d),
@@ -117,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         (specialists.head_rows(s.model) - len(s.classes) - 1) * (s.model.head.in_features + 1) for s in sp
     )
     print(
-        f"{args.dataset}, preset {args.preset}, k={len(groups)}, shared stages {args.shared_stages}; "
+        f"{cfg.dataset}, per_class {cfg.per_class}, epochs {cfg.epochs}/{cfg.specialist_epochs}, k={len(groups)}, "
+        f"shared stages {cfg.specialist_shared_stages}; "
         f"{len(y)} test images; {args.threads} thread(s)"
     )
     print(
@@ -128,7 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = boot.top1_ci(name)
         print(f"{name:18s} top-1 {c.mean():.4f} [{lo:.4f}, {hi:.4f}]")
     if delta_ratio is not None:
-        print(f"params stored / generalist, rank-{args.delta_rank} deltas + small heads: {delta_ratio:.3f}x")
+        print(
+            f"params stored / generalist: rank-{args.delta_rank} deltas {delta_ratio:.3f}x, "
+            f"with small heads {delta_small_ratio:.3f}x"
+        )
     for name in [n for n in correct if n not in ("generalist", "kl, full heads")]:
         ci = boot.gain_ci(name, "kl, full heads")
         mc = stats.mcnemar(correct["kl, full heads"], correct[name])

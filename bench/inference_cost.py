@@ -4,8 +4,8 @@ Builds a generalist (``cnn`` on 1x32x32 images, 62 classes, as for ``glyphs``) a
 about C/M classes each, three ways: with the generalist's architecture (initialised from it, as in the
 paper: "full"); sharing the generalist's first ``--shared-stages`` stages (the trunk runs once per
 image, each specialist only its own later stages: "shared"); shared, with each head collapsed from C to |S|+1 rows
-(``specialists.collapse_head``, dustbin row fitted on 256 images: "small", issue 22); shared, small heads, and the
-later stages stored as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: "delta"); and
+(``specialists.collapse_head``, dustbin row fitted on 256 images: "small", issue 22); shared, with the later
+stages stored as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: "delta"); and
 smaller
 (``--small-width``/``--small-depth``, from scratch: "scratch"). Per image it reports:
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--specialists", type=int, default=8, help="M, disjoint groups of about C/M classes")
     p.add_argument("--width", type=int, default=16, help="cnn width of the generalist")
     p.add_argument("--depth", type=int, default=3, help="cnn depth of the generalist")
-    p.add_argument("--delta-rank", type=int, default=8, help="rank of the low-rank delta specialists' layers")
+    p.add_argument("--delta-rank", type=int, default=16, help="rank of the low-rank delta specialists' layers")
     p.add_argument("--small-width", type=int, default=8, help="cnn width of the small specialists")
     p.add_argument("--small-depth", type=int, default=3, help="cnn depth of the small specialists")
     p.add_argument("--images-small", type=int, default=32, help="images timed at batch 1")
@@ -192,12 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     x_fit = images(args, 256).float().div(255.0).to(device)  # the small heads' dustbin rows are fitted on these
     small = [specialists.collapse_head(s, x_fit) for s in shared]
     delta = [
-        specialists.collapse_head(
-            models.low_rank_delta(
-                models.share_trunk(specialists.init_from_generalist(generalist, g), trunk), generalist, args.delta_rank
-            ).to(device),
-            x_fit,
+        models.low_rank_delta(
+            models.share_trunk(specialists.init_from_generalist(generalist, g), trunk), generalist, args.delta_rank
         )
+        .eval()
+        .to(device)
         for g in groups
     ]
 
@@ -231,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         (
             "delta",
-            f"sharing the first {s_shared} stages, the rest rank-{args.delta_rank} deltas on the generalist's, "
-            "small heads (models.low_rank_delta)",
+            f"sharing the first {s_shared} stages, the rest rank-{args.delta_rank} deltas on the generalist's "
+            "(models.low_rank_delta)",
             delta,
         ),
         ("scratch", f"small (cnn width {args.small_width} depth {args.small_depth}, from scratch)", scratch),
