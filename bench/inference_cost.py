@@ -260,9 +260,11 @@ def main(argv: list[str] | None = None) -> None:
             max_images={bs: (args.images_small if bs == 1 else args.images_large) for bs in args.batch_sizes},
         )
         if key in ("shared", "small", "delta"):
-            for bs, (r_eager, r_fused) in fused_ratios(args, generalist, specs, x.to(device), p_route, groups).items():
+            timed = [models.merge_deltas(s) for s in specs] if key == "delta" else specs
+            for bs, (r_eager, r_fused) in fused_ratios(args, generalist, timed, x.to(device), p_route, groups).items():
                 ratios[f"ratio_b{bs}_{key}_eager"], ratios[f"ratio_b{bs}_{key}_fused"] = r_eager, r_fused
-                print(f"networks, conditional, batch {bs}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x")
+                merged = " (deltas merged into dense layers at load: models.merge_deltas)" if key == "delta" else ""
+                print(f"networks, conditional, batch {bs}{merged}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x")
         for bs in args.batch_sizes:
             for model, suffix in (("nets conditional", ""), ("kl conditional", "_kl")):
                 row = df[(df["model"] == model) & (df["batch_size"] == bs)]

@@ -24,6 +24,7 @@ torch.Size([2, 62])
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
@@ -49,6 +50,7 @@ __all__ = [
     "DustbinHead",
     "LowRankDelta",
     "low_rank_delta",
+    "merge_deltas",
     "Trunk",
     "SharedTrunkClassifier",
     "share_trunk",
@@ -493,6 +495,44 @@ def low_rank_delta(specialist: SharedTrunkClassifier, generalist: Classifier, ra
             parent = mine.get_submodule(name.rsplit(".", 1)[0]) if "." in name else mine
             setattr(parent, name.rsplit(".", 1)[-1], LowRankDelta(gconv, rank))
     return specialist
+
+
+def merge_deltas(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference with every :class:`LowRankDelta` replaced by a dense layer holding its
+    effective weight (base + delta): the same outputs in one convolution, no product of the factors per call. What is
+    stored stays the deltas; this is what a loader builds in memory. A shared trunk stays shared.
+
+    Args:
+        model: a model with low-rank deltas (e.g. from :func:`low_rank_delta`).
+
+    Returns:
+        The merged copy (``model`` is unchanged).
+    """
+    memo = {id(t): t for t in getattr(model, "_trunk", [])}
+    memo.update({id(m.base): m.base for m in model.modules() if isinstance(m, LowRankDelta)})
+    out = copy.deepcopy(model, memo)
+    for name, layer in [(n, m) for n, m in out.named_modules() if isinstance(m, LowRankDelta)]:
+        b = layer.base
+        if isinstance(b, nn.Linear):
+            dense: nn.Module = nn.Linear(b.in_features, b.out_features, bias=layer.bias is not None)
+        else:
+            dense = nn.Conv2d(
+                b.in_channels,
+                b.out_channels,
+                b.kernel_size,
+                b.stride,
+                b.padding,
+                b.dilation,
+                bias=layer.bias is not None,
+            )
+        dense = dense.to(device=b.weight.device, dtype=b.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(layer.weight())
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        parent, _, leaf = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, leaf, dense.train(layer.training))
+    return out
 
 
 class SmallCNN(Classifier):

@@ -78,3 +78,16 @@ def test_the_specialist_config_takes_a_delta_rank_only_with_a_shared_trunk():
     assert specialists.SpecialistConfig(shared_stages=2, delta_rank=4).delta_rank == 4
     with pytest.raises(specialists.SpecialistError, match="delta_rank"):
         specialists.SpecialistConfig(delta_rank=4)
+
+
+def test_merged_deltas_give_the_same_outputs_with_dense_layers(nets):
+    _, shared, delta, x = nets
+    with torch.no_grad():
+        for layer in (m for m in delta.modules() if isinstance(m, models.LowRankDelta)):
+            layer.up.normal_()  # a trained-looking delta
+        merged = models.merge_deltas(delta)
+        torch.testing.assert_close(merged(x), delta(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, models.LowRankDelta) for m in merged.modules())
+    assert models.count_parameters(merged) == models.count_parameters(shared)
+    assert merged.shared_trunk is delta.shared_trunk
+    assert any(isinstance(m, models.LowRankDelta) for m in delta.modules())  # the original is unchanged
