@@ -134,6 +134,7 @@ class SpecialistOutputs:
 
     @property
     def num_images(self) -> int:
+        """How many images the result covers."""
         return int(self.probs.shape[0])
 
 
@@ -989,6 +990,8 @@ def combine_top_confident(
         n: how many specialists to average per image (>= 1, <= M).
         confidence: ``"max"`` or ``"mass"`` (see :func:`specialist_confidence`).
         active: optional (N, M) bool restricting the candidates.
+        calibration: one :class:`Calibration` per specialist (from :func:`calibrate`), or ``None`` for the rule as
+            first built.
 
     Returns:
         q: (N, C) float64.
@@ -1125,6 +1128,8 @@ def combine_moe(
         p_gen: (N, C) generalist probabilities.
         specialists: M specialists.
         threshold: group-mass threshold for running a specialist, in [0, 1].
+        calibration: one :class:`Calibration` per specialist (from :func:`calibrate`), or ``None`` for the rule as
+            first built.
 
     Returns:
         q: (N, C) float64.

@@ -282,6 +282,7 @@ class Trunk(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> Trunk:
+        """Stay in evaluation mode whatever ``mode`` says: a frozen trunk never updates its batch-norm statistics."""
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -355,6 +356,7 @@ class SharedTrunkClassifier(Classifier):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The specialist's features (the shared trunk, then its own body) before the head."""
         return self.dropout(self.body(self.shared_trunk(x)))
 
     def forward_shared(self, h: torch.Tensor) -> torch.Tensor:
@@ -410,6 +412,7 @@ class DustbinHead(nn.Module):
         self.in_features, self.out_features = in_features, len(special) + 1
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the group's classes plus one dustbin logit (the logsumexp of the other classes' logits)."""
         z = self.linear(h)
         return torch.cat(
             [z.index_select(1, self.special), torch.logsumexp(z.index_select(1, self.others), 1, keepdim=True)], 1
@@ -520,6 +523,7 @@ class CifarResNetNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch of images."""
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
@@ -594,6 +598,7 @@ class TorchvisionClassifier(Classifier):
         self.body, self.head = net, head
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Bring ``x`` to what the wrapped network expects: grey to RGB, resized to its input size, normalised."""
         if x.shape[1] == 1 and self.config.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
         size = self.config.input_size
