@@ -771,7 +771,7 @@ _STAGE_NOTES = {
 
 
 def settings_markdown() -> str:
-    """The README's table of settings by stage, from the field metadata (``tools/update_readme.py`` writes it).
+    """The table of settings by stage in docs/USAGE.md, from the field metadata (``tools/update_readme.py`` writes it).
 
     A setting with a ``specialkit run`` flag is shown as ``--flag``; one kept out of its stage's cache key is
     marked with ``*``."""

@@ -1,6 +1,6 @@
 """Which specialists to run for an image, and how to combine their outputs with the generalist's.
 
-Data model (``docs/CONTRACTS.md``): ``C`` classes; the generalist gives ``p_gen: (N, C)``;
+Data model (``docs/LAYERS.md``): ``C`` classes; the generalist gives ``p_gen: (N, C)``;
 specialist ``m`` covers ``classes_m: (|S_m|,)`` class indices and gives
 ``probs_m: (N, |S_m| + 1)`` with its **dustbin last** (the mass of every class outside ``S_m``).
 A specialist's *cells* are its ``|S_m|`` special classes and its dustbin; :func:`collapse` maps a
