@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/specialkit run --config configs/demo.json
 
-## When do specialists pay off? The demo's regime and the harder glyphs_hard, 2 seeds each, 2 runs at once
-## (configs/study.json): runs/regimes/study.csv, study.json and report.html (<= 20 min on 2 cores).
+## When do specialists pay off? The demo's regime and the harder glyphs_hard, 5 seeds each (the fewest the
+## across-seed verdict reads), 2 runs at once (configs/study.json): runs/regimes/study.csv, study.json, report.html.
 study: $(STAMP)
 	$(VENV)/bin/specialkit study configs/study.json
 

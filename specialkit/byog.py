@@ -98,6 +98,7 @@ class Source:
 
     @property
     def has_model(self) -> bool:
+        """Whether the generalist comes as a model (a predictions file has none)."""
         return self.kind != "predictions"
 
 
@@ -224,6 +225,7 @@ class ScriptedGeneralist(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` the way the model was trained (grey to RGB, resize, mean/std), then run the model."""
         if x.shape[1] == 1 and self.mean.shape[1] == 3:
             x = x.expand(-1, 3, -1, -1)
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):

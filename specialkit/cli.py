@@ -33,6 +33,7 @@ _STAGES = (*stages.COMMANDS, "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``specialkit`` command's argument parser: ``run``, the stage commands, ``study``, ``report`` and the rest."""
     p = argparse.ArgumentParser(
         prog="specialkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -345,6 +346,14 @@ def _run_lock(args: argparse.Namespace, run: Any) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``specialkit`` command.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 when it worked; a kit error prints one line and returns its ``exit_code()``.
+    """
     args = build_parser().parse_args(argv)
     try:
         return _main(args)

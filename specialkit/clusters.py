@@ -172,10 +172,12 @@ class ClusterSpec:
 
     @property
     def num_groups(self) -> int:
+        """How many groups (specialists) the spec has."""
         return len(self.groups)
 
     @property
     def num_classes(self) -> int:
+        """How many classes the groups are drawn from."""
         return len(self.class_names)
 
     def __len__(self) -> int:
@@ -642,7 +644,9 @@ def spectral(
         class_names: (C,) names.
         k: number of groups, ``2 <= k <= C``.
         seed: ``random_state`` (eigen-solver start and label k-means).
-        affinity, sigma, floor: see above.
+        affinity: ``"linear"`` or ``"gaussian"`` (see above).
+        sigma: the Gaussian's width (default the median off-diagonal distance).
+        floor: added to every off-diagonal affinity (see above).
         n_init: k-means restarts on the spectral embedding.
 
     Returns:

@@ -334,6 +334,7 @@ class PipelineConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (tuples as lists), as ``config.json`` stores them."""
         d = dataclasses.asdict(self)
         d["rules"] = list(self.rules)
         d["seeds"] = None if self.seeds is None else list(self.seeds)
@@ -348,12 +349,24 @@ class PipelineConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
+        """Write the settings to ``path`` as JSON, atomically."""
         from .runs import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "PipelineConfig":
+        """Read settings written by :meth:`save` (or by hand).
+
+        Args:
+            path: a JSON file of settings; keys not given keep their defaults.
+
+        Returns:
+            The settings, checked.
+
+        Raises:
+            ConfigError: the file is missing, is not JSON or holds an unknown or out-of-range setting.
+        """
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; write one with `specialkit run --write-config {path}`")
@@ -766,7 +779,7 @@ _STAGE_NOTES = {
 
 
 def settings_markdown() -> str:
-    """The README's table of settings by stage, from the field metadata (``tools/update_readme.py`` writes it).
+    """The table of settings by stage in docs/USAGE.md, from the field metadata (``tools/update_readme.py`` writes it).
 
     A setting with a ``specialkit run`` flag is shown as ``--flag``; one kept out of its stage's cache key is
     marked with ``*``."""

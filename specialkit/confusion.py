@@ -452,6 +452,7 @@ class ConfusionSummary:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the matrix has (its rows)."""
         return len(self.class_names)
 
     def top_pairs(self, k: int = 10, *, symmetric: bool = False) -> pd.DataFrame:

@@ -58,12 +58,14 @@ def _input_shape(ds: Any) -> tuple[int, int, int, int]:
 
 
 def train_flops_per_example(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
-    """Training FLOPs of one example-pass as the training loop spends them: one forward and one backward pass, counted
-    by ``torch.utils.flop_counter`` on a copy of ``model`` in training mode (the copy's batch-norm statistics change,
-    not the model's). The backward computes what autograd computes: weight gradients of every trained layer and input
-    gradients only where something before needs them — not for the first layer (the images need none) and not into a
-    frozen shared trunk, which runs forward only. (The old ``3 x forward`` rule counted both, and a shared trunk's
-    first trained layer's input gradient: 7.6% too much for two shared stages of the demo's CNN, issue 20.)
+    """Training FLOPs of one example-pass as the training loop spends them.
+
+    One forward and one backward pass, counted by ``torch.utils.flop_counter`` on a copy of ``model`` in training mode
+    (the copy's batch-norm statistics change, not the model's). The backward computes what autograd computes: weight
+    gradients of every trained layer and input gradients only where something before needs them — not for the first
+    layer (the images need none) and not into a frozen shared trunk, which runs forward only. (The old ``3 x forward``
+    rule counted both, and a shared trunk's first trained layer's input gradient: 7.6% too much for two shared stages of
+    the demo's CNN, issue 20.)
 
     Args:
         model: the trained network (any ``Classifier``, a :class:`specialkit.models.SharedTrunkClassifier` included).

@@ -79,14 +79,17 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the dataset has."""
         return len(self.class_names)
 
     @property
     def channels(self) -> int:
+        """Image channels (1 for grey, 3 for colour)."""
         return int(self.x_train.shape[1])
 
     @property
     def image_size(self) -> int:
+        """Image side in pixels (images are square)."""
         return int(self.x_train.shape[-1])
 
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:

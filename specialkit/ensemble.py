@@ -1,6 +1,6 @@
 """Which specialists to run for an image, and how to combine their outputs with the generalist's.
 
-Data model (``docs/CONTRACTS.md``): ``C`` classes; the generalist gives ``p_gen: (N, C)``;
+Data model (``docs/LAYERS.md``): ``C`` classes; the generalist gives ``p_gen: (N, C)``;
 specialist ``m`` covers ``classes_m: (|S_m|,)`` class indices and gives
 ``probs_m: (N, |S_m| + 1)`` with its **dustbin last** (the mass of every class outside ``S_m``).
 A specialist's *cells* are its ``|S_m|`` special classes and its dustbin; :func:`collapse` maps a
@@ -135,6 +135,7 @@ class SpecialistOutputs:
 
     @property
     def num_images(self) -> int:
+        """How many images the result covers."""
         return int(self.probs.shape[0])
 
 
@@ -1023,6 +1024,8 @@ def combine_top_confident(
         n: how many specialists to average per image (>= 1, <= M).
         confidence: ``"max"`` or ``"mass"`` (see :func:`specialist_confidence`).
         active: optional (N, M) bool restricting the candidates.
+        calibration: one :class:`Calibration` per specialist (from :func:`calibrate`), or ``None`` for the rule as
+            first built.
 
     Returns:
         q: (N, C) float64.
@@ -1159,6 +1162,8 @@ def combine_moe(
         p_gen: (N, C) generalist probabilities.
         specialists: M specialists.
         threshold: group-mass threshold for running a specialist, in [0, 1].
+        calibration: one :class:`Calibration` per specialist (from :func:`calibrate`), or ``None`` for the rule as
+            first built.
 
     Returns:
         q: (N, C) float64.

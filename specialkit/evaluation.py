@@ -128,7 +128,8 @@ def nll(probs: Scores, y: Labels) -> float:
     """Mean negative log-likelihood of the true class (nats; probabilities floored at 1e-12).
 
     Args:
-        probs: (N, C) probabilities; y: (N,) labels.
+        probs: (N, C) probabilities.
+        y: (N,) labels.
 
     Returns:
         ``mean(-log probs[i, y_i])``; lower is better, 0 for a certain and right model.
@@ -145,7 +146,9 @@ def ece(probs: Scores, y: Labels, *, bins: int = ECE_BINS) -> float:
     their top probability; ECE = sum over bins of (share of images) x |accuracy - mean top probability|.
 
     Args:
-        probs: (N, C) probabilities; y: (N,) labels; bins: how many bins over [0, 1].
+        probs: (N, C) probabilities.
+        y: (N,) labels.
+        bins: how many bins over [0, 1].
 
     Returns:
         ECE in [0, 1] (0: the model's confidence is its accuracy).
@@ -468,6 +471,7 @@ def measure_latency(
         batch_size: images per call.
         repeats: timed passes; the median is returned (the smallest with ``best``, steadier on a shared machine).
         warmup: untimed passes before timing.
+        best: return the smallest time of the repeats instead of the median.
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise EvaluationError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
@@ -730,7 +734,8 @@ def latency_table(
             own routing, e.g. ``moe_gates(...).run``), where ``combine(p_gen (B, C), spec_probs: list
             of (B, |S_m|+1), mask (B, M)) -> q``; a ``None`` combine times the models only.
             Default ``{"ensemble": None}``.
-        repeats, warmup: see :func:`measure_latency`.
+        repeats: timed passes (see :func:`measure_latency`).
+        warmup: untimed passes before timing.
         max_images: batch size -> number of images timed (default all of ``x``): batch 1 over
             thousands of images is slow on a CPU.
         best: report the smallest time of the repeats instead of the median.

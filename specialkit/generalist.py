@@ -60,10 +60,12 @@ class ModelResult:
 
     @property
     def val_probs(self) -> np.ndarray:
+        """The generalist's class probabilities on the validation images."""
         return self.probs("val")
 
     @property
     def test_probs(self) -> np.ndarray:
+        """The generalist's class probabilities on the test images."""
         return self.probs("test")
 
 

@@ -123,7 +123,7 @@ def _check_labels(name: str, y: torch.Tensor, num_classes: int, where: Path) -> 
 
 
 def _to_nchw(data: Any) -> torch.Tensor:
-    """torchvision's ``.data``: (N, H, W) tensor or (N, H, W, C) array -> (N, C, H, W) ``uint8`` tensor."""
+    """Torchvision's ``.data``: (N, H, W) tensor or (N, H, W, C) array -> (N, C, H, W) ``uint8`` tensor."""
     if isinstance(data, np.ndarray) and data.ndim == 4:
         return torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2), dtype=np.uint8))  # CIFAR: a view
     x = torch.as_tensor(data, dtype=torch.uint8)
@@ -248,7 +248,10 @@ def load_cifar10(
     Args:
         root: folder holding ``cifar-10-batches-py/`` (or that folder itself).
         download: let torchvision fetch the archive (about 170 MB).
-        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        per_class: training images per class (``None``: all).
+        val_fraction: the share of the training images held out for validation.
+        seed: the seed of the train/validation split (see :func:`specialkit.data.load`).
+        **options: none are taken (one is an error naming it).
     """
     _reject_options("cifar10", options)
     return _load_torchvision(
@@ -271,7 +274,10 @@ def load_cifar100(
     Args:
         root: folder holding ``cifar-100-python/`` (or that folder itself).
         download: let torchvision fetch the archive (about 160 MB).
-        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        per_class: training images per class (``None``: all).
+        val_fraction: the share of the training images held out for validation.
+        seed: the seed of the train/validation split (see :func:`specialkit.data.load`).
+        **options: none are taken (one is an error naming it).
     """
     _reject_options("cifar100", options)
     ds, folder = _load_torchvision(
@@ -375,7 +381,10 @@ def load_mnist(
         root: folder holding ``MNIST/raw/train-images-idx3-ubyte`` ... (uncompressed; with only
             the ``.gz`` files there, ``download=True`` unpacks them without the network).
         download: let torchvision fetch the files.
-        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        per_class: training images per class (``None``: all).
+        val_fraction: the share of the training images held out for validation.
+        seed: the seed of the train/validation split (see :func:`specialkit.data.load`).
+        **options: none are taken (one is an error naming it).
     """
     _reject_options("mnist", options)
     return _load_torchvision(
@@ -397,7 +406,10 @@ def load_fashion_mnist(
     Args:
         root: folder holding ``FashionMNIST/raw/train-images-idx3-ubyte`` ... (uncompressed).
         download: let torchvision fetch the files.
-        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        per_class: training images per class (``None``: all).
+        val_fraction: the share of the training images held out for validation.
+        seed: the seed of the train/validation split (see :func:`specialkit.data.load`).
+        **options: none are taken (one is an error naming it).
     """
     _reject_options("fashion_mnist", options)
     return _load_torchvision(
@@ -653,7 +665,9 @@ def load_tiny_imagenet(
     Args:
         root: ``tiny-imagenet-200/`` itself or the folder holding it (default :func:`default_root`).
         download: not supported (the error says where to get the zip).
-        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        per_class: training images per class (``None``: all).
+        val_fraction: the share of the training images held out for validation.
+        seed: the seed of the train/validation split (see :func:`specialkit.data.load`).
         **options: ``workers`` (decoding threads, default ``min(8, cpu_count)``).
     """
     _reject_options("tiny_imagenet", options, ("workers", *STREAM_OPTIONS))
@@ -748,7 +762,9 @@ def load_imagefolder(
     Args:
         root: the folder holding the class folders (required).
         download: ignored (nothing to download).
-        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        per_class: training images per class (``None``: all).
+        val_fraction: the share of the training images held out for validation.
+        seed: the seed of the train/validation split (see :func:`specialkit.data.load`).
         **options: ``channels`` (1 = grey or 3 = RGB, default 3; any mode or bit depth is converted:
             16-bit and float images are scaled to 8 bits, transparency is composited over white);
             ``size`` (int or (H, W): every image is resized to it; default a square whose side is the
@@ -952,7 +968,9 @@ def load_imagenet(
     Args:
         root: the folder holding ``train/`` and ``val/`` (or Kaggle's, holding ``ILSVRC/Data/CLS-LOC/``).
         download: not supported (ImageNet needs a licence; download it yourself).
-        per_class, val_fraction, seed: as in :func:`specialkit.data.load`.
+        per_class: training images per class (``None``: all).
+        val_fraction: the share of the training images held out for validation.
+        seed: the seed of the train/validation split (see :func:`specialkit.data.load`).
         **options: ``size`` (side in pixels, default 64; ``data.load(image_size=...)`` sets it), ``workers``
             (decoding threads of the in-memory path), ``in_memory``, ``memory_budget_gb``, ``stream_workers``
             (see :mod:`specialkit.streaming`).

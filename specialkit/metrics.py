@@ -71,7 +71,9 @@ def within_group_accuracy(probs: np.ndarray, y: np.ndarray, groups: Sequence[np.
     classes of the specialists covering that true class (nan when no image is covered).
 
     Args:
-        probs: (N, C) probabilities; y: (N,) labels; groups: M arrays of class indices.
+        probs: (N, C) probabilities.
+        y: (N,) labels.
+        groups: M arrays of class indices.
     """
     c = probs.shape[1]
     member = np.zeros((c, len(groups)), dtype=bool)
@@ -100,7 +102,8 @@ def comparison_rows(
             ``compute_matched``).
         y: (N,) test labels.
         groups: the specialists' class groups (for conditional and within-group accuracy).
-        resamples, seed: of the paired bootstrap (shared by every row).
+        resamples: resamples of the paired bootstrap (shared by every row).
+        seed: the bootstrap's seed.
 
     Returns:
         ``(rows, bootstrap)``; each row has ``name``, ``top1``, ``top1_ci``, ``n_correct``,
@@ -346,7 +349,7 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def correct_of(results: Mapping[str, np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
-    """name -> (N,) bool: each model's or rule's top-1 outcome on each test image."""
+    """Name -> (N,) bool: each model's or rule's top-1 outcome on each test image."""
     return {name: np.asarray(p).argmax(axis=1) == y for name, p in results.items()}
 
 
@@ -366,7 +369,7 @@ def _paired(boot: stats.Bootstrap, correct: Mapping[str, np.ndarray], name: str,
 
 
 def results_on_test(run: RunView) -> dict[str, np.ndarray]:
-    """name -> (N_test, C) probabilities of every finished model and rule of the run (trains nothing)."""
+    """Name -> (N_test, C) probabilities of every finished model and rule of the run (trains nothing)."""
     require(run, *stages.through("ensembles"))
     out: dict[str, np.ndarray] = {BASELINE: run.generalist().test_probs}
     if run.config.compute_matched and not run.skip_reason(MATCHED):

@@ -286,6 +286,7 @@ class Trunk(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> Trunk:
+        """Stay in evaluation mode whatever ``mode`` says: a frozen trunk never updates its batch-norm statistics."""
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -359,6 +360,7 @@ class SharedTrunkClassifier(Classifier):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The specialist's features (the shared trunk, then its own body) before the head."""
         return self.dropout(self.body(self.shared_trunk(x)))
 
     def forward_shared(self, h: torch.Tensor) -> torch.Tensor:
@@ -414,6 +416,7 @@ class DustbinHead(nn.Module):
         self.in_features, self.out_features = in_features, len(special) + 1
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the group's classes plus one dustbin logit (the logsumexp of the other classes' logits)."""
         z = self.linear(h)
         return torch.cat(
             [z.index_select(1, self.special), torch.logsumexp(z.index_select(1, self.others), 1, keepdim=True)], 1
@@ -459,6 +462,7 @@ class LowRankDelta(nn.Module):
         return w + (self.up @ self.down).view_as(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation with the effective weight (base plus the low-rank delta)."""
         b = self.base
         if isinstance(b, nn.Linear):
             return nn.functional.linear(x, self.weight(), self.bias)
@@ -639,6 +643,7 @@ class CifarResNetNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch of images."""
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
@@ -713,6 +718,7 @@ class TorchvisionClassifier(Classifier):
         self.body, self.head = net, head
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Bring ``x`` to what the wrapped network expects: grey to RGB, resized to its input size, normalised."""
         if x.shape[1] == 1 and self.config.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
         size = self.config.input_size

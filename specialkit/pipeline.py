@@ -220,6 +220,7 @@ class Run:
         return specialists.key_of(self, index)
 
     def stage_dir(self, stage: str) -> Path:
+        """The folder of ``stage`` in this run (``<run>/<stage>/``)."""
         return self.folder / stage
 
     def lock(self, *, shared: bool = False) -> runs.RunLock:
@@ -274,6 +275,7 @@ class Run:
         self._memo["dataset"] = ds
 
     def device(self) -> torch.device:
+        """The torch device this run trains and evaluates on (``device`` setting; ``auto``: CUDA when present)."""
         return training.resolve_device(self.config.device)
 
     def train_config(
@@ -321,6 +323,7 @@ class Run:
         return byog.scratch_reason(self.generalist_source(), value=self.config.generalist_from or "")
 
     def specialist_dir(self, index: int) -> Path:
+        """The folder of specialist ``index`` in this run."""
         return specialists.folder_of(self, index)
 
     def train_specialist(self, index: int) -> specialists.TrainedSpecialist:
@@ -336,6 +339,7 @@ class Run:
         return specialists.probs_of(self, split)
 
     def groups(self) -> list[np.ndarray]:
+        """The class indices of each group, one array per specialist."""
         return self.clusters().indices()
 
     def activation(self, split: str) -> np.ndarray:

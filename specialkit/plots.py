@@ -1674,6 +1674,7 @@ def study_gains(
             ``lo``, ``hi``, ``seeds`` and the other swept keys).
         key: the swept setting on the x axis.
         rules: the rules drawn (default every rule in ``summary``).
+        title: the figure's title.
     """
     df = pd.DataFrame(list(summary) if not isinstance(summary, pd.DataFrame) else summary)
     if df.empty or key not in df.columns:

@@ -238,6 +238,7 @@ class RunLock:
             return ""
 
     def acquire(self) -> "RunLock":
+        """Take the lock (waiting is not done: a held lock raises :class:`RunLockedError` naming its holder)."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -266,6 +267,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Let go of the lock (a no-op when not held)."""
         if self._fd is None:
             return
         with contextlib.suppress(OSError):

@@ -495,6 +495,7 @@ class EnrichedSampler:
 
     @property
     def epoch_size(self) -> int:
+        """Images drawn per epoch: the group's share plus the others'."""
         return self.n_special + self.n_rest
 
     @property
@@ -503,6 +504,7 @@ class EnrichedSampler:
         return self.n_special / self.epoch_size
 
     def __call__(self, epoch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training-set indices of one epoch, the same for the same seed and epoch."""
         if generator is None:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         s = _draw(self.special_idx, self.n_special, generator)
@@ -570,7 +572,7 @@ def natural_special_share(y_train: Any, classes: Any) -> float:
 
 
 def oversampling_factor(natural_share: float, special_fraction: float) -> float:
-    """r = [f / (1 - f)] / [pi / (1 - pi)]: the factor by which the sampling multiplied the odds special:rest.
+    """R = [f / (1 - f)] / [pi / (1 - pi)]: the factor by which the sampling multiplied the odds special:rest.
 
     Args:
         natural_share: pi, the share of special examples in the training set, in (0, 1).
@@ -588,7 +590,7 @@ def oversampling_factor(natural_share: float, special_fraction: float) -> float:
 
 
 def odds_correction(y_train: Any, classes: Any, *, special_fraction: float) -> float:
-    """log r, the number added to the dustbin logit after training (paper §5.2).
+    """Log r, the number added to the dustbin logit after training (paper §5.2).
 
     With natural share pi of special-class examples in the training set and share f in the enriched
     sampling, training multiplied the odds special:rest by ``r = [f/(1-f)] / [pi/(1-pi)]``; a model
@@ -631,7 +633,9 @@ def correction_value(
 
     Args:
         method: ``odds`` | ``paper_literal`` | ``prior_match`` | ``none``.
-        y_train: (N,) training labels; classes: (S,) special classes; special_fraction: f sampled.
+        y_train: (N,) training labels.
+        classes: (S,) special classes.
+        special_fraction: the fraction f of special images sampled per epoch.
         val_logits: (N_val, S + 1) the specialist's uncorrected logits on the validation images
             (``prior_match`` only).
         y_val: (N_val,) validation labels (``prior_match`` only).
@@ -650,7 +654,7 @@ def correction_value(
 
 
 def apply_dustbin_shift(logits: Any, shift: float) -> np.ndarray:
-    """softmax of ``logits`` with ``shift`` added to the last (dustbin) column.
+    """Softmax of ``logits`` with ``shift`` added to the last (dustbin) column.
 
     Args:
         logits: (N, S + 1) specialist logits, dustbin last.
@@ -775,6 +779,8 @@ def teacher_soft_targets(
         classes: (S,) special class indices.
         temperature: T.
         method: see :func:`collapse_soft_targets`.
+        batch_size: images per forward pass of the teacher.
+        device: where the teacher runs.
 
     Returns:
         (N, S + 1) float32 soft targets, dustbin last.
@@ -1041,7 +1047,8 @@ def predict_specialist(
         model: a specialist (|S| + 1 outputs, dustbin last).
         x_uint8: (N, channels, H, W) ``uint8`` images.
         shift: the number added to the dustbin logit (``TrainedSpecialist.dustbin_shift``).
-        batch_size, device: see ``training.predict_logits``.
+        batch_size: images per forward pass (see ``training.predict_logits``).
+        device: where the model runs.
 
     Returns:
         (N, |S| + 1) float64 probabilities ``softmax(z + shift * e_dustbin)``.

@@ -80,6 +80,7 @@ class ImageFiles:
 
     @property
     def shape(self) -> torch.Size:
+        """The shape the images would have as one tensor: (N, C, H, W)."""
         h, w = (self.resize_to, self.resize_to) if self.resize_to else self.size
         return torch.Size((len(self.paths), self.channels, h, w))
 

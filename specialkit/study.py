@@ -289,6 +289,7 @@ class Study:
         self.spec = spec
 
     def run_folder(self, point: dict[str, Any], seed: int) -> Path:
+        """The run folder of ``point`` at ``seed`` (``<study>/<point>/seed-<seed>``)."""
         return self.folder / point_name(point) / f"seed-{seed}"
 
     def tasks(self) -> list[tuple[int, int]]:
@@ -321,6 +322,7 @@ class Study:
         runs.atomic_write_json(path, {**current, "definition": mine, "name": self.spec.name})
 
     def run(self, point_index: int, seed: int, *, log: Callable[[str], None]) -> Any:
+        """Make (or resume) one run of the study: point ``point_index`` at ``seed``; logs through ``log``."""
         point = self.spec.points()[point_index]
         folder, cfg = self.run_folder(point, seed), self.spec.config(point, seed)
         recorded = folder / "config.json"

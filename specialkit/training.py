@@ -418,7 +418,9 @@ def train_step(
         x: (B, C, H, W) float in [0, 1], on the model's device (already augmented).
         y: (B,) int64 labels.
         soft_targets: (B, K) teacher probabilities at ``temperature``, or ``None``.
-        temperature, soft_weight, label_smoothing: see :func:`distillation_loss`.
+        temperature: the softmax temperature of the soft term (see :func:`distillation_loss`).
+        soft_weight: the soft term's weight in [0, 1] (see :func:`distillation_loss`).
+        label_smoothing: of the hard-label term (see :func:`distillation_loss`).
         amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or ``None``.
         scaler: a ``GradScaler`` for float16.
         max_grad_norm: clip the gradient norm, or ``None``.
@@ -1002,6 +1004,7 @@ class EarlyStopping(Callback):
         self.patience = patience
 
     def on_epoch_end(self, state: TrainState, record: EpochRecord) -> None:
+        """Count epochs without a better validation accuracy; stop training after ``patience`` of them."""
         if record.val_acc is None:
             raise TrainingError("early stopping needs validation data: pass x_val and y_val, or drop EarlyStopping")
         if record.val_acc > state.best_acc:
@@ -1025,10 +1028,12 @@ class StateCheckpoint(Callback):
         self.path = Path(path)
 
     def on_train_begin(self, state: TrainState) -> None:
+        """Resume from the state file when one exists."""
         if self.path.exists():
             state.load(self.path)
 
     def on_epoch_end(self, state: TrainState, record: EpochRecord) -> None:
+        """Save the training state (weights, optimizer, epoch, random state) after each epoch, atomically."""
         if distributed.is_main():
             state.save(self.path)
 
@@ -1064,7 +1069,8 @@ def fit(
             streaming path: the same batches, augmentation and numbers as the images in memory).
         y_train: (N,) int64 labels in [0, K).
         config: a :class:`TrainConfig` (default ``TrainConfig()``).
-        x_val, y_val: validation images and labels, evaluated after every epoch.
+        x_val: validation images, evaluated after every epoch.
+        y_val: their labels.
         hflip: whether a horizontal flip keeps the label (``Dataset.hflip``); used when
             ``config.augment``.
         soft_targets: (N, K) teacher probabilities at ``config.temperature``, aligned with

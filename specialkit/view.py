@@ -27,9 +27,13 @@ class ReadableRun(Protocol):
     config: Any
     log: Callable[[str], None]
 
-    def is_done(self, stage: str, key: str | None = None, folder: Path | None = None) -> bool: ...
+    def is_done(self, stage: str, key: str | None = None, folder: Path | None = None) -> bool:
+        """Whether ``stage`` is finished (for ``key`` in ``folder``, default the run's own)."""
+        ...
 
-    def skip_reason(self, stage: str) -> str | None: ...
+    def skip_reason(self, stage: str) -> str | None:
+        """Why the run skips ``stage`` (its setting turns it off), or ``None`` when it runs."""
+        ...
 
 
 def require(run: ReadableRun, *names: str) -> None:

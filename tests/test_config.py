@@ -344,8 +344,8 @@ def test_the_old_temperature_key_is_refused_naming_its_new_name(tmp_path, capsys
         cli.build_parser().parse_args(["run", "--temperature", "2"])
 
 
-def test_the_readme_settings_table_is_the_one_the_metadata_makes():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_usage_settings_table_is_the_one_the_metadata_makes():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "USAGE.md").read_text()
     block = readme.split("<!-- settings:start -->\n")[1].split("\n<!-- settings:end -->")[0]
     assert block == config_mod.settings_markdown(), "regenerate it: python tools/update_readme.py --settings"
     assert (

@@ -1,11 +1,13 @@
-"""Write the demo's results into README.md (between the results markers) from a run's metrics.json,
-and draw the README's pictures (docs/glyphs.png, docs/confusion_blocks.png) from the same run.
+"""Generate every number of README.md and docs/RESULTS.md, and the settings table of docs/USAGE.md.
 
-    python tools/update_readme.py [runs/demo]
-    python tools/update_readme.py --settings     # only the settings table (from PipelineConfig's metadata)
-    python tools/update_readme.py --study runs/regimes   # the `make study` block and docs/study_gains.png
+    python tools/update_readme.py runs/demo              # copy its metrics.json to docs/results/, regenerate, redraw
+    python tools/update_readme.py --study runs/regimes   # copy its study.json to docs/results/, regenerate, redraw
+    python tools/update_readme.py                        # regenerate every block from docs/results/ (and the settings)
+    python tools/update_readme.py --check                # exit 1 naming the blocks that differ (tests/test_readme.py)
 
-The numbers are the kit's own output: nothing in the table is typed by hand.
+The blocks between ``<!-- name:start -->`` and ``<!-- name:end -->`` are the kit's own output for the files in
+``docs/results/`` (``demo-metrics.json``: ``make demo``'s metrics.json; ``regimes-study.json``: ``make study``'s
+study.json): nothing in them is typed by hand.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's specialkit, whatever is installed
 
 
 def _pp(x: float) -> str:
@@ -74,7 +77,8 @@ def results_markdown(metrics: dict, run_dir: Path) -> str:
     t = metrics["timings"]
     cfg = metrics["config"]
     lines = [
-        f"From `{run_dir}/metrics.json` (dataset `{metrics['dataset']['name']}`, {metrics['dataset']['num_classes']} classes, "
+        f"From `{run_dir}/metrics.json` of `make demo` (copy: `docs/results/{DEMO_FILE}`; "
+        f"dataset `{metrics['dataset']['name']}`, {metrics['dataset']['num_classes']} classes, "
         f"{metrics['dataset']['train']} training / {metrics['dataset']['test']} test images; "
         f"generalist `{cfg['model']}` width {cfg['width']} depth {cfg['depth']}, "
         f"{cfg['epochs']} epochs; k = {cfg['k']} groups by `{cfg['method']}` with overlap `{cfg['overlap']}`; "
@@ -168,17 +172,10 @@ def study_markdown(manifest: dict, folder: Path, wall: str | None = None) -> str
     gains = [
         "| "
         + " | ".join(
-            [
-                *keys,
-                "rule",
-                "vs generalist, points [95% CI across seeds]",
-                "seeds better / worse",
-                "vs compute-matched, points [95% CI across seeds]",
-                "seeds better / worse",
-            ]
+            [*keys, "rule", *[f"vs {b}, points [95% CI across seeds]" for b in ("generalist", "compute-matched")]]
         )
         + " |",
-        "| " + " | ".join(["---"] * (len(keys) + 1) + ["---:"] * 4) + " |",
+        "| " + " | ".join(["---"] * (len(keys) + 1) + ["---:"] * 2) + " |",
     ]
     by = {(tuple(str(r[k]) for k in keys), r["rule"], r["baseline"]): r for r in manifest["summary"]}
     for point in dict.fromkeys(tuple(str(r[k]) for k in keys) for r in manifest["summary"]):
@@ -186,30 +183,25 @@ def study_markdown(manifest: dict, folder: Path, wall: str | None = None) -> str
             cells = list(point) + [rule]
             for base in ("generalist", "compute_matched"):
                 r = by.get((point, rule, base))
-                cells += (
-                    ["—", "—"]
-                    if r is None
-                    else [
-                        f"{_pp(r['mean'])} {_ci([r['lo'], r['hi']], points=True)}",
-                        f"{r['seeds_better']} / {r['seeds_worse']} of {r['seeds']}",
-                    ]
-                )
+                cells.append("—" if r is None else _gain_cell(r))
             gains.append("| " + " | ".join(cells) + " |")
     d = manifest["definition"]
     lines = [
-        f"From `{folder}/study.json` (`make study`, configs/study.json: base `configs/demo.json` with "
+        f"From `{folder}/study.json` (copy: `docs/results/{STUDY_FILE}`; `make study`, configs/study.json: base `configs/demo.json` with "
         f"{', '.join(f'`{k}={v}`' for k, v in json.loads(Path(ROOT / 'configs' / 'study.json').read_text()).get('set', {}).items())}; "
         f"grid {', '.join(f'`{k}` = {v}' for k, v in d['grid'].items())}; seeds {d['seeds']}). Test top-1 with 95% paired-bootstrap "
         "intervals over the test images:",
         "",
         *rows,
         "",
-        "Gains, mean across seeds with the 95% interval of the mean (Student's t); 'seeds better / worse': seeds in which "
-        "McNemar's paired test (p < 0.05) with an interval excluding 0 found the rule better / worse:",
+        "Gains: the mean across seeds, its 95% interval ("
+        + " / ".join(sorted({r.get("interval", "student t") for r in manifest["summary"]}))
+        + "), Holm-adjusted p over the study's comparisons, the across-seed verdict, and in how many seeds McNemar's paired "
+        "test found the rule better / worse:",
         "",
         *gains,
         "",
-        "![Gain over the generalist and over the compute-matched generalist against the dataset](docs/study_gains.png)",
+        "![Gain over the generalist and over the compute-matched generalist against the dataset](study_gains.png)",
         "",
         "**Reading** (generated by the kit from the same file):",
         "",
@@ -250,43 +242,122 @@ def study_png(manifest: dict, out: Path) -> None:
     fig.savefig(out)
 
 
-def write_settings(text: str) -> str:
-    """``text`` (the README) with its settings table regenerated from ``PipelineConfig``'s field metadata."""
+DEMO_FILE = "demo-metrics.json"
+STUDY_FILE = "regimes-study.json"
+RESULTS = ROOT / "docs" / "results"
+
+
+def _gain_cell(r: dict) -> str:
+    p = "—" if r.get("p_holm") is None else _p(r["p_holm"])
+    return (
+        f"{_pp(r['mean'])} {_ci([r['lo'], r['hi']], points=True)}, Holm p {p}: **{r.get('verdict', 'n/a')}** "
+        f"({r['seeds_better']}↑ {r['seeds_worse']}↓ of {r['seeds']})"
+    )
+
+
+def answer_markdown(metrics: dict, manifest: dict | None) -> str:
+    """The README's answer box: the demo's accuracies and gains with intervals and the study's across-seed verdicts
+    against the compute-matched generalist, each with its interval (from the same files as docs/RESULTS.md)."""
+    from specialkit.report import study_reading
+
+    rows = [
+        "| demo (`glyphs`, seed 0) | test top-1 [95% CI] | vs generalist, points [95% CI], McNemar p | "
+        "vs compute-matched, points [95% CI], p |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in metrics["comparison"]:
+        gen = (
+            "—"
+            if r["name"] == "generalist"
+            else (f"{_pp(r['delta_top1'])} {_ci(r['gain_vs_generalist_ci'], points=True)}, {_p(r['p_vs_generalist'])}")
+        )
+        cm = (
+            "—"
+            if r.get("gain_vs_compute_matched") is None
+            else (
+                f"{_pp(r['gain_vs_compute_matched'])} {_ci(r['gain_vs_compute_matched_ci'], points=True)}, "
+                f"{_p(r.get('p_vs_compute_matched'))}"
+            )
+        )
+        rows.append(f"| {r['name']} | {r['top1'] * 100:.2f}% {_ci(r['top1_ci'])} | {gen} | {cm} |")
+    leads = (
+        "**Specialists pay off here:**",
+        "**The compute-matched generalist is",
+        "**No rule is distinguishable",
+        "**The student against its hard-label control**",
+    )
+    from specialkit.report import reading
+
+    lines = [*rows, "", "\n\n".join(p for p in reading(metrics).split("\n\n") if p.startswith(leads))]
+    if manifest is not None:
+        lines.append("")
+        keys, d = manifest["keys"], manifest["definition"]
+        lines += [
+            f"| study (`make study`, {len(d['seeds'])} seeds) | rule | vs compute-matched across seeds: mean [95% CI], "
+            "Holm p: verdict (seeds ↑↓) |",
+            "| --- | --- | ---: |",
+        ]
+        for r in manifest["summary"]:
+            if r["baseline"] == "compute_matched" and r["rule"] in ("kl", "top_confident", "moe"):
+                lines.append(f"| {', '.join(f'{k}={r[k]}' for k in keys)} | {r['rule']} | {_gain_cell(r)} |")
+        answer = next(p for p in study_reading(manifest).split("\n\n") if p.startswith("**Answer:**"))
+        lines += ["", answer]
+    return "\n".join(lines)
+
+
+def _replace(text: str, name: str, block: str) -> str:
+    pattern = rf"<!-- {name}:start -->.*?<!-- {name}:end -->"
+    if not re.search(pattern, text, flags=re.S):
+        raise SystemExit(
+            f"no <!-- {name}:start --> ... <!-- {name}:end --> markers to fill; add them where the block goes"
+        )
+    return re.sub(pattern, lambda _: f"<!-- {name}:start -->\n{block}\n<!-- {name}:end -->", text, flags=re.S)
+
+
+def expected_files() -> dict[Path, str]:
+    """README.md, docs/RESULTS.md and docs/USAGE.md as the files in docs/results/ and the settings metadata make
+    them (each file's text with its generated blocks filled in)."""
     from specialkit.config import settings_markdown
 
-    block = f"<!-- settings:start -->\n{settings_markdown()}\n<!-- settings:end -->"
-    return re.sub(r"<!-- settings:start -->.*?<!-- settings:end -->", lambda _: block, text, flags=re.S)
+    metrics = json.loads((RESULTS / DEMO_FILE).read_text())
+    study_path = RESULTS / STUDY_FILE
+    manifest = json.loads(study_path.read_text()) if study_path.is_file() else None
+    readme, results, usage = ROOT / "README.md", ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "USAGE.md"
+    out = {readme: _replace(readme.read_text(), "answer", answer_markdown(metrics, manifest))}
+    text = _replace(results.read_text(), "results", results_markdown(metrics, Path("runs/demo")))
+    if manifest is not None:
+        text = _replace(text, "study", study_markdown(manifest, Path("runs/regimes"), manifest.get("readme_wall")))
+    out[results] = text
+    out[usage] = _replace(usage.read_text(), "settings", settings_markdown())
+    return out
 
 
 def main(argv: list[str]) -> int:
-    if argv == ["--settings"]:
-        readme = ROOT / "README.md"
-        readme.write_text(write_settings(readme.read_text()))
-        print("README.md settings table written")
+    import shutil
+
+    if argv == ["--check"]:
+        stale = [str(p.relative_to(ROOT)) for p, text in expected_files().items() if p.read_text() != text]
+        if stale:
+            print(f"generated blocks differ in {', '.join(stale)}: run python tools/update_readme.py", file=sys.stderr)
+            return 1
+        print("README.md, docs/RESULTS.md and docs/USAGE.md match docs/results/ and the settings metadata")
         return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
     if argv[:1] == ["--study"]:
         folder = Path(argv[1]) if len(argv) > 1 else Path("runs/regimes")
         manifest = json.loads((folder / "study.json").read_text())
-        wall = argv[2] if len(argv) > 2 else None
-        readme = ROOT / "README.md"
-        block = f"<!-- study:start -->\n{study_markdown(manifest, folder, wall)}\n<!-- study:end -->"
-        readme.write_text(
-            re.sub(r"<!-- study:start -->.*?<!-- study:end -->", lambda _: block, readme.read_text(), flags=re.S)
-        )
+        if len(argv) > 2:
+            manifest["readme_wall"] = argv[2]
+        (RESULTS / STUDY_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
         study_png(manifest, ROOT / "docs" / "study_gains.png")
-        print(f"README.md study block and docs/study_gains.png written from {folder}")
-        return 0
-    run_dir = Path(argv[0]) if argv else Path("runs/demo")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = f"<!-- results:start -->\n{results_markdown(metrics, run_dir)}\n<!-- results:end -->"
-    text = re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _: block, text, flags=re.S)
-    readme.write_text(write_settings(text))
-    (ROOT / "docs").mkdir(exist_ok=True)
-    glyph_grid(ROOT / "docs" / "glyphs.png")
-    confusion_png(run_dir, ROOT / "docs" / "confusion_blocks.png")
-    print(f"README.md results and docs/*.png written from {run_dir}")
+    elif argv:
+        run_dir = Path(argv[0])
+        shutil.copyfile(run_dir / "metrics.json", RESULTS / DEMO_FILE)
+        glyph_grid(ROOT / "docs" / "glyphs.png")
+        confusion_png(run_dir, ROOT / "docs" / "confusion_blocks.png")
+    for path, text in expected_files().items():
+        path.write_text(text)
+    print("README.md, docs/RESULTS.md and docs/USAGE.md regenerated from docs/results/")
     return 0
 
 
