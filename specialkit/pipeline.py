@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Run",
+    "stage_settings",
     "ModelResult",
     "STAGES",
     "softmax",
@@ -177,15 +178,9 @@ class Run:
             return self
         return type(self)(self.folder, config, overwrite=True, log=self.log)
 
-    def _settings(self, group: str) -> dict[str, Any]:
-        cfg = self.config.to_dict()
-        out = {config_mod.key_name(k): cfg[k] for k in _KEYS[group] if config_mod.hashed_now(k, cfg[k])}
-        if group == "generalist" and self.config.generalist_from:
-            out.update(
-                {k: cfg[k] for k in ("generalist_from", "generalist_normalize", "generalist_input_size")},
-                generalist_from_sha256=_source_sha(self),
-            )
-        return out
+    def settings(self, group: str) -> dict[str, Any]:
+        """The settings of ``group`` (a stage's settings group or ``data``) that enter the stage keys."""
+        return stage_settings(self, group)
 
     def generalist_source(self) -> byog.Source | None:
         """The parsed ``generalist_from`` (``None`` when the kit trains the generalist); its file must exist."""
@@ -202,18 +197,7 @@ class Run:
         """The hash that a finished ``stage`` must record to count as up to date (:func:`specialkit.store.stage_key`):
         its settings, those of the stages before it (:func:`specialkit.stages.key_chain`), the cluster spec after
         clustering and :data:`RESULTS_FORMAT` — not the package version, so upgrading specialkit keeps trained stages."""
-        chain, st = stages.key_chain(stage), stages.by_name(stage)
-        clusters_file = (
-            Path(self.config.clusters_file).read_text() if stage == "clusters" and self.config.clusters_file else None
-        )
-        return store.stage_key(
-            stage,
-            {g: self._settings(g) for g in ("data", *chain)},
-            chain,
-            version=st.version,
-            spec_json=self.clusters().to_json() if stages.uses_spec(stage) else None,
-            clusters_file_text=clusters_file,
-        )
+        return _stage_key(self, stage)
 
     def specialist_key(self, index: int) -> str:
         """The key of specialist ``index`` alone (:func:`specialkit.specialists.key_of`)."""
@@ -363,16 +347,7 @@ class Run:
         """Every stage up to and including ``last``, in order, as :meth:`run_all` runs them: what is on disk and
         valid is loaded, what is missing (a deleted ``model.pt``, say) is trained again; a stage this run skips
         (its reason logged) or turns off (its :attr:`~specialkit.stages.Stage.switch`) is passed over."""
-        if last not in STAGES:
-            raise ConfigError(f"unknown stage {last!r}; choose from {', '.join(STAGES)}")
-        for st in stages.STAGES[: STAGES.index(last) + 1]:
-            reason = self.skip_reason(st.name)
-            if reason:
-                self.log(f"[{st.name}] skipped: {reason}")
-            elif st.switch is None or getattr(self.config, st.switch):
-                t0 = time.perf_counter()
-                self.get(st.name)
-                self.log(f"[{st.name}] done in {time.perf_counter() - t0:.1f} s")
+        _ensure_through(self, last)
         return self
 
     def ensure(self, *names: str) -> "Run":
@@ -390,6 +365,48 @@ class Run:
         m = metrics.compute_metrics(self.view(), measure_latency=self.config.latency)
         runs.atomic_write_json(self.folder / "metrics.json", m)
         return m
+
+
+def stage_settings(run: Run, group: str) -> dict[str, Any]:
+    """The settings of ``group`` that enter its stage keys (a ``generalist_from`` file by its sha256)."""
+    cfg = run.config.to_dict()
+    out = {config_mod.key_name(k): cfg[k] for k in _KEYS[group] if config_mod.hashed_now(k, cfg[k])}
+    if group == "generalist" and run.config.generalist_from:
+        out.update(
+            {k: cfg[k] for k in ("generalist_from", "generalist_normalize", "generalist_input_size")},
+            generalist_from_sha256=_source_sha(run),
+        )
+    return out
+
+
+def _stage_key(run: Run, stage: str) -> str:
+    """:meth:`Run.key`."""
+    chain, st = stages.key_chain(stage), stages.by_name(stage)
+    clusters_file = (
+        Path(run.config.clusters_file).read_text() if stage == "clusters" and run.config.clusters_file else None
+    )
+    return store.stage_key(
+        stage,
+        {g: stage_settings(run, g) for g in ("data", *chain)},
+        chain,
+        version=st.version,
+        spec_json=run.clusters().to_json() if stages.uses_spec(stage) else None,
+        clusters_file_text=clusters_file,
+    )
+
+
+def _ensure_through(run: Run, last: str) -> None:
+    """:meth:`Run.ensure_through`."""
+    if last not in STAGES:
+        raise ConfigError(f"unknown stage {last!r}; choose from {', '.join(STAGES)}")
+    for st in stages.STAGES[: STAGES.index(last) + 1]:
+        reason = run.skip_reason(st.name)
+        if reason:
+            run.log(f"[{st.name}] skipped: {reason}")
+        elif st.switch is None or getattr(run.config, st.switch):
+            t0 = time.perf_counter()
+            run.get(st.name)
+            run.log(f"[{st.name}] done in {time.perf_counter() - t0:.1f} s")
 
 
 def check_before_training(config: PipelineConfig) -> None:

@@ -1210,9 +1210,9 @@ def key_of(run: Any, index: int) -> str:
         {
             "stage": "specialist",
             "format": store.RESULTS_FORMAT,
-            "settings": run._settings("data"),
-            "generalist": run._settings("generalist"),
-            "specialists": run._settings("specialists"),
+            "settings": run.settings("data"),
+            "generalist": run.settings("generalist"),
+            "specialists": run.settings("specialists"),
             "index": index,
             "group": name,
             "classes": list(spec.groups[name]),

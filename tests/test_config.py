@@ -238,12 +238,12 @@ def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, 
     )
     # settings added later (key_if_set) enter the key only when set, and then change it
     shared = pipeline.Run(tmp_path / "shared", PipelineConfig(specialist_shared_stages=2, **odds), log=lambda _: None)
-    assert shared._settings("specialists")["specialist_shared_stages"] == 2
+    assert shared.settings("specialists")["specialist_shared_stages"] == 2
     assert shared.key("specialists") != _PINNED_KEYS["default"]["specialists"]
     # the specialists' temperature is hashed under its old name, and still changes the key
     run = pipeline.Run(tmp_path / "t3", PipelineConfig(specialist_temperature=3.0, **odds), log=lambda _: None)
     assert (
-        run._settings("specialists")["temperature"] == 3.0
+        run.settings("specialists")["temperature"] == 3.0
         and run.key("specialists") != _PINNED_KEYS["default"]["specialists"]
     )
 
