@@ -42,7 +42,13 @@ def test_every_generated_block_is_what_docs_results_gives():
 
 def test_a_hand_edited_number_is_caught(tmp_path, monkeypatch):
     tool = _tool("update_readme")
-    for name in ("README.md", "docs/RESULTS.md", "docs/USAGE.md", f"docs/results/{tool.DEMO_FILE}"):
+    for name in (
+        "README.md",
+        "docs/RESULTS.md",
+        "docs/USAGE.md",
+        "configs/study.json",
+        f"docs/results/{tool.DEMO_FILE}",
+    ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text((ROOT / name).read_text())
     study = ROOT / "docs" / "results" / tool.STUDY_FILE

@@ -293,13 +293,16 @@ def answer_markdown(metrics: dict, manifest: dict | None) -> str:
         lines.append("")
         keys, d = manifest["keys"], manifest["definition"]
         lines += [
-            f"| study (`make study`, {len(d['seeds'])} seeds) | rule | vs compute-matched across seeds: mean [95% CI], "
-            "Holm p: verdict (seeds ↑↓) |",
-            "| --- | --- | ---: |",
+            f"| study (`make study`, {len(d['seeds'])} seeds) | rule | vs generalist across seeds: mean [95% CI], Holm p: "
+            "verdict (seeds ↑↓) | vs compute-matched, the same |",
+            "| --- | --- | ---: | ---: |",
         ]
-        for r in manifest["summary"]:
-            if r["baseline"] == "compute_matched" and r["rule"] in ("kl", "top_confident", "moe"):
-                lines.append(f"| {', '.join(f'{k}={r[k]}' for k in keys)} | {r['rule']} | {_gain_cell(r)} |")
+        by = {(tuple(r[k] for k in keys), r["rule"], r["baseline"]): r for r in manifest["summary"]}
+        for point, rule, base in by:
+            if base == "generalist" and rule in ("kl", "top_confident", "moe"):
+                cm = by.get((point, rule, "compute_matched"))
+                cells = [", ".join(f"{k}={v}" for k, v in zip(keys, point)), rule, _gain_cell(by[(point, rule, base)])]
+                lines.append("| " + " | ".join([*cells, "—" if cm is None else _gain_cell(cm)]) + " |")
         answer = next(p for p in study_reading(manifest).split("\n\n") if p.startswith("**Answer:**"))
         lines += ["", answer]
     return "\n".join(lines)
