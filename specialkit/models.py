@@ -25,6 +25,7 @@ torch.Size([2, 62])
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
@@ -262,7 +263,9 @@ class Classifier(nn.Module):
 
     def forward_from(self, h: torch.Tensor, stages: int) -> torch.Tensor:
         """Logits from the output ``h`` of ``self.trunk(stages)``: the later stages, then the head."""
-        return self.head(self.dropout(self.body[self._split(stages) :](h)))
+        for layer in itertools.islice(self.body, self._split(stages), None):  # no new Sequential per call
+            h = layer(h)
+        return self.head(self.dropout(h))
 
 
 class Trunk(nn.Module):
@@ -284,6 +287,7 @@ class Trunk(nn.Module):
         self.layers = nn.Sequential(*list(owner.body)[:end])
         self.owner_fingerprint = fingerprint(owner)
         super().train(False)
+        self._modules_of_layers = tuple(self.layers.modules())  # checked every call: walked once here
 
     def train(self, mode: bool = True) -> Trunk:
         """Stay in evaluation mode whatever ``mode`` says: a frozen trunk never updates its batch-norm statistics."""
@@ -291,7 +295,7 @@ class Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) float in [0, 1] -> (N, D_s, H_s, W_s) shared features."""
-        if any(m.training for m in self.layers.modules()):
+        if any(m.training for m in self._modules_of_layers):
             self.layers.eval()  # the owner was put back in training mode; the shared trunk stays frozen
         with torch.no_grad():
             return self.layers(torch.addcmul(self.input_shift.to(x.dtype), x, self.input_scale.to(x.dtype)))
