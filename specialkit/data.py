@@ -45,6 +45,7 @@ __all__ = [
     "is_streamed",
     "STREAMABLE",
     "load_for",
+    "load_configured",
     "examples_per_class",
 ]
 
@@ -142,9 +143,26 @@ def load_for(
     Returns:
         The dataset.
     """
-    c = config
     t0 = time.perf_counter()
-    ds = load(
+    ds = load_configured(config)
+    config.validate(ds.num_classes)
+    if timed is not None:
+        timed("data", time.perf_counter() - t0)
+    log(f"[data] {ds.summary()}")
+    return ds
+
+
+def load_configured(config: Any) -> Dataset:
+    """The dataset a run's settings name (dataset, root, image size, per class, split, streaming settings), unchecked.
+
+    Args:
+        config: a ``PipelineConfig``.
+
+    Returns:
+        The dataset.
+    """
+    c = config
+    return load(
         c.dataset,
         root=c.root,
         download=c.download,
@@ -156,11 +174,6 @@ def load_for(
         memory_budget_gb=c.memory_budget_gb,
         stream_workers=c.stream_workers,
     )
-    c.validate(ds.num_classes)
-    if timed is not None:
-        timed("data", time.perf_counter() - t0)
-    log(f"[data] {ds.summary()}")
-    return ds
 
 
 STREAMABLE = ("imagefolder", "imagenet", "tiny_imagenet")

@@ -617,16 +617,7 @@ def _preflight(study: Study) -> None:
         cfg = study.spec.config(point, study.spec.seeds[0])
         key = _prefix(cfg, "data")
         if key not in seen:
-            c = cfg
-            seen[key] = data.load(
-                c.dataset,
-                root=c.root,
-                download=c.download,
-                image_size=c.image_size,
-                per_class=c.per_class,
-                val_fraction=c.val_fraction,
-                seed=c.data_seed,
-            ).num_classes
+            seen[key] = data.load_configured(cfg).num_classes
         try:
             cfg.validate(seen[key])
         except ConfigError as err:
@@ -645,19 +636,7 @@ load_study = store.load_study
 def quick_spec(name: str = QUICK_STUDY) -> StudySpec:
     """The tiny study of quick mode (tests, notebook 07 under ``SPECIALKIT_SMOKE=1``): k = 2, 3 x seeds 0, 1 on a
     4-images-per-class glyphs run (seconds; its numbers only show the machinery works)."""
-    base = PipelineConfig.quick(
-        per_class=4,
-        epochs=1,
-        specialist_epochs=1,
-        student_epochs=1,
-        k=2,
-        width=4,
-        depth=1,
-        progress=False,
-        bootstrap_resamples=1000,
-        latency=False,
-        html_report=False,
-    )
+    base = PipelineConfig.preset("tiny", name="quick", bootstrap_resamples=1000, latency=False, html_report=False)
     return make_spec(name=name, base=base.to_dict(), grid={"k": [2, 3]}, seeds=[0, 1], source="quick study")
 
 
