@@ -249,6 +249,13 @@ class PipelineConfig:
         cli="freeze and share the generalist's first N stages; specialists train and "
         "store only the rest (0 = whole specialists)",
     )
+    specialist_delta_rank: int = _setting(
+        0,
+        "specialists",
+        key_if_set=True,
+        cli="with --specialist-shared-stages: train and store each specialist's own convolutions as rank-r deltas "
+        "on the generalist's (0 = dense layers)",
+    )
     specialist_init: str = _setting(
         "auto",
         "specialists",
@@ -396,6 +403,15 @@ class PipelineConfig:
             raise ConfigError(
                 f"specialist_shared_stages={self.specialist_shared_stages}: use 0 (whole specialists) or the number "
                 "of the generalist's stages to share (1 .. its depth; resnet18: 1..4)"
+            )
+        if self.specialist_delta_rank < 0:
+            raise ConfigError(
+                f"specialist_delta_rank={self.specialist_delta_rank!r}: use a whole number >= 0 (0 = dense layers)"
+            )
+        if self.specialist_delta_rank and not self.specialist_shared_stages:
+            raise ConfigError(
+                f"specialist_delta_rank={self.specialist_delta_rank} stores deltas on the generalist's later stages, "
+                "so it needs shared stages: set specialist_shared_stages (e.g. 2) or specialist_delta_rank=0"
             )
         if self.specialist_shared_stages and (
             self.specialist_init in ("scratch", "distill")

@@ -51,6 +51,7 @@ __all__ = [
     "DustbinHead",
     "LowRankDelta",
     "low_rank_delta",
+    "attach_deltas",
     "merge_deltas",
     "Trunk",
     "SharedTrunkClassifier",
@@ -94,6 +95,9 @@ class ModelConfig:
             generalist's body (the shared trunk, not part of this model: see :class:`SharedTrunkClassifier`).
         input_size: ``torchvision:<arch>`` models only: resize the (float) input to this side before the
             network (e.g. 224 for ImageNet-pretrained weights); ``None`` = keep the images' size.
+        delta_rank: with ``shared_stages``, r > 0 when the specialist's own convolutions are stored as rank-r
+            deltas on its generalist's (:class:`LowRankDelta`); such a model runs only after
+            :func:`attach_deltas` gives it that generalist. 0 = dense layers.
     """
 
     name: str = "cnn"
@@ -110,6 +114,7 @@ class ModelConfig:
     special_classes: tuple[int, ...] | None = None
     shared_stages: int = 0
     input_size: int | None = None
+    delta_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.special_classes is not None:
@@ -152,6 +157,16 @@ class ModelConfig:
             or self.shared_stages < 0
         ):
             raise ModelError(f"ModelConfig.shared_stages must be a whole number >= 0, got {self.shared_stages!r}")
+        if (
+            not isinstance(self.delta_rank, (int, np.integer))
+            or isinstance(self.delta_rank, bool)
+            or self.delta_rank < 0
+            or (self.delta_rank and not self.shared_stages)
+        ):
+            raise ModelError(
+                f"ModelConfig.delta_rank must be a whole number >= 0, and > 0 only with shared_stages > 0, "
+                f"got {self.delta_rank!r}"
+            )
         if self.input_size is not None and (not isinstance(self.input_size, (int, np.integer)) or self.input_size < 1):
             raise ModelError(f"ModelConfig.input_size must be a positive integer or None, got {self.input_size!r}")
 
@@ -171,8 +186,9 @@ class ModelConfig:
         for key in ("mean", "std", "special_classes"):
             if out[key] is not None:
                 out[key] = list(out[key])
-        if not out["shared_stages"]:
-            del out["shared_stages"]  # whole models keep the config files they always had
+        for key in ("shared_stages", "delta_rank"):
+            if not out[key]:
+                del out[key]  # models without them keep the config files they always had
         return out
 
     @classmethod
@@ -454,15 +470,33 @@ class LowRankDelta(nn.Module):
         self.up = nn.Parameter(torch.zeros(out, rank, device=w.device, dtype=w.dtype))
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone())
         self.rank = rank
+        self.base_attached = True
 
     @property
     def base(self) -> nn.Conv2d | nn.Linear:
         """The generalist's layer this delta is added to."""
+        if not self.base_attached:
+            raise ModelError(
+                "this low-rank delta specialist has no generalist attached (a checkpoint stores only the deltas): "
+                "load it with specialists.load_specialist(path, ds=..., generalist=<its generalist>) or call "
+                "models.attach_deltas(model, generalist)"
+            )
         return self._base[0]
 
+    def set_base(self, base: nn.Conv2d | nn.Linear) -> None:
+        """Add this delta to ``base`` from now on (same type and weight shape as the layer it was built on)."""
+        old = self._base[0]
+        if type(base) is not type(old) or base.weight.shape != old.weight.shape:
+            raise ModelError(
+                f"a delta built on {type(old).__name__}{tuple(old.weight.shape)} cannot sit on "
+                f"{type(base).__name__}{tuple(base.weight.shape)}: attach the generalist it was trained on"
+            )
+        self._base[0] = base
+        self.base_attached = True
+
     def weight(self) -> torch.Tensor:
-        """The effective weight, base plus delta (the base detached)."""
-        w = self.base.weight.detach()
+        """The effective weight, base plus delta (the base detached, on the delta's device)."""
+        w = self.base.weight.detach().to(self.up.device)
         return w + (self.up @ self.down).view_as(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -473,11 +507,39 @@ class LowRankDelta(nn.Module):
         return nn.functional.conv2d(x, self.weight(), self.bias, b.stride, b.padding, b.dilation, b.groups)
 
 
+def _delta_places(
+    specialist: SharedTrunkClassifier, generalist: Classifier
+) -> list[tuple[nn.Module, str, nn.Module, nn.Conv2d]]:
+    """``(parent, attribute, the specialist's layer, the generalist's convolution)`` for every convolution (or delta
+    on one) of ``specialist.body``, paired with the generalist's layer at the same place."""
+    if not isinstance(specialist, SharedTrunkClassifier):
+        raise ModelError("low-rank deltas need a shared-trunk specialist (models.share_trunk) of the generalist")
+    own = list(specialist.body)
+    theirs = list(generalist.body)[generalist._split(specialist.shared_stages) :]
+    if len(own) != len(theirs):
+        raise ModelError("the specialist's own stages do not match the generalist's later stages: same architecture?")
+    places = []
+    for mine, gen in zip(own, theirs):
+        if isinstance(mine, (nn.Conv2d, LowRankDelta)):
+            raise ModelError("a bare convolution as a stage of body is not supported: wrap it in nn.Sequential")
+        for name, layer in mine.named_modules():
+            if name and isinstance(layer, (nn.Conv2d, LowRankDelta)):
+                gconv = gen.get_submodule(name)
+                if not isinstance(gconv, nn.Conv2d) or gconv.weight.shape != (
+                    layer.weight.shape if isinstance(layer, nn.Conv2d) else layer._base[0].weight.shape
+                ):
+                    raise ModelError(f"layer {name!r}: shapes differ from the generalist's; same architecture?")
+                parent, _, leaf = name.rpartition(".")
+                places.append((mine.get_submodule(parent) if parent else mine, leaf, layer, gconv))
+    return places
+
+
 def low_rank_delta(specialist: SharedTrunkClassifier, generalist: Classifier, rank: int) -> SharedTrunkClassifier:
     """A shared-trunk specialist whose own stages store only low-rank deltas on the generalist's later stages
     (Super-Sub's ``0.2N + 1`` idea): every convolution of ``specialist.body`` becomes a :class:`LowRankDelta` on
     the generalist's convolution at the same place. Batch-norm layers and the head stay the specialist's own.
-    Changed in place and returned. Freshly initialised from the generalist, it computes exactly what it did.
+    Changed in place and returned (its ``config.delta_rank`` becomes ``rank``, so a checkpoint rebuilds the deltas).
+    Freshly initialised from the generalist, it computes exactly what it did.
 
     Args:
         specialist: a :class:`SharedTrunkClassifier` cut from a specialist with the generalist's architecture.
@@ -487,21 +549,37 @@ def low_rank_delta(specialist: SharedTrunkClassifier, generalist: Classifier, ra
     Returns:
         ``specialist``.
     """
-    if not isinstance(specialist, SharedTrunkClassifier):
-        raise ModelError("low_rank_delta needs a shared-trunk specialist (models.share_trunk) of the generalist")
-    own = list(specialist.body)
-    theirs = list(generalist.body)[generalist._split(specialist.shared_stages) :]
-    if len(own) != len(theirs):
-        raise ModelError("the specialist's own stages do not match the generalist's later stages: same architecture?")
-    for mine, gen in zip(own, theirs):
-        pairs = [(n, m, gen.get_submodule(n)) for n, m in mine.named_modules() if isinstance(m, nn.Conv2d) and n]
-        if isinstance(mine, nn.Conv2d):
-            raise ModelError("a bare convolution as a stage of body is not supported: wrap it in nn.Sequential")
-        for name, conv, gconv in pairs:
-            if conv.weight.shape != gconv.weight.shape:
-                raise ModelError(f"layer {name!r}: shapes differ from the generalist's; same architecture?")
-            parent = mine.get_submodule(name.rsplit(".", 1)[0]) if "." in name else mine
-            setattr(parent, name.rsplit(".", 1)[-1], LowRankDelta(gconv, rank))
+    places = _delta_places(specialist, generalist)
+    if not places:
+        raise ModelError(
+            f"the specialist owns no convolution after the {specialist.shared_stages} shared stages, so there is "
+            "nothing to store as a delta: share fewer stages, or use delta rank 0"
+        )
+    for parent, leaf, layer, gconv in places:
+        if isinstance(layer, LowRankDelta):
+            raise ModelError("this specialist holds low-rank deltas already")
+        setattr(parent, leaf, LowRankDelta(gconv, rank))
+    specialist.config = replace(specialist.config, delta_rank=rank)
+    return specialist
+
+
+def attach_deltas(specialist: SharedTrunkClassifier, generalist: Classifier) -> SharedTrunkClassifier:
+    """Put every :class:`LowRankDelta` of ``specialist`` on the generalist's convolution at the same place (what a
+    loader does after reading a checkpoint that stores only the deltas); returns ``specialist``.
+
+    Args:
+        specialist: a shared-trunk specialist with low-rank deltas (e.g. rebuilt by :func:`build_model`).
+        generalist: the generalist it was trained on (checked by the caller: see ``specialists.load_specialist``).
+
+    Returns:
+        ``specialist``, ready to run.
+    """
+    places = _delta_places(specialist, generalist)
+    if not any(isinstance(layer, LowRankDelta) for _, _, layer, _ in places):
+        raise ModelError("this specialist holds no low-rank deltas: nothing to attach")
+    for _, _, layer, gconv in places:
+        if isinstance(layer, LowRankDelta):
+            layer.set_base(gconv)
     return specialist
 
 
@@ -771,7 +849,15 @@ def build_model(config: ModelConfig | dict[str, Any]) -> Classifier:
             f"unknown model {config.name!r}; choose one of {', '.join(available_models())} or torchvision:<arch>"
         )
     if config.shared_stages:
-        return SharedTrunkClassifier(config)
+        dense = SharedTrunkClassifier(replace(config, delta_rank=0))
+        if not config.delta_rank:
+            return dense
+        placeholder = builder(replace(config, shared_stages=0, delta_rank=0, dustbin_of=None, special_classes=None))
+        model = low_rank_delta(dense, placeholder, config.delta_rank)
+        for m in model.modules():
+            if isinstance(m, LowRankDelta):
+                m.base_attached = False  # the deltas' generalist is attached after loading (attach_deltas)
+        return model
     model = builder(config)
     if not isinstance(model, Classifier):
         raise ModelError(f"model builder {config.name!r} returned {type(model).__name__}, not a Classifier")

@@ -134,8 +134,8 @@ class SpecialistConfig:
             inference pass over the validation split); ``"none"`` -- 0 (ablation).
         train: the :class:`training.TrainConfig` of the loop (epochs, lr, batch size, seed, ...).
         delta_rank: r > 0 (with ``shared_stages``): the specialist's own convolutions are stored and trained as rank-r
-            deltas on the generalist's (:func:`models.low_rank_delta`); 0 = dense (the default). Not a pipeline
-            setting yet: checkpoints of delta specialists are not written (issue 22).
+            deltas on the generalist's (:func:`models.low_rank_delta`); 0 = dense (the default). Its checkpoint stores
+            only the deltas (the pipeline setting ``specialist_delta_rank``).
     """
 
     model: str | None = None
@@ -1089,13 +1089,30 @@ def _shift_of(path: str | Path, extra: dict[str, Any]) -> float:
     raise CheckpointError(f"checkpoint {path} has incomplete metadata (no dustbin_shift): {_fix(Path(path))}")
 
 
-def load_specialist(path: str | Path, *, ds: Any, trunk: models.Trunk | None = None) -> TrainedSpecialist:
+def load_specialist(
+    path: str | Path,
+    *,
+    ds: Any,
+    trunk: models.Trunk | None = None,
+    generalist: models.Classifier | None = None,
+) -> TrainedSpecialist:
     """Load a checkpoint written by :func:`save_specialist` for the dataset ``ds`` (a clear
     ``CheckpointError`` for another dataset, a non-specialist checkpoint or missing metadata).
 
     A shared-trunk specialist's checkpoint holds only its own stages and head plus the fingerprint of the
-    generalist it shares with: pass ``trunk=generalist.trunk(s)``; a trunk cut from another generalist
-    is refused."""
+    generalist it shares with: pass ``trunk=generalist.trunk(s)`` (or ``generalist=``); a trunk cut from another
+    generalist is refused. A low-rank delta specialist's checkpoint (``delta_rank`` > 0) holds only the deltas, the
+    batch-norm layers and the head: pass ``generalist=``, whose later stages the deltas are added to.
+
+    Args:
+        path: the checkpoint.
+        ds: the dataset it was trained on.
+        trunk: the shared trunk (defaults to ``generalist.trunk(s)`` when ``generalist`` is given).
+        generalist: the generalist it was trained with (needed for low-rank deltas).
+
+    Returns:
+        The specialist, in eval mode.
+    """
     from . import checkpoints
 
     model, info = checkpoints.load_checkpoint(
@@ -1103,7 +1120,12 @@ def load_specialist(path: str | Path, *, ds: Any, trunk: models.Trunk | None = N
     )
     e = info.extra
     if isinstance(model, models.SharedTrunkClassifier):
-        _attach_trunk(path, model, e.get("shared_trunk") or {}, trunk)
+        ref = e.get("shared_trunk") or {}
+        if trunk is None and generalist is not None:
+            trunk = generalist.trunk(model.shared_stages)
+        _attach_trunk(path, model, ref, trunk)
+        if model.config.delta_rank:
+            _attach_deltas(path, model, ref, generalist)
     return TrainedSpecialist(
         model=model.eval(),
         classes=np.asarray(e["classes"], dtype=np.int64),
@@ -1142,6 +1164,26 @@ def _attach_trunk(
         )
     model.trunk_fingerprint = fp
     model.attach(trunk)
+
+
+def _attach_deltas(
+    path: str | Path, model: models.SharedTrunkClassifier, ref: dict[str, Any], generalist: models.Classifier | None
+) -> None:
+    """Put a loaded low-rank delta specialist's deltas on ``generalist`` after checking it is the one in ``ref``."""
+    from .checkpoints import CheckpointError
+
+    fp = ref.get("generalist_fingerprint")
+    if generalist is None:
+        raise CheckpointError(
+            f"checkpoint {path} stores rank-{model.config.delta_rank} deltas on the later stages of generalist {fp}: "
+            "pass generalist=<that generalist> to load_specialist"
+        )
+    if models.fingerprint(generalist) != fp:
+        raise CheckpointError(
+            f"checkpoint {path} stores deltas on generalist {fp}, but the generalist given is "
+            f"{models.fingerprint(generalist)}: load it with the generalist it was trained with, or retrain"
+        )
+    models.attach_deltas(model, generalist)
 
 
 def train_flops_per_example(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
@@ -1190,6 +1232,7 @@ def run_config(run: Any) -> SpecialistConfig:
         train=tc,
         init=c.specialist_init,
         shared_stages=c.specialist_shared_stages,
+        delta_rank=c.specialist_delta_rank,
     )
 
 
@@ -1282,7 +1325,12 @@ def make_one(run: Any, index: int) -> TrainedSpecialist:
         run.finish(folder, key, seconds=round(time.perf_counter() - t0, 2), group=group)
     return run.memo(
         f"specialist-{index}",
-        lambda: load_specialist(folder_of(run, index) / "model.pt", ds=run.dataset(), trunk=shared_trunk_of(run)),
+        lambda: load_specialist(
+            folder_of(run, index) / "model.pt",
+            ds=run.dataset(),
+            trunk=shared_trunk_of(run),
+            generalist=run.generalist().model if run.config.specialist_delta_rank else None,
+        ),
     )
 
 

@@ -91,3 +91,68 @@ def test_merged_deltas_give_the_same_outputs_with_dense_layers(nets):
     assert models.count_parameters(merged) == models.count_parameters(shared)
     assert merged.shared_trunk is delta.shared_trunk
     assert any(isinstance(m, models.LowRankDelta) for m in delta.modules())  # the original is unchanged
+
+
+def test_a_delta_checkpoint_stores_only_the_deltas_and_loads_only_on_its_generalist(nets, tmp_path):
+    gen, _, delta, x = nets
+    with torch.no_grad():
+        for layer in (m for m in delta.modules() if isinstance(m, models.LowRankDelta)):
+            layer.up.normal_()
+    rebuilt = models.build_model(delta.config.to_dict())
+    assert rebuilt.config.delta_rank == 2 and "delta_rank" in delta.config.to_dict()
+    rebuilt.load_state_dict(delta.state_dict())  # strict: the same keys, no generalist weights among them
+    rebuilt.attach(gen.trunk(2)).eval()
+    with pytest.raises(models.ModelError, match="no generalist attached"):
+        rebuilt(x)
+    other = models.build_model(gen.config)
+    wider = models.ModelConfig(name="cnn", num_classes=C, in_channels=1, image_size=16, width=8, depth=3)
+    with pytest.raises(models.ModelError, match="shapes differ from the generalist"):
+        models.attach_deltas(rebuilt, models.build_model(wider))
+    models.attach_deltas(rebuilt, other)  # the same architecture: attaches, computes something else
+    with torch.no_grad():
+        assert not torch.allclose(rebuilt(x), delta(x))
+        models.attach_deltas(rebuilt, gen)
+        torch.testing.assert_close(rebuilt(x), delta(x), rtol=1e-5, atol=1e-5)
+    assert "delta_rank" not in models.ModelConfig(num_classes=3).to_dict()  # dense configs are written as before
+
+
+def test_a_run_with_delta_specialists_writes_delta_checkpoints_that_reload_to_the_same_outputs(one_thread, tmp_path):
+    from specialkit import pipeline
+    from specialkit.checkpoints import CheckpointError
+    from specialkit.config import PipelineConfig
+
+    cfg = PipelineConfig.preset("tiny", depth=2, compute_matched=False, rules=("generalist", "kl"))
+    base = pipeline.Run(tmp_path / "r", cfg, log=lambda s: None)
+    dense = base.with_settings(specialist_shared_stages=1)
+    run = base.with_settings(specialist_shared_stages=1, specialist_delta_rank=2)
+    assert run.key("generalist") == base.key("generalist") and run.key("specialists") != dense.key("specialists")
+    sps = run.specialists()
+    gen = run.generalist().model
+    for i, sp in enumerate(sps):
+        lows = [m for m in sp.model.modules() if isinstance(m, models.LowRankDelta)]
+        assert lows and all(m.base_attached for m in lows)
+        path = specialists.folder_of(run, i) / "model.pt"
+        saved = torch.load(path, weights_only=True)["state_dict"]
+        assert any(k.endswith(".down") for k in saved) and not any(
+            ".weight" in k and "body" in k and saved[k].dim() == 4 for k in saved
+        )
+        again = specialists.load_specialist(path, ds=run.dataset(), generalist=gen)
+        x = run.dataset().x_test[:16].float() / 255
+        with torch.no_grad():
+            torch.testing.assert_close(again.model(x), sp.model(x))
+        with pytest.raises(CheckpointError, match="pass generalist="):
+            specialists.load_specialist(path, ds=run.dataset(), trunk=gen.trunk(1))
+    dense_params = sum(models.count_parameters(s.model) for s in dense.specialists())
+    assert sum(models.count_parameters(s.model) for s in sps) < dense_params
+    for probs in run.specialist_probs("test"):  # the ensembles read the reloaded specialists' saved outputs
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_sharing_every_stage_leaves_no_convolution_for_a_delta():
+    torch.manual_seed(0)
+    gen = models.build_model(
+        models.ModelConfig(name="cnn", num_classes=C, in_channels=1, image_size=16, width=4, depth=2)
+    )
+    whole_shared = models.share_trunk(specialists.init_from_generalist(gen, CLASSES), gen.trunk(2))
+    with pytest.raises(models.ModelError, match="no convolution after"):
+        models.low_rank_delta(whole_shared, gen, 2)
