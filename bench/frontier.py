@@ -2,13 +2,15 @@
 
 Trains (or reuses, every stage is cached in ``--folder``) a base run (generalist, whole specialists, compute-matched
 generalist, student), generalists of other ``--widths`` each given the base run's total training FLOPs (generalist +
-specialists), and the same ensemble with shared-trunk specialists and with smaller ones; then measures every point
+specialists), and the same ensemble with shared-trunk specialists, with shared-trunk specialists stored as rank-r deltas
+on the generalist's later stages (``--delta-rank``) and with smaller ones; then measures every point
 (``specialkit.frontier.measure_points``: accuracy with its 95% paired-bootstrap interval, parameters stored, FLOPs,
 latency at batch 1 and 256, best of repeats, one thread) and writes ``frontier.json`` into the base run (the report
 and notebook 05 show it) and ``frontier.html`` (the figure) into ``--folder``.
 
     .venv/bin/python bench/frontier.py --quick                       # smoke check, about a minute
     .venv/bin/python bench/frontier.py --dataset glyphs_hard         # the note's table (demo settings otherwise)
+    .venv/bin/python bench/frontier.py --dataset glyphs_hard --widths 16 --small-init   # specialist kinds only
 """
 
 from __future__ import annotations
@@ -47,7 +49,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--small-width", type=int, default=None, help="width of the smaller specialists (default: half the base)"
     )
-    p.add_argument("--small-init", nargs="+", default=["scratch", "distill"], choices=["scratch", "distill"])
+    p.add_argument(
+        "--small-init",
+        nargs="*",
+        default=["scratch", "distill"],
+        choices=["scratch", "distill"],
+        help="smaller specialists to add (none: give the flag alone)",
+    )
+    p.add_argument(
+        "--delta-rank",
+        type=int,
+        default=16,
+        help="add shared-trunk specialists stored as rank-r deltas on the generalist's later stages (0: none)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed passes per latency (the best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
     p.add_argument(
@@ -106,6 +120,13 @@ def main(argv: list[str] | None = None) -> None:
             base, folder / f"shared{s}", specialist_shared_stages=s
         )
     }
+    if args.delta_rank:
+        variants[f"rank-{args.delta_rank} deltas (shared {s} of {cfg.depth} stages)"] = runner.variant_run(
+            base,
+            folder / f"delta{args.delta_rank}-shared{s}",
+            specialist_shared_stages=s,
+            specialist_delta_rank=args.delta_rank,
+        )
     for init in args.small_init:
         variants[f"width-{small} specialists ({init})"] = runner.variant_run(
             base, folder / f"small{small}-{init}", specialist_width=small, specialist_init=init

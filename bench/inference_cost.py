@@ -1,12 +1,11 @@
 """Inference cost of a specialist ensemble, as ratios to the generalist alone.
 
 Builds a generalist (``cnn`` on 1x32x32 images, 62 classes, as for ``glyphs``) and M specialists of
-about C/M classes each, three ways: with the generalist's architecture (initialised from it, as in the
-paper: "full"); sharing the generalist's first ``--shared-stages`` stages (the trunk runs once per
-image, each specialist only its own later stages: "shared"); shared, with each head collapsed from C to |S|+1 rows
-(``specialists.collapse_head``, dustbin row fitted on 256 images: "small", issue 22); shared, with the later
-stages stored as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: "delta"); and
-smaller
+about C/M classes each, five kinds: with the generalist's architecture (initialised from it, as in the paper:
+"full"); sharing the generalist's first ``--shared-stages`` stages (the trunk runs once per image, each specialist
+only its own later stages: "dense"); shared, with each head collapsed from C to |S|+1 rows
+(``specialists.collapse_head``, dustbin row fitted on 256 images: "smallhead"); shared, with the later stages stored
+as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: "delta"); and smaller
 (``--small-width``/``--small-depth``, from scratch: "scratch"). Per image it reports:
 
 * FLOPs (counted; a shared trunk once) and parameters stored, of the generalist, of the ensemble running
@@ -14,13 +13,16 @@ smaller
 * measured latency at batch 1 and batch 256 of the generalist alone and of the ensemble, all specialists
   vs conditional execution, for the networks alone (``nets``: generalist, routing, the active
   specialists) and with each combination rule (``kl`` = the paper's, ``top_confident`` = option (a),
-  ``moe`` = option (b) with HD-CNN style skipping).
+  ``moe`` = option (b) with HD-CNN style skipping);
+* for the shared kinds, conditional execution three ways: ``eager`` (``evaluation.ensemble_forward``), ``fused``
+  (``evaluation.routed_forward``: routing in torch, deltas merged) and ``prepared`` (``inference.RoutedEnsemble``:
+  a delta specialist reuses the generalist's first later layer, dustbin heads in two operations).
 
-It ends with the ratio lines of issue 12, conditional execution over the generalist's latency, in the same
-process and threads, best of ``--repeats`` repeats: ``ratio_b1_shared``, ``ratio_b256_shared``,
-``ratio_b1_full``, ``ratio_b256_full`` (networks and routing; the ``_kl`` lines add the ``kl`` combination),
-and ``params_ratio_shared`` / ``params_ratio_small`` / ``params_ratio_full`` (stored parameters over the
-generalist's).
+It ends with ratio lines, conditional execution over the generalist's latency, in the same process and threads,
+best of ``--repeats`` repeats: ``ratio_b{1,256}_{kind}_{eager,fused,prepared}``, ``ratio_b{1,256}_full`` and
+``_scratch`` (networks and routing; the ``_kl`` lines add the ``kl`` combination) and ``params_ratio_{kind}``
+(stored parameters over the generalist's); then issue 22's three target lines for ``--target-kind`` (default
+``delta``): ``ratio_b1_shared``, ``ratio_b256_shared`` (that kind, prepared) and ``params_ratio_small``.
 
 The networks are untrained, so the routing uses a random generalist-like distribution instead of
 the generalist's own output (``softmax(3 * randn)`` per image; top-1 activation for ``kl`` and
@@ -43,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specialkit import ensemble, evaluation, models, specialists  # noqa: E402
+from specialkit import ensemble, evaluation, inference, models, specialists  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--target-kind",
+        default="delta",
+        choices=["dense", "smallhead", "delta"],
+        help="the shared-trunk kind whose prepared ratios are printed as ratio_b1_shared / ratio_b256_shared / "
+        "params_ratio_small (issue 22's target lines)",
+    )
     return p.parse_args(argv)
 
 
@@ -104,15 +113,20 @@ def fused_ratios(
     x: torch.Tensor,
     p_route: np.ndarray,
     groups: list[np.ndarray],
-) -> dict[int, tuple[float, float]]:
-    """Batch size -> (eager, fused) conditional latency over the generalist's, each timed next to the generalist.
+) -> dict[int, tuple[float, float, float]]:
+    """Batch size -> (eager, fused, prepared) conditional latency over the generalist's, all four timed interleaved
+    (``evaluation.measure_latencies``, best of 3 x ``--repeats`` rounds).
 
     Eager is ``evaluation.ensemble_forward`` with ``ensemble.activation`` (what the tables time); fused is
-    ``evaluation.routed_forward`` (the routing in torch, no numpy round trip), both networks only, top-1 routing.
+    ``evaluation.routed_forward`` (the routing in torch, no numpy round trip; low-rank deltas merged into dense
+    layers); prepared is ``inference.RoutedEnsemble`` (deltas reuse the generalist's first later layer, dustbin heads
+    in two operations); all networks only, top-1 routing.
     """
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     member = evaluation.group_membership(groups, args.classes, xf.device)
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
+    merged = [models.merge_deltas(s) for s in specs]
+    prepared = inference.RoutedEnsemble(generalist, specs, groups)
 
     def eager(b: tuple[torch.Tensor, torch.Tensor]) -> None:
         evaluation.ensemble_forward(
@@ -120,15 +134,17 @@ def fused_ratios(
         )
 
     def fused(b: tuple[torch.Tensor, torch.Tensor]) -> None:
-        evaluation.routed_forward(generalist, specs, b[0], member, routing_probs=b[1])
+        evaluation.routed_forward(generalist, merged, b[0], member, routing_probs=b[1])
+
+    def prepared_call(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+        prepared(b[0], routing_probs=b[1])
 
     out = {}
+    fns = {"generalist": lambda b: generalist(b[0]), "eager": eager, "fused": fused, "prepared": prepared_call}
     for bs in args.batch_sizes:
         n = args.images_small if bs == 1 else args.images_large
-        data = _Batches(xf[:n], p_t[:n])
-        kw = dict(batch_size=bs, repeats=args.repeats, warmup=1, best=True)
-        t_gen = evaluation.measure_latency(lambda b: generalist(b[0]), data, **kw)
-        out[bs] = tuple(evaluation.measure_latency(fn, data, **kw) / t_gen for fn in (eager, fused))
+        t = evaluation.measure_latencies(fns, _Batches(xf[:n], p_t[:n]), batch_size=bs, rounds=3 * args.repeats)
+        out[bs] = tuple(t[name] / t["generalist"] for name in ("eager", "fused", "prepared"))
     return out
 
 
@@ -222,9 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     ratios: dict[str, float] = {}
     sets = (
         ("full", "same size as the generalist (initialised from it)", same),
-        ("shared", f"sharing the generalist's first {s_shared} of {args.depth} stages (initialised from it)", shared),
+        ("dense", f"sharing the generalist's first {s_shared} of {args.depth} stages (initialised from it)", shared),
         (
-            "small",
+            "smallhead",
             f"sharing the first {s_shared} stages, heads collapsed to |S|+1 rows (specialists.collapse_head)",
             small,
         ),
@@ -259,12 +275,15 @@ def main(argv: list[str] | None = None) -> None:
             best=True,
             max_images={bs: (args.images_small if bs == 1 else args.images_large) for bs in args.batch_sizes},
         )
-        if key in ("shared", "small", "delta"):
-            timed = [models.merge_deltas(s) for s in specs] if key == "delta" else specs
-            for bs, (r_eager, r_fused) in fused_ratios(args, generalist, timed, x.to(device), p_route, groups).items():
+        if key in ("dense", "smallhead", "delta"):
+            fused = fused_ratios(args, generalist, specs, x.to(device), p_route, groups)
+            for bs, (r_eager, r_fused, r_prepared) in fused.items():
                 ratios[f"ratio_b{bs}_{key}_eager"], ratios[f"ratio_b{bs}_{key}_fused"] = r_eager, r_fused
-                merged = " (deltas merged into dense layers at load: models.merge_deltas)" if key == "delta" else ""
-                print(f"networks, conditional, batch {bs}{merged}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x")
+                ratios[f"ratio_b{bs}_{key}_prepared"] = r_prepared
+                print(
+                    f"networks, conditional, batch {bs}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x | "
+                    f"prepared (inference.RoutedEnsemble) {r_prepared:.3f}x"
+                )
         for bs in args.batch_sizes:
             for model, suffix in (("nets conditional", ""), ("kl conditional", "_kl")):
                 row = df[(df["model"] == model) & (df["batch_size"] == bs)]
@@ -283,34 +302,37 @@ def main(argv: list[str] | None = None) -> None:
         order = ["generalist"] + [f"{r} {m}" for r in ["nets", *args.rules] for m in ("all", "conditional")]
         print(out.loc[order].to_string(float_format=lambda v: f"{v:.3f}"))
         print()
-    print(
-        f"k = {args.specialists} specialists; target (issue 12): shared <= 1.5x at batch 1, <= 1.3x at batch 256, "
-        f"parameters <= {1 + 0.3 * args.specialists:.1f}x"
-    )
-    for name in (
-        "ratio_b1_shared",
-        "ratio_b256_shared",
-        "ratio_b1_shared_eager",
-        "ratio_b1_shared_fused",
-        "ratio_b256_shared_eager",
-        "ratio_b256_shared_fused",
-        "ratio_b1_small_fused",
-        "ratio_b256_small_fused",
-        "ratio_b1_delta_fused",
-        "ratio_b256_delta_fused",
-        "ratio_b1_full",
-        "ratio_b256_full",
-        "ratio_b1_shared_kl",
-        "ratio_b256_shared_kl",
-        "ratio_b1_full_kl",
-        "ratio_b256_full_kl",
-        "params_ratio_shared",
-        "params_ratio_small",
-        "params_ratio_delta",
-        "params_ratio_full",
-    ):
+    target = args.target_kind
+    for bs in (1, 256):
+        if f"ratio_b{bs}_{target}_prepared" in ratios:
+            ratios[f"ratio_b{bs}_shared"] = ratios[f"ratio_b{bs}_{target}_prepared"]
+    ratios["params_ratio_small"] = ratios[f"params_ratio_{target}"]
+    names = [
+        f"ratio_b{bs}_{kind}_{how}"
+        for kind in ("dense", "smallhead", "delta")
+        for bs in args.batch_sizes
+        for how in ("eager", "fused", "prepared")
+    ]
+    names += [
+        f"ratio_b{bs}_{kind}{suffix}" for kind in ("full", "scratch") for suffix in ("", "_kl") for bs in (1, 256)
+    ]
+    names += [f"ratio_b{bs}_dense_kl" for bs in (1, 256)]
+    names += [f"params_ratio_{kind}" for kind in ("full", "dense", "smallhead", "delta", "scratch")]
+    for name in names:
         if name in ratios:
             print(f"{name}={ratios[name]:.3f}")
+    print(
+        f"\nissue 22 target, k = {args.specialists}: batch 1 <= 1.5x, batch 256 <= 1.3x, parameters stored <= "
+        f"{1 + 0.3 * args.specialists:.1f}x, for the specialist kind {target!r} (--target-kind), run prepared "
+        "(inference.RoutedEnsemble); its accuracy against whole specialists is bench/frontier.py's"
+    )
+    for name, limit in (
+        ("ratio_b1_shared", 1.5),
+        ("ratio_b256_shared", 1.3),
+        ("params_ratio_small", 1 + 0.3 * args.specialists),
+    ):
+        if name in ratios:
+            print(f"{name}={ratios[name]:.3f}  ({'met' if ratios[name] <= limit else 'NOT met'}: <= {limit:.1f})")
     print(f"total {time.perf_counter() - t_start:.1f} s")
 
 

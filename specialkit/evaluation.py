@@ -54,6 +54,7 @@ __all__ = [
     "model_cost",
     "ensemble_cost",
     "measure_latency",
+    "measure_latencies",
     "latency_table",
     "ensemble_forward",
     "group_membership",
@@ -448,6 +449,40 @@ def ensemble_cost(
 def _sync(x: Any) -> None:
     if getattr(x, "is_cuda", False):
         torch.cuda.synchronize(x.device)
+
+
+def measure_latencies(
+    fns: Mapping[str, Callable[[Any], Any]],
+    x: Any,
+    *,
+    batch_size: int,
+    rounds: int = 15,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Smallest seconds per image of each of several callables, timed **interleaved**: every round times each ``fn``
+    once, in turn, over all of ``x`` (:func:`measure_latency` with one repeat), so a change of load on a shared
+    machine reaches all of them alike and their ratios stay fair.
+
+    Args:
+        fns: name -> callable taking a batch ``x[i:i+batch_size]``.
+        x: (N, ...) inputs (or anything sliceable with ``len``, ``is_cuda`` and ``device``, as for
+            :func:`measure_latency`).
+        batch_size: images per call.
+        rounds: timed rounds (the smallest time of each ``fn`` is kept).
+        warmup: untimed rounds first.
+
+    Returns:
+        name -> seconds per image.
+    """
+    if rounds < 1:
+        raise EvaluationError(f"need rounds >= 1, got {rounds}")
+    best = {name: float("inf") for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            t = measure_latency(fn, x, batch_size=batch_size, repeats=1, warmup=0)
+            if r >= warmup:
+                best[name] = min(best[name], t)
+    return best
 
 
 def measure_latency(

@@ -86,7 +86,7 @@ def _ensemble_latency(run: RunView, x_uint8: torch.Tensor, *, repeats: int) -> d
     with torch.inference_mode():
         df = evaluation.latency_table(
             run.generalist().model,
-            [s.model for s in sps],
+            [models.merge_deltas(s.model) for s in sps],  # delta specialists run as dense layers (what a loader builds)
             x_uint8,
             active,
             rules={"kl": kl},

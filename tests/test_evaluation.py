@@ -175,6 +175,24 @@ def test_measure_latency_times_every_batch_and_returns_seconds_per_image():
     assert not torch.is_inference_mode_enabled()
 
 
+def test_measure_latencies_interleaves_the_callables_round_by_round():
+    order = []
+
+    def slow(b):
+        order.append("slow")
+        time.sleep(0.004)
+
+    def fast(b):
+        order.append("fast")
+
+    x = torch.zeros(6, 1)
+    t = evaluation.measure_latencies({"slow": slow, "fast": fast}, x, batch_size=6, rounds=3, warmup=1)
+    assert order == ["slow", "fast"] * 4  # one pass of each per round, in turn
+    assert set(t) == {"slow", "fast"} and 0.004 / 6 <= t["slow"] and t["fast"] < t["slow"]
+    with pytest.raises(evaluation.EvaluationError, match="rounds >= 1"):
+        evaluation.measure_latencies({"fast": fast}, x, batch_size=1, rounds=0)
+
+
 def test_latency_table_conditional_runs_specialists_only_where_active():
     gen = _tiny(6)
     specs = [_tiny(3), _tiny(4)]
