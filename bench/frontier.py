@@ -62,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=16,
         help="add shared-trunk specialists stored as rank-r deltas on the generalist's later stages (0: none)",
     )
+    p.add_argument(
+        "--delta-lrs",
+        type=float,
+        nargs="+",
+        default=[0.02, 0.1, 0.3],
+        help="learning rates tried for the delta specialists; the one whose ensemble is most accurate on the "
+        "validation images is kept (the test images choose nothing)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed passes per latency (the best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
     p.add_argument(
@@ -88,6 +96,24 @@ def base_config(args: argparse.Namespace) -> PipelineConfig:
     else:
         cfg = PipelineConfig(name="base", dataset=args.dataset, progress=False)
     return cfg.replace(**extra)
+
+
+def delta_variant(base: Run, folder: Path, rank: int, shared: int, lrs: list[float]) -> tuple[float, Run]:
+    """The delta-specialist variant of ``base`` at each learning rate of ``lrs``; returns the one whose ``kl`` ensemble
+    is most accurate on the validation images (ties: the first), and its learning rate. Each is printed."""
+    y_val = base.dataset().y_val.numpy()
+    tried = []
+    for lr in lrs:
+        settings = dict(specialist_shared_stages=shared, specialist_delta_rank=rank)
+        if lr != base.config.specialist_lr:
+            settings["specialist_lr"] = lr
+        run = runner.variant_run(base, folder / f"delta{rank}-shared{shared}-lr{lr:g}", **settings)
+        acc = float((run.combine("kl", "val").argmax(1) == y_val).mean())
+        print(f"rank-{rank} deltas, specialist_lr {lr:g}: kl on the validation images {acc:.4f}")
+        tried.append((acc, -len(tried), lr, run))
+    acc, _, lr, run = max(tried, key=lambda t: t[:2])
+    print(f"kept specialist_lr {lr:g} (best on validation)")
+    return lr, run
 
 
 def markdown(df) -> str:
@@ -121,12 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     }
     if args.delta_rank:
-        variants[f"rank-{args.delta_rank} deltas (shared {s} of {cfg.depth} stages)"] = runner.variant_run(
-            base,
-            folder / f"delta{args.delta_rank}-shared{s}",
-            specialist_shared_stages=s,
-            specialist_delta_rank=args.delta_rank,
-        )
+        lr, delta = delta_variant(base, folder, args.delta_rank, s, args.delta_lrs)
+        variants[f"rank-{args.delta_rank} deltas (shared {s} of {cfg.depth} stages, lr {lr:g})"] = delta
     for init in args.small_init:
         variants[f"width-{small} specialists ({init})"] = runner.variant_run(
             base, folder / f"small{small}-{init}", specialist_width=small, specialist_init=init

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import checkpoints, ensemble, models, stages, training
+from . import checkpoints, ensemble, evaluation, models, stages, training
 from . import specialists as specialists_mod
 from .errors import ConfigError
 from .generalist import ModelResult, load_model, train_model
@@ -44,7 +44,8 @@ def ensemble_teacher(
     For a prepared batch x (B, C, H, W floats): ``p_gen = softmax(generalist(x))``; the generalist's
     top-n classes switch specialists on (``ensemble.activation``); each active specialist runs only on
     its rows, with its dustbin correction; ``ensemble.combine_kl`` gives q; the target is
-    ``soften(q, T)``.
+    ``soften(q, T)``. Specialists that share the generalist's trunk get its output: the trunk runs once per
+    batch, and each active specialist only its own stages.
 
     Args:
         generalist: the generalist (eval mode is set here).
@@ -61,20 +62,27 @@ def ensemble_teacher(
     for sp in trained:
         sp.model.eval()
     groups = [np.asarray(sp.classes) for sp in trained]
+    trunk = evaluation.shared_trunk_of([sp.model for sp in trained])
 
     @torch.no_grad()
     def teach(x: torch.Tensor) -> torch.Tensor:
         for m in [generalist, *(sp.model for sp in trained)]:
             if next(m.parameters()).device != x.device:
                 m.to(x.device)
-        p_gen = torch.softmax(generalist(x).double(), dim=1).cpu().numpy()
+        if trunk is None:
+            h, logits = x, generalist(x)
+        else:  # the shared trunk runs once per batch; each active specialist runs its own stages on its rows
+            h = trunk(x)
+            logits = generalist.forward_from(h, trunk.stages)
+        p_gen = torch.softmax(logits.double(), dim=1).cpu().numpy()
         active = ensemble.activation(p_gen, groups, top_n=top_n, threshold=skip_threshold)
         outs = []
         for m, sp in enumerate(trained):
             probs = np.full((len(x), len(sp.classes) + 1), 1.0 / (len(sp.classes) + 1))
             rows = np.flatnonzero(active[:, m])
             if len(rows):
-                z = sp.model(x[torch.as_tensor(rows, device=x.device)]).double().cpu().numpy()
+                own = sp.model.forward if trunk is None else sp.model.forward_shared
+                z = own(h[torch.as_tensor(rows, device=x.device)]).double().cpu().numpy()
                 probs[rows] = specialists_mod.apply_dustbin_shift(z, sp.dustbin_shift)
             outs.append(ensemble.SpecialistOutputs(classes=sp.classes, probs=probs))
         q = ensemble.combine_kl(p_gen, outs, active)

@@ -388,7 +388,9 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
 
     Returns:
         ``{"params": int, "flops": int}``. For a shared-trunk specialist (``models.SharedTrunkClassifier``)
-        both are its own stages and head only: the trunk is stored and run once, with the generalist.
+        both are its own stages and head only: the trunk is stored and run once, with the generalist. For a
+        specialist with low-rank deltas, the parameters are those stored (the deltas) and the FLOPs those of the
+        dense layers that run (``models.merge_deltas``).
     """
     from . import models
 
@@ -397,7 +399,8 @@ def model_cost(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, 
         shape = (1, *shape)
     if len(shape) != 4:
         raise EvaluationError(f"input_shape must be (C, H, W) or (1, C, H, W), got {shape}")
-    flops = models.count_flops(model, shape)
+    runs = models.merge_deltas(model) if any(isinstance(m, models.LowRankDelta) for m in model.modules()) else model
+    flops = models.count_flops(runs, shape)
     if isinstance(model, models.SharedTrunkClassifier):
         flops -= models.count_flops(model.shared_trunk, shape)
     return {"params": models.count_parameters(model), "flops": flops}

@@ -385,11 +385,15 @@ def _stage_key(run: Run, stage: str) -> str:
     clusters_file = (
         Path(run.config.clusters_file).read_text() if stage == "clusters" and run.config.clusters_file else None
     )
+    version = st.version
+    if stage == "distill" and run.config.specialist_shared_stages:
+        # the teacher runs a shared trunk once per batch since issue 22 (the same math; other last bits)
+        version = ("teacher_version", 2)
     return store.stage_key(
         stage,
         {g: stage_settings(run, g) for g in ("data", *chain)},
         chain,
-        version=st.version,
+        version=version,
         spec_json=run.clusters().to_json() if stages.uses_spec(stage) else None,
         clusters_file_text=clusters_file,
     )

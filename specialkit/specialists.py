@@ -39,6 +39,7 @@ from . import cost, models, runs, stages, store, training
 from .errors import SpecialkitError
 
 __all__ = [
+    "split_logits",
     "SpecialistError",
     "SpecialistConfig",
     "TrainedSpecialist",
@@ -1316,8 +1317,7 @@ def make_one(run: Any, index: int) -> TrainedSpecialist:
         )
         save_specialist(folder / "model.pt", trained, ds=ds, group=group)
         for split in ("val", "test"):
-            x, _ = ds.split(split)
-            logits = training.predict_logits(trained.model, x, device=run.config.device).numpy()
+            logits = split_logits(run, trained.model, split).numpy()
             runs.save_array(folder / f"logits_{split}.npy", logits)
             runs.save_array(folder / f"probs_{split}.npy", apply_dustbin_shift(logits, trained.dustbin_shift))
         (folder / "state.pt").unlink(missing_ok=True)
@@ -1332,6 +1332,45 @@ def make_one(run: Any, index: int) -> TrainedSpecialist:
             generalist=run.generalist().model if run.config.specialist_delta_rank else None,
         ),
     )
+
+
+class _OwnStages(torch.nn.Module):
+    """A shared-trunk specialist's own stages and head, as a module of the trunk's output (batched prediction)."""
+
+    def __init__(self, model: models.SharedTrunkClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the trunk's output ``h``."""
+        return self.model.forward_shared(h)
+
+
+def split_logits(run: Any, model: torch.nn.Module, split: str) -> torch.Tensor:
+    """A specialist's logits on ``split`` of ``run``'s dataset, as ``training.predict_logits(model, x)`` gives them.
+
+    A shared-trunk specialist does not run the trunk again: the trunk's output on the split is computed once per run
+    (the same batches of ``training.predict_logits``, so every number is the same) and each specialist runs only its
+    own stages on it (issue 22).
+
+    Args:
+        run: the run.
+        model: the specialist.
+        split: ``"val"`` or ``"test"``.
+
+    Returns:
+        (N, |S|+1) float32 logits on the CPU.
+    """
+    x, _ = run.dataset().split(split)
+    device = run.config.device
+    if not isinstance(model, models.SharedTrunkClassifier):
+        return training.predict_logits(model, x, device=device)
+    trunk = model.shared_trunk
+    h = run.memo(
+        f"trunk-output-{split}-{trunk.owner_fingerprint}-{trunk.stages}",
+        lambda: training.predict_logits(trunk, x, device=device),
+    )
+    return training.predict_logits(_OwnStages(model), h, device=device)
 
 
 def shared_trunk_of(run: Any) -> models.Trunk | None:

@@ -156,3 +156,12 @@ def test_sharing_every_stage_leaves_no_convolution_for_a_delta():
     whole_shared = models.share_trunk(specialists.init_from_generalist(gen, CLASSES), gen.trunk(2))
     with pytest.raises(models.ModelError, match="no convolution after"):
         models.low_rank_delta(whole_shared, gen, 2)
+
+
+def test_its_cost_counts_the_deltas_stored_and_the_dense_layers_run(nets):
+    from specialkit import evaluation
+
+    _, shared, delta, _ = nets
+    c_delta, c_shared = evaluation.model_cost(delta, (1, 16, 16)), evaluation.model_cost(shared, (1, 16, 16))
+    assert c_delta["flops"] == c_shared["flops"]  # merged for inference: the same convolutions
+    assert c_delta["params"] == models.count_parameters(delta) < c_shared["params"]

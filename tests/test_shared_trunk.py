@@ -219,3 +219,60 @@ def test_frontier_budget_arithmetic_table_and_figure(tmp_path):
     panels = [t for t in fig.data if t.mode == "markers+text"]
     assert {t.xaxis for t in panels} == {"x", "x2"} and sum(len(t.x) for t in panels) == 2 * len(saved)
     assert any(t.name == "Pareto front" for t in fig.data)
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    from specialkit import pipeline
+    from specialkit.config import PipelineConfig
+
+    cfg = PipelineConfig.preset(
+        "tiny", depth=2, specialist_shared_stages=1, compute_matched=False, rules=("generalist", "kl")
+    )
+    run = pipeline.Run(tmp_path_factory.mktemp("shared") / "run", cfg, log=lambda s: None)
+    run.specialists()
+    return run
+
+
+def test_the_accuracy_path_runs_the_trunk_once_per_split_and_gives_the_same_numbers(shared_run):
+    from specialkit import runs, training
+
+    run = shared_run
+    for i, sp in enumerate(run.specialists()):
+        for split in ("val", "test"):
+            x, _ = run.dataset().split(split)
+            alone = training.predict_logits(sp.model, x, device="cpu")  # the trunk again, for this specialist
+            saved = runs.load_array(specialists.folder_of(run, i) / f"logits_{split}.npy")
+            assert np.array_equal(saved, alone.numpy())  # bit for bit
+    trunk_outputs = [k for k in run._memo if k.startswith("trunk-output-")]
+    assert sorted(k.split("-")[2] for k in trunk_outputs) == ["test", "val"]  # once per split, not per specialist
+
+
+def test_the_teacher_runs_a_shared_trunk_once_per_batch_and_teaches_the_same(shared_run):
+    from specialkit import distill, ensemble
+
+    run = shared_run
+    gen, sps = run.generalist().model, run.specialists()
+    teacher = distill.ensemble_teacher(gen, sps, temperature=2.0)
+    trunk = run.shared_trunk()
+    calls = []
+    hook = trunk.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    x = run.dataset().x_test[:40].float() / 255
+    try:
+        got = teacher(x)
+    finally:
+        hook.remove()
+    assert calls == [40]  # once, on the whole batch
+    with torch.no_grad():  # the teacher as first built: every active specialist runs the trunk on its rows again
+        p_gen = torch.softmax(gen(x).double(), dim=1).numpy()
+        active = ensemble.activation(p_gen, [s.classes for s in sps])
+        outs = []
+        for m, sp in enumerate(sps):
+            probs = np.full((len(x), len(sp.classes) + 1), 1.0 / (len(sp.classes) + 1))
+            rows = np.flatnonzero(active[:, m])
+            if len(rows):
+                z = sp.model(x[torch.as_tensor(rows)]).double().numpy()
+                probs[rows] = specialists.apply_dustbin_shift(z, sp.dustbin_shift)
+            outs.append(ensemble.SpecialistOutputs(sp.classes, probs))
+        want = distill.soften(ensemble.combine_kl(p_gen, outs, active), 2.0)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)

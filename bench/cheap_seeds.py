@@ -1,0 +1,107 @@
+"""Cheap specialist kinds against whole specialists across seeds (issue 22): is the accuracy really the same?
+
+Takes the finished runs of a study (one folder per seed, whole specialists, e.g. ``specialkit study
+configs/study.json``'s ``dataset-glyphs_hard/seed-*``) and, for each seed, trains only the specialists again as
+variant runs next to them (the generalist and groups are copied): shared-trunk specialists (dense) and shared-trunk
+specialists stored as rank-r deltas, whose learning rate is chosen per seed on the validation images among
+``--delta-lrs`` (the test images choose nothing). Then, on the test images, every kind's ``kl`` ensemble against the
+whole specialists' ``kl``: per seed the difference with its paired-bootstrap interval and McNemar's p; across seeds
+the mean difference with the two-level bootstrap interval (seeds and test images), Holm-adjusted over the kinds,
+and the across-seed verdict (at least 5 seeds, equivalence within ±0.5 points).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cheap_seeds.py /tmp/study/regimes/dataset-glyphs_hard --out /tmp/cheap
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specialkit import runner, stats  # noqa: E402
+from specialkit.pipeline import Run  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("study_folder", help="a folder holding seed-*/ finished runs with whole specialists")
+    p.add_argument("--out", default="runs/cheap_seeds", help="where the variant runs go (reused when finished)")
+    p.add_argument("--shared-stages", type=int, default=2)
+    p.add_argument("--delta-rank", type=int, default=16)
+    p.add_argument("--delta-lrs", type=float, nargs="+", default=[0.02, 0.1, 0.3])
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def kl_correct(run: Run, split: str) -> np.ndarray:
+    """Per image of ``split``, whether the run's ``kl`` ensemble is right."""
+    ds = run.dataset()
+    y = (ds.y_val if split == "val" else ds.y_test).numpy()
+    return run.combine("kl", split).argmax(1) == y
+
+
+def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
+    """Test-image correctness of the whole, dense shared and delta specialists of one seed; the delta's chosen lr."""
+    s, r = args.shared_stages, args.delta_rank
+    dense = runner.variant_run(base, out / f"shared{s}", specialist_shared_stages=s)
+    tried = []
+    for lr in args.delta_lrs:
+        extra = {} if lr == base.config.specialist_lr else {"specialist_lr": lr}
+        run = runner.variant_run(
+            base, out / f"delta{r}-lr{lr:g}", specialist_shared_stages=s, specialist_delta_rank=r, **extra
+        )
+        tried.append((float(kl_correct(run, "val").mean()), -len(tried), lr, run))
+    _, _, lr, delta = max(tried, key=lambda t: t[:2])
+    return {
+        "whole": kl_correct(base, "test"),
+        "dense": kl_correct(dense, "test"),
+        "delta": kl_correct(delta, "test"),
+    }, lr
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    folders = sorted(Path(args.study_folder).glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not folders:
+        raise SystemExit(f"no seed-*/ runs in {args.study_folder}: run a study first (specialkit study ...)")
+    per_seed = []
+    for folder in folders:
+        base = Run.open(folder, log=lambda s: None)
+        correct, lr = seed_kinds(base, Path(args.out) / folder.name, args)
+        boot = stats.paired_bootstrap(correct, resamples=base.config.bootstrap_resamples, seed=base.config.seed)
+        line = [f"{folder.name}: whole {correct['whole'].mean():.4f}"]
+        for kind in ("dense", "delta"):
+            lo, hi = boot.gain_ci(kind, "whole")
+            mc = stats.mcnemar(correct["whole"], correct[kind])
+            d = correct[kind].mean() - correct["whole"].mean()
+            line.append(f"{kind} {d * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}] p={mc.p_value:.3g}")
+        print("; ".join(line) + f" (delta lr {lr:g}, chosen on validation)", flush=True)
+        per_seed.append(correct)
+    results = {}
+    for kind in ("dense", "delta"):
+        diffs = np.stack([c[kind].astype(float) - c["whole"].astype(float) for c in per_seed])
+        results[kind] = stats.two_level_bootstrap(diffs, resamples=2000, seed=0)
+    adjusted = stats.holm([results[k].p_value for k in results])
+    label = {
+        "dense": f"shared {args.shared_stages} stages, dense",
+        "delta": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas",
+    }
+    print(f"\nacross {len(per_seed)} seeds, kl against kl with whole specialists (points, two-level bootstrap 95%):")
+    for (kind, tl), p_adj in zip(results.items(), adjusted):
+        verdict = stats.across_seed_verdict(tl.lo, tl.hi, p_adj, tl.seeds)
+        print(
+            f"{label[kind]}: {tl.mean * 100:+.2f} [{tl.lo * 100:+.2f}, {tl.hi * 100:+.2f}], Holm p {p_adj:.3g}: {verdict}"
+        )
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
