@@ -16,7 +16,9 @@ as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: 
   ``moe`` = option (b) with HD-CNN style skipping);
 * for the shared kinds, conditional execution three ways: ``eager`` (``evaluation.ensemble_forward``), ``fused``
   (``evaluation.routed_forward``: routing in torch, deltas merged) and ``prepared`` (``inference.RoutedEnsemble``:
-  a delta specialist reuses the generalist's first later layer, dustbin heads in two operations).
+  a delta specialist reuses the generalist's first later layer, dustbin heads in two operations); with ``--compile``
+  also the target kind's prepared routing at batch 1 with every network ``torch.compile``-d, against the compiled
+  generalist (``compiled``).
 
 It ends with ratio lines, conditional execution over the generalist's latency, in the same process and threads,
 best of ``--repeats`` repeats: ``ratio_b{1,256}_{kind}_{eager,fused,prepared}``, ``ratio_b{1,256}_full`` and
@@ -73,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the target kind's prepared routing at batch 1 with torch.compile (a minute or more of "
+        "compilation), against the compiled generalist",
+    )
     p.add_argument(
         "--target-kind",
         default="delta",
@@ -146,6 +154,45 @@ def fused_ratios(
         t = evaluation.measure_latencies(fns, _Batches(xf[:n], p_t[:n]), batch_size=bs, rounds=3 * args.repeats)
         out[bs] = tuple(t[name] / t["generalist"] for name in ("eager", "fused", "prepared"))
     return out
+
+
+def compiled_ratio(
+    args: argparse.Namespace,
+    generalist: torch.nn.Module,
+    specs: list[torch.nn.Module],
+    x: torch.Tensor,
+    p_route: np.ndarray,
+    groups: list[np.ndarray],
+) -> tuple[float, float]:
+    """Batch 1, ``torch.compile``: (prepared routing with every network compiled over the compiled generalist, the
+    seconds the compilation took). The trunk, the generalist's later stages and each specialist's prepared forward
+    (``inference.FastSpecialist``) are compiled separately, since the routing between them is data-dependent."""
+    xf = (x.float().div(255.0) if x.dtype == torch.uint8 else x)[: args.images_small]
+    p_t = torch.as_tensor(p_route[: args.images_small], dtype=torch.float32, device=xf.device)
+    prepared = inference.RoutedEnsemble(generalist, specs, groups)
+    gen_c = torch.compile(generalist, dynamic=False)
+    trunk_c = torch.compile(prepared.trunk, dynamic=False)
+    later_c = torch.compile(prepared._generalist_later, dynamic=False)
+    own_c = [torch.compile(s.forward, dynamic=False) for s in prepared.specialists]
+    member = prepared.member
+
+    def routed(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+        h = trunk_c(b[0])
+        logits, first_out = later_c(h)
+        torch.softmax(logits, dim=1)
+        for m in (member.index_select(0, b[1].argmax(dim=1)) > 0)[0].nonzero().flatten().tolist():
+            own_c[m](h, first_out)
+
+    data = _Batches(xf, p_t)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(len(xf)):  # every specialist the routing reaches gets compiled here, outside the clock
+            gen_c(xf[i : i + 1])
+            routed(data[i : i + 1])
+    seconds = time.perf_counter() - t0
+    fns = {"generalist": lambda b: gen_c(b[0]), "compiled": routed}
+    t = evaluation.measure_latencies(fns, data, batch_size=1, rounds=3 * args.repeats)
+    return t["compiled"] / t["generalist"], seconds
 
 
 def rules(args: argparse.Namespace, groups: list[np.ndarray]) -> dict:
@@ -284,6 +331,13 @@ def main(argv: list[str] | None = None) -> None:
                     f"networks, conditional, batch {bs}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x | "
                     f"prepared (inference.RoutedEnsemble) {r_prepared:.3f}x"
                 )
+            if args.compile and key == args.target_kind:
+                r_compiled, seconds = compiled_ratio(args, generalist, specs, x.to(device), p_route, groups)
+                ratios[f"ratio_b1_{key}_compiled"] = r_compiled
+                print(
+                    f"networks, conditional, batch 1, torch.compile (prepared, against the compiled generalist; "
+                    f"{seconds:.0f} s of compilation): {r_compiled:.3f}x"
+                )
         for bs in args.batch_sizes:
             for model, suffix in (("nets conditional", ""), ("kl conditional", "_kl")):
                 row = df[(df["model"] == model) & (df["batch_size"] == bs)]
@@ -311,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         f"ratio_b{bs}_{kind}_{how}"
         for kind in ("dense", "smallhead", "delta")
         for bs in args.batch_sizes
-        for how in ("eager", "fused", "prepared")
+        for how in ("eager", "fused", "prepared", "compiled")
     ]
     names += [
         f"ratio_b{bs}_{kind}{suffix}" for kind in ("full", "scratch") for suffix in ("", "_kl") for bs in (1, 256)
