@@ -25,7 +25,7 @@ SETTINGS = {
     "epochs": 2,
     "specialist_epochs": 2,
     "student_epochs": 1,
-    "rules": ("generalist", "kl", "top_confident", "moe"),
+    "rules": ("generalist", "kl", "kl_calibrated", "top_confident", "moe"),
 }
 FLAGS = ["--k", "4", "--per-class", "16", "--epochs", "2", "--specialist-epochs", "2", "--student-epochs", "1"]
 
@@ -65,7 +65,16 @@ def test_uninterrupted_run_writes_every_artifact(finished):
     assert not list(f.rglob("*.tmp")) and not list(f.rglob("state.pt"))
     metrics = json.loads((f / "metrics.json").read_text())
     names = [r["name"] for r in metrics["comparison"]]
-    assert names == ["generalist", "compute_matched", "kl", "top_confident", "moe", "student", "hard_label_student"]
+    assert names == [
+        "generalist",
+        "compute_matched",
+        "kl",
+        "kl_calibrated",
+        "top_confident",
+        "moe",
+        "student",
+        "hard_label_student",
+    ]
     assert all(0.0 <= r["top1"] <= 1.0 for r in metrics["comparison"])
     assert all(r["nll"] >= 0 and math.isfinite(r["nll"]) and 0.0 <= r["ece"] <= 1.0 for r in metrics["comparison"])
     rows = {r["name"]: r for r in metrics["comparison"]}
