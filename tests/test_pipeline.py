@@ -138,6 +138,23 @@ def test_the_student_is_read_against_its_hard_label_control(finished):
     assert off.skip_reason("hard_label_student") == "hard_label_control=false"
 
 
+def test_the_ensembles_stage_saves_kl_as_the_paper_rule_and_kl_calibrated_on_the_runs_calibrations(finished):
+    """Issue 20: ``kl_calibrated`` is the paper's objective on each specialist's calibrated evidence (fitted on the
+    validation images), ``kl`` the paper's rule unchanged; both saved by the stage for both splits."""
+    from specialkit import ensemble, ensembles, specialists
+
+    run = finished
+    for split in ("val", "test"):
+        p_gen, active = run.generalist().probs(split), ensembles.activation_of(run, split)
+        outs = [ensemble.SpecialistOutputs(g, p) for g, p in zip(run.groups(), specialists.probs_of(run, split))]
+        saved = {r: np.load(run.stage_dir("ensembles") / f"q_{split}_{r}.npy") for r in ("kl", "kl_calibrated")}
+        np.testing.assert_array_equal(saved["kl"], ensemble.combine_kl(p_gen, outs, active))
+        cal = ensembles.calibrations_of(run)
+        assert len(cal) == len(outs) and all(c.temperature > 0 for c in cal)
+        np.testing.assert_array_equal(saved["kl_calibrated"], ensemble.combine_kl(p_gen, outs, active, calibration=cal))
+        assert not np.array_equal(saved["kl"], saved["kl_calibrated"])
+
+
 def test_killed_in_specialist_stage_resumes_to_the_same_numbers(finished, tmp_path):
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "specialkit.cli", "run", "--quick", "--no-progress", "--out", str(out), *FLAGS]
