@@ -141,7 +141,7 @@ def test_the_student_is_read_against_its_hard_label_control(finished):
 def test_the_ensembles_stage_saves_kl_as_the_paper_rule_and_kl_calibrated_on_the_runs_calibrations(finished):
     """Issue 20: ``kl_calibrated`` is the paper's objective on each specialist's calibrated evidence (fitted on the
     validation images), ``kl`` the paper's rule unchanged; both saved by the stage for both splits."""
-    from specialkit import ensemble, ensembles, specialists
+    from specialkit import cost, ensemble, ensembles, frontier, specialists
 
     run = finished
     for split in ("val", "test"):
@@ -153,6 +153,11 @@ def test_the_ensembles_stage_saves_kl_as_the_paper_rule_and_kl_calibrated_on_the
         assert len(cal) == len(outs) and all(c.temperature > 0 for c in cal)
         np.testing.assert_array_equal(saved["kl_calibrated"], ensemble.combine_kl(p_gen, outs, active, calibration=cal))
         assert not np.array_equal(saved["kl"], saved["kl_calibrated"])
+    m = json.loads((run.folder / "metrics.json").read_text())  # the cost figure and the frontier show it, like kl
+    points = cost.cost_points(m).set_index("name")
+    assert points.loc["kl_calibrated (conditional)", "cost"] == points.loc["kl (conditional)", "cost"]
+    frontier_points = frontier.run_points(m).set_index("name")
+    assert frontier_points.loc["kl_calibrated (conditional)", "kind"] == "ensemble"
 
 
 def test_killed_in_specialist_stage_resumes_to_the_same_numbers(finished, tmp_path):
