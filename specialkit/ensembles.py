@@ -1,6 +1,7 @@
 """The recipe of the ``ensembles`` stage: every combination rule's distribution on the validation and test splits
 (``ensembles/q_<split>_<rule>.npy``). The rules themselves (activation, ``kl``, ``kl_calibrated``,
-``top_confident``, ``moe``, calibration) are :mod:`specialkit.ensemble`'s; this module only applies them to a run's saved outputs.
+``top_confident``, ``moe``, calibration) are :mod:`specialkit.ensemble`'s; this module only applies them to a
+run's saved outputs.
 """
 
 from __future__ import annotations
