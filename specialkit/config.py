@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 SMOKE_ENV = "SPECIALKIT_SMOKE"
-RULES = ("generalist", "kl", "top_confident", "moe")
+RULES = ("generalist", "kl", "kl_calibrated", "top_confident", "moe")
 METHODS = ("covariance_kmeans", "spectral", "agglomerative", "balanced")
 OVERLAPS = ("none", "hdcnn", "top_r")
 CORRECTIONS = ("odds", "paper_literal", "prior_match", "none")
@@ -139,7 +139,8 @@ class PipelineConfig:
     ``calibrate_specialists`` (default true: ``top_confident`` and ``moe`` temper each specialist on the
     validation images and read it as evidence against its mean output there, so a specialist that knows
     nothing leaves the generalist's answer unchanged; false: the rules as first built, which a bad
-    specialist can break; ``kl``, the paper's rule, is the same either way).
+    specialist can break; ``kl``, the paper's rule, is the same either way, and ``kl_calibrated``, its robust
+    sibling, always reads calibrated evidence).
     Baselines and distillation: ``compute_matched``, ``compute_match`` (``flops``: the extra
     generalist passes cost as many FLOPs as the specialists' training passes; ``passes``: as many
     example-passes), ``student_init`` (``generalist``: the student starts from the generalist's

@@ -344,8 +344,9 @@ def cost_summary(
 
 
 def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Accuracy (with its interval) against MFLOPs per image for every model and rule (the ensemble rules
-    run all specialists, except ``kl``, shown with conditional execution too)."""
+    """Accuracy (with its interval) against MFLOPs per image for every model and rule (``kl``, ``kl_calibrated`` and
+    ``top_confident`` at the cost of the active specialists, ``moe`` of all of them; ``kl`` is also shown running
+    all specialists)."""
     flops = metrics["cost"]["flops"]
     rows_by = {r["name"]: r for r in metrics["comparison"]}
     cost = {
@@ -355,6 +356,7 @@ def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
         "top_confident": flops["conditional_flops"],
         "moe": flops["all_flops"],
         "kl": flops["conditional_flops"],
+        "kl_calibrated": flops["conditional_flops"],
     }
     rows = []
     for n, r in rows_by.items():
@@ -362,7 +364,7 @@ def cost_points(metrics: dict[str, Any]) -> pd.DataFrame:
             lo, hi = r["top1_ci"]
             rows.append(
                 {
-                    "name": n if n != "kl" else "kl (conditional)",
+                    "name": f"{n} (conditional)" if n in ("kl", "kl_calibrated") else n,
                     "accuracy": r["top1"],
                     "lo": lo,
                     "hi": hi,

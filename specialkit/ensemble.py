@@ -16,6 +16,8 @@ Routing and combination (``docs/METHOD.md`` section 4):
   (damped Newton steps finish the rare images where EM is slow);
   :func:`combine_kl_gradient` solves the same problem the paper's way (``q = softmax(z)``,
   gradient-based optimisation of ``z`` image by image) and serves as baseline and cross-check.
+  With ``calibration=`` (rule ``"kl_calibrated"``) each specialist's target is its calibrated evidence
+  (:func:`evidence_update`) collapsed to its cells, so a specialist that outputs noise leaves ``p_gen``.
 * :func:`combine_top_confident` -- option (a): average the ``n`` most confident specialists.
 * :func:`combine_moe` -- option (b): a mixture of experts gated by the generalist, with HD-CNN
   style conditional execution (skip a specialist whose group mass is under a threshold).
@@ -75,7 +77,7 @@ __all__ = [
     "run_conditionally",
 ]
 
-RULES: tuple[str, ...] = ("generalist", "kl", "top_confident", "moe")
+RULES: tuple[str, ...] = ("generalist", "kl", "kl_calibrated", "top_confident", "moe")
 GRADIENT_METHODS: tuple[str, ...] = ("lbfgs", "torch-lbfgs", "gd")
 CONFIDENCES: tuple[str, ...] = ("max", "mass")
 
@@ -798,6 +800,7 @@ def combine_kl(
     tol: float = 1e-10,
     max_iter: int = 1_000,
     newton_after: int | None = 200,
+    calibration: Sequence[Calibration] | None = None,
 ) -> np.ndarray:
     """The paper's combination: ``argmin_q KL(p_gen || q) + sum_{m active} KL(p_m || collapse_m(q))``.
 
@@ -807,6 +810,12 @@ def combine_kl(
     :func:`run_conditionally` with the same ``active`` mask. Warns (:class:`ConvergenceWarning`)
     when images hit ``max_iter``.
 
+    With ``calibration`` (one per specialist, fitted on validation images; rule ``"kl_calibrated"``) the same
+    objective and solver, but each active specialist's target ``p_m`` is its calibrated evidence collapsed to its
+    cells, ``collapse_m(evidence_update(p_m, S_m, p_gen, cal_m))``: a specialist whose tempered output is its mean
+    (noise after calibration) then agrees with the generalist and leaves ``q = p_gen``; an informed one still moves
+    mass. ``None`` (default) is the paper's rule, unchanged.
+
     Args:
         p_gen: (N, C) generalist probabilities.
         specialists: M :class:`SpecialistOutputs` (or ``(classes, probs)`` tuples).
@@ -814,10 +823,14 @@ def combine_kl(
         tol: tolerance on the change of q and on the objective gap bound.
         max_iter: iteration cap.
         newton_after: EM iterations before an image switches to Newton steps (None: plain EM).
+        calibration: one :class:`Calibration` per specialist (from :func:`calibrate`), or ``None`` for the
+            paper's rule.
 
     Returns:
         q: (N, C) float64; images with no active specialist get ``p_gen`` exactly.
     """
+    if calibration is not None:
+        specialists = _evidence_targets(p_gen, specialists, active, calibration)
     sol = solve_kl(p_gen, specialists, active, tol=tol, max_iter=max_iter, newton_after=newton_after)
     if not sol.converged.all():
         warnings.warn(
@@ -827,6 +840,27 @@ def combine_kl(
             stacklevel=2,
         )
     return sol.q
+
+
+def _evidence_targets(
+    p_gen: Probs, specialists: Sequence[SpecialistLike], active: Mask, calibration: Sequence[Calibration]
+) -> list[SpecialistOutputs]:
+    """The specialists with each active row replaced by ``collapse_m(evidence_update(p_m, S_m, p_gen, cal_m))``.
+
+    Each target row is a distribution over the specialist's cells (``evidence_update`` rows sum to 1; a specialist
+    covering every class keeps an empty dustbin); inactive rows are NaN, as :func:`solve_kl` never reads them.
+    """
+    pg, specs, act, probs = _prepare_kl(p_gen, specialists, active)
+    cal = _check_calibration(calibration, specs)
+    g = _normalise(pg)
+    out = []
+    for m, s in enumerate(specs):
+        rows = act[:, m]
+        target = np.full(s.probs.shape, np.nan)
+        if rows.any():
+            target[rows] = collapse(evidence_update(probs[m][rows], s.classes, g[rows], cal[m]), s.classes)
+        out.append(SpecialistOutputs(classes=s.classes, probs=target))
+    return out
 
 
 def _image_objective(
@@ -1192,11 +1226,12 @@ def combine(
     """Combine with a named rule.
 
     Args:
-        rule: ``"generalist"`` (p_gen itself), ``"kl"`` (:func:`combine_kl`), ``"top_confident"``
+        rule: ``"generalist"`` (p_gen itself), ``"kl"`` (:func:`combine_kl`, the paper's rule),
+            ``"kl_calibrated"`` (:func:`combine_kl` with ``calibration``, which it requires), ``"top_confident"``
             (:func:`combine_top_confident`) or ``"moe"`` (:func:`combine_moe`).
         p_gen: (N, C) generalist probabilities.
         specialists: M specialists.
-        active: (N, M) bool; for ``"kl"`` and ``"top_confident"`` defaults to
+        active: (N, M) bool; for ``"kl"``, ``"kl_calibrated"`` and ``"top_confident"`` defaults to
             ``activation(p_gen, groups, top_n=top_n)`` (for ``"top_confident"`` only while ``gated``);
             refused for ``"moe"``, which gates itself (use ``threshold=``).
         top_n: generalist classes looked at when ``active`` is computed here.
@@ -1204,7 +1239,7 @@ def combine(
             top-n classes switch on (default). ``False`` lets every specialist compete, so a confident
             specialist can overrule a generalist that is sure the image is none of its classes.
         **options: passed to the rule (``tol``, ``max_iter``, ``n``, ``confidence``, ``threshold``, and
-            ``calibration`` for ``top_confident`` and ``moe``).
+            ``calibration`` for ``kl_calibrated``, ``top_confident`` and ``moe``).
 
     Returns:
         q: (N, C) float64.
@@ -1217,7 +1252,14 @@ def combine(
         if options:
             raise EnsembleError(f"rule 'generalist' takes no options, got {sorted(options)}")
         return pg.copy()
-    if rule == "kl":
+    if rule in ("kl", "kl_calibrated"):
+        if rule == "kl_calibrated" and options.get("calibration") is None:
+            raise EnsembleError(
+                "rule 'kl_calibrated' needs calibration= (one Calibration per specialist from ensemble.calibrate on "
+                "validation outputs); pass it, or use rule 'kl' for the paper's rule"
+            )
+        if rule == "kl" and options.get("calibration") is not None:
+            raise EnsembleError("rule 'kl' is the paper's rule and takes no calibration; use rule 'kl_calibrated'")
         if active is None:
             active = activation(pg, [s.classes for s in specs], top_n=top_n)
         return combine_kl(pg, specs, active, **options)  # type: ignore[arg-type]

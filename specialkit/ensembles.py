@@ -1,6 +1,7 @@
 """The recipe of the ``ensembles`` stage: every combination rule's distribution on the validation and test splits
-(``ensembles/q_<split>_<rule>.npy``). The rules themselves (activation, ``kl``, ``top_confident``, ``moe``,
-calibration) are :mod:`specialkit.ensemble`'s; this module only applies them to a run's saved outputs.
+(``ensembles/q_<split>_<rule>.npy``). The rules themselves (activation, ``kl``, ``kl_calibrated``,
+``top_confident``, ``moe``, calibration) are :mod:`specialkit.ensemble`'s; this module only applies them to a
+run's saved outputs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def combine_for(run: Any, rule: str, split: str) -> np.ndarray:
     ]
     if rule == "kl":
         return ensemble.combine("kl", p_gen, outs, active=activation_of(run, split))
+    if rule == "kl_calibrated":  # calibrated evidence is this rule's definition, whatever calibrate_specialists says
+        return ensemble.combine(
+            "kl_calibrated", p_gen, outs, active=activation_of(run, split), calibration=calibrations_of(run)
+        )
     cal = calibrations_of(run) if c.calibrate_specialists else None
     if rule == "top_confident":
         active = activation_of(run, split) if c.top_confident_gated else None
@@ -59,7 +64,8 @@ def combine_for(run: Any, rule: str, split: str) -> np.ndarray:
 
 def calibrations_of(run: Any) -> list[ensemble.Calibration]:
     """Per specialist of ``run``, its temperature and mean output fitted on the validation images (never the test set):
-    how ``top_confident`` and ``moe`` read it as evidence (``calibrate_specialists``).
+    how ``kl_calibrated`` (always) and ``top_confident`` and ``moe`` (with ``calibrate_specialists``) read it as
+    evidence.
 
     Args:
         run: the run.

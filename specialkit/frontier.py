@@ -206,7 +206,8 @@ def measure_points(
 
 def run_points(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """The frontier points of one finished run from its ``metrics.json`` (no training, no timing): the generalist,
-    the compute-matched generalist, the ensemble of ``kl`` (conditional execution) and the student, with the
+    the compute-matched generalist, the ensembles of ``kl`` and ``kl_calibrated`` (conditional execution, when the run
+    computed them) and the student, with the
     accuracies' intervals and the costs of ``metrics["cost"]["summary"]``."""
     summary = {r["model"]: r for r in metrics["cost"].get("summary", [])}
     if not summary:
@@ -216,6 +217,7 @@ def run_points(metrics: Mapping[str, Any]) -> pd.DataFrame:
         "generalist": "generalist",
         "compute_matched": "generalist",
         "kl": "ensemble, conditional",
+        "kl_calibrated": "ensemble, conditional",
         "student": "student",
     }
     rows = []
@@ -225,8 +227,8 @@ def run_points(metrics: Mapping[str, Any]) -> pd.DataFrame:
         r, c = rows_by[name], summary[cost_row]
         rows.append(
             {
-                "name": name if name != "kl" else "kl (conditional)",
-                "kind": "ensemble" if name == "kl" else "student" if name == "student" else "generalist",
+                "name": f"{name} (conditional)" if name in ("kl", "kl_calibrated") else name,
+                "kind": "ensemble" if name.startswith("kl") else "student" if name == "student" else "generalist",
                 "accuracy": r["top1"],
                 "lo": r["top1_ci"][0],
                 "hi": r["top1_ci"][1],

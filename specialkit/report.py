@@ -752,7 +752,9 @@ _RULE_WORDS = {
 }
 
 
-def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "top_confident", "moe")) -> str:
+def study_reading(
+    manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "kl_calibrated", "top_confident", "moe")
+) -> str:
     """The study's reading (markdown), per swept key and point: for each rule, its mean gain over the generalist
     and over the compute-matched generalist across seeds with the 95% interval, the verdict of that interval
     and in how many seeds the paired test on the test images found it better or worse."""
@@ -827,7 +829,9 @@ def study_reading(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "
     return "\n\n".join(lines)
 
 
-def study_table(manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "moe", "top_confident")) -> pd.DataFrame:
+def study_table(
+    manifest: dict[str, Any], *, rules: tuple[str, ...] = ("kl", "kl_calibrated", "moe", "top_confident")
+) -> pd.DataFrame:
     """Every point x seed for display: generalist, compute-matched and each rule's top-1 with its interval."""
     out = []
     for r in manifest["rows"]:

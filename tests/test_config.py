@@ -191,14 +191,17 @@ def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
 # hard_label_student stage (issue 20) was added later with its own keys. The compute_matched keys changed on purpose
 # too (stages: budget_version 2, issue 20 part 4: the budget counts training FLOPs as the loop spends them, so a
 # compute-matched generalist trained for the old budget is trained again; were 0e2e2cbb6acbd256 / 2629d56133cec2a2).
+# The default rules gained kl_calibrated (issue 20 part 1), and rules are an ensembles setting: the ensembles keys
+# (were 85e468b7faff0f77 / ba9d596219bf15aa) and the distill keys downstream of them (were 6cc0a4492b448b9f /
+# 1f6157bb7e66bf46) changed with them.
 _PINNED_KEYS = {
     "default": {
         "generalist": "fc96c39988425598",
         "clusters": "8a5cae68889deac2",
         "specialists": "1d55fe9da57a959f",
         "compute_matched": "e186d4fb25725f59",
-        "ensembles": "85e468b7faff0f77",
-        "distill": "6cc0a4492b448b9f",
+        "ensembles": "e5a704f5c26705dc",
+        "distill": "233c358add20c34b",
         "specialist_1": "26b88b549c9ecc03",
         "hard_label_student": "67e148b96c32ca50",
     },
@@ -207,8 +210,8 @@ _PINNED_KEYS = {
         "clusters": "9f32639b49ddf5d0",
         "specialists": "2a95c80fb8b8a66d",
         "compute_matched": "9e4a65c53a14b7ac",
-        "ensembles": "ba9d596219bf15aa",
-        "distill": "1f6157bb7e66bf46",
+        "ensembles": "79d7e0856583bf15",
+        "distill": "b3a9cc3908cd5aa3",
         "specialist_1": "78d9bcb38442a4a6",
         "hard_label_student": "edeada663ca2243e",
     },

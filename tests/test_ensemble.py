@@ -419,7 +419,7 @@ def test_moe_with_agreeing_specialists_is_p_gen() -> None:
 
 def test_combine_dispatch(random_batch: dict) -> None:
     b = random_batch
-    with pytest.raises(EnsembleError, match="generalist, kl, top_confident, moe"):
+    with pytest.raises(EnsembleError, match="generalist, kl, kl_calibrated, top_confident, moe"):
         E.combine("vote", b["p_gen"], b["specs"])
     default = E.combine("kl", b["p_gen"], b["specs"])
     explicit = E.combine_kl(b["p_gen"], b["specs"], E.activation(b["p_gen"], b["groups"], top_n=1))
@@ -439,8 +439,9 @@ def test_combine_dispatch(random_batch: dict) -> None:
     )
     with pytest.raises(EnsembleError, match="threshold"):
         E.combine("moe", b["p_gen"], b["specs"], active=b["active"])
+    flat = [E.Calibration(2.0, np.full(s.classes.size + 1, 1.0 / (s.classes.size + 1))) for s in b["specs"]]
     for rule in E.RULES:
-        q = E.combine(rule, b["p_gen"], b["specs"])
+        q = E.combine(rule, b["p_gen"], b["specs"], **({"calibration": flat} if rule == "kl_calibrated" else {}))
         np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-12)
 
 
@@ -549,3 +550,68 @@ def test_calibration_recovers_a_temperature_and_an_uninformed_output_changes_not
     )
     with pytest.raises(ensemble.EnsembleError, match="one Calibration per specialist"):
         ensemble.combine_moe(pg, [ensemble.SpecialistOutputs(g, flat)], calibration=[])
+
+
+# ------------------------------------------------------------------------------------------- kl_calibrated
+def test_kl_calibrated_leaves_the_generalist_where_the_paper_rule_breaks(noise_case):
+    """Issue 20: the paper's kl follows a confident noise specialist; read as calibrated evidence it does not."""
+    y, pg, specs, cal = noise_case
+    base, active = _acc(pg, y), ensemble.activation(pg, GROUPS)
+    raw = _acc(ensemble.combine("kl", pg, specs, active=active), y)
+    robust = _acc(ensemble.combine("kl_calibrated", pg, specs, active=active, calibration=cal), y)
+    assert raw < base - 0.2, (raw, base)
+    assert abs(robust - base) <= 0.01, (robust, base)
+    np.testing.assert_array_equal(  # kl is the paper's rule, bit for bit, whatever the pipeline calibrates
+        ensemble.combine("kl", pg, specs, active=active), ensemble.solve_kl(pg, specs, active).q
+    )
+
+
+def test_kl_calibrated_still_follows_informed_specialists():
+    rng = np.random.default_rng(7)
+    (yv, _), (yt, pt) = _synthetic(3), _synthetic(4)
+    cal = [ensemble.calibrate(_informed_specialist(rng, yv, g), g, yv) for g in GROUPS]
+    specs = [ensemble.SpecialistOutputs(g, _informed_specialist(rng, yt, g)) for g in GROUPS]
+    q = ensemble.combine("kl_calibrated", pt, specs, calibration=cal)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-12)
+    assert _acc(q, yt) > _acc(pt, yt) + 0.05
+
+
+def test_kl_calibrated_with_an_uninformative_output_returns_the_generalist():
+    rng = np.random.default_rng(13)
+    pg = _synthetic(9, n=200)[1]
+    cal = [ensemble.Calibration(4.0, rng.dirichlet(np.ones(g.size + 1))) for g in GROUPS]
+    # tempered output == mean: temper(p, T) = mean when p = temper(mean, 1 / T)
+    specs = [
+        ensemble.SpecialistOutputs(g, ensemble.temper(np.tile(c.mean, (200, 1)), 0.25)) for g, c in zip(GROUPS, cal)
+    ]
+    active = ensemble.activation(pg, GROUPS, top_n=3)  # several active specialists per image
+    assert (active.sum(axis=1) > 1).any()
+    np.testing.assert_allclose(ensemble.combine_kl(pg, specs, active, calibration=cal), pg, atol=1e-8)
+    assert not np.allclose(ensemble.combine_kl(pg, specs, active), pg, atol=1e-3)  # the paper's rule moves
+
+
+def test_kl_calibrated_targets_are_distributions_and_inactive_rows_are_untouched(noise_case):
+    y, pg, specs, cal = noise_case
+    active = ensemble.activation(pg, GROUPS)
+    active[:100] = False  # no specialist for the first 100 images
+    holey = [
+        ensemble.SpecialistOutputs(s.classes, np.where(active[:, [m]], s.probs, np.nan)) for m, s in enumerate(specs)
+    ]
+    q = ensemble.combine_kl(pg, holey, active, calibration=cal)  # never reads an inactive (NaN) row
+    np.testing.assert_array_equal(q[:100], pg[:100])
+    np.testing.assert_array_equal(q, ensemble.combine_kl(pg, specs, active, calibration=cal))
+    targets = ensemble._evidence_targets(pg, specs, active, cal)
+    for m, t in enumerate(targets):
+        rows = active[:, m]
+        assert (t.probs[rows] >= 0).all() and np.isnan(t.probs[~rows]).all()
+        np.testing.assert_allclose(t.probs[rows].sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_kl_calibrated_needs_a_calibration(noise_case):
+    y, pg, specs, cal = noise_case
+    with pytest.raises(ensemble.EnsembleError, match="needs calibration="):
+        ensemble.combine("kl_calibrated", pg, specs)
+    with pytest.raises(ensemble.EnsembleError, match="takes no calibration"):
+        ensemble.combine("kl", pg, specs, calibration=cal)
+    with pytest.raises(ensemble.EnsembleError, match="one Calibration per specialist"):
+        ensemble.combine("kl_calibrated", pg, specs, calibration=cal[:2])

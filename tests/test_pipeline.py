@@ -25,7 +25,7 @@ SETTINGS = {
     "epochs": 2,
     "specialist_epochs": 2,
     "student_epochs": 1,
-    "rules": ("generalist", "kl", "top_confident", "moe"),
+    "rules": ("generalist", "kl", "kl_calibrated", "top_confident", "moe"),
 }
 FLAGS = ["--k", "4", "--per-class", "16", "--epochs", "2", "--specialist-epochs", "2", "--student-epochs", "1"]
 
@@ -65,7 +65,16 @@ def test_uninterrupted_run_writes_every_artifact(finished):
     assert not list(f.rglob("*.tmp")) and not list(f.rglob("state.pt"))
     metrics = json.loads((f / "metrics.json").read_text())
     names = [r["name"] for r in metrics["comparison"]]
-    assert names == ["generalist", "compute_matched", "kl", "top_confident", "moe", "student", "hard_label_student"]
+    assert names == [
+        "generalist",
+        "compute_matched",
+        "kl",
+        "kl_calibrated",
+        "top_confident",
+        "moe",
+        "student",
+        "hard_label_student",
+    ]
     assert all(0.0 <= r["top1"] <= 1.0 for r in metrics["comparison"])
     assert all(r["nll"] >= 0 and math.isfinite(r["nll"]) and 0.0 <= r["ece"] <= 1.0 for r in metrics["comparison"])
     rows = {r["name"]: r for r in metrics["comparison"]}
@@ -127,6 +136,28 @@ def test_the_student_is_read_against_its_hard_label_control(finished):
     assert "hard_label_student" in metrics.NOT_RULES  # a control, never read as a combination rule in studies
     off = pipeline.Run(run.folder.parent / "off", run.config.replace(hard_label_control=False), log=lambda s: None)
     assert off.skip_reason("hard_label_student") == "hard_label_control=false"
+
+
+def test_the_ensembles_stage_saves_kl_as_the_paper_rule_and_kl_calibrated_on_the_runs_calibrations(finished):
+    """Issue 20: ``kl_calibrated`` is the paper's objective on each specialist's calibrated evidence (fitted on the
+    validation images), ``kl`` the paper's rule unchanged; both saved by the stage for both splits."""
+    from specialkit import cost, ensemble, ensembles, frontier, specialists
+
+    run = finished
+    for split in ("val", "test"):
+        p_gen, active = run.generalist().probs(split), ensembles.activation_of(run, split)
+        outs = [ensemble.SpecialistOutputs(g, p) for g, p in zip(run.groups(), specialists.probs_of(run, split))]
+        saved = {r: np.load(run.stage_dir("ensembles") / f"q_{split}_{r}.npy") for r in ("kl", "kl_calibrated")}
+        np.testing.assert_array_equal(saved["kl"], ensemble.combine_kl(p_gen, outs, active))
+        cal = ensembles.calibrations_of(run)
+        assert len(cal) == len(outs) and all(c.temperature > 0 for c in cal)
+        np.testing.assert_array_equal(saved["kl_calibrated"], ensemble.combine_kl(p_gen, outs, active, calibration=cal))
+        assert not np.array_equal(saved["kl"], saved["kl_calibrated"])
+    m = json.loads((run.folder / "metrics.json").read_text())  # the cost figure and the frontier show it, like kl
+    points = cost.cost_points(m).set_index("name")
+    assert points.loc["kl_calibrated (conditional)", "cost"] == points.loc["kl (conditional)", "cost"]
+    frontier_points = frontier.run_points(m).set_index("name")
+    assert frontier_points.loc["kl_calibrated (conditional)", "kind"] == "ensemble"
 
 
 def test_killed_in_specialist_stage_resumes_to_the_same_numbers(finished, tmp_path):

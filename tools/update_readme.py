@@ -156,12 +156,22 @@ def confusion_png(run_dir: Path, out: Path) -> None:
     fig.savefig(out)
 
 
+STUDY_RULES = ("kl", "kl_calibrated", "moe", "top_confident")
+
+
+def study_rules(manifest: dict) -> tuple[str, ...]:
+    """The combination rules of :data:`STUDY_RULES` that the study computed (a study made before a rule was added
+    lacks it)."""
+    present = {r["rule"] for r in manifest["summary"]}
+    return tuple(rule for rule in STUDY_RULES if rule in present)
+
+
 def study_markdown(manifest: dict, folder: Path, wall: str | None = None) -> str:
     """The README's study block: every point x seed (generalist, compute-matched and each rule's top-1 with its
     interval), the mean gains across seeds with their intervals, and the kit's reading."""
     from specialkit.report import study_reading
 
-    keys, rules = manifest["keys"], ("kl", "moe", "top_confident")
+    keys, rules = manifest["keys"], study_rules(manifest)
     names = ("generalist", "compute_matched", *rules)
     head = [*keys, "seed", *names]
     rows = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * (len(keys) + 1) + ["---:"] * len(names)) + " |"]
@@ -220,15 +230,16 @@ def study_png(manifest: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     key = manifest["keys"][0]
-    summary = [r for r in manifest["summary"] if r["rule"] in ("kl", "moe", "top_confident")]
+    rules = study_rules(manifest)
+    summary = [r for r in manifest["summary"] if r["rule"] in rules]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, sharey=True)
     values = list(dict.fromkeys(str(r[key]) for r in summary))
     for ax, base, title in zip(
         axes, ("generalist", "compute_matched"), ("over the generalist", "over the compute-matched generalist")
     ):
-        for k, rule in enumerate(("kl", "moe", "top_confident")):
+        for k, rule in enumerate(rules):
             rs = [r for r in summary if r["rule"] == rule and r["baseline"] == base]
-            x = np.array([values.index(str(r[key])) for r in rs]) + (k - 1) * 0.08
+            x = np.array([values.index(str(r[key])) for r in rs]) + (k - (len(rules) - 1) / 2) * 0.08
             m = np.array([r["mean"] for r in rs]) * 100
             err = np.array([[r["mean"] - r["lo"] for r in rs], [r["hi"] - r["mean"] for r in rs]]) * 100
             ax.errorbar(x, m, yerr=err, marker="o", capsize=4, label=rule)
@@ -299,7 +310,7 @@ def answer_markdown(metrics: dict, manifest: dict | None) -> str:
         ]
         by = {(tuple(r[k] for k in keys), r["rule"], r["baseline"]): r for r in manifest["summary"]}
         for point, rule, base in by:
-            if base == "generalist" and rule in ("kl", "top_confident", "moe"):
+            if base == "generalist" and rule in STUDY_RULES:
                 cm = by.get((point, rule, "compute_matched"))
                 cells = [", ".join(f"{k}={v}" for k, v in zip(keys, point)), rule, _gain_cell(by[(point, rule, base)])]
                 lines.append("| " + " | ".join([*cells, "—" if cm is None else _gain_cell(cm)]) + " |")
