@@ -6,7 +6,8 @@ Modules, one per pipeline stage: ``data`` (datasets), ``glyphs`` (the offline bu
 ``distill``, ``plots``, ``widgets``, ``config``, ``pipeline``, ``report``, ``cli``, ``launch`` (thread budgets, submitit jobs),
 ``byog`` (a generalist brought from elsewhere), ``transfer`` (linear probes on frozen features),
 ``streaming`` (image files read from disk batch by batch), ``frontier`` (accuracy against inference cost),
-``study`` (a grid of runs over settings and seeds), ``stages`` (the stages, declared once), ``store`` (the run
+``inference`` (routing prepared once), ``study`` (a grid of runs over settings and seeds),
+``stages`` (the stages, declared once), ``store`` (the run
 folder protocol), ``view`` (a run, read-only), ``cost`` (parameters, FLOPs, latency, budgets), ``runner`` (multi-seed
 and frontier runs), ``generalist`` and ``ensembles`` (those stages' recipes), ``dataset`` (the container),
 ``imagefiles`` (decoding one image file), ``errors`` (one base class, exit codes).
@@ -67,6 +68,7 @@ _SUBMODULES = {
     "ensembles",
     "dataset",
     "imagefiles",
+    "inference",
 }
 
 

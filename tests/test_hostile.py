@@ -318,7 +318,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
         "--per-class",
         "4",
         "--epochs",
-        "200",
+        "20000",  # far longer than the test waits: the run cannot finish before the signal, even on a loaded machine
         "--width",
         "4",
         "--depth",
