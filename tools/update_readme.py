@@ -401,7 +401,25 @@ def expected_files() -> dict[Path, str]:
         cifar, page = json.loads(cifar_path.read_text()), ROOT / "docs" / "RESULTS_CIFAR10.md"
         block = other_study_markdown(cifar, CIFAR_FILE, cifar.get("readme_wall"))
         out[page] = _replace(page.read_text(), "cifar-study", block)
+        out[readme] = _replace(out[readme], "cifar", cifar_markdown(cifar))
     return out
+
+
+def cifar_markdown(manifest: dict) -> str:
+    """The README's CIFAR-10 lines: each rule's mean gain across seeds over both baselines, and the answer."""
+    from specialkit.report import study_reading
+
+    d, rules = manifest["definition"], study_rules(manifest)
+    by = {(r["rule"], r["baseline"]): r for r in manifest["summary"]}
+    lines = [
+        f"| CIFAR-10 JPEGs, from scratch ({len(d['seeds'])} seeds) | vs generalist across seeds | vs compute-matched |",
+        "| --- | ---: | ---: |",
+    ]
+    for rule in rules:
+        cells = [_gain_cell(by[(rule, b)]) if (rule, b) in by else "—" for b in ("generalist", "compute_matched")]
+        lines.append(f"| {rule} | {cells[0]} | {cells[1]} |")
+    answer = next(p for p in study_reading(manifest).split("\n\n") if p.startswith("**Answer:**"))
+    return "\n".join([*lines, "", answer.replace("**Answer:**", "**CIFAR-10:**")])
 
 
 def main(argv: list[str]) -> int:
