@@ -118,3 +118,35 @@ def test_a_mixed_student_trains_differently_and_reads_mixed_accuracy(one_thread)
     assert not all(torch.equal(out[0.0][0][k], out[0.4][0][k]) for k in out[0.0][0])
     assert np.isfinite(out[0.4][1].records[-1].train_loss)
     assert 0.0 <= out[0.4][1].records[-1].train_acc <= 1.0
+
+
+def test_a_mixed_run_interrupted_and_resumed_ends_with_the_same_weights(one_thread, tmp_path):
+    """lam and the partner order draw only from the run's generator, which the state file keeps."""
+    x, y = _data()
+    tc = training.TrainConfig(
+        epochs=3, batch_size=16, schedule="constant", mixup_alpha=0.4, device="cpu", progress=False, seed=5
+    )
+
+    class Interrupt(Exception):
+        pass
+
+    def order(epoch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(len(y), generator=generator)
+
+    def interrupted(epoch: int, generator: torch.Generator) -> torch.Tensor:
+        if epoch == 2:
+            raise Interrupt
+        return order(epoch, generator)
+
+    full = _tiny_model()
+    training.fit(full, x, y, config=tc, sample_indices=order)
+    state = tmp_path / "state.pt"
+    with pytest.raises(Interrupt):
+        training.fit(_tiny_model(), x, y, config=tc, sample_indices=interrupted, state_path=state)
+    resumed = _tiny_model()
+    with torch.no_grad():  # another start: the weights must come from the state file
+        for p in resumed.parameters():
+            p.add_(1.0)
+    training.fit(resumed, x, y, config=tc, sample_indices=order, state_path=state)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
