@@ -6,6 +6,7 @@ compute-matched generalist on the same test images (paired bootstrap, McNemar). 
 printed and appended to ``--out``.
 
     python bench/student_recipes.py /tmp/st/demo --variants 6:0 6:0.2 18:0.2 --out /tmp/st/recipes.jsonl
+    python bench/student_recipes.py /tmp/st/demo --out /tmp/st/recipes.jsonl --table
 """
 
 from __future__ import annotations
@@ -73,13 +74,51 @@ def measure(run: Run) -> dict[str, Any]:
     }
 
 
+def _pts(d: dict[str, Any]) -> str:
+    """A paired comparison in points: gain [interval], p, verdict."""
+    lo, hi = d["ci"]
+    return f"{100 * d['gain']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}], p {d['p']:.2g}: {d['verdict']}"
+
+
+def _top1(row: dict[str, Any], name: str) -> str:
+    lo, hi = row["top1_ci"][name]
+    return f"{100 * row['top1'][name]:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The variants as a markdown table (top-1 with 95% intervals; differences in points with McNemar's p).
+
+    Args:
+        rows: what :func:`measure` returned, one per variant.
+
+    Returns:
+        The table, one line per variant.
+    """
+    lines = [
+        "| student_epochs | distill_mixup | student | control | student − control | student − generalist"
+        " | student − compute-matched |",
+        "| ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['student_epochs']} | {r['distill_mixup']:g} | {_top1(r, 'student')} | {_top1(r, 'control')}"
+            f" | {_pts(r['student_vs_control'])} | {_pts(r['student_vs_generalist'])}"
+            f" | {_pts(r['student_vs_compute_matched'])} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure each variant in turn (one process, the run's folder reused: a variant's stages move the last aside)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished run's folder (a copy: its student stages are retrained)")
     ap.add_argument("--variants", nargs="+", default=["6:0", "6:0.2", "18:0.2"], help="student_epochs:distill_mixup")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines file, one line per variant (appended)")
+    ap.add_argument("--table", action="store_true", help="print --out as a markdown table and train nothing")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table([json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]))
+        return
     base = Run.open(args.run, log=print)
     for variant in args.variants:
         epochs, alpha = variant.split(":")
