@@ -148,7 +148,9 @@ class PipelineConfig:
     ``scratch``), ``student_width``, ``student_depth``, ``student_epochs``,
     ``distill_temperature``, ``distill_soft_weight``, ``hard_label_control`` (default true: the stage
     ``hard_label_student`` trains the student's control: the same start, epochs and learning rate on the hard
-    labels alone, so the report can tell distillation from extra training).
+    labels alone, so the report can tell distillation from extra training), ``distill_mixup`` (mixup's alpha
+    for every batch of the student and of its control, the teacher asked on the mixed images; 0 = off, and
+    then it stays out of both keys).
     Run: ``name``, ``device`` (``auto`` | ``cpu`` | ``cuda``), ``seed`` (training randomness),
     ``data_seed`` (the data: rendering, subset and split; fixed across ``seeds`` so every seed is
     scored on the same test images), ``seeds`` (several seeds: one run folder each, see
@@ -287,6 +289,7 @@ class PipelineConfig:
     distill_temperature: float = _setting(4.0, "distill")
     distill_soft_weight: float = _setting(0.5, "distill")
     hard_label_control: bool = _setting(True, "distill", in_key=False)
+    distill_mixup: float = _setting(0.0, "distill", key_if_set=True)
     device: str = _setting("auto", "run", cli="auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     seed: int = _setting(0, "generalist", cli="random seed")
     data_seed: int = _setting(0, "data")
@@ -479,6 +482,11 @@ class PipelineConfig:
         for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")
+        mix = self.distill_mixup
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix < math.inf:
+            raise ConfigError(
+                f"distill_mixup={self.distill_mixup!r}: use mixup's alpha, a number >= 0 (e.g. 0.2; 0 = no mixup)"
+            )
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ConfigError(
                 f"memory_budget_gb={self.memory_budget_gb} must be positive (GB), or null for a quarter of the RAM"

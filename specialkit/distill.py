@@ -155,7 +155,8 @@ def make_control(run: Any) -> ModelResult:
 def train_student(run: Any, stage: str, *, teacher: training.Teacher | None) -> ModelResult:
     """A student of ``stage``: the generalist's weights (``student_init``) or scratch, ``student_epochs`` at the
     generalist's lr (times :data:`specialkit.stages.FINE_TUNE_LR` from the generalist's weights), the soft term only
-    with a ``teacher``.
+    with a ``teacher``. With ``distill_mixup > 0`` every batch of the student and of its control is mixed
+    (:func:`specialkit.training.mixup_batch`) and the teacher is asked on the mixed images (consistent views).
 
     Args:
         run: the run.
@@ -191,5 +192,6 @@ def train_student(run: Any, stage: str, *, teacher: training.Teacher | None) -> 
         seed_offset=offset,
         soft_weight=soft,
         temperature=c.distill_temperature,
+        mixup_alpha=c.distill_mixup,
     )
     return train_model(run, stage, model=model, model_config=mc, tc=tc, teacher=teacher)

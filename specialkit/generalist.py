@@ -70,7 +70,14 @@ class ModelResult:
 
 
 def train_config(
-    config: Any, *, epochs: int, lr: float, seed_offset: int, soft_weight: float = 0.0, temperature: float = 1.0
+    config: Any,
+    *,
+    epochs: int,
+    lr: float,
+    seed_offset: int,
+    soft_weight: float = 0.0,
+    temperature: float = 1.0,
+    mixup_alpha: float = 0.0,
 ) -> training.TrainConfig:
     """The training settings of one model of a run: the run's optimiser, schedule, batch, device and seed with these.
 
@@ -81,6 +88,7 @@ def train_config(
         seed_offset: added to ``config.seed`` (:attr:`specialkit.stages.Stage.seed_offset`).
         soft_weight: weight of the soft-target term (0: hard labels only).
         temperature: temperature of the soft targets.
+        mixup_alpha: mixup of every training batch (0: off; :func:`specialkit.training.mixup_batch`).
 
     Returns:
         The :class:`specialkit.training.TrainConfig`.
@@ -96,6 +104,7 @@ def train_config(
         label_smoothing=c.label_smoothing,
         soft_weight=soft_weight,
         temperature=temperature,
+        mixup_alpha=mixup_alpha,
         device=c.device,
         seed=c.seed + seed_offset,
         progress=c.progress,

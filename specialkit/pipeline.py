@@ -263,11 +263,24 @@ class Run:
         return training.resolve_device(self.config.device)
 
     def train_config(
-        self, *, epochs: int, lr: float, seed_offset: int, soft_weight: float = 0.0, temperature: float = 1.0
+        self,
+        *,
+        epochs: int,
+        lr: float,
+        seed_offset: int,
+        soft_weight: float = 0.0,
+        temperature: float = 1.0,
+        mixup_alpha: float = 0.0,
     ) -> training.TrainConfig:
         """The run's training settings for one model (:func:`specialkit.generalist.train_config`)."""
         return generalist_mod.train_config(
-            self.config, epochs=epochs, lr=lr, seed_offset=seed_offset, soft_weight=soft_weight, temperature=temperature
+            self.config,
+            epochs=epochs,
+            lr=lr,
+            seed_offset=seed_offset,
+            soft_weight=soft_weight,
+            temperature=temperature,
+            mixup_alpha=mixup_alpha,
         )
 
     def model_config(

@@ -106,6 +106,8 @@ class TrainConfig:
         pad_mode: ``"zeros"`` (black border) or ``"edge"`` (repeat the border pixels).
         temperature: T of the soft targets; the soft term is scaled by T².
         soft_weight: w, weight of the soft-target term (needs ``soft_targets``); 0 = hard labels only.
+        mixup_alpha: mixup of every training batch (:func:`mixup_batch`, ``lam ~ Beta(alpha, alpha)``); a per-batch
+            teacher is asked on the mixed images; 0 = off.
         early_stopping_patience: stop after this many epochs without a better validation accuracy
             and restore the best weights; ``None`` = off (needs validation data when on).
         max_grad_norm: clip the gradient norm to this value; ``None`` = off.
@@ -133,6 +135,7 @@ class TrainConfig:
     pad_mode: str = "zeros"
     temperature: float = 4.0
     soft_weight: float = 0.0
+    mixup_alpha: float = 0.0
     early_stopping_patience: int | None = None
     max_grad_norm: float | None = None
     device: str = "auto"
@@ -160,6 +163,7 @@ class TrainConfig:
             (self.pad_mode in ("zeros", "edge"), "pad_mode must be 'zeros' or 'edge'"),
             (self.temperature > 0, "temperature must be positive"),
             (0.0 <= self.soft_weight <= 1.0, "soft_weight must lie in [0, 1]"),
+            (self.mixup_alpha >= 0.0, "mixup_alpha must be >= 0 (0 = no mixup)"),
             (
                 self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                 "early_stopping_patience must be None or at least 1",
@@ -380,13 +384,16 @@ def distillation_loss(
 
     Args:
         logits: (N, K) raw outputs z.
-        y: (N,) int64 hard labels (label smoothing applies to this term).
+        y: (N,) int64 hard labels, or (N, K') float label probabilities (mixup; K' <= K, the missing classes get
+            0); label smoothing applies to this term.
         soft_targets: (N, K) teacher probabilities at temperature T; ``None`` = hard term only.
         temperature: T.
         soft_weight: w in [0, 1].
         label_smoothing: smoothing of the hard term.
     """
     logits = logits.float()
+    if y.dim() == 2 and y.shape[1] < logits.shape[1]:
+        y = F.pad(y, (0, logits.shape[1] - y.shape[1]))
     hard = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     if soft_targets is None or soft_weight == 0.0:
         return hard
@@ -416,7 +423,7 @@ def train_step(
         model: the classifier.
         optimizer: its optimizer.
         x: (B, C, H, W) float in [0, 1], on the model's device (already augmented).
-        y: (B,) int64 labels.
+        y: (B,) int64 labels, or (B, K) label probabilities (mixup).
         soft_targets: (B, K) teacher probabilities at ``temperature``, or ``None``.
         temperature: the softmax temperature of the soft term (see :func:`distillation_loss`).
         soft_weight: the soft term's weight in [0, 1] (see :func:`distillation_loss`).
@@ -710,7 +717,10 @@ def _signature(
     hflip: bool,
 ) -> dict[str, Any]:
     return {
-        "config": {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE},
+        # mixup_alpha at its default 0 is left out: states written before the setting existed still resume
+        "config": {
+            k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE and not (k == "mixup_alpha" and v == 0.0)
+        },
         "x_train_shape": list(x.shape),
         "hflip": bool(hflip),
         "labels_sha256": hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest(),
@@ -865,6 +875,7 @@ class TrainData:
         sample_indices: the example order of an epoch (see :func:`fit`); ``None`` = a permutation.
         x_val: (M, C, H, W) validation images, or ``None``.
         y_val: (M,) validation labels, or ``None``.
+        n_classes: the width of mixed labels (the model's outputs, else the largest label + 1); 0 = unknown.
     """
 
     x: torch.Tensor | streaming.ImageFiles
@@ -875,6 +886,7 @@ class TrainData:
     sample_indices: SampleIndices | None = None
     x_val: torch.Tensor | streaming.ImageFiles | None = None
     y_val: torch.Tensor | None = None
+    n_classes: int = 0
 
 
 @dataclass
@@ -1114,6 +1126,7 @@ def fit(
         sample_indices=sample_indices,
         x_val=None if x_val is None else _to_device(x_val, device),
         y_val=y_val,
+        n_classes=n_out if n_out is not None else int(y_train.max()) + 1,
     )
     amp_dtype = _amp_dtype(config.amp, device)
     state = TrainState(
@@ -1265,7 +1278,7 @@ def _train_batches(state: TrainState, data: TrainData, desc: str) -> EpochRecord
                 max_grad_norm=config.max_grad_norm,
             )
             loss_sum += loss.double() * len(idx)
-            correct += (logits.argmax(dim=1) == yb).sum()
+            correct += (logits.argmax(dim=1) == (yb if yb.dim() == 1 else yb.argmax(dim=1))).sum()
             bar.update(1)
             if config.progress and (step % 10 == 9 or step == n_steps - 1):
                 seen = min((step + 1) * bs, len(order))
@@ -1296,7 +1309,55 @@ def _batch(
         )
     xb = _prepare_input(xb, device, _use_channels_last(config.channels_last, device))
     yb = data.y.index_select(0, idx)
+    if config.mixup_alpha > 0:
+        xb, yb = mixup_batch(
+            xb,
+            yb,
+            n_classes=data.n_classes or int(data.y.max()) + 1,
+            alpha=config.mixup_alpha,
+            generator=state.generator,
+        )
     if data.teacher is not None:
         with torch.no_grad():
             return xb, yb, data.teacher(xb).to(device, torch.float32)
     return xb, yb, None if data.soft is None else data.soft.index_select(0, idx)
+
+
+def mixup_batch(
+    x: torch.Tensor, y: torch.Tensor, *, n_classes: int, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup of a prepared batch (Zhang et al. 2018): ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(alpha,
+    alpha)``, the labels mixed alike. A per-batch teacher then sees the very mixed images the student trains on (the
+    "consistent" of Beyer et al. 2022's patient and consistent distillation).
+
+    Args:
+        x: (B, C, H, W) float images.
+        y: (B,) int64 labels.
+        n_classes: K, the width of the mixed labels.
+        alpha: the Beta distribution's parameter (> 0).
+        generator: the run's CPU generator; ``lam`` and ``perm`` draw only from it, so a resumed run mixes alike.
+
+    Returns:
+        ``(x_mixed, y_mixed)``: (B, C, H, W) floats like ``x`` and (B, K) float32 label probabilities.
+    """
+    if not alpha > 0:
+        raise TrainingError(f"mixup_batch: alpha={alpha} must be > 0 (0 means no mixup: do not call it)")
+    lam = mixup_lambda(alpha, generator)
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    one_hot = F.one_hot(y, n_classes).to(torch.float32)
+    mixed_y = lam * one_hot + (1.0 - lam) * one_hot.index_select(0, perm)
+    return lam * x + (1.0 - lam) * x.index_select(0, perm), mixed_y
+
+
+def mixup_lambda(alpha: float, generator: torch.Generator) -> float:
+    """One ``lam ~ Beta(alpha, alpha)``, drawn by a numpy generator seeded from one draw of ``generator``.
+
+    Args:
+        alpha: the Beta distribution's parameter (> 0).
+        generator: a CPU ``torch.Generator`` (advanced by one draw).
+
+    Returns:
+        ``lam`` in [0, 1].
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))

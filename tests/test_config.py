@@ -134,6 +134,7 @@ _KEYS_BY_HAND = {
         "student_epochs",
         "distill_temperature",
         "distill_soft_weight",
+        "distill_mixup",
     ),
 }
 
