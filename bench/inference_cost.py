@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta-rank", type=int, default=16, help="rank of the low-rank delta specialists' layers")
     p.add_argument("--small-width", type=int, default=8, help="cnn width of the small specialists")
     p.add_argument("--small-depth", type=int, default=3, help="cnn depth of the small specialists")
-    p.add_argument("--images-small", type=int, default=32, help="images timed at batch 1")
+    p.add_argument("--images-small", type=int, default=128, help="images timed at batch 1 (fewer: noisier ratios)")
     p.add_argument("--images-large", type=int, default=256, help="images timed at the large batch size")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=5, help="timed passes (the best is kept)")
