@@ -828,6 +828,11 @@ def _validate_fit_inputs(
             raise TrainingError(
                 "soft_targets given but config.soft_weight is 0: set soft_weight > 0 or drop soft_targets"
             )
+        if config.mixup_alpha > 0:
+            raise TrainingError(
+                "mixup_alpha > 0 mixes the images, which soft_targets computed beforehand do not follow: pass a "
+                "per-batch teacher= instead (it is asked on the mixed images), or set mixup_alpha=0"
+            )
         expected = (len(y_train), n_out if n_out is not None else soft_targets.shape[-1])
         if soft_targets.shape != expected:
             raise TrainingError(

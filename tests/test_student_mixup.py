@@ -150,3 +150,11 @@ def test_a_mixed_run_interrupted_and_resumed_ends_with_the_same_weights(one_thre
     training.fit(resumed, x, y, config=tc, sample_indices=order, state_path=state)
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_soft_targets_computed_beforehand_are_refused_with_mixup():
+    x, y = _data()
+    soft = torch.full((len(y), 4), 0.25)
+    cfg = training.TrainConfig(epochs=1, batch_size=8, soft_weight=0.5, mixup_alpha=0.2, device="cpu", progress=False)
+    with pytest.raises(training.TrainingError, match="per-batch teacher"):
+        training.fit(_tiny_model(), x, y, config=cfg, soft_targets=soft)
