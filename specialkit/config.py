@@ -143,7 +143,9 @@ class PipelineConfig:
     sibling, always reads calibrated evidence).
     Baselines and distillation: ``compute_matched``, ``compute_match`` (``flops``: the extra
     generalist passes cost as many FLOPs as the specialists' training passes; ``passes``: as many
-    example-passes), ``student_init`` (``generalist``: the student starts from the generalist's
+    example-passes), ``student_matched`` (default true: the stage ``student_matched`` trains the generalist further
+    for the student's whole budget, the specialists' training, the teacher's forward passes and the student's own
+    passes, matched the same way), ``student_init`` (``generalist``: the student starts from the generalist's
     weights when it has the generalist's architecture, and is fine-tuned on the ensemble's targets;
     ``scratch``), ``student_width``, ``student_depth``, ``student_epochs``,
     ``distill_temperature``, ``distill_soft_weight``, ``hard_label_control`` (default true: the stage
@@ -282,6 +284,7 @@ class PipelineConfig:
     calibrate_specialists: bool = _setting(True, "ensembles", key_if_set=True)
     compute_matched: bool = _setting(True, "compute_matched", in_key=False)
     compute_match: str = _setting("flops", "compute_matched", choices=("flops", "passes"))
+    student_matched: bool = _setting(True, "compute_matched", in_key=False)
     student_init: str = _setting("generalist", "distill", choices=("generalist", "scratch"))
     student_width: int | None = _setting(None, "distill")
     student_depth: int | None = _setting(None, "distill")
@@ -795,7 +798,7 @@ _STAGE_NOTES = {
     "generalist": "the generalist's training (and every later stage's seed)",
     "clusters": "the class groups",
     "specialists": "one specialist per group",
-    "compute_matched": "the compute-matched generalist",
+    "compute_matched": "the compute-matched generalists (the specialists' budget; the student's)",
     "ensembles": "activation and combination rules",
     "distill": "the distilled student",
     "metrics": "the reported intervals only",

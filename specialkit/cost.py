@@ -7,7 +7,8 @@
   generalist's forward counted where it teaches), :func:`budget_flops` (a run's generalist plus all its
   specialists: what a frontier generalist of another width gets, :func:`matched_epochs`) and
   :func:`compute_budget` (the specialists' training compute and the extra passes the compute-matched generalist gets:
-  the one compute-matching formula, :func:`matched_passes`).
+  the one compute-matching formula, :func:`matched_passes`) and :func:`student_budget` (the same for the student's
+  whole budget: specialists, teacher forward passes, the student's own passes).
 * Inference: :func:`latency` (measured, batch 1 and 256), :func:`cost_summary` (one row per configuration: parameters,
   FLOPs, latency, weights and peak activation memory) and :func:`cost_points` (accuracy against FLOPs).
 
@@ -36,6 +37,8 @@ __all__ = [
     "matched_epochs",
     "matched_passes",
     "compute_budget",
+    "student_budget",
+    "teacher_forward_flops",
     "FrontierError",
     "latency",
     "cost_summary",
@@ -221,6 +224,68 @@ def compute_budget(run: Any) -> dict[str, Any]:
         "generalist_train_flops_per_pass": int(per_pass),
         "compute_matched_passes": passes,
         "compute_matched_train_flops": float(per_pass * passes),
+    }
+
+
+def teacher_forward_flops(run: Any) -> float:
+    """Forward FLOPs per image of the student's teacher (:func:`specialkit.distill.ensemble_teacher`): the generalist
+    (a shared trunk once) plus the specialists it switches on, their mean count per image measured on the validation
+    images (the teacher's own batches are augmented training images, whose activations are not recorded).
+
+    Args:
+        run: a run whose generalist and specialists are finished.
+
+    Returns:
+        FLOPs per image.
+    """
+    ds = run.dataset()
+    shape = (ds.channels, ds.image_size, ds.image_size)
+    gen_cost = evaluation.model_cost(run.generalist().model, shape)
+    spec_costs = [evaluation.model_cost(s.model, shape) for s in run.specialists()]
+    return float(evaluation.ensemble_cost(gen_cost, spec_costs, run.activation("val"))["conditional_flops"])
+
+
+def student_budget(run: Any) -> dict[str, Any]:
+    """The student's whole extra training compute and what the generalist matched to it (stage ``student_matched``)
+    gets: the second use of the one compute-matching formula (:func:`compute_budget`, :func:`matched_passes`).
+
+    The student's knowledge cost the specialists' training (its teacher's making, :func:`specialists_train_flops`),
+    its own example-passes (:func:`train_flops_per_example` of the student) and, on each of them when it learns from
+    soft targets, one forward of its teacher (:func:`teacher_forward_flops`). With ``compute_match="flops"`` the
+    matched generalist gets as many extra example-passes as cost that many FLOPs at its own training FLOPs per pass;
+    with ``"passes"`` the specialists' passes plus the student's.
+
+    Args:
+        run: a run whose generalist, specialists and student are finished.
+
+    Returns:
+        ``match``, ``specialist_train_flops``, ``student_passes``, ``student_train_flops_per_pass``,
+        ``teacher_forward_flops_per_pass`` (0 without soft targets), ``student_budget_flops`` (the sum),
+        ``generalist_train_flops_per_pass``, ``student_matched_passes`` and ``student_matched_train_flops``.
+    """
+    base = compute_budget(run)
+    shape = _input_shape(run.dataset())
+    student = run.distill()
+    passes = int(student.examples_seen)
+    per_pass = train_flops_per_example(student.model, shape)
+    teacher = teacher_forward_flops(run) if run.config.distill_soft_weight > 0 else 0.0
+    total = base["specialist_train_flops"] + passes * (per_pass + teacher)
+    gen_per_pass = base["generalist_train_flops_per_pass"]
+    matched = (
+        max(base["specialist_passes"] + passes, 1)
+        if run.config.compute_match == "passes"
+        else matched_passes(total, gen_per_pass)
+    )
+    return {
+        "match": run.config.compute_match,
+        "specialist_train_flops": base["specialist_train_flops"],
+        "student_passes": passes,
+        "student_train_flops_per_pass": int(per_pass),
+        "teacher_forward_flops_per_pass": teacher,
+        "student_budget_flops": float(total),
+        "generalist_train_flops_per_pass": gen_per_pass,
+        "student_matched_passes": matched,
+        "student_matched_train_flops": float(gen_per_pass * matched),
     }
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "load_model",
     "make_generalist",
     "make_compute_matched",
+    "make_student_matched",
+    "train_further",
     "records",
 ]
 
@@ -41,7 +43,7 @@ class ModelResult:
     """A trained model of the run with its outputs.
 
     Attributes:
-        name: ``generalist``, ``compute_matched`` or ``student``.
+        name: ``generalist``, ``compute_matched``, ``student_matched``, ``distill`` or ``hard_label_student``.
         model: the network (eval mode, on the CPU).
         history: per-epoch records of training.
         logits: split -> (N, C) float32 logits on ``train``/``val``/``test``.
@@ -350,27 +352,58 @@ def make_compute_matched(run: Any) -> ModelResult:
     reason = run.skip_reason("compute_matched")
     if reason:
         raise ConfigError(f"{reason}; set compute_matched=false (or bring a torchvision:<arch>:<weights> generalist)")
-    extra = cost.compute_budget(run)["compute_matched_passes"]
     if not run.is_done("compute_matched"):
-        ds, c = run.dataset(), run.config
-        n = len(ds.y_train)
-        epochs = max(1, round(extra / n))
-        per_epoch = max(1, extra // epochs)
-        model = checkpoints.load_checkpoint(run.stage_dir("generalist") / "model.pt")[0]
-        tc = run.train_config(
-            epochs=epochs, lr=c.lr * stages.FINE_TUNE_LR, seed_offset=stages.by_name("compute_matched").seed_offset
-        )
-        sampler = _fixed_size_sampler(n, per_epoch)
-        return train_model(
-            run,
-            "compute_matched",
-            model=model,
-            model_config=run.model_config(num_classes=ds.num_classes),
-            tc=tc,
-            sample_indices=sampler,
-            examples_seen=per_epoch * epochs,
-        )
+        return train_further(run, "compute_matched", cost.compute_budget(run)["compute_matched_passes"])
     return load_model(run, "compute_matched")
+
+
+def make_student_matched(run: Any) -> ModelResult:
+    """The generalist trained further for the student's whole budget (:func:`specialkit.cost.student_budget`: the
+    specialists' training, the teacher's forward passes and the student's own passes), the same way as the
+    compute-matched generalist: the control that says whether the student beats what its compute buys anyway.
+
+    Args:
+        run: the run.
+
+    Returns:
+        The student-matched generalist.
+    """
+    reason = run.skip_reason("student_matched")
+    if reason:
+        raise ConfigError(f"{reason}; set student_matched=false (there is no student-matched generalist)")
+    if not run.is_done("student_matched"):
+        return train_further(run, "student_matched", cost.student_budget(run)["student_matched_passes"])
+    return load_model(run, "student_matched")
+
+
+def train_further(run: Any, stage: str, extra: int) -> ModelResult:
+    """The trained generalist trained ``extra`` further example-passes as ``stage``: whole epochs of a fixed size
+    (``extra`` rounded to epochs of about the training set's size), at :data:`specialkit.stages.FINE_TUNE_LR` times
+    the generalist's learning rate, with the stage's seed offset.
+
+    Args:
+        run: the run (its generalist finished).
+        stage: ``compute_matched`` or ``student_matched``.
+        extra: example-passes to spend.
+
+    Returns:
+        The model trained as ``stage``.
+    """
+    ds, c = run.dataset(), run.config
+    n = len(ds.y_train)
+    epochs = max(1, round(extra / n))
+    per_epoch = max(1, extra // epochs)
+    model = checkpoints.load_checkpoint(run.stage_dir("generalist") / "model.pt")[0]
+    tc = run.train_config(epochs=epochs, lr=c.lr * stages.FINE_TUNE_LR, seed_offset=stages.by_name(stage).seed_offset)
+    return train_model(
+        run,
+        stage,
+        model=model,
+        model_config=run.model_config(num_classes=ds.num_classes),
+        tc=tc,
+        sample_indices=_fixed_size_sampler(n, per_epoch),
+        examples_seen=per_epoch * epochs,
+    )
 
 
 def _fixed_size_sampler(n: int, per_epoch: int) -> Callable[[int, torch.Generator], torch.Tensor]:

@@ -60,7 +60,8 @@ __all__ = [
 
 BASELINE, MATCHED = "generalist", "compute_matched"
 CONTROL = "hard_label_student"
-NOT_RULES = (BASELINE, MATCHED, "student", CONTROL)
+STUDENT_MATCHED = "student_matched"
+NOT_RULES = (BASELINE, MATCHED, "student", CONTROL, STUDENT_MATCHED)
 
 
 # ----------------------------------------------------------------------------------------- accuracy
@@ -329,7 +330,7 @@ def specialist_rows(run: RunView) -> list[dict[str, Any]]:
 def stage_seconds(run: RunView) -> dict[str, float]:
     """Wall seconds each stage took when it was computed (from its ``done.json``)."""
     out: dict[str, float] = {}
-    for stage in ("generalist", "compute_matched", "distill"):
+    for stage in ("generalist", "compute_matched", "distill", "hard_label_student", "student_matched"):
         marker = run.stage_dir(stage) / "done.json"
         if marker.is_file():
             out[stage] = float(runs.read_json(marker).get("seconds", 0.0))
@@ -383,6 +384,8 @@ def results_on_test(run: RunView) -> dict[str, np.ndarray]:
         out["student"] = run.distill().test_probs
     if not run.skip_reason(CONTROL) and run.is_done(CONTROL):  # the control joins when trained (run_all trains it)
         out[CONTROL] = run.hard_label_student().test_probs
+    if not run.skip_reason(STUDENT_MATCHED) and run.is_done(STUDENT_MATCHED):  # likewise
+        out[STUDENT_MATCHED] = run.student_matched().test_probs
     return out
 
 
@@ -423,6 +426,8 @@ def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, 
         correct = correct_of(results, y)
         student["vs_hard_label"] = _paired(boot, correct, "student", CONTROL)
         student["hard_label_vs_generalist"] = _paired(boot, correct, CONTROL, BASELINE)
+    if student and STUDENT_MATCHED in rows:
+        student["vs_student_matched"] = _paired(boot, correct_of(results, y), "student", STUDENT_MATCHED)
     quality = clusters.quality(spec, cs.cm, coarse_of_class=ds.coarse_of_class)
     m: dict[str, Any] = {
         "run": cfg.name,
@@ -485,6 +490,12 @@ def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, 
             "test_top1": rows[MATCHED]["top1"],
             "examples_seen": run.compute_matched().examples_seen,
             "budget": cost.compute_budget(run),
+        }
+    if STUDENT_MATCHED in rows:
+        m[STUDENT_MATCHED] = {
+            "test_top1": rows[STUDENT_MATCHED]["top1"],
+            "examples_seen": run.student_matched().examples_seen,
+            "budget": cost.student_budget(run),
         }
     lat = _records(latency(run)) if measure_latency and gen.model is not None else None
     if lat is not None:

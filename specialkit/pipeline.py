@@ -80,6 +80,7 @@ _RECIPES: dict[str, Callable[[Any], Any]] = {
     "ensembles": ensembles.make_ensembles,
     "distill": distill.make_student,
     "hard_label_student": distill.make_control,
+    "student_matched": generalist_mod.make_student_matched,
 }
 """Stage -> its recipe (a function of the run that trains or loads it); one for every stage of :data:`STAGES`."""
 assert set(_RECIPES) == set(STAGES), "every declared stage needs a recipe"
@@ -191,6 +192,8 @@ class Run:
         :func:`byog.skip_reason`), or ``None`` when it runs."""
         if stage == "hard_label_student" and not self.config.hard_label_control:
             return "hard_label_control=false"
+        if stage == "student_matched":  # it trains the generalist further and needs the student's budget
+            return self.skip_reason("compute_matched") or self.skip_reason("distill")
         return byog.skip_reason(self.generalist_source(), stage, value=self.config.generalist_from or "")
 
     def key(self, stage: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from . import clusters, dataset, evaluation, frontier, plots, runs, stages, stats, store
-from .metrics import compute_metrics, cost_points, dustbin_effect, require
+from .metrics import NOT_RULES, compute_metrics, cost_points, dustbin_effect, require
 from .view import RunView, view_of
 
 __all__ = [
@@ -95,7 +95,7 @@ def reading(metrics: dict[str, Any]) -> str:
         f"On **{ds['name']}** ({ds['num_classes']} classes, {ds['test']} test images) the generalist reaches "
         f"**{_pct(gen['top1'])}** test top-1 {_ci(gen['top1_ci'])} (95% paired-bootstrap intervals throughout)."
     ]
-    rules = [n for n in rows if n not in ("generalist", "compute_matched", "student", "hard_label_student")]
+    rules = [n for n in rows if n not in NOT_RULES]
     for name in rules:
         r = rows[name]
         line = f"`{name}`: **{_pct(r['top1'])}** {_ci(r['top1_ci'])}; {_versus(r, 'generalist')}"
@@ -369,6 +369,20 @@ def control_reading(student: dict[str, Any]) -> str:
         text += (
             " So the ensemble's soft targets add nothing detectable here: any gain of the student over the generalist "
             "is the extra training's, not distillation's."
+        )
+    sm = student.get("vs_student_matched")
+    if sm:
+        text += (
+            f" Against the generalist trained further for the student's whole budget (the specialists' training, the "
+            f"teacher's forward passes and the student's own passes) the student is {words[sm['verdict']]} it "
+            f"({gap(sm)}): "
+            + (
+                "the specialists and distillation beat spending the same compute on the generalist."
+                if sm["verdict"] == "better"
+                else "the same compute spent on the generalist does as well."
+                if sm["verdict"] != "worse"
+                else "the same compute spent on the generalist does better."
+            )
         )
     return text
 

@@ -53,6 +53,8 @@ class Stage:
         model: it saves one whole-dataset model (``model.pt`` + logits), loaded as a ``ModelResult``.
         torchrun: ``torchrun`` may train it over several processes (one model trained as one job).
         phase: the study phase that makes it (0: generalists, 1: clusters, specialists, compute-matched; 2: the rest).
+            The student-matched generalist is phase 2 and not trained by ``torchrun`` (it needs the student, which
+            ``torchrun`` trains; a launcher would have to chain two jobs).
         adoptable: a study may hard-link it from another run whose finished stage has the same key.
         extra_files: files of the run folder (outside the stage's folder) that must exist for it to count as done.
         seed_offset: added to the run's ``seed`` for its training (so the stages draw different random numbers).
@@ -139,6 +141,15 @@ STAGES: tuple[Stage, ...] = (
         model=True,
         adoptable=False,
         seed_offset=3000,
+    ),
+    Stage(
+        "student_matched",
+        ("distill",),
+        "the generalist trained further for the student's whole budget (specialists, teacher passes, student)",
+        settings="compute_matched",
+        switch="student_matched",
+        model=True,
+        seed_offset=4000,
     ),
 )
 """Every stage, in the order the pipeline runs them (a stage comes after every stage it needs)."""

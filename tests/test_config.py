@@ -182,6 +182,7 @@ def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
         "generalist_normalize",
         "generalist_input_size",
         "hard_label_control",
+        "student_matched",
     }
 
 
@@ -194,7 +195,7 @@ def test_stage_keys_derived_from_metadata_equal_the_mapping_written_by_hand():
 # compute-matched generalist trained for the old budget is trained again; were 0e2e2cbb6acbd256 / 2629d56133cec2a2).
 # The default rules gained kl_calibrated (issue 20 part 1), and rules are an ensembles setting: the ensembles keys
 # (were 85e468b7faff0f77 / ba9d596219bf15aa) and the distill keys downstream of them (were 6cc0a4492b448b9f /
-# 1f6157bb7e66bf46) changed with them.
+# 1f6157bb7e66bf46) changed with them. The student_matched stage (issue 20) was added later with its own keys.
 _PINNED_KEYS = {
     "default": {
         "generalist": "fc96c39988425598",
@@ -205,6 +206,7 @@ _PINNED_KEYS = {
         "distill": "233c358add20c34b",
         "specialist_1": "26b88b549c9ecc03",
         "hard_label_student": "67e148b96c32ca50",
+        "student_matched": "e732f40bb3ab6e25",
     },
     "quick": {
         "generalist": "d304bbecffeee6f8",
@@ -215,6 +217,7 @@ _PINNED_KEYS = {
         "distill": "b3a9cc3908cd5aa3",
         "specialist_1": "78d9bcb38442a4a6",
         "hard_label_student": "edeada663ca2243e",
+        "student_matched": "ad5965233ca31b43",
     },
 }
 

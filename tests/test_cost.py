@@ -30,8 +30,9 @@ def test_a_nested_counter_also_reaches_the_outer_one():
 
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory, one_thread):
-    """A tiny run (two specialists sharing the generalist's first stage and learning from its soft targets, and the
-    compute-matched generalist) whose every ``training.fit`` ran under a FLOP counter: stage -> FLOPs of training."""
+    """A tiny run (two specialists sharing the generalist's first stage and learning from its soft targets, the
+    compute-matched generalist, the student and the student-matched generalist) whose every ``training.fit`` ran under
+    a FLOP counter (the student's teacher runs inside it): stage -> FLOPs of training."""
     cfg = PipelineConfig.quick(
         per_class=6,
         epochs=1,
@@ -69,7 +70,7 @@ def counted(tmp_path_factory, one_thread):
     mp.setattr(training, "fit", counted_fit)
     mp.setattr(training, "evaluate", counted_evaluate)
     try:
-        run.ensure("generalist", "clusters", "specialists", "compute_matched")
+        run.ensure("generalist", "clusters", "specialists", "compute_matched", "distill", "student_matched")
     finally:
         mp.undo()
     return run, spent
@@ -129,3 +130,28 @@ def test_measuring_a_training_pass_leaves_the_model_as_it_was():
     cost.train_flops_per_example(gen, (1, 1, 8, 8))
     assert not gen.training and all(torch.equal(before[k], v) for k, v in gen.state_dict().items())
     assert all(p.grad is None for p in gen.parameters())
+
+
+def test_the_students_budget_adds_up_to_what_it_and_its_teacher_spent(counted):
+    run, spent = counted
+    budget = cost.student_budget(run.view())
+    student = run.distill()
+    assert budget["student_passes"] == student.examples_seen > 0
+    assert budget["teacher_forward_flops_per_pass"] > 0  # it learnt from soft targets
+    own = budget["student_passes"] * (budget["student_train_flops_per_pass"] + budget["teacher_forward_flops_per_pass"])
+    assert own == pytest.approx(spent["distill"], rel=TOLERANCE)
+    assert budget["student_budget_flops"] == pytest.approx(spent["distill"] + spent["specialists"], rel=TOLERANCE)
+
+
+def test_the_student_matched_generalist_spends_the_students_whole_budget(counted):
+    run, spent = counted
+    budget = cost.student_budget(run.view())
+    sm = run.student_matched()
+    assert sm.examples_seen == pytest.approx(budget["student_matched_passes"], rel=TOLERANCE)
+    assert budget["student_matched_train_flops"] == pytest.approx(spent["student_matched"], rel=TOLERANCE)
+    assert (
+        abs(budget["student_matched_train_flops"] - budget["student_budget_flops"])
+        <= budget["generalist_train_flops_per_pass"]
+    )
+    # it buys more than the compute-matched generalist: the student's passes and its teacher's come on top
+    assert budget["student_matched_passes"] > cost.compute_budget(run.view())["compute_matched_passes"]

@@ -74,6 +74,7 @@ def test_uninterrupted_run_writes_every_artifact(finished):
         "moe",
         "student",
         "hard_label_student",
+        "student_matched",
     ]
     assert all(0.0 <= r["top1"] <= 1.0 for r in metrics["comparison"])
     assert all(r["nll"] >= 0 and math.isfinite(r["nll"]) and 0.0 <= r["ece"] <= 1.0 for r in metrics["comparison"])
@@ -136,6 +137,33 @@ def test_the_student_is_read_against_its_hard_label_control(finished):
     assert "hard_label_student" in metrics.NOT_RULES  # a control, never read as a combination rule in studies
     off = pipeline.Run(run.folder.parent / "off", run.config.replace(hard_label_control=False), log=lambda s: None)
     assert off.skip_reason("hard_label_student") == "hard_label_control=false"
+
+
+def test_the_student_is_read_against_the_generalist_matched_to_its_whole_budget(finished):
+    """Issue 20: the student-matched generalist is the generalist trained further for the student's whole budget (the
+    specialists' training, the teacher's forward passes, the student's own passes); the student is compared with it."""
+    from specialkit import cost, metrics, report
+
+    run = finished
+    m = json.loads((run.folder / "metrics.json").read_text())
+    rows = {r["name"]: r for r in m["comparison"]}
+    sm = m["student_matched"]
+    assert sm["examples_seen"] == run.student_matched().examples_seen
+    assert sm["budget"] == json.loads(json.dumps(cost.student_budget(run.view())))
+    # more compute than the specialists alone bought, and more passes than the student made
+    assert sm["examples_seen"] > m["compute_matched"]["examples_seen"]
+    assert sm["examples_seen"] > run.distill().examples_seen
+    vs = m["student"]["vs_student_matched"]
+    assert vs["gain"] == pytest.approx(rows["student"]["top1"] - rows["student_matched"]["top1"])
+    assert vs["ci"][0] <= vs["gain"] <= vs["ci"][1] and vs["verdict"] in ("better", "worse", "indistinguishable")
+    assert "student's whole budget" in report.reading(m)
+    assert "student_matched" in metrics.NOT_RULES
+    assert run.key("student_matched") not in (run.key("compute_matched"), run.key("distill"))
+    # it depends on the student: another student recipe trains it again
+    other = pipeline.Run(run.folder.parent / "other-st", run.config.replace(student_epochs=2), log=lambda s: None)
+    assert other.key("student_matched") != run.key("student_matched")
+    off = pipeline.Run(run.folder.parent / "off-sm", run.config.replace(student_matched=False), log=lambda s: None)
+    assert off.key("student_matched") == run.key("student_matched")  # a switch, not a setting of the result
 
 
 def test_the_ensembles_stage_saves_kl_as_the_paper_rule_and_kl_calibrated_on_the_runs_calibrations(finished):
