@@ -2,7 +2,8 @@
 
 A study (``specialkit study``) reads each rule against the generalist and the compute-matched generalist. This adds
 the third control issue 20 asks for, the hard-label student (same start, epochs and learning rate as the student, no
-teacher), and the student itself, from the finished runs of one study point (``<study>/<point>/seed-*``): per rule and
+teacher), and the student itself, also against the generalist trained further for the student's whole budget
+(``student_matched``, where the runs have it), from the finished runs of one study point (``<study>/<point>/seed-*``): per rule and
 baseline, the mean gain across seeds with the two-level bootstrap interval (seeds and test images), Holm's correction
 over all the comparisons printed, the across-seed verdict, and in how many seeds McNemar's test alone found a
 difference.
@@ -24,14 +25,17 @@ from specialkit import stats  # noqa: E402
 from specialkit.pipeline import Run  # noqa: E402
 
 BASELINES = ("generalist", "compute_matched", "hard_label_student")
+STUDENT_BASELINES = (*BASELINES, "student_matched")
+"""The student is also read against the generalist trained further for its own whole budget (when the runs have it)."""
 
 
 def correctness(run: Run) -> dict[str, np.ndarray]:
     """Per test image, whether each rule, baseline and the student of ``run`` is right."""
     y = run.dataset().y_test.numpy()
     out = {rule: run.combine(rule, "test").argmax(1) == y for rule in run.config.rules}
-    for stage in ("compute_matched", "hard_label_student"):
-        out[stage] = run.get(stage).test_probs.argmax(1) == y
+    for stage in ("compute_matched", "hard_label_student", "student_matched"):
+        if stage != "student_matched" or run.is_done(stage):  # older runs have no student-matched generalist
+            out[stage] = run.get(stage).test_probs.argmax(1) == y
     out["student"] = run.get("distill").test_probs.argmax(1) == y
     return out
 
@@ -45,10 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     if not folders:
         raise SystemExit(f"no seed-*/ runs in {args.point_folder}: give a study point's folder")
     per_seed = [correctness(Run.open(f, log=lambda s: None)) for f in folders]
-    names = [n for n in per_seed[0] if n not in BASELINES]
+    names = [n for n in per_seed[0] if n not in STUDENT_BASELINES]
     rows = []
     for name in names:
-        for base in BASELINES:
+        for base in STUDENT_BASELINES if name == "student" else BASELINES:
+            if any(base not in c for c in per_seed):
+                continue
             diffs = np.stack([c[name].astype(float) - c[base].astype(float) for c in per_seed])
             two = stats.two_level_bootstrap(diffs, resamples=args.resamples, seed=0)
             alone = sum(stats.mcnemar(c[base], c[name]).p_value < stats.ALPHA for c in per_seed)

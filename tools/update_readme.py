@@ -4,6 +4,7 @@ docs/USAGE.md.
     python tools/update_readme.py runs/demo              # copy its metrics.json to docs/results/, regenerate, redraw
     python tools/update_readme.py --study runs/regimes   # copy its study.json to docs/results/, regenerate, redraw
     python tools/update_readme.py --cifar-study runs/cifar10_scratch   # the same for docs/RESULTS_CIFAR10.md's study
+    python tools/update_readme.py --cifar-r20-study runs/cifar10_resnet20   # and its pretrained ResNet-20 study
     python tools/update_readme.py                        # regenerate every block from docs/results/ (and the settings)
     python tools/update_readme.py --check                # exit 1 naming the blocks that differ (tests/test_readme.py)
 
@@ -310,6 +311,13 @@ def study_png(manifest: dict, out: Path) -> None:
 DEMO_FILE = "demo-metrics.json"
 STUDY_FILE = "regimes-study.json"
 CIFAR_FILE = "cifar10-study.json"
+R20_FILE = "cifar10-resnet20-study.json"
+CIFAR_STUDIES = (
+    (CIFAR_FILE, "cifar", "CIFAR-10 JPEGs, from scratch", "CIFAR-10"),
+    (R20_FILE, "cifar-r20", "CIFAR-10 JPEGs, the pretrained ResNet-20 as generalist", "CIFAR-10, pretrained ResNet-20"),
+)
+"""The CIFAR-10 studies: their file in docs/results/, their block's marker (README: ``<marker>``, RESULTS_CIFAR10.md:
+``<marker>-study``) and their label."""
 RESULTS = ROOT / "docs" / "results"
 
 
@@ -398,30 +406,33 @@ def expected_files() -> dict[Path, str]:
         text = _replace(text, "study", study_markdown(manifest, Path("runs/regimes"), manifest.get("readme_wall")))
     out[results] = text
     out[usage] = _replace(usage.read_text(), "settings", settings_markdown())
-    cifar_path = RESULTS / CIFAR_FILE
-    if cifar_path.is_file():
-        cifar, page = json.loads(cifar_path.read_text()), ROOT / "docs" / "RESULTS_CIFAR10.md"
-        block = other_study_markdown(cifar, CIFAR_FILE, cifar.get("readme_wall"))
-        out[page] = _replace(page.read_text(), "cifar-study", block)
-        out[readme] = _replace(out[readme], "cifar", cifar_markdown(cifar))
+    page = ROOT / "docs" / "RESULTS_CIFAR10.md"
+    for file, marker, label, short in CIFAR_STUDIES:
+        path = RESULTS / file
+        if path.is_file():
+            cifar = json.loads(path.read_text())
+            block = other_study_markdown(cifar, file, cifar.get("readme_wall"))
+            out[page] = _replace(out.get(page, page.read_text()), f"{marker}-study", block)
+            out[readme] = _replace(out[readme], marker, cifar_markdown(cifar, label, short))
     return out
 
 
-def cifar_markdown(manifest: dict) -> str:
-    """The README's CIFAR-10 lines: each rule's mean gain across seeds over both baselines, and the answer."""
+def cifar_markdown(manifest: dict, label: str = "CIFAR-10 JPEGs, from scratch", short: str = "CIFAR-10") -> str:
+    """The README's lines of a CIFAR-10 study: each rule's mean gain across seeds over both baselines, and the
+    answer."""
     from specialkit.report import study_reading
 
     d, rules = manifest["definition"], study_rules(manifest)
     by = {(r["rule"], r["baseline"]): r for r in manifest["summary"]}
     lines = [
-        f"| CIFAR-10 JPEGs, from scratch ({len(d['seeds'])} seeds) | vs generalist across seeds | vs compute-matched |",
+        f"| {label} ({len(d['seeds'])} seeds) | vs generalist across seeds | vs compute-matched |",
         "| --- | ---: | ---: |",
     ]
     for rule in rules:
         cells = [_gain_cell(by[(rule, b)]) if (rule, b) in by else "—" for b in ("generalist", "compute_matched")]
         lines.append(f"| {rule} | {cells[0]} | {cells[1]} |")
     answer = next(p for p in study_reading(manifest).split("\n\n") if p.startswith("**Answer:**"))
-    return "\n".join([*lines, "", answer.replace("**Answer:**", "**CIFAR-10:**")])
+    return "\n".join([*lines, "", answer.replace("**Answer:**", f"**{short}:**")])
 
 
 def main(argv: list[str]) -> int:
@@ -435,11 +446,12 @@ def main(argv: list[str]) -> int:
         print("README.md, docs/RESULTS.md and docs/USAGE.md match docs/results/ and the settings metadata")
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if argv[:1] == ["--cifar-study"] and len(argv) > 1:
+    if argv[:1] in (["--cifar-study"], ["--cifar-r20-study"]) and len(argv) > 1:
         manifest = json.loads((Path(argv[1]) / "study.json").read_text())
         if len(argv) > 2:
             manifest["readme_wall"] = argv[2]
-        (RESULTS / CIFAR_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        file = CIFAR_FILE if argv[0] == "--cifar-study" else R20_FILE
+        (RESULTS / file).write_text(json.dumps(manifest, indent=1) + "\n")
     elif argv[:1] == ["--study"]:
         folder = Path(argv[1]) if len(argv) > 1 else Path("runs/regimes")
         manifest = json.loads((folder / "study.json").read_text())
