@@ -4,7 +4,9 @@ Takes the finished runs of a study (one folder per seed, whole specialists, e.g.
 configs/study.json``'s ``dataset-glyphs_hard/seed-*``) and, for each seed, trains only the specialists again as
 variant runs next to them (the generalist and groups are copied): shared-trunk specialists (dense) and shared-trunk
 specialists stored as rank-r deltas, whose learning rate is chosen per seed on the validation images among
-``--delta-lrs`` (the test images choose nothing). Then, on the test images, every kind's ``kl`` ensemble against the
+``--delta-lrs`` (the test images choose nothing); with ``--small-heads`` also the whole specialists with their heads
+collapsed to |S|+1 rows (``specialists.collapsed_probs``: the dustbin row least-squares fitted, or trained on the full
+head's probabilities; nothing retrained). Then, on the test images, every kind's ``kl`` ensemble against the
 whole specialists' ``kl``: per seed the difference with its paired-bootstrap interval and McNemar's p; across seeds
 the mean difference with the two-level bootstrap interval (seeds and test images), Holm-adjusted over the kinds,
 and the across-seed verdict (at least 5 seeds, equivalence within ±0.5 points).
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specialkit import runner, stats  # noqa: E402
+from specialkit import ensemble, runner, specialists, stats  # noqa: E402
 from specialkit.pipeline import Run  # noqa: E402
 
 
@@ -35,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared-stages", type=int, default=2)
     p.add_argument("--delta-rank", type=int, default=16)
     p.add_argument("--delta-lrs", type=float, nargs="+", default=[0.02, 0.1, 0.3])
+    p.add_argument(
+        "--small-heads",
+        action="store_true",
+        help="also the whole specialists with heads collapsed to |S|+1 rows, the dustbin row fitted (lstsq) or trained",
+    )
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -44,6 +51,18 @@ def kl_correct(run: Run, split: str) -> np.ndarray:
     ds = run.dataset()
     y = (ds.y_val if split == "val" else ds.y_test).numpy()
     return run.combine("kl", split).argmax(1) == y
+
+
+def small_head_correct(run: Run, fit: str) -> np.ndarray:
+    """Per test image, whether ``kl`` is right with every specialist's head collapsed to |S|+1 rows (``fit``)."""
+    ds = run.dataset()
+    x = ds.split("test")[0]
+    outs = [
+        ensemble.SpecialistOutputs(g, specialists.collapsed_probs(ds, s, x, fit=fit))
+        for g, s in zip(run.groups(), run.specialists())
+    ]
+    q = ensemble.combine_kl(run.generalist().probs("test"), outs, run.activation("test"))
+    return q.argmax(1) == ds.y_test.numpy()
 
 
 def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
@@ -58,11 +77,10 @@ def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str
         )
         tried.append((float(kl_correct(run, "val").mean()), -len(tried), lr, run))
     _, _, lr, delta = max(tried, key=lambda t: t[:2])
-    return {
-        "whole": kl_correct(base, "test"),
-        "dense": kl_correct(dense, "test"),
-        "delta": kl_correct(delta, "test"),
-    }, lr
+    out = {"whole": kl_correct(base, "test"), "dense": kl_correct(dense, "test"), "delta": kl_correct(delta, "test")}
+    if args.small_heads:
+        out.update({f"small_{fit}": small_head_correct(base, fit) for fit in specialists.HEAD_FITS})
+    return out, lr
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         correct, lr = seed_kinds(base, Path(args.out) / folder.name, args)
         boot = stats.paired_bootstrap(correct, resamples=base.config.bootstrap_resamples, seed=base.config.seed)
         line = [f"{folder.name}: whole {correct['whole'].mean():.4f}"]
-        for kind in ("dense", "delta"):
+        for kind in [k for k in correct if k != "whole"]:
             lo, hi = boot.gain_ci(kind, "whole")
             mc = stats.mcnemar(correct["whole"], correct[kind])
             d = correct[kind].mean() - correct["whole"].mean()
@@ -86,13 +104,15 @@ def main(argv: list[str] | None = None) -> None:
         print("; ".join(line) + f" (delta lr {lr:g}, chosen on validation)", flush=True)
         per_seed.append(correct)
     results = {}
-    for kind in ("dense", "delta"):
+    for kind in [k for k in per_seed[0] if k != "whole"]:
         diffs = np.stack([c[kind].astype(float) - c["whole"].astype(float) for c in per_seed])
         results[kind] = stats.two_level_bootstrap(diffs, resamples=2000, seed=0)
     adjusted = stats.holm([results[k].p_value for k in results])
     label = {
         "dense": f"shared {args.shared_stages} stages, dense",
         "delta": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas",
+        "small_lstsq": "whole specialists, heads collapsed to |S|+1 rows, dustbin row fitted (lstsq)",
+        "small_trained": "whole specialists, heads collapsed to |S|+1 rows, dustbin row trained",
     }
     print(f"\nacross {len(per_seed)} seeds, kl against kl with whole specialists (points, two-level bootstrap 95%):")
     for (kind, tl), p_adj in zip(results.items(), adjusted):

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specialkit import dataset, ensemble, frontier, models, pipeline, specialists, stats, training  # noqa: E402
+from specialkit import ensemble, frontier, models, pipeline, specialists, stats, training  # noqa: E402
 from specialkit.config import PipelineConfig  # noqa: E402
 
 
@@ -42,21 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def collapsed_probs(ds: object, trained: specialists.TrainedSpecialist, x: torch.Tensor) -> np.ndarray:
-    """A trained specialist's probabilities on ``x`` with its head collapsed (the dustbin row fitted on the validation
-    images) and its dustbin correction fitted again for the collapsed head, the same way on the same images."""
-    x_val, y_val = ds.split("val")
-    small = specialists.collapse_head(trained.model.cpu().eval(), dataset.to_float(x_val))
-    shift = trained.dustbin_shift
-    if trained.correction == "prior_match":
-        shift = specialists.correction_value(
-            "prior_match",
-            y_train=ds.y_train,
-            classes=trained.classes,
-            special_fraction=trained.special_fraction,
-            val_logits=training.predict_logits(small, x_val, device="cpu").numpy(),
-            y_val=y_val,
-        )
-    return specialists.predict_specialist(small, x, shift=shift, device="cpu")
+    """:func:`specialkit.specialists.collapsed_probs` with the least-squares dustbin row."""
+    return specialists.collapsed_probs(ds, trained, x)
 
 
 def small_head_probs(run: pipeline.Run, split: str) -> list[np.ndarray]:

@@ -99,12 +99,14 @@ def width_run(base: Run, width: int, folder: str | Path) -> Run:
     return run
 
 
-def variant_run(base: Run, folder: str | Path, **settings: Any) -> Run:
-    """The base run with other specialist ``settings`` (e.g. ``specialist_shared_stages=2``) in its own folder: the
-    base run's generalist and groups are copied there, so only the specialists are trained (and the ensembles made)."""
+def variant_run(base: Run, folder: str | Path, *, from_stage: str = "specialists", **settings: Any) -> Run:
+    """The base run with other ``settings`` of ``from_stage`` and later (e.g. ``specialist_shared_stages=2``, or
+    ``student_epochs=6`` with ``from_stage="distill"``) in its own folder: the finished stages ``from_stage`` depends on
+    are copied there from the base run (for the specialists: its generalist and groups), so only ``from_stage`` and
+    what follows it are trained (the ensembles are made here)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in stages.needs_all("specialists"):  # the stages before the specialists
+    for name in stages.needs_all(from_stage):  # the stages before it
         if (base.folder / name).is_dir() and not (folder / name).exists():
             shutil.copytree(base.folder / name, folder / name)
     for name in ("clusters.json",):

@@ -49,6 +49,8 @@ __all__ = [
     "dustbin_head",
     "small_head",
     "collapse_head",
+    "HEAD_FITS",
+    "collapsed_probs",
     "head_rows",
     "enriched_sampler",
     "natural_special_share",
@@ -379,22 +381,37 @@ def init_from_generalist(generalist: models.Classifier, classes: Any) -> models.
     return spec
 
 
-def small_head(head: models.DustbinHead, features: torch.Tensor) -> torch.nn.Linear:
+HEAD_FITS = ("lstsq", "trained")
+"""How :func:`small_head` makes the dustbin row: ``lstsq`` fits its logit, ``trained`` then trains it on probabilities."""
+
+
+def small_head(
+    head: models.DustbinHead, features: torch.Tensor, *, fit: str = "lstsq", steps: int = 100
+) -> torch.nn.Linear:
     """A trained specialist's :class:`models.DustbinHead` (C rows) collapsed to an ``nn.Linear`` of S + 1 rows.
 
     The S special rows are copied, so the special logits -- and with them the argmax within the group and every
-    ratio of two special probabilities -- are exactly those of the full head. The dustbin row is the least-squares
-    fit of the full head's dustbin logit (the log-sum-exp of the other C - S logits) on ``features``, an affine
-    function of the features standing in for a log-sum-exp of affine functions; the dustbin probability is close
-    to the full head's where the fit is good, and the accuracy cost is measured, not assumed.
+    ratio of two special probabilities -- are exactly those of the full head. The dustbin row is made one of two
+    ways (issue 22 part 2; the accuracy cost of each is measured, not assumed):
+
+    * ``lstsq``: the least-squares fit of the full head's dustbin logit (the log-sum-exp of the other C - S logits) on
+      ``features``, an affine function of the features standing in for a log-sum-exp of affine functions;
+    * ``trained``: that fit as the start, then the one row trained (L-BFGS, ``steps`` iterations, float64) to
+      minimise the cross-entropy from the full head's S + 1 probabilities to the small head's on ``features``: the
+      special rows stay exact, and the loss, convex in the row, is the one the ensemble reads (probabilities, not
+      logits).
 
     Args:
         head: the trained full head.
         features: (N, D) features of validation images (``model.features(x)``), N > D.
+        fit: one of :data:`HEAD_FITS`.
+        steps: L-BFGS iterations of ``trained``.
 
     Returns:
         ``nn.Linear(D, S + 1)`` on ``features``'s device and the head's dtype: special rows first, dustbin last.
     """
+    if fit not in HEAD_FITS:
+        raise SpecialistError(f"fit={fit!r}: choose one of {', '.join(HEAD_FITS)}")
     w, b = head.linear.weight, head.linear.bias
     if features.ndim != 2 or features.shape[1] != w.shape[1] or features.shape[0] <= w.shape[1]:
         raise SpecialistError(
@@ -402,17 +419,39 @@ def small_head(head: models.DustbinHead, features: torch.Tensor) -> torch.nn.Lin
             "pass model.features(x) of more validation images"
         )
     with torch.no_grad():
-        h = features.to(torch.float64)
-        target = torch.logsumexp(h @ w.double().index_select(0, head.others).T + b.double()[head.others], dim=1)
-        design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], dim=1)
-        sol = torch.linalg.lstsq(design.cpu(), target.cpu()[:, None]).solution[:, 0].to(h.device)
+        h = features.to(torch.float64).cpu()
+        wd, bd = w.detach().double().cpu(), b.detach().double().cpu()
+        target = torch.logsumexp(h @ wd.index_select(0, head.others.cpu()).T + bd[head.others.cpu()], dim=1)
+        design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
+        sol = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+    if fit == "trained":
+        special = h @ wd.index_select(0, head.special.cpu()).T + bd[head.special.cpu()]
+        with torch.no_grad():
+            q = torch.softmax(torch.cat([special, target[:, None]], dim=1), dim=1)
+        row = sol.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS(
+            [row], max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+        )
+
+        def loss() -> torch.Tensor:
+            opt.zero_grad()
+            z = torch.cat([special, (design @ row)[:, None]], dim=1)
+            out = -(q * torch.log_softmax(z, dim=1)).sum(1).mean()
+            out.backward()
+            return out
+
+        opt.step(loss)
+        sol = row.detach()
+    with torch.no_grad():
         out = torch.nn.Linear(w.shape[1], len(head.special) + 1).to(device=w.device, dtype=w.dtype)
-        out.weight.copy_(torch.cat([w.index_select(0, head.special), sol[None, :-1].to(w.dtype)]))
-        out.bias.copy_(torch.cat([b.index_select(0, head.special), sol[-1:].to(b.dtype)]))
+        out.weight.copy_(torch.cat([w.index_select(0, head.special), sol[None, :-1].to(w.device, w.dtype)]))
+        out.bias.copy_(torch.cat([b.index_select(0, head.special), sol[-1:].to(b.device, b.dtype)]))
     return out
 
 
-def collapse_head(model: models.Classifier, x: torch.Tensor, *, batch_size: int = 512) -> models.Classifier:
+def collapse_head(
+    model: models.Classifier, x: torch.Tensor, *, batch_size: int = 512, fit: str = "lstsq"
+) -> models.Classifier:
     """A copy of a trained specialist with its full C-row head collapsed to S + 1 rows (:func:`small_head`).
 
     The copy shares a shared-trunk specialist's trunk and the generalist's layers under its low-rank deltas (not
@@ -423,6 +462,7 @@ def collapse_head(model: models.Classifier, x: torch.Tensor, *, batch_size: int 
         model: a specialist with a :class:`models.DustbinHead` (initialised from the generalist and trained).
         x: (N, C, H, W) float validation images in [0, 1] the dustbin row is fitted on (N > D).
         batch_size: images per forward pass.
+        fit: how the dustbin row is made (:data:`HEAD_FITS`).
 
     Returns:
         The collapsed specialist, in eval mode.
@@ -437,9 +477,40 @@ def collapse_head(model: models.Classifier, x: torch.Tensor, *, batch_size: int 
     small = copy.deepcopy(model, memo).eval()
     with torch.no_grad():
         feats = torch.cat([small.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    small.head = small_head(model.head, feats)
+    small.head = small_head(model.head, feats, fit=fit)
     small.config = dataclasses.replace(small.config, dustbin_of=None, special_classes=None)
     return small
+
+
+def collapsed_probs(ds: Any, trained: TrainedSpecialist, x: Any, *, fit: str = "lstsq") -> np.ndarray:
+    """A trained specialist's (N, S + 1) probabilities on ``x`` with its head collapsed on the validation images
+    (:func:`collapse_head`, ``fit``) and a ``prior_match`` dustbin correction fitted again for the collapsed head, the
+    same way on the same images (another correction is kept as it was).
+
+    Args:
+        ds: the dataset it was trained on (its validation split fits the row and the correction).
+        trained: the specialist, with a full :class:`models.DustbinHead`.
+        x: images to predict (uint8 or float).
+        fit: how the dustbin row is made (:data:`HEAD_FITS`).
+
+    Returns:
+        Probabilities, special classes first, dustbin last.
+    """
+    from . import dataset
+
+    x_val, y_val = ds.split("val")
+    small = collapse_head(trained.model.cpu().eval(), dataset.to_float(x_val), fit=fit)
+    shift = trained.dustbin_shift
+    if trained.correction == "prior_match":
+        shift = correction_value(
+            "prior_match",
+            y_train=ds.y_train,
+            classes=trained.classes,
+            special_fraction=trained.special_fraction,
+            val_logits=training.predict_logits(small, x_val, device="cpu").numpy(),
+            y_val=y_val,
+        )
+    return predict_specialist(small, x, shift=shift, device="cpu")
 
 
 def head_rows(model: torch.nn.Module) -> int:

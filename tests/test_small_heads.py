@@ -70,10 +70,39 @@ def test_a_shared_trunk_specialist_keeps_sharing_the_generalists_trunk(trained):
         assert torch.equal(small(x_test)[:, :-1], shared(x_test)[:, :-1])
 
 
+def test_the_trained_dustbin_row_keeps_the_special_rows_and_matches_the_full_probabilities_better(trained):
+    """``fit="trained"`` starts from the least-squares row and trains it on the cross-entropy to the full head's S + 1
+    probabilities: on the fitting features the loss falls, and on other features the dustbin probability tracks the
+    full head's better than the least-squares row's (features with a trained network's spread; the tiny network's
+    features on noise images barely vary)."""
+    _, spec, _, _ = trained
+    g = torch.Generator().manual_seed(1)
+    d = spec.head.in_features
+    fit_feats, test_feats = torch.randn(400, d, generator=g) * 3, torch.randn(400, d, generator=g) * 3
+    rows = {fit: specialists.small_head(spec.head, fit_feats, fit=fit) for fit in specialists.HEAD_FITS}
+    with torch.no_grad():
+
+        def full(h):
+            return torch.softmax(spec.head(h), 1)
+
+        ce = {k: -(full(fit_feats) * torch.log_softmax(m(fit_feats), 1)).sum(1).mean().item() for k, m in rows.items()}
+        gap = {
+            k: (torch.softmax(m(test_feats), 1)[:, -1] - full(test_feats)[:, -1]).abs().mean().item()
+            for k, m in rows.items()
+        }
+        assert torch.equal(rows["trained"](test_feats)[:, :-1], spec.head(test_feats)[:, :-1])
+    assert ce["trained"] < ce["lstsq"] - 1e-3
+    assert gap["trained"] < gap["lstsq"]
+    small = specialists.collapse_head(spec, torch.rand(200, 1, 16, 16), fit="trained")  # the same through the model
+    assert specialists.head_rows(small) == len(CLASSES) + 1
+
+
 def test_refusals(trained):
     gen, spec, x_val, _ = trained
     with pytest.raises(specialists.SpecialistError, match="not a DustbinHead"):
         specialists.collapse_head(gen, x_val)
     with pytest.raises(specialists.SpecialistError, match="N > D"):
         specialists.small_head(spec.head, torch.zeros(3, spec.head.in_features))
+    with pytest.raises(specialists.SpecialistError, match="choose one of lstsq, trained"):
+        specialists.collapse_head(spec, x_val, fit="exact")
     assert np.isfinite(specialists.head_rows(spec))
