@@ -309,6 +309,7 @@ class Study:
                 old = runs.read_json(path).get("definition", {})
             except (ValueError, AttributeError) as err:
                 raise StudyError(f"{path} is not a study manifest ({err}); move it away or use another --name") from err
+            old = {**old, "base": _with_new_defaults(old.get("base", {}), mine["base"])}
             diff = [k for k in ("base", "grid") if old.get(k) != mine[k]]
             if diff:
                 detail = _dict_diff(old.get("base", {}), mine["base"]) if "base" in diff else ""
@@ -341,6 +342,14 @@ class Study:
     def donors(self) -> list[Path]:
         """Every run folder of the study (candidates to adopt finished stages from)."""
         return sorted(p.parent for p in self.folder.glob("*/seed-*/config.json"))
+
+
+def _with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A recorded study base with each setting added to the kit since it was written (in ``new``, missing from ``old``)
+    at its default: an upgrade of the kit does not turn a finished study into "a different study" (as
+    :func:`specialkit.store.config_diff` does for a run's ``config.json``)."""
+    default = json.loads(json.dumps(PipelineConfig().to_dict()))
+    return {**{k: default[k] for k in new if k not in old and k in default}, **old}
 
 
 def _dict_diff(old: dict[str, Any], new: dict[str, Any]) -> str:

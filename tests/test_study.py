@@ -266,6 +266,26 @@ def test_empty_grid_and_k_too_large_and_another_study(tmp_path, capsys):
         study.run_study(other, out=tmp_path, log=lambda s: None)
 
 
+def test_a_study_recorded_before_a_setting_was_added_is_the_same_study(tmp_path):
+    """A setting added to the kit after a study was recorded is missing from its ``study.json``; at its default it is no
+    difference (an upgrade must not turn a finished study into "a different study"); at another value it is one."""
+    spec = study.make_spec(name="s", base=PipelineConfig.quick(**TINY).to_dict(), grid={"k": [2]}, seeds=[0])
+    s = study.Study(tmp_path / "s", spec)
+    s.record()
+    path = tmp_path / "s" / study.STUDY_FILE
+    manifest = json.loads(path.read_text())
+    del manifest["definition"]["base"]["student_matched"]  # as written before the setting existed
+    path.write_text(json.dumps(manifest))
+    s.record()  # the same study
+    assert "student_matched" in json.loads(path.read_text())["definition"]["base"]
+    path.write_text(json.dumps(manifest))  # without it again
+    off = study.make_spec(
+        name="s", base=PipelineConfig.quick(**TINY, student_matched=False).to_dict(), grid={"k": [2]}, seeds=[0]
+    )
+    with pytest.raises(study.StudyError, match=r"different study .*student_matched: True there, False here"):
+        study.Study(tmp_path / "s", off).record()
+
+
 def test_study_file_json(tmp_path, base):
     path = tmp_path / "s.json"
     path.write_text(
