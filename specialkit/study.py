@@ -463,12 +463,14 @@ def _switched_on(run: Any, stage: str) -> bool:
 
 
 def point_is_done(run: Any) -> bool:
-    """A study point is done only when everything it writes exists: its last stage, ``metrics.json``,
-    ``report.html`` (when the run writes one) and ``study_seconds.json``; a point killed between them is
-    finished on the next invocation (the finished stages are loaded, not trained again)."""
+    """A study point is done only when everything it writes exists: every stage it runs (skipped and switched-off
+    stages aside; a stage added to the kit since the point was made is missing, so the point is finished with it),
+    ``metrics.json``, ``report.html`` (when the run writes one) and ``study_seconds.json``; a point killed between them
+    is finished on the next invocation (the finished stages are loaded, not trained again)."""
     needed = ["metrics.json", "study_seconds.json"] + (["report.html"] if run.config.html_report else [])
-    last = bool(run.skip_reason("distill")) or run.is_done("distill")
-    return last and all((run.folder / name).is_file() for name in needed)
+    if not all((run.folder / name).is_file() for name in needed):
+        return False
+    return all(bool(run.skip_reason(s)) or not _switched_on(run, s) or run.is_done(s) for s in stages.NAMES)
 
 
 def _log(text: str) -> None:

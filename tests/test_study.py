@@ -335,17 +335,28 @@ def test_convergence_reads_the_last_epoch_and_the_compute_matched_gain():
 def test_a_point_is_done_only_when_everything_it_writes_exists(tmp_path):
     from types import SimpleNamespace
 
+    from specialkit import stages
+
+    done = set(stages.NAMES)
     run = SimpleNamespace(
         folder=tmp_path,
-        config=SimpleNamespace(html_report=True),
+        config=SimpleNamespace(html_report=True, compute_matched=True, hard_label_control=True, student_matched=True),
         skip_reason=lambda s: None,
-        is_done=lambda s: s == "distill",
+        is_done=lambda s: s in done,
     )
     for name in ("metrics.json", "study_seconds.json"):
         (tmp_path / name).write_text("{}")
     assert not study.point_is_done(run)  # report.html missing
     (tmp_path / "report.html").write_text("<html>")
     assert study.point_is_done(run)
+    done.discard("student_matched")  # a stage added to the kit after the point was made: the point is not done
+    assert not study.point_is_done(run)
+    run.config.student_matched = False  # ... unless it is switched off
+    assert study.point_is_done(run)
+    run.skip_reason = lambda s: "no model" if s == "student_matched" else None  # ... or skipped
+    run.config.student_matched = True
+    assert study.point_is_done(run)
+    done.add("student_matched")
     run.config.html_report = False
     (tmp_path / "report.html").unlink()
     assert study.point_is_done(run)
