@@ -349,12 +349,12 @@ def make_compute_matched(run: Any) -> ModelResult:
     Returns:
         The compute-matched generalist.
     """
-    reason = run.skip_reason("compute_matched")
-    if reason:
-        raise ConfigError(f"{reason}; set compute_matched=false (or bring a torchvision:<arch>:<weights> generalist)")
-    if not run.is_done("compute_matched"):
-        return train_further(run, "compute_matched", cost.compute_budget(run)["compute_matched_passes"])
-    return load_model(run, "compute_matched")
+    return _trained_further(
+        run,
+        "compute_matched",
+        lambda: cost.compute_budget(run)["compute_matched_passes"],
+        fix="set compute_matched=false (or bring a torchvision:<arch>:<weights> generalist)",
+    )
 
 
 def make_student_matched(run: Any) -> ModelResult:
@@ -368,12 +368,23 @@ def make_student_matched(run: Any) -> ModelResult:
     Returns:
         The student-matched generalist.
     """
-    reason = run.skip_reason("student_matched")
+    return _trained_further(
+        run,
+        "student_matched",
+        lambda: cost.student_budget(run)["student_matched_passes"],
+        fix="set student_matched=false (there is no student-matched generalist)",
+    )
+
+
+def _trained_further(run: Any, stage: str, passes: Callable[[], int], *, fix: str) -> ModelResult:
+    """``stage`` loaded when finished, else :func:`train_further` for ``passes()``; a skipped stage is a
+    ``ConfigError`` naming ``fix``."""
+    reason = run.skip_reason(stage)
     if reason:
-        raise ConfigError(f"{reason}; set student_matched=false (there is no student-matched generalist)")
-    if not run.is_done("student_matched"):
-        return train_further(run, "student_matched", cost.student_budget(run)["student_matched_passes"])
-    return load_model(run, "student_matched")
+        raise ConfigError(f"{reason}; {fix}")
+    if not run.is_done(stage):
+        return train_further(run, stage, passes())
+    return load_model(run, stage)
 
 
 def train_further(run: Any, stage: str, extra: int) -> ModelResult:

@@ -116,6 +116,9 @@ def test_torchscript_generalist_run_trains_specialists_from_scratch_and_distils(
     assert "cannot fine-tune" in run.skip_reason("compute_matched")
     with pytest.raises(ConfigError, match="compute_matched=false"):
         run.compute_matched()
+    assert run.skip_reason("student_matched") == run.skip_reason("compute_matched")  # nothing to train further
+    with pytest.raises(ConfigError, match="student_matched=false"):
+        run.student_matched()
     student = run.distill()  # the scripted model teaches on every batch; the student starts from scratch
     assert student.examples_seen > 0 and student.logits["test"].shape == (len(ds.y_test), 62)
     reopened = pipeline.Run.open(run.folder, log=lambda s: None)
