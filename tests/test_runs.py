@@ -201,3 +201,23 @@ def test_group_names_too_long_for_a_file_name_get_a_short_folder(tiny, tmp_path)
     name = run.specialist_dir(0).name
     assert len(name) <= 60 and name.startswith("00-ggg")
     assert run.specialist_dir(1).name == f"01-{list(spec.groups)[1]}"
+
+
+def test_a_variant_run_copies_the_stages_before_the_one_it_changes(tiny, tmp_path):
+    """``runner.variant_run`` (the benches' extra runs): the finished stages its first changed stage depends on are
+    copied from the base run, so only that stage and what follows are made; ``from_stage="distill"`` keeps the
+    specialists (and with them the student's teacher) and changes only the student."""
+    import filecmp
+
+    from specialkit import runner
+
+    student = runner.variant_run(tiny, tmp_path / "st", from_stage="distill", student_epochs=2)
+    assert student.config.student_epochs == 2 and student.config.name == "st"
+    assert student.is_done("specialists") and student.key("specialists") == tiny.key("specialists")
+    for i in range(len(tiny.groups())):
+        a, b = tiny.specialist_dir(i) / "model.pt", student.specialist_dir(i) / "model.pt"
+        assert filecmp.cmp(a, b, shallow=False)  # copied, not trained again
+    assert student.key("distill") != tiny.key("distill") and not student.is_done("distill")
+    shared = runner.variant_run(tiny, tmp_path / "sh", specialist_shared_stages=1)  # from the specialists on
+    assert shared.is_done("generalist") and shared.key("specialists") != tiny.key("specialists")
+    assert (shared.folder / "clusters.json").is_file()
