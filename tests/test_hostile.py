@@ -36,6 +36,7 @@ TINY = dict(
     width=4,
     depth=1,
     compute_matched=False,
+    student_matched=False,
     rules=("generalist", "kl"),
     progress=False,
 )

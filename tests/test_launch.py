@@ -15,7 +15,15 @@ from specialkit.config import ConfigError, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
-    per_class=6, epochs=1, specialist_epochs=1, k=2, width=4, depth=1, compute_matched=False, rules=("generalist", "kl")
+    per_class=6,
+    epochs=1,
+    specialist_epochs=1,
+    k=2,
+    width=4,
+    depth=1,
+    compute_matched=False,
+    student_matched=False,
+    rules=("generalist", "kl"),
 )
 
 

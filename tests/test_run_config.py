@@ -10,7 +10,15 @@ import pytest
 from specialkit import cli, pipeline
 from specialkit.config import SMOKE_ENV, ConfigError, PipelineConfig
 
-TINY = {"per_class": 12, "epochs": 1, "specialist_epochs": 1, "student_epochs": 1, "k": 4, "compute_matched": False}
+TINY = {
+    "per_class": 12,
+    "epochs": 1,
+    "specialist_epochs": 1,
+    "student_epochs": 1,
+    "k": 4,
+    "compute_matched": False,
+    "student_matched": False,
+}
 
 
 def _quiet(s: str) -> None:

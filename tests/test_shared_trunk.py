@@ -227,7 +227,12 @@ def shared_run(tmp_path_factory):
     from specialkit.config import PipelineConfig
 
     cfg = PipelineConfig.preset(
-        "tiny", depth=2, specialist_shared_stages=1, compute_matched=False, rules=("generalist", "kl")
+        "tiny",
+        depth=2,
+        specialist_shared_stages=1,
+        compute_matched=False,
+        student_matched=False,
+        rules=("generalist", "kl"),
     )
     run = pipeline.Run(tmp_path_factory.mktemp("shared") / "run", cfg, log=lambda s: None)
     run.specialists()
