@@ -6,7 +6,11 @@ variant runs next to them (the generalist and groups are copied): shared-trunk s
 specialists stored as rank-r deltas, whose learning rate is chosen per seed on the validation images among
 ``--delta-lrs`` (the test images choose nothing); with ``--small-heads`` also the whole specialists with their heads
 collapsed to |S|+1 rows (``specialists.collapsed_probs``: the dustbin row least-squares fitted, or trained on the full
-head's probabilities; nothing retrained). Then, on the test images, every kind's ``kl`` ensemble against the
+head's probabilities; nothing retrained); with ``--confidence-skip`` also the chosen delta specialists with the
+confidence skip (``ensemble.activation``'s ``confident``: no specialist runs for an image whose generalist top-1
+probability exceeds it), its value chosen per seed on the validation images by ``frontier.choose_confident`` (the
+lowest of ``frontier.CONFIDENTS`` that changes at most 0.1% of the validation answers; no labels read). Then, on the
+test images, every kind's ``kl`` ensemble against the
 whole specialists' ``kl``: per seed the difference with its paired-bootstrap interval and McNemar's p; across seeds
 the mean difference with the two-level bootstrap interval (seeds and test images), Holm-adjusted over the kinds,
 and the across-seed verdict (at least 5 seeds, equivalence within ±0.5 points).
@@ -26,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specialkit import ensemble, runner, specialists, stats  # noqa: E402
+from specialkit import ensemble, frontier, runner, specialists, stats  # noqa: E402
 from specialkit.pipeline import Run  # noqa: E402
 
 
@@ -41,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--small-heads",
         action="store_true",
         help="also the whole specialists with heads collapsed to |S|+1 rows, the dustbin row fitted (lstsq) or trained",
+    )
+    p.add_argument(
+        "--confidence-skip",
+        action="store_true",
+        help="also the delta specialists with the confidence skip chosen on the validation images",
     )
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -65,9 +74,24 @@ def small_head_correct(run: Run, fit: str) -> np.ndarray:
     return q.argmax(1) == ds.y_test.numpy()
 
 
+def confidence_skip_correct(run: Run) -> tuple[np.ndarray, float, dict[str, float]]:
+    """Per test image, whether ``kl`` is right with the confidence skip ``frontier.choose_confident`` picks on the
+    validation images; the value; the share of test images routed and specialists per image."""
+    groups, c = run.groups(), run.config
+
+    def outs(split: str) -> list[ensemble.SpecialistOutputs]:
+        return [ensemble.SpecialistOutputs(g, p) for g, p in zip(groups, run.specialist_probs(split))]
+
+    chosen = frontier.choose_confident(run.generalist().probs("val"), outs("val"), top_n=c.top_n)
+    p = run.generalist().probs("test")
+    active = ensemble.activation(p, groups, top_n=c.top_n, threshold=c.skip_threshold, confident=chosen)
+    q = ensemble.combine_kl(p, outs("test"), active)
+    return q.argmax(1) == run.dataset().y_test.numpy(), chosen, ensemble.fraction_routed(active)
+
+
 def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
     """Test-image correctness of the whole, dense shared and delta specialists of one seed; the delta's chosen lr."""
-    s, r = args.shared_stages, args.delta_rank
+    s, r, out_dir = args.shared_stages, args.delta_rank, out
     dense = runner.variant_run(base, out / f"shared{s}", specialist_shared_stages=s)
     tried = []
     for lr in args.delta_lrs:
@@ -80,6 +104,14 @@ def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str
     out = {"whole": kl_correct(base, "test"), "dense": kl_correct(dense, "test"), "delta": kl_correct(delta, "test")}
     if args.small_heads:
         out.update({f"small_{fit}": small_head_correct(base, fit) for fit in specialists.HEAD_FITS})
+    if args.confidence_skip:
+        out["delta_skip"], chosen, routed = confidence_skip_correct(delta)
+        print(
+            f"  {out_dir.name}: confidence skip {chosen:g} (chosen on validation): "
+            f"{routed['fraction_routed']:.1%} of test images routed, {routed['specialists_per_image']:.2f} "
+            f"specialists/image",
+            flush=True,
+        )
     return out, lr
 
 
@@ -113,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         "delta": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas",
         "small_lstsq": "whole specialists, heads collapsed to |S|+1 rows, dustbin row fitted (lstsq)",
         "small_trained": "whole specialists, heads collapsed to |S|+1 rows, dustbin row trained",
+        "delta_skip": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas, confidence skip "
+        "(chosen on validation)",
     }
     print(f"\nacross {len(per_seed)} seeds, kl against kl with whole specialists (points, two-level bootstrap 95%):")
     for (kind, tl), p_adj in zip(results.items(), adjusted):

@@ -31,8 +31,17 @@ the generalist's own output (``softmax(3 * randn)`` per image; top-1 activation 
 ``top_confident``, group mass >= ``--moe-threshold`` for ``moe``); the generalist still runs in every
 timed pass. With ``--data glyphs`` the images are real glyphs instead of random pixels.
 
+With ``--run FOLDER`` (a finished run) the generalist is the run's trained one, the groups are the run's, the
+images its test images, and the routing is the generalist's own output on them, so the share of images routed and
+the specialists per image are the real ones (groups may overlap: more than one specialist per image). The
+specialists of every kind are still made from the generalist with the run's groups (their weights do not change
+their cost). ``--skip-confident c`` routes no image whose generalist top-1 probability exceeds ``c``
+(``ensemble.activation``'s ``confident``; pick it on validation images with ``frontier.choose_confident``, as
+``bench/cheap_seeds.py`` does); it needs real routing, so ``--run``.
+
     .venv/bin/python bench/inference_cost.py            # about a minute on 2 CPU cores
     .venv/bin/python bench/inference_cost.py --device cuda --images-large 2048
+    .venv/bin/python bench/inference_cost.py --run runs/demo --shared-stages 1 --delta-rank 8 --skip-confident 0.7
 """
 
 from __future__ import annotations
@@ -72,6 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moe-threshold", type=float, default=0.1, help="moe: skip a specialist whose group mass is lower")
     p.add_argument("--top-confident-n", type=int, default=2)
     p.add_argument("--data", choices=["random", "glyphs"], default="random")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="a finished run: its trained generalist, groups and test images, routed by the generalist's own output "
+        "(--classes, --specialists, --width, --depth and --data then come from the run)",
+    )
+    p.add_argument(
+        "--skip-confident",
+        type=float,
+        default=1.0,
+        help="route no image whose generalist top-1 probability exceeds this (1 = every image; needs --run)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
@@ -89,6 +110,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "params_ratio_small (issue 22's target lines)",
     )
     return p.parse_args(argv)
+
+
+def finished_run(args: argparse.Namespace) -> dict:
+    """The trained generalist, groups, test images (and 256 training images for fitting small heads) and the
+    generalist's saved test probabilities of ``--run``; ``args`` gets the run's classes, specialists, width and depth.
+    """
+    from specialkit.pipeline import Run
+
+    run = Run.open(args.run, log=lambda s: None)
+    if run.config.model != "cnn":
+        raise SystemExit(f"--run {args.run}: its generalist is {run.config.model!r}; this bench cuts cnn trunks only")
+    ds = run.dataset()
+    groups = [np.sort(np.asarray(g)) for g in run.groups()]
+    args.classes, args.specialists, args.width, args.depth = (
+        ds.num_classes,
+        len(groups),
+        run.config.width,
+        run.config.depth,
+    )
+    return {
+        "generalist": run.generalist().model.eval(),
+        "groups": groups,
+        "x": ds.x_test,
+        "x_fit": ds.x_train[:256],
+        "p_gen": run.generalist().probs("test"),
+        "channels": ds.channels,
+        "size": ds.image_size,
+    }
 
 
 def images(args: argparse.Namespace, n: int) -> torch.Tensor:
@@ -134,15 +183,20 @@ def fused_ratios(
     member = evaluation.group_membership(groups, args.classes, xf.device)
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
     merged = [models.merge_deltas(s) for s in specs]
-    prepared = inference.RoutedEnsemble(generalist, specs, groups)
+    sure = args.skip_confident
+    prepared = inference.RoutedEnsemble(generalist, specs, groups, confident=sure)
 
     def eager(b: tuple[torch.Tensor, torch.Tensor]) -> None:
         evaluation.ensemble_forward(
-            generalist, specs, b[0], lambda p: ensemble.activation(p, groups), routing_probs=b[1].cpu().numpy()
+            generalist,
+            specs,
+            b[0],
+            lambda p: ensemble.activation(p, groups, confident=sure),
+            routing_probs=b[1].cpu().numpy(),
         )
 
     def fused(b: tuple[torch.Tensor, torch.Tensor]) -> None:
-        evaluation.routed_forward(generalist, merged, b[0], member, routing_probs=b[1])
+        evaluation.routed_forward(generalist, merged, b[0], member, confident=sure, routing_probs=b[1])
 
     def prepared_call(b: tuple[torch.Tensor, torch.Tensor]) -> None:
         prepared(b[0], routing_probs=b[1])
@@ -169,7 +223,7 @@ def compiled_ratio(
     (``inference.FastSpecialist``) are compiled separately, since the routing between them is data-dependent."""
     xf = (x.float().div(255.0) if x.dtype == torch.uint8 else x)[: args.images_small]
     p_t = torch.as_tensor(p_route[: args.images_small], dtype=torch.float32, device=xf.device)
-    prepared = inference.RoutedEnsemble(generalist, specs, groups)
+    prepared = inference.RoutedEnsemble(generalist, specs, groups, confident=args.skip_confident)
     gen_c = torch.compile(generalist, dynamic=False)
     trunk_c = torch.compile(prepared.trunk, dynamic=False)
     later_c = torch.compile(prepared._generalist_later, dynamic=False)
@@ -180,7 +234,9 @@ def compiled_ratio(
         h = trunk_c(b[0])
         logits, first_out = later_c(h)
         torch.softmax(logits, dim=1)
-        for m in (member.index_select(0, b[1].argmax(dim=1)) > 0)[0].nonzero().flatten().tolist():
+        for m in (
+            evaluation.routed_activation(b[1], member, confident=args.skip_confident)[0].nonzero().flatten().tolist()
+        ):
             own_c[m](h, first_out)
 
     data = _Batches(xf, p_t)
@@ -223,11 +279,19 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     device = torch.device(args.device)
 
-    gen_cfg = models.ModelConfig(
-        name="cnn", num_classes=args.classes, in_channels=1, image_size=32, width=args.width, depth=args.depth
-    )
-    generalist = models.build_model(gen_cfg).eval().to(device)
-    groups = [np.sort(g) for g in np.array_split(rng.permutation(args.classes), args.specialists)]
+    if args.skip_confident < 1 and args.run is None:
+        raise SystemExit("--skip-confident needs real routing: pass --run FOLDER (a finished run)")
+    channels, size, real = 1, 32, None
+    if args.run is not None:
+        real = finished_run(args)
+        generalist, groups = real["generalist"].to(device), real["groups"]
+        channels, size = real["channels"], real["size"]
+    else:
+        gen_cfg = models.ModelConfig(
+            name="cnn", num_classes=args.classes, in_channels=1, image_size=32, width=args.width, depth=args.depth
+        )
+        generalist = models.build_model(gen_cfg).eval().to(device)
+        groups = [np.sort(g) for g in np.array_split(rng.permutation(args.classes), args.specialists)]
     same = [specialists.init_from_generalist(generalist, g).eval() for g in groups]
     s_shared = args.depth - 1 if args.shared_stages is None else args.shared_stages
     trunk = generalist.trunk(s_shared)
@@ -239,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
             models.ModelConfig(
                 name="cnn",
                 num_classes=len(g) + 1,
-                in_channels=1,
-                image_size=32,
+                in_channels=channels,
+                image_size=size,
                 width=args.small_width,
                 depth=args.small_depth,
             )
@@ -251,8 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     n = max(args.images_small, args.images_large)
-    x = images(args, n)
-    x_fit = images(args, 256).float().div(255.0).to(device)  # the small heads' dustbin rows are fitted on these
+    if real is not None:  # a random sample of the test images (they may be stored sorted by class)
+        pick = rng.permutation(len(real["x"]))[:n]
+        real["p_gen"] = real["p_gen"][pick]
+        x, x_fit = real["x"][torch.as_tensor(pick)], real["x_fit"].float().div(255.0).to(device)
+    else:
+        x = images(args, n)
+        x_fit = images(args, 256).float().div(255.0).to(device)  # the small heads' dustbin rows are fitted on these
     small = [specialists.collapse_head(s, x_fit) for s in shared]
     delta = [
         models.low_rank_delta(
@@ -263,22 +332,32 @@ def main(argv: list[str] | None = None) -> None:
         for g in groups
     ]
 
-    z = 3.0 * rng.standard_normal((n, args.classes))
-    p_route = np.exp(z - z.max(1, keepdims=True))
-    p_route /= p_route.sum(1, keepdims=True)
-    active = ensemble.activation(p_route, groups, top_n=1)
+    if real is not None:
+        p_route = real["p_gen"]
+        n = len(p_route)
+    else:
+        z = 3.0 * rng.standard_normal((n, args.classes))
+        p_route = np.exp(z - z.max(1, keepdims=True))
+        p_route /= p_route.sum(1, keepdims=True)
+    active = ensemble.activation(p_route, groups, top_n=1, confident=args.skip_confident)
     moe_active = ensemble.moe_gates(p_route, groups, threshold=args.moe_threshold).run
 
-    shape = (1, 1, 32, 32)
+    shape = (1, channels, size, size)
     gen_cost = evaluation.model_cost(generalist, shape)
     print(
         f"generalist: cnn width {args.width} depth {args.depth}, {args.classes} classes: "
         f"{gen_cost['params']:,} params, {gen_cost['flops'] / 1e6:.2f} MFLOPs/image"
+        + ("" if real is None else f" (trained, from {args.run})")
     )
+    routing = "random generalist distribution" if real is None else "the generalist's own output"
+    skip = "" if args.skip_confident >= 1 else f", skipped where its top-1 probability > {args.skip_confident:g}"
+    timed = active[: args.images_small]
     print(
         f"{args.specialists} specialists of {min(map(len, groups))}-{max(map(len, groups))} classes (+ dustbin); "
-        f"routing: random generalist distribution, top-1 activation ({active.sum(1).mean():.2f} specialists/image), "
-        f"moe threshold {args.moe_threshold} ({moe_active.sum(1).mean():.2f}/image); images: {args.data}; "
+        f"routing: {routing}, top-1 activation{skip} ({active.sum(1).mean():.2f} specialists/image, "
+        f"{active.any(1).mean():.1%} of images routed; the {len(timed)} images timed at batch 1: "
+        f"{timed.sum(1).mean():.2f}/image), moe threshold {args.moe_threshold} ({moe_active.sum(1).mean():.2f}/image); "
+        f"images: {'the run' + chr(39) + 's test images' if real is not None else args.data}; "
         f"device {args.device}, {args.threads} thread(s)\n"
     )
 
@@ -375,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if name in ratios:
             print(f"{name}={ratios[name]:.3f}")
+    if args.skip_confident < 1:
+        print(f"\nrouting skips images whose generalist top-1 probability exceeds {args.skip_confident:g}")
     print(
         f"\nissue 22 target, k = {args.specialists}: batch 1 <= 1.5x, batch 256 <= 1.3x, parameters stored <= "
         f"{1 + 0.3 * args.specialists:.1f}x, for the specialist kind {target!r} (--target-kind), run prepared "

@@ -136,6 +136,8 @@ class PipelineConfig:
     Ensemble: ``top_n`` (the paper's n), ``rules``, ``top_confident_n``, ``top_confident_gated``
     (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``, ``skip_threshold``
     (a specialist the top-n switch on runs only when the generalist's mass on its group reaches it; 0 = always),
+    ``skip_confident`` (no specialist runs for an image whose generalist top-1 probability exceeds it; 1 = always
+    run; ``frontier.choose_confident`` picks it on the validation images),
     ``calibrate_specialists`` (default true: ``top_confident`` and ``moe`` temper each specialist on the
     validation images and read it as evidence against its mean output there, so a specialist that knows
     nothing leaves the generalist's answer unchanged; false: the rules as first built, which a bad
@@ -280,6 +282,13 @@ class PipelineConfig:
         key_if_set=True,
         cli="run a specialist the top-n switch on only when the generalist's mass on its group is at least this "
         "(HD-CNN's conditional execution; 0 = never skip, the paper's rule)",
+    )
+    skip_confident: float = _setting(
+        1.0,
+        "ensembles",
+        key_if_set=True,
+        cli="run no specialist for an image whose generalist top-1 probability exceeds this (the generalist answers "
+        "alone where it is sure; 1 = never skip, the paper's rule)",
     )
     calibrate_specialists: bool = _setting(True, "ensembles", key_if_set=True)
     compute_matched: bool = _setting(True, "compute_matched", in_key=False)
@@ -482,6 +491,10 @@ class PipelineConfig:
         for key in ("distill_soft_weight", "specialist_soft_weight", "skip_threshold"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key}={getattr(self, key)} is out of range; use a value in [0, 1]")
+        if not 0.0 < self.skip_confident <= 1.0:
+            raise ConfigError(
+                f"skip_confident={self.skip_confident} is out of range; use a value in (0, 1] (1 = never skip)"
+            )
         for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")

@@ -342,7 +342,7 @@ def cost_summary(
         flops = evaluation.ensemble_cost(
             evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps], run.activation("test")
         )
-    groups, top_n, skip = run.groups(), run.config.top_n, run.config.skip_threshold
+    groups, top_n, skip, sure = run.groups(), run.config.top_n, run.config.skip_threshold, run.config.skip_confident
     dev = next(gen.parameters()).device
     xb = dataset.to_float(ds.x_test[:memory_batch]).to(dev)
     lat = {(r["model"], int(r["batch_size"])): r["seconds_per_image"] * 1e3 for r in (latency_records or [])}
@@ -359,7 +359,7 @@ def cost_summary(
         return evaluation.peak_activation_bytes(fn, device=dev) / 1e6
 
     def activate(p: np.ndarray) -> np.ndarray:
-        return ensemble.activation(p, groups, top_n=top_n, threshold=skip)
+        return ensemble.activation(p, groups, top_n=top_n, threshold=skip, confident=sure)
 
     ens_mb = evaluation.weight_bytes([gen, *sps]) / 1e6
     rows = [

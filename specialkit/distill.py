@@ -38,6 +38,7 @@ def ensemble_teacher(
     top_n: int = 1,
     temperature: float = 4.0,
     skip_threshold: float = 0.0,
+    skip_confident: float = 1.0,
 ) -> training.Teacher:
     """The ``kl`` ensemble as a per-batch teacher for :func:`training.fit` (``teacher=``).
 
@@ -54,6 +55,8 @@ def ensemble_teacher(
         temperature: T of the soft targets (the loop scales the soft term by T²).
         skip_threshold: a specialist runs only where the generalist's mass on its group reaches this
             (``ensemble.activation``'s ``threshold``; 0 = never skip).
+        skip_confident: no specialist runs where the generalist's top-1 probability exceeds this
+            (``ensemble.activation``'s ``confident``; 1 = never skip).
 
     Returns:
         ``teacher(x) -> (B, C)`` float32 tensor on x's device.
@@ -75,7 +78,7 @@ def ensemble_teacher(
             h = trunk(x)
             logits = generalist.forward_from(h, trunk.stages)
         p_gen = torch.softmax(logits.double(), dim=1).cpu().numpy()
-        active = ensemble.activation(p_gen, groups, top_n=top_n, threshold=skip_threshold)
+        active = ensemble.activation(p_gen, groups, top_n=top_n, threshold=skip_threshold, confident=skip_confident)
         outs = []
         for m, sp in enumerate(trained):
             probs = np.full((len(x), len(sp.classes) + 1), 1.0 / (len(sp.classes) + 1))
@@ -110,6 +113,7 @@ def teacher_of(run: Any) -> training.Teacher:
         top_n=c.top_n,
         temperature=c.distill_temperature,
         skip_threshold=c.skip_threshold,
+        skip_confident=c.skip_confident,
     )
 
 

@@ -459,12 +459,19 @@ def evidence_update(spec_probs: Probs, classes: Labels, p_gen: Probs, calibratio
 # activation
 
 
-def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1, threshold: float = 0.0) -> np.ndarray:
+def activation(
+    p_gen: Probs, groups: Groups, *, top_n: int = 1, threshold: float = 0.0, confident: float = 1.0
+) -> np.ndarray:
     """Which specialists to run: those whose classes meet the generalist's top-n classes.
 
     With ``threshold > 0`` a specialist switched on by the top-n classes is skipped unless the generalist's
     mass on its whole group, ``sum_{j in S_m} p_gen[i, j]``, is at least ``threshold`` (HD-CNN's conditional
-    execution): the generalist answers alone for an image it is sure of. ``threshold = 0`` is the paper's rule.
+    execution): a specialist is skipped where the generalist spreads its mass beyond the group.
+    ``threshold = 0`` is the paper's rule.
+
+    With ``confident < 1`` no specialist runs for an image whose generalist top-1 probability exceeds
+    ``confident``: the generalist answers alone for an image it is sure of (a cascade; :func:`specialkit.frontier.
+    choose_confident` picks the value on validation images). ``confident = 1`` skips nothing.
 
     Args:
         p_gen: (N, C) generalist probabilities.
@@ -472,10 +479,12 @@ def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1, threshold: float
         top_n: how many of the generalist's most probable classes to look at (paper: 1). Ties are
             broken towards the lower class index.
         threshold: the group mass a specialist needs to run, in [0, 1] (0: no skipping).
+        confident: the generalist's top-1 probability above which an image runs no specialist, in (0, 1]
+            (1: no skipping).
 
     Returns:
         (N, M) bool, ``active[i, m]`` when ``groups[m]`` contains one of image i's top-n classes (and its group
-        mass reaches ``threshold``).
+        mass reaches ``threshold``, and image i's top-1 probability is at most ``confident``).
     """
     p = _check_p_gen(p_gen)
     num_classes = p.shape[1]
@@ -485,6 +494,11 @@ def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1, threshold: float
         raise EnsembleError(
             f"threshold must be in [0, 1] (a group's probability mass; 0 skips nothing), got {threshold!r}"
         )
+    if not 0.0 < float(confident) <= 1.0:
+        raise EnsembleError(
+            f"confident must be in (0, 1] (the generalist's top-1 probability above which it answers alone; "
+            f"1 skips nothing), got {confident!r}"
+        )
     member = _membership(_check_groups(groups, num_classes), num_classes)
     if top_n == 1:
         active = member[np.argmax(p, axis=1)]
@@ -493,6 +507,8 @@ def activation(p_gen: Probs, groups: Groups, *, top_n: int = 1, threshold: float
         active = member[top].any(axis=1)
     if threshold > 0:
         active &= p @ member.astype(np.float64) >= threshold
+    if confident < 1:
+        active &= (p.max(axis=1) <= confident)[:, None]
     return active
 
 

@@ -18,7 +18,8 @@ __all__ = ["activation_of", "combine_for", "calibrations_of", "make_ensembles"]
 
 def activation_of(run: Any, split: str) -> np.ndarray:
     """(N, M) bool: which of ``run``'s specialists the generalist's top-n classes switch on (and, with
-    ``skip_threshold > 0``, whose group holds at least that much of the generalist's mass).
+    ``skip_threshold > 0``, whose group holds at least that much of the generalist's mass; with
+    ``skip_confident < 1``, none for an image whose top-1 probability exceeds it).
 
     Args:
         run: the run.
@@ -28,7 +29,13 @@ def activation_of(run: Any, split: str) -> np.ndarray:
         The activation mask.
     """
     c = run.config
-    return ensemble.activation(run.generalist().probs(split), run.groups(), top_n=c.top_n, threshold=c.skip_threshold)
+    return ensemble.activation(
+        run.generalist().probs(split),
+        run.groups(),
+        top_n=c.top_n,
+        threshold=c.skip_threshold,
+        confident=c.skip_confident,
+    )
 
 
 def combine_for(run: Any, rule: str, split: str) -> np.ndarray:

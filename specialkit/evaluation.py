@@ -624,6 +624,32 @@ def group_membership(groups: Sequence[Any], num_classes: int, device: torch.devi
     return member.to(device)
 
 
+def routed_activation(
+    p: torch.Tensor, member: torch.Tensor, *, top_n: int = 1, threshold: float = 0.0, confident: float = 1.0
+) -> torch.Tensor:
+    """(B, M) bool: :func:`specialkit.ensemble.activation` in torch, without its checks (for the timed paths).
+
+    Args:
+        p: (B, C) the distributions that route (the generalist's softmax).
+        member: (C, M) :func:`group_membership` of the specialists' groups.
+        top_n: the generalist's classes that switch specialists on.
+        threshold: the group mass a specialist needs to run (0: none skipped).
+        confident: the top-1 probability above which an image runs no specialist (1: none skipped).
+
+    Returns:
+        The activation mask, on ``member``'s device.
+    """
+    if top_n == 1:
+        active = member.index_select(0, p.argmax(dim=1)) > 0
+    else:
+        active = member[p.topk(top_n, dim=1).indices].amax(dim=1) > 0
+    if threshold > 0:
+        active &= p.to(member.dtype) @ member >= threshold
+    if confident < 1:
+        active &= (p.amax(dim=1) <= confident)[:, None]
+    return active
+
+
 def routed_forward(
     generalist: torch.nn.Module,
     specialists: Sequence[torch.nn.Module],
@@ -632,10 +658,11 @@ def routed_forward(
     *,
     top_n: int = 1,
     threshold: float = 0.0,
+    confident: float = 1.0,
     routing_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
     """:func:`ensemble_forward` with the routing in torch: the same networks and the same activation as
-    ``ensemble.activation(p, groups, top_n=top_n, threshold=threshold)``, without the round trip through numpy or
+    ``ensemble.activation(p, groups, top_n=top_n, threshold=threshold, confident=confident)``, without the round trip through numpy or
     the checks of every call, so a pass at batch 1 costs the networks and little else.
 
     The generalist (and a shared trunk, once) runs on the batch; ``p_gen`` switches on the specialists whose group
@@ -649,6 +676,7 @@ def routed_forward(
         member: (C, M) :func:`group_membership` of the specialists' groups, on the models' device.
         top_n: the generalist's classes that switch specialists on.
         threshold: the group mass a specialist needs to run (0: none skipped).
+        confident: the generalist's top-1 probability above which an image runs no specialist (1: none skipped).
         routing_probs: (B, C) distributions the routing sees instead of the generalist's softmax.
 
     Returns:
@@ -663,13 +691,9 @@ def routed_forward(
         h = trunk(xb)
         p_gen = torch.softmax(generalist.forward_from(h, trunk.stages).float(), dim=1)
         own = [s.forward_shared for s in specialists]
-    p = p_gen if routing_probs is None else routing_probs
-    if top_n == 1:
-        active = member.index_select(0, p.argmax(dim=1)) > 0
-    else:
-        active = member[p.topk(top_n, dim=1).indices].amax(dim=1) > 0
-    if threshold > 0:
-        active &= p.to(member.dtype) @ member >= threshold
+    active = routed_activation(
+        p_gen if routing_probs is None else routing_probs, member, top_n=top_n, threshold=threshold, confident=confident
+    )
     outs: list[torch.Tensor | None] = [None] * len(specialists)
     if len(xb) == 1:
         for m in active[0].nonzero().flatten().tolist():

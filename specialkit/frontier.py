@@ -18,7 +18,7 @@ run from its ``metrics.json`` alone (no training, no timing), for the report and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,10 @@ __all__ = [
     "THRESHOLDS",
     "threshold_curve",
     "run_threshold_curve",
+    "CONFIDENTS",
+    "confidence_curve",
+    "run_confidence_curve",
+    "choose_confident",
 ]
 
 FILE = "frontier.json"
@@ -54,6 +58,9 @@ exact p and ``stats.verdict``."""
 
 THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 """Default skip thresholds of :func:`threshold_curve` (0 = the paper's rule: every switched-on specialist runs)."""
+CONFIDENTS = (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+"""Default confidence skips of :func:`confidence_curve` and :func:`choose_confident` (1 = the paper's rule: every
+image is routed)."""
 
 
 FrontierError = cost.FrontierError
@@ -262,6 +269,41 @@ def points_of(folder: str | Path, metrics: Mapping[str, Any]) -> tuple[pd.DataFr
     ), "this run's own models (bench/frontier.py adds generalists of other widths and cheaper specialists)"
 
 
+def _skip_curve(
+    p_gen: np.ndarray,
+    outputs: list[ensemble.SpecialistOutputs],
+    y: np.ndarray,
+    column: str,
+    values: list[float],
+    activate: Callable[[float], np.ndarray],
+    *,
+    resamples: int,
+    seed: int,
+) -> pd.DataFrame:
+    """The ``kl`` ensemble's accuracy and routed fraction per skip setting, each against ``values[0]`` (no skip)."""
+    y = np.asarray(y)
+    rows, correct = [], {}
+    for v in values:
+        active = activate(v)
+        correct[v] = ensemble.combine_kl(p_gen, outputs, active).argmax(1) == y
+        rows.append({column: v, **ensemble.fraction_routed(active), "accuracy": float(correct[v].mean())})
+    ref = values[0]
+    boot = stats.paired_bootstrap({str(v): c for v, c in correct.items()}, resamples=resamples, seed=seed)
+    for r in rows:
+        v = r[column]
+        r["lo"], r["hi"] = boot.top1_ci(str(v))
+        ci = boot.gain_ci(str(v), str(ref))
+        p = stats.mcnemar(correct[ref], correct[v]).p_value
+        r.update(
+            delta=r["accuracy"] - rows[0]["accuracy"],
+            delta_lo=ci[0],
+            delta_hi=ci[1],
+            p_value=p,
+            verdict=stats.verdict(ci, p) if v != ref else None,
+        )
+    return pd.DataFrame(rows)
+
+
 def threshold_curve(
     p_gen: np.ndarray,
     outputs: list[ensemble.SpecialistOutputs],
@@ -289,28 +331,100 @@ def threshold_curve(
         Columns ``threshold``, ``fraction_routed``, ``specialists_per_image``, ``accuracy``, ``lo``, ``hi``,
         ``delta``, ``delta_lo``, ``delta_hi``, ``p_value``, ``verdict`` (against ``t = 0``), sorted by threshold.
     """
-    ts = sorted({0.0, *map(float, thresholds)})
     groups = [o.classes for o in outputs]
-    y = np.asarray(y)
-    rows, correct = [], {}
-    for t in ts:
-        active = ensemble.activation(p_gen, groups, top_n=top_n, threshold=t)
-        correct[t] = ensemble.combine_kl(p_gen, outputs, active).argmax(1) == y
-        rows.append({"threshold": t, **ensemble.fraction_routed(active), "accuracy": float(correct[t].mean())})
-    boot = stats.paired_bootstrap({str(t): c for t, c in correct.items()}, resamples=resamples, seed=seed)
-    for r in rows:
-        t = r["threshold"]
-        r["lo"], r["hi"] = boot.top1_ci(str(t))
-        ci = boot.gain_ci(str(t), "0.0")
-        p = stats.mcnemar(correct[0.0], correct[t]).p_value
-        r.update(
-            delta=r["accuracy"] - rows[0]["accuracy"],
-            delta_lo=ci[0],
-            delta_hi=ci[1],
-            p_value=p,
-            verdict=stats.verdict(ci, p) if t > 0 else None,
+    return _skip_curve(
+        p_gen,
+        outputs,
+        y,
+        "threshold",
+        sorted({0.0, *map(float, thresholds)}),
+        lambda t: ensemble.activation(p_gen, groups, top_n=top_n, threshold=t),
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def confidence_curve(
+    p_gen: np.ndarray,
+    outputs: list[ensemble.SpecialistOutputs],
+    y: np.ndarray,
+    confidents: tuple[float, ...] = CONFIDENTS,
+    *,
+    top_n: int = 1,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Accuracy of the ``kl`` ensemble against the fraction of images routed to a specialist, one row per
+    confidence skip (``ensemble.activation``'s ``confident``: the generalist answers alone for an image whose top-1
+    probability exceeds it), each against ``confident = 1`` (every image routed, the paper's rule) with a
+    paired-bootstrap interval and McNemar's exact test.
+
+    Args:
+        p_gen: (N, C) generalist probabilities.
+        outputs: one :class:`specialkit.ensemble.SpecialistOutputs` per specialist, every row filled.
+        y: (N,) true labels.
+        confidents: the values, each in (0, 1]; 1 is added when missing (the reference).
+        top_n: the generalist's top-n classes that switch specialists on.
+        resamples: bootstrap resamples.
+        seed: bootstrap seed.
+
+    Returns:
+        Columns ``confident``, ``fraction_routed``, ``specialists_per_image``, ``accuracy``, ``lo``, ``hi``,
+        ``delta``, ``delta_lo``, ``delta_hi``, ``p_value``, ``verdict`` (against ``confident = 1``), from 1 down.
+    """
+    groups = [o.classes for o in outputs]
+    return _skip_curve(
+        p_gen,
+        outputs,
+        y,
+        "confident",
+        sorted({1.0, *map(float, confidents)}, reverse=True),
+        lambda c: ensemble.activation(p_gen, groups, top_n=top_n, confident=c),
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def choose_confident(
+    p_gen: np.ndarray,
+    outputs: list[ensemble.SpecialistOutputs],
+    confidents: tuple[float, ...] = CONFIDENTS,
+    *,
+    top_n: int = 1,
+    max_changed: float = 0.001,
+) -> float:
+    """The lowest confidence skip whose ``kl`` predictions differ from routing every image on at most
+    ``max_changed`` of the images given (the validation images: the test images choose nothing).
+
+    No labels are read: the rule asks how often skipping changes the ensemble's answer, not whether the change
+    helps, so it cannot be tuned towards a hoped-for accuracy. Lower values route fewer images (cheaper).
+
+    Args:
+        p_gen: (N, C) generalist probabilities on the choosing images.
+        outputs: the specialists' outputs on the same images, every row filled.
+        confidents: the candidates, each in (0, 1].
+        top_n: the generalist's top-n classes that switch specialists on.
+        max_changed: the largest share of changed predictions allowed, in [0, 1) (default 0.1%).
+
+    Returns:
+        The chosen value (1.0 when no candidate below 1 keeps the answers).
+    """
+    if not 0.0 <= max_changed < 1.0:
+        raise FrontierError(f"max_changed must be in [0, 1) (a share of images), got {max_changed!r}")
+    groups = [o.classes for o in outputs]
+
+    def answers(c: float) -> np.ndarray:
+        return ensemble.combine_kl(p_gen, outputs, ensemble.activation(p_gen, groups, top_n=top_n, confident=c)).argmax(
+            1
         )
-    return pd.DataFrame(rows)
+
+    full = answers(1.0)
+    chosen = 1.0
+    for c in sorted({float(v) for v in confidents if v < 1}, reverse=True):
+        if float(np.mean(answers(c) != full)) > max_changed:
+            break
+        chosen = c
+    return chosen
 
 
 def run_threshold_curve(run: RunView, thresholds: tuple[float, ...] = THRESHOLDS) -> pd.DataFrame:
@@ -336,3 +450,37 @@ def run_threshold_curve(run: RunView, thresholds: tuple[float, ...] = THRESHOLDS
         resamples=c.bootstrap_resamples,
         seed=c.seed,
     )
+
+
+def run_confidence_curve(run: RunView, confidents: tuple[float, ...] = CONFIDENTS) -> pd.DataFrame:
+    """:func:`confidence_curve` of a finished run on its test images (its saved outputs; nothing trains or runs),
+    with the value :func:`choose_confident` picks on its validation images in column ``chosen`` (bool).
+
+    Args:
+        run: a run whose specialists are finished.
+        confidents: the confidence skips.
+
+    Returns:
+        The curve.
+    """
+    run = view_of(run)
+    y = run.dataset().y_test.numpy()
+    c = run.config
+
+    def outs(split: str) -> list[ensemble.SpecialistOutputs]:
+        return [
+            ensemble.SpecialistOutputs(classes=g, probs=p) for g, p in zip(run.groups(), run.specialist_probs(split))
+        ]
+
+    chosen = choose_confident(run.generalist().probs("val"), outs("val"), confidents, top_n=c.top_n)
+    curve = confidence_curve(
+        run.generalist().probs("test"),
+        outs("test"),
+        y,
+        (*confidents, chosen),
+        top_n=c.top_n,
+        resamples=c.bootstrap_resamples,
+        seed=c.seed,
+    )
+    curve["chosen"] = curve["confident"] == chosen
+    return curve

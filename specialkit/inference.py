@@ -26,6 +26,7 @@ from torch import nn
 
 from . import models
 from .errors import SpecialkitError
+from .evaluation import group_membership, routed_activation, shared_trunk_of
 
 __all__ = ["InferenceError", "FastSpecialist", "RoutedEnsemble"]
 
@@ -142,6 +143,8 @@ class RoutedEnsemble:
         dustbin_shifts: per specialist, the number added to its dustbin logit (default 0).
         top_n: the generalist's classes that switch specialists on.
         threshold: the group mass a specialist needs to run (0: none skipped).
+        confident: the generalist's top-1 probability above which an image runs no specialist (1: none skipped;
+            ``ensemble.activation``'s ``confident``).
     """
 
     def __init__(
@@ -153,9 +156,8 @@ class RoutedEnsemble:
         dustbin_shifts: Sequence[float] | None = None,
         top_n: int = 1,
         threshold: float = 0.0,
+        confident: float = 1.0,
     ) -> None:
-        from .evaluation import group_membership, shared_trunk_of
-
         trunk = shared_trunk_of(specialists) if specialists else None
         if trunk is None:
             raise InferenceError(
@@ -184,7 +186,9 @@ class RoutedEnsemble:
         dropout = generalist.dropout
         self._dropout = None if isinstance(dropout, nn.Identity) or getattr(dropout, "p", 1.0) == 0 else dropout
         self.member = group_membership(groups, generalist.num_outputs, next(generalist.parameters()).device)
-        self.top_n, self.threshold = top_n, threshold
+        if not 0.0 < float(confident) <= 1.0:
+            raise InferenceError(f"confident must be in (0, 1] (1 skips nothing), got {confident!r}")
+        self.top_n, self.threshold, self.confident = top_n, threshold, float(confident)
 
     def _generalist_later(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The generalist's logits from the trunk's output, and its first later layer's output when reused."""
@@ -213,13 +217,13 @@ class RoutedEnsemble:
         h = self.trunk(xb)
         logits, first_out = self._generalist_later(h)
         p_gen = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=1)
-        p = p_gen if routing_probs is None else routing_probs
-        if self.top_n == 1:
-            active = self.member.index_select(0, p.argmax(dim=1)) > 0
-        else:
-            active = self.member[p.topk(self.top_n, dim=1).indices].amax(dim=1) > 0
-        if self.threshold > 0:
-            active &= p.to(self.member.dtype) @ self.member >= self.threshold
+        active = routed_activation(
+            p_gen if routing_probs is None else routing_probs,
+            self.member,
+            top_n=self.top_n,
+            threshold=self.threshold,
+            confident=self.confident,
+        )
         outs: list[torch.Tensor | None] = [None] * len(self.specialists)
         if len(xb) == 1:
             for m in active[0].nonzero().flatten().tolist():

@@ -125,6 +125,7 @@ _KEYS_BY_HAND = {
         "top_confident_gated",
         "moe_threshold",
         "skip_threshold",
+        "skip_confident",
         "calibrate_specialists",
     ),
     "distill": (
@@ -289,6 +290,7 @@ def test_cli_flags_are_the_settings_with_a_cli_help():
         "specialist_init",
         "top_n",
         "skip_threshold",
+        "skip_confident",
         "student_epochs",
         "device",
         "seed",
@@ -356,7 +358,7 @@ def test_the_old_temperature_key_is_refused_naming_its_new_name(tmp_path, capsys
 def test_the_usage_settings_table_is_the_one_the_metadata_makes():
     readme = (Path(__file__).resolve().parents[1] / "docs" / "USAGE.md").read_text()
     block = readme.split("<!-- settings:start -->\n")[1].split("\n<!-- settings:end -->")[0]
-    assert block == config_mod.settings_markdown(), "regenerate it: python tools/update_readme.py --settings"
+    assert block == config_mod.settings_markdown(), "regenerate it: python tools/update_readme.py"
     assert (
         "`specialist_temperature` (`--specialist-temperature`)" in block
         and "`clusters_file` (`--clusters-file`)*" in block
