@@ -189,6 +189,10 @@ class RoutedEnsemble:
         if not 0.0 < float(confident) <= 1.0:
             raise InferenceError(f"confident must be in (0, 1] (1 skips nothing), got {confident!r}")
         self.top_n, self.threshold, self.confident = top_n, threshold, float(confident)
+        # batch 1 with the paper's top-1 routing: the specialists each class switches on, looked up, not computed
+        self._rows = self.member > 0
+        self._of_class = [row.nonzero().flatten().tolist() for row in self._rows]
+        self._no_row = torch.zeros(1, len(self.specialists), dtype=torch.bool, device=self.member.device)
 
     def _generalist_later(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The generalist's logits from the trunk's output, and its first later layer's output when reused."""
@@ -217,6 +221,8 @@ class RoutedEnsemble:
         h = self.trunk(xb)
         logits, first_out = self._generalist_later(h)
         p_gen = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=1)
+        if len(xb) == 1 and self.top_n == 1 and self.threshold == 0:
+            return self._route_one(h, first_out, p_gen, p_gen if routing_probs is None else routing_probs)
         active = routed_activation(
             p_gen if routing_probs is None else routing_probs,
             self.member,
@@ -237,3 +243,17 @@ class RoutedEnsemble:
             out = torch.full((len(xb), got.shape[1]), float("nan"), device=got.device)
             outs[m] = out.index_copy_(0, rows, got)
         return p_gen, outs, active
+
+    def _route_one(
+        self, h: torch.Tensor, first_out: torch.Tensor | None, p_gen: torch.Tensor, p: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+        """One image, top-1 routing, no group-mass threshold: what :func:`~specialkit.evaluation.routed_activation`
+        gives, from one ``max`` and a table (at batch 1 every tensor operation costs as much as a small layer)."""
+        outs: list[torch.Tensor | None] = [None] * len(self.specialists)
+        top, cls = p[0].max(dim=0)
+        if self.confident < 1 and float(top) > self.confident:
+            return p_gen, outs, self._no_row.clone()
+        c = int(cls)
+        for m in self._of_class[c]:
+            outs[m] = self.specialists[m].forward(h, first_out)  # no hooks: skip Module.__call__
+        return p_gen, outs, self._rows[c : c + 1].clone()
