@@ -414,9 +414,8 @@ def choose_confident(
     groups = [o.classes for o in outputs]
 
     def answers(c: float) -> np.ndarray:
-        return ensemble.combine_kl(p_gen, outputs, ensemble.activation(p_gen, groups, top_n=top_n, confident=c)).argmax(
-            1
-        )
+        active = ensemble.activation(p_gen, groups, top_n=top_n, confident=c)
+        return ensemble.combine_kl(p_gen, outputs, active).argmax(1)
 
     full = answers(1.0)
     chosen = 1.0
