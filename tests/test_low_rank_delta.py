@@ -70,7 +70,8 @@ def test_its_head_collapses_and_the_generalists_layers_stay_shared(nets):
     bases = [m.base for m in delta.modules() if isinstance(m, models.LowRankDelta)]
     assert [m.base for m in small.modules() if isinstance(m, models.LowRankDelta)] == bases
     with torch.no_grad():
-        assert torch.equal(small(x)[:, :-1], delta(x)[:, :-1])
+        # a (N, S+1) head against the (N, C) one it was cut from: equal up to the kernel's summation order
+        torch.testing.assert_close(small(x)[:, :-1], delta(x)[:, :-1], rtol=1e-6, atol=1e-5)
 
 
 def test_the_specialist_config_takes_a_delta_rank_only_with_a_shared_trunk():

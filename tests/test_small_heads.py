@@ -30,8 +30,10 @@ def test_the_special_logits_are_exactly_the_full_heads(trained):
     with torch.no_grad():
         full, got = spec(x_test), small(x_test)
     assert got.shape == (100, len(CLASSES) + 1)
-    assert torch.equal(got[:, :-1], full[:, :-1])
-    assert torch.equal(got[:, :-1].argmax(1), full[:, :-1].argmax(1))  # the within-group argmax, exactly
+    # the same rows of the same weights: equal up to the matmul kernel's summation order (a (N, S+1) product may
+    # round differently from a (N, C) one at another thread count or CPU), so the within-group argmax is the same
+    torch.testing.assert_close(got[:, :-1], full[:, :-1], rtol=1e-6, atol=1e-5)
+    assert torch.equal(got[:, :-1].argmax(1), full[:, :-1].argmax(1))
 
 
 def test_the_fitted_dustbin_row_tracks_the_full_dustbin_probability_better_than_the_mean_row(trained):
@@ -67,7 +69,7 @@ def test_a_shared_trunk_specialist_keeps_sharing_the_generalists_trunk(trained):
     assert small.shared_trunk is shared.shared_trunk
     assert models.count_parameters(small) < models.count_parameters(shared)
     with torch.no_grad():
-        assert torch.equal(small(x_test)[:, :-1], shared(x_test)[:, :-1])
+        torch.testing.assert_close(small(x_test)[:, :-1], shared(x_test)[:, :-1], rtol=1e-6, atol=1e-5)
 
 
 def test_the_trained_dustbin_row_keeps_the_special_rows_and_matches_the_full_probabilities_better(trained):
@@ -90,7 +92,9 @@ def test_the_trained_dustbin_row_keeps_the_special_rows_and_matches_the_full_pro
             k: (torch.softmax(m(test_feats), 1)[:, -1] - full(test_feats)[:, -1]).abs().mean().item()
             for k, m in rows.items()
         }
-        assert torch.equal(rows["trained"](test_feats)[:, :-1], spec.head(test_feats)[:, :-1])
+        torch.testing.assert_close(
+            rows["trained"](test_feats)[:, :-1], spec.head(test_feats)[:, :-1], rtol=1e-6, atol=1e-5
+        )
     assert ce["trained"] < ce["lstsq"] - 1e-3
     assert gap["trained"] < gap["lstsq"]
     small = specialists.collapse_head(spec, torch.rand(200, 1, 16, 16), fit="trained")  # the same through the model
