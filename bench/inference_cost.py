@@ -16,15 +16,20 @@ as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: 
   ``moe`` = option (b) with HD-CNN style skipping);
 * for the shared kinds, conditional execution three ways: ``eager`` (``evaluation.ensemble_forward``), ``fused``
   (``evaluation.routed_forward``: routing in torch, deltas merged) and ``prepared`` (``inference.RoutedEnsemble``:
-  a delta specialist reuses the generalist's first later layer, dustbin heads in two operations); with ``--compile``
-  also the target kind's prepared routing at batch 1 with every network ``torch.compile``-d, against the compiled
-  generalist (``compiled``).
+  batch norm folded into the convolutions, layers called directly, a delta specialist reuses the generalist's first
+  later layer, dustbin heads in two operations) and ``grouped`` (the same, the specialists of one image in one
+  grouped call: ``inference.FusedSpecialists``); the prepared paths also over the generalist prepared the same way
+  (``inference.PreparedClassifier``; the ``_fair`` lines), since folding and direct calls speed the generalist up
+  too; with ``--compile`` also the target kind's prepared routing at batch 1 with every network
+  ``torch.compile``-d, against the compiled generalist (``compiled``).
 
 It ends with ratio lines, conditional execution over the generalist's latency, in the same process and threads,
-best of ``--repeats`` repeats: ``ratio_b{1,256}_{kind}_{eager,fused,prepared}``, ``ratio_b{1,256}_full`` and
+best of ``--repeats`` repeats: ``ratio_b{1,256}_{kind}_{eager,fused,prepared,grouped}`` (and
+``_prepared_fair``, ``_grouped_fair``), ``ratio_b{1,256}_full`` and
 ``_scratch`` (networks and routing; the ``_kl`` lines add the ``kl`` combination) and ``params_ratio_{kind}``
 (stored parameters over the generalist's); then issue 22's three target lines for ``--target-kind`` (default
-``delta``): ``ratio_b1_shared``, ``ratio_b256_shared`` (that kind, prepared) and ``params_ratio_small``.
+``delta``): ``ratio_b1_shared``, ``ratio_b256_shared`` (that kind, prepared, over the prepared generalist: the
+``_prepared_fair`` lines) and ``params_ratio_small``.
 
 The networks are untrained, so the routing uses a random generalist-like distribution instead of
 the generalist's own output (``softmax(3 * randn)`` per image; top-1 activation for ``kl`` and
@@ -56,7 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specialkit import ensemble, evaluation, inference, models, specialists  # noqa: E402
+from specialkit import ensemble, evaluation, inference, models, specialists, stats  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,14 +175,18 @@ def fused_ratios(
     x: torch.Tensor,
     p_route: np.ndarray,
     groups: list[np.ndarray],
-) -> dict[int, tuple[float, float, float]]:
-    """Batch size -> (eager, fused, prepared) conditional latency over the generalist's, all four timed interleaved
-    (``evaluation.measure_latencies``, best of 3 x ``--repeats`` rounds).
+) -> dict[int, dict[str, stats.LatencyRatio]]:
+    """Batch size -> conditional latency of each path over the generalist's, every path and both generalists timed
+    interleaved over 3 x ``--repeats`` rounds (``evaluation.measure_latency_rounds``): the median of the per-round ratios
+    with a bootstrap 95% interval over rounds (``stats.latency_ratio``).
 
     Eager is ``evaluation.ensemble_forward`` with ``ensemble.activation`` (what the tables time); fused is
     ``evaluation.routed_forward`` (the routing in torch, no numpy round trip; low-rank deltas merged into dense
-    layers); prepared is ``inference.RoutedEnsemble`` (deltas reuse the generalist's first later layer, dustbin heads
-    in two operations); all networks only, top-1 routing.
+    layers); prepared is ``inference.RoutedEnsemble`` (batch norm folded, layers called directly, deltas reuse the
+    generalist's first later layer, dustbin heads in two operations) and grouped the same with ``fuse=True`` (the
+    specialists of one image in one grouped call). Each is over the generalist as trained (``{path}``) and, for the
+    prepared paths, over the generalist prepared the same way (``inference.PreparedClassifier``:
+    ``{path}_fair``), so a speed-up any network gets is not counted as the ensemble's. Networks only, top-1 routing.
     """
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     member = evaluation.group_membership(groups, args.classes, xf.device)
@@ -185,6 +194,8 @@ def fused_ratios(
     merged = [models.merge_deltas(s) for s in specs]
     sure = args.skip_confident
     prepared = inference.RoutedEnsemble(generalist, specs, groups, confident=sure)
+    grouped = inference.RoutedEnsemble(generalist, specs, groups, confident=sure, fuse=True)
+    generalist_prepared = inference.PreparedClassifier(generalist)
 
     def eager(b: tuple[torch.Tensor, torch.Tensor]) -> None:
         evaluation.ensemble_forward(
@@ -198,15 +209,25 @@ def fused_ratios(
     def fused(b: tuple[torch.Tensor, torch.Tensor]) -> None:
         evaluation.routed_forward(generalist, merged, b[0], member, confident=sure, routing_probs=b[1])
 
-    def prepared_call(b: tuple[torch.Tensor, torch.Tensor]) -> None:
-        prepared(b[0], routing_probs=b[1])
-
     out = {}
-    fns = {"generalist": lambda b: generalist(b[0]), "eager": eager, "fused": fused, "prepared": prepared_call}
+    fns = {
+        "generalist": lambda b: generalist(b[0]),
+        "generalist_prepared": lambda b: generalist_prepared(b[0]),
+        "eager": eager,
+        "fused": fused,
+        "prepared": lambda b: prepared(b[0], routing_probs=b[1]),
+        "grouped": lambda b: grouped(b[0], routing_probs=b[1]),
+    }
     for bs in args.batch_sizes:
         n = args.images_small if bs == 1 else args.images_large
-        t = evaluation.measure_latencies(fns, _Batches(xf[:n], p_t[:n]), batch_size=bs, rounds=3 * args.repeats)
-        out[bs] = tuple(t[name] / t["generalist"] for name in ("eager", "fused", "prepared"))
+        t = evaluation.measure_latency_rounds(fns, _Batches(xf[:n], p_t[:n]), batch_size=bs, rounds=3 * args.repeats)
+        out[bs] = {
+            name: stats.latency_ratio(t[name], t["generalist"]) for name in ("eager", "fused", "prepared", "grouped")
+        }
+        out[bs].update(
+            {f"{name}_fair": stats.latency_ratio(t[name], t["generalist_prepared"]) for name in ("prepared", "grouped")}
+        )
+        out[bs]["generalist_prepared"] = stats.latency_ratio(t["generalist_prepared"], t["generalist"])
     return out
 
 
@@ -362,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     ratios: dict[str, float] = {}
+    intervals: dict[str, stats.LatencyRatio] = {}
     sets = (
         ("full", "same size as the generalist (initialised from it)", same),
         ("dense", f"sharing the generalist's first {s_shared} of {args.depth} stages (initialised from it)", shared),
@@ -403,12 +425,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         if key in ("dense", "smallhead", "delta"):
             fused = fused_ratios(args, generalist, specs, x.to(device), p_route, groups)
-            for bs, (r_eager, r_fused, r_prepared) in fused.items():
-                ratios[f"ratio_b{bs}_{key}_eager"], ratios[f"ratio_b{bs}_{key}_fused"] = r_eager, r_fused
-                ratios[f"ratio_b{bs}_{key}_prepared"] = r_prepared
+            for bs, r in fused.items():
+                for path, value in r.items():
+                    if path != "generalist_prepared":
+                        ratios[f"ratio_b{bs}_{key}_{path}"] = value.ratio
+                        intervals[f"ratio_b{bs}_{key}_{path}"] = value
                 print(
-                    f"networks, conditional, batch {bs}: eager {r_eager:.3f}x | fused routing {r_fused:.3f}x | "
-                    f"prepared (inference.RoutedEnsemble) {r_prepared:.3f}x"
+                    f"networks, conditional, batch {bs}, over the generalist as trained: eager {r['eager']} | "
+                    f"fused routing {r['fused']} | prepared (inference.RoutedEnsemble) {r['prepared']} | "
+                    f"prepared, grouped calls {r['grouped']}; over the generalist prepared the same way "
+                    f"(inference.PreparedClassifier, {r['generalist_prepared']} the generalist as trained): "
+                    f"prepared {r['prepared_fair']} | grouped {r['grouped_fair']}  (median of per-round ratios, "
+                    "95% interval over rounds)"
                 )
             if args.compile and key == args.target_kind:
                 r_compiled, seconds = compiled_ratio(args, generalist, specs, x.to(device), p_route, groups)
@@ -437,14 +465,15 @@ def main(argv: list[str] | None = None) -> None:
         print()
     target = args.target_kind
     for bs in (1, 256):
-        if f"ratio_b{bs}_{target}_prepared" in ratios:
-            ratios[f"ratio_b{bs}_shared"] = ratios[f"ratio_b{bs}_{target}_prepared"]
+        if f"ratio_b{bs}_{target}_prepared_fair" in ratios:
+            ratios[f"ratio_b{bs}_shared"] = ratios[f"ratio_b{bs}_{target}_prepared_fair"]
+            intervals[f"ratio_b{bs}_shared"] = intervals[f"ratio_b{bs}_{target}_prepared_fair"]
     ratios["params_ratio_small"] = ratios[f"params_ratio_{target}"]
     names = [
         f"ratio_b{bs}_{kind}_{how}"
         for kind in ("dense", "smallhead", "delta")
         for bs in args.batch_sizes
-        for how in ("eager", "fused", "prepared", "compiled")
+        for how in ("eager", "fused", "prepared", "grouped", "prepared_fair", "grouped_fair", "compiled")
     ]
     names += [
         f"ratio_b{bs}_{kind}{suffix}" for kind in ("full", "scratch") for suffix in ("", "_kl") for bs in (1, 256)
@@ -459,14 +488,20 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nissue 22 target, k = {args.specialists}: batch 1 <= 1.5x, batch 256 <= 1.3x, parameters stored <= "
         f"{1 + 0.3 * args.specialists:.1f}x, for the specialist kind {target!r} (--target-kind), run prepared "
-        "(inference.RoutedEnsemble); its accuracy against whole specialists is bench/frontier.py's"
+        "(inference.RoutedEnsemble) over the generalist prepared the same way (inference.PreparedClassifier); its "
+        "accuracy against whole specialists is bench/cheap_seeds.py's"
     )
     for name, limit in (
         ("ratio_b1_shared", 1.5),
         ("ratio_b256_shared", 1.3),
         ("params_ratio_small", 1 + 0.3 * args.specialists),
     ):
-        if name in ratios:
+        if name in intervals:
+            r = intervals[name]
+            print(
+                f"{name}={r.ratio:.3f}  (95% interval [{r.lo:.3f}, {r.hi:.3f}] over {r.rounds} rounds: {r.against(limit)}: <= {limit:.1f})"
+            )
+        elif name in ratios:
             print(f"{name}={ratios[name]:.3f}  ({'met' if ratios[name] <= limit else 'NOT met'}: <= {limit:.1f})")
     print(f"total {time.perf_counter() - t_start:.1f} s")
 

@@ -55,6 +55,7 @@ __all__ = [
     "ensemble_cost",
     "measure_latency",
     "measure_latencies",
+    "measure_latency_rounds",
     "latency_table",
     "ensemble_forward",
     "group_membership",
@@ -454,6 +455,40 @@ def _sync(x: Any) -> None:
         torch.cuda.synchronize(x.device)
 
 
+def measure_latency_rounds(
+    fns: Mapping[str, Callable[[Any], Any]],
+    x: Any,
+    *,
+    batch_size: int,
+    rounds: int = 15,
+    warmup: int = 1,
+) -> dict[str, np.ndarray]:
+    """Seconds per image of each of several callables in every round, timed **interleaved**: every round times each
+    ``fn`` once, in turn, over all of ``x`` (:func:`measure_latency` with one repeat), so a change of load on a shared
+    machine reaches all of them alike. ``stats.latency_ratio`` turns two of them into a ratio with an interval.
+
+    Args:
+        fns: name -> callable taking a batch ``x[i:i+batch_size]``.
+        x: (N, ...) inputs (or anything sliceable with ``len``, ``is_cuda`` and ``device``, as for
+            :func:`measure_latency`).
+        batch_size: images per call.
+        rounds: timed rounds.
+        warmup: untimed rounds first.
+
+    Returns:
+        name -> (rounds,) seconds per image.
+    """
+    if rounds < 1:
+        raise EvaluationError(f"need rounds >= 1, got {rounds}")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            t = measure_latency(fn, x, batch_size=batch_size, repeats=1, warmup=0)
+            if r >= warmup:
+                times[name].append(t)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
 def measure_latencies(
     fns: Mapping[str, Callable[[Any], Any]],
     x: Any,
@@ -462,14 +497,11 @@ def measure_latencies(
     rounds: int = 15,
     warmup: int = 1,
 ) -> dict[str, float]:
-    """Smallest seconds per image of each of several callables, timed **interleaved**: every round times each ``fn``
-    once, in turn, over all of ``x`` (:func:`measure_latency` with one repeat), so a change of load on a shared
-    machine reaches all of them alike and their ratios stay fair.
+    """Smallest seconds per image of each of several callables, timed interleaved (:func:`measure_latency_rounds`).
 
     Args:
         fns: name -> callable taking a batch ``x[i:i+batch_size]``.
-        x: (N, ...) inputs (or anything sliceable with ``len``, ``is_cuda`` and ``device``, as for
-            :func:`measure_latency`).
+        x: (N, ...) inputs (as for :func:`measure_latency_rounds`).
         batch_size: images per call.
         rounds: timed rounds (the smallest time of each ``fn`` is kept).
         warmup: untimed rounds first.
@@ -477,15 +509,8 @@ def measure_latencies(
     Returns:
         name -> seconds per image.
     """
-    if rounds < 1:
-        raise EvaluationError(f"need rounds >= 1, got {rounds}")
-    best = {name: float("inf") for name in fns}
-    for r in range(warmup + rounds):
-        for name, fn in fns.items():
-            t = measure_latency(fn, x, batch_size=batch_size, repeats=1, warmup=0)
-            if r >= warmup:
-                best[name] = min(best[name], t)
-    return best
+    t = measure_latency_rounds(fns, x, batch_size=batch_size, rounds=rounds, warmup=warmup)
+    return {name: float(v.min()) for name, v in t.items()}
 
 
 def measure_latency(

@@ -3,11 +3,19 @@
 :func:`specialkit.evaluation.routed_forward` runs the networks as they were trained. :class:`RoutedEnsemble` first
 rewrites them into an equivalent form that does less work per call, then routes the same way:
 
+* **batch norm folded, layers called directly** (:func:`prepared_layers`): every eval-mode batch norm that follows a
+  convolution is folded into it, and the leaf layers are called one after another without ``nn.Sequential`` or
+  module hooks. This speeds any network up, so it is done to the generalist too; :class:`PreparedClassifier` is the
+  generalist alone prepared the same way, the fair baseline for the ensemble's cost;
 * **low-rank delta specialists reuse the generalist's work**: a specialist whose first own layer is the generalist's
   convolution plus a rank-r delta (:func:`specialkit.models.low_rank_delta`) sees the same input as the generalist's
-  layer, so its output is the generalist's (computed anyway) plus the delta's two thin convolutions
-  ``U(V(h))`` (a ``r``-channel k x k convolution, then a 1 x 1 one). Later layers are merged into dense ones
-  (:func:`specialkit.models.merge_deltas`);
+  layer, so its output is the generalist's (computed anyway; rescaled per channel by the two batch norms) plus the
+  delta's two thin convolutions ``U(V(h))`` (a ``r``-channel k x k convolution, then a 1 x 1 one). Later layers are
+  merged into dense ones (:func:`specialkit.models.merge_deltas`). Used from two rows up: for one image the merged
+  dense layer is one operation instead of three;
+* **the specialists of one image in one call** (:class:`FusedSpecialists`): for one image, the specialists its
+  generalist's top class switches on (two or three where groups overlap) run as one network whose first convolution
+  holds all of theirs side by side and whose later convolutions are grouped (``groups`` = their number);
 * **a dustbin head in two operations**: ``softmax([z_S, logsumexp(z_others) + c])`` equals the full softmax of the C
   logits (with ``c`` added to the other classes' biases) summed into the |S|+1 cells by a fixed 0/1 matrix, so the
   dustbin correction ``c`` is folded into the head's bias once.
@@ -18,21 +26,122 @@ dustbin correction applied, to float rounding (tested). Nothing here trains or c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import models
 from .errors import SpecialkitError
 from .evaluation import group_membership, routed_activation, shared_trunk_of
 
-__all__ = ["InferenceError", "FastSpecialist", "RoutedEnsemble"]
+__all__ = [
+    "InferenceError",
+    "prepared_layers",
+    "PreparedClassifier",
+    "FastSpecialist",
+    "FusedSpecialists",
+    "RoutedEnsemble",
+]
 
 
 class InferenceError(SpecialkitError, ValueError):
     """Models that cannot be prepared for routed inference (mixed or missing trunks, unsupported heads)."""
+
+
+def _leaves(layers: Iterable[nn.Module]) -> list[nn.Module]:
+    """The layers in order, nested ``nn.Sequential`` containers opened."""
+    out: list[nn.Module] = []
+    for layer in layers:
+        out += _leaves(layer) if isinstance(layer, nn.Sequential) else [layer]
+    return out
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """The per-channel factor of an eval-mode batch norm: ``weight / sqrt(running_var + eps)``."""
+    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    return scale if bn.weight is None else scale * bn.weight.detach()
+
+
+def _folds(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and isinstance(bn, nn.BatchNorm2d)
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new convolution computing ``bn(conv(x))`` with ``bn``'s running statistics (the originals unchanged)."""
+    out = copy.deepcopy(conv).eval()
+    with torch.no_grad():
+        w, b = fuse_conv_bn_weights(
+            conv.weight.detach(),
+            None if conv.bias is None else conv.bias.detach(),
+            bn.running_mean.detach(),
+            bn.running_var.detach(),
+            bn.eps,
+            None if bn.weight is None else bn.weight.detach(),
+            None if bn.bias is None else bn.bias.detach(),
+        )
+    out.weight, out.bias = nn.Parameter(w.detach(), requires_grad=False), nn.Parameter(b.detach(), requires_grad=False)
+    return out
+
+
+def prepared_layers(layers: Iterable[nn.Module]) -> list[nn.Module]:
+    """The leaf layers of ``layers`` in order (nested ``nn.Sequential`` opened), every batch norm that directly
+    follows a convolution folded into a new convolution with its running statistics.
+
+    What the list computes, layer after layer, equals what ``layers`` computes in eval mode, to float rounding, in
+    fewer operations. Layers that are not folded are the same objects; the given modules never change.
+
+    Args:
+        layers: modules applied in order (e.g. a model's ``body``).
+
+    Returns:
+        The prepared leaf layers.
+    """
+    out: list[nn.Module] = []
+    for layer in _leaves(layers):
+        if out and _folds(out[-1], layer):
+            out[-1] = _fold(out[-1], layer)
+        else:
+            out.append(layer)
+    return out
+
+
+def _run(steps: Sequence[Callable[[torch.Tensor], torch.Tensor]], h: torch.Tensor) -> torch.Tensor:
+    for step in steps:
+        h = step(h)
+    return h
+
+
+class PreparedClassifier:
+    """A classifier prepared for inference as :class:`RoutedEnsemble` prepares its generalist (:func:`prepared_layers`:
+    batch norm folded, leaf layers called directly): ``PreparedClassifier(model)(x)`` equals ``model.eval()(x)`` to
+    float rounding. Benchmarks time the ensemble against this, so a speed-up any network gets is not counted as the
+    ensemble's.
+
+    Args:
+        model: a :class:`~specialkit.models.Classifier` (unchanged).
+    """
+
+    def __init__(self, model: models.Classifier) -> None:
+        self.input_scale = model.input_scale.detach().clone()
+        self.input_shift = model.input_shift.detach().clone()
+        self.layers = prepared_layers(model.body)
+        self.head = model.head
+        self._steps = tuple(layer.forward for layer in self.layers)  # no module hooks per call
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float in [0, 1] -> (N, K) logits, without gradients."""
+        with torch.no_grad():
+            h = _run(self._steps, torch.addcmul(self.input_shift.to(x.dtype), x, self.input_scale.to(x.dtype)))
+            return self.head.forward(h)
 
 
 def _first_conv(stage: nn.Module) -> nn.Module | None:
@@ -72,60 +181,186 @@ class FastSpecialist(nn.Module):
 
     Args:
         specialist: a :class:`~specialkit.models.SharedTrunkClassifier` (dense or with low-rank deltas).
-        generalist_first: the generalist's first layer after the trunk (its output is reused when the specialist's
-            first layer is a low-rank delta on exactly this layer), or None.
+        generalist_block: the generalist's first stage block after the trunk (an ``nn.Sequential`` starting
+            ``Conv2d, BatchNorm2d``; its convolution's output is reused when the specialist's first layer is a
+            low-rank delta on exactly that convolution), or None.
         dustbin_shift: the number added to the dustbin logit (``TrainedSpecialist.dustbin_shift``).
 
     Attributes:
-        reuses: whether the first layer reuses the generalist's output (a delta on ``generalist_first``).
+        reuses: whether :meth:`forward` can take the generalist's (folded) first later convolution's output.
+        layers: the own layers, deltas merged and batch norm folded (:func:`prepared_layers`).
     """
 
     def __init__(
-        self, specialist: models.SharedTrunkClassifier, generalist_first: nn.Module | None, *, dustbin_shift: float
+        self, specialist: models.SharedTrunkClassifier, generalist_block: nn.Module | None, *, dustbin_shift: float
     ) -> None:
         super().__init__()
-        first = _first_conv(specialist.body[0]) if len(specialist.body) else None
-        self.reuses = (
-            isinstance(first, models.LowRankDelta)
-            and first.base_attached
-            and first.base is generalist_first
-            and isinstance(first.base, nn.Conv2d)
-        )
         merged = models.merge_deltas(specialist).eval()
-        body = list(merged.body)
-        if self.reuses:
-            base, rank = first.base, first.rank
-            self.down = nn.Conv2d(
-                base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
-            )
-            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=first.bias is not None)
-            with torch.no_grad():
-                self.down.weight.copy_(first.down.detach().view(rank, base.in_channels, *base.kernel_size))
-                self.up.weight.copy_(first.up.detach().view(base.out_channels, rank, 1, 1))
-                if first.bias is not None:
-                    self.up.bias.copy_(first.bias.detach() - (base.bias.detach() if base.bias is not None else 0))
-            self.down.to(base.weight.device)
-            self.up.to(base.weight.device)
-            self.after_first = nn.ModuleList(list(body[0])[1:])
-            body = body[1:]
-        self.body = nn.ModuleList(body)
+        self.layers = nn.ModuleList(prepared_layers(merged.body))
         self.head, collapse = _head_and_collapse(merged.head, dustbin_shift)
         self.register_buffer("collapse", collapse.float())
-        self._layers = tuple(self.body)  # walked once per call: a tuple, no container call
-        self._after_first = tuple(self.after_first) if self.reuses else ()
+        self._dense = tuple(layer.forward for layer in self.layers)  # walked once per call: no module hooks
+        self.reuses = self._prepare_reuse(specialist, generalist_block)
+        self._after_first = self._dense[1:]
         self.eval()
 
+    def _prepare_reuse(self, specialist: models.SharedTrunkClassifier, block: nn.Module | None) -> bool:
+        """Build ``down``, ``up`` and ``scale`` so that ``addcmul(up(down(h)), f, scale)`` equals the specialist's
+        folded first convolution, ``f`` being the generalist's folded one: with ``a`` the batch norms' factors and
+        ``B`` the folded biases, ``a_s (W + U V) h + B_s = (a_s / a_g) f + (a_s U)(V h) + B_s - (a_s / a_g) B_g``."""
+        own = specialist.body[0] if len(specialist.body) else None
+        first = _first_conv(own) if own is not None else None
+        gconv = _first_conv(block) if block is not None else None
+        if not (
+            isinstance(first, models.LowRankDelta)
+            and first.base_attached
+            and first.base is gconv
+            and isinstance(gconv, nn.Conv2d)
+            and len(own) > 1
+            and len(block) > 1
+            and _folds(gconv, block[1])
+            and isinstance(own[1], nn.BatchNorm2d)
+            and own[1].running_mean is not None
+            and isinstance(self.layers[0], nn.Conv2d)
+        ):
+            return False
+        a_g, a_s = _bn_scale(block[1]), _bn_scale(own[1])
+        if bool((a_g.abs() < 1e-12).any()):
+            return False  # a channel the generalist's batch norm zeroes cannot be recovered from its output
+        ratio = a_s / a_g
+        folded_g = _fold(gconv, block[1])
+        rank = first.rank
+        self.down = nn.Conv2d(
+            gconv.in_channels, rank, gconv.kernel_size, gconv.stride, gconv.padding, gconv.dilation, bias=False
+        )
+        self.up = nn.Conv2d(rank, gconv.out_channels, 1)
+        with torch.no_grad():
+            self.down.weight.copy_(first.down.detach().view(rank, gconv.in_channels, *gconv.kernel_size))
+            self.up.weight.copy_((a_s[:, None] * first.up.detach()).view(gconv.out_channels, rank, 1, 1))
+            self.up.bias.copy_(self.layers[0].bias.detach() - ratio * folded_g.bias.detach())
+        self.register_buffer("scale", ratio.view(1, -1, 1, 1).clone())
+        self.down.to(gconv.weight.device).eval()
+        self.up.to(gconv.weight.device).eval()
+        return True
+
     def forward(self, h: torch.Tensor, first_out: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, |S|+1) corrected probabilities from the trunk's output ``h`` (and, when :attr:`reuses`, the
-        generalist's first layer's output ``first_out`` on the same rows)."""
-        if self.reuses:
-            h = first_out + self.up(self.down(h))
-            for layer in self._after_first:
-                h = layer(h)
-        for layer in self._layers:
-            h = layer(h)
-        z = self.head(h)
-        return torch.softmax(z if z.dtype == torch.float32 else z.float(), dim=1) @ self.collapse
+        """(N, |S|+1) corrected probabilities from the trunk's output ``h`` (and, when :attr:`reuses` and given, the
+        generalist's folded first later convolution's output ``first_out`` on the same rows)."""
+        if first_out is not None and self.reuses:
+            h = _run(self._after_first, torch.addcmul(self.up.forward(self.down.forward(h)), first_out, self.scale))
+        else:
+            h = _run(self._dense, h)
+        return _probs(self.head.forward(h), self.collapse)
+
+
+def _probs(z: torch.Tensor, collapse: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(z if z.dtype == torch.float32 else z.float(), dim=1) @ collapse
+
+
+_CHANNELWISE = (
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Identity,
+)
+"""Layers that act on every channel alike, so one of them serves several specialists' channels side by side."""
+
+
+class FusedSpecialists(nn.Module):
+    """Several prepared specialists that see the same rows, run as one network (issue 22's fused specialists).
+
+    Their first convolutions (over the shared trunk's output) become one convolution with all their output channels
+    side by side; every later convolution becomes a grouped one (``groups`` = the number of specialists), each group
+    holding one specialist's weights; channel-wise layers (ReLU, pooling, flatten) serve all at once; the heads become
+    one block-diagonal linear layer (shorter heads padded with rows of logit -inf, which the softmax gives 0). The
+    outputs equal each specialist's own to float rounding; the call count is one network's instead of several.
+
+    Args:
+        specialists: two or more :class:`FastSpecialist` of the same architecture.
+
+    Raises:
+        InferenceError: a layer that cannot be fused (anything but convolutions without groups, each batch norm
+            folded into one, and the channel-wise layers), or specialists of different shapes.
+    """
+
+    def __init__(self, specialists: Sequence[FastSpecialist]) -> None:
+        super().__init__()
+        n = len(specialists)
+        if n < 2:
+            raise InferenceError(f"fusing needs two or more specialists, got {n}")
+        layers: list[nn.Module] = []
+        seen_conv = False
+        for same in zip(*(s.layers for s in specialists), strict=True):
+            layers.append(_fused_layer(same, grouped=seen_conv))
+            seen_conv = seen_conv or isinstance(same[0], nn.Conv2d)
+        self.layers = nn.ModuleList(layers)
+        heads = [s.head for s in specialists]
+        d, k = heads[0].in_features, max(h.out_features for h in heads)
+        if any(h.in_features != d for h in heads):
+            raise InferenceError("the specialists' heads read features of different lengths: same architecture?")
+        sizes = [int(s.collapse.shape[1]) for s in specialists]
+        ref = heads[0].weight
+        weight = torch.zeros(n * k, n * d, dtype=ref.dtype, device=ref.device)
+        bias = torch.full((n * k,), float("-inf"), dtype=ref.dtype, device=ref.device)
+        collapse = torch.zeros(n * k, sum(sizes), device=ref.device)
+        col = 0
+        for m, (head, s) in enumerate(zip(heads, specialists)):
+            rows = slice(m * k, m * k + head.out_features)
+            weight[rows, m * d : (m + 1) * d] = head.weight.detach()
+            bias[rows] = head.bias.detach()
+            collapse[rows, col : col + sizes[m]] = s.collapse
+            col += sizes[m]
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.register_buffer("collapse", collapse)
+        self.count, self.rows_per_head, self.sizes = n, k, sizes
+        self._steps = tuple(layer.forward for layer in self.layers)
+        self.eval()
+
+    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Each specialist's (N, |S|+1) corrected probabilities from the trunk's output ``h``, in the given order."""
+        z = nn.functional.linear(_run(self._steps, h), self.weight, self.bias)
+        z = z if z.dtype == torch.float32 else z.float()
+        p = torch.softmax(z.view(len(z), self.count, self.rows_per_head), dim=2).view(len(z), -1)
+        return list((p @ self.collapse).split(self.sizes, dim=1))
+
+
+def _bias_of(conv: nn.Conv2d) -> torch.Tensor:
+    return torch.zeros(conv.out_channels, device=conv.weight.device) if conv.bias is None else conv.bias.detach()
+
+
+def _fused_layer(same: Sequence[nn.Module], *, grouped: bool) -> nn.Module:
+    """One layer doing the work of ``same`` (one layer per specialist, at the same place) side by side."""
+    ref, n = same[0], len(same)
+    if any(type(layer) is not type(ref) for layer in same):
+        raise InferenceError("the specialists' layers differ in type: fuse specialists of one architecture only")
+    if type(ref) is nn.Conv2d:
+        if ref.groups != 1 or any(layer.weight.shape != ref.weight.shape for layer in same):
+            raise InferenceError("only convolutions without groups, of one shape, can be fused")
+        conv = nn.Conv2d(
+            ref.in_channels * (n if grouped else 1),
+            ref.out_channels * n,
+            ref.kernel_size,
+            ref.stride,
+            ref.padding,
+            ref.dilation,
+            groups=n if grouped else 1,
+            padding_mode=ref.padding_mode,
+            device=ref.weight.device,
+            dtype=ref.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(torch.cat([layer.weight.detach() for layer in same]))
+            conv.bias.copy_(torch.cat([_bias_of(layer) for layer in same]))
+        return conv.eval()
+    if isinstance(ref, _CHANNELWISE):
+        if any(repr(layer) != repr(ref) for layer in same):
+            raise InferenceError(f"the specialists' {type(ref).__name__} layers differ: fuse one architecture only")
+        return ref
+    raise InferenceError(f"a {type(ref).__name__} layer cannot be fused with FusedSpecialists")
 
 
 class RoutedEnsemble:
@@ -145,6 +380,9 @@ class RoutedEnsemble:
         threshold: the group mass a specialist needs to run (0: none skipped).
         confident: the generalist's top-1 probability above which an image runs no specialist (1: none skipped;
             ``ensemble.activation``'s ``confident``).
+        fuse: run the specialists one image switches on as one :class:`FusedSpecialists` call (batch 1, top-1
+            routing, no group-mass threshold) instead of one by one; the same outputs. Off by default: on a 2-core
+            CPU the grouped convolutions were slower than separate calls (``bench/inference_cost.py`` times both).
     """
 
     def __init__(
@@ -157,6 +395,7 @@ class RoutedEnsemble:
         top_n: int = 1,
         threshold: float = 0.0,
         confident: float = 1.0,
+        fuse: bool = False,
     ) -> None:
         trunk = shared_trunk_of(specialists) if specialists else None
         if trunk is None:
@@ -172,38 +411,41 @@ class RoutedEnsemble:
             raise InferenceError(
                 f"{len(specialists)} specialists but {len(groups)} groups: give one group per specialist"
             )
+        if not 0.0 < float(confident) <= 1.0:
+            raise InferenceError(f"confident must be in (0, 1] (1 skips nothing), got {confident!r}")
         shifts = [0.0] * len(specialists) if dustbin_shifts is None else [float(s) for s in dustbin_shifts]
         self.trunk = trunk
         self.generalist = generalist.eval()
         later = list(generalist.body)[generalist._split(trunk.stages) :]
-        first = _first_conv(later[0]) if later else None
-        self.specialists = [FastSpecialist(s, first, dustbin_shift=c) for s, c in zip(specialists, shifts, strict=True)]
+        block = later[0] if later else None
+        self.specialists = [FastSpecialist(s, block, dustbin_shift=c) for s, c in zip(specialists, shifts, strict=True)]
         self.reuses = bool(self.specialists) and all(s.reuses for s in self.specialists)
-        if self.reuses:
-            self._first, self._after_first, self._later = first, tuple(later[0])[1:], tuple(later[1:])
-        else:
-            self._first, self._after_first, self._later = None, (), tuple(later)
+        self._trunk_steps = tuple(layer.forward for layer in prepared_layers(trunk.layers))
+        # with reuse, the first later layer is the folded convolution whose output the specialists take
+        self._later_steps = tuple(layer.forward for layer in prepared_layers(later))
         dropout = generalist.dropout
         self._dropout = None if isinstance(dropout, nn.Identity) or getattr(dropout, "p", 1.0) == 0 else dropout
         self.member = group_membership(groups, generalist.num_outputs, next(generalist.parameters()).device)
-        if not 0.0 < float(confident) <= 1.0:
-            raise InferenceError(f"confident must be in (0, 1] (1 skips nothing), got {confident!r}")
         self.top_n, self.threshold, self.confident = top_n, threshold, float(confident)
         # batch 1 with the paper's top-1 routing: the specialists each class switches on, looked up, not computed
         self._rows = self.member > 0
         self._of_class = [row.nonzero().flatten().tolist() for row in self._rows]
         self._no_row = torch.zeros(1, len(self.specialists), dtype=torch.bool, device=self.member.device)
+        fused: dict[tuple[int, ...], FusedSpecialists] = {}
+        if fuse:
+            for ms in {tuple(ms) for ms in self._of_class if len(ms) > 1}:
+                fused[ms] = FusedSpecialists([self.specialists[m] for m in ms])
+        self._fused_of_class = [fused.get(tuple(ms)) for ms in self._of_class]
 
     def _generalist_later(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The generalist's logits from the trunk's output, and its first later layer's output when reused."""
         first_out = None
-        if self._first is not None:
-            h = first_out = self._first(h)
-            for layer in self._after_first:
-                h = layer(h)
-        for layer in self._later:
-            h = layer(h)
-        return self.generalist.head(h if self._dropout is None else self._dropout(h)), first_out
+        if self.reuses:
+            h = first_out = self._later_steps[0](h)
+            h = _run(self._later_steps[1:], h)
+        else:
+            h = _run(self._later_steps, h)
+        return self.generalist.head.forward(h if self._dropout is None else self._dropout(h)), first_out
 
     def __call__(
         self, xb: torch.Tensor, routing_probs: torch.Tensor | None = None
@@ -218,11 +460,12 @@ class RoutedEnsemble:
     def _route(
         self, xb: torch.Tensor, routing_probs: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
-        h = self.trunk(xb)
+        t = self.trunk
+        h = _run(self._trunk_steps, torch.addcmul(t.input_shift.to(xb.dtype), xb, t.input_scale.to(xb.dtype)))
         logits, first_out = self._generalist_later(h)
         p_gen = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=1)
         if len(xb) == 1 and self.top_n == 1 and self.threshold == 0:
-            return self._route_one(h, first_out, p_gen, p_gen if routing_probs is None else routing_probs)
+            return self._route_one(h, p_gen, p_gen if routing_probs is None else routing_probs)
         active = routed_activation(
             p_gen if routing_probs is None else routing_probs,
             self.member,
@@ -231,9 +474,9 @@ class RoutedEnsemble:
             confident=self.confident,
         )
         outs: list[torch.Tensor | None] = [None] * len(self.specialists)
-        if len(xb) == 1:
+        if len(xb) == 1:  # one row: the merged dense layers, one operation where the reuse takes three
             for m in active[0].nonzero().flatten().tolist():
-                outs[m] = self.specialists[m].forward(h, first_out)  # no hooks: skip Module.__call__
+                outs[m] = self.specialists[m].forward(h)
             return p_gen, outs, active
         for m in active.any(dim=0).nonzero().flatten().tolist():
             rows = active[:, m].nonzero().flatten()
@@ -245,15 +488,21 @@ class RoutedEnsemble:
         return p_gen, outs, active
 
     def _route_one(
-        self, h: torch.Tensor, first_out: torch.Tensor | None, p_gen: torch.Tensor, p: torch.Tensor
+        self, h: torch.Tensor, p_gen: torch.Tensor, p: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
         """One image, top-1 routing, no group-mass threshold: what :func:`~specialkit.evaluation.routed_activation`
-        gives, from one ``max`` and a table (at batch 1 every tensor operation costs as much as a small layer)."""
+        gives, from one ``max`` and a table (at batch 1 every tensor operation costs as much as a small layer); the
+        specialists of the image in one fused call where there are several."""
         outs: list[torch.Tensor | None] = [None] * len(self.specialists)
         top, cls = p[0].max(dim=0)
         if self.confident < 1 and float(top) > self.confident:
             return p_gen, outs, self._no_row.clone()
         c = int(cls)
-        for m in self._of_class[c]:
-            outs[m] = self.specialists[m].forward(h, first_out)  # no hooks: skip Module.__call__
+        fused = self._fused_of_class[c]
+        if fused is not None:
+            for m, o in zip(self._of_class[c], fused.forward(h), strict=True):
+                outs[m] = o
+        else:
+            for m in self._of_class[c]:
+                outs[m] = self.specialists[m].forward(h)
         return p_gen, outs, self._rows[c : c + 1].clone()

@@ -44,6 +44,8 @@ __all__ = [
     "verdict",
     "ALPHA",
     "MIN_ROW",
+    "LatencyRatio",
+    "latency_ratio",
 ]
 
 ALPHA = 0.05
@@ -289,3 +291,60 @@ def across_seed_verdict(lo: float, hi: float, p_adjusted: float, seeds: int, *, 
     if margin > 0 and -margin < lo and hi < margin:
         return "equivalent"
     return "indistinguishable"
+
+
+@dataclass(frozen=True)
+class LatencyRatio:
+    """How many times slower one callable is than another, from times taken in the same rounds.
+
+    Attributes:
+        ratio: the median over rounds of ``numerator / denominator`` within a round.
+        lo, hi: a percentile-bootstrap 95% interval of that median, resampling rounds.
+        rounds: the rounds timed.
+    """
+
+    ratio: float
+    lo: float
+    hi: float
+    rounds: int
+
+    def against(self, limit: float) -> str:
+        """``"met"`` when the whole interval is at or under ``limit``, ``"not met"`` when it is all above, else
+        ``"undecided"`` (the interval holds the limit: time more rounds, or on a quieter machine)."""
+        if self.hi <= limit:
+            return "met"
+        return "not met" if self.lo > limit else "undecided"
+
+    def __str__(self) -> str:
+        return f"{self.ratio:.3f}x [{self.lo:.3f}, {self.hi:.3f}]"
+
+
+def latency_ratio(
+    numerator: np.ndarray, denominator: np.ndarray, *, resamples: int = 2000, seed: int = 0
+) -> LatencyRatio:
+    """The ratio of two callables' latencies timed interleaved (``evaluation.measure_latency_rounds``), with its
+    uncertainty: a ratio is taken within each round, where both met the same load, and the median of the per-round
+    ratios is reported with a bootstrap interval over rounds (``scipy.stats.bootstrap``, percentile method), so a
+    machine that speeds up or slows down between rounds widens the interval instead of moving the number.
+
+    Args:
+        numerator: (R,) seconds per image of the callable measured, one per round.
+        denominator: (R,) seconds per image of the reference, same rounds.
+        resamples: bootstrap resamples.
+        seed: the bootstrap's seed.
+
+    Returns:
+        The :class:`LatencyRatio`.
+    """
+    a, b = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise StatsError(f"need two equal (R,) arrays of per-round times with R >= 2; got shapes {a.shape}, {b.shape}")
+    if not (np.all(a > 0) and np.all(b > 0)):
+        raise StatsError("latencies must be positive seconds; a zero or negative time is a timing error")
+    r = a / b
+    if np.ptp(r) == 0:
+        return LatencyRatio(float(r[0]), float(r[0]), float(r[0]), len(r))
+    ci = _st.bootstrap(
+        (r,), np.median, n_resamples=resamples, method="percentile", random_state=np.random.default_rng(seed)
+    ).confidence_interval
+    return LatencyRatio(float(np.median(r)), float(ci.low), float(ci.high), len(r))

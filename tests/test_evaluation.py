@@ -191,6 +191,9 @@ def test_measure_latencies_interleaves_the_callables_round_by_round():
     assert set(t) == {"slow", "fast"} and 0.004 / 6 <= t["slow"] and t["fast"] < t["slow"]
     with pytest.raises(evaluation.EvaluationError, match="rounds >= 1"):
         evaluation.measure_latencies({"fast": fast}, x, batch_size=1, rounds=0)
+    rounds = evaluation.measure_latency_rounds({"slow": slow, "fast": fast}, x, batch_size=3, rounds=4, warmup=0)
+    assert {k: v.shape for k, v in rounds.items()} == {"slow": (4,), "fast": (4,)}
+    assert (rounds["slow"] >= 0.004 / 3).all() and (rounds["fast"] < rounds["slow"]).all()
 
 
 def test_latency_table_conditional_runs_specialists_only_where_active():

@@ -93,3 +93,103 @@ def test_refusals(one_thread, nets):
         inference.RoutedEnsemble(models.build_model(g.config), dense, GROUPS)
     with pytest.raises(inference.InferenceError, match="one group per specialist"):
         inference.RoutedEnsemble(g, dense, GROUPS[:2])
+
+
+def test_a_prepared_classifier_gives_the_models_logits_and_leaves_it_unchanged(one_thread, nets):
+    g = nets[0]
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    prepared = inference.PreparedClassifier(g)
+    assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in prepared.layers)  # every one folded
+    x = torch.rand(9, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), g(x), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in before.items())
+    assert not g.training
+
+
+def test_a_batch_norm_that_follows_no_convolution_is_kept():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    layers = inference.prepared_layers([torch.nn.Sequential(torch.nn.ReLU(), bn), torch.nn.Conv2d(3, 3, 1)])
+    assert layers[1] is bn and len(layers) == 3
+
+
+OVERLAPPING = [np.array([1, 5, 9]), np.array([5, 9, 2]), np.array([9, 7, 11, 13])]  # class 9 in all three
+
+
+@pytest.fixture(scope="module")
+def overlapping():
+    g = _generalist()
+    trunk = g.trunk(1)
+    specs = [
+        _trained_like(models.low_rank_delta(models.share_trunk(specialists.init_from_generalist(g, c), trunk), g, 2))
+        for c in OVERLAPPING
+    ]
+    return g, specs
+
+
+def test_the_specialists_of_one_image_in_one_grouped_call_give_their_own_outputs(one_thread, overlapping):
+    g, specs = overlapping
+    fast = [inference.FastSpecialist(s, None, dustbin_shift=0.2 * m) for m, s in enumerate(specs)]
+    small = specialists.collapse_head(specs[1], torch.rand(64, 1, 16, 16))  # |S|+1 rows: a shorter head, padded
+    fast[1] = inference.FastSpecialist(small, None, dustbin_shift=0.0)
+    h = g.trunk(1)(torch.rand(5, 1, 16, 16))
+    fused = inference.FusedSpecialists(fast)
+    assert fused.layers[0].groups == 1 and all(c.groups == 3 for c in fused.layers[1:] if hasattr(c, "groups"))
+    with torch.no_grad():
+        for got, one in zip(fused(h), fast, strict=True):
+            torch.testing.assert_close(got, one(h), rtol=1e-4, atol=1e-6)
+    with pytest.raises(inference.InferenceError, match="two or more"):
+        inference.FusedSpecialists(fast[:1])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_overlapping_groups_at_batch_1_route_every_class_as_the_networks_as_trained(one_thread, overlapping, fuse):
+    g, specs = overlapping
+    fast = inference.RoutedEnsemble(g, specs, OVERLAPPING, fuse=fuse)
+    assert (fast._fused_of_class[9] is not None) == fuse and fast._fused_of_class[7] is None
+    member = evaluation.group_membership(OVERLAPPING, C, "cpu")
+    merged = [models.merge_deltas(s) for s in specs]
+    x = torch.rand(1, 1, 16, 16)
+    for c in (9, 5, 7, 0):  # three, two, one and no specialists
+        routing = torch.full((1, C), 0.1 / (C - 1))
+        routing[0, c] = 0.9
+        p_gen, outs, active = fast(x, routing_probs=routing)
+        r_gen, r_outs, r_active = evaluation.routed_forward(g, merged, x, member, routing_probs=routing)
+        torch.testing.assert_close(p_gen, r_gen, rtol=1e-4, atol=1e-6)
+        assert torch.equal(active, r_active) and int(active.sum()) == sum(c in grp for grp in OVERLAPPING)
+        for o, r in zip(outs, r_outs, strict=True):
+            assert (o is None) == (r is None)
+            if o is not None:
+                torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-6)
+
+
+def test_a_channel_the_generalists_batch_norm_zeroes_turns_the_reuse_off_and_keeps_the_outputs(one_thread):
+    g = _generalist()
+    later_bn = list(g.body)[g._split(1)][1]
+    with torch.no_grad():
+        later_bn.weight[0] = 0.0  # its output carries nothing of that channel: the specialist cannot start from it
+    trunk = g.trunk(1)
+    specs = [
+        _trained_like(models.low_rank_delta(models.share_trunk(specialists.init_from_generalist(g, c), trunk), g, 2))
+        for c in GROUPS
+    ]
+    fast = inference.RoutedEnsemble(g, specs, GROUPS)
+    assert not fast.reuses
+    x = torch.rand(7, 1, 16, 16)
+    routing = torch.softmax(3 * torch.randn(7, C), dim=1)
+    _, outs, _ = fast(x, routing_probs=routing)
+    _, r_outs, _ = _reference(g, specs, x, [0.0] * 3, routing=routing)
+    for o, r in zip(outs, r_outs, strict=True):
+        if o is not None:
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_layers_that_cannot_be_fused_are_refused_by_name(overlapping):
+    g, specs = overlapping
+    fast = [inference.FastSpecialist(s, None, dustbin_shift=0.0) for s in specs[:2]]
+    fast[0].layers[-1] = torch.nn.Linear(4, 4)
+    with pytest.raises(inference.InferenceError, match="differ in type"):
+        inference.FusedSpecialists(fast)
+    fast[1].layers[-1] = torch.nn.Linear(4, 4)
+    with pytest.raises(inference.InferenceError, match="a Linear layer cannot be fused"):
+        inference.FusedSpecialists(fast)

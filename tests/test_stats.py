@@ -66,3 +66,29 @@ def test_bad_input_is_a_clear_error():
         stats.mcnemar(np.ones(3, bool), np.ones(4, bool))
     with pytest.raises(stats.StatsError, match="boolean"):
         stats.paired_bootstrap({"a": np.ones(3)})
+
+
+def test_a_latency_ratio_is_taken_within_rounds_so_a_machine_slowing_down_does_not_move_it():
+    rng = np.random.default_rng(0)
+    reference = np.linspace(1.0, 8.0, 21)  # the machine slows down eightfold across the rounds
+    measured = 1.4 * reference * rng.uniform(0.98, 1.02, 21)
+    r = stats.latency_ratio(measured, reference)
+    assert r.lo <= r.ratio <= r.hi and r.rounds == 21
+    assert 1.38 < r.lo and r.hi < 1.42  # best-of-rounds of each would read 1.4 only by luck of the first round
+    assert r.against(1.5) == "met" and r.against(1.3) == "not met" and r.against(1.4) == "undecided"
+    assert str(r).startswith("1.4") and "[" in str(r)
+    exact = stats.latency_ratio(np.array([2.0, 4.0]), np.array([1.0, 2.0]))
+    assert (exact.ratio, exact.lo, exact.hi) == (2.0, 2.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "match"),
+    [
+        ([1.0, 2.0], [1.0], "equal"),
+        ([1.0], [1.0], "R >= 2"),
+        ([1.0, 0.0], [1.0, 1.0], "positive"),
+    ],
+)
+def test_latency_ratio_refuses_times_that_do_not_pair(a, b, match):
+    with pytest.raises(stats.StatsError, match=match):
+        stats.latency_ratio(np.array(a), np.array(b))
