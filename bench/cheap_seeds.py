@@ -9,7 +9,9 @@ collapsed to |S|+1 rows (``specialists.collapsed_probs``: the dustbin row least-
 head's probabilities; nothing retrained); with ``--confidence-skip`` also the chosen delta specialists with the
 confidence skip (``ensemble.activation``'s ``confident``: no specialist runs for an image whose generalist top-1
 probability exceeds it), its value chosen per seed on the validation images by ``frontier.choose_confident`` (the
-lowest of ``frontier.CONFIDENTS`` that changes at most 0.1% of the validation answers; no labels read). Then, on the
+lowest of ``frontier.CONFIDENTS`` that changes at most 0.1% of the validation answers; no labels read); with
+``--max-active n`` also those delta specialists (with that skip) running at most n specialists per image, the ones
+whose group holds the most generalist mass (``ensemble.activation``'s ``max_active``). Then, on the
 test images, every kind's ``kl`` ensemble against the
 whole specialists' ``kl``: per seed the difference with its paired-bootstrap interval and McNemar's p; across seeds
 the mean difference with the two-level bootstrap interval (seeds and test images), Holm-adjusted over the kinds,
@@ -51,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also the delta specialists with the confidence skip chosen on the validation images",
     )
+    p.add_argument(
+        "--max-active",
+        type=int,
+        default=0,
+        help="also the delta specialists (with the chosen confidence skip when --confidence-skip) routing each image "
+        "to at most this many specialists, those whose group holds the most generalist mass",
+    )
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -74,19 +83,30 @@ def small_head_correct(run: Run, fit: str) -> np.ndarray:
     return q.argmax(1) == ds.y_test.numpy()
 
 
-def confidence_skip_correct(run: Run) -> tuple[np.ndarray, float, dict[str, float]]:
+def confidence_skip_correct(run: Run, max_active: int = 0) -> tuple[np.ndarray, float, dict[str, float]]:
     """Per test image, whether ``kl`` is right with the confidence skip ``frontier.choose_confident`` picks on the
-    validation images; the value; the share of test images routed and specialists per image."""
+    validation images (and at most ``max_active`` specialists per image); the value; the share of test images routed
+    and specialists per image."""
     groups, c = run.groups(), run.config
 
     def outs(split: str) -> list[ensemble.SpecialistOutputs]:
         return [ensemble.SpecialistOutputs(g, p) for g, p in zip(groups, run.specialist_probs(split))]
 
     chosen = frontier.choose_confident(run.generalist().probs("val"), outs("val"), top_n=c.top_n)
+    return capped_correct(run, chosen, max_active) + (chosen,)
+
+
+def capped_correct(run: Run, confident: float, max_active: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Per test image, whether ``kl`` is right with the confidence skip ``confident`` and at most ``max_active``
+    specialists per image (0: no limit); the share of test images routed and specialists per image."""
+    groups, c = run.groups(), run.config
     p = run.generalist().probs("test")
-    active = ensemble.activation(p, groups, top_n=c.top_n, threshold=c.skip_threshold, confident=chosen)
-    q = ensemble.combine_kl(p, outs("test"), active)
-    return q.argmax(1) == run.dataset().y_test.numpy(), chosen, ensemble.fraction_routed(active)
+    active = ensemble.activation(
+        p, groups, top_n=c.top_n, threshold=c.skip_threshold, confident=confident, max_active=max_active
+    )
+    outs = [ensemble.SpecialistOutputs(g, q) for g, q in zip(groups, run.specialist_probs("test"))]
+    q = ensemble.combine_kl(p, outs, active)
+    return q.argmax(1) == run.dataset().y_test.numpy(), ensemble.fraction_routed(active)
 
 
 def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
@@ -104,10 +124,19 @@ def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str
     out = {"whole": kl_correct(base, "test"), "dense": kl_correct(dense, "test"), "delta": kl_correct(delta, "test")}
     if args.small_heads:
         out.update({f"small_{fit}": small_head_correct(base, fit) for fit in specialists.HEAD_FITS})
+    chosen = 1.0
     if args.confidence_skip:
-        out["delta_skip"], chosen, routed = confidence_skip_correct(delta)
+        out["delta_skip"], routed, chosen = confidence_skip_correct(delta)
         print(
             f"  {out_dir.name}: confidence skip {chosen:g} (chosen on validation): "
+            f"{routed['fraction_routed']:.1%} of test images routed, {routed['specialists_per_image']:.2f} "
+            f"specialists/image",
+            flush=True,
+        )
+    if args.max_active:
+        out["delta_max"], routed = capped_correct(delta, chosen, args.max_active)
+        print(
+            f"  {out_dir.name}: at most {args.max_active} specialist(s) per image: "
             f"{routed['fraction_routed']:.1%} of test images routed, {routed['specialists_per_image']:.2f} "
             f"specialists/image",
             flush=True,
@@ -147,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         "small_trained": "whole specialists, heads collapsed to |S|+1 rows, dustbin row trained",
         "delta_skip": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas, confidence skip "
         "(chosen on validation)",
+        "delta_max": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas"
+        + (", confidence skip" if args.confidence_skip else "")
+        + f", at most {args.max_active} specialist(s) per image",
     }
     print(f"\nacross {len(per_seed)} seeds, kl against kl with whole specialists (points, two-level bootstrap 95%):")
     for (kind, tl), p_adj in zip(results.items(), adjusted):

@@ -98,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="route no image whose generalist top-1 probability exceeds this (1 = every image; needs --run)",
     )
+    p.add_argument(
+        "--max-active",
+        type=int,
+        default=0,
+        help="route each image to at most this many specialists, those whose group holds the most generalist mass "
+        "(0 = every one its top class switches on; overlapping groups switch on several)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
@@ -193,8 +200,9 @@ def fused_ratios(
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
     merged = [models.merge_deltas(s) for s in specs]
     sure = args.skip_confident
-    prepared = inference.RoutedEnsemble(generalist, specs, groups, confident=sure)
-    grouped = inference.RoutedEnsemble(generalist, specs, groups, confident=sure, fuse=True)
+    most = args.max_active
+    prepared = inference.RoutedEnsemble(generalist, specs, groups, confident=sure, max_active=most)
+    grouped = inference.RoutedEnsemble(generalist, specs, groups, confident=sure, max_active=most, fuse=True)
     generalist_prepared = inference.PreparedClassifier(generalist)
 
     def eager(b: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -202,12 +210,12 @@ def fused_ratios(
             generalist,
             specs,
             b[0],
-            lambda p: ensemble.activation(p, groups, confident=sure),
+            lambda p: ensemble.activation(p, groups, confident=sure, max_active=most),
             routing_probs=b[1].cpu().numpy(),
         )
 
     def fused(b: tuple[torch.Tensor, torch.Tensor]) -> None:
-        evaluation.routed_forward(generalist, merged, b[0], member, confident=sure, routing_probs=b[1])
+        evaluation.routed_forward(generalist, merged, b[0], member, confident=sure, max_active=most, routing_probs=b[1])
 
     out = {}
     fns = {
@@ -244,7 +252,9 @@ def compiled_ratio(
     (``inference.FastSpecialist``) are compiled separately, since the routing between them is data-dependent."""
     xf = (x.float().div(255.0) if x.dtype == torch.uint8 else x)[: args.images_small]
     p_t = torch.as_tensor(p_route[: args.images_small], dtype=torch.float32, device=xf.device)
-    prepared = inference.RoutedEnsemble(generalist, specs, groups, confident=args.skip_confident)
+    prepared = inference.RoutedEnsemble(
+        generalist, specs, groups, confident=args.skip_confident, max_active=args.max_active
+    )
     gen_c = torch.compile(generalist, dynamic=False)
     trunk_c = torch.compile(prepared.trunk, dynamic=False)
     later_c = torch.compile(prepared._generalist_later, dynamic=False)
@@ -256,7 +266,10 @@ def compiled_ratio(
         logits, first_out = later_c(h)
         torch.softmax(logits, dim=1)
         for m in (
-            evaluation.routed_activation(b[1], member, confident=args.skip_confident)[0].nonzero().flatten().tolist()
+            evaluation.routed_activation(b[1], member, confident=args.skip_confident, max_active=args.max_active)[0]
+            .nonzero()
+            .flatten()
+            .tolist()
         ):
             own_c[m](h, first_out)
 
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         z = 3.0 * rng.standard_normal((n, args.classes))
         p_route = np.exp(z - z.max(1, keepdims=True))
         p_route /= p_route.sum(1, keepdims=True)
-    active = ensemble.activation(p_route, groups, top_n=1, confident=args.skip_confident)
+    active = ensemble.activation(p_route, groups, top_n=1, confident=args.skip_confident, max_active=args.max_active)
     moe_active = ensemble.moe_gates(p_route, groups, threshold=args.moe_threshold).run
 
     shape = (1, channels, size, size)
@@ -372,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     routing = "random generalist distribution" if real is None else "the generalist's own output"
     skip = "" if args.skip_confident >= 1 else f", skipped where its top-1 probability > {args.skip_confident:g}"
+    skip += "" if args.max_active == 0 else f", at most {args.max_active} per image (the most group mass)"
     timed = active[: args.images_small]
     print(
         f"{args.specialists} specialists of {min(map(len, groups))}-{max(map(len, groups))} classes (+ dustbin); "

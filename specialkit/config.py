@@ -137,7 +137,8 @@ class PipelineConfig:
     (only the specialists the generalist's top-n switch on are candidates), ``moe_threshold``, ``skip_threshold``
     (a specialist the top-n switch on runs only when the generalist's mass on its group reaches it; 0 = always),
     ``skip_confident`` (no specialist runs for an image whose generalist top-1 probability exceeds it; 1 = always
-    run; ``frontier.choose_confident`` picks it on the validation images),
+    run; ``frontier.choose_confident`` picks it on the validation images), ``max_active`` (the most specialists one
+    image runs, those whose group holds the most generalist mass; 0 = no limit),
     ``calibrate_specialists`` (default true: ``top_confident`` and ``moe`` temper each specialist on the
     validation images and read it as evidence against its mean output there, so a specialist that knows
     nothing leaves the generalist's answer unchanged; false: the rules as first built, which a bad
@@ -289,6 +290,13 @@ class PipelineConfig:
         key_if_set=True,
         cli="run no specialist for an image whose generalist top-1 probability exceeds this (the generalist answers "
         "alone where it is sure; 1 = never skip, the paper's rule)",
+    )
+    max_active: int = _setting(
+        0,
+        "ensembles",
+        key_if_set=True,
+        cli="run at most this many specialists per image: of those switched on, the ones whose group holds the most "
+        "generalist mass (where groups overlap the top class switches on several; 0 = every one, the paper's rule)",
     )
     calibrate_specialists: bool = _setting(True, "ensembles", key_if_set=True)
     compute_matched: bool = _setting(True, "compute_matched", in_key=False)
@@ -495,6 +503,8 @@ class PipelineConfig:
             raise ConfigError(
                 f"skip_confident={self.skip_confident} is out of range; use a value in (0, 1] (1 = never skip)"
             )
+        if self.max_active < 0:
+            raise ConfigError(f"max_active={self.max_active} is out of range; use a whole number >= 0 (0 = no limit)")
         for key in ("lr", "specialist_lr", "specialist_temperature", "distill_temperature", "gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be positive")

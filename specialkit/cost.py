@@ -343,6 +343,7 @@ def cost_summary(
             evaluation.model_cost(gen, shape), [evaluation.model_cost(s, shape) for s in sps], run.activation("test")
         )
     groups, top_n, skip, sure = run.groups(), run.config.top_n, run.config.skip_threshold, run.config.skip_confident
+    most = run.config.max_active
     dev = next(gen.parameters()).device
     xb = dataset.to_float(ds.x_test[:memory_batch]).to(dev)
     lat = {(r["model"], int(r["batch_size"])): r["seconds_per_image"] * 1e3 for r in (latency_records or [])}
@@ -359,7 +360,7 @@ def cost_summary(
         return evaluation.peak_activation_bytes(fn, device=dev) / 1e6
 
     def activate(p: np.ndarray) -> np.ndarray:
-        return ensemble.activation(p, groups, top_n=top_n, threshold=skip, confident=sure)
+        return ensemble.activation(p, groups, top_n=top_n, threshold=skip, confident=sure, max_active=most)
 
     ens_mb = evaluation.weight_bytes([gen, *sps]) / 1e6
     rows = [

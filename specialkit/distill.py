@@ -39,6 +39,7 @@ def ensemble_teacher(
     temperature: float = 4.0,
     skip_threshold: float = 0.0,
     skip_confident: float = 1.0,
+    max_active: int = 0,
 ) -> training.Teacher:
     """The ``kl`` ensemble as a per-batch teacher for :func:`training.fit` (``teacher=``).
 
@@ -57,6 +58,8 @@ def ensemble_teacher(
             (``ensemble.activation``'s ``threshold``; 0 = never skip).
         skip_confident: no specialist runs where the generalist's top-1 probability exceeds this
             (``ensemble.activation``'s ``confident``; 1 = never skip).
+        max_active: the most specialists one image runs, those whose group holds the most generalist mass
+            (``ensemble.activation``'s ``max_active``; 0 = no limit).
 
     Returns:
         ``teacher(x) -> (B, C)`` float32 tensor on x's device.
@@ -78,7 +81,9 @@ def ensemble_teacher(
             h = trunk(x)
             logits = generalist.forward_from(h, trunk.stages)
         p_gen = torch.softmax(logits.double(), dim=1).cpu().numpy()
-        active = ensemble.activation(p_gen, groups, top_n=top_n, threshold=skip_threshold, confident=skip_confident)
+        active = ensemble.activation(
+            p_gen, groups, top_n=top_n, threshold=skip_threshold, confident=skip_confident, max_active=max_active
+        )
         outs = []
         for m, sp in enumerate(trained):
             probs = np.full((len(x), len(sp.classes) + 1), 1.0 / (len(sp.classes) + 1))
@@ -114,6 +119,7 @@ def teacher_of(run: Any) -> training.Teacher:
         temperature=c.distill_temperature,
         skip_threshold=c.skip_threshold,
         skip_confident=c.skip_confident,
+        max_active=c.max_active,
     )
 
 

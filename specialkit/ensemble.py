@@ -460,7 +460,13 @@ def evidence_update(spec_probs: Probs, classes: Labels, p_gen: Probs, calibratio
 
 
 def activation(
-    p_gen: Probs, groups: Groups, *, top_n: int = 1, threshold: float = 0.0, confident: float = 1.0
+    p_gen: Probs,
+    groups: Groups,
+    *,
+    top_n: int = 1,
+    threshold: float = 0.0,
+    confident: float = 1.0,
+    max_active: int = 0,
 ) -> np.ndarray:
     """Which specialists to run: those whose classes meet the generalist's top-n classes.
 
@@ -473,6 +479,11 @@ def activation(
     ``confident``: the generalist answers alone for an image it is sure of (a cascade; :func:`specialkit.frontier.
     choose_confident` picks the value on validation images). ``confident = 1`` skips nothing.
 
+    With ``max_active > 0`` an image runs at most that many of the specialists switched on: those whose group holds
+    the most generalist mass (ties towards the lower index). Where groups overlap, the top class switches on several
+    specialists; ``max_active = 1`` keeps the one most sure to hold the answer. ``max_active = 0`` keeps every one
+    (the paper's rule).
+
     Args:
         p_gen: (N, C) generalist probabilities.
         groups: M arrays of class indices (``ClusterSpec.indices()`` or each specialist's classes).
@@ -481,10 +492,12 @@ def activation(
         threshold: the group mass a specialist needs to run, in [0, 1] (0: no skipping).
         confident: the generalist's top-1 probability above which an image runs no specialist, in (0, 1]
             (1: no skipping).
+        max_active: the most specialists one image runs, those with the most group mass (0: no limit).
 
     Returns:
         (N, M) bool, ``active[i, m]`` when ``groups[m]`` contains one of image i's top-n classes (and its group
-        mass reaches ``threshold``, and image i's top-1 probability is at most ``confident``).
+        mass reaches ``threshold``, and image i's top-1 probability is at most ``confident``, and it is among
+        the ``max_active`` active groups with the most mass).
     """
     p = _check_p_gen(p_gen)
     num_classes = p.shape[1]
@@ -499,6 +512,11 @@ def activation(
             f"confident must be in (0, 1] (the generalist's top-1 probability above which it answers alone; "
             f"1 skips nothing), got {confident!r}"
         )
+    if not _is_int(max_active) or max_active < 0:
+        raise EnsembleError(
+            f"max_active must be a whole number >= 0 (the most specialists one image runs; 0 = no limit), "
+            f"got {max_active!r}"
+        )
     member = _membership(_check_groups(groups, num_classes), num_classes)
     if top_n == 1:
         active = member[np.argmax(p, axis=1)]
@@ -509,6 +527,11 @@ def activation(
         active &= p @ member.astype(np.float64) >= threshold
     if confident < 1:
         active &= (p.max(axis=1) <= confident)[:, None]
+    if 0 < max_active < active.shape[1]:
+        score = np.where(active, p @ member.astype(np.float64), -np.inf)
+        keep = np.zeros_like(active)
+        np.put_along_axis(keep, np.argsort(-score, axis=1, kind="stable")[:, :max_active], True, axis=1)
+        active &= keep
     return active
 
 

@@ -19,7 +19,8 @@ __all__ = ["activation_of", "combine_for", "calibrations_of", "make_ensembles"]
 def activation_of(run: Any, split: str) -> np.ndarray:
     """(N, M) bool: which of ``run``'s specialists the generalist's top-n classes switch on (and, with
     ``skip_threshold > 0``, whose group holds at least that much of the generalist's mass; with
-    ``skip_confident < 1``, none for an image whose top-1 probability exceeds it).
+    ``skip_confident < 1``, none for an image whose top-1 probability exceeds it; with ``max_active > 0``, at most
+    that many per image, those whose group holds the most mass).
 
     Args:
         run: the run.
@@ -35,6 +36,7 @@ def activation_of(run: Any, split: str) -> np.ndarray:
         top_n=c.top_n,
         threshold=c.skip_threshold,
         confident=c.skip_confident,
+        max_active=c.max_active,
     )
 
 

@@ -650,7 +650,13 @@ def group_membership(groups: Sequence[Any], num_classes: int, device: torch.devi
 
 
 def routed_activation(
-    p: torch.Tensor, member: torch.Tensor, *, top_n: int = 1, threshold: float = 0.0, confident: float = 1.0
+    p: torch.Tensor,
+    member: torch.Tensor,
+    *,
+    top_n: int = 1,
+    threshold: float = 0.0,
+    confident: float = 1.0,
+    max_active: int = 0,
 ) -> torch.Tensor:
     """(B, M) bool: :func:`specialkit.ensemble.activation` in torch, without its checks (for the timed paths).
 
@@ -660,6 +666,7 @@ def routed_activation(
         top_n: the generalist's classes that switch specialists on.
         threshold: the group mass a specialist needs to run (0: none skipped).
         confident: the top-1 probability above which an image runs no specialist (1: none skipped).
+        max_active: the most specialists one image runs, those with the most group mass (0: no limit).
 
     Returns:
         The activation mask, on ``member``'s device.
@@ -672,6 +679,10 @@ def routed_activation(
         active &= p.to(member.dtype) @ member >= threshold
     if confident < 1:
         active &= (p.amax(dim=1) <= confident)[:, None]
+    if 0 < max_active < active.shape[1]:
+        score = torch.where(active, p.to(member.dtype) @ member, float("-inf"))
+        top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :max_active]
+        active &= torch.zeros_like(active).scatter_(1, top, True)
     return active
 
 
@@ -684,11 +695,13 @@ def routed_forward(
     top_n: int = 1,
     threshold: float = 0.0,
     confident: float = 1.0,
+    max_active: int = 0,
     routing_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
     """:func:`ensemble_forward` with the routing in torch: the same networks and the same activation as
-    ``ensemble.activation(p, groups, top_n=top_n, threshold=threshold, confident=confident)``, without the round trip through numpy or
-    the checks of every call, so a pass at batch 1 costs the networks and little else.
+    ``ensemble.activation(p, groups, top_n=top_n, threshold=threshold, confident=confident, max_active=max_active)``,
+    without the round trip through numpy or the checks of every call, so a pass at batch 1 costs the networks and
+    little else.
 
     The generalist (and a shared trunk, once) runs on the batch; ``p_gen`` switches on the specialists whose group
     meets its top-n classes (and, with ``threshold > 0``, whose group mass reaches it); each switched-on specialist
@@ -702,6 +715,7 @@ def routed_forward(
         top_n: the generalist's classes that switch specialists on.
         threshold: the group mass a specialist needs to run (0: none skipped).
         confident: the generalist's top-1 probability above which an image runs no specialist (1: none skipped).
+        max_active: the most specialists one image runs, those with the most group mass (0: no limit).
         routing_probs: (B, C) distributions the routing sees instead of the generalist's softmax.
 
     Returns:
@@ -717,7 +731,12 @@ def routed_forward(
         p_gen = torch.softmax(generalist.forward_from(h, trunk.stages).float(), dim=1)
         own = [s.forward_shared for s in specialists]
     active = routed_activation(
-        p_gen if routing_probs is None else routing_probs, member, top_n=top_n, threshold=threshold, confident=confident
+        p_gen if routing_probs is None else routing_probs,
+        member,
+        top_n=top_n,
+        threshold=threshold,
+        confident=confident,
+        max_active=max_active,
     )
     outs: list[torch.Tensor | None] = [None] * len(specialists)
     if len(xb) == 1:

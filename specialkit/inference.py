@@ -380,6 +380,8 @@ class RoutedEnsemble:
         threshold: the group mass a specialist needs to run (0: none skipped).
         confident: the generalist's top-1 probability above which an image runs no specialist (1: none skipped;
             ``ensemble.activation``'s ``confident``).
+        max_active: the most specialists one image runs, those whose group holds the most generalist mass (0: no
+            limit; ``ensemble.activation``'s ``max_active``).
         fuse: run the specialists one image switches on as one :class:`FusedSpecialists` call (batch 1, top-1
             routing, no group-mass threshold) instead of one by one; the same outputs. Off by default: on a 2-core
             CPU the grouped convolutions were slower than separate calls (``bench/inference_cost.py`` times both).
@@ -395,6 +397,7 @@ class RoutedEnsemble:
         top_n: int = 1,
         threshold: float = 0.0,
         confident: float = 1.0,
+        max_active: int = 0,
         fuse: bool = False,
     ) -> None:
         trunk = shared_trunk_of(specialists) if specialists else None
@@ -413,6 +416,8 @@ class RoutedEnsemble:
             )
         if not 0.0 < float(confident) <= 1.0:
             raise InferenceError(f"confident must be in (0, 1] (1 skips nothing), got {confident!r}")
+        if not isinstance(max_active, int) or isinstance(max_active, bool) or max_active < 0:
+            raise InferenceError(f"max_active must be a whole number >= 0 (0 = no limit), got {max_active!r}")
         shifts = [0.0] * len(specialists) if dustbin_shifts is None else [float(s) for s in dustbin_shifts]
         self.trunk = trunk
         self.generalist = generalist.eval()
@@ -426,7 +431,7 @@ class RoutedEnsemble:
         dropout = generalist.dropout
         self._dropout = None if isinstance(dropout, nn.Identity) or getattr(dropout, "p", 1.0) == 0 else dropout
         self.member = group_membership(groups, generalist.num_outputs, next(generalist.parameters()).device)
-        self.top_n, self.threshold, self.confident = top_n, threshold, float(confident)
+        self.top_n, self.threshold, self.confident, self.max_active = top_n, threshold, float(confident), max_active
         # batch 1 with the paper's top-1 routing: the specialists each class switches on, looked up, not computed
         self._rows = self.member > 0
         self._of_class = [row.nonzero().flatten().tolist() for row in self._rows]
@@ -472,6 +477,7 @@ class RoutedEnsemble:
             top_n=self.top_n,
             threshold=self.threshold,
             confident=self.confident,
+            max_active=self.max_active,
         )
         outs: list[torch.Tensor | None] = [None] * len(self.specialists)
         if len(xb) == 1:  # one row: the merged dense layers, one operation where the reuse takes three
@@ -498,6 +504,17 @@ class RoutedEnsemble:
         if self.confident < 1 and float(top) > self.confident:
             return p_gen, outs, self._no_row.clone()
         c = int(cls)
+        ms = self._of_class[c]
+        if 0 < self.max_active < len(ms):  # the switched-on specialists with the most group mass, ties to the lower
+            mass = p[0].to(self.member.dtype) @ self.member[:, ms]
+            ms = sorted(
+                ms[i] for i in torch.sort(mass, descending=True, stable=True).indices[: self.max_active].tolist()
+            )
+            row = self._no_row.clone()
+            row[0, ms] = True
+            for m in ms:
+                outs[m] = self.specialists[m].forward(h)
+            return p_gen, outs, row
         fused = self._fused_of_class[c]
         if fused is not None:
             for m, o in zip(self._of_class[c], fused.forward(h), strict=True):

@@ -126,6 +126,7 @@ _KEYS_BY_HAND = {
         "moe_threshold",
         "skip_threshold",
         "skip_confident",
+        "max_active",
         "calibrate_specialists",
     ),
     "distill": (
@@ -291,6 +292,7 @@ def test_cli_flags_are_the_settings_with_a_cli_help():
         "top_n",
         "skip_threshold",
         "skip_confident",
+        "max_active",
         "student_epochs",
         "device",
         "seed",
