@@ -21,6 +21,7 @@ Conventions fixed here (the rest of the package relies on them):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -376,8 +377,7 @@ def class_map(
 
         threads = torch.get_num_threads()  # numba (under UMAP) resets the shared OpenMP thread count:
         try:  # restore it, or later training in this process runs with other threads and other numbers
-            import umap  # slow import (numba): only when asked for
-
+            umap = _umap()
             reducer = umap.UMAP(
                 n_components=2,
                 n_neighbors=min(n_neighbors, c - 1),
@@ -406,6 +406,25 @@ def class_map(
     else:
         raise ConfusionError(f"unknown method {method!r}; use one of {CLASS_MAP_METHODS}")
     return np.asarray(out, dtype=np.float64)
+
+
+def _umap() -> Any:
+    """The ``umap`` module (a slow import: numba), its numba-compiled functions set to cache their machine code on
+    disk (numba's own cache: next to the installed package, or ``NUMBA_CACHE_DIR``). UMAP leaves caching off, so
+    every new process (a notebook kernel, a CLI run) spent about 12 s compiling before its first class map; with it,
+    the first process compiles and later ones load in about 1 s. The compiled code, and so every number, is the
+    same either way; where a function cannot be cached it is simply compiled as before."""
+    import umap
+    from numba.core.registry import CPUDispatcher
+
+    for module in (umap.umap_, umap.layouts, umap.utils, umap.spectral, umap.distances):
+        for fn in vars(module).values():
+            if isinstance(fn, CPUDispatcher) and type(getattr(fn, "_cache", None)).__name__ != "FunctionCache":
+                try:
+                    fn.enable_caching()
+                except Exception:  # noqa: BLE001 - an optimisation only: an uncachable function compiles as before
+                    pass
+    return umap
 
 
 def _mds(mds_cls: type, dist: np.ndarray, seed: int) -> np.ndarray:

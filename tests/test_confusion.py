@@ -186,3 +186,12 @@ def test_umap_leaves_torch_threads_as_they_were():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_umaps_compiled_functions_cache_their_code_on_disk_for_the_next_process():
+    from numba.core.registry import CPUDispatcher
+
+    umap = cf._umap()
+    fns = [f for f in vars(umap.umap_).values() if isinstance(f, CPUDispatcher)]
+    assert fns and all(type(f._cache).__name__ == "FunctionCache" for f in fns)
+    assert cf._umap() is umap  # a second call changes nothing
