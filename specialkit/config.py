@@ -728,7 +728,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         epochs=6,
         k=6,
         specialist_epochs=2,
-        student_epochs=6,
+        student_epochs=3,
         batch_size=64,
         progress=False,
     ),

@@ -232,8 +232,8 @@ def test_cache_keys_are_the_same_as_before_the_routing_and_the_rename(tmp_path, 
     odds = {"dustbin_correction": "odds"}  # the default when the keys were pinned (now prior_match)
     configs = {
         "default": PipelineConfig(**odds),
-        "quick": PipelineConfig.quick(
-            specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0, **odds
+        "quick": PipelineConfig.quick(  # student_epochs: the quick preset's value when the keys were pinned (now 3)
+            specialist_temperature=3.0, seed=4, k=3, top_n=2, distill_temperature=2.0, student_epochs=6, **odds
         ),
     }
     for label, cfg in configs.items():
