@@ -74,7 +74,7 @@ def test_a_latency_ratio_is_taken_within_rounds_so_a_machine_slowing_down_does_n
     measured = 1.4 * reference * rng.uniform(0.98, 1.02, 21)
     r = stats.latency_ratio(measured, reference)
     assert r.lo <= r.ratio <= r.hi and r.rounds == 21
-    assert 1.38 < r.lo and r.hi < 1.42  # best-of-rounds of each would read 1.4 only by luck of the first round
+    assert r.lo > 1.38 and r.hi < 1.42  # the ratio within a round is 1.4 (±2%) whatever the load that round
     assert r.against(1.5) == "met" and r.against(1.3) == "not met" and r.against(1.4) == "undecided"
     assert str(r).startswith("1.4") and "[" in str(r)
     exact = stats.latency_ratio(np.array([2.0, 4.0]), np.array([1.0, 2.0]))
