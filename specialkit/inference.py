@@ -497,8 +497,8 @@ class RoutedEnsemble:
         self, h: torch.Tensor, p_gen: torch.Tensor, p: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
         """One image, top-1 routing, no group-mass threshold: what :func:`~specialkit.evaluation.routed_activation`
-        gives, from one ``max`` and a table (at batch 1 every tensor operation costs as much as a small layer); the
-        specialists of the image in one fused call where there are several."""
+        gives, from one ``max`` and a table (at batch 1 every tensor operation costs as much as a small layer); with
+        ``fuse``, the specialists of the image in one grouped call where there are several."""
         outs: list[torch.Tensor | None] = [None] * len(self.specialists)
         top, cls = p[0].max(dim=0)
         if self.confident < 1 and float(top) > self.confident:
