@@ -20,6 +20,7 @@ Conventions fixed here (the rest of the package relies on them):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -408,18 +409,19 @@ def class_map(
     return np.asarray(out, dtype=np.float64)
 
 
+@functools.cache
 def _umap() -> Any:
     """The ``umap`` module (a slow import: numba), its numba-compiled functions set to cache their machine code on
     disk (numba's own cache: next to the installed package, or ``NUMBA_CACHE_DIR``). UMAP leaves caching off, so
     every new process (a notebook kernel, a CLI run) spent about 12 s compiling before its first class map; with it,
     the first process compiles and later ones load in about 1 s. The compiled code, and so every number, is the
-    same either way; where a function cannot be cached it is simply compiled as before."""
+    same either way; where a function cannot be cached it is simply compiled as before. Done once per process."""
     import umap
     from numba.core.registry import CPUDispatcher
 
     for module in (umap.umap_, umap.layouts, umap.utils, umap.spectral, umap.distances):
         for fn in vars(module).values():
-            if isinstance(fn, CPUDispatcher) and type(getattr(fn, "_cache", None)).__name__ != "FunctionCache":
+            if isinstance(fn, CPUDispatcher):
                 try:
                     fn.enable_caching()
                 except Exception:  # noqa: BLE001 - an optimisation only: an uncachable function compiles as before
