@@ -83,17 +83,16 @@ def small_head_correct(run: Run, fit: str) -> np.ndarray:
     return q.argmax(1) == ds.y_test.numpy()
 
 
-def confidence_skip_correct(run: Run, max_active: int = 0) -> tuple[np.ndarray, float, dict[str, float]]:
+def confidence_skip_correct(run: Run) -> tuple[np.ndarray, dict[str, float], float]:
     """Per test image, whether ``kl`` is right with the confidence skip ``frontier.choose_confident`` picks on the
-    validation images (and at most ``max_active`` specialists per image); the value; the share of test images routed
-    and specialists per image."""
+    validation images; the share of test images routed and specialists per image; the value."""
     groups, c = run.groups(), run.config
 
     def outs(split: str) -> list[ensemble.SpecialistOutputs]:
         return [ensemble.SpecialistOutputs(g, p) for g, p in zip(groups, run.specialist_probs(split))]
 
     chosen = frontier.choose_confident(run.generalist().probs("val"), outs("val"), top_n=c.top_n)
-    return capped_correct(run, chosen, max_active) + (chosen,)
+    return *capped_correct(run, chosen, 0), chosen
 
 
 def capped_correct(run: Run, confident: float, max_active: int) -> tuple[np.ndarray, dict[str, float]]:
