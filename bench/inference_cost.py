@@ -23,12 +23,19 @@ as rank-``--delta-rank`` deltas on the generalist's (``models.low_rank_delta``: 
   too; with ``--compile`` also the target kind's prepared routing at batch 1 with every network
   ``torch.compile``-d, against the compiled generalist (``compiled``).
 
+For the target kind (``--target-kind``) it then times the generalist (``inference.PreparedClassifier``) in each
+memory layout of ``inference.LAYOUTS`` (NCHW, channels-last, oneDNN's blocked tensors) and the prepared ensemble in
+each pair of layouts (the generalist's parts, the specialists), and takes the fastest of each side at each batch size:
+on a CPU the layout can change the generalist's batch-256 latency about threefold, so a ratio over a generalist
+left in a slow layout flatters the ensemble.
+
 It ends with ratio lines, conditional execution over the generalist's latency, in the same process and threads,
 best of ``--repeats`` repeats: ``ratio_b{1,256}_{kind}_{eager,fused,prepared,grouped}`` (and
 ``_prepared_fair``, ``_grouped_fair``), ``ratio_b{1,256}_full`` and
 ``_scratch`` (networks and routing; the ``_kl`` lines add the ``kl`` combination) and ``params_ratio_{kind}``
 (stored parameters over the generalist's); then issue 22's three target lines for ``--target-kind`` (default
-``delta``): ``ratio_b1_shared``, ``ratio_b256_shared`` (that kind, prepared, over the prepared generalist: the
+``delta``): ``ratio_b1_shared``, ``ratio_b256_shared`` (that kind, prepared, in its fastest layouts over the
+prepared generalist in its fastest layout: the ``_best`` lines; with ``--no-layouts`` both in NCHW, the
 ``_prepared_fair`` lines) and ``params_ratio_small``.
 
 The networks are untrained, so the routing uses a random generalist-like distribution instead of
@@ -113,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time the target kind's prepared routing at batch 1 with torch.compile (a minute or more of "
         "compilation), against the compiled generalist",
+    )
+    p.add_argument(
+        "--no-layouts",
+        action="store_true",
+        help="skip timing the target kind and the generalist in every memory layout (inference.LAYOUTS); the target "
+        "lines then compare both in NCHW, which on a CPU can be far from either's fastest",
     )
     p.add_argument(
         "--target-kind",
@@ -236,6 +249,59 @@ def fused_ratios(
             {f"{name}_fair": stats.latency_ratio(t[name], t["generalist_prepared"]) for name in ("prepared", "grouped")}
         )
         out[bs]["generalist_prepared"] = stats.latency_ratio(t["generalist_prepared"], t["generalist"])
+    return out
+
+
+ENSEMBLE_LAYOUTS = [(g, o) for g in inference.LAYOUTS for o in inference.LAYOUTS]
+"""(generalist's parts, specialists) memory layouts the target kind's ensemble is timed in (``--layouts``)."""
+
+
+def layout_ratios(
+    args: argparse.Namespace,
+    generalist: torch.nn.Module,
+    specs: list[torch.nn.Module],
+    x: torch.Tensor,
+    p_route: np.ndarray,
+    groups: list[np.ndarray],
+) -> dict[int, dict]:
+    """Batch size -> the generalist (``inference.PreparedClassifier``) in each memory layout and the prepared ensemble
+    (``inference.RoutedEnsemble``) in each (generalist's parts, specialists) pair of layouts, all timed interleaved
+    over 3 x ``--repeats`` rounds: ``{"ms": name -> median ms per image, "best_generalist", "best_ensemble",
+    "ratio": stats.LatencyRatio}``, the fastest ensemble over the fastest generalist (each the lowest median), the
+    per-round ratio of those two with its bootstrap interval. Both sides get the same choice, so the ratio is that of
+    the ensemble and the generalist each run as fast as this machine runs them, at this batch size."""
+    xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
+    p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
+    layouts = [lay for lay in inference.LAYOUTS if lay != "blocked" or xf.device.type == "cpu"]
+    fns = {}
+    for lay in layouts:
+        fns[f"generalist {lay}"] = (lambda g: lambda b: g(b[0]))(inference.PreparedClassifier(generalist, layout=lay))
+    for lay, own in ENSEMBLE_LAYOUTS:
+        if lay in layouts and own in layouts:
+            ens = inference.RoutedEnsemble(
+                generalist,
+                specs,
+                groups,
+                confident=args.skip_confident,
+                max_active=args.max_active,
+                layout=lay,
+                specialist_layout=own,
+            )
+            fns[f"ensemble {lay} / {own}"] = (lambda e: lambda b: e(b[0], routing_probs=b[1]))(ens)
+    out = {}
+    for bs in args.batch_sizes:
+        n = args.images_small if bs == 1 else args.images_large
+        t = evaluation.measure_latency_rounds(fns, _Batches(xf[:n], p_t[:n]), batch_size=bs, rounds=3 * args.repeats)
+        ms = {name: float(np.median(v)) * 1e3 for name, v in t.items()}
+        best_g = min((k for k in ms if k.startswith("generalist")), key=ms.__getitem__)
+        best_e = min((k for k in ms if k.startswith("ensemble")), key=ms.__getitem__)
+        out[bs] = {
+            "ms": ms,
+            "best_generalist": best_g,
+            "best_ensemble": best_e,
+            "ratio": stats.latency_ratio(t[best_e], t[best_g]),
+            "nchw": stats.latency_ratio(t["ensemble nchw / nchw"], t["generalist nchw"]),
+        }
     return out
 
 
@@ -452,6 +518,19 @@ def main(argv: list[str] | None = None) -> None:
                     f"prepared {r['prepared_fair']} | grouped {r['grouped_fair']}  (median of per-round ratios, "
                     "95% interval over rounds)"
                 )
+            if key == args.target_kind and not args.no_layouts:
+                for bs, r in layout_ratios(args, generalist, specs, x.to(device), p_route, groups).items():
+                    intervals[f"ratio_b{bs}_{key}_best"] = r["ratio"]
+                    ratios[f"ratio_b{bs}_{key}_best"] = r["ratio"].ratio
+                    print(
+                        f"memory layouts, batch {bs}, ms per image (median over rounds; "
+                        "ensemble = generalist's parts / specialists):"
+                    )
+                    print("  " + " | ".join(f"{name} {v:.4f}" for name, v in r["ms"].items()))
+                    print(
+                        f"  fastest: {r['best_ensemble']} over {r['best_generalist']}: {r['ratio']} "
+                        f"(both in nchw: {r['nchw']})"
+                    )
             if args.compile and key == args.target_kind:
                 r_compiled, seconds = compiled_ratio(args, generalist, specs, x.to(device), p_route, groups)
                 ratios[f"ratio_b1_{key}_compiled"] = r_compiled
@@ -479,15 +558,17 @@ def main(argv: list[str] | None = None) -> None:
         print()
     target = args.target_kind
     for bs in (1, 256):
-        if f"ratio_b{bs}_{target}_prepared_fair" in ratios:
-            ratios[f"ratio_b{bs}_shared"] = ratios[f"ratio_b{bs}_{target}_prepared_fair"]
-            intervals[f"ratio_b{bs}_shared"] = intervals[f"ratio_b{bs}_{target}_prepared_fair"]
+        for how in ("best", "prepared_fair"):  # the fastest layouts on both sides; with --no-layouts, NCHW on both
+            if f"ratio_b{bs}_{target}_{how}" in ratios:
+                ratios[f"ratio_b{bs}_shared"] = ratios[f"ratio_b{bs}_{target}_{how}"]
+                intervals[f"ratio_b{bs}_shared"] = intervals[f"ratio_b{bs}_{target}_{how}"]
+                break
     ratios["params_ratio_small"] = ratios[f"params_ratio_{target}"]
     names = [
         f"ratio_b{bs}_{kind}_{how}"
         for kind in ("dense", "smallhead", "delta")
         for bs in args.batch_sizes
-        for how in ("eager", "fused", "prepared", "grouped", "prepared_fair", "grouped_fair", "compiled")
+        for how in ("eager", "fused", "prepared", "grouped", "prepared_fair", "grouped_fair", "best", "compiled")
     ]
     names += [
         f"ratio_b{bs}_{kind}{suffix}" for kind in ("full", "scratch") for suffix in ("", "_kl") for bs in (1, 256)
@@ -502,8 +583,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nissue 22 target, k = {args.specialists}: batch 1 <= 1.5x, batch 256 <= 1.3x, parameters stored <= "
         f"{1 + 0.3 * args.specialists:.1f}x, for the specialist kind {target!r} (--target-kind), run prepared "
-        "(inference.RoutedEnsemble) over the generalist prepared the same way (inference.PreparedClassifier); its "
-        "accuracy against whole specialists is bench/cheap_seeds.py's"
+        "(inference.RoutedEnsemble) over the generalist prepared the same way (inference.PreparedClassifier), each "
+        "in its fastest memory layout at that batch size (NCHW on both with --no-layouts); its accuracy against "
+        "whole specialists is bench/cheap_seeds.py's"
     )
     for name, limit in (
         ("ratio_b1_shared", 1.5),

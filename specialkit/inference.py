@@ -16,6 +16,10 @@ rewrites them into an equivalent form that does less work per call, then routes 
 * **the specialists of one image in one call** (:class:`FusedSpecialists`): for one image, the specialists its
   generalist's top class switches on (two or three where groups overlap) run as one network whose first convolution
   holds all of theirs side by side and whose later convolutions are grouped (``groups`` = their number);
+* **a memory layout per part** (:func:`layout_steps`): ``"nchw"`` (PyTorch's default), ``"channels_last"`` or
+  ``"blocked"`` (oneDNN's own blocked tensors, CPU only), chosen separately for the generalist's parts and for the
+  specialists. Which is fastest depends on the machine and the batch size: on a 2-core CPU at batch 256 the
+  generalist ran about 2.9x faster blocked than in NCHW, at batch 1 slower (``bench/inference_cost.py`` times them);
 * **a dustbin head in two operations**: ``softmax([z_S, logsumexp(z_others) + c])`` equals the full softmax of the C
   logits (with ``c`` added to the other classes' biases) summed into the |S|+1 cells by a fixed 0/1 matrix, so the
   dustbin correction ``c`` is folded into the head's bias once.
@@ -39,8 +43,13 @@ from .errors import SpecialkitError
 from .evaluation import group_membership, routed_activation, shared_trunk_of
 
 __all__ = [
+    "LAYOUTS",
     "InferenceError",
     "prepared_layers",
+    "check_layout",
+    "layout_steps",
+    "to_layout",
+    "to_strided",
     "PreparedClassifier",
     "FastSpecialist",
     "FusedSpecialists",
@@ -114,6 +123,103 @@ def prepared_layers(layers: Iterable[nn.Module]) -> list[nn.Module]:
     return out
 
 
+LAYOUTS = ("nchw", "channels_last", "blocked")
+"""The memory layouts prepared networks can run in: PyTorch's default (N, C, H, W) strides, channels-last strides
+(``torch.channels_last``), and oneDNN's blocked tensors (``Tensor.to_mkldnn``; CPU only)."""
+
+_CHANNELWISE = (
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Identity,
+)
+"""Layers that act on every channel alike: one of them serves several specialists' channels side by side
+(:class:`FusedSpecialists`), and each runs on oneDNN's blocked tensors as it is."""
+
+
+def check_layout(layout: str, device: torch.device | str) -> None:
+    """Raise :class:`InferenceError` unless ``layout`` is one of :data:`LAYOUTS` and can run on ``device``."""
+    if layout not in LAYOUTS:
+        raise InferenceError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    if layout == "blocked" and (torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available()):
+        raise InferenceError(
+            f"layout 'blocked' (oneDNN's tensors) runs on a CPU with oneDNN only, not on {torch.device(device)}: "
+            "use 'channels_last' or 'nchw'"
+        )
+
+
+class _BlockedConv2d:
+    """A convolution on oneDNN's blocked tensors (``torch.mkldnn_convolution``), its weights converted once."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise InferenceError(
+                "layout 'blocked' needs convolutions with numeric zero padding; use 'channels_last' or 'nchw'"
+            )
+        weight = conv.weight.detach().float()
+        bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().float()
+        self.weight, self.bias = weight.to_mkldnn(), bias.to_mkldnn()
+        self.args = (conv.padding, conv.stride, conv.dilation, conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mkldnn_convolution(x, self.weight, self.bias, *self.args)
+
+
+def _in_layout(layer: nn.Module, layout: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if layout == "nchw":
+        return layer.forward
+    if layout == "channels_last":
+        has_4d = any(p.dim() == 4 for p in layer.parameters())
+        return (copy.deepcopy(layer).to(memory_format=torch.channels_last) if has_4d else layer).forward
+    if type(layer) is nn.Conv2d:
+        return _BlockedConv2d(layer).forward
+    if isinstance(layer, _CHANNELWISE):
+        return layer.forward
+    raise InferenceError(
+        f"a {type(layer).__name__} layer cannot run in layout 'blocked': use 'channels_last' or 'nchw'"
+    )
+
+
+def layout_steps(layers: Iterable[nn.Module], layout: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+    """The forward calls of ``layers`` (e.g. :func:`prepared_layers`' output) for tensors in ``layout``.
+
+    ``"nchw"`` gives the layers' own ``forward``; ``"channels_last"`` copies of the layers with 4-d weights in
+    channels-last strides; ``"blocked"`` convolutions on oneDNN's blocked tensors (weights converted once), for
+    convolutions without groups and the channel-wise layers only. Feed the first call :func:`to_layout`'s output; the
+    results equal the layers' own to float rounding (:func:`to_strided` turns a blocked one back). The layers never change.
+
+    Args:
+        layers: modules applied in order.
+        layout: one of :data:`LAYOUTS`.
+
+    Returns:
+        One callable per layer.
+
+    Raises:
+        InferenceError: an unknown layout, or a layer the blocked layout cannot run.
+    """
+    if layout not in LAYOUTS:
+        raise InferenceError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    return tuple(_in_layout(layer, layout) for layer in layers)
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` (N, C, H, W) in ``layout`` (a no-op where it already is)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "blocked":
+        return x if x.is_mkldnn else x.to_mkldnn()
+    return x
+
+
+def to_strided(x: torch.Tensor) -> torch.Tensor:
+    """An ordinary strided tensor from any layout (a blocked tensor converted back; others as they are)."""
+    return x.to_dense() if x.is_mkldnn else x
+
+
 def _run(steps: Sequence[Callable[[torch.Tensor], torch.Tensor]], h: torch.Tensor) -> torch.Tensor:
     for step in steps:
         h = step(h)
@@ -122,26 +228,29 @@ def _run(steps: Sequence[Callable[[torch.Tensor], torch.Tensor]], h: torch.Tenso
 
 class PreparedClassifier:
     """A classifier prepared for inference as :class:`RoutedEnsemble` prepares its generalist (:func:`prepared_layers`:
-    batch norm folded, leaf layers called directly): ``PreparedClassifier(model)(x)`` equals ``model.eval()(x)`` to
-    float rounding. Benchmarks time the ensemble against this, so a speed-up any network gets is not counted as the
-    ensemble's.
+    batch norm folded, leaf layers called directly; in ``layout``): ``PreparedClassifier(model)(x)`` equals
+    ``model.eval()(x)`` to float rounding. Benchmarks time the ensemble against this, so a speed-up any network gets
+    is not counted as the ensemble's.
 
     Args:
         model: a :class:`~specialkit.models.Classifier` (unchanged).
+        layout: the memory layout the body runs in (:data:`LAYOUTS`; ``"blocked"`` on a CPU only).
     """
 
-    def __init__(self, model: models.Classifier) -> None:
+    def __init__(self, model: models.Classifier, *, layout: str = "nchw") -> None:
+        check_layout(layout, model.input_scale.device)
+        self.layout = layout
         self.input_scale = model.input_scale.detach().clone()
         self.input_shift = model.input_shift.detach().clone()
         self.layers = prepared_layers(model.body)
         self.head = model.head
-        self._steps = tuple(layer.forward for layer in self.layers)  # no module hooks per call
+        self._steps = layout_steps(self.layers, layout)  # no module hooks per call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) float in [0, 1] -> (N, K) logits, without gradients."""
         with torch.no_grad():
-            h = _run(self._steps, torch.addcmul(self.input_shift.to(x.dtype), x, self.input_scale.to(x.dtype)))
-            return self.head.forward(h)
+            x = torch.addcmul(self.input_shift.to(x.dtype), x, self.input_scale.to(x.dtype))
+            return self.head.forward(to_strided(_run(self._steps, to_layout(x, self.layout))))
 
 
 def _first_conv(stage: nn.Module) -> nn.Module | None:
@@ -185,23 +294,34 @@ class FastSpecialist(nn.Module):
             ``Conv2d, BatchNorm2d``; its convolution's output is reused when the specialist's first layer is a
             low-rank delta on exactly that convolution), or None.
         dustbin_shift: the number added to the dustbin logit (``TrainedSpecialist.dustbin_shift``).
+        layout: the memory layout its layers run in (:data:`LAYOUTS`); its input may come in any layout.
 
     Attributes:
-        reuses: whether :meth:`forward` can take the generalist's (folded) first later convolution's output.
+        reuses: whether :meth:`forward` can take the generalist's (folded) first later convolution's output (never
+            in the blocked layout).
         layers: the own layers, deltas merged and batch norm folded (:func:`prepared_layers`).
     """
 
     def __init__(
-        self, specialist: models.SharedTrunkClassifier, generalist_block: nn.Module | None, *, dustbin_shift: float
+        self,
+        specialist: models.SharedTrunkClassifier,
+        generalist_block: nn.Module | None,
+        *,
+        dustbin_shift: float,
+        layout: str = "nchw",
     ) -> None:
         super().__init__()
         merged = models.merge_deltas(specialist).eval()
+        check_layout(layout, next(merged.parameters()).device)
+        self.layout = layout
         self.layers = nn.ModuleList(prepared_layers(merged.body))
         self.head, collapse = _head_and_collapse(merged.head, dustbin_shift)
         self.register_buffer("collapse", collapse.float())
-        self._dense = tuple(layer.forward for layer in self.layers)  # walked once per call: no module hooks
-        self.reuses = self._prepare_reuse(specialist, generalist_block)
+        self._dense = layout_steps(self.layers, layout)  # walked once per call: no module hooks
+        self.reuses = layout != "blocked" and self._prepare_reuse(specialist, generalist_block)
         self._after_first = self._dense[1:]
+        if self.reuses:
+            self._delta = layout_steps([self.down, self.up], layout)
         self.eval()
 
     def _prepare_reuse(self, specialist: models.SharedTrunkClassifier, block: nn.Module | None) -> bool:
@@ -246,27 +366,16 @@ class FastSpecialist(nn.Module):
     def forward(self, h: torch.Tensor, first_out: torch.Tensor | None = None) -> torch.Tensor:
         """(N, |S|+1) corrected probabilities from the trunk's output ``h`` (and, when :attr:`reuses` and given, the
         generalist's folded first later convolution's output ``first_out`` on the same rows)."""
+        h = to_layout(h, self.layout)
         if first_out is not None and self.reuses:
-            h = _run(self._after_first, torch.addcmul(self.up.forward(self.down.forward(h)), first_out, self.scale))
+            h = _run(self._after_first, torch.addcmul(_run(self._delta, h), first_out, self.scale))
         else:
             h = _run(self._dense, h)
-        return _probs(self.head.forward(h), self.collapse)
+        return _probs(self.head.forward(to_strided(h)), self.collapse)
 
 
 def _probs(z: torch.Tensor, collapse: torch.Tensor) -> torch.Tensor:
     return torch.softmax(z if z.dtype == torch.float32 else z.float(), dim=1) @ collapse
-
-
-_CHANNELWISE = (
-    nn.ReLU,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Flatten,
-    nn.Identity,
-)
-"""Layers that act on every channel alike, so one of them serves several specialists' channels side by side."""
 
 
 class FusedSpecialists(nn.Module):
@@ -385,6 +494,10 @@ class RoutedEnsemble:
         fuse: run the specialists one image switches on as one :class:`FusedSpecialists` call (batch 1, top-1
             routing, no group-mass threshold) instead of one by one; the same outputs. Off by default: on a 2-core
             CPU the grouped convolutions were slower than separate calls (``bench/inference_cost.py`` times both).
+            Needs ``specialist_layout="nchw"``.
+        layout: the memory layout the trunk and the generalist's later layers run in (:data:`LAYOUTS`).
+        specialist_layout: the layout the specialists run in (default: ``layout``). They see few rows each, where
+            another layout may be faster than for the generalist's whole batch (``bench/inference_cost.py``).
     """
 
     def __init__(
@@ -399,6 +512,8 @@ class RoutedEnsemble:
         confident: float = 1.0,
         max_active: int = 0,
         fuse: bool = False,
+        layout: str = "nchw",
+        specialist_layout: str | None = None,
     ) -> None:
         trunk = shared_trunk_of(specialists) if specialists else None
         if trunk is None:
@@ -418,16 +533,27 @@ class RoutedEnsemble:
             raise InferenceError(f"confident must be in (0, 1] (1 skips nothing), got {confident!r}")
         if not isinstance(max_active, int) or isinstance(max_active, bool) or max_active < 0:
             raise InferenceError(f"max_active must be a whole number >= 0 (0 = no limit), got {max_active!r}")
+        own_layout = layout if specialist_layout is None else specialist_layout
+        device = next(generalist.parameters()).device
+        check_layout(layout, device)
+        check_layout(own_layout, device)
+        if fuse and own_layout != "nchw":
+            raise InferenceError(f"fuse runs the specialists in layout 'nchw', not {own_layout!r}: drop one of them")
         shifts = [0.0] * len(specialists) if dustbin_shifts is None else [float(s) for s in dustbin_shifts]
         self.trunk = trunk
         self.generalist = generalist.eval()
+        self.layout, self.specialist_layout = layout, own_layout
         later = list(generalist.body)[generalist._split(trunk.stages) :]
         block = later[0] if later else None
-        self.specialists = [FastSpecialist(s, block, dustbin_shift=c) for s, c in zip(specialists, shifts, strict=True)]
-        self.reuses = bool(self.specialists) and all(s.reuses for s in self.specialists)
-        self._trunk_steps = tuple(layer.forward for layer in prepared_layers(trunk.layers))
+        self.specialists = [
+            FastSpecialist(s, block, dustbin_shift=c, layout=own_layout)
+            for s, c in zip(specialists, shifts, strict=True)
+        ]
+        # the specialists take the generalist's first later convolution's output where both are strided tensors
+        self.reuses = layout != "blocked" and bool(self.specialists) and all(s.reuses for s in self.specialists)
+        self._trunk_steps = layout_steps(prepared_layers(trunk.layers), layout)
         # with reuse, the first later layer is the folded convolution whose output the specialists take
-        self._later_steps = tuple(layer.forward for layer in prepared_layers(later))
+        self._later_steps = layout_steps(prepared_layers(later), layout)
         dropout = generalist.dropout
         self._dropout = None if isinstance(dropout, nn.Identity) or getattr(dropout, "p", 1.0) == 0 else dropout
         self.member = group_membership(groups, generalist.num_outputs, next(generalist.parameters()).device)
@@ -450,6 +576,7 @@ class RoutedEnsemble:
             h = _run(self._later_steps[1:], h)
         else:
             h = _run(self._later_steps, h)
+        h = to_strided(h)
         return self.generalist.head.forward(h if self._dropout is None else self._dropout(h)), first_out
 
     def __call__(
@@ -466,8 +593,10 @@ class RoutedEnsemble:
         self, xb: torch.Tensor, routing_probs: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
         t = self.trunk
-        h = _run(self._trunk_steps, torch.addcmul(t.input_shift.to(xb.dtype), xb, t.input_scale.to(xb.dtype)))
+        x = torch.addcmul(t.input_shift.to(xb.dtype), xb, t.input_scale.to(xb.dtype))
+        h = _run(self._trunk_steps, to_layout(x, self.layout))
         logits, first_out = self._generalist_later(h)
+        h = to_strided(h)  # the specialists' rows are picked from it
         p_gen = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=1)
         if len(xb) == 1 and self.top_n == 1 and self.threshold == 0:
             return self._route_one(h, p_gen, p_gen if routing_probs is None else routing_probs)

@@ -61,14 +61,27 @@ def _reference(g, specs, x, shifts, routing=None):
     return p_gen, fixed, active
 
 
+LAYOUT_PAIRS = [
+    ("nchw", None),
+    ("channels_last", None),
+    ("blocked", None),
+    ("blocked", "nchw"),
+    ("nchw", "channels_last"),
+]
+
+
 @pytest.mark.parametrize("kind", ["dense", "delta"])
 @pytest.mark.parametrize("batch", [1, 17])
-def test_it_gives_the_outputs_of_the_networks_as_trained(one_thread, nets, kind, batch):
+@pytest.mark.parametrize(("layout", "own_layout"), LAYOUT_PAIRS)
+def test_it_gives_the_outputs_of_the_networks_as_trained(one_thread, nets, kind, batch, layout, own_layout):
     g, dense, delta = nets
     specs = dense if kind == "dense" else delta
     shifts = [0.3, -0.7, 1.1]
-    fast = inference.RoutedEnsemble(g, specs, GROUPS, dustbin_shifts=shifts)
-    assert fast.reuses == (kind == "delta")  # a delta on the generalist's first later layer reuses its output
+    fast = inference.RoutedEnsemble(
+        g, specs, GROUPS, dustbin_shifts=shifts, layout=layout, specialist_layout=own_layout
+    )
+    # a delta on the generalist's first later layer reuses its output, where both are strided tensors
+    assert fast.reuses == (kind == "delta" and "blocked" not in (layout, own_layout))
     torch.manual_seed(2)
     x = torch.rand(batch, 1, 16, 16)
     routing = torch.softmax(3 * torch.randn(batch, C), dim=1)  # spreads the rows over every specialist
@@ -105,6 +118,36 @@ def test_a_prepared_classifier_gives_the_models_logits_and_leaves_it_unchanged(o
         torch.testing.assert_close(prepared(x), g(x), rtol=1e-4, atol=1e-5)
     assert all(torch.equal(v, g.state_dict()[k]) for k, v in before.items())
     assert not g.training
+
+
+@pytest.mark.parametrize("layout", inference.LAYOUTS)
+def test_a_prepared_classifier_gives_the_same_logits_in_every_layout(one_thread, nets, layout):
+    g = nets[0]
+    prepared = inference.PreparedClassifier(g, layout=layout)
+    x = torch.rand(9, 1, 16, 16)
+    with torch.no_grad():
+        got = prepared(x)
+        torch.testing.assert_close(got, g(x), rtol=1e-4, atol=1e-5)
+    assert not got.is_mkldnn and prepared.layout == layout
+    if layout == "channels_last":  # the model's own layers stay as they were
+        assert all(p.is_contiguous() for p in g.parameters())
+
+
+def test_layouts_are_checked_by_name(one_thread, nets):
+    g, dense, _ = nets
+    with pytest.raises(inference.InferenceError, match="layout must be one of nchw, channels_last, blocked"):
+        inference.PreparedClassifier(g, layout="nhwc")
+    with pytest.raises(inference.InferenceError, match="layout must be one of"):
+        inference.RoutedEnsemble(g, dense, GROUPS, specialist_layout="NCHW")
+    with pytest.raises(inference.InferenceError, match="fuse runs the specialists in layout 'nchw'"):
+        inference.RoutedEnsemble(g, dense, GROUPS, fuse=True, layout="blocked")
+    with pytest.raises(inference.InferenceError, match="runs on a CPU with oneDNN only, not on meta"):
+        inference.check_layout("blocked", "meta")
+    inference.RoutedEnsemble(g, dense, GROUPS, fuse=True, layout="blocked", specialist_layout="nchw")
+    with pytest.raises(inference.InferenceError, match="a BatchNorm2d layer cannot run in layout 'blocked'"):
+        inference.layout_steps([torch.nn.BatchNorm2d(3)], "blocked")
+    with pytest.raises(inference.InferenceError, match="numeric zero padding"):
+        inference.layout_steps([torch.nn.Conv2d(3, 3, 3, padding="same")], "blocked")
 
 
 def test_a_batch_norm_that_follows_no_convolution_is_kept():
@@ -193,3 +236,28 @@ def test_layers_that_cannot_be_fused_are_refused_by_name(overlapping):
     fast[1].layers[-1] = torch.nn.Linear(4, 4)
     with pytest.raises(inference.InferenceError, match="a Linear layer cannot be fused"):
         inference.FusedSpecialists(fast)
+
+
+def test_the_bench_compares_the_fastest_layout_of_each_side(one_thread, nets):
+    """bench/inference_cost.py's layout section: every layout timed, the fastest of each side picked, their ratio."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "inference_cost.py"
+    spec = importlib.util.spec_from_file_location("inference_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g, _, delta = nets
+    args = argparse.Namespace(
+        batch_sizes=[1, 4], images_small=3, images_large=8, repeats=1, skip_confident=1.0, max_active=0
+    )
+    x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    p_route = torch.softmax(3 * torch.randn(8, C), dim=1).numpy()
+    got = bench.layout_ratios(args, g, delta, x, p_route, GROUPS)
+    assert set(got) == {1, 4}
+    for r in got.values():
+        assert len(r["ms"]) == len(inference.LAYOUTS) + len(inference.LAYOUTS) ** 2
+        assert r["best_generalist"] == min((k for k in r["ms"] if k.startswith("generalist")), key=r["ms"].get)
+        assert r["best_ensemble"] == min((k for k in r["ms"] if k.startswith("ensemble")), key=r["ms"].get)
+        assert r["ratio"].rounds == 3 and r["ratio"].lo <= r["ratio"].ratio <= r["ratio"].hi
