@@ -253,7 +253,7 @@ def fused_ratios(
 
 
 ENSEMBLE_LAYOUTS = [(g, o) for g in inference.LAYOUTS for o in inference.LAYOUTS]
-"""(generalist's parts, specialists) memory layouts the target kind's ensemble is timed in (``--layouts``)."""
+"""(generalist's parts, specialists) memory layouts the target kind's ensemble is timed in (unless ``--no-layouts``)."""
 
 
 def layout_ratios(
@@ -267,9 +267,10 @@ def layout_ratios(
     """Batch size -> the generalist (``inference.PreparedClassifier``) in each memory layout and the prepared ensemble
     (``inference.RoutedEnsemble``) in each (generalist's parts, specialists) pair of layouts, all timed interleaved
     over 3 x ``--repeats`` rounds: ``{"ms": name -> median ms per image, "best_generalist", "best_ensemble",
-    "ratio": stats.LatencyRatio}``, the fastest ensemble over the fastest generalist (each the lowest median), the
-    per-round ratio of those two with its bootstrap interval. Both sides get the same choice, so the ratio is that of
-    the ensemble and the generalist each run as fast as this machine runs them, at this batch size."""
+    "ratio", "nchw"}``. ``ratio`` is the fastest ensemble over the fastest generalist (each the lowest median): the
+    per-round ratio of those two with its bootstrap interval (``stats.LatencyRatio``); ``nchw`` the same for both in
+    NCHW. Both sides get the same choice, so ``ratio`` is that of the ensemble and the generalist each run as fast as
+    this machine runs them, at this batch size."""
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
     layouts = [lay for lay in inference.LAYOUTS if lay != "blocked" or xf.device.type == "cpu"]
