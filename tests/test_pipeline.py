@@ -191,6 +191,7 @@ def test_the_ensembles_stage_saves_kl_as_the_paper_rule_and_kl_calibrated_on_the
 def test_killed_in_specialist_stage_resumes_to_the_same_numbers(finished, tmp_path):
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "specialkit.cli", "run", "--quick", "--no-progress", "--out", str(out), *FLAGS]
+    cmd[5:5] = ["--set", "latency=false"]  # a measurement _numbers leaves out anyway: 7 s of the suite saved
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     first = out / "quick" / "specialists"
     deadline = time.monotonic() + 600
@@ -253,6 +254,8 @@ def test_metrics_and_report_train_nothing_and_name_the_missing_stage(tmp_path):
 def test_seeds_run_one_folder_each_and_aggregate(tmp_path, capsys):
     tiny = [
         "--quick",
+        "--set",
+        "latency=false",  # not what is tested here, and 13 s of the suite
         "--no-progress",
         "--per-class",
         "8",
