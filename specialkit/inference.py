@@ -159,6 +159,10 @@ class _BlockedConv2d:
             raise InferenceError(
                 "layout 'blocked' needs convolutions with numeric zero padding; use 'channels_last' or 'nchw'"
             )
+        if conv.weight.dtype != torch.float32:
+            raise InferenceError(
+                f"layout 'blocked' runs float32 networks only, not {conv.weight.dtype}: use 'channels_last' or 'nchw'"
+            )
         weight = conv.weight.detach().float()
         bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().float()
         self.weight, self.bias = weight.to_mkldnn(), bias.to_mkldnn()
@@ -207,8 +211,9 @@ def layout_steps(layers: Iterable[nn.Module], layout: str) -> tuple[Callable[[to
 
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """``x`` (N, C, H, W) in ``layout`` (a no-op where it already is)."""
-    if layout == "channels_last":
+    """``x`` (N, C, H, W) in ``layout`` (a no-op where it already is, and for tensors of other shapes under
+    channels-last)."""
+    if layout == "channels_last" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     if layout == "blocked":
         return x if x.is_mkldnn else x.to_mkldnn()

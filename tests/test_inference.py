@@ -148,6 +148,10 @@ def test_layouts_are_checked_by_name(one_thread, nets):
         inference.layout_steps([torch.nn.BatchNorm2d(3)], "blocked")
     with pytest.raises(inference.InferenceError, match="numeric zero padding"):
         inference.layout_steps([torch.nn.Conv2d(3, 3, 3, padding="same")], "blocked")
+    with pytest.raises(inference.InferenceError, match="float32 networks only, not torch.float64"):
+        inference.layout_steps([torch.nn.Conv2d(3, 3, 3).double()], "blocked")
+    flat = torch.rand(2, 5)
+    assert inference.to_layout(flat, "channels_last") is flat  # not an image batch: left as it is
 
 
 def test_a_batch_norm_that_follows_no_convolution_is_kept():
