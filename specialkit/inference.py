@@ -137,7 +137,15 @@ _CHANNELWISE = (
     nn.Identity,
 )
 """Layers that act on every channel alike: one of them serves several specialists' channels side by side
-(:class:`FusedSpecialists`), and each runs on oneDNN's blocked tensors as it is."""
+(:class:`FusedSpecialists`)."""
+
+
+def _runs_blocked(layer: nn.Module) -> bool:
+    """Whether ``layer`` runs on oneDNN's blocked tensors as it is (checked on torch 2.14: adaptive max pooling
+    and adaptive average pooling to anything but one cell do not)."""
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return layer.output_size in (1, (1, 1))
+    return isinstance(layer, (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity))
 
 
 def check_layout(layout: str, device: torch.device | str) -> None:
@@ -180,7 +188,7 @@ def _in_layout(layer: nn.Module, layout: str) -> Callable[[torch.Tensor], torch.
         return (copy.deepcopy(layer).to(memory_format=torch.channels_last) if has_4d else layer).forward
     if type(layer) is nn.Conv2d:
         return _BlockedConv2d(layer).forward
-    if isinstance(layer, _CHANNELWISE):
+    if _runs_blocked(layer):
         return layer.forward
     raise InferenceError(
         f"a {type(layer).__name__} layer cannot run in layout 'blocked': use 'channels_last' or 'nchw'"
@@ -192,8 +200,9 @@ def layout_steps(layers: Iterable[nn.Module], layout: str) -> tuple[Callable[[to
 
     ``"nchw"`` gives the layers' own ``forward``; ``"channels_last"`` copies of the layers with 4-d weights in
     channels-last strides; ``"blocked"`` convolutions on oneDNN's blocked tensors (weights converted once), for
-    convolutions without groups and the channel-wise layers only. Feed the first call :func:`to_layout`'s output; the
-    results equal the layers' own to float rounding (:func:`to_strided` turns a blocked one back). The layers never change.
+    float32 convolutions, ReLU, max and average pooling, global average pooling, flatten and identity only. Feed the
+    first call :func:`to_layout`'s output; the results equal the layers' own to float rounding (:func:`to_strided`
+    turns a blocked one back). The layers never change.
 
     Args:
         layers: modules applied in order.
@@ -211,12 +220,13 @@ def layout_steps(layers: Iterable[nn.Module], layout: str) -> tuple[Callable[[to
 
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """``x`` (N, C, H, W) in ``layout`` (a no-op where it already is, and for tensors of other shapes under
-    channels-last)."""
-    if layout == "channels_last" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
+    """``x`` (N, C, H, W), in any layout, in ``layout`` (a no-op where it already is; a tensor of another shape is
+    only made strided for ``"nchw"`` and ``"channels_last"``)."""
     if layout == "blocked":
         return x if x.is_mkldnn else x.to_mkldnn()
+    x = to_strided(x)
+    if layout == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
     return x
 
 

@@ -150,8 +150,14 @@ def test_layouts_are_checked_by_name(one_thread, nets):
         inference.layout_steps([torch.nn.Conv2d(3, 3, 3, padding="same")], "blocked")
     with pytest.raises(inference.InferenceError, match="float32 networks only, not torch.float64"):
         inference.layout_steps([torch.nn.Conv2d(3, 3, 3).double()], "blocked")
+    for layer in (torch.nn.AdaptiveMaxPool2d(1), torch.nn.AdaptiveAvgPool2d(3)):  # oneDNN's tensors refuse these
+        with pytest.raises(inference.InferenceError, match=f"a {type(layer).__name__} layer cannot run in layout"):
+            inference.layout_steps([layer], "blocked")
     flat = torch.rand(2, 5)
     assert inference.to_layout(flat, "channels_last") is flat  # not an image batch: left as it is
+    image = torch.rand(2, 3, 4, 4)
+    back = inference.to_layout(inference.to_layout(image, "blocked"), "nchw")  # any layout in, strided out
+    assert not back.is_mkldnn and torch.equal(back, image)
 
 
 def test_a_batch_norm_that_follows_no_convolution_is_kept():
