@@ -446,7 +446,10 @@ def _cost_summary(metrics: dict[str, Any]) -> str:
     )
     return _p(
         f"Cost of inference per configuration ({how}); latency measured at batch 1 and 256, peak memory of the "
-        f"tensors alive at once over one batch of 256 test images."
+        f"tensors alive at once over one batch of 256 test images. Every network runs as trained, in PyTorch's "
+        f"default memory layout, on both sides: a like-for-like comparison, not each side at its fastest. On a CPU "
+        f"the layout alone can change the generalist's batch-256 latency about threefold, and the ratio with it; "
+        f"bench/inference_cost.py times each side in its fastest layout."
     ) + _table(pd.DataFrame(rows).set_index("model"))
 
 
