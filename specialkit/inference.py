@@ -221,13 +221,14 @@ def layout_steps(layers: Iterable[nn.Module], layout: str) -> tuple[Callable[[to
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """``x`` (N, C, H, W), in any layout, in ``layout`` (a no-op where it already is; a tensor of another shape is
-    only made strided for ``"nchw"`` and ``"channels_last"``)."""
+    only made strided for ``"nchw"`` and ``"channels_last"``). A convolution follows its input's strides, so an
+    ``"nchw"`` network fed channels-last rows would run channels-last: they are copied into NCHW order."""
     if layout == "blocked":
         return x if x.is_mkldnn else x.to_mkldnn()
     x = to_strided(x)
-    if layout == "channels_last" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+    if x.dim() != 4:
+        return x
+    return x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
 def to_strided(x: torch.Tensor) -> torch.Tensor:

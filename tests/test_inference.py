@@ -158,6 +158,9 @@ def test_layouts_are_checked_by_name(one_thread, nets):
     image = torch.rand(2, 3, 4, 4)
     back = inference.to_layout(inference.to_layout(image, "blocked"), "nchw")  # any layout in, strided out
     assert not back.is_mkldnn and torch.equal(back, image)
+    last = inference.to_layout(image, "channels_last")
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    assert inference.to_layout(last, "nchw").is_contiguous()  # NCHW networks get NCHW rows
 
 
 def test_a_batch_norm_that_follows_no_convolution_is_kept():
