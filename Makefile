@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -c "from specialkit import confusion; print(f'UMAP compiled into the numba cache: {confusion.warm_umap_cache():.0f} s')"
 	touch $(STAMP)
 
 ## The main job on the built-in offline dataset: the whole pipeline and its HTML report.

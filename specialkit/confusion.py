@@ -43,6 +43,7 @@ __all__ = [
     "class_similarity",
     "top_confused_pairs",
     "class_map",
+    "warm_umap_cache",
     "class_mean_features",
     "summarise",
     "CLASS_MAP_METHODS",
@@ -407,6 +408,31 @@ def class_map(
     else:
         raise ConfusionError(f"unknown method {method!r}; use one of {CLASS_MAP_METHODS}")
     return np.asarray(out, dtype=np.float64)
+
+
+def warm_umap_cache(seed: int = 0) -> float:
+    """Compile UMAP's numba code into numba's on-disk cache (:func:`_umap`) by mapping 12 random classes once, from
+    a precomputed distance matrix (as the clusters stage does) and from features, so that the first class map of
+    every later process loads the machine code in about a second instead of compiling it for about 30 s.
+    ``make setup`` runs it after installing; the class maps it makes are thrown away.
+
+    Args:
+        seed: the random classes' seed.
+
+    Returns:
+        The seconds it took (about 30 the first time on a 2-core CPU, a few once the cache is warm).
+    """
+    import time
+    import warnings
+
+    t0 = time.perf_counter()
+    x = np.random.default_rng(seed).normal(size=(12, 8))
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="using precomputed metric")  # UMAP's note: no inverse_transform
+        class_map(d, method="umap", metric="precomputed", seed=seed)
+    class_map(x, method="umap", seed=seed)
+    return time.perf_counter() - t0
 
 
 @functools.cache

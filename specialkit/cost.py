@@ -18,6 +18,9 @@ Every function takes a run read-only (a :class:`specialkit.view.RunView` or the 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import platform
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -313,6 +316,21 @@ def latency(run: Any, *, max_images: int = 512, repeats: int = 3) -> pd.DataFram
             repeats=repeats,
             max_images={1: min(64, len(x)), 256: len(x)},
         )
+
+
+def latency_key(run: Any) -> str:
+    """What :func:`latency`'s numbers depend on, hashed: the networks and the routing (the ``ensembles`` stage key,
+    which chains the generalist's, the clusters' and the specialists'), the device, the machine, the intra-op thread
+    count and the torch version. ``compute_metrics`` reuses a run's earlier measurement only under the same key."""
+    device = next(run.generalist().model.parameters()).device
+    parts = {
+        "ensembles": run.key("ensembles"),
+        "device": str(device),
+        "machine": [platform.node(), platform.machine(), platform.processor()],
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cost_summary(

@@ -218,6 +218,11 @@ def launch_specialists(
     return todo
 
 
+LOCAL_RESULT_WAIT_S = 3
+"""Seconds submitit waits for a finished local job's result file before calling the job failed (its default, 15, is
+for cluster filesystems that show a file late); a killed local job is reported this much sooner."""
+
+
 def _submit(run: Any, todo: list[int], settings: JobSettings, *, log: Callable[[str], None]) -> None:
     cores = affinity_cores()
     local = settings.cluster in ("local", "debug") or (settings.cluster is None and _which() != "slurm")
@@ -233,6 +238,9 @@ def _submit(run: Any, todo: list[int], settings: JobSettings, *, log: Callable[[
         f"{', '.join(map(str, todo))}; {at_once} at once, {cpus} thread{'s' if cpus != 1 else ''} each"
     )
     jobs = executor.map_array(train_specialists_job, [str(run.folder)] * len(chunks), chunks, [cpus] * len(chunks))
+    if local:  # a finished local job's result is on this disk at once; submitit waits 15 s for slow cluster filesystems
+        for job in jobs:
+            job._results_timeout_s = LOCAL_RESULT_WAIT_S
     log(f"[specialists] jobs {', '.join(j.job_id for j in jobs)} (logs in {run.folder / 'jobs'})")
     failed: list[str] = []
     for chunk, job in zip(chunks, jobs):

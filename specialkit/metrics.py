@@ -47,6 +47,7 @@ __all__ = [
     "dustbin_effect",
     "cost_points",
     "latency",
+    "measured_latency",
     "cost_summary",
     "stage_seconds",
     "aggregate_seeds",
@@ -389,9 +390,26 @@ def results_on_test(run: RunView) -> dict[str, np.ndarray]:
     return out
 
 
-def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, Any]:
+def measured_latency(run: RunView, previous: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """(:func:`~specialkit.cost.latency`'s records, :func:`~specialkit.cost.latency_key`): those of ``previous`` (a
+    run's earlier metrics) where they were measured under the same key, else measured now."""
+    key = cost.latency_key(run)
+    before = (previous or {}).get("cost") or {}
+    if before.get("latency_key") == key and before.get("latency"):
+        return before["latency"], key
+    return _records(latency(run)), key
+
+
+def compute_metrics(
+    run: RunView, *, measure_latency: bool = True, previous: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """All numbers of a finished run as a JSON-able dict; a :class:`MissingStageError` if a stage is missing (it reads
-    the run through a :class:`~specialkit.view.RunView`, so nothing trains)."""
+    the run through a :class:`~specialkit.view.RunView`, so nothing trains).
+
+    ``previous`` (the run's earlier metrics) lends its latency measurement when it was taken of the same networks and
+    routing, on the same machine and thread count (:func:`~specialkit.cost.latency_key`; recorded as
+    ``cost.latency_key``): recomputing the metrics after a student stage finishes does not time the ensemble again.
+    """
     run = view_of(run)
     results = results_on_test(run)
     ds, cfg = run.dataset(), run.config
@@ -497,8 +515,9 @@ def compute_metrics(run: RunView, *, measure_latency: bool = True) -> dict[str, 
             "examples_seen": run.student_matched().examples_seen,
             "budget": cost.student_budget(run),
         }
-    lat = _records(latency(run)) if measure_latency and gen.model is not None else None
-    if lat is not None:
+    lat = None
+    if measure_latency and gen.model is not None:
+        lat, m["cost"]["latency_key"] = measured_latency(run, previous)
         m["cost"]["latency"] = lat
     m["cost"]["summary"] = cost_summary(run, lat, flops=flops) if gen.model is not None else None
     return finite(m)

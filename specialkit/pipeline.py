@@ -16,6 +16,7 @@ read-only view the numbers take (:mod:`specialkit.view`).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -377,10 +378,19 @@ class Run:
         return RunView(self)
 
     def metrics(self) -> dict[str, Any]:
-        """Every number of the run (also written to ``metrics.json``); trains nothing."""
-        m = metrics.compute_metrics(self.view(), measure_latency=self.config.latency)
+        """Every number of the run (also written to ``metrics.json``); trains nothing. The latency measurement of the
+        ``metrics.json`` already there is kept when its networks, routing, machine and thread count are the same
+        (:func:`specialkit.metrics.compute_metrics`)."""
+        m = metrics.compute_metrics(self.view(), measure_latency=self.config.latency, previous=self._metrics_on_disk())
         runs.atomic_write_json(self.folder / "metrics.json", m)
         return m
+
+    def _metrics_on_disk(self) -> dict[str, Any] | None:
+        """The ``metrics.json`` this run wrote last, or None (none, or unreadable: then nothing is reused)."""
+        try:
+            return json.loads((self.folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def stage_settings(run: Run, group: str) -> dict[str, Any]:

@@ -195,3 +195,15 @@ def test_umaps_compiled_functions_cache_their_code_on_disk_for_the_next_process(
     fns = [f for f in vars(umap.umap_).values() if isinstance(f, CPUDispatcher)]
     assert fns and all(type(f._cache).__name__ == "FunctionCache" for f in fns)
     assert cf._umap() is umap  # a second call changes nothing
+
+
+def test_warming_the_umap_cache_leaves_its_compiled_code_on_disk():
+    """``make setup`` runs ``warm_umap_cache`` so a fresh process's first class map loads UMAP's machine code instead
+    of compiling it (about 30 s): after it, the layout optimiser has run and numba's cache holds its index file."""
+    from pathlib import Path
+
+    assert cf.warm_umap_cache() > 0
+    fn = cf._umap().layouts._nb_optimize_layout_euclidean_single_epoch
+    assert fn.signatures  # compiled (or loaded from the cache) for the inputs class maps give it
+    index = Path(fn.stats.cache_path)
+    assert any(p.name.startswith(f"layouts.{fn.py_func.__name__}-") for p in index.glob("*.nbi"))

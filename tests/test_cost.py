@@ -155,3 +155,24 @@ def test_the_student_matched_generalist_spends_the_students_whole_budget(counted
     )
     # it buys more than the compute-matched generalist: the student's passes and its teacher's come on top
     assert budget["student_matched_passes"] > cost.compute_budget(run.view())["compute_matched_passes"]
+
+
+def test_recomputed_metrics_keep_the_latency_measured_of_the_same_networks_on_the_same_machine(tiny):
+    """``metrics.measured_latency``: a run's earlier measurement is reused only under the same ``cost.latency_key``
+    (networks, routing, machine, thread count); under any other key the ensemble is timed again."""
+    from specialkit.metrics import measured_latency
+
+    view = tiny.view()
+    first, key = measured_latency(view)
+    assert first and key == cost.latency_key(view)
+    earlier = {"cost": {"latency": first, "latency_key": key}}
+    assert measured_latency(view, earlier) == (first, key)  # the same records, not timed again
+    stale = {"cost": {"latency": first, "latency_key": "another machine"}}
+    again, key_now = measured_latency(view, stale)
+    assert key_now == key and again != first  # timed again: other seconds
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert cost.latency_key(view) != key  # another thread count is another measurement
+    finally:
+        torch.set_num_threads(threads)

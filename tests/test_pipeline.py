@@ -34,6 +34,7 @@ def _numbers(metrics: dict) -> dict:
     """Every number that must not depend on an interruption (latency is a measurement, left out)."""
     m = json.loads(json.dumps(metrics))
     m["cost"].pop("latency", None)
+    m["cost"].pop("latency_key", None)
     for row in m["cost"].get("summary", []):
         row.pop("ms_per_image_b1", None), row.pop("ms_per_image_b256", None)
     m.pop("timings", None)
