@@ -321,7 +321,10 @@ def latency(run: Any, *, max_images: int = 512, repeats: int = 3) -> pd.DataFram
 def latency_key(run: Any) -> str:
     """What :func:`latency`'s numbers depend on, hashed: the networks and the routing (the ``ensembles`` stage key,
     which chains the generalist's, the clusters' and the specialists'), the device, the machine, the intra-op thread
-    count and the torch version. ``compute_metrics`` reuses a run's earlier measurement only under the same key."""
+    count and the torch and specialkit versions (a newer kit may time otherwise). ``compute_metrics`` reuses a run's
+    earlier measurement only under the same key."""
+    from . import __version__
+
     device = next(run.generalist().model.parameters()).device
     parts = {
         "ensembles": run.key("ensembles"),
@@ -329,6 +332,7 @@ def latency_key(run: Any) -> str:
         "machine": [platform.node(), platform.machine(), platform.processor()],
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "specialkit": __version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
