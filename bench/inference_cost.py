@@ -51,7 +51,7 @@ their cost). ``--skip-confident c`` routes no image whose generalist top-1 proba
 (``ensemble.activation``'s ``confident``; pick it on validation images with ``frontier.choose_confident``, as
 ``bench/cheap_seeds.py`` does); it needs real routing, so ``--run``.
 
-    .venv/bin/python bench/inference_cost.py            # about a minute on 2 CPU cores
+    .venv/bin/python bench/inference_cost.py            # about 3.5 minutes on 2 CPU cores (--no-layouts: 2)
     .venv/bin/python bench/inference_cost.py --device cuda --images-large 2048
     .venv/bin/python bench/inference_cost.py --run runs/demo --shared-stages 1 --delta-rank 8 --skip-confident 0.7
 """
