@@ -425,9 +425,11 @@ def warm_umap_cache(seed: int = 0) -> float:
     import time
     import warnings
 
+    from scipy.spatial.distance import pdist, squareform
+
     t0 = time.perf_counter()
     x = np.random.default_rng(seed).normal(size=(12, 8))
-    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    d = squareform(pdist(x))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="using precomputed metric")  # UMAP's note: no inverse_transform
         class_map(d, method="umap", metric="precomputed", seed=seed)

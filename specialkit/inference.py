@@ -148,10 +148,14 @@ def _runs_blocked(layer: nn.Module) -> bool:
     return isinstance(layer, (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity))
 
 
-def check_layout(layout: str, device: torch.device | str) -> None:
-    """Raise :class:`InferenceError` unless ``layout`` is one of :data:`LAYOUTS` and can run on ``device``."""
+def _known_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise InferenceError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+
+
+def check_layout(layout: str, device: torch.device | str) -> None:
+    """Raise :class:`InferenceError` unless ``layout`` is one of :data:`LAYOUTS` and can run on ``device``."""
+    _known_layout(layout)
     if layout == "blocked" and (torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available()):
         raise InferenceError(
             f"layout 'blocked' (oneDNN's tensors) runs on a CPU with oneDNN only, not on {torch.device(device)}: "
@@ -214,8 +218,7 @@ def layout_steps(layers: Iterable[nn.Module], layout: str) -> tuple[Callable[[to
     Raises:
         InferenceError: an unknown layout, or a layer the blocked layout cannot run.
     """
-    if layout not in LAYOUTS:
-        raise InferenceError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    _known_layout(layout)
     return tuple(_in_layout(layer, layout) for layer in layers)
 
 
