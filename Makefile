@@ -26,17 +26,20 @@ study: $(STAMP)
 
 ## Lint, then every test: the notebooks (nbval) and the real-browser widget test included. A Chromium
 ## for that test comes from PATH, apt (as root) or Playwright; without one: one line saying what to install.
+## The tests run in $(TEST_WORKERS) pytest-xdist workers, one torch thread each (conftest.py: a worker takes a
+## whole test file, one worker all the notebooks in order); `make test TEST_WORKERS=0` runs them in this one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) tools/ensure_browser.py
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 ## The same without the real-browser test (no browser needed).
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -m "not browser"
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not browser"
 
 ## ruff's checks and its formatter's check (configured in pyproject.toml; `ruff format .` formats).
 lint: $(STAMP)

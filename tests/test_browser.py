@@ -71,6 +71,7 @@ def lab(tmp_path_factory):
     env["SPECIALKIT_SMOKE"] = os.environ.get("SPECIALKIT_SMOKE", "1")  # the root conftest sets it; kernels inherit it
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("MPLBACKEND", "Agg")
+    env["SPECIALKIT_RUNS"] = str(root / "runs")  # its own run folders, apart from the notebooks' (run beside it)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with bh.jupyter_lab(root, env=env, log_path=ARTIFACTS / "jupyter-server.log") as server:
         yield server, f"{folder.name}/{notebook.name}", _artifact_name(notebook)

@@ -14,7 +14,6 @@ import torch
 
 from specialkit import cli, metrics, report, study
 from specialkit.config import PipelineConfig
-from specialkit.pipeline import runs_root
 
 TINY = dict(
     per_class=4,
@@ -33,7 +32,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """The base settings of :func:`study.quick_spec` (so notebook 07 can open the study made here)."""
+    """The base settings of :func:`study.quick_spec`, the quick study notebook 07 runs."""
     path = tmp_path_factory.mktemp("study-base") / "tiny.json"
     PipelineConfig.from_dict(study.quick_spec().base).save(path)
     return path
@@ -53,11 +52,7 @@ def _wait_for(pattern_root, pattern, proc, timeout=180.0):
 @pytest.fixture(scope="module")
 def finished(base, tmp_path_factory):
     """The study run as a real process, SIGKILLed once a specialist is done, then rerun to the end (in-process)."""
-    out = (
-        runs_root()
-    )  # the tests' fresh runs folder: notebook 07 (quick mode) then opens this study instead of running it
-    if (out / study.QUICK_STUDY).exists():
-        out = tmp_path_factory.mktemp("studies")
+    out = tmp_path_factory.mktemp("studies")  # its own folder: notebook 07 may run the quick study at the same time
     args = [
         "study",
         "--base",
