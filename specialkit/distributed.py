@@ -8,6 +8,11 @@ stop with an error instead of waiting for ever. Every rank draws the same epoch 
 seeded generator and trains on its slice (:func:`shard`); ``DistributedDataParallel`` averages the
 gradients (:func:`wrap`); only rank 0 writes files (:func:`is_main`). Outside torchrun all of this
 is a no-op: one process, world size 1.
+
+The backend is NCCL where CUDA is available (one GPU per process on the node) and gloo otherwise;
+``$SPECIALKIT_DIST_BACKEND`` (``nccl`` or ``gloo``) chooses. gloo with CUDA lets more processes than
+GPUs share them (process ``LOCAL_RANK`` on GPU ``LOCAL_RANK mod count``): two processes on one GPU, as
+``tools/device_check.sh`` runs them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from .errors import ConfigError
 
 __all__ = [
     "TIMEOUT_ENV",
+    "BACKEND_ENV",
+    "choose_backend",
     "requested",
     "init_from_env",
     "rank_and_world",
@@ -36,6 +43,28 @@ __all__ = [
 
 TIMEOUT_ENV = "SPECIALKIT_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300
+BACKEND_ENV = "SPECIALKIT_DIST_BACKEND"
+BACKENDS = ("nccl", "gloo")
+
+
+def choose_backend(requested_backend: str | None, local_rank: int, cuda_devices: int) -> tuple[str, int | None]:
+    """(backend, the CUDA device this process uses or None for the CPU) for process ``local_rank`` of a node
+    with ``cuda_devices`` GPUs; ``requested_backend`` (``$SPECIALKIT_DIST_BACKEND``) None or "" = NCCL with
+    CUDA, gloo without. NCCL needs one GPU per process; gloo shares them (``local_rank mod cuda_devices``)."""
+    backend = (requested_backend or ("nccl" if cuda_devices else "gloo")).strip().lower()
+    if backend not in BACKENDS:
+        raise ConfigError(f"{BACKEND_ENV}={requested_backend!r} is not a backend: use one of {', '.join(BACKENDS)}")
+    if not cuda_devices:
+        if backend == "nccl":
+            raise ConfigError(f"{BACKEND_ENV}=nccl needs CUDA, and this machine has no GPU: unset it (gloo on CPU)")
+        return backend, None
+    if backend == "nccl" and local_rank >= cuda_devices:
+        raise ConfigError(
+            f"process {local_rank} of this node has no GPU of its own ({cuda_devices} here) and NCCL needs one per "
+            f"process: start at most {cuda_devices} per node (torchrun --nproc-per-node {cuda_devices}), or set "
+            f"{BACKEND_ENV}=gloo to share the GPUs"
+        )
+    return backend, local_rank % cuda_devices
 
 
 def requested() -> bool:
@@ -47,7 +76,9 @@ def requested() -> bool:
 
 
 def init_from_env(*, timeout_s: float | None = None) -> bool:
-    """Join the process group torchrun describes (gloo on CPU, NCCL when CUDA is available); True if joined.
+    """Join the process group torchrun describes (:func:`choose_backend`: gloo on CPU, NCCL when CUDA is
+    available, else ``$SPECIALKIT_DIST_BACKEND``); True if joined. With CUDA, the process's GPU becomes the
+    current device.
 
     ``timeout_s`` (default ``$SPECIALKIT_DIST_TIMEOUT_S`` or 300 s) bounds every collective: a rank that
     died makes the others fail after it.
@@ -55,9 +86,11 @@ def init_from_env(*, timeout_s: float | None = None) -> bool:
     if not requested() or dist.is_initialized():
         return dist.is_initialized()
     seconds = float(timeout_s if timeout_s is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend, gpu = choose_backend(os.environ.get(BACKEND_ENV), local_rank, cuda)
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return True
 

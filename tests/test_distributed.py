@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from specialkit import checkpoints, distributed, pipeline
 from specialkit.config import PipelineConfig
+from specialkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(
@@ -34,23 +36,55 @@ def test_shard_is_the_identity_outside_a_process_group():
     assert distributed.rank_and_world() == (0, 1) and torch.equal(distributed.shard(order), order)
 
 
+def test_the_backend_is_nccl_with_a_gpu_per_process_gloo_without_and_the_variable_chooses():
+    assert distributed.choose_backend(None, 0, 0) == ("gloo", None)
+    assert distributed.choose_backend("", 1, 2) == ("nccl", 1)
+    assert distributed.choose_backend("gloo", 3, 2) == ("gloo", 1)  # gloo shares the GPUs: rank 3 on GPU 1
+    assert distributed.choose_backend(" GLOO ", 0, 0) == ("gloo", None)
+    with pytest.raises(
+        ConfigError, match=r"no GPU of its own \(1 here\).*--nproc-per-node 1.*SPECIALKIT_DIST_BACKEND=gloo"
+    ):
+        distributed.choose_backend(None, 1, 1)
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        distributed.choose_backend("nccl", 0, 0)
+    with pytest.raises(ConfigError, match="'mpi' is not a backend: use one of nccl, gloo"):
+        distributed.choose_backend("mpi", 0, 0)
+
+
+def _torchrun(folder: Path, nproc: int = 2) -> list[str]:
+    """``torchrun --nproc-per-node nproc`` of ``specialkit generalist`` on the run ``folder``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "specialkit.cli",
+        "generalist",
+        "--run-folder",
+        str(folder),
+    ]
+
+
+def test_a_backend_this_machine_cannot_run_is_one_line_per_rank(tmp_path):
+    run = pipeline.Run(tmp_path / "ddp", PipelineConfig.quick(**SETTINGS), log=lambda s: None)
+    backend = "nccl" if not torch.cuda.is_available() else "mpi"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", distributed.BACKEND_ENV: backend}
+    out = subprocess.run(_torchrun(run.folder), capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("specialkit: error:")]
+    assert len(lines) == 2 and all("SPECIALKIT_DIST_BACKEND" in line for line in lines), out.stderr[-2000:]
+    assert "exitcode: 2" in out.stderr  # the kit's exit code for bad settings (torchrun adds its own traceback)
+    assert not (run.stage_dir("generalist") / "state.pt").exists()
+
+
 def test_torchrun_two_gloo_processes_train_a_generalist(tmp_path):
     cfg = PipelineConfig.quick(**SETTINGS)
     ddp = pipeline.Run(tmp_path / "ddp", cfg, log=lambda s: None)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "specialkit.cli",
-            "generalist",
-            "--run-folder",
-            str(ddp.folder),
-        ],
+        _torchrun(ddp.folder),
         capture_output=True,
         text=True,
         env=env,
@@ -85,18 +119,7 @@ def test_a_rank_that_dies_stops_the_job_and_the_rerun_resumes(tmp_path):
     cfg = PipelineConfig.quick(**{**SETTINGS, "epochs": 30})
     run = pipeline.Run(tmp_path / "ddp", cfg, log=lambda s: None)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "specialkit.cli",
-        "generalist",
-        "--run-folder",
-        str(run.folder),
-    ]
+    cmd = _torchrun(run.folder)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     state = run.stage_dir("generalist") / "state.pt"
     deadline = time.monotonic() + 120
