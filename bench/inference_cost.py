@@ -87,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=5, help="timed passes (the best is kept)")
     p.add_argument(
+        "--blocks",
+        type=int,
+        default=3,
+        help="the layout section's measure phase: times the two sides, each built afresh, are taken in this many "
+        "blocks of 2 x --repeats rounds (the ratio's interval resamples blocks and rounds)",
+    )
+    p.add_argument(
         "--shared-stages", type=int, default=None, help="stages the shared specialists share (default depth - 1)"
     )
     p.add_argument("--rules", nargs="+", default=["kl", "top_confident", "moe"], choices=["kl", "top_confident", "moe"])
@@ -264,44 +271,68 @@ def layout_ratios(
     p_route: np.ndarray,
     groups: list[np.ndarray],
 ) -> dict[int, dict]:
-    """Batch size -> the generalist (``inference.PreparedClassifier``) in each memory layout and the prepared ensemble
-    (``inference.RoutedEnsemble``) in each (generalist's parts, specialists) pair of layouts, all timed interleaved
-    over 3 x ``--repeats`` rounds: ``{"ms": name -> median ms per image, "best_generalist", "best_ensemble",
-    "ratio", "nchw"}``. ``ratio`` is the fastest ensemble over the fastest generalist (each the lowest median): the
-    per-round ratio of those two with its bootstrap interval (``stats.LatencyRatio``); ``nchw`` the same for both in
-    NCHW. Both sides get the same choice, so ``ratio`` is that of the ensemble and the generalist each run as fast as
-    this machine runs them, at this batch size."""
+    """Batch size -> the generalist (``inference.PreparedClassifier``) and the prepared ensemble
+    (``inference.RoutedEnsemble``) each in its fastest memory layout, and their ratio: ``{"ms": name -> median ms per
+    image, "best_generalist", "best_ensemble", "ratio", "nchw"}``.
+
+    Two phases per batch size. *Choose*: the generalist in each layout and the ensemble in each (generalist's parts,
+    specialists) pair, timed interleaved over ``--repeats`` rounds (``ms``); the fastest of each side is the one with
+    the lowest median. *Measure*: in each of ``--blocks`` blocks the chosen two and both in NCHW are built afresh and
+    timed interleaved over 2 x ``--repeats`` rounds; ``ratio`` (the chosen pair) and ``nchw`` are
+    ``stats.latency_ratio`` over those rounds, resampling blocks and rounds. Choosing on other rounds than those
+    measured keeps the choice's luck (the lowest of nine noisy medians) out of the ratio, and the blocks put the
+    variation between builds (where the tensors land in memory) into its interval. Both sides get the same choice, so
+    ``ratio`` is that of the ensemble and the generalist each run as fast as this machine runs them."""
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
     layouts = [lay for lay in inference.LAYOUTS if lay != "blocked" or xf.device.type == "cpu"]
-    fns = {}
-    for lay in layouts:
-        fns[f"generalist {lay}"] = (lambda g: lambda b: g(b[0]))(inference.PreparedClassifier(generalist, layout=lay))
-    for lay, own in ENSEMBLE_LAYOUTS:
-        if lay in layouts and own in layouts:
-            ens = inference.RoutedEnsemble(
-                generalist,
-                specs,
-                groups,
-                confident=args.skip_confident,
-                max_active=args.max_active,
-                layout=lay,
-                specialist_layout=own,
-            )
-            fns[f"ensemble {lay} / {own}"] = (lambda e: lambda b: e(b[0], routing_probs=b[1]))(ens)
+
+    def build(name: str):  # a fresh callable for "generalist <layout>" or "ensemble <layout> / <layout>"
+        kind, _, rest = name.partition(" ")
+        if kind == "generalist":
+            g = inference.PreparedClassifier(generalist, layout=rest)
+            return lambda b: g(b[0])
+        lay, own = rest.split(" / ")
+        ens = inference.RoutedEnsemble(
+            generalist,
+            specs,
+            groups,
+            confident=args.skip_confident,
+            max_active=args.max_active,
+            layout=lay,
+            specialist_layout=own,
+        )
+        return lambda b: ens(b[0], routing_probs=b[1])
+
+    names = [f"generalist {lay}" for lay in layouts]
+    names += [f"ensemble {lay} / {own}" for lay, own in ENSEMBLE_LAYOUTS if lay in layouts and own in layouts]
+    nchw = ("ensemble nchw / nchw", "generalist nchw")
     out = {}
     for bs in args.batch_sizes:
-        n = args.images_small if bs == 1 else args.images_large
-        t = evaluation.measure_latency_rounds(fns, _Batches(xf[:n], p_t[:n]), batch_size=bs, rounds=3 * args.repeats)
-        ms = {name: float(np.median(v)) * 1e3 for name, v in t.items()}
-        best_g = min((k for k in ms if k.startswith("generalist")), key=ms.__getitem__)
-        best_e = min((k for k in ms if k.startswith("ensemble")), key=ms.__getitem__)
+        batches = _Batches(*(t[: args.images_small if bs == 1 else args.images_large] for t in (xf, p_t)))
+        chosen = evaluation.measure_latency_rounds(
+            {name: build(name) for name in names}, batches, batch_size=bs, rounds=args.repeats
+        )
+        ms = {name: float(np.median(v)) * 1e3 for name, v in chosen.items()}
+        best = (
+            min((k for k in ms if k.startswith("ensemble")), key=ms.__getitem__),
+            min((k for k in ms if k.startswith("generalist")), key=ms.__getitem__),
+        )
+        timed: dict[str, list[np.ndarray]] = {name: [] for name in {*best, *nchw}}
+        for _ in range(args.blocks):
+            t = evaluation.measure_latency_rounds(
+                {name: build(name) for name in timed}, batches, batch_size=bs, rounds=2 * args.repeats
+            )
+            for name, v in t.items():
+                timed[name].append(v)
+        blocks = np.repeat(np.arange(args.blocks), 2 * args.repeats)
+        joined = {name: np.concatenate(v) for name, v in timed.items()}
         out[bs] = {
             "ms": ms,
-            "best_generalist": best_g,
-            "best_ensemble": best_e,
-            "ratio": stats.latency_ratio(t[best_e], t[best_g]),
-            "nchw": stats.latency_ratio(t["ensemble nchw / nchw"], t["generalist nchw"]),
+            "best_ensemble": best[0],
+            "best_generalist": best[1],
+            "ratio": stats.latency_ratio(joined[best[0]], joined[best[1]], blocks=blocks),
+            "nchw": stats.latency_ratio(joined[nchw[0]], joined[nchw[1]], blocks=blocks),
         }
     return out
 
@@ -524,13 +555,13 @@ def main(argv: list[str] | None = None) -> None:
                     intervals[f"ratio_b{bs}_{key}_best"] = r["ratio"]
                     ratios[f"ratio_b{bs}_{key}_best"] = r["ratio"].ratio
                     print(
-                        f"memory layouts, batch {bs}, ms per image (median over rounds; "
+                        f"memory layouts, batch {bs}, ms per image (median over the {args.repeats} rounds that choose; "
                         "ensemble = generalist's parts / specialists):"
                     )
                     print("  " + " | ".join(f"{name} {v:.4f}" for name, v in r["ms"].items()))
                     print(
-                        f"  fastest: {r['best_ensemble']} over {r['best_generalist']}: {r['ratio']} "
-                        f"(both in nchw: {r['nchw']})"
+                        f"  fastest: {r['best_ensemble']} over {r['best_generalist']}, timed again, built afresh in "
+                        f"each of {r['ratio'].blocks} blocks: {r['ratio']} (both in nchw: {r['nchw']})"
                     )
             if args.compile and key == args.target_kind:
                 r_compiled, seconds = compiled_ratio(args, generalist, specs, x.to(device), p_route, groups)
@@ -596,7 +627,8 @@ def main(argv: list[str] | None = None) -> None:
         if name in intervals:
             r = intervals[name]
             print(
-                f"{name}={r.ratio:.3f}  (95% interval [{r.lo:.3f}, {r.hi:.3f}] over {r.rounds} rounds: {r.against(limit)}: <= {limit:.1f})"
+                f"{name}={r.ratio:.3f}  (95% interval [{r.lo:.3f}, {r.hi:.3f}] over {r.rounds} rounds"
+                f"{f' in {r.blocks} blocks' if r.blocks > 1 else ''}: {r.against(limit)}: <= {limit:.1f})"
             )
         elif name in ratios:
             print(f"{name}={ratios[name]:.3f}  ({'met' if ratios[name] <= limit else 'NOT met'}: <= {limit:.1f})")

@@ -299,14 +299,17 @@ class LatencyRatio:
 
     Attributes:
         ratio: the median over rounds of ``numerator / denominator`` within a round.
-        lo, hi: a percentile-bootstrap 95% interval of that median, resampling rounds.
+        lo, hi: a percentile-bootstrap 95% interval of that median, resampling rounds (and blocks, where there are
+            several: see :func:`latency_ratio`).
         rounds: the rounds timed.
+        blocks: the blocks the rounds came in (1: one).
     """
 
     ratio: float
     lo: float
     hi: float
     rounds: int
+    blocks: int = 1
 
     def against(self, limit: float) -> str:
         """``"met"`` when the whole interval is at or under ``limit``, ``"not met"`` when it is all above, else
@@ -320,16 +323,26 @@ class LatencyRatio:
 
 
 def latency_ratio(
-    numerator: np.ndarray, denominator: np.ndarray, *, resamples: int = 2000, seed: int = 0
+    numerator: np.ndarray,
+    denominator: np.ndarray,
+    *,
+    blocks: np.ndarray | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
 ) -> LatencyRatio:
     """The ratio of two callables' latencies timed interleaved (``evaluation.measure_latency_rounds``), with its
     uncertainty: a ratio is taken within each round, where both met the same load, and the median of the per-round
     ratios is reported with a bootstrap interval over rounds (``scipy.stats.bootstrap``, percentile method), so a
     machine that speeds up or slows down between rounds widens the interval instead of moving the number.
 
+    Rounds may come in blocks, each timing the two built afresh (new tensors, new memory): a block's rounds vary
+    less than blocks do, so the interval then resamples blocks and, within each block drawn, its rounds (a
+    two-level percentile bootstrap of the median of all rounds drawn).
+
     Args:
         numerator: (R,) seconds per image of the callable measured, one per round.
         denominator: (R,) seconds per image of the reference, same rounds.
+        blocks: (R,) the block of each round (any labels); None = one block.
         resamples: bootstrap resamples.
         seed: the bootstrap's seed.
 
@@ -341,10 +354,22 @@ def latency_ratio(
         raise StatsError(f"need two equal (R,) arrays of per-round times with R >= 2; got shapes {a.shape}, {b.shape}")
     if not (np.all(a > 0) and np.all(b > 0)):
         raise StatsError("latencies must be positive seconds; a zero or negative time is a timing error")
+    labels = np.zeros(len(a), dtype=np.int64) if blocks is None else np.asarray(blocks)
+    if labels.shape != a.shape:
+        raise StatsError(f"blocks must label each of the {len(a)} rounds; got shape {labels.shape}")
     r = a / b
+    groups = [r[labels == u] for u in np.unique(labels)]
     if np.ptp(r) == 0:
-        return LatencyRatio(float(r[0]), float(r[0]), float(r[0]), len(r))
-    ci = _st.bootstrap(
-        (r,), np.median, n_resamples=resamples, method="percentile", random_state=np.random.default_rng(seed)
-    ).confidence_interval
-    return LatencyRatio(float(np.median(r)), float(ci.low), float(ci.high), len(r))
+        return LatencyRatio(float(r[0]), float(r[0]), float(r[0]), len(r), len(groups))
+    if len(groups) == 1:
+        ci = _st.bootstrap(
+            (r,), np.median, n_resamples=resamples, method="percentile", random_state=np.random.default_rng(seed)
+        ).confidence_interval
+        return LatencyRatio(float(np.median(r)), float(ci.low), float(ci.high), len(r))
+    rng = np.random.default_rng(seed)
+    boot = np.empty(resamples)
+    for i in range(resamples):
+        drawn = (groups[j] for j in rng.integers(0, len(groups), len(groups)))
+        boot[i] = np.median(np.concatenate([g[rng.integers(0, len(g), len(g))] for g in drawn]))
+    lo, hi = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
+    return LatencyRatio(float(np.median(r)), float(lo), float(hi), len(r), len(groups))

@@ -81,6 +81,26 @@ def test_a_latency_ratio_is_taken_within_rounds_so_a_machine_slowing_down_does_n
     assert (exact.ratio, exact.lo, exact.hi) == (2.0, 2.0, 2.0)
 
 
+def test_a_latency_ratio_over_blocks_holds_the_variation_between_blocks():
+    """Rounds tight within a block, blocks apart (networks built afresh land elsewhere in memory): the interval over
+    rounds alone is too narrow; the two-level one spans the blocks."""
+    rng = np.random.default_rng(1)
+    shifts = np.repeat([1.25, 1.32, 1.40], 10)  # three blocks of ten rounds
+    reference = rng.uniform(0.9, 1.1, 30)
+    measured = reference * shifts * rng.uniform(0.995, 1.005, 30)
+    labels = np.repeat([0, 1, 2], 10)
+    rounds_only = stats.latency_ratio(measured, reference)
+    blocked = stats.latency_ratio(measured, reference, blocks=labels)
+    assert blocked.ratio == rounds_only.ratio and (blocked.rounds, blocked.blocks, rounds_only.blocks) == (30, 3, 1)
+    assert blocked.hi - blocked.lo > 1.5 * (rounds_only.hi - rounds_only.lo)
+    assert blocked.lo < 1.27 and blocked.hi > 1.38  # reaches towards both outer blocks
+    assert blocked.against(1.3) == "undecided"
+    one = stats.latency_ratio(measured, reference, blocks=np.zeros(30))  # one block: the rounds-only interval
+    assert (one.lo, one.hi) == (rounds_only.lo, rounds_only.hi)
+    with pytest.raises(stats.StatsError, match="blocks must label each of the 30 rounds"):
+        stats.latency_ratio(measured, reference, blocks=labels[:5])
+
+
 @pytest.mark.parametrize(
     ("a", "b", "match"),
     [
