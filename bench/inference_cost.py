@@ -27,7 +27,8 @@ For the target kind (``--target-kind``) it then times the generalist (``inferenc
 memory layout of ``inference.LAYOUTS`` (NCHW, channels-last, oneDNN's blocked tensors) and the prepared ensemble in
 each pair of layouts (the generalist's parts, the specialists), and takes the fastest of each side at each batch size:
 on a CPU the layout can change the generalist's batch-256 latency about threefold, so a ratio over a generalist
-left in a slow layout flatters the ensemble.
+left in a slow layout flatters the ensemble. The fastest are chosen on rounds of their own and timed again, built
+afresh in ``--blocks`` blocks, for the ratio and its interval (``layout_ratios``).
 
 It ends with ratio lines, conditional execution over the generalist's latency, in the same process and threads,
 best of ``--repeats`` repeats: ``ratio_b{1,256}_{kind}_{eager,fused,prepared,grouped}`` (and
