@@ -29,13 +29,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """With pytest-xdist installed, its workers take the units of :class:`_XdistUnits`."""
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistUnits(), "specialkit-xdist-units")
 
 
 class _XdistUnits:
-    """pytest-xdist's unit of work, whatever ``--dist`` says: a whole test file (its module fixtures are built once, in one worker), and all
-    the notebooks together, in order, in one worker (each notebook opens the run the ones before it made)."""
+    """pytest-xdist's unit of work, whatever ``--dist`` says: a whole test file (its module fixtures are built once,
+    in one worker), and all the notebooks together, in order, in one worker (each notebook opens the run the ones
+    before it made). xdist's own ``--dist loadgroup`` cannot do this under pytest 9.2, which ignores the node ids
+    xdist rewrites for it."""
 
     @pytest.hookimpl
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: object) -> object:
