@@ -284,6 +284,8 @@ def layout_ratios(
     measured keeps the choice's luck (the lowest of nine noisy medians) out of the ratio, and the blocks put the
     variation between builds (where the tensors land in memory) into its interval. Both sides get the same choice, so
     ``ratio`` is that of the ensemble and the generalist each run as fast as this machine runs them."""
+    if args.blocks < 1 or args.repeats < 1:
+        raise SystemExit(f"--blocks and --repeats must be at least 1; got {args.blocks} and {args.repeats}")
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
     layouts = [lay for lay in inference.LAYOUTS if lay != "blocked" or xf.device.type == "cpu"]
