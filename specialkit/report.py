@@ -448,8 +448,10 @@ def _cost_summary(metrics: dict[str, Any]) -> str:
         f"Cost of inference per configuration ({how}); latency measured at batch 1 and 256, peak memory of the "
         f"tensors alive at once over one batch of 256 test images. Every network runs as trained, in PyTorch's "
         f"default memory layout, on both sides: a like-for-like comparison, not each side at its fastest. On a CPU "
-        f"the layout alone can change the generalist's batch-256 latency about threefold, and the ratio with it; "
-        f"bench/inference_cost.py times each side in its fastest layout."
+        f"the layout alone can change the generalist's batch-256 latency about threefold, and the ratio with it. "
+        f"The times are one build's, the median of a few passes, with no interval: two builds of the same networks "
+        f"can differ by more than their passes do (up to 15% on a 2-core CPU). bench/inference_cost.py times each "
+        f"side in its fastest layout, with intervals over rounds and fresh builds."
     ) + _table(pd.DataFrame(rows).set_index("model"))
 
 

@@ -107,6 +107,7 @@ def test_uninterrupted_run_writes_every_artifact(finished):
         "McNemar",
         "compute-matched generalist",
         "not each side at its fastest",  # the latencies say how they were measured
+        "the median of a few passes, with no interval",
     ):
         assert heading in page
     assert page.count("Plotly.newPlot") >= 10 and '<script src="http' not in page  # plotly.js embedded: works offline
