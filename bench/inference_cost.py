@@ -60,6 +60,8 @@ their cost). ``--skip-confident c`` routes no image whose generalist top-1 proba
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -91,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--blocks",
         type=int,
         default=3,
-        help="the layout section's measure phase: times the two sides, each built afresh, are taken in this many "
-        "blocks of 2 x --repeats rounds (the ratio's interval resamples blocks and rounds)",
+        help="latency ratios are timed in this many blocks, every network built afresh for each (the intervals "
+        "resample blocks and rounds): blocks of --repeats rounds, and of 2 x --repeats in the layout section's "
+        "measure phase",
     )
     p.add_argument(
         "--shared-stages", type=int, default=None, help="stages the shared specialists share (default depth - 1)"
@@ -142,7 +145,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the shared-trunk kind whose prepared ratios are printed as ratio_b1_shared / ratio_b256_shared / "
         "params_ratio_small (issue 22's target lines)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.blocks < 1 or args.repeats < 1 or args.blocks * args.repeats < 2:
+        p.error(
+            f"--blocks and --repeats must be at least 1, with 2 rounds or more in all; got {args.blocks} and {args.repeats}"
+        )
+    return args
 
 
 def finished_run(args: argparse.Namespace) -> dict:
@@ -205,8 +213,9 @@ def fused_ratios(
     groups: list[np.ndarray],
 ) -> dict[int, dict[str, stats.LatencyRatio]]:
     """Batch size -> conditional latency of each path over the generalist's, every path and both generalists timed
-    interleaved over 3 x ``--repeats`` rounds (``evaluation.measure_latency_rounds``): the median of the per-round ratios
-    with a bootstrap 95% interval over rounds (``stats.latency_ratio``).
+    interleaved (``evaluation.measure_latency_rounds``) in ``--blocks`` blocks of ``--repeats`` rounds, every network
+    built afresh (copied) for each block: the median of the per-round ratios with a bootstrap 95% interval over blocks
+    and rounds (``stats.latency_ratio``).
 
     Eager is ``evaluation.ensemble_forward`` with ``ensemble.activation`` (what the tables time); fused is
     ``evaluation.routed_forward`` (the routing in torch, no numpy round trip; low-rank deltas merged into dense
@@ -219,44 +228,50 @@ def fused_ratios(
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     member = evaluation.group_membership(groups, args.classes, xf.device)
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
-    merged = [models.merge_deltas(s) for s in specs]
     sure = args.skip_confident
     most = args.max_active
-    prepared = inference.RoutedEnsemble(generalist, specs, groups, confident=sure, max_active=most)
-    grouped = inference.RoutedEnsemble(generalist, specs, groups, confident=sure, max_active=most, fuse=True)
-    generalist_prepared = inference.PreparedClassifier(generalist)
 
-    def eager(b: tuple[torch.Tensor, torch.Tensor]) -> None:
-        evaluation.ensemble_forward(
-            generalist,
-            specs,
-            b[0],
-            lambda p: ensemble.activation(p, groups, confident=sure, max_active=most),
-            routing_probs=b[1].cpu().numpy(),
-        )
+    def build() -> dict:  # every path over networks copied afresh (one deepcopy keeps the specialists' shared trunk)
+        g, *sp = copy.deepcopy([generalist, *specs])
+        merged = [models.merge_deltas(s) for s in sp]
+        prepared = inference.RoutedEnsemble(g, sp, groups, confident=sure, max_active=most)
+        grouped = inference.RoutedEnsemble(g, sp, groups, confident=sure, max_active=most, fuse=True)
+        g_prepared = inference.PreparedClassifier(g)
 
-    def fused(b: tuple[torch.Tensor, torch.Tensor]) -> None:
-        evaluation.routed_forward(generalist, merged, b[0], member, confident=sure, max_active=most, routing_probs=b[1])
+        def eager(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+            evaluation.ensemble_forward(
+                g,
+                sp,
+                b[0],
+                lambda p: ensemble.activation(p, groups, confident=sure, max_active=most),
+                routing_probs=b[1].cpu().numpy(),
+            )
+
+        def fused(b: tuple[torch.Tensor, torch.Tensor]) -> None:
+            evaluation.routed_forward(g, merged, b[0], member, confident=sure, max_active=most, routing_probs=b[1])
+
+        return {
+            "generalist": lambda b: g(b[0]),
+            "generalist_prepared": lambda b: g_prepared(b[0]),
+            "eager": eager,
+            "fused": fused,
+            "prepared": lambda b: prepared(b[0], routing_probs=b[1]),
+            "grouped": lambda b: grouped(b[0], routing_probs=b[1]),
+        }
 
     out = {}
-    fns = {
-        "generalist": lambda b: generalist(b[0]),
-        "generalist_prepared": lambda b: generalist_prepared(b[0]),
-        "eager": eager,
-        "fused": fused,
-        "prepared": lambda b: prepared(b[0], routing_probs=b[1]),
-        "grouped": lambda b: grouped(b[0], routing_probs=b[1]),
-    }
+    ratio = functools.partial(stats.latency_ratio, blocks=np.repeat(np.arange(args.blocks), args.repeats))
     for bs in args.batch_sizes:
         n = args.images_small if bs == 1 else args.images_large
-        t = evaluation.measure_latency_rounds(fns, _Batches(xf[:n], p_t[:n]), batch_size=bs, rounds=3 * args.repeats)
-        out[bs] = {
-            name: stats.latency_ratio(t[name], t["generalist"]) for name in ("eager", "fused", "prepared", "grouped")
-        }
-        out[bs].update(
-            {f"{name}_fair": stats.latency_ratio(t[name], t["generalist_prepared"]) for name in ("prepared", "grouped")}
-        )
-        out[bs]["generalist_prepared"] = stats.latency_ratio(t["generalist_prepared"], t["generalist"])
+        batches = _Batches(xf[:n], p_t[:n])
+        parts = [
+            evaluation.measure_latency_rounds(build(), batches, batch_size=bs, rounds=args.repeats)
+            for _ in range(args.blocks)
+        ]
+        t = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        out[bs] = {name: ratio(t[name], t["generalist"]) for name in ("eager", "fused", "prepared", "grouped")}
+        out[bs].update({f"{name}_fair": ratio(t[name], t["generalist_prepared"]) for name in ("prepared", "grouped")})
+        out[bs]["generalist_prepared"] = ratio(t["generalist_prepared"], t["generalist"])
     return out
 
 
@@ -284,8 +299,6 @@ def layout_ratios(
     measured keeps the choice's luck (the lowest of nine noisy medians) out of the ratio, and the blocks put the
     variation between builds (where the tensors land in memory) into its interval. Both sides get the same choice, so
     ``ratio`` is that of the ensemble and the generalist each run as fast as this machine runs them."""
-    if args.blocks < 1 or args.repeats < 1:
-        raise SystemExit(f"--blocks and --repeats must be at least 1; got {args.blocks} and {args.repeats}")
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
     layouts = [lay for lay in inference.LAYOUTS if lay != "blocked" or xf.device.type == "cpu"]
@@ -551,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"prepared, grouped calls {r['grouped']}; over the generalist prepared the same way "
                     f"(inference.PreparedClassifier, {r['generalist_prepared']} the generalist as trained): "
                     f"prepared {r['prepared_fair']} | grouped {r['grouped_fair']}  (median of per-round ratios, "
-                    "95% interval over rounds)"
+                    f"95% interval over {args.blocks} blocks of fresh builds and their rounds)"
                 )
             if key == args.target_kind and not args.no_layouts:
                 for bs, r in layout_ratios(args, generalist, specs, x.to(device), p_route, groups).items():
