@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of a lent device machine, in one call: the quick pipeline, the training-throughput bench, the
-# inference-cost bench (issue 22's ratios) and the DDP tests, all on CUDA. Each step's whole log lands in $OUT (what
+# inference-cost bench (issue 22's ratios: its kind on a real run where tools/device_wheels.sh copied one, else the
+# bench's default setting) and the DDP tests, all on CUDA. Each step's whole log lands in $OUT (what
 # comes back); a failing step is reported with its log's tail and the next one runs.
 #
 #   here, once:     bash tools/device_wheels.sh          (the packages that machine lacks, into .whl/)
@@ -40,7 +41,12 @@ print('torch', torch.__version__, 'specialkit', specialkit.__version__, \
 torch.cuda.get_device_name() if cuda else 'no CUDA'); assert cuda or '$DEVICE' == 'cpu', 'no CUDA here'"
 step quick "$PYTHON" -m specialkit.cli run --quick --out "$OUT/runs" --set device="$DEVICE" progress=false html_report=false
 step throughput "$PYTHON" bench/train_throughput.py --device "$DEVICE" --repeats 2
-step inference "$PYTHON" bench/inference_cost.py --device "$DEVICE" --images-small 64 --images-large 512 --repeats 3
+if [ -f .whl/run/config.json ]; then  # issue 22's kind on the run tools/device_wheels.sh copied, its real routing
+    step inference "$PYTHON" bench/inference_cost.py --device "$DEVICE" --run .whl/run --shared-stages 1 --delta-rank 8 \
+        --skip-confident 0.7 --max-active 1 --images-small 64 --images-large 1024 --repeats 3
+else
+    step inference "$PYTHON" bench/inference_cost.py --device "$DEVICE" --images-small 64 --images-large 512 --repeats 3
+fi
 step ddp env SPECIALKIT_DIST_BACKEND=gloo "$PYTHON" -m pytest -o addopts="" -p no:cacheprovider -q tests/test_distributed.py
 echo "== $failed step(s) failed; logs in $OUT"
 exit "$failed"
