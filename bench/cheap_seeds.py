@@ -11,7 +11,9 @@ confidence skip (``ensemble.activation``'s ``confident``: no specialist runs for
 probability exceeds it), its value chosen per seed on the validation images by ``frontier.choose_confident`` (the
 lowest of ``frontier.CONFIDENTS`` that changes at most 0.1% of the validation answers; no labels read); with
 ``--max-active n`` also those delta specialists (with that skip) running at most n specialists per image, the ones
-whose group holds the most generalist mass (``ensemble.activation``'s ``max_active``). Then, on the
+whose group holds the most generalist mass (``ensemble.activation``'s ``max_active``); with ``--route-share s``
+also the delta specialists routing a share s of the images, a cost budget (the skip set per seed on the validation
+images by ``frontier.confident_for_share``, no labels read; with ``--max-active`` when given). Then, on the
 test images, every kind's ``kl`` ensemble against the
 whole specialists' ``kl``: per seed the difference with its paired-bootstrap interval and McNemar's p; across seeds
 the mean difference with the two-level bootstrap interval (seeds and test images), Holm-adjusted over the kinds,
@@ -59,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="also the delta specialists (with the chosen confidence skip when --confidence-skip) routing each image "
         "to at most this many specialists, those whose group holds the most generalist mass",
+    )
+    p.add_argument(
+        "--route-share",
+        type=float,
+        default=None,
+        help="also the delta specialists routing at most this share of the images (a cost budget): the confidence "
+        "skip set per seed on the validation images by frontier.confident_for_share (no labels read), with "
+        "--max-active when given",
     )
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -132,6 +142,15 @@ def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str
             f"specialists/image",
             flush=True,
         )
+    if args.route_share is not None:
+        budget = frontier.confident_for_share(delta.generalist().probs("val"), args.route_share)
+        out["delta_share"], routed = capped_correct(delta, budget, args.max_active)
+        print(
+            f"  {out_dir.name}: route share {args.route_share:g} (confidence skip {budget:.3f}, set on validation): "
+            f"{routed['fraction_routed']:.1%} of test images routed, {routed['specialists_per_image']:.2f} "
+            f"specialists/image",
+            flush=True,
+        )
     if args.max_active:
         out["delta_max"], routed = capped_correct(delta, chosen, args.max_active)
         print(
@@ -178,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         "delta_max": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas"
         + (", confidence skip" if args.confidence_skip else "")
         + f", at most {args.max_active} specialist(s) per image",
+        "delta_share": f"shared {args.shared_stages} stages, rank-{args.delta_rank} deltas, at most "
+        f"{args.route_share} of the images routed (the skip set on validation)"
+        + (f", at most {args.max_active} specialist(s) per image" if args.max_active else ""),
     }
     print(f"\nacross {len(per_seed)} seeds, kl against kl with whole specialists (points, two-level bootstrap 95%):")
     for (kind, tl), p_adj in zip(results.items(), adjusted):

@@ -50,7 +50,12 @@ the specialists per image are the real ones (groups may overlap: more than one s
 specialists of every kind are still made from the generalist with the run's groups (their weights do not change
 their cost). ``--skip-confident c`` routes no image whose generalist top-1 probability exceeds ``c``
 (``ensemble.activation``'s ``confident``; pick it on validation images with ``frontier.choose_confident``, as
-``bench/cheap_seeds.py`` does); it needs real routing, so ``--run``.
+``bench/cheap_seeds.py`` does); it needs real routing, so ``--run``. ``--route-share s`` sets ``c`` from a cost
+budget instead: the value that routes a share ``s`` of the run's validation images (``frontier.confident_for_share``).
+
+The layout section also times a *fusion bound*: the generalist plus one specialist run once on all the routed rows,
+with no routing. Running M specialists with their own weights cannot cost less, so it tells how much fusing their
+calls could gain at best (``fusion_bound_b*``).
 
     .venv/bin/python bench/inference_cost.py            # about 3.5 minutes on 2 CPU cores (--no-layouts: 2)
     .venv/bin/python bench/inference_cost.py --device cuda --images-large 2048
@@ -71,7 +76,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specialkit import ensemble, evaluation, inference, models, specialists, stats  # noqa: E402
+from specialkit import ensemble, evaluation, frontier, inference, models, specialists, stats  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="route no image whose generalist top-1 probability exceeds this (1 = every image; needs --run)",
     )
     p.add_argument(
+        "--route-share",
+        type=float,
+        default=None,
+        help="route at most this share of the images, a cost budget: sets --skip-confident from the run's validation "
+        "images (frontier.confident_for_share; no labels read; needs --run)",
+    )
+    p.add_argument(
         "--max-active",
         type=int,
         default=0,
@@ -146,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "params_ratio_small (issue 22's target lines)",
     )
     args = p.parse_args(argv)
+    if args.route_share is not None and (args.run is None or args.skip_confident < 1):
+        p.error("--route-share sets the confidence skip from a finished run: pass --run FOLDER and no --skip-confident")
     if args.blocks < 1 or args.repeats < 1 or args.blocks * args.repeats < 2:
         p.error(
             f"--blocks and --repeats must be at least 1, with 2 rounds or more in all; got {args.blocks} and {args.repeats}"
@@ -176,6 +190,7 @@ def finished_run(args: argparse.Namespace) -> dict:
         "x": ds.x_test,
         "x_fit": ds.x_train[:256],
         "p_gen": run.generalist().probs("test"),
+        "p_val": run.generalist().probs("val"),
         "channels": ds.channels,
         "size": ds.image_size,
     }
@@ -192,16 +207,17 @@ def images(args: argparse.Namespace, n: int) -> torch.Tensor:
 
 
 class _Batches:
-    """Images and the routing distributions of the same rows, sliced together for ``evaluation.measure_latency``."""
+    """Images and the routing distributions of the same rows (and any more tensors with a row per image), sliced
+    together for ``evaluation.measure_latency``."""
 
-    def __init__(self, x: torch.Tensor, p: torch.Tensor) -> None:
-        self.x, self.p, self.is_cuda, self.device = x, p, x.is_cuda, x.device
+    def __init__(self, x: torch.Tensor, p: torch.Tensor, *more: torch.Tensor) -> None:
+        self.x, self.p, self.more, self.is_cuda, self.device = x, p, more, x.is_cuda, x.device
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, s: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[s], self.p[s]
+    def __getitem__(self, s: slice) -> tuple[torch.Tensor, ...]:
+        return (self.x[s], self.p[s], *(t[s] for t in self.more))
 
 
 def fused_ratios(
@@ -298,16 +314,39 @@ def layout_ratios(
     ``stats.latency_ratio`` over those rounds, resampling blocks and rounds. Choosing on other rounds than those
     measured keeps the choice's luck (the lowest of nine noisy medians) out of the ratio, and the blocks put the
     variation between builds (where the tensors land in memory) into its interval. Both sides get the same choice, so
-    ``ratio`` is that of the ensemble and the generalist each run as fast as this machine runs them."""
+    ``ratio`` is that of the ensemble and the generalist each run as fast as this machine runs them.
+
+    ``bound`` (timed in the same rounds) is the chosen generalist plus *one* specialist (the first, in the chosen
+    specialists' layout) run once on all the batch's routed rows of the trunk's output, computed beforehand: what
+    running every routed row in one call would cost if all the specialists had one set of weights, with no routing.
+    No execution of M specialists with their own weights can be cheaper, so it bounds what fusing their calls could
+    gain."""
     xf = x.float().div(255.0) if x.dtype == torch.uint8 else x
     p_t = torch.as_tensor(p_route, dtype=torch.float32, device=xf.device)
     layouts = [lay for lay in inference.LAYOUTS if lay != "blocked" or xf.device.type == "cpu"]
+    routed = torch.as_tensor(
+        ensemble.activation(p_route, groups, confident=args.skip_confident, max_active=args.max_active).any(axis=1),
+        device=xf.device,
+    )
+    with torch.no_grad():
+        h_trunk = specs[0].shared_trunk(xf)  # the trunk's output of every image (NCHW), for the bound
 
-    def build(name: str):  # a fresh callable for "generalist <layout>" or "ensemble <layout> / <layout>"
+    def build(name: str):  # a fresh callable for "generalist <layout>", "ensemble <layout> / <layout>" or "bound ..."
         kind, _, rest = name.partition(" ")
         if kind == "generalist":
             g = inference.PreparedClassifier(generalist, layout=rest)
             return lambda b: g(b[0])
+        if kind == "bound":
+            lay, own = rest.split(" / ")
+            g = inference.PreparedClassifier(generalist, layout=lay)
+            one = inference.FastSpecialist(specs[0], None, dustbin_shift=0.0, layout=own)
+
+            def bound(b: tuple[torch.Tensor, ...]) -> None:
+                g(b[0])
+                if bool(b[3].any()):
+                    one.forward(b[2][b[3]])
+
+            return bound
         lay, own = rest.split(" / ")
         ens = inference.RoutedEnsemble(
             generalist,
@@ -325,7 +364,8 @@ def layout_ratios(
     nchw = ("ensemble nchw / nchw", "generalist nchw")
     out = {}
     for bs in args.batch_sizes:
-        batches = _Batches(*(t[: args.images_small if bs == 1 else args.images_large] for t in (xf, p_t)))
+        n = args.images_small if bs == 1 else args.images_large
+        batches = _Batches(*(t[:n] for t in (xf, p_t, h_trunk, routed)))
         chosen = evaluation.measure_latency_rounds(
             {name: build(name) for name in names}, batches, batch_size=bs, rounds=args.repeats
         )
@@ -334,7 +374,8 @@ def layout_ratios(
             min((k for k in ms if k.startswith("ensemble")), key=ms.__getitem__),
             min((k for k in ms if k.startswith("generalist")), key=ms.__getitem__),
         )
-        timed: dict[str, list[np.ndarray]] = {name: [] for name in {*best, *nchw}}
+        lower = f"bound {best[1].split(' ')[1]} / {best[0].split(' / ')[1]}"
+        timed: dict[str, list[np.ndarray]] = {name: [] for name in {*best, *nchw, lower}}
         for _ in range(args.blocks):
             t = evaluation.measure_latency_rounds(
                 {name: build(name) for name in timed}, batches, batch_size=bs, rounds=2 * args.repeats
@@ -349,6 +390,8 @@ def layout_ratios(
             "best_generalist": best[1],
             "ratio": stats.latency_ratio(joined[best[0]], joined[best[1]], blocks=blocks),
             "nchw": stats.latency_ratio(joined[nchw[0]], joined[nchw[1]], blocks=blocks),
+            "bound": stats.latency_ratio(joined[lower], joined[best[1]], blocks=blocks),
+            "routed": float(routed[:n].float().mean()),
         }
     return out
 
@@ -434,6 +477,12 @@ def main(argv: list[str] | None = None) -> None:
         real = finished_run(args)
         generalist, groups = real["generalist"].to(device), real["groups"]
         channels, size = real["channels"], real["size"]
+        if args.route_share is not None:
+            args.skip_confident = frontier.confident_for_share(real["p_val"], args.route_share)
+            print(
+                f"route share {args.route_share:g}: confidence skip {args.skip_confident:.4f}, set on the run's "
+                "validation images (frontier.confident_for_share)"
+            )
     else:
         gen_cfg = models.ModelConfig(
             name="cnn", num_classes=args.classes, in_channels=1, image_size=32, width=args.width, depth=args.depth
@@ -579,6 +628,13 @@ def main(argv: list[str] | None = None) -> None:
                         f"  fastest: {r['best_ensemble']} over {r['best_generalist']}, timed again, built afresh in "
                         f"each of {r['ratio'].blocks} blocks: {r['ratio']} (both in nchw: {r['nchw']})"
                     )
+                    intervals[f"fusion_bound_b{bs}"] = r["bound"]
+                    ratios[f"fusion_bound_b{bs}"] = r["bound"].ratio
+                    print(
+                        f"  fusion bound (the generalist + one specialist run once on the {r['routed']:.1%} of rows "
+                        f"routed, no routing; no fused execution of {len(groups)} specialists is cheaper), same "
+                        f"rounds: {r['bound']}"
+                    )
             if args.compile and key == args.target_kind:
                 r_compiled, seconds = compiled_ratio(args, generalist, specs, x.to(device), p_route, groups)
                 ratios[f"ratio_b1_{key}_compiled"] = r_compiled
@@ -623,6 +679,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     names += [f"ratio_b{bs}_dense_kl" for bs in (1, 256)]
     names += [f"params_ratio_{kind}" for kind in ("full", "dense", "smallhead", "delta", "scratch")]
+    names += [f"fusion_bound_b{bs}" for bs in args.batch_sizes]
     for name in names:
         if name in ratios:
             print(f"{name}={ratios[name]:.3f}")

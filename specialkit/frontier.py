@@ -44,6 +44,7 @@ __all__ = [
     "confidence_curve",
     "run_confidence_curve",
     "choose_confident",
+    "confident_for_share",
 ]
 
 FILE = "frontier.json"
@@ -424,6 +425,43 @@ def choose_confident(
             break
         chosen = c
     return chosen
+
+
+def confident_for_share(p_gen: np.ndarray, share: float) -> float:
+    """The confidence skip that routes ``share`` of the given images (the validation images: the test images choose
+    nothing) to the specialists: the generalist top-1 probability of the k-th least confident image, k = floor(share
+    x N), so that ``ensemble.activation``'s ``confident = c`` (which routes the images whose top-1 probability is <=
+    ``c``) routes those k images.
+
+    A budget, not a search: the value follows from what the specialists may cost (share of images routed), before
+    any accuracy is seen. No labels are read. Ties at ``c`` all route, so the share routed can exceed ``share`` only
+    where several images share one top-1 probability.
+
+    Args:
+        p_gen: (N, C) generalist probabilities on the choosing images.
+        share: the share of images to route, in (0, 1]; 1 routes every image.
+
+    Returns:
+        The value, in (0, 1] (1.0 for ``share = 1``).
+
+    Raises:
+        FrontierError: ``share`` out of range, or too small to route one of the N images.
+    """
+    p_gen = np.asarray(p_gen)
+    if p_gen.ndim != 2 or not len(p_gen):
+        raise FrontierError(f"p_gen must be (N, C) probabilities of at least one image, got shape {p_gen.shape}")
+    if not (isinstance(share, (int, float, np.floating)) and 0.0 < float(share) <= 1.0):
+        raise FrontierError(f"share must be in (0, 1] (the share of images routed), got {share!r}")
+    if float(share) >= 1.0:
+        return 1.0
+    top = np.sort(p_gen.max(axis=1))
+    k = int(np.floor(float(share) * len(top) + 1e-9))
+    if k < 1:
+        raise FrontierError(
+            f"share={share:g} routes none of {len(top)} images: give a share of at least 1/{len(top)} "
+            f"({1 / len(top):.2g}) or more images"
+        )
+    return float(top[k - 1])
 
 
 def run_threshold_curve(run: RunView, thresholds: tuple[float, ...] = THRESHOLDS) -> pd.DataFrame:

@@ -274,5 +274,22 @@ def test_the_bench_compares_the_fastest_layout_of_each_side(one_thread, nets):
         assert len(r["ms"]) == len(inference.LAYOUTS) + len(inference.LAYOUTS) ** 2
         assert r["best_generalist"] == min((k for k in r["ms"] if k.startswith("generalist")), key=r["ms"].get)
         assert r["best_ensemble"] == min((k for k in r["ms"] if k.startswith("ensemble")), key=r["ms"].get)
-        for ratio in (r["ratio"], r["nchw"]):  # 2 blocks of 2 x repeats rounds, apart from the round that chose
+        for ratio in (r["ratio"], r["nchw"], r["bound"]):  # 2 blocks of 2 x repeats rounds, apart from the choice
             assert (ratio.rounds, ratio.blocks) == (4, 2) and ratio.lo <= ratio.ratio <= ratio.hi
+        assert 0.0 < r["routed"] <= 1.0  # every image goes to a specialist (no skip): the bound runs one on them
+
+
+def test_the_bench_sets_the_skip_from_a_route_share_only_for_a_run():
+    """--route-share is a cost budget read from a finished run's validation images: refused without --run, or with
+    an explicit --skip-confident, each in one line naming the fix."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "inference_cost.py"
+    spec = importlib.util.spec_from_file_location("inference_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_args(["--run", "somewhere", "--route-share", "0.2"]).route_share == 0.2
+    for argv in (["--route-share", "0.2"], ["--run", "x", "--route-share", "0.2", "--skip-confident", "0.7"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)

@@ -159,3 +159,22 @@ def test_a_run_with_a_confidence_skip_routes_fewer_test_images(tiny):
     assert np.array_equal(fewer, base & fewer) and fewer.sum() < base.sum()
     row = curve[curve["confident"] == sure].iloc[0]
     assert row["fraction_routed"] == ensemble.fraction_routed(fewer)["fraction_routed"]
+
+
+def test_confident_for_share_routes_the_budgeted_share_of_the_least_confident_images():
+    p, _, _ = _problem(5)
+    top = p.max(axis=1)
+    for share in (0.1, 0.25, 0.5, 0.9):
+        c = frontier.confident_for_share(p, share)
+        routed = ensemble.activation(p, GROUPS, confident=c).any(axis=1)
+        k = int(np.floor(share * len(p)))
+        assert routed.sum() == k  # no ties in continuous probabilities: exactly the budget
+        assert set(np.flatnonzero(routed)) == set(np.argsort(top)[:k])  # and the least confident ones
+    assert frontier.confident_for_share(p, 1.0) == 1.0
+    for bad in (0.0, -0.1, 1.5, float("nan"), "0.2"):
+        with pytest.raises(frontier.FrontierError, match="share must be in"):
+            frontier.confident_for_share(p, bad)
+    with pytest.raises(frontier.FrontierError, match="routes none of"):
+        frontier.confident_for_share(p[:5], 0.1)
+    with pytest.raises(frontier.FrontierError, match=r"\(N, C\) probabilities"):
+        frontier.confident_for_share(p[0], 0.1)
