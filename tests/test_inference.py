@@ -293,3 +293,34 @@ def test_the_bench_sets_the_skip_from_a_route_share_only_for_a_run():
     for argv in (["--route-share", "0.2"], ["--run", "x", "--route-share", "0.2", "--skip-confident", "0.7"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+
+
+def test_the_fused_kernels_bench_checks_every_path_against_separate_calls(one_thread):
+    """bench/fused_kernels.py: grouped_mm on an im2col (and oneDNN's packed convolution) give each specialist's
+    convolution on its own rows, as M separate calls do; every shape is timed and put over the separate calls."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fused_kernels.py"
+    spec = importlib.util.spec_from_file_location("fused_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    counts = [2, 3, 1]
+    x = torch.randn(sum(counts), 4, 5, 5)
+    convs = [torch.nn.Conv2d(4, 8, 3, padding=1).eval() for _ in counts]
+    with torch.no_grad():
+        fns = bench.paths(x, counts, convs)
+        want = fns["separate"]()
+        assert [len(w) for w in want] == counts
+        for name in ("grouped_mm", "packed"):
+            if name in fns:
+                for got, ref in zip(fns[name](), want, strict=True):
+                    torch.testing.assert_close(got.contiguous(), ref.contiguous(), rtol=1e-4, atol=1e-5)
+    got = bench.main(["--rows", "2", "3", "--rounds", "2"])
+    assert set(got) == set(bench.SHAPES)
+    for ratios in got.values():
+        assert ratios["separate"] == 1.0 and {"grouped_mm", "one_conv"} <= set(ratios)
+        assert all(r > 0 for r in ratios.values())
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "4"])  # one specialist: nothing to fuse
