@@ -118,6 +118,14 @@ def capped_correct(run: Run, confident: float, max_active: int) -> tuple[np.ndar
     return q.argmax(1) == run.dataset().y_test.numpy(), ensemble.fraction_routed(active)
 
 
+def _say_routed(folder: Path, what: str, routed: dict[str, float]) -> None:
+    print(
+        f"  {folder.name}: {what}: {routed['fraction_routed']:.1%} of test images routed, "
+        f"{routed['specialists_per_image']:.2f} specialists/image",
+        flush=True,
+    )
+
+
 def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], float]:
     """Test-image correctness of the whole, dense shared and delta specialists of one seed; the delta's chosen lr."""
     s, r, out_dir = args.shared_stages, args.delta_rank, out
@@ -136,29 +144,16 @@ def seed_kinds(base: Run, out: Path, args: argparse.Namespace) -> tuple[dict[str
     chosen = 1.0
     if args.confidence_skip:
         out["delta_skip"], routed, chosen = confidence_skip_correct(delta)
-        print(
-            f"  {out_dir.name}: confidence skip {chosen:g} (chosen on validation): "
-            f"{routed['fraction_routed']:.1%} of test images routed, {routed['specialists_per_image']:.2f} "
-            f"specialists/image",
-            flush=True,
-        )
+        _say_routed(out_dir, f"confidence skip {chosen:g} (chosen on validation)", routed)
     if args.route_share is not None:
         budget = frontier.confident_for_share(delta.generalist().probs("val"), args.route_share)
         out["delta_share"], routed = capped_correct(delta, budget, args.max_active)
-        print(
-            f"  {out_dir.name}: route share {args.route_share:g} (confidence skip {budget:.3f}, set on validation): "
-            f"{routed['fraction_routed']:.1%} of test images routed, {routed['specialists_per_image']:.2f} "
-            f"specialists/image",
-            flush=True,
+        _say_routed(
+            out_dir, f"route share {args.route_share:g} (confidence skip {budget:.3f}, set on validation)", routed
         )
     if args.max_active:
         out["delta_max"], routed = capped_correct(delta, chosen, args.max_active)
-        print(
-            f"  {out_dir.name}: at most {args.max_active} specialist(s) per image: "
-            f"{routed['fraction_routed']:.1%} of test images routed, {routed['specialists_per_image']:.2f} "
-            f"specialists/image",
-            flush=True,
-        )
+        _say_routed(out_dir, f"at most {args.max_active} specialist(s) per image", routed)
     return out, lr
 
 
