@@ -251,17 +251,23 @@ def test_layers_that_cannot_be_fused_are_refused_by_name(overlapping):
         inference.FusedSpecialists(fast)
 
 
+def _bench(name: str):
+    """The module ``bench/<name>.py`` (the benches are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_the_bench_compares_the_fastest_layout_of_each_side(one_thread, nets):
     """bench/inference_cost.py's layout section: every layout timed, the fastest of each side picked, their ratio
     timed again on other rounds, in blocks."""
     import argparse
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "inference_cost.py"
-    spec = importlib.util.spec_from_file_location("inference_cost", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("inference_cost")
     g, _, delta = nets
     args = argparse.Namespace(
         batch_sizes=[1, 4], images_small=3, images_large=8, repeats=1, blocks=2, skip_confident=1.0, max_active=0
@@ -282,13 +288,7 @@ def test_the_bench_compares_the_fastest_layout_of_each_side(one_thread, nets):
 def test_the_bench_sets_the_skip_from_a_route_share_only_for_a_run():
     """--route-share is a cost budget read from a finished run's validation images: refused without --run, or with
     an explicit --skip-confident, each in one line naming the fix."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "inference_cost.py"
-    spec = importlib.util.spec_from_file_location("inference_cost", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("inference_cost")
     assert bench.parse_args(["--run", "somewhere", "--route-share", "0.2"]).route_share == 0.2
     for argv in (["--route-share", "0.2"], ["--run", "x", "--route-share", "0.2", "--skip-confident", "0.7"]):
         with pytest.raises(SystemExit):
@@ -298,13 +298,7 @@ def test_the_bench_sets_the_skip_from_a_route_share_only_for_a_run():
 def test_the_fused_kernels_bench_checks_every_path_against_separate_calls(one_thread):
     """bench/fused_kernels.py: grouped_mm on an im2col (and oneDNN's packed convolution) give each specialist's
     convolution on its own rows, as M separate calls do; every shape is timed and put over the separate calls."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "fused_kernels.py"
-    spec = importlib.util.spec_from_file_location("fused_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("fused_kernels")
     torch.manual_seed(0)
     counts = [2, 3, 1]
     x = torch.randn(sum(counts), 4, 5, 5)
